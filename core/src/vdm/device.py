@@ -1,0 +1,290 @@
+"""The virtio device base: features, status, config space and queues, independent of transport.
+
+A device plugin subclasses :class:`VirtioDevice` and fills in, top to bottom like kvmtool's
+``virtio/blk.c``:
+
+* ``device_id``, ``name`` and ``queue_max_sizes``;
+* :meth:`~VirtioDevice.device_features` and optionally :meth:`~VirtioDevice.validate_features`;
+* :meth:`~VirtioDevice.config_space` (and :meth:`~VirtioDevice.write_config` for writable fields);
+* :meth:`~VirtioDevice.process_queue`, called when the driver kicks a queue;
+* :meth:`~VirtioDevice.on_activate` / :meth:`~VirtioDevice.on_reset` for backend work.
+
+A transport (virtio-mmio, virtio-pci) or a vhost-user backend drives the base through
+:meth:`set_driver_features`, :meth:`set_status` (or :meth:`activate`), :meth:`kick` and
+:meth:`reset`; it is told about interrupts through the :class:`DeviceInterrupts` it installs.
+The device never learns which transport or hypervisor carries it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol, Sequence
+
+from .memory import GuestMemory, GuestMemoryError
+from .virtqueue import Virtqueue, VirtqueueError
+
+__all__ = [
+    "F_EVENT_IDX",
+    "F_INDIRECT_DESC",
+    "F_VERSION_1",
+    "DeviceInterrupts",
+    "Status",
+    "VirtioDevice",
+]
+
+log = logging.getLogger(__name__)
+
+F_INDIRECT_DESC = 28
+F_EVENT_IDX = 29
+F_VERSION_1 = 32
+F_ACCESS_PLATFORM = 33
+
+
+class Status:
+    """Device status bits (virtio 1.2, 2.1)."""
+
+    ACKNOWLEDGE = 1
+    DRIVER = 2
+    DRIVER_OK = 4
+    FEATURES_OK = 8
+    DEVICE_NEEDS_RESET = 64
+    FAILED = 128
+
+
+class DeviceInterrupts(Protocol):
+    """What a transport gives a device to notify the driver."""
+
+    def queue_interrupt(self, queue: Virtqueue) -> None:
+        """The device used buffers of ``queue`` and the driver asked to be told."""
+
+    def config_interrupt(self) -> None:
+        """The configuration space (or DEVICE_NEEDS_RESET) changed."""
+
+
+class _NoInterrupts:
+    def queue_interrupt(self, queue: Virtqueue) -> None:
+        pass
+
+    def config_interrupt(self) -> None:
+        pass
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+class VirtioDevice:
+    """Base of every virtio device."""
+
+    #: virtio device id (1 net, 2 block, 3 console, 4 entropy, ...)
+    device_id: int = 0
+    #: short name used in logs
+    name: str = "virtio"
+    #: the maximum size of each queue; the number of entries is the number of queues
+    queue_max_sizes: Sequence[int] = (256,)
+    #: features the core itself implements for every device
+    core_features: int = bit(F_VERSION_1) | bit(F_EVENT_IDX) | bit(F_INDIRECT_DESC)
+
+    def __init__(self) -> None:
+        self.queues = [Virtqueue(i, n) for i, n in enumerate(self.queue_max_sizes)]
+        self.interrupts: DeviceInterrupts = _NoInterrupts()
+        self.memory: GuestMemory | None = None
+        self.driver_features = 0
+        self.status = 0
+        self.config_generation = 0
+        self.broken: str | None = None
+        self.activated = False
+        self._state_lock = threading.RLock()
+        self._kick_locks = [threading.Lock() for _ in self.queues]
+        self._rekick = [False for _ in self.queues]
+
+    # ---- what a device implements --------------------------------------------------------------
+
+    def device_features(self) -> int:
+        """Device-specific feature bits offered to the driver."""
+        return 0
+
+    def validate_features(self, features: int) -> str | None:
+        """Return why ``features`` (what the driver accepted) is unacceptable, or None."""
+        return None
+
+    def config_space(self) -> bytes:
+        """The device-specific configuration space as the driver reads it now."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver wrote ``data`` at ``offset`` of the configuration space (default: ignored)."""
+
+    def on_activate(self) -> None:
+        """DRIVER_OK: queues are set up and :attr:`memory` is valid. Start backend work here."""
+
+    def process_queue(self, queue: Virtqueue) -> None:
+        """The driver kicked ``queue``: pop chains, serve them, push them, :meth:`signal_used`."""
+        raise NotImplementedError
+
+    def on_reset(self) -> None:
+        """The driver reset the device: stop backend work, forget in-flight requests."""
+
+    # ---- features --------------------------------------------------------------------------------
+
+    def features(self) -> int:
+        """Every feature bit this device offers (device-specific and core)."""
+        return self.device_features() | self.core_features
+
+    def has_feature(self, n: int) -> bool:
+        """Whether feature bit ``n`` was negotiated."""
+        return bool(self.driver_features >> n & 1)
+
+    def set_driver_features(self, features: int) -> str | None:
+        """Record what the driver accepted; return why it is refused, or None if fine."""
+        offered = self.features()
+        self.driver_features = features
+        if features & ~offered:
+            return f"driver accepted features the device did not offer: 0x{features & ~offered:x}"
+        if not features & bit(F_VERSION_1):
+            return "driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"
+        return self.validate_features(features)
+
+    # ---- configuration space -------------------------------------------------------------------
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of config space at ``offset``; bytes past its end read as zero."""
+        cfg = self.config_space()
+        chunk = cfg[offset : offset + size] if 0 <= offset < len(cfg) else b""
+        return chunk + bytes(size - len(chunk))
+
+    def signal_config(self) -> None:
+        """Tell the driver the configuration changed (bumps the generation counter)."""
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        if self.status & Status.DRIVER_OK:
+            self.interrupts.config_interrupt()
+
+    # ---- status state machine (transports that carry a status register) ------------------------
+
+    def set_status(self, value: int) -> None:
+        """The driver wrote the device status register."""
+        with self._state_lock:
+            value &= 0xFF
+            if value == 0:
+                self.reset()
+                return
+            old = self.status
+            if old & ~value & ~Status.DEVICE_NEEDS_RESET:
+                self.fail(f"driver cleared status bits (0x{old:x} -> 0x{value:x}) without a reset")
+                return
+            if value & Status.FAILED:
+                self.status = value | (old & Status.DEVICE_NEEDS_RESET)
+                log.info("%s: driver gave up on the device (status FAILED)", self.name)
+                self._stop()
+                return
+            if value & Status.FEATURES_OK and not old & Status.FEATURES_OK:
+                why = self.set_driver_features(self.driver_features)
+                if why is not None:
+                    log.warning("%s: refusing features: %s", self.name, why)
+                    value &= ~Status.FEATURES_OK
+            self.status = value | (old & Status.DEVICE_NEEDS_RESET)
+            if value & Status.DRIVER_OK and not old & Status.DRIVER_OK:
+                if not value & Status.FEATURES_OK:
+                    self.fail("DRIVER_OK without FEATURES_OK")
+                    return
+                if self.memory is None:
+                    self.fail("DRIVER_OK before guest memory was known")
+                    return
+                self.activate(self.memory)
+
+    # ---- activation, kicks and interrupts ------------------------------------------------------
+
+    def activate(self, memory: GuestMemory) -> None:
+        """Start serving: map every ready queue with the negotiated ring features."""
+        with self._state_lock:
+            self.memory = memory
+            try:
+                for q in self.queues:
+                    if q.ready:
+                        self.start_queue(q)
+            except VirtqueueError as e:
+                self.fail(str(e))
+                return
+            self.activated = True
+            try:
+                self.on_activate()
+            except Exception as e:
+                log.exception("%s: activation failed", self.name)
+                self.fail(f"activation failed: {e}")
+                return
+        for q in self.queues:
+            if q.active:
+                self.kick(q.index)
+
+    def start_queue(self, q: Virtqueue) -> None:
+        """Map one queue's rings (raises VirtqueueError if the driver's addresses are bad)."""
+        assert self.memory is not None
+        q.activate(
+            self.memory,
+            event_idx=self.has_feature(F_EVENT_IDX),
+            indirect=self.has_feature(F_INDIRECT_DESC),
+        )
+
+    def kick(self, index: int) -> None:
+        """The driver notified queue ``index``. Safe from any thread; never raises."""
+        if self.broken is not None or not self.activated or not 0 <= index < len(self.queues):
+            return
+        q = self.queues[index]
+        if not q.active:
+            return
+        lock = self._kick_locks[index]
+        # One thread processes a queue at a time; a kick that arrives meanwhile makes it look again.
+        self._rekick[index] = True
+        while self._rekick[index]:
+            if not lock.acquire(blocking=False):
+                return
+            try:
+                while self._rekick[index] and self.broken is None:
+                    self._rekick[index] = False
+                    self.process_queue(q)
+            except (VirtqueueError, GuestMemoryError) as e:
+                self.fail(str(e))
+            except Exception as e:  # a device bug must not take the host process down
+                log.exception("%s: internal error on queue %d", self.name, index)
+                self.fail(f"internal error: {e!r}")
+            finally:
+                lock.release()
+            if self.broken is not None:
+                return
+
+    def signal_used(self, queue: Virtqueue) -> None:
+        """Interrupt the driver for ``queue`` if it asked for it (EVENT_IDX / NO_INTERRUPT)."""
+        if queue.should_notify():
+            self.interrupts.queue_interrupt(queue)
+
+    def fail(self, reason: str) -> None:
+        """The guest broke the rules: log it, set DEVICE_NEEDS_RESET, stop serving."""
+        with self._state_lock:
+            if self.broken is None:
+                log.error("%s: device marked broken (DEVICE_NEEDS_RESET): %s", self.name, reason)
+            self.broken = reason
+            self.status |= Status.DEVICE_NEEDS_RESET
+            self._stop()
+        if self.status & Status.DRIVER_OK:
+            self.interrupts.config_interrupt()
+
+    def _stop(self) -> None:
+        if self.activated:
+            self.activated = False
+            try:
+                self.on_reset()
+            except Exception:
+                log.exception("%s: error while stopping", self.name)
+
+    def reset(self) -> None:
+        """Back to the initial state (the driver wrote 0 to status, or the frontend went away)."""
+        with self._state_lock:
+            self._stop()
+            for q in self.queues:
+                with q.lock:
+                    q.deactivate()
+                    q.reset()
+            self.driver_features = 0
+            self.status = 0
+            self.broken = None
