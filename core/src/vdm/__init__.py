@@ -1,3 +1,20 @@
-"""vdm: virtio devices written once, served to guests of any hypervisor."""
+"""vdm: virtio devices written once, served to guests of any hypervisor.
+
+The public API for plugin authors:
+
+* :mod:`vdm.hookspecs` -- the hooks (``hookimpl`` for plugin hooks, ``vmmimpl`` for VMM hooks);
+* :mod:`vdm.registry` -- ``DeviceType``, ``HypervisorType``, ``Command``;
+* :mod:`vdm.device`, :mod:`vdm.virtqueue`, :mod:`vdm.memory` -- writing a virtio device;
+* :mod:`vdm.testing` -- an in-process driver for device tests.
+
+A plugin module may set ``VDM_API = <int>`` to the API version it was written for; a mismatch is
+reported by name instead of failing obscurely.
+"""
 
 __version__ = "0.1.0"
+#: The plugin API version of this vdm-core. Bumped on incompatible hook or base-class changes.
+API_VERSION = 1
+
+from .hookspecs import hookimpl, vmmimpl  # noqa: E402
+
+__all__ = ["API_VERSION", "__version__", "hookimpl", "vmmimpl"]

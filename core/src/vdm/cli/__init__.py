@@ -1,0 +1,1 @@
+"""The ``vdm`` command: global options, plugin loading, subcommands from plugins."""

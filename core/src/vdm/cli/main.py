@@ -1,0 +1,91 @@
+"""``vdm``: load plugins, build the command line from what they provide, run a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .. import __version__
+from ..errors import UserError
+from ..plugins import PluginSet, load_plugins
+from . import list_plugins
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("vdm")
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"vdm {__version__}")
+    parser.add_argument(
+        "--plugins",
+        metavar="NAMES",
+        help="load only these plugins (comma list; default: $VDM_PLUGINS or all)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with an error if any plugin fails to load"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+
+
+def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdm", description="virtio devices for KVM, Xen and vhost-user frontends"
+    )
+    _global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    list_plugins.add_parser(sub)
+    for name, (cmd, info) in sorted(plugins.commands.items()):
+        why = cmd.available() if cmd.available else None
+        kw = {"help": f"{cmd.help} [{info.distribution}]"} if why is None else {}
+        p = sub.add_parser(name, description=cmd.help, **kw)
+        p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution)
+        if why is None:
+            cmd.add_arguments(p)
+        else:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    _global_options(pre)
+    early, _ = pre.parse_known_args(argv)
+    level = logging.WARNING - 10 * min(early.verbose, 2)
+    logging.basicConfig(level=level, format="vdm: %(name)s: %(message)s")
+    only = early.plugins.split(",") if early.plugins else None
+    plugins = load_plugins(only=only)
+    parser = build_parser(plugins)
+    args = parser.parse_args(argv)
+    for p in plugins.errors if not getattr(args, "_list_plugins", False) else []:
+        print(f"vdm: plugin {p.name} ({p.distribution} {p.version}) {p.status}", file=sys.stderr)
+    if args.strict and plugins.errors:
+        return 1
+    args.plugin_set = plugins
+    try:
+        if getattr(args, "_list_plugins", False):
+            return list_plugins.run(args, plugins)
+        cmd = getattr(args, "_command", None)
+        if cmd is None:
+            parser.print_help()
+            return 0
+        if args._unavailable:
+            print(
+                f"vdm: {args.command} is provided by {args._provider}, which is unavailable here: "
+                f"{args._unavailable}",
+                file=sys.stderr,
+            )
+            return 1
+        return int(cmd.run(args) or 0)
+    except UserError as e:
+        print(f"vdm: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

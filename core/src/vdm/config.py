@@ -1,0 +1,142 @@
+"""Device configuration: option strings (``--disk disk.img,ro,cache=none``) and TOML tables.
+
+A device type's configuration is a dataclass. Its fields are the options; their types say how a
+value is parsed (``bool``, ``int`` -- decimal or 0x hex --, ``str``, ``Optional[...]`` of those) and
+``field(metadata={"choices": (...), "help": "..."})`` limits and documents them. The same dataclass
+is filled from a command-line string and from a TOML table, and a wrong option is one clear
+:class:`~vdm.errors.UserError` line naming the option and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from typing import Any, Mapping
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib
+
+__all__ = ["config_from_mapping", "describe_options", "load_toml", "parse_option_string"]
+
+_TRUE = {"1", "on", "yes", "true", "y"}
+_FALSE = {"0", "off", "no", "false", "n"}
+
+
+def _base_type(tp: Any) -> Any:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, _base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init}
+
+
+def _convert(what: str, name: str, fld: dataclasses.Field, tp: Any, value: Any) -> Any:
+    choices = fld.metadata.get("choices")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif str(value).lower() in _TRUE:
+                out = True
+            elif str(value).lower() in _FALSE:
+                out = False
+            else:
+                raise ValueError
+        elif tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            out = value if isinstance(value, int) else int(str(value), 0)
+        elif tp is float:
+            out = float(value)
+        else:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            out = str(value)
+    except ValueError:
+        kind = {bool: "on/off", int: "a number", float: "a number"}.get(tp, "a string")
+        raise UserError(f"{what}: option '{name}' wants {kind}, not {value!r}") from None
+    if choices and out not in choices:
+        raise UserError(f"{what}: option '{name}' must be one of {', '.join(map(str, choices))}, not {out!r}")
+    return out
+
+
+def config_from_mapping(cls: type, values: Mapping[str, Any], what: str) -> Any:
+    """Build a ``cls`` config from ``values`` (a TOML table or parsed options)."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise UserError(f"{what}: unknown option '{key}' (known: {', '.join(fields)})")
+        fld, tp = fields[name]
+        kwargs[name] = _convert(what, key, fld, tp, value)
+    missing = [
+        n
+        for n, (f, _) in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs
+    ]
+    if missing:
+        raise UserError(f"{what}: missing option {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+def parse_option_string(cls: type, text: str, what: str, positional: str | None = None) -> Any:
+    """Parse ``"disk.img,ro,cache=none"`` into a ``cls`` config.
+
+    A bare word sets a boolean option; ``key=value`` sets any option; the first item, if it is not
+    an option name, is the value of the ``positional`` field.
+    """
+    fields = _fields(cls)
+    values: dict[str, Any] = {}
+    for n, item in enumerate(text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        name = key.replace("-", "_")
+        if sep:
+            values[key] = value
+        elif name in fields and fields[name][1] is bool:
+            values[key] = True
+        elif n == 0 and positional:
+            values[positional] = item
+        else:
+            raise UserError(f"{what}: unknown option '{item}' (known: {', '.join(fields)})")
+    return config_from_mapping(cls, values, what)
+
+
+def describe_options(cls: type) -> str:
+    """A one-line summary of a config's options for --help."""
+    parts = []
+    for name, (fld, tp) in _fields(cls).items():
+        choices = fld.metadata.get("choices")
+        if tp is bool:
+            parts.append(name)
+        elif choices:
+            parts.append(f"{name}={'|'.join(map(str, choices))}")
+        else:
+            parts.append(f"{name}=…")
+    return ",".join(parts)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML VM file; a syntax error is one clear line."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such VM file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None

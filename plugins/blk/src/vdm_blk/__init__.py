@@ -1,0 +1,1 @@
+"""blk plugin of vdm."""

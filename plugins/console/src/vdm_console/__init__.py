@@ -1,0 +1,1 @@
+"""console plugin of vdm."""

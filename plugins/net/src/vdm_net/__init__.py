@@ -1,0 +1,1 @@
+"""net plugin of vdm."""

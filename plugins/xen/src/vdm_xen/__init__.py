@@ -1,0 +1,1 @@
+"""xen plugin of vdm."""
