@@ -1,0 +1,159 @@
+"""One VM's hypervisor operations, and attaching devices to it through a transport.
+
+A hypervisor plugin builds a backend object implementing the :class:`~vdm.hookspecs.VmmSpec`
+hooks and hands it to :class:`Vmm`. Setup code (``vdm run``, ``vdm dm-only``) then attaches
+devices with :meth:`Vmm.attach_mmio`; the device itself only ever sees guest memory and its
+transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pluggy
+
+from .device import VirtioDevice
+from .eventloop import EventLoop, drain_eventfd
+from .hookspecs import VMM_PROJECT, VmmSpec, vmmimpl
+from .hypervisor import CallbackIrqLine, IoHandler, IrqLine
+from .memory import GuestMemory, GuestMemoryError, OnDemandGuestMemory
+from .transport.mmio import MMIO_WINDOW_SIZE, MmioTransport, Reg
+
+__all__ = ["Vmm", "VmmError"]
+
+log = logging.getLogger(__name__)
+
+
+class VmmError(RuntimeError):
+    """The hypervisor backend cannot do what device setup asked for."""
+
+
+class _HookMapper:
+    """A PageMapper over the vmm_map_guest / vmm_unmap_guest hooks."""
+
+    def __init__(self, hook: Any) -> None:
+        self._hook = hook
+
+    def map_pages(self, first_page: int, count: int, writable: bool) -> memoryview:
+        view = self._hook.vmm_map_guest(first_page=first_page, count=count, writable=writable)
+        if view is None:
+            raise GuestMemoryError("the hypervisor backend cannot map guest memory")
+        return view
+
+    def unmap_pages(self, view: memoryview, count: int) -> None:
+        self._hook.vmm_unmap_guest(view=view, count=count)
+
+
+class _CoreDefaults:
+    """Fallback implementations vdm-core provides on top of the backend's hooks."""
+
+    def __init__(self, vmm: Vmm) -> None:
+        self._vmm = vmm
+
+    @vmmimpl(trylast=True)
+    def vmm_irq_line(self, irq: int) -> IrqLine:
+        hook = self._vmm.hook
+        return CallbackIrqLine(lambda level: hook.vmm_set_irq_level(irq=irq, level=level))
+
+    @vmmimpl(trylast=True)
+    def vmm_guest_memory(self) -> GuestMemory:
+        return OnDemandGuestMemory(_HookMapper(self._vmm.hook))
+
+
+class Vmm:
+    """The hypervisor operations of one VM, through its backend's hooks."""
+
+    def __init__(self, *backends: object, name: str = "vdm") -> None:
+        self.name = name
+        self.pm = pluggy.PluginManager(VMM_PROJECT)
+        self.pm.add_hookspecs(VmmSpec)
+        self.pm.register(_CoreDefaults(self), name="vdm-core-defaults")
+        for backend in backends:
+            self.pm.register(backend)
+        self.pm.check_pending()
+        self.hook = self.pm.hook
+        self.events = EventLoop(f"{name}-events")
+        self._memory: GuestMemory | None = None
+        self._fds: list[int] = []
+        self.transports: list[MmioTransport] = []
+
+    @property
+    def memory(self) -> GuestMemory:
+        if self._memory is None:
+            self._memory = self.hook.vmm_guest_memory()
+        assert self._memory is not None
+        return self._memory
+
+    # ---- thin wrappers that fail loudly when the backend cannot ---------------------------------
+
+    def allocate_irq(self, owner: str) -> int:
+        irq = self.hook.vmm_allocate_irq(owner=owner)
+        if irq is None:
+            raise VmmError(f"{owner}: the hypervisor backend cannot allocate an interrupt line")
+        return irq
+
+    def allocate_mmio(self, size: int, owner: str) -> int:
+        base = self.hook.vmm_allocate_mmio(size=size, owner=owner)
+        if base is None:
+            raise VmmError(f"{owner}: the hypervisor backend cannot allocate MMIO space")
+        return base
+
+    def register_mmio(self, base: int, size: int, handler: IoHandler, owner: str) -> None:
+        if not self.hook.vmm_register_mmio(base=base, size=size, handler=handler, owner=owner):
+            raise VmmError(f"{owner}: the hypervisor backend cannot route MMIO")
+
+    def register_pio(self, port: int, count: int, handler: IoHandler, owner: str) -> None:
+        if not self.hook.vmm_register_pio(port=port, count=count, handler=handler, owner=owner):
+            raise VmmError(f"{owner}: the hypervisor backend has no port I/O")
+
+    def irq_line(self, irq: int) -> IrqLine:
+        return self.hook.vmm_irq_line(irq=irq)
+
+    def send_msi(self, address: int, data: int) -> bool:
+        return bool(self.hook.vmm_send_msi(address=address, data=data))
+
+    # ---- devices ---------------------------------------------------------------------------------
+
+    def attach_mmio(
+        self, device: VirtioDevice, base: int | None = None, irq: int | None = None
+    ) -> MmioTransport:
+        """Put ``device`` behind a virtio-mmio window: MMIO space, an IRQ, and kick eventfds."""
+        owner = f"{device.name}"
+        if base is None:
+            base = self.allocate_mmio(MMIO_WINDOW_SIZE, owner)
+        if irq is None:
+            irq = self.allocate_irq(owner)
+        transport = MmioTransport(device, self.memory, self.irq_line(irq))
+        transport.base, transport.irq_number = base, irq  # type: ignore[attr-defined]
+        self.register_mmio(base, MMIO_WINDOW_SIZE, transport, owner)
+        for q in device.queues:
+            self._kick_eventfd(device, q.index, base + Reg.QUEUE_NOTIFY, pio=False)
+        self.transports.append(transport)
+        return transport
+
+    def _kick_eventfd(self, device: VirtioDevice, index: int, addr: int, pio: bool) -> bool:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if not self.hook.vmm_ioeventfd(addr=addr, size=4 if not pio else 2, datamatch=index, fd=fd, pio=pio):
+            os.close(fd)
+            return False
+        self._fds.append(fd)
+
+        def on_kick() -> None:
+            if drain_eventfd(fd):
+                device.kick(index)
+
+        self.events.add_reader(fd, on_kick)
+        self.events.start()
+        return True
+
+    def close(self) -> None:
+        """Stop device work and release what attach_* made."""
+        for t in self.transports:
+            t.device.reset()
+        if self.events._started:
+            self.events.stop()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,44 @@
+"""The options of a virtio-blk disk (``--disk PATH[,ro][,direct]...`` or a ``[[disk]]`` table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["BlkConfig"]
+
+
+@dataclass
+class BlkConfig:
+    #: the disk image or block device
+    path: str
+    #: advertise VIRTIO_BLK_F_RO and fail every write with IOERR
+    ro: bool = False
+    #: open the image with O_DIRECT (bypass the host page cache)
+    direct: bool = False
+    #: the serial number GET_ID returns (default: from the image's file name)
+    serial: Optional[str] = None
+    #: writeback (flush on request), writethrough (every write synced), none (O_DIRECT + writeback)
+    cache: str = field(default="writeback", metadata={"choices": ("writeback", "writethrough", "none")})
+    #: unmap: DISCARD frees space in the image; ignore: DISCARD is not offered
+    discard: str = field(default="unmap", metadata={"choices": ("unmap", "ignore")})
+    #: number of request queues (VIRTIO_BLK_F_MQ when more than one)
+    queues: int = 1
+    #: entries per queue (a power of two)
+    queue_size: int = 256
+    #: image format; auto reads the qcow2 magic
+    format: str = field(default="auto", metadata={"choices": ("auto", "raw", "qcow2")})
+    #: a qcow2 backing file that may be opened although it is not beside the image (":"-separated)
+    allow_backing: Optional[str] = None
+    #: I/O worker threads serving requests in flight
+    iothreads: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.queues <= 64:
+            raise ValueError("queues must be between 1 and 64")
+        if not 2 <= self.queue_size <= 32768 or self.queue_size & (self.queue_size - 1):
+            raise ValueError("queue_size must be a power of two between 2 and 32768")
+        if not 1 <= self.iothreads <= 256:
+            raise ValueError("iothreads must be between 1 and 256")
+        if self.serial is not None and len(self.serial.encode()) > 20:
+            raise ValueError("serial is at most 20 bytes")

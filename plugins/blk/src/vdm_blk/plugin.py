@@ -1,0 +1,43 @@
+"""vdm-blk's plugin module: registers the ``blk`` device type (``--disk``, ``[[disk]]``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vdm import hookimpl
+from vdm.registry import DeviceContext, DeviceType
+
+from .config import BlkConfig
+
+VDM_API = 1
+
+
+def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported lazily: list-plugins stays fast)
+    from .backends import open_disk
+    from .device import BlkDevice
+
+    allowed = tuple(p for p in (config.allow_backing or "").split(":") if p)
+    backend = open_disk(
+        config.path,
+        read_only=config.ro,
+        direct=config.direct or config.cache == "none",
+        format=config.format,
+        allowed_backing=allowed,
+    )
+    return BlkDevice(backend, config)
+
+
+@hookimpl
+def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
+    register(
+        DeviceType(
+            name="blk",
+            config=BlkConfig,
+            create=create,
+            cli_flag="--disk",
+            cli_short="-d",
+            positional="path",
+            toml_key="disk",
+            help="virtio-blk disk: raw file, block device or qcow2 image",
+        )
+    )
