@@ -41,7 +41,8 @@ class Used:
 
     head: int
     written: int
-    #: the device-writable buffers' contents, concatenated, truncated to ``written``
+    #: the device-writable buffers' whole contents, concatenated (bytes the device did not write
+    #: keep the driver's 0xee poison)
     data: bytes
 
 
@@ -271,7 +272,7 @@ class VirtioTestDriver:
             if entry is None:
                 raise AssertionError(f"queue {qi}: device returned head {head} that was not in flight")
             idxs, allocs, writable = entry
-            data = b"".join(self.ram.read(a, n) for a, n in writable)[:written]
+            data = b"".join(self.ram.read(a, n) for a, n in writable)
             for a in allocs:
                 self.ram.free(*a)
             q.free_desc.extend(idxs)

@@ -172,6 +172,15 @@ class MmioTransport:
             # Without ioeventfd the kick arrives here, on the vCPU (or ioreq) thread.
             dev.kick(value & 0xFFFF)
             return
+        if offset == Reg.STATUS:
+            # Not under the transport lock: a reset waits for in-flight requests, whose completions
+            # raise interrupts through this transport.
+            dev.set_status(value)
+            if value == 0:
+                with self._lock:
+                    self.interrupt_status = 0
+                    self.irq.set_level(False)
+            return
         with self._lock:
             q = self._queue()
             if offset == Reg.DEVICE_FEATURES_SEL:
@@ -188,11 +197,6 @@ class MmioTransport:
                 self.interrupt_status &= ~value
                 if not self.interrupt_status:
                     self.irq.set_level(False)
-            elif offset == Reg.STATUS:
-                if value == 0:
-                    self.interrupt_status = 0
-                    self.irq.set_level(False)
-                dev.set_status(value)
             elif q is None:
                 self._warn_once("queue register write with no such queue", offset)
             elif offset == Reg.QUEUE_NUM:
