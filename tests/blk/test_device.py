@@ -8,8 +8,6 @@ import threading
 import time
 
 import pytest
-
-from tests.blk.memdisk import MemoryDisk
 from vdm.device import Status
 from vdm_blk.config import BlkConfig
 from vdm_blk.device import (
@@ -28,6 +26,8 @@ from vdm_blk.device import (
     T_WRITE_ZEROES,
     BlkDevice,
 )
+
+from tests.blk.memdisk import MemoryDisk
 
 
 def hdr(rtype: int, sector: int = 0) -> bytes:
@@ -144,7 +144,9 @@ def test_discard_and_write_zeroes(blk, disk):
 )
 def test_bad_discard_requests(blk, disk, payload, status):
     drv = blk()
-    assert drv.request(0, [hdr(T_DISCARD), payload] if payload else [hdr(T_DISCARD)], [1]).data == bytes([status])
+    assert drv.request(0, [hdr(T_DISCARD), payload] if payload else [hdr(T_DISCARD)], [1]).data == bytes(
+        [status]
+    )
     assert not [c for c in disk.calls if c[0] == "discard"]
     assert not drv.needs_reset
 
@@ -182,8 +184,15 @@ def test_read_only_disk_fails_writes_with_ioerr(blk, disk):
         ([hdr(T_OUT, 0), b"x" * 513], [1]),
         ([hdr(T_OUT, 0)[:8]], [1]),  # short header
     ],
-    ids=["read-past-end", "read-runs-past-end", "sector-overflow", "read-odd-length",
-         "write-past-end", "write-odd-length", "short-header"],
+    ids=[
+        "read-past-end",
+        "read-runs-past-end",
+        "sector-overflow",
+        "read-odd-length",
+        "write-past-end",
+        "write-odd-length",
+        "short-header",
+    ],
 )
 def test_bad_requests_get_ioerr_and_touch_nothing(blk, disk, out, in_lens):
     drv = blk()
