@@ -1,0 +1,151 @@
+#!/bin/sh
+# /init of the vdm test guest (busybox-static; see README.md in this folder for the protocol).
+# Kernel command line: console=ttyS0 panic=-1 quiet vdmtest=WL[,WL...] [vdmtest.KEY=VALUE ...]
+# Every workload prints exactly one line:
+#   VDMTEST RESULT <wl> ok|fail|skip key=value ... uptime_s=<guest uptime>
+mount -t devtmpfs dev /dev; exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmp /tmp
+ln -sf /proc/mounts /etc/mtab
+up() { cut -d' ' -f1 /proc/uptime; }
+now() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d.%06d\n", s, u}'; }
+calc() { awk "BEGIN{d=$2; if (d <= 0) d=0.000001; printf \"%.1f\", ($1)/d}"; }
+md5of() { md5sum "$@" | cut -c1-32; }
+T_INIT=$(up)
+for m in $(cat /etc/modules); do insmod /lib/modules/$m.ko || echo "VDMTEST WARN insmod $m failed"; done
+
+# parameters (vdmtest.KEY=VALUE); defaults here
+WLS=none; P_mib=16; P_time=10; P_addr=10.0.2.15/24; P_ip=10.0.2.2; P_count=5; P_interval=0.2; P_timeout=10
+P_exit=reboot; P_dev=/dev/vda; P_fsdev=; P_fsmib=8; P_fsfiles=64; P_peer=10.0.2.2:5555; P_tcp=recv
+P_tcpmib=4; P_tcptimeout=60; P_rngbytes=4096; P_cpus=
+for w in $(cat /proc/cmdline); do case $w in
+  vdmtest=*) WLS=${w#*=};;
+  vdmtest.*=*) k=${w%%=*}; k=${k#vdmtest.}
+    case $k in *[!a-z0-9_]*) echo "VDMTEST WARN bad key $k";; *) eval "P_$k=\${w#*=}";; esac;;
+esac; done
+[ -n "$P_fsdev" ] || P_fsdev=$P_dev
+echo "VDMTEST INIT workloads=$WLS kernel=$(uname -r) init_uptime_s=$T_INIT modules_done_s=$(up)"
+
+waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt 250 ]; do sleep 0.02; i=$((i+1)); done; [ -e "$1" ]; }
+NET_UP=
+netup() {  # eth0 with P_addr, once; fails if there is no eth0
+  [ -n "$NET_UP" ] && return 0
+  waitfor /sys/class/net/eth0 || return 1
+  ip link set lo up; ip link set eth0 up; ip addr add "$P_addr" dev eth0 && NET_UP=1
+}
+
+wl_blk() {  # write P_mib MiB of random data at offset 0 of P_dev (O_DIRECT), read back, compare
+  waitfor "$P_dev" || { result fail reason=no_dev dev="$P_dev"; return; }
+  N=$P_mib; dd if=/dev/urandom of=/tmp/pat bs=1M count="$N" 2>/dev/null; S0=$(md5of /tmp/pat)
+  t0=$(now); dd if=/tmp/pat of="$P_dev" bs=1M count="$N" oflag=direct conv=fsync 2>/dev/null; t1=$(now)
+  dd if="$P_dev" of=/dev/null bs=1M count="$N" iflag=direct 2>/dev/null; t2=$(now)
+  S1=$(dd if="$P_dev" bs=1M count="$N" iflag=direct 2>/dev/null | md5sum | cut -c1-32); rm -f /tmp/pat
+  [ "$S0" = "$S1" ] && st=ok rb=match || st=fail rb=mismatch
+  result $st dev="$P_dev" mib="$N" md5="$S0" readback=$rb \
+    seq_write_MiBps="$(calc "$N" "$t1-$t0")" seq_read_MiBps="$(calc "$N" "$t2-$t1")"
+}
+
+wl_fs() {  # mke2fs, copy P_fsmib MiB + P_fsfiles small files, umount, e2fsck, remount, verify
+  D=$P_fsdev; waitfor "$D" || { result fail reason=no_dev dev="$D"; return; }
+  mkdir -p /tmp/src /fs; rm -rf /tmp/src/*
+  dd if=/dev/urandom of=/tmp/src/big bs=1M count="$P_fsmib" 2>/dev/null
+  i=0; while [ $i -lt "$P_fsfiles" ]; do
+    dd if=/dev/urandom of=/tmp/src/small$i bs=$((512 + i * 97)) count=1 2>/dev/null; i=$((i+1)); done
+  (cd /tmp/src && md5sum * >/tmp/sums)
+  mke2fs -F "$D" >/tmp/mkfs.log 2>&1 || { result fail reason=mke2fs dev="$D"; return; }
+  mount -t ext2 "$D" /fs || { result fail reason=mount dev="$D"; return; }
+  t0=$(now); mkdir /fs/d && cp /tmp/src/* /fs/d/ && sync; t1=$(now)
+  umount /fs || { result fail reason=umount; return; }
+  sync; echo 3 >/proc/sys/vm/drop_caches   # fsck and the remount must read the device, not the cache
+  e2fsck -fn "$D" >/tmp/fsck.log 2>&1; fsck_rc=$?
+  mount -t ext2 -o ro "$D" /fs || { result fail reason=remount fsck_rc=$fsck_rc; return; }
+  (cd /fs/d && md5sum -c /tmp/sums >/tmp/verify.log 2>&1); v_rc=$?
+  nf=$(ls /fs/d | wc -l); umount /fs
+  [ $fsck_rc -eq 0 ] && [ $v_rc -eq 0 ] && st=ok || st=fail
+  [ $fsck_rc -eq 0 ] || sed 's/^/VDMTEST FSCK /' /tmp/fsck.log
+  [ $v_rc -eq 0 ] || grep -v ': OK$' /tmp/verify.log | sed 's/^/VDMTEST VERIFY /'
+  result $st dev="$D" files="$nf" mib="$P_fsmib" fsck_rc=$fsck_rc verify_rc=$v_rc \
+    copy_MiBps="$(calc "$P_fsmib" "$t1-$t0")"
+}
+
+wl_net() {  # configure eth0, ping P_ip
+  netup || { result fail reason=no_eth0; return; }
+  o=$(ping -c "$P_count" -i "$P_interval" -W 2 "$P_ip" 2>&1); rx=$(echo "$o" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+  rtt=$(echo "$o" | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
+  [ "${rx:-0}" -gt 0 ] && st=ok || st=fail
+  result $st rx="${rx:-0}/$P_count" rtt_avg_ms="${rtt:-na}" target="$P_ip"
+}
+
+wl_nettcp() {  # TCP with busybox nc to P_peer (IP:PORT): recv a file, send P_tcpmib MiB, or both
+  netup || { result fail reason=no_eth0; return; }
+  ip=${P_peer%:*}; port=${P_peer##*:}; out=
+  case $P_tcp in recv|both)
+    t0=$(now); timeout "$P_tcptimeout" nc "$ip" "$port" </dev/null >/tmp/rx; rc=$?; t1=$(now)
+    n=$(wc -c </tmp/rx); out="$out rx_rc=$rc rx_bytes=$n rx_md5=$(md5of /tmp/rx)"
+    out="$out rx_MiBps=$(calc "$n/1048576" "$t1-$t0")"; rm -f /tmp/rx
+    [ $rc -eq 0 ] && [ "$n" -gt 0 ] || st=fail;;
+  esac
+  case $P_tcp in send|both)
+    [ "$P_tcp" = both ] && sleep 0.2
+    dd if=/dev/urandom of=/tmp/tx bs=1M count="$P_tcpmib" 2>/dev/null; n=$(wc -c </tmp/tx)
+    t0=$(now); timeout "$P_tcptimeout" nc "$ip" "$port" </tmp/tx >/dev/null; rc=$?; t1=$(now)
+    out="$out tx_rc=$rc tx_bytes=$n tx_md5=$(md5of /tmp/tx) tx_MiBps=$(calc "$n/1048576" "$t1-$t0")"
+    rm -f /tmp/tx; [ $rc -eq 0 ] || st=fail;;
+  esac
+  case $P_tcp in recv|send|both) ;; *) result fail reason=bad_tcp_mode tcp="$P_tcp"; return;; esac
+  # shellcheck disable=SC2086
+  result "${st:-ok}" peer="$P_peer" mode="$P_tcp"$out
+}
+
+wl_console() {  # the host side must echo the line back (or send back just the token)
+  waitfor /dev/hvc0 || { result fail reason=no_hvc0; return; }
+  exec 3<>/dev/hvc0; stty -F /dev/hvc0 raw -echo 2>/dev/null; tok=vdm$RANDOM$RANDOM; t0=$(now)
+  echo "VDMTEST HVC-PING $tok" >&3; read -t "$P_timeout" line <&3; t1=$(now); exec 3<&-
+  line=$(echo "$line" | tr -d '\r')
+  case $line in *"$tok"*) result ok roundtrip_ms="$(calc "($t1-$t0)*1000" 1)";;
+  *) result fail wrote=ok readback="$(echo "${line:-timeout}" | tr ' ' _)";; esac
+}
+
+wl_serial() {  # a token written straight to ttyS0: the host checks the log for it
+  tok=vdm$RANDOM$RANDOM
+  if echo "VDMTEST SERIAL-TOKEN $tok" >/dev/ttyS0; then result ok token=$tok; else result fail reason=write; fi
+}
+
+wl_rng() {  # P_rngbytes bytes from /dev/hwrng; fail if short or all equal
+  waitfor /dev/hwrng || { result fail reason=no_hwrng; return; }
+  cur=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
+  t0=$(now); timeout "$P_timeout" head -c "$P_rngbytes" /dev/hwrng >/tmp/rng; t1=$(now)
+  n=$(wc -c </tmp/rng); distinct=$(od -An -v -tu1 /tmp/rng | tr -s ' ' '\n' | grep . | sort -u | wc -l)
+  [ "$n" -eq "$P_rngbytes" ] && [ "$distinct" -gt 1 ] && st=ok || st=fail
+  result $st bytes="$n" distinct="$distinct" rng="${cur:-none}" md5="$(md5of /tmp/rng)" \
+    KiBps="$(calc "$n/1024" "$t1-$t0")"; rm -f /tmp/rng
+}
+
+wl_smp() {  # online CPUs; with vdmtest.cpus=N, ok only if N are online
+  n=$(nproc); online=$(cat /sys/devices/system/cpu/online)
+  [ -z "$P_cpus" ] || [ "$P_cpus" = "$n" ] && st=ok || st=fail
+  result $st cpus="$n" online="$online" expected="${P_cpus:-any}"
+}
+
+wl_blkrand() {  # fio 4k random read, qd32 (needs initrd-fio)
+  command -v fio >/dev/null || { result skip reason=no_fio_use_initrd-fio; return; }
+  waitfor "$P_dev" || { result fail reason=no_dev dev="$P_dev"; return; }
+  o=$(fio --name=rr --filename="$P_dev" --rw=randread --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+      --time_based --runtime="$P_time" --minimal 2>&1 | tail -1)
+  iops=$(echo "$o" | cut -d';' -f8)
+  case $iops in ''|*[!0-9]*) result fail reason=fio out="$(echo "$o" | tr ' ' _)";;
+  *) result ok randread_4k_qd32_iops="$iops" runtime_s="$P_time";; esac
+}
+
+for WL in $(echo "$WLS" | tr , ' '); do
+  result() { st=$1; shift; echo "VDMTEST RESULT $WL $st $* uptime_s=$(up)"; }
+  st=
+  case $WL in
+    boot|none) result ok;;
+    shell) echo "VDMTEST shell: exit the shell to end the guest"; setsid cttyhack sh -l; result ok;;
+    blk|fs|net|nettcp|console|serial|rng|smp|blkrand) "wl_$WL";;
+    *) result fail reason=unknown_workload;;
+  esac
+done
+echo "VDMTEST DONE uptime_s=$(up)"
+sync
+case $P_exit in poweroff) poweroff -f;; none) exec sh;; *) reboot -f;; esac
