@@ -43,12 +43,14 @@ def disk() -> MemoryDisk:
     return MemoryDisk(1 << 20)
 
 
-@pytest.fixture
-def blk(virtio_driver, disk):
+@pytest.fixture(params=["mmio", "pci"])
+def blk(request, virtio_driver, disk):
+    """A blk device on a MemoryDisk, brought up by the test driver over each transport."""
+
     def make(**opts):
         cfg = BlkConfig(path="/images/test-disk.img", **opts)
         dev = BlkDevice(disk, cfg)
-        drv = virtio_driver(dev)
+        drv = virtio_driver(dev, transport=request.param)
         drv.init()
         return drv
 
@@ -260,7 +262,7 @@ def test_reset_waits_for_inflight_io_and_device_restarts(blk, disk):
     drv.post(0, [hdr(T_OUT, 0), b"r" * 512], [1])
     drv.kick(0)
     threading.Timer(0.2, disk.gate.set).start()
-    drv.reg_write(0x70, 0)  # reset while a write is in flight
+    drv.set_status(0)  # reset while a write is in flight
     assert drv.status == 0
     assert disk.data[:512] == b"r" * 512  # the write finished before reset returned
     disk.gate = None

@@ -128,6 +128,7 @@ class Virtqueue:
         self.used_idx = 0
         self.signalled_used = 0
         self.signalled_valid = False
+        self._pushed = False
         self.memory: GuestMemory | None = None
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -309,6 +310,7 @@ class Virtqueue:
             wmb()
             self.used_idx = (self.used_idx + 1) & 0xFFFF
             _U16.pack_into(used, 2, self.used_idx)
+            self._pushed = True
 
     def discard(self, chain: DescriptorChain) -> None:
         """Release a chain's buffers without completing it (device reset or failure)."""
@@ -321,10 +323,12 @@ class Virtqueue:
         """Whether the driver wants an interrupt for what was pushed since the last one.
 
         Call once after a batch of :meth:`push`; it records the new "last signalled" index.
+        Nothing pushed since the last call: no interrupt.
         """
         with self.lock:
-            if self._avail is None:
+            if self._avail is None or not self._pushed:
                 return False
+            self._pushed = False
             mb()
             new = self.used_idx
             if self.event_idx:

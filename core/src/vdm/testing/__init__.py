@@ -6,5 +6,13 @@ gets the ``virtio_driver`` fixture; see :mod:`vdm.testing.pytest_plugin`.
 
 from .driver import FeaturesRefused, Used, VirtioTestDriver
 from .memory import GuestRam
+from .pci_driver import RecordingMsi, VirtioPciTestDriver
 
-__all__ = ["FeaturesRefused", "GuestRam", "Used", "VirtioTestDriver"]
+__all__ = [
+    "FeaturesRefused",
+    "GuestRam",
+    "RecordingMsi",
+    "Used",
+    "VirtioPciTestDriver",
+    "VirtioTestDriver",
+]

@@ -89,6 +89,35 @@ class VirtioTestDriver:
     def status(self) -> int:
         return self.reg_read(Reg.STATUS)
 
+    def set_status(self, value: int) -> None:
+        self.reg_write(Reg.STATUS, value)
+
+    def write_driver_features(self, features: int) -> None:
+        for sel in (0, 1):
+            self.reg_write(Reg.DRIVER_FEATURES_SEL, sel)
+            self.reg_write(Reg.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
+
+    def queue_max_size(self, qi: int) -> int:
+        self.reg_write(Reg.QUEUE_SEL, qi)
+        return self.reg_read(Reg.QUEUE_NUM_MAX)
+
+    def enable_queue(self, q: DriverQueue) -> None:
+        """Program the selected queue's size and ring addresses, then set it ready."""
+        self.reg_write(Reg.QUEUE_SEL, q.index)
+        self.reg_write(Reg.QUEUE_NUM, q.size)
+        for low, value in (
+            (Reg.QUEUE_DESC_LOW, q.desc),
+            (Reg.QUEUE_DRIVER_LOW, q.avail),
+            (Reg.QUEUE_DEVICE_LOW, q.used),
+        ):
+            self.reg_write(low, value & 0xFFFFFFFF)
+            self.reg_write(low + 4, value >> 32)
+        self.reg_write(Reg.QUEUE_READY, 1)
+
+    def check_transport(self) -> None:
+        assert self.reg_read(Reg.MAGIC) == 0x74726976
+        assert self.reg_read(Reg.VERSION) == 2
+
     @property
     def needs_reset(self) -> bool:
         return bool(self.status & Status.DEVICE_NEEDS_RESET)
@@ -129,18 +158,16 @@ class VirtioTestDriver:
         ``features``: exactly these bits (default: everything offered, minus ``exclude``).
         ``queues``: which queues to set up (default all); ``queue_sizes``: their sizes.
         """
-        assert self.reg_read(Reg.MAGIC) == 0x74726976
-        assert self.reg_read(Reg.VERSION) == 2
-        self.reg_write(Reg.STATUS, 0)
-        self.reg_write(Reg.STATUS, Status.ACKNOWLEDGE)
-        self.reg_write(Reg.STATUS, Status.ACKNOWLEDGE | Status.DRIVER)
+        self.check_transport()
+        self.set_status(0)
+        self.queues.clear()
+        self.set_status(Status.ACKNOWLEDGE)
+        self.set_status(Status.ACKNOWLEDGE | Status.DRIVER)
         offered = self.device_features()
         chosen = offered & ~exclude if features is None else features
-        for sel in (0, 1):
-            self.reg_write(Reg.DRIVER_FEATURES_SEL, sel)
-            self.reg_write(Reg.DRIVER_FEATURES, (chosen >> (32 * sel)) & 0xFFFFFFFF)
+        self.write_driver_features(chosen)
         st = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK
-        self.reg_write(Reg.STATUS, st)
+        self.set_status(st)
         if not self.status & Status.FEATURES_OK:
             raise FeaturesRefused(f"device refused features 0x{chosen:x}")
         self.features = chosen
@@ -148,12 +175,11 @@ class VirtioTestDriver:
         for n, qi in enumerate(indexes):
             size = queue_sizes[n] if queue_sizes is not None else None
             self.setup_queue(qi, size)
-        self.reg_write(Reg.STATUS, st | Status.DRIVER_OK)
+        self.set_status(st | Status.DRIVER_OK)
         return chosen
 
     def setup_queue(self, qi: int, size: int | None = None) -> DriverQueue:
-        self.reg_write(Reg.QUEUE_SEL, qi)
-        max_size = self.reg_read(Reg.QUEUE_NUM_MAX)
+        max_size = self.queue_max_size(qi)
         assert max_size, f"queue {qi} does not exist"
         size = min(size or max_size, max_size)
         ram = self.ram
@@ -167,12 +193,7 @@ class VirtioTestDriver:
         )
         for addr, length in ((q.desc, 16 * size), (q.avail, 6 + 2 * size), (q.used, 6 + 8 * size)):
             ram.write(addr, bytes(length))
-        self.reg_write(Reg.QUEUE_NUM, size)
-        for low, value in ((Reg.QUEUE_DESC_LOW, q.desc), (Reg.QUEUE_DRIVER_LOW, q.avail),
-                           (Reg.QUEUE_DEVICE_LOW, q.used)):
-            self.reg_write(low, value & 0xFFFFFFFF)
-            self.reg_write(low + 4, value >> 32)
-        self.reg_write(Reg.QUEUE_READY, 1)
+        self.enable_queue(q)
         self.queues[qi] = q
         return q
 
@@ -292,11 +313,15 @@ class VirtioTestDriver:
                     f"queue {qi}: {len(got)}/{count} used buffers"
                     + (" (device needs reset)" if self.needs_reset else "")
                 )
-            with self.irq.cond:
-                self.irq.cond.wait(0.01)
+            time.sleep(0.0005)
 
     def request(
-        self, qi: int, out: Sequence[bytes] = (), in_lens: Sequence[int] = (), *, timeout: float = 5.0,
+        self,
+        qi: int,
+        out: Sequence[bytes] = (),
+        in_lens: Sequence[int] = (),
+        *,
+        timeout: float = 5.0,
         indirect: bool = False,
     ) -> Used:
         """Submit one chain and wait for it to come back."""

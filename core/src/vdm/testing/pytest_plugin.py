@@ -1,7 +1,7 @@
 """pytest fixtures for device tests (loaded automatically through the ``pytest11`` entry point).
 
-``virtio_driver(device, **kw)`` returns a :class:`~vdm.testing.VirtioTestDriver` attached to
-``device``; at the end of the test it checks that nothing was written outside the fake guest RAM
+``virtio_driver(device, transport="mmio", **kw)`` returns a :class:`~vdm.testing.VirtioTestDriver`
+(or, with ``transport="pci"``, a :class:`~vdm.testing.VirtioPciTestDriver`) attached to ``device``; at the end of the test it checks that nothing was written outside the fake guest RAM
 and resets the device (stopping its backend threads).
 """
 
@@ -13,14 +13,16 @@ import pytest
 
 from ..device import VirtioDevice
 from .driver import VirtioTestDriver
+from .pci_driver import VirtioPciTestDriver
 
 
 @pytest.fixture
 def virtio_driver() -> Iterator[Callable[..., VirtioTestDriver]]:
     made: list[VirtioTestDriver] = []
 
-    def make(device: VirtioDevice, **kw: Any) -> VirtioTestDriver:
-        drv = VirtioTestDriver(device, **kw)
+    def make(device: VirtioDevice, transport: str = "mmio", **kw: Any) -> VirtioTestDriver:
+        cls = {"mmio": VirtioTestDriver, "pci": VirtioPciTestDriver}[transport]
+        drv = cls(device, **kw)
         made.append(drv)
         return drv
 
