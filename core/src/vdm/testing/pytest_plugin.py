@@ -1,8 +1,9 @@
 """pytest fixtures for device tests (loaded automatically through the ``pytest11`` entry point).
 
 ``virtio_driver(device, transport="mmio", **kw)`` returns a :class:`~vdm.testing.VirtioTestDriver`
-(or, with ``transport="pci"``, a :class:`~vdm.testing.VirtioPciTestDriver`) attached to ``device``; at the end of the test it checks that nothing was written outside the fake guest RAM
-and resets the device (stopping its backend threads).
+(with ``transport="pci"``, a :class:`~vdm.testing.VirtioPciTestDriver`) attached to ``device``.
+At the end of the test it checks that nothing was written outside the fake guest RAM and resets
+the device (stopping its backend threads).
 """
 
 from __future__ import annotations
