@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything vdm needs on a Debian machine: the system packages its tests and demo use
+# (QEMU, the guest kit's tools, Xen's libraries, ...) and the seven vdm distributions in editable
+# mode with the test tools. Idempotent; needs root (or sudo) for apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils        # real-guest tests (QEMU TCG, the KVM lab), qcow2 interop
+  busybox-static cpio lz4 xz-utils zstd fio   # the guest kit
+  iproute2                          # network namespaces and taps for vdm-net's tests
+  libxen-dev                        # Xen's libraries and headers: vdm-xen's bindings are tested against them
+  linux-libc-dev gcc                # KVM/tun ABI checks compile a tiny C program against the kernel headers
+  acpica-tools                      # iasl decompiles vdm-kvm's ACPI tables in its tests
+  tmux                              # console tests drive a terminal
+)
+
+SUDO=
+[ "$(id -u)" = 0 ] || SUDO=sudo
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install.sh: apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+$PY -m pip install -q --disable-pip-version-check \
+  -e core -e plugins/blk -e plugins/console -e plugins/net \
+  -e plugins/kvm -e plugins/xen -e plugins/vhost-user -e ".[test]"
+echo "install.sh: vdm installed: $($PY -m vdm.cli.main --version)"

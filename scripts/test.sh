@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the whole test suite (unit tests, then the real-guest tests under QEMU TCG and the KVM lab).
+# Extra arguments go to pytest. pytest's exit status 5 ("no tests collected") is reported, not hidden.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -m pytest "$@"
+rc=$?
+if [ $rc = 5 ]; then
+  echo "test.sh: pytest collected no tests (exit status 5)" >&2
+  exit 1
+fi
+exit $rc
