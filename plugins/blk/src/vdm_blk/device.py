@@ -270,9 +270,11 @@ class BlkDevice(VirtioDevice):
             raise _Reject(S_UNSUPP, "discard/write zeroes not negotiated")
         if self.read_only:
             raise _Reject(S_IOERR, "discard/write zeroes on a read-only disk")
-        payload = chain.read(_HEADER.size, chain.readable_len - _HEADER.size)
-        if not payload or len(payload) % _SEGMENT.size or len(payload) // _SEGMENT.size > MAX_DISCARD_SEG:
-            raise _Reject(S_IOERR, f"bad segment list of {len(payload)} bytes")
+        size = chain.readable_len - _HEADER.size
+        # checked before anything is copied: the guest chooses the size
+        if size <= 0 or size % _SEGMENT.size or size // _SEGMENT.size > MAX_DISCARD_SEG:
+            raise _Reject(S_IOERR, f"bad segment list of {size} bytes")
+        payload = chain.read(_HEADER.size, size)
         segments = []
         for off in range(0, len(payload), _SEGMENT.size):
             sector, count, flags = _SEGMENT.unpack_from(payload, off)
