@@ -1,0 +1,231 @@
+"""The console backend interface, shared by the 16550A UART and virtio-console.
+
+A backend is where a guest's console goes: the terminal vdm runs in, a pty, a unix socket, a log
+file, or nowhere. Its two halves:
+
+* **output** -- :meth:`ConsoleBackend.write` takes what the guest transmitted;
+* **input** -- a *pull* model with a bounded buffer. :meth:`ConsoleBackend.start` is given an
+  ``on_input()`` callback, called (from the backend's input thread, with no lock held) whenever
+  new bytes are waiting. The consumer then takes as many as it has room for with
+  :meth:`ConsoleBackend.read` -- the UART up to the free space of its 16-byte RX FIFO, virtio-console
+  as many as its receive buffers hold -- and takes the rest later, when room appears (the guest read
+  RBR, or posted new buffers). While the buffer is full the input thread stops reading its source,
+  so the kernel's own buffers (tty, socket) hold further input and nothing is ever dropped.
+
+``on_input`` may be called when there is nothing to read (spurious wake-ups are harmless), and a
+consumer may call :meth:`read` at any time; it never blocks.
+
+Subclasses implement :meth:`_read_source` (block until some input or :attr:`_closing`) and
+:meth:`_write_out`; :class:`ConsoleBackend` owns the buffer, the thread and the flow control.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from typing import Callable, Optional
+
+__all__ = ["DEFAULT_INPUT_BUFFER", "ConsoleBackend", "WakePipe"]
+
+log = logging.getLogger(__name__)
+
+#: bytes of input a backend holds for a consumer that has no room (then it stops reading)
+DEFAULT_INPUT_BUFFER = 4096
+
+
+class WakePipe:
+    """A self-pipe that interrupts a ``select`` in the input thread (close, resize, ...)."""
+
+    def __init__(self) -> None:
+        self.rfd, self.wfd = os.pipe()
+        for fd in (self.rfd, self.wfd):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wfd, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already pending, or closed
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.rfd, 256):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self.rfd, self.wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class ConsoleBackend:
+    """Base of every console backend: bounded, flow-controlled input and plain output."""
+
+    #: short kind name: "stdio", "pty", "socket", "file", "null"
+    kind = "null"
+
+    def __init__(self, input_buffer: int = DEFAULT_INPUT_BUFFER) -> None:
+        if input_buffer < 1:
+            raise ValueError("input_buffer must be at least 1 byte")
+        self.capacity = input_buffer
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._on_input: Optional[Callable[[], None]] = None
+        self._resize_listeners: list[Callable[[int, int], None]] = []
+        self._thread: Optional[threading.Thread] = None
+        self._closing = False
+        self._wake = WakePipe()
+        self._write_lock = threading.Lock()
+        #: bytes of guest output that could not be delivered (no reader attached, reader too slow)
+        self.dropped_output = 0
+
+    # ---- what a consumer (UART, virtio-console) calls --------------------------------------------
+
+    @property
+    def description(self) -> str:
+        """Where the console is, for a log line ("pty /dev/pts/3", "socket /run/vm.sock")."""
+        return self.kind
+
+    def start(self, on_input: Callable[[], None]) -> None:
+        """Start delivering input; ``on_input()`` is called whenever bytes are waiting."""
+        with self._cond:
+            self._on_input = on_input
+            pending = bool(self._buf)
+            if self._thread is None and self.has_input and not self._closing:
+                self._thread = threading.Thread(target=self._input_loop, name=f"vdm-console-{self.kind}",
+                                                daemon=True)
+                self._thread.start()
+        if pending:
+            on_input()
+
+    def read(self, max_bytes: int) -> bytes:
+        """Take up to ``max_bytes`` of waiting input (never blocks; b"" when none)."""
+        if max_bytes <= 0:
+            return b""
+        with self._cond:
+            if not self._buf:
+                return b""
+            data = bytes(self._buf[:max_bytes])
+            del self._buf[:max_bytes]
+            self._cond.notify_all()  # the input thread may be waiting for room
+            return data
+
+    def pending(self) -> int:
+        """How many input bytes are waiting."""
+        with self._cond:
+            return len(self._buf)
+
+    def write(self, data: bytes) -> None:
+        """Deliver guest output. Never raises: a vanished reader is logged and counted."""
+        if not data:
+            return
+        with self._write_lock:
+            try:
+                self._write_out(bytes(data))
+            except OSError as e:
+                self.dropped_output += len(data)
+                log.debug("%s: guest output dropped: %s", self.description, e)
+
+    def window_size(self) -> Optional[tuple[int, int]]:
+        """The terminal's (rows, cols), or None if this backend is not a terminal."""
+        return None
+
+    def add_resize_listener(self, callback: Callable[[int, int], None]) -> None:
+        """Call ``callback(rows, cols)`` whenever the terminal is resized."""
+        self._resize_listeners.append(callback)
+
+    def close(self) -> None:
+        """Stop the input thread and release the source. Idempotent."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        self._wake.wake()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        self._close_source()
+        self._wake.close()
+
+    def __enter__(self) -> ConsoleBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- what a backend implements --------------------------------------------------------------
+
+    #: whether the backend has an input side at all (file and null do not)
+    has_input = False
+
+    def _read_source(self, max_bytes: int) -> Optional[bytes]:
+        """Block until input arrives; return it (b"" to try again), or None when input ended."""
+        return None
+
+    def _write_out(self, data: bytes) -> None:
+        """Write guest output to the destination (may raise OSError)."""
+
+    def _close_source(self) -> None:
+        """Release file descriptors (called once, after the input thread stopped)."""
+
+    # ---- helpers for subclasses -----------------------------------------------------------------
+
+    def _wait_readable(self, fd: int) -> bool:
+        """Block until ``fd`` is readable (True) or the backend is closing/woken (False)."""
+        try:
+            r, _, _ = select.select([fd, self._wake.rfd], [], [])
+        except (OSError, ValueError):
+            return False
+        if self._wake.rfd in r:
+            self._wake.drain()
+        return fd in r and not self._closing
+
+    def _notify_resize(self, rows: int, cols: int) -> None:
+        for cb in list(self._resize_listeners):
+            try:
+                cb(rows, cols)
+            except Exception:  # a consumer bug must not kill the input thread
+                log.exception("%s: resize listener failed", self.description)
+
+    def _deliver(self, data: bytes) -> None:
+        """Append input to the buffer (the caller made sure it fits) and tell the consumer."""
+        if not data:
+            return
+        with self._cond:
+            self._buf += data
+            cb = self._on_input
+        if cb is not None:
+            try:
+                cb()
+            except Exception:
+                log.exception("%s: input consumer failed", self.description)
+
+    def _input_loop(self) -> None:
+        while True:
+            with self._cond:
+                # flow control: no room, no reading -- the source keeps the bytes
+                while len(self._buf) >= self.capacity and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                room = self.capacity - len(self._buf)
+            try:
+                data = self._read_source(room)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EINTR):
+                    log.warning("%s: input stopped: %s", self.description, e)
+                    return
+                continue
+            if data is None:
+                log.debug("%s: end of input", self.description)
+                return
+            self._deliver(data)  # never truncate: a source that overshoots only overfills a little
