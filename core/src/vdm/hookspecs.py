@@ -178,8 +178,10 @@ class VmmSpec:
         """Make guest writes of ``datamatch`` to ``addr`` signal eventfd ``fd`` without an exit.
 
         This is the notify path for a virtqueue kick (QueueNotify). ``datamatch`` None matches any
-        value. :returns: True if installed; ``None`` if unsupported (vdm then handles the write in
-        the MMIO/PIO handler).
+        value; ``size`` 0 (only with ``datamatch`` None) matches any access width.
+
+        :returns: True if installed; ``None`` if unsupported (vdm then handles the write in the
+            MMIO/PIO handler).
         """
 
     @vmmspec(firstresult=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -20,6 +20,10 @@ from .hookspecs import VMM_PROJECT, VmmSpec, vmmimpl
 from .hypervisor import CallbackIrqLine, IoHandler, IrqLine
 from .memory import GuestMemory, GuestMemoryError, OnDemandGuestMemory
 from .transport.mmio import MMIO_WINDOW_SIZE, MmioTransport, Reg
+from .transport.pci import BAR_SIZE, NOTIFY_OFFSET, VirtioPciTransport
+
+if TYPE_CHECKING:
+    from .pci import PciBus
 
 __all__ = ["Vmm", "VmmError"]
 
@@ -77,7 +81,7 @@ class Vmm:
         self.events = EventLoop(f"{name}-events")
         self._memory: GuestMemory | None = None
         self._fds: list[int] = []
-        self.transports: list[MmioTransport] = []
+        self.transports: list[MmioTransport | VirtioPciTransport] = []
 
     @property
     def memory(self) -> GuestMemory:
@@ -133,9 +137,34 @@ class Vmm:
         self.transports.append(transport)
         return transport
 
-    def _kick_eventfd(self, device: VirtioDevice, index: int, addr: int, pio: bool) -> bool:
+    def attach_pci(self, device: VirtioDevice, bus: PciBus, *, intx: bool = True) -> VirtioPciTransport:
+        """Put ``device`` on ``bus`` as a virtio-pci function: a memory BAR, MSI-X, INTx, kick eventfds."""
+        owner = f"{device.name}"
+        bar = self.allocate_mmio(BAR_SIZE, owner)
+        irq = self.allocate_irq(owner) if intx else None
+        transport = VirtioPciTransport(
+            device,
+            self.memory,
+            msi=self,
+            intx=self.irq_line(irq) if irq is not None else None,
+            bar_address=bar,
+            irq_line=irq or 0,
+        )
+        transport.slot = bus.add(transport)  # type: ignore[attr-defined]
+        self.register_mmio(bar, BAR_SIZE, transport, owner)
+        for q in device.queues:
+            self._kick_eventfd(device, q.index, bar + NOTIFY_OFFSET + 4 * q.index, pio=False, datamatch=None)
+        self.transports.append(transport)
+        return transport
+
+    def _kick_eventfd(
+        self, device: VirtioDevice, index: int, addr: int, pio: bool, datamatch: int | None = -1
+    ) -> bool:
+        """Route guest kicks of queue ``index`` at ``addr`` to an eventfd read by the event loop."""
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        if not self.hook.vmm_ioeventfd(addr=addr, size=4 if not pio else 2, datamatch=index, fd=fd, pio=pio):
+        match = index if datamatch == -1 else datamatch
+        size = 0 if match is None else 4  # no datamatch: any access width
+        if not self.hook.vmm_ioeventfd(addr=addr, size=size, datamatch=match, fd=fd, pio=pio):
             os.close(fd)
             return False
         self._fds.append(fd)

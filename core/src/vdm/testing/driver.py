@@ -66,12 +66,20 @@ class VirtioTestDriver:
     """A virtio driver for one device, over a virtio-mmio transport, in fake guest RAM."""
 
     def __init__(
-        self, device: VirtioDevice, *, ram_size: int = 16 << 20, ram: GuestRam | None = None
+        self,
+        device: VirtioDevice,
+        *,
+        ram_size: int = 16 << 20,
+        ram: GuestRam | None = None,
+        transport: MmioTransport | None = None,
     ) -> None:
+        """``transport``: drive an existing transport (e.g. one attached by a Vmm) instead of a new one."""
         self.device = device
         self.ram = ram if ram is not None else GuestRam(ram_size)
         self.irq = RecordingIrqLine()
-        self.transport = MmioTransport(device, self.ram.memory, self.irq)
+        self.transport = (
+            transport if transport is not None else MmioTransport(device, self.ram.memory, self.irq)
+        )
         self.queues: dict[int, DriverQueue] = {}
         self.features = 0
         #: used buffers that :meth:`request` collected while waiting for its own

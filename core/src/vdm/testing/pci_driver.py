@@ -48,12 +48,13 @@ class VirtioPciTestDriver(VirtioTestDriver):
         ram_size: int = 16 << 20,
         ram: GuestRam | None = None,
         msix: bool = True,
+        transport: VirtioPciTransport | None = None,
     ) -> None:
         self.device = device
         self.ram = ram if ram is not None else GuestRam(ram_size)
         self.irq = RecordingIrqLine()
         self.msi = RecordingMsi()
-        self.transport = VirtioPciTransport(  # type: ignore[assignment]
+        self.transport = transport or VirtioPciTransport(  # type: ignore[assignment]
             device, self.ram.memory, msi=self.msi, intx=self.irq, bar_address=self.BAR
         )
         self.queues: dict[int, DriverQueue] = {}
