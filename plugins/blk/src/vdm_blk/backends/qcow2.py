@@ -1,0 +1,856 @@
+"""qcow2 images, read-write, versions 2 and 3 (QEMU's docs/interop/qcow2.txt).
+
+What is supported
+    L1/L2 mapping with a bounded L2 cache; refcounts of every width (refcount_order 0..6);
+    allocation of data clusters, L2 tables and refcount blocks, growing the refcount table;
+    backing files (read through, whole-cluster copy-on-write on partial writes); zero clusters
+    (v3) and preallocated zero clusters; reading compressed (zlib) clusters, and overwriting or
+    discarding them; discard and write-zeroes.
+
+What is refused at open (DiskError, nothing written)
+    bad magic, versions other than 2 and 3, encryption, external data files, non-zlib
+    compression, extended L2 entries (subclusters), unknown incompatible features, the corrupt
+    bit, the dirty bit (lazy refcounts not written back: run ``qemu-img check -r all``; vdm does
+    not rebuild refcounts), truncated or misaligned tables, an L1 table too small for the virtual
+    size, cluster sizes outside 512 B..2 MiB, and opening read-write an image with internal
+    snapshots (open it read-only, or delete the snapshots with ``qemu-img snapshot -d``).
+    An image with the lazy-refcounts compatible bit is fine: vdm always keeps refcounts exact.
+
+Data path
+    ``readv`` maps the request to extents under the metadata lock, then reads allocated extents
+    with one ``preadv`` per run of contiguous host clusters, straight into the caller's buffers.
+    ``writev`` to clusters that are already allocated (and not shared) is one ``pwritev`` per run.
+    Other writes allocate under the metadata lock: a whole-cluster write goes straight from the
+    caller's buffers; a partial one builds the cluster (old data, backing data, zeros or the
+    decompressed cluster, then the new bytes) and writes it whole.
+
+Metadata and crash safety
+    L2 tables and refcount blocks are cached (bounded, LRU) and written back, as QEMU does. The
+    ordering invariant is "a reference is never on disk before the refcount that covers it":
+
+    1. refcount increments (new clusters) are written first, and ``fdatasync``-ed,
+    2. then the L2 tables and L1 entries that reference the new clusters, then ``fdatasync``,
+    3. only after that are clusters that those L2 writes unreferenced given back (refcount
+       decrements); before then they keep refcount 1 and are never reused.
+
+    ``flush`` does 1-3 (and the data written before it is durable too). A dirty L2 table pushed
+    out of the cache does 1 first. A new refcount block is written and synced before the
+    refcount table entry that points to it; a grown refcount table is written and synced before
+    the header points to it. After a crash (process killed, or power loss), ``qemu-img check``
+    finds no corruption; it may find *leaked* clusters (refcount 1, unreferenced): clusters
+    allocated for writes since the last flush, and clusters freed since the last flush.
+    ``qemu-img check -r leaks`` reclaims them. Every write acknowledged before the last completed
+    ``flush`` reads back.
+
+Concurrency
+    A metadata lock guards the tables and caches. Data I/O to clusters found allocated runs
+    outside it, under the shared side of an I/O lock; discard, write-zeroes and giving clusters
+    back take the exclusive side, so no request in flight can still be using a cluster that is
+    freed and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+import threading
+import zlib
+from array import array
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
+
+from .base import SECTOR, DiskBackend, DiskError, RWLock, split_views, total_length
+from .qcow2_header import COMPAT_LAZY_REFCOUNTS, OFFSET_MASK, read_header
+from .raw import HostFile
+
+__all__ = ["Qcow2Disk"]
+
+log = logging.getLogger(__name__)
+
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO_FLAG = 1
+L1_RESERVED = 0x7F000000000001FF
+L2_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61 of a standard entry
+
+# extent kinds
+DATA, UNALLOC, ZERO, COMPRESSED_KIND = range(4)
+
+L2_CACHE_BYTES = 32 << 20
+REFBLOCK_CACHE_BYTES = 8 << 20
+MIN_CACHE_TABLES = 16
+_ZEROS = bytes(1 << 16)
+_BIG_ENDIAN = sys.byteorder == "big"
+_ARRAY_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def _find_zero(a: array, start: int) -> int:
+    """Index of the first 0 in ``a`` at or after ``start``, or -1."""
+    if sys.version_info >= (3, 10):
+        try:
+            return a.index(0, start)
+        except ValueError:
+            return -1
+    for i in range(start, len(a)):
+        if not a[i]:
+            return i
+    return -1
+
+
+def _fill_zero(views: Sequence[memoryview]) -> None:
+    for v in views:
+        for pos in range(0, len(v), len(_ZEROS)):
+            n = min(len(_ZEROS), len(v) - pos)
+            v[pos : pos + n] = _ZEROS[:n]
+
+
+def _decode_u64(data: bytes) -> array:
+    a = array("Q")
+    a.frombytes(data)
+    if not _BIG_ENDIAN:
+        a.byteswap()
+    return a
+
+
+def _encode_u64(a: array) -> bytes:
+    if _BIG_ENDIAN:
+        return a.tobytes()
+    b = array("Q", a)
+    b.byteswap()
+    return b.tobytes()
+
+
+class _Table:
+    """A cached L2 table or refcount block: its entries and whether the disk copy is stale."""
+
+    __slots__ = ("dirty", "entries", "gen")
+
+    def __init__(self, entries: array) -> None:
+        self.entries = entries
+        self.dirty = False
+        self.gen = 0
+
+
+class _Extent:
+    __slots__ = ("entry", "host", "kind", "length")
+
+    def __init__(self, kind: int, length: int, host: int, entry: int) -> None:
+        self.kind = kind
+        self.length = length
+        self.host = host
+        self.entry = entry
+
+
+BackingOpener = Callable[[str, Optional[str]], DiskBackend]
+
+
+class Qcow2Disk(DiskBackend):
+    """A qcow2 image (see the module documentation for what is supported and guaranteed)."""
+
+    supports_discard = True
+    supports_write_zeroes = True
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_only: bool = False,
+        direct: bool = False,
+        writethrough: bool = False,
+        open_backing: BackingOpener | None = None,
+    ) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.f = HostFile(path, read_only=read_only, direct=direct, writethrough=writethrough)
+        self.backing: DiskBackend | None = None
+        self._closed = False
+        try:
+            self._open(open_backing)
+        except BaseException:
+            if self.backing is not None:
+                self.backing.close()
+            self.f.close()
+            raise
+
+    def __str__(self) -> str:
+        return self.path
+
+    # ---- open ------------------------------------------------------------------------------------
+
+    def _open(self, open_backing: BackingOpener | None) -> None:
+        file_size = self.f.size()
+        h = self.h = read_header(self.f, file_size)
+        self.version = h.version
+        self.size = h.size
+        self.cbits = h.cluster_bits
+        self.cs = cs = h.cluster_size
+        self.l2_bits = h.cluster_bits - 3
+        self.l2_mask = (1 << self.l2_bits) - 1
+        self.physical_block_size = min(cs, 4096)
+        self.optimal_io_size = cs
+        self.logical_block_size = SECTOR
+        self.supports_discard = self.supports_write_zeroes = not self.read_only
+        # compressed cluster descriptors
+        self.csize_shift = 62 - (h.cluster_bits - 8)
+        self.csize_mask = (1 << (h.cluster_bits - 8)) - 1
+        self.coffset_mask = (1 << self.csize_shift) - 1
+        if self.read_only is False and h.nb_snapshots:
+            raise DiskError(
+                f"{self.path}: the image has {h.nb_snapshots} internal snapshot(s); vdm writes only images "
+                "without snapshots: open it read-only (ro), or delete them with qemu-img snapshot -d"
+            )
+        # L1 table
+        raw = self.f.pread(h.l1_size * 8, h.l1_table_offset)
+        self.l1 = _decode_u64(raw)
+        for i, e in enumerate(self.l1):
+            off = e & OFFSET_MASK
+            if e & L1_RESERVED or off % cs or (off and off + cs > file_size):
+                raise DiskError(
+                    f"{self.path}: not a usable qcow2 image: L1 entry {i} (0x{e:x}) is invalid or points past "
+                    "the end of the file; check it with qemu-img check"
+                )
+        self._l1_dirty: dict[int, int] = {}
+        # refcounts
+        self.refcount_order = h.refcount_order
+        self.refcount_bits = 1 << h.refcount_order
+        self.max_refcount = (1 << self.refcount_bits) - 1
+        self.rb_entries = cs * 8 // self.refcount_bits
+        raw = self.f.pread(h.refcount_table_clusters * cs, h.refcount_table_offset)
+        self.rt = _decode_u64(raw)
+        for i, e in enumerate(self.rt):
+            if e & 0x1FF or e % cs or (e and e + cs > file_size):
+                raise DiskError(
+                    f"{self.path}: not a usable qcow2 image: refcount table entry {i} (0x{e:x}) is invalid "
+                    "or points past the end of the file; check it with qemu-img check"
+                )
+        # caches
+        self._l2: OrderedDict[int, _Table] = OrderedDict()
+        self._rb: OrderedDict[int, _Table] = OrderedDict()
+        self._l2_cap = max(MIN_CACHE_TABLES, L2_CACHE_BYTES // cs)
+        self._rb_cap = max(MIN_CACHE_TABLES, REFBLOCK_CACHE_BYTES // cs)
+        self._pending_free: list[tuple[int, int]] = []
+        self._free_hint = 0
+        self._meta = threading.RLock()
+        self._io = RWLock()
+        self._flush_lock = threading.Lock()
+        self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
+        # backing file: opened as the header says, never probed
+        if h.backing_file is not None:
+            if open_backing is None:
+                raise DiskError(f"{self.path}: has a backing file ({h.backing_file}) but none may be opened here")
+            self.backing = open_backing(h.backing_file, h.backing_format)
+        if not self.read_only and h.autoclear_features:
+            # the spec: a writer that does not maintain an autoclear feature clears its bit first
+            self.f.pwrite(struct.pack(">Q", 0), 88)
+            self.f.sync()
+            h.autoclear_features = 0
+        if h.compatible_features & COMPAT_LAZY_REFCOUNTS:
+            log.debug("%s: lazy refcounts are allowed by the image; vdm keeps refcounts exact", self.path)
+
+    # ---- tables ----------------------------------------------------------------------------------
+
+    def _corrupt(self, what: str) -> DiskError:
+        return DiskError(f"{self.path}: the image is corrupt: {what}; check it with qemu-img check")
+
+    def _load_l2(self, off: int) -> _Table:
+        t = self._l2.get(off)
+        if t is not None:
+            self._l2.move_to_end(off)
+            return t
+        raw = self.f.pread(self.cs, off)
+        if len(raw) < self.cs:
+            raise self._corrupt(f"L2 table at 0x{off:x} is past the end of the file")
+        t = _Table(_decode_u64(raw))
+        self._cache_insert(self._l2, off, t, self._l2_cap, self._write_l2_evicted)
+        return t
+
+    def _cache_insert(self, cache: OrderedDict, off: int, t: _Table, cap: int, evict: Callable) -> None:
+        while len(cache) >= cap:
+            old_off, old = next(iter(cache.items()))
+            if old.dirty:
+                evict(old_off, old)
+            del cache[old_off]
+        cache[off] = t
+
+    def _write_l2_evicted(self, off: int, t: _Table) -> None:
+        # the refcounts of what this table references must reach the disk first
+        if self._write_refblocks():
+            self.f.sync()
+        self.f.pwrite(_encode_u64(t.entries), off)
+        t.dirty = False
+
+    def _l2_for(self, gc: int, create: bool) -> _Table | None:
+        """The L2 table mapping guest cluster ``gc``; with ``create``, allocate a missing one."""
+        l1i = gc >> self.l2_bits
+        if l1i >= len(self.l1):
+            raise self._corrupt(f"guest cluster {gc} is beyond the L1 table")
+        e = self.l1[l1i]
+        off = e & OFFSET_MASK
+        if off:
+            if create and not e & COPIED:
+                raise self._corrupt(f"L2 table at 0x{off:x} is shared (snapshots) but the image is writable")
+            return self._load_l2(off)
+        if not create:
+            return None
+        new = self._alloc_cluster()
+        t = _Table(array("Q", bytes(self.cs)))
+        t.dirty = True
+        self._cache_insert(self._l2, new, t, self._l2_cap, self._write_l2_evicted)
+        self.l1[l1i] = new | COPIED
+        self._l1_dirty[l1i] = new | COPIED
+        return t
+
+    def _classify(self, entry: int) -> tuple[int, int]:
+        """(kind, host offset) of an L2 entry."""
+        if entry & COMPRESSED:
+            return COMPRESSED_KIND, 0
+        if entry & L2_RESERVED:
+            raise self._corrupt(f"L2 entry 0x{entry:x} has reserved bits set")
+        host = entry & OFFSET_MASK
+        if host % self.cs:
+            raise self._corrupt(f"L2 entry 0x{entry:x} is not cluster aligned")
+        if entry & ZERO_FLAG:
+            if self.version < 3:
+                raise self._corrupt(f"L2 entry 0x{entry:x} has the zero flag in a version 2 image")
+            return ZERO, host
+        if host == 0:
+            return UNALLOC, 0
+        return DATA, host
+
+    def _extents(self, offset: int, length: int) -> list[_Extent]:
+        """Map a guest range to extents; adjacent ones of the same kind (and contiguous) merge."""
+        out: list[_Extent] = []
+        cs = self.cs
+        table: _Table | None = None
+        table_l1i = -1
+        while length:
+            gc = offset >> self.cbits
+            within = offset & (cs - 1)
+            n = min(length, cs - within)
+            l1i = gc >> self.l2_bits
+            if l1i != table_l1i:
+                table = self._l2_for(gc, False)
+                table_l1i = l1i
+            entry = table.entries[gc & self.l2_mask] if table is not None else 0
+            kind, host = self._classify(entry)
+            last = out[-1] if out else None
+            if kind == DATA:
+                host += within
+                if last is not None and last.kind == DATA and last.host + last.length == host and (
+                    last.entry & COPIED
+                ) == (entry & COPIED):
+                    last.length += n
+                else:
+                    out.append(_Extent(DATA, n, host, entry))
+            elif kind in (ZERO, UNALLOC) and last is not None and last.kind == kind:
+                last.length += n
+            else:
+                out.append(_Extent(kind, n, host, entry))
+            offset += n
+            length -= n
+        return out
+
+    # ---- refcounts -------------------------------------------------------------------------------
+
+    def _decode_rb(self, raw: bytes) -> array:
+        width = self.refcount_bits
+        if width >= 8:
+            a = array(_ARRAY_CODES[width // 8])
+            if a.itemsize != width // 8:  # platform without a fitting type code
+                a = array("Q", [int.from_bytes(raw[i : i + width // 8], "big") for i in range(0, len(raw), width // 8)])
+                return a
+            a.frombytes(raw)
+            if not _BIG_ENDIAN and width > 8:
+                a.byteswap()
+            return a
+        per = 8 // width
+        mask = (1 << width) - 1
+        return array("B", [(byte >> (i * width)) & mask for byte in raw for i in range(per)])
+
+    def _encode_rb(self, a: array) -> bytes:
+        width = self.refcount_bits
+        if width >= 8:
+            if a.itemsize != width // 8:
+                return b"".join(v.to_bytes(width // 8, "big") for v in a)
+            if _BIG_ENDIAN or width == 8:
+                return a.tobytes()
+            b = array(a.typecode, a)
+            b.byteswap()
+            return b.tobytes()
+        per = 8 // width
+        out = bytearray(len(a) // per)
+        for i in range(len(out)):
+            v = 0
+            for j in range(per):
+                v |= a[i * per + j] << (j * width)
+            out[i] = v
+        return bytes(out)
+
+    def _new_rb(self) -> array:
+        width = self.refcount_bits
+        code = _ARRAY_CODES[width // 8] if width >= 8 else "B"
+        if array(code).itemsize * 8 != max(width, 8):
+            code = "Q"
+        return array(code, bytes(array(code).itemsize * self.rb_entries))
+
+    def _load_rb(self, off: int) -> _Table:
+        t = self._rb.get(off)
+        if t is not None:
+            self._rb.move_to_end(off)
+            return t
+        raw = self.f.pread(self.cs, off)
+        if len(raw) < self.cs:
+            raise self._corrupt(f"refcount block at 0x{off:x} is past the end of the file")
+        t = _Table(self._decode_rb(raw))
+        self._cache_insert(self._rb, off, t, self._rb_cap, self._write_rb)
+        return t
+
+    def _write_rb(self, off: int, t: _Table) -> None:
+        self.f.pwrite(self._encode_rb(t.entries), off)
+        t.dirty = False
+
+    def _write_refblocks(self) -> bool:
+        """Write every dirty refcount block; True if there were any."""
+        wrote = False
+        for off, t in self._rb.items():
+            if t.dirty:
+                self._write_rb(off, t)
+                wrote = True
+        return wrote
+
+    def _refblock_for(self, cluster: int) -> tuple[_Table | None, int]:
+        rti, j = divmod(cluster, self.rb_entries)
+        if rti >= len(self.rt) or not self.rt[rti]:
+            return None, j
+        return self._load_rb(self.rt[rti]), j
+
+    def refcount(self, host_offset: int) -> int:
+        """The refcount of the host cluster containing ``host_offset`` (for tests and tools)."""
+        with self._meta:
+            t, j = self._refblock_for(host_offset // self.cs)
+            return 0 if t is None else t.entries[j]
+
+    def _alloc_cluster(self) -> int:
+        """Find a free host cluster, set its refcount to 1 (in the cache) and return its offset."""
+        epb = self.rb_entries
+        idx = self._free_hint
+        while True:
+            rti = idx // epb
+            if rti >= len(self.rt):
+                self._grow_reftable(rti)
+                continue
+            if not self.rt[rti]:
+                self._new_refblock(rti)
+                continue
+            t = self._load_rb(self.rt[rti])
+            j = _find_zero(t.entries, idx - rti * epb)
+            if j < 0:
+                idx = (rti + 1) * epb
+                continue
+            t.entries[j] = 1
+            t.dirty = True
+            cluster = rti * epb + j
+            self._free_hint = cluster + 1
+            if cluster == 0:
+                raise self._corrupt("the header cluster has refcount 0")
+            return cluster * self.cs
+
+    def _new_refblock(self, rti: int) -> None:
+        """Create the missing refcount block for range ``rti``, placed at the range's first cluster.
+
+        With no block, every cluster of the range has refcount 0, so the first one is free; the
+        block counts itself. It is written and synced before the table entry that points to it.
+        """
+        start = rti * self.rb_entries
+        off = start * self.cs
+        entries = self._new_rb()
+        entries[0] = 1
+        t = _Table(entries)
+        self.f.pwrite(self._encode_rb(entries), off)
+        self.f.sync()
+        self.f.pwrite(struct.pack(">Q", off), self.h.refcount_table_offset + rti * 8)
+        self.rt[rti] = off
+        self._cache_insert(self._rb, off, t, self._rb_cap, self._write_rb)
+
+    def _grow_reftable(self, needed: int) -> None:
+        """Make the refcount table cover range ``needed``: a new, larger table in free space.
+
+        The new table and the refcount blocks that count it go to a region past everything in
+        use (a whole refcount range that no block covers, so all of it is free); the blocks count
+        themselves and the table. They are written and synced, then the header is switched and
+        synced, then the old table's clusters are given back.
+        """
+        cs, epb = self.cs, self.rb_entries
+        file_clusters = -(-self.f.size() // cs)
+        k = max(len(self.rt), -(-file_clusters // epb), needed)
+        per_cluster = cs // 8
+        m = 1
+        while True:
+            entries = max(2 * len(self.rt), k + m + 1, needed + 1)
+            entries = -(-entries // per_cluster) * per_cluster
+            tclusters = entries // per_cluster
+            need_m = -(-(m + tclusters) // epb)
+            if need_m <= m:
+                break
+            m = need_m
+        if entries * 8 > (8 << 20):
+            raise DiskError(f"{self.path}: the refcount table would exceed 8 MiB; the image is too large")
+        area = k * epb  # first cluster of the new region
+        total = m + tclusters
+        new_rt = array("Q", self.rt)
+        new_rt.extend([0] * (entries - len(self.rt)))
+        blocks = []
+        for i in range(m):
+            rb = self._new_rb()
+            first = (k + i) * epb
+            for c in range(max(area, first), min(area + total, first + epb)):
+                rb[c - first] = 1
+            blocks.append(rb)
+            new_rt[k + i] = (area + i) * cs
+        for i, rb in enumerate(blocks):
+            self.f.pwrite(self._encode_rb(rb), (area + i) * cs)
+        table_off = (area + m) * cs
+        self.f.pwrite(_encode_u64(new_rt), table_off)
+        self.f.sync()
+        old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
+        self.f.pwrite(struct.pack(">QI", table_off, tclusters), 48)
+        self.f.sync()
+        self.h.refcount_table_offset, self.h.refcount_table_clusters = table_off, tclusters
+        self.rt = new_rt
+        for i, rb in enumerate(blocks):
+            self._cache_insert(self._rb, (area + i) * cs, _Table(rb), self._rb_cap, self._write_rb)
+        self._free_now(old_off, old_clusters * cs)
+
+    def _free_now(self, offset: int, length: int) -> None:
+        """Decrement the refcounts of the clusters overlapping a host range (in the cache)."""
+        cs = self.cs
+        for c in range(offset // cs, -(-(offset + length) // cs)):
+            t, j = self._refblock_for(c)
+            if t is None or t.entries[j] == 0:
+                log.warning("%s: freeing host cluster %d whose refcount is already 0", self.path, c)
+                continue
+            t.entries[j] -= 1
+            t.dirty = True
+            if t.entries[j] == 0 and c < self._free_hint:
+                self._free_hint = c
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def _live(self) -> None:
+        if self._closed:
+            raise DiskError(f"{self.path}: the disk is closed")
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        self._live()
+        total = total_length(buffers)
+        self.check_range(offset, total)
+        self._io.acquire_shared()
+        try:
+            with self._meta:
+                extents = self._extents(offset, total)
+            pos = offset
+            for ext, views in zip(extents, split_views(buffers, [e.length for e in extents])):
+                self._read_extent(ext, pos, views)
+                pos += ext.length
+        finally:
+            self._io.release_shared()
+        return total
+
+    def _read_extent(self, ext: _Extent, pos: int, views: list[memoryview]) -> None:
+        if ext.kind == DATA:
+            self.f.preadv(views, ext.host)
+        elif ext.kind == ZERO:
+            _fill_zero(views)
+        elif ext.kind == UNALLOC:
+            self._read_backing(pos, views)
+        else:
+            data = self._decompress(ext.entry)
+            within = pos & (self.cs - 1)
+            for v in views:
+                v[:] = data[within : within + len(v)]
+                within += len(v)
+
+    def _read_backing(self, pos: int, views: list[memoryview]) -> None:
+        b = self.backing
+        n = total_length(views)
+        if b is None or pos >= b.size:
+            _fill_zero(views)
+        elif pos + n <= b.size - b.size % SECTOR:
+            b.readv(pos, views)
+        else:
+            tmp = bytearray(n)
+            b.read_clipped(pos, memoryview(tmp))
+            done = 0
+            for v in views:
+                v[:] = tmp[done : done + len(v)]
+                done += len(v)
+
+    def _decompress(self, entry: int) -> bytes:
+        z = self._zcache
+        if z is not None and z[0] == entry:
+            return z[1]
+        off = entry & self.coffset_mask
+        nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
+        end = (off & ~(SECTOR - 1)) + nsect * SECTOR
+        raw = self.f.pread(end - off, off)
+        try:
+            d = zlib.decompressobj(-12)
+            data = d.decompress(raw, self.cs)
+        except zlib.error as e:
+            raise self._corrupt(f"compressed cluster at 0x{off:x} does not decompress ({e})")
+        if len(data) < self.cs:
+            raise self._corrupt(f"compressed cluster at 0x{off:x} decompresses to {len(data)} bytes")
+        self._zcache = (entry, data)
+        return data
+
+    def _cluster_content(self, gc: int, entry: int) -> bytearray:
+        """The current content of guest cluster ``gc`` (for copy-on-write)."""
+        kind, host = self._classify(entry)
+        buf = bytearray(self.cs)
+        view = memoryview(buf)
+        if kind == DATA:
+            self.f.preadv([view], host)
+        elif kind == UNALLOC:
+            self._read_backing(gc << self.cbits, [view])
+        elif kind == COMPRESSED_KIND:
+            buf[:] = self._decompress(entry)
+        return buf
+
+    # ---- writing ---------------------------------------------------------------------------------
+
+    def writev(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        self._live()
+        total = total_length(buffers)
+        self.check_range(offset, total, write=True)
+        self._io.acquire_shared()
+        try:
+            with self._meta:
+                extents = self._extents(offset, total)
+            pos = offset
+            for ext, views in zip(extents, split_views(buffers, [e.length for e in extents])):
+                if ext.kind == DATA and ext.entry & COPIED:
+                    self._check_data_host(ext.host, ext.length)
+                    self.f.pwritev(views, ext.host)
+                else:
+                    self._write_clusters(pos, views)
+                pos += ext.length
+        finally:
+            self._io.release_shared()
+        return total
+
+    def _check_data_host(self, host: int, length: int) -> None:
+        """Refuse a data write that would land on the header, the L1 table or the refcount table."""
+        h = self.h
+        for start, size in (
+            (0, self.cs),
+            (h.l1_table_offset, len(self.l1) * 8),
+            (h.refcount_table_offset, h.refcount_table_clusters * self.cs),
+        ):
+            if host < start + size and start < host + length:
+                raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
+
+    def _write_clusters(self, pos: int, views: list[memoryview]) -> None:
+        """Write a range that needs allocation, one guest cluster at a time."""
+        cs = self.cs
+        lengths = []
+        p, end = pos, pos + total_length(views)
+        while p < end:
+            n = min(end - p, cs - (p & (cs - 1)))
+            lengths.append(n)
+            p += n
+        for n, group in zip(lengths, split_views(views, lengths)):
+            with self._meta:
+                self._write_one(pos, group)
+            pos += n
+
+    def _write_one(self, pos: int, views: list[memoryview]) -> None:
+        """Write within one guest cluster, allocating it if needed (metadata lock held)."""
+        cs = self.cs
+        gc = pos >> self.cbits
+        within = pos & (cs - 1)
+        n = total_length(views)
+        table = self._l2_for(gc, True)
+        assert table is not None
+        idx = gc & self.l2_mask
+        entry = table.entries[idx]
+        kind, host = self._classify(entry)
+        if kind == DATA and entry & COPIED:  # allocated meanwhile by another request
+            self._check_data_host(host + within, n)
+            self.f.pwritev(views, host + within)
+            return
+        free_old: tuple[int, int] | None = None
+        if kind == ZERO and host and entry & COPIED:
+            new = host  # preallocated zero cluster: reuse it
+        else:
+            new = self._alloc_cluster()
+            if kind == COMPRESSED_KIND:
+                coff = entry & self.coffset_mask
+                nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
+                free_old = (coff & ~(SECTOR - 1), nsect * SECTOR)
+            elif host:
+                free_old = (host, cs)
+        if within == 0 and n == cs:
+            self.f.pwritev(views, new)
+        else:
+            buf = self._cluster_content(gc, entry) if kind != ZERO else bytearray(cs)
+            p = within
+            for v in views:
+                buf[p : p + len(v)] = v
+                p += len(v)
+            self.f.pwritev([memoryview(buf)], new)
+        table.entries[idx] = new | COPIED
+        table.dirty = True
+        table.gen += 1
+        if free_old is not None:
+            self._pending_free.append(free_old)
+
+    # ---- discard and write zeroes ----------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        """Free the range. It reads as zeros afterwards, except in a version 2 image with a
+        backing file, where whole clusters fall back to the backing file's data and partial
+        clusters are left as they are."""
+        self._live()
+        self.check_range(offset, length, write=True)
+        self._zero_range(offset, length, unmap=True, discard=True)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Make the range read zeros: v3 zero flags for whole clusters (freeing them with
+        ``unmap``), written zeros for partial clusters and in v2 images where needed."""
+        self._live()
+        self.check_range(offset, length, write=True)
+        self._zero_range(offset, length, unmap=unmap, discard=False)
+
+    def _zero_range(self, offset: int, length: int, unmap: bool, discard: bool) -> None:
+        cs = self.cs
+        self._io.acquire_exclusive()
+        try:
+            with self._meta:
+                end = offset + length
+                pos = offset
+                while pos < end:
+                    within = pos & (cs - 1)
+                    n = min(end - pos, cs - within)
+                    if n < cs:
+                        if not (discard and self.version == 2 and self.backing is not None):
+                            self._zero_partial(pos, n)
+                        pos += n
+                        continue
+                    gc = pos >> self.cbits
+                    table = self._l2_for(gc, False)
+                    if table is None and (self.backing is None or (discard and self.version == 2)):
+                        # a whole unallocated L2 range already reads zeros (or must read backing)
+                        pos = min(((gc | self.l2_mask) + 1) << self.cbits, end)
+                        continue
+                    self._zero_cluster(gc, unmap, discard)
+                    pos += cs
+        finally:
+            self._io.release_exclusive()
+
+    def _zero_partial(self, pos: int, n: int) -> None:
+        gc = pos >> self.cbits
+        table = self._l2_for(gc, False)
+        entry = table.entries[gc & self.l2_mask] if table is not None else 0
+        kind, _ = self._classify(entry)
+        if kind == ZERO or (kind == UNALLOC and self.backing is None):
+            return
+        zeros = memoryview(bytearray(n))
+        self._write_one(pos, [zeros])
+
+    def _zero_cluster(self, gc: int, unmap: bool, discard: bool) -> None:
+        table = self._l2_for(gc, False)
+        entry = table.entries[gc & self.l2_mask] if table is not None else 0
+        kind, host = self._classify(entry)
+        if self.version == 2:
+            if kind == UNALLOC and (discard or self.backing is None):
+                return
+            if discard or (self.backing is None and (unmap or not entry & COPIED or kind != DATA)):
+                self._set_entry(gc, 0, entry)  # deallocate: reads zeros (or the backing file on discard)
+            elif kind == DATA and entry & COPIED:
+                _zero_host(self, host)
+            else:
+                self._write_one(gc << self.cbits, [memoryview(bytearray(self.cs))])
+            return
+        # version 3: the zero flag
+        if kind == UNALLOC and self.backing is None:
+            return
+        if kind == ZERO and (not host or not unmap):
+            return
+        if not (unmap or discard) and kind in (DATA, ZERO) and host and entry & COPIED:
+            new = host | COPIED | ZERO_FLAG  # keep the preallocation
+        else:
+            new = ZERO_FLAG
+        self._set_entry(gc, new, entry)
+
+    def _set_entry(self, gc: int, new: int, old: int) -> None:
+        """Replace an L2 entry; clusters the old one referenced are given back after the next flush."""
+        table = self._l2_for(gc, True)
+        assert table is not None
+        table.entries[gc & self.l2_mask] = new
+        table.dirty = True
+        table.gen += 1
+        kind, host = self._classify(old)
+        if kind == COMPRESSED_KIND:
+            coff = old & self.coffset_mask
+            nsect = ((old >> self.csize_shift) & self.csize_mask) + 1
+            self._pending_free.append((coff & ~(SECTOR - 1), nsect * SECTOR))
+        elif host and (new & OFFSET_MASK) != host:
+            self._pending_free.append((host, self.cs))
+
+    # ---- flush and close -------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every completed write durable (the ordering is in the module documentation)."""
+        self._live()
+        if self.read_only:
+            return
+        with self._flush_lock:
+            with self._meta:
+                self._write_refblocks()
+                snap = [(off, t, t.gen, _encode_u64(t.entries)) for off, t in self._l2.items() if t.dirty]
+                l1 = dict(self._l1_dirty)
+                frees = self._pending_free
+                self._pending_free = []
+            self.f.sync()  # data and refcounts
+            if snap or l1:
+                with self._meta:
+                    for off, t, gen, raw in snap:
+                        if self._l2.get(off) is not t:
+                            continue  # evicted meanwhile: written then, with newer content
+                        self.f.pwrite(raw, off)
+                        if t.gen == gen:
+                            t.dirty = False
+                    for i, e in l1.items():
+                        self.f.pwrite(struct.pack(">Q", e), self.h.l1_table_offset + i * 8)
+                        if self._l1_dirty.get(i) == e:
+                            del self._l1_dirty[i]
+                self.f.sync()
+            if frees:
+                self._io.acquire_exclusive()
+                try:
+                    with self._meta:
+                        for off, length in frees:
+                            self._free_now(off, length)
+                        self._write_refblocks()
+                finally:
+                    self._io.release_exclusive()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+                with self._meta:
+                    if self._write_refblocks():
+                        self.f.sync()
+        finally:
+            self._closed = True
+            if self.backing is not None:
+                self.backing.close()
+            self.f.close()
+
+
+def _zero_host(disk: Qcow2Disk, host: int) -> None:
+    disk.f.pwritev([memoryview(bytearray(disk.cs))], host)
