@@ -177,8 +177,8 @@ class VmmSpec:
     def vmm_ioeventfd(self, addr: int, size: int, datamatch: int | None, fd: int, pio: bool) -> bool | None:
         """Make guest writes of ``datamatch`` to ``addr`` signal eventfd ``fd`` without an exit.
 
-        This is the notify path for a virtqueue kick (QueueNotify). ``datamatch`` None matches any
-        value; ``size`` 0 (only with ``datamatch`` None) matches any access width.
+        This is the notify path for a virtqueue kick (QueueNotify: a ``size``-byte write of the
+        queue index). ``datamatch`` None matches any value.
 
         :returns: True if installed; ``None`` if unsupported (vdm then handles the write in the
             MMIO/PIO handler).

@@ -153,18 +153,15 @@ class Vmm:
         transport.slot = bus.add(transport)  # type: ignore[attr-defined]
         self.register_mmio(bar, BAR_SIZE, transport, owner)
         for q in device.queues:
-            self._kick_eventfd(device, q.index, bar + NOTIFY_OFFSET + 4 * q.index, pio=False, datamatch=None)
+            # the driver writes the queue index as 16 bits at the queue's own notify address
+            self._kick_eventfd(device, q.index, bar + NOTIFY_OFFSET + 4 * q.index, pio=False, size=2)
         self.transports.append(transport)
         return transport
 
-    def _kick_eventfd(
-        self, device: VirtioDevice, index: int, addr: int, pio: bool, datamatch: int | None = -1
-    ) -> bool:
-        """Route guest kicks of queue ``index`` at ``addr`` to an eventfd read by the event loop."""
+    def _kick_eventfd(self, device: VirtioDevice, index: int, addr: int, pio: bool, size: int = 4) -> bool:
+        """Route guest kicks of queue ``index`` (the index written at ``addr``) to an eventfd."""
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        match = index if datamatch == -1 else datamatch
-        size = 0 if match is None else 4  # no datamatch: any access width
-        if not self.hook.vmm_ioeventfd(addr=addr, size=size, datamatch=match, fd=fd, pio=pio):
+        if not self.hook.vmm_ioeventfd(addr=addr, size=size, datamatch=index, fd=fd, pio=pio):
             os.close(fd)
             return False
         self._fds.append(fd)
