@@ -11,8 +11,12 @@ import pytest
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 
-needs_qemu_img = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img is not installed (apt install qemu-utils)")
-needs_qemu_io = pytest.mark.skipif(QEMU_IO is None, reason="qemu-io is not installed (apt install qemu-utils)")
+needs_qemu_img = pytest.mark.skipif(
+    QEMU_IMG is None, reason="qemu-img is not installed (apt install qemu-utils)"
+)
+needs_qemu_io = pytest.mark.skipif(
+    QEMU_IO is None, reason="qemu-io is not installed (apt install qemu-utils)"
+)
 
 
 def qemu_img(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -35,7 +39,9 @@ def qemu_io(path: str, *commands: str, fmt: str = "qcow2") -> str:
     return p.stdout
 
 
-def create_qcow2(path: str, size: int, *opts: str, backing: str | None = None, backing_fmt: str = "raw") -> str:
+def create_qcow2(
+    path: str, size: int, *opts: str, backing: str | None = None, backing_fmt: str = "raw"
+) -> str:
     args = ["create", "-q", "-f", "qcow2"]
     if opts:
         args += ["-o", ",".join(opts)]

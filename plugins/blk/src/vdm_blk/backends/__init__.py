@@ -81,7 +81,9 @@ def _open(
             raise DiskError(f"{path}: backing file format {backing_fmt!r} is not supported (raw or qcow2)")
         return _open(resolved, True, direct, backing_fmt, False, allowed, depth + 1)
 
-    return Qcow2Disk(path, read_only=read_only, direct=direct, writethrough=writethrough, open_backing=open_backing)
+    return Qcow2Disk(
+        path, read_only=read_only, direct=direct, writethrough=writethrough, open_backing=open_backing
+    )
 
 
 def resolve_backing(image: str, name: str, allowed: Sequence[str]) -> str:

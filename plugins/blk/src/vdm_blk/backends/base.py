@@ -112,7 +112,9 @@ class DiskBackend(ABC):
         if offset < 0 or length < 0 or offset % SECTOR or length % SECTOR:
             raise DiskError(f"{self}: range {offset}+{length} is not aligned to {SECTOR} bytes")
         if offset + length > self.size:
-            raise DiskError(f"{self}: range {offset}+{length} is past the end of the disk ({self.size} bytes)")
+            raise DiskError(
+                f"{self}: range {offset}+{length} is past the end of the disk ({self.size} bytes)"
+            )
 
     def read_clipped(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``; bytes past ``size`` read as zeros (used for backing files).

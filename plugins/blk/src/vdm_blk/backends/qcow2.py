@@ -238,7 +238,9 @@ class Qcow2Disk(DiskBackend):
         # backing file: opened as the header says, never probed
         if h.backing_file is not None:
             if open_backing is None:
-                raise DiskError(f"{self.path}: has a backing file ({h.backing_file}) but none may be opened here")
+                raise DiskError(
+                    f"{self.path}: has a backing file ({h.backing_file}) but none may be opened here"
+                )
             self.backing = open_backing(h.backing_file, h.backing_format)
         if not self.read_only and h.autoclear_features:
             # the spec: a writer that does not maintain an autoclear feature clears its bit first
@@ -337,9 +339,12 @@ class Qcow2Disk(DiskBackend):
             last = out[-1] if out else None
             if kind == DATA:
                 host += within
-                if last is not None and last.kind == DATA and last.host + last.length == host and (
-                    last.entry & COPIED
-                ) == (entry & COPIED):
+                if (
+                    last is not None
+                    and last.kind == DATA
+                    and last.host + last.length == host
+                    and (last.entry & COPIED) == (entry & COPIED)
+                ):
                     last.length += n
                 else:
                     out.append(_Extent(DATA, n, host, entry))
@@ -358,7 +363,10 @@ class Qcow2Disk(DiskBackend):
         if width >= 8:
             a = array(_ARRAY_CODES[width // 8])
             if a.itemsize != width // 8:  # platform without a fitting type code
-                a = array("Q", [int.from_bytes(raw[i : i + width // 8], "big") for i in range(0, len(raw), width // 8)])
+                a = array(
+                    "Q",
+                    [int.from_bytes(raw[i : i + width // 8], "big") for i in range(0, len(raw), width // 8)],
+                )
                 return a
             a.frombytes(raw)
             if not _BIG_ENDIAN and width > 8:

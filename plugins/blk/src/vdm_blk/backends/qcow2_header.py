@@ -92,8 +92,11 @@ def read_header(f: HostFile, file_size: int) -> Qcow2Header:
         raise _fail(path, "bad magic (not a qcow2 file)", "open it with format=raw if it is a raw image")
     h = Qcow2Header(*fields[1:])
     if h.version not in (2, 3):
-        raise _fail(path, f"qcow2 version {h.version} is not supported (only 2 and 3)",
-                    "convert it with qemu-img convert -O qcow2")
+        raise _fail(
+            path,
+            f"qcow2 version {h.version} is not supported (only 2 and 3)",
+            "convert it with qemu-img convert -O qcow2",
+        )
     if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
         raise _fail(path, f"cluster_bits {h.cluster_bits} is outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}")
     cs = h.cluster_size
@@ -101,11 +104,19 @@ def read_header(f: HostFile, file_size: int) -> Qcow2Header:
         more = f.pread(_V3.size, _V2.size)
         if len(more) < _V3.size:
             raise _fail(path, "the version 3 header is truncated")
-        (h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
-         h.header_length) = _V3.unpack(more)
+        (
+            h.incompatible_features,
+            h.compatible_features,
+            h.autoclear_features,
+            h.refcount_order,
+            h.header_length,
+        ) = _V3.unpack(more)
         if h.header_length < 104 or h.header_length % 8 or h.header_length > cs:
-            raise _fail(path, f"header_length {h.header_length} is invalid (at least 104, a multiple of 8, "
-                        "at most a cluster)")
+            raise _fail(
+                path,
+                f"header_length {h.header_length} is invalid (at least 104, a multiple of 8, "
+                "at most a cluster)",
+            )
         if h.header_length > 104:
             h.compression_type = f.pread(1, 104)[0]
         if h.refcount_order > 6:
@@ -115,25 +126,39 @@ def read_header(f: HostFile, file_size: int) -> Qcow2Header:
     if incompat & INCOMPAT_CORRUPT:
         raise _fail(path, "the image is marked corrupt", "repair it with qemu-img check -r all")
     if incompat & INCOMPAT_DIRTY:
-        raise _fail(path, "the image is marked dirty (lazy refcounts were not written back)",
-                    "repair the refcounts with qemu-img check -r all, then open it again")
+        raise _fail(
+            path,
+            "the image is marked dirty (lazy refcounts were not written back)",
+            "repair the refcounts with qemu-img check -r all, then open it again",
+        )
     if incompat & INCOMPAT_DATA_FILE:
-        raise _fail(path, "external data files are not supported",
-                    "convert it with qemu-img convert -O qcow2 (without data_file)")
+        raise _fail(
+            path,
+            "external data files are not supported",
+            "convert it with qemu-img convert -O qcow2 (without data_file)",
+        )
     if incompat & INCOMPAT_COMPRESSION or h.compression_type:
-        raise _fail(path, f"compression type {h.compression_type} is not supported (only zlib)",
-                    "convert it with qemu-img convert -O qcow2 -o compression_type=zlib")
+        raise _fail(
+            path,
+            f"compression type {h.compression_type} is not supported (only zlib)",
+            "convert it with qemu-img convert -O qcow2 -o compression_type=zlib",
+        )
     if incompat & INCOMPAT_EXTL2:
-        raise _fail(path, "extended L2 entries (subclusters) are not supported",
-                    "convert it with qemu-img convert -O qcow2 -o extended_l2=off")
-    unknown = incompat & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
-                           | INCOMPAT_EXTL2)
+        raise _fail(
+            path,
+            "extended L2 entries (subclusters) are not supported",
+            "convert it with qemu-img convert -O qcow2 -o extended_l2=off",
+        )
+    unknown = incompat & ~(
+        INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+    )
     if unknown:
         names = ", ".join(h.feature_name(0, b) for b in range(64) if unknown >> b & 1)
         raise _fail(path, f"unknown incompatible features: {names}", "use a newer version of vdm or QEMU")
     if h.crypt_method:
-        raise _fail(path, f"encryption (method {h.crypt_method}) is not supported",
-                    "decrypt it with qemu-img convert")
+        raise _fail(
+            path, f"encryption (method {h.crypt_method}) is not supported", "decrypt it with qemu-img convert"
+        )
     if h.size % 512:
         raise _fail(path, f"virtual size {h.size} is not a multiple of 512")
     # tables: alignment, inside the file, big enough
@@ -146,8 +171,9 @@ def read_header(f: HostFile, file_size: int) -> Qcow2Header:
     _check_table(path, "L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size, h.l1_size > 0)
     if not h.refcount_table_clusters or h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
         raise _fail(path, f"refcount table of {h.refcount_table_clusters} clusters is empty or too large")
-    _check_table(path, "refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs, cs,
-                 file_size, True)
+    _check_table(
+        path, "refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs, cs, file_size, True
+    )
     if h.nb_snapshots:
         _check_table(path, "snapshot table", h.snapshots_offset, 1, cs, file_size, True)
     return h
@@ -159,16 +185,22 @@ def _check_table(path: str, what: str, offset: int, length: int, cs: int, file_s
     if offset % cs or offset == 0:
         raise _fail(path, f"the {what} offset 0x{offset:x} is not a non-zero multiple of the cluster size")
     if offset + length > file_size:
-        raise _fail(path, f"the {what} (0x{offset:x}+{length}) extends past the end of the file ({file_size})",
-                    "the file is truncated")
+        raise _fail(
+            path,
+            f"the {what} (0x{offset:x}+{length}) extends past the end of the file ({file_size})",
+            "the file is truncated",
+        )
 
 
 def _read_extensions(f: HostFile, h: Qcow2Header, path: str) -> None:
     cs = h.cluster_size
     first = f.pread(cs, 0)
     if h.backing_file_offset:
-        if h.backing_file_size == 0 or h.backing_file_size > 1023 or \
-                h.backing_file_offset + h.backing_file_size > cs:
+        if (
+            h.backing_file_size == 0
+            or h.backing_file_size > 1023
+            or h.backing_file_offset + h.backing_file_size > cs
+        ):
             raise _fail(path, "the backing file name is outside the first cluster or longer than 1023 bytes")
         name = first[h.backing_file_offset : h.backing_file_offset + h.backing_file_size]
         if len(name) < h.backing_file_size:
@@ -179,9 +211,7 @@ def _read_extensions(f: HostFile, h: Qcow2Header, path: str) -> None:
             raise _fail(path, "the backing file name is not UTF-8")
         if "\0" in h.backing_file:
             raise _fail(path, "the backing file name contains a NUL byte")
-    if h.version == 2:
-        return
-    pos = h.header_length
+    pos = h.header_length  # 72 for version 2, which may have extensions too
     while pos + 8 <= len(first):
         etype, elen = struct.unpack_from(">II", first, pos)
         if etype == EXT_END:
@@ -194,5 +224,7 @@ def _read_extensions(f: HostFile, h: Qcow2Header, path: str) -> None:
         elif etype == EXT_FEATURE_TABLE:
             for off in range(0, elen - elen % 48, 48):
                 kind, bit = data[off], data[off + 1]
-                h.feature_names[(kind, bit)] = data[off + 2 : off + 48].rstrip(b"\0").decode("ascii", "replace")
+                h.feature_names[(kind, bit)] = (
+                    data[off + 2 : off + 48].rstrip(b"\0").decode("ascii", "replace")
+                )
         pos += 8 + (elen + 7) // 8 * 8

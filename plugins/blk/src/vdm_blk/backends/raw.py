@@ -66,7 +66,9 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
 class HostFile:
     """An open image file or block device, with optional O_DIRECT and O_DSYNC."""
 
-    def __init__(self, path: str, *, read_only: bool, direct: bool = False, writethrough: bool = False) -> None:
+    def __init__(
+        self, path: str, *, read_only: bool, direct: bool = False, writethrough: bool = False
+    ) -> None:
         self.path = path
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
