@@ -62,7 +62,8 @@ class Command:
 
     name: str
     help: str
-    #: adds the command's options to its argparse subparser
+    #: adds the command's options to its argparse subparser; the parser carries the loaded
+    #: :class:`vdm.plugins.PluginSet` as ``parser.vdm_plugins`` (for one option per device type)
     add_arguments: Callable[[argparse.ArgumentParser], None]
     #: runs the command; returns the exit status
     run: Callable[[argparse.Namespace], int]

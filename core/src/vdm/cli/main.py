@@ -43,6 +43,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         p = sub.add_parser(name, description=cmd.help, **kw)
         p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution)
         if why is None:
+            p.vdm_plugins = plugins  # type: ignore[attr-defined]  # for options per device type
             cmd.add_arguments(p)
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -1,0 +1,192 @@
+"""``vdm run``: create a KVM VM, attach vdm's devices, boot a Linux kernel (like ``lkvm run``).
+
+Options follow kvmtool: ``-k/--kernel``, ``-i/--initrd``, ``-p/--params``, ``-m/--mem``,
+``-c/--cpus``, one option per device type the installed plugins provide (``-d/--disk``,
+``-n/--network``, ...), ``--console serial|virtio``, ``--virtio-transport pci|mmio``, ``--name``;
+or a TOML VM file (``vdm run vm.toml``) with the same keys. The exit status is 0 when the guest
+powers off or reboots, 1 with a message on anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from typing import Any
+
+from vdm.config import config_from_mapping, load_toml, parse_option_string
+from vdm.device import VirtioDevice
+from vdm.errors import UserError
+from vdm.plugins import PluginSet
+from vdm.registry import DeviceContext, DeviceType
+
+__all__ = ["add_arguments", "run"]
+
+log = logging.getLogger(__name__)
+
+#: What every guest gets on its command line (the user's --params are appended).
+BASE_PARAMS = "reboot=k panic=-1 i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable"
+
+
+def default_kernel() -> str | None:
+    path = f"/boot/vmlinuz-{platform.release()}"
+    return path if os.path.exists(path) else None
+
+
+def add_arguments(p: argparse.ArgumentParser, plugins: PluginSet | None = None) -> None:
+    p.add_argument("vm_file", nargs="?", metavar="VM.toml", help="a TOML VM file (options below override it)")
+    p.add_argument("-k", "--kernel", help="bzImage to boot (default: /boot/vmlinuz-$(uname -r))")
+    p.add_argument("-i", "--initrd", help="initramfs")
+    p.add_argument("-p", "--params", help="appended to the kernel command line")
+    p.add_argument("-m", "--mem", type=int, metavar="MiB", help="guest memory in MiB (default 256)")
+    p.add_argument("-c", "--cpus", type=int, help="number of vCPUs (default 1)")
+    p.add_argument("--name", help="the VM's name (logs, default serial numbers)")
+    p.add_argument(
+        "--virtio-transport",
+        choices=("pci", "mmio"),
+        help="pci (default: what stock x86 kernels find) or mmio (described through ACPI)",
+    )
+    p.add_argument(
+        "--console-backend", metavar="SPEC", help="stdio (default), pty, socket:PATH, file:PATH, null"
+    )
+    if plugins is None:
+        return
+    for dt, info in sorted(plugins.devices.values(), key=lambda x: x[0].name):
+        if not dt.cli_flag:
+            continue
+        flags = [f for f in (dt.cli_short, dt.cli_flag) if f]
+        from vdm.config import describe_options
+
+        p.add_argument(
+            *flags,
+            dest=f"dev_{dt.name}",
+            action="append",
+            metavar="OPTIONS",
+            help=f"{dt.help} [{info.distribution}]; options: {describe_options(dt.config)}",
+        )
+
+
+def _device_configs(
+    args: argparse.Namespace, plugins: PluginSet, doc: dict[str, Any]
+) -> list[tuple[DeviceType, Any]]:
+    out: list[tuple[DeviceType, Any]] = []
+    for dt, _ in sorted(plugins.devices.values(), key=lambda x: x[0].name):
+        cli = getattr(args, f"dev_{dt.name}", None) or []
+        tables = doc.get(dt.toml_key, []) if dt.toml_key else []
+        if isinstance(tables, dict):
+            tables = [tables]
+        if cli:  # the command line replaces the file's devices of that type
+            tables = []
+        for table in tables:
+            out.append((dt, config_from_mapping(dt.config, table, f"[{dt.toml_key}]")))
+        for text in cli:
+            out.append((dt, parse_option_string(dt.config, text, dt.cli_flag or dt.name, dt.positional)))
+    return out
+
+
+def _resolve(doc: dict[str, Any], base: str) -> dict[str, Any]:
+    """Relative paths in a VM file are relative to the file."""
+    out = dict(doc)
+    for key in ("kernel", "initrd"):
+        if isinstance(out.get(key), str):
+            out[key] = os.path.join(base, os.path.expanduser(out[key]))
+    for key in ("disk",):
+        tables = out.get(key)
+        if isinstance(tables, list):
+            out[key] = [
+                {**t, "path": os.path.join(base, os.path.expanduser(t["path"]))}
+                if isinstance(t, dict) and isinstance(t.get("path"), str)
+                else t
+                for t in tables
+            ]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build and boot the VM; block until it ends."""
+    plugins: PluginSet = args.plugin_set
+    doc: dict[str, Any] = {}
+    if args.vm_file:
+        doc = _resolve(load_toml(args.vm_file), os.path.dirname(os.path.abspath(args.vm_file)))
+    kernel = args.kernel or doc.get("kernel") or default_kernel()
+    if kernel is None:
+        raise UserError(f"no kernel: give one with -k/--kernel (no /boot/vmlinuz-{platform.release()} here)")
+    if not os.path.isfile(kernel):
+        raise UserError(f"kernel {kernel}: no such file (give a bzImage with -k/--kernel)")
+    initrd = args.initrd or doc.get("initrd")
+    if initrd and not os.path.isfile(initrd):
+        raise UserError(f"initrd {initrd}: no such file")
+    mem = args.mem or int(doc.get("mem", 256))
+    cpus = args.cpus or int(doc.get("cpus", 1))
+    name = args.name or doc.get("name") or "vdm"
+    transport = args.virtio_transport or doc.get("virtio_transport", "pci")
+    if transport not in ("pci", "mmio"):
+        raise UserError(f"virtio_transport must be pci or mmio, not {transport!r}")
+    if "console" in plugins.devices and args.console_backend:
+        cons = getattr(args, "dev_console", None) or [doc.get("console", {}).get("kind", "serial")]
+        args.dev_console = [f"{c},backend={args.console_backend}" for c in cons]
+    configs = _device_configs(args, plugins, doc)
+    params = " ".join(p for p in (doc.get("params"), args.params) if p)
+
+    from vdm.pci import CONF1_PORT, CONF1_PORTS, PciBus
+    from vdm.vmm import Vmm
+
+    from .kvm import KvmError
+    from .machine import Machine, MachineConfig, MachineError
+    from .vmm import KvmBackend
+
+    try:
+        machine = Machine(MachineConfig(mem_mib=mem, cpus=cpus))
+    except (KvmError, MachineError, OSError) as e:
+        raise UserError(f"cannot create the VM: {e}") from None
+    vmm = Vmm(KvmBackend(machine), name=name)
+    bus = PciBus()
+    vmm.register_pio(CONF1_PORT, CONF1_PORTS, bus, "pci-conf1")
+    devices: list[Any] = []
+    console = "ttyS0"
+    try:
+        ctx = DeviceContext(vm_name=name, vmm=vmm)
+        for dt, cfg in configs:
+            try:
+                dev = dt.create(cfg, ctx)
+            except UserError:
+                raise
+            except (OSError, ValueError) as e:
+                raise UserError(f"{dt.cli_flag or dt.name}: {e}") from None
+            devices.append(dev)
+            if isinstance(dev, VirtioDevice):
+                if transport == "pci":
+                    vmm.attach_pci(dev, bus)
+                else:
+                    t = vmm.attach_mmio(dev)
+                    machine.add_virtio_mmio(t.base, 0x200, t.irq_number, dev.name)  # type: ignore[attr-defined]
+                if dev.device_id == 3:
+                    console = "hvc0"
+        cmdline = f"console={console} {BASE_PARAMS} {params}".strip()
+        try:
+            machine.load_linux(kernel, initrd, cmdline)
+        except (MachineError, ValueError, OSError) as e:
+            raise UserError(f"cannot load {kernel}: {e}") from None
+        log.info("%s: %d MiB, %d vCPU(s), %d device(s), %s", name, mem, cpus, len(devices), cmdline)
+        machine.start()
+        try:
+            end = machine.wait()
+        except KeyboardInterrupt:
+            end = machine.stop()
+    finally:
+        vmm.close()
+        for dev in devices:
+            close = getattr(dev, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %r", dev)
+        machine.close()
+    what = getattr(end, "reason", str(end))
+    if what in ("poweroff", "reboot", "reset"):
+        return 0
+    print(f"vdm: guest stopped: {what} ({getattr(end, 'detail', '')})", file=sys.stderr)
+    return 1
