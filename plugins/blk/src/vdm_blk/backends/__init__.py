@@ -79,7 +79,10 @@ def _open(
                     f"not guess it; record it with: qemu-img rebase -u -b {name} -F qcow2|raw {path}"
                 )
             raise DiskError(f"{path}: backing file format {backing_fmt!r} is not supported (raw or qcow2)")
-        return _open(resolved, True, direct, backing_fmt, False, allowed, depth + 1)
+        try:
+            return _open(resolved, True, direct, backing_fmt, False, allowed, depth + 1)
+        except DiskError as e:
+            raise DiskError(f"{path}: cannot open its backing file: {e}")
 
     return Qcow2Disk(
         path, read_only=read_only, direct=direct, writethrough=writethrough, open_backing=open_backing
