@@ -101,3 +101,21 @@ def recv_matching(sock, predicate, timeout: float = 2.0) -> bytes | None:
             return None
         if predicate(frame):
             return frame
+
+
+def parse_tcp4(frame: bytes) -> dict | None:
+    """The fields of an Ethernet/IPv4/TCP frame the tests look at, or None if it is something else."""
+    if len(frame) < 54 or frame[12:14] != struct.pack("!H", ETH_P_IP) or frame[23] != 6:
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 15) * 4
+    tcp = ip[ihl:]
+    sport, dport, seq, ack, off, flags, window = struct.unpack_from("!HHIIBBH", tcp)
+    return {
+        "src": ".".join(map(str, ip[12:16])), "dst": ".".join(map(str, ip[16:20])),
+        "sport": sport, "dport": dport, "seq": seq, "ack": ack, "flags": flags, "window": window,
+        "payload": bytes(tcp[(off >> 4) * 4 : struct.unpack("!H", ip[2:4])[0] - ihl]),
+    }
+
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10

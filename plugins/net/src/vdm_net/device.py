@@ -1,0 +1,620 @@
+"""virtio-net (device id 1) over a tap, with the offloads, mergeable buffers, control queue and MQ.
+
+Queues: receiveq1, transmitq1, ..., receiveqN, transmitqN, controlq (virtio 1.2, 5.1.2). N is
+the tap's queue count when the driver negotiates VIRTIO_NET_F_MQ, else 1 -- then the control queue
+is queue 2 whatever N is.
+
+Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.poller` for the thread):
+
+* transmit: a kick (or the poller, once a blocked tap is writable again) runs
+  :meth:`VirtioNet.process_queue` for the transmit queue. Each chain's header and frame are checked
+  (:func:`vdm_net.vnet_hdr.check_tx`); a bad one is dropped and counted, a good one written to the
+  tap with one ``writev`` straight from guest memory. The fd is non-blocking: if the tap pushes
+  back, the chain is kept and the poller resumes when the fd is writable -- no other queue waits.
+* receive: when the tap fd is readable (or the driver adds buffers) frames are read into a bounce
+  buffer and copied into the driver's buffers, spread over several with MRG_RXBUF. With no buffers
+  left the frame stays in the bounce buffer, the pair stops reading the tap (the kernel queues
+  behind it), and the driver's next kick of the receive queue resumes it. Nothing is dropped for
+  lack of buffers on our side.
+
+Statistics: :meth:`VirtioNet.stats` -- packets and bytes each way, and every drop by reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+from collections import Counter
+
+from vdm.barrier import wmb
+from vdm.device import VirtioDevice
+from vdm.virtqueue import DescriptorChain, Virtqueue, slice_views
+
+from . import features as nf
+from . import tun
+from .config import NetConfig
+from .poller import TapPoller
+from .tap import Tap
+from .vnet_hdr import HDR_LEN, MAX_FRAME_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx, check_tx
+
+__all__ = ["CTRL_ERR", "CTRL_OK", "VirtioNet"]
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID_NET = 1
+S_LINK_UP = 1
+
+# ---- control queue (5.1.6.5) ---------------------------------------------------------------------
+
+CTRL_OK = 0
+CTRL_ERR = 1
+CLASS_RX = 0
+CLASS_MAC = 1
+CLASS_VLAN = 2
+CLASS_ANNOUNCE = 3
+CLASS_MQ = 4
+CLASS_GUEST_OFFLOADS = 5
+RX_PROMISC, RX_ALLMULTI, RX_ALLUNI, RX_NOMULTI, RX_NOUNI, RX_NOBCAST = range(6)
+MAC_TABLE_SET = 0
+MAC_ADDR_SET = 1
+VLAN_ADD = 0
+VLAN_DEL = 1
+MQ_VQ_PAIRS_SET = 0
+GUEST_OFFLOADS_SET = 0
+#: the largest command accepted (a MAC table of a few thousand entries)
+MAX_CTRL_LEN = 64 * 1024
+
+#: frames moved per call before other work gets a turn
+RX_BUDGET = 64
+TX_BUDGET = 256
+#: more iovecs than this are gathered into one buffer (IOV_MAX is 1024)
+MAX_IOV = 1000
+
+_CONFIG = struct.Struct("<6sHHH")
+_GUEST_OFFLOAD_MASK = sum(1 << b for b in nf.GUEST_OFFLOAD_BITS)
+#: negotiated receive feature -> the TUN_F_* flag telling the tap the guest takes it
+_GUEST_TO_TUN = (
+    (nf.F_GUEST_CSUM, tun.TUN_F_CSUM),
+    (nf.F_GUEST_TSO4, tun.TUN_F_TSO4),
+    (nf.F_GUEST_TSO6, tun.TUN_F_TSO6),
+    (nf.F_GUEST_ECN, tun.TUN_F_TSO_ECN),
+    (nf.F_GUEST_UFO, tun.TUN_F_UFO),
+)
+#: TUN_F_* flag the tap accepted -> the features it lets us offer (both directions)
+_TUN_TO_FEATURES = (
+    (tun.TUN_F_CSUM, (nf.F_CSUM, nf.F_GUEST_CSUM, nf.F_CTRL_GUEST_OFFLOADS)),
+    (tun.TUN_F_TSO4, (nf.F_HOST_TSO4, nf.F_GUEST_TSO4)),
+    (tun.TUN_F_TSO6, (nf.F_HOST_TSO6, nf.F_GUEST_TSO6)),
+    (tun.TUN_F_TSO_ECN, (nf.F_HOST_ECN, nf.F_GUEST_ECN)),
+    (tun.TUN_F_UFO, (nf.F_HOST_UFO, nf.F_GUEST_UFO)),
+)
+
+# results of delivering one received frame
+_DELIVERED, _NO_BUFFERS, _DROPPED = range(3)
+
+
+def tun_offload_flags(features: int) -> int:
+    """The TUNSETOFFLOAD flags for the receive offloads in ``features``."""
+    flags = 0
+    for feature, flag in _GUEST_TO_TUN:
+        if features >> feature & 1:
+            flags |= flag
+    # the tap refuses segmentation without checksum offload
+    return flags if flags & tun.TUN_F_CSUM else 0
+
+
+def push_all(queue: Virtqueue, items: list[tuple[DescriptorChain, int]]) -> None:
+    """Return several chains and publish them with one used-index update.
+
+    The buffers of one merged receive packet must appear together: a driver that sees the first
+    of them before the others would count the missing ones as an error.
+    """
+    many = getattr(queue, "push_many", None)
+    if many is not None:
+        many(items)
+        return
+    if len(items) == 1:
+        queue.push(*items[0])
+        return
+    memory = queue.memory
+    if memory is not None:
+        for chain, _ in items:
+            for v in chain.readable + chain.writable:
+                memory.unmap(v)
+    with queue.lock:
+        used = queue._used  # the core has no batch push yet; same steps as Virtqueue.push
+        if used is None:
+            return
+        idx = queue.used_idx
+        for chain, written in items:
+            struct.pack_into("<II", used, 4 + 8 * (idx % queue.size), chain.head, written)
+            idx = (idx + 1) & 0xFFFF
+        wmb()
+        queue.used_idx = idx
+        struct.pack_into("<H", used, 2, idx)
+
+
+class _Pair:
+    """One receive/transmit queue pair and its tap fd."""
+
+    def __init__(self, index: int, fd: int | None) -> None:
+        self.index = index
+        self.fd = fd
+        self.rx_buf = bytearray(HDR_LEN + MAX_FRAME_LEN)
+        #: bytes in rx_buf of a frame read from the tap but not yet delivered (0: none)
+        self.rx_len = 0
+        #: chains popped for that frame that are not enough for it yet
+        self.rx_held: list[DescriptorChain] = []
+        #: out of receive buffers: not reading the tap until the driver kicks the receive queue
+        self.rx_stalled = False
+        #: a chain whose write the tap pushed back (EAGAIN); retried when the fd is writable
+        self.tx_chain: DescriptorChain | None = None
+        self.tx_blocked = False
+        #: this pair is in use (VQ_PAIRS_SET)
+        self.enabled = False
+        #: per-direction counters (each touched only by its own queue's serialized processing)
+        self.rx_stats: Counter[str] = Counter()
+        self.tx_stats: Counter[str] = Counter()
+
+    @property
+    def rx_queue(self) -> int:
+        return 2 * self.index
+
+    @property
+    def tx_queue(self) -> int:
+        return 2 * self.index + 1
+
+    def clear(self, rx: Virtqueue, tx: Virtqueue) -> None:
+        for chain in self.rx_held:
+            rx.discard(chain)
+        self.rx_held = []
+        if self.tx_chain is not None:
+            tx.discard(self.tx_chain)
+            self.tx_chain = None
+        if self.rx_len:
+            self.rx_stats["rx_dropped"] += 1
+            self.rx_stats["rx_dropped_reset"] += 1
+        self.rx_len = 0
+        self.rx_stalled = False
+        self.tx_blocked = False
+        self.enabled = False
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio-net device whose link is a tap (or nothing: ``tap=None`` is a NIC with no cable)."""
+
+    device_id = DEVICE_ID_NET
+    name = "virtio-net"
+
+    def __init__(self, config: NetConfig, tap: Tap | None = None, *, mac_seed: str | None = None) -> None:
+        npairs = len(tap.fds) if tap is not None else 1
+        self.queue_max_sizes = (config.queue_size,) * (2 * npairs + 1)
+        super().__init__()
+        self.config = config
+        self.tap = tap
+        #: the MAC the device starts with; MAC_ADDR_SET changes :attr:`mac` until the next reset
+        self.default_mac = config.guest_mac_bytes(mac_seed or (tap.name if tap is not None else "vdm-net"))
+        self.mac = self.default_mac
+        self.pairs = [_Pair(i, tap.fds[i] if tap is not None else None) for i in range(npairs)]
+        self.active_pairs = 1
+        self.mtu = config.mtu
+        self.rx_mode: dict[int, bool] = {}
+        self.mac_table: tuple[list[bytes], list[bytes]] = ([], [])
+        self.vlans: set[int] = set()
+        self._ctrl_stats: Counter[str] = Counter()
+        self._tx_policy = HeaderPolicy()
+        self._rx_policy = HeaderPolicy()
+        self._guest_offloads = 0
+        self._poller: TapPoller | None = None
+        self._poller_lock = threading.Lock()
+
+    # ---- features and config space ---------------------------------------------------------------
+
+    def device_features(self) -> int:
+        b = nf.bit
+        f = (
+            b(nf.F_MAC) | b(nf.F_STATUS) | b(nf.F_CTRL_VQ) | b(nf.F_CTRL_RX) | b(nf.F_CTRL_RX_EXTRA)
+            | b(nf.F_CTRL_VLAN) | b(nf.F_CTRL_MAC_ADDR)
+        )
+        if self.config.mrg_rxbuf:
+            f |= b(nf.F_MRG_RXBUF)
+        if len(self.pairs) > 1:
+            f |= b(nf.F_MQ)
+        if self.mtu is not None:
+            f |= b(nf.F_MTU)
+        if self.tap is not None and self.config.offload:
+            accepted = self.tap.accepted_offloads
+            for flag, feats in _TUN_TO_FEATURES:
+                if accepted & flag:
+                    for n in feats:
+                        f |= b(n)
+        return nf.close_offer(f)
+
+    def validate_features(self, features: int) -> str | None:
+        return nf.dependency_violation(features)
+
+    def config_space(self) -> bytes:
+        status = S_LINK_UP if self.tap is not None else 0
+        return _CONFIG.pack(self.mac, status, len(self.pairs), self.mtu or 0)
+
+    # ---- queue roles -------------------------------------------------------------------------------
+
+    def _role(self, index: int) -> tuple[str, _Pair | None] | None:
+        n = len(self.pairs) if self.has_feature(nf.F_MQ) else 1
+        if index < 2 * n:
+            return ("tx" if index & 1 else "rx", self.pairs[index // 2])
+        if index == 2 * n and self.has_feature(nf.F_CTRL_VQ):
+            return ("ctrl", None)
+        return None
+
+    # ---- life cycle ---------------------------------------------------------------------------------
+
+    def on_activate(self) -> None:
+        f = self.driver_features
+        self._tx_policy = HeaderPolicy.for_tx(f, self.mtu)
+        self._set_guest_offloads(f & _GUEST_OFFLOAD_MASK)
+        self.rx_mode = {}
+        self.mac_table = ([], [])
+        self.vlans = set()
+        # only the first pair is used until the driver asks for more (5.1.5)
+        self._set_active_pairs(1)
+        if self.tap is not None:
+            with self._poller_lock:
+                self._poller = TapPoller(self, self.pairs)
+                self._poller.start()
+
+    def on_reset(self) -> None:
+        with self._poller_lock:
+            poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.stop()
+        for pair in self.pairs:
+            pair.clear(self.queues[pair.rx_queue], self.queues[pair.tx_queue])
+        self.mac = self.default_mac
+        if self.tap is not None:
+            try:
+                self.tap.set_offload(0)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Reset and close the tap."""
+        self.reset()
+        if self.tap is not None:
+            self.tap.close()
+
+    def _wake(self) -> None:
+        poller = self._poller
+        if poller is not None:
+            poller.wake()
+
+    def _set_active_pairs(self, n: int) -> None:
+        self.active_pairs = n
+        for pair in self.pairs:
+            pair.enabled = pair.index < n
+            if self.tap is not None and self.tap.multi_queue:
+                try:
+                    self.tap.set_queue_enabled(pair.index, pair.enabled)
+                except OSError as e:
+                    log.warning("%s: tap queue %d %s failed: %s", self.name, pair.index,
+                                "attach" if pair.enabled else "detach", e)
+        self._wake()
+
+    def _set_guest_offloads(self, offloads: int) -> None:
+        self._guest_offloads = offloads
+        rx_features = (self.driver_features & ~_GUEST_OFFLOAD_MASK) | offloads
+        self._rx_policy = HeaderPolicy.for_rx(rx_features, self.mtu)
+        if self.tap is not None:
+            self.tap.set_offload(tun_offload_flags(offloads))
+
+    # ---- statistics ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counters: rx/tx packets and bytes, ``*_dropped`` totals and ``*_dropped_<reason>``."""
+        total: Counter[str] = Counter()
+        for pair in self.pairs:
+            total.update(pair.rx_stats)
+            total.update(pair.tx_stats)
+        total.update(self._ctrl_stats)
+        for key in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped", "tx_dropped"):
+            total.setdefault(key, 0)
+        return dict(total)
+
+    # ---- queues ------------------------------------------------------------------------------------
+
+    def process_queue(self, queue: Virtqueue) -> None:
+        role = self._role(queue.index)
+        if role is None:
+            return
+        kind, pair = role
+        if kind == "rx":
+            assert pair is not None
+            self._receive(pair, queue)
+        elif kind == "tx":
+            assert pair is not None
+            self._transmit(pair, queue)
+        else:
+            self._control(queue)
+
+    # ---- transmit ------------------------------------------------------------------------------------
+
+    def _transmit(self, pair: _Pair, q: Virtqueue) -> None:
+        if pair.tx_blocked:
+            return  # the poller kicks this queue again once the tap is writable
+        done = 0
+        q.set_notification(False)
+        while True:
+            chain = pair.tx_chain
+            pair.tx_chain = None
+            if chain is None:
+                chain = q.pop()
+            if chain is None:
+                if q.set_notification(True):
+                    q.set_notification(False)
+                    continue
+                break
+            if not self._send(pair, chain):
+                pair.tx_chain = chain
+                pair.tx_blocked = True
+                self._wake()
+                break
+            q.push(chain, 0)
+            done += 1
+            if done % TX_BUDGET == 0:
+                # let other queues run; the poller comes back to this one
+                q.set_notification(True)
+                poller = self._poller
+                if poller is not None:
+                    poller.schedule(q.index)
+                    break
+        if done:
+            self.signal_used(q)
+
+    def _drop_tx(self, pair: _Pair, reason: str) -> bool:
+        pair.tx_stats["tx_dropped"] += 1
+        pair.tx_stats[f"tx_dropped_{reason}"] += 1
+        return True
+
+    def _send(self, pair: _Pair, chain: DescriptorChain) -> bool:
+        """Write one transmitted frame to the tap; False if the tap pushed back (try again later)."""
+        total = chain.readable_len
+        if total < HDR_LEN:
+            return self._drop_tx(pair, "short_header")
+        head = chain.read(0, HDR_LEN + 64)
+        try:
+            hdr = check_tx(VnetHdr.unpack(head), head[HDR_LEN:], total - HDR_LEN, self._tx_policy)
+        except HeaderError as e:
+            log.debug("%s: tx frame dropped: %s", self.name, e)
+            return self._drop_tx(pair, e.reason)
+        if pair.fd is None:
+            return self._drop_tx(pair, "no_backend")
+        views = slice_views(chain.readable, HDR_LEN, None)
+        iov: list[bytes | memoryview] = [hdr.pack(), *views]
+        if len(iov) > MAX_IOV:
+            iov = [hdr.pack(), b"".join(bytes(v) for v in views)]
+        try:
+            n = os.writev(pair.fd, iov)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            log.debug("%s: tap write failed: %s", self.name, e)
+            pair.tx_stats["tx_errors"] += 1
+            return self._drop_tx(pair, f"tap_{errno.errorcode.get(e.errno or 0, 'error').lower()}")
+        if n != total:
+            pair.tx_stats["tx_errors"] += 1
+            return self._drop_tx(pair, "short_write")
+        pair.tx_stats["tx_packets"] += 1
+        pair.tx_stats["tx_bytes"] += total - HDR_LEN
+        return True
+
+    # ---- receive ------------------------------------------------------------------------------------
+
+    def _receive(self, pair: _Pair, q: Virtqueue) -> None:
+        if pair.fd is None or not pair.enabled:
+            return
+        if pair.rx_stalled and q.has_available():
+            pair.rx_stalled = False
+            q.set_notification(False)
+            self._wake()
+        moved = 0
+        while moved < RX_BUDGET:
+            if pair.rx_len == 0:
+                if not pair.rx_held and not q.has_available():
+                    if self._stall(pair, q):
+                        break
+                    continue
+                if not self._read(pair):
+                    break
+            result = self._deliver(pair, q)
+            if result == _NO_BUFFERS:
+                if self._stall(pair, q):
+                    break
+                continue
+            pair.rx_len = 0
+            if result == _DELIVERED:
+                moved += 1
+        if moved:
+            self.signal_used(q)
+
+    def _stall(self, pair: _Pair, q: Virtqueue) -> bool:
+        """Out of buffers: ask for a kick and stop reading; False if buffers arrived meanwhile."""
+        if q.set_notification(True):
+            return False
+        if not pair.rx_stalled:
+            pair.rx_stalled = True
+            pair.rx_stats["rx_stalls"] += 1
+            self._wake()
+        return True
+
+    def _read(self, pair: _Pair) -> bool:
+        """Read one frame from the tap into the bounce buffer; False if there is none."""
+        assert pair.fd is not None
+        try:
+            n = os.readv(pair.fd, [pair.rx_buf])
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EBADF, errno.EBADFD):
+                return False
+            log.debug("%s: tap read failed: %s", self.name, e)
+            pair.rx_stats["rx_errors"] += 1
+            return False
+        if n < HDR_LEN:
+            pair.rx_stats["rx_dropped"] += 1
+            pair.rx_stats["rx_dropped_short_read"] += 1
+            return True  # rx_len stays 0: read the next one
+        pair.rx_len = n
+        return True
+
+    def _drop_rx(self, pair: _Pair, reason: str) -> int:
+        pair.rx_stats["rx_dropped"] += 1
+        pair.rx_stats[f"rx_dropped_{reason}"] += 1
+        return _DROPPED
+
+    def _deliver(self, pair: _Pair, q: Virtqueue) -> int:
+        buf = pair.rx_buf
+        total = pair.rx_len
+        frame_len = total - HDR_LEN
+        try:
+            hdr = check_rx(VnetHdr.unpack(buf), frame_len, self._rx_policy)
+        except HeaderError as e:
+            return self._drop_rx(pair, e.reason.removeprefix("rx_"))
+        mergeable = self.has_feature(nf.F_MRG_RXBUF)
+        have = sum(c.writable_len for c in pair.rx_held)
+        while have < total and (mergeable or not pair.rx_held):
+            chain = q.pop()
+            if chain is None:
+                return _NO_BUFFERS
+            wlen = chain.writable_len
+            if wlen < HDR_LEN:
+                # no room for even the header: the driver broke 5.1.6.3.1; hand it back empty
+                pair.rx_stats["rx_bad_buffers"] += 1
+                q.push(chain, 0)
+                continue
+            pair.rx_held.append(chain)
+            have += wlen
+        if have < total:
+            # one buffer without MRG_RXBUF, too small for this frame: keep it for the next one
+            return self._drop_rx(pair, "buffer_too_small")
+        chains = pair.rx_held
+        pair.rx_held = []
+        num_buffers = len(chains)
+        buf[:HDR_LEN] = VnetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start,
+                                hdr.csum_offset, num_buffers).pack()
+        data = memoryview(buf)[:total]
+        items: list[tuple[DescriptorChain, int]] = []
+        off = 0
+        for chain in chains:
+            n = chain.write(data[off:], 0)
+            items.append((chain, n))
+            off += n
+        push_all(q, items)
+        pair.rx_stats["rx_packets"] += 1
+        pair.rx_stats["rx_bytes"] += frame_len
+        return _DELIVERED
+
+    # ---- control queue ---------------------------------------------------------------------------
+
+    def _control(self, q: Virtqueue) -> None:
+        done = False
+        while (chain := q.pop()) is not None:
+            ack = self._command(chain)
+            self._ctrl_stats["ctrl_ok" if ack == CTRL_OK else "ctrl_err"] += 1
+            if chain.writable_len >= 1:
+                chain.write(bytes([ack]), chain.writable_len - 1)
+                q.push(chain, 1)
+            else:
+                self._ctrl_stats["ctrl_malformed"] += 1
+                q.push(chain, 0)
+            done = True
+        if done:
+            self.signal_used(q)
+
+    def _command(self, chain: DescriptorChain) -> int:
+        length = chain.readable_len
+        if length < 2 or length > MAX_CTRL_LEN:
+            return CTRL_ERR
+        data = chain.read(0, length)
+        cls, cmd, body = data[0], data[1], data[2:]
+        handler = {
+            CLASS_RX: self._cmd_rx,
+            CLASS_MAC: self._cmd_mac,
+            CLASS_VLAN: self._cmd_vlan,
+            CLASS_MQ: self._cmd_mq,
+            CLASS_GUEST_OFFLOADS: self._cmd_guest_offloads,
+        }.get(cls)
+        if handler is None:
+            return CTRL_ERR
+        try:
+            return handler(cmd, body)
+        except OSError as e:
+            log.warning("%s: control command %d/%d failed: %s", self.name, cls, cmd, e)
+            return CTRL_ERR
+
+    def _cmd_rx(self, cmd: int, body: bytes) -> int:
+        # the tap delivers every frame anyway; the modes are remembered and answered OK
+        needed = nf.F_CTRL_RX if cmd in (RX_PROMISC, RX_ALLMULTI) else nf.F_CTRL_RX_EXTRA
+        if cmd > RX_NOBCAST or not self.has_feature(needed) or len(body) != 1:
+            return CTRL_ERR
+        self.rx_mode[cmd] = bool(body[0])
+        return CTRL_OK
+
+    def _cmd_mac(self, cmd: int, body: bytes) -> int:
+        if cmd == MAC_ADDR_SET:
+            if not self.has_feature(nf.F_CTRL_MAC_ADDR) or len(body) != 6:
+                return CTRL_ERR
+            self.mac = bytes(body)
+            return CTRL_OK
+        if cmd != MAC_TABLE_SET or not self.has_feature(nf.F_CTRL_RX):
+            return CTRL_ERR
+        tables: list[list[bytes]] = []
+        off = 0
+        for _ in range(2):
+            if off + 4 > len(body):
+                return CTRL_ERR
+            (entries,) = struct.unpack_from("<I", body, off)
+            off += 4
+            if entries > (len(body) - off) // 6:
+                return CTRL_ERR
+            tables.append([bytes(body[off + 6 * i : off + 6 * i + 6]) for i in range(entries)])
+            off += 6 * entries
+        if off != len(body):
+            return CTRL_ERR
+        self.mac_table = (tables[0], tables[1])
+        return CTRL_OK
+
+    def _cmd_vlan(self, cmd: int, body: bytes) -> int:
+        if not self.has_feature(nf.F_CTRL_VLAN) or cmd not in (VLAN_ADD, VLAN_DEL) or len(body) != 2:
+            return CTRL_ERR
+        (vid,) = struct.unpack("<H", body)
+        if vid >= 4096:
+            return CTRL_ERR
+        if cmd == VLAN_ADD:
+            self.vlans.add(vid)
+        else:
+            self.vlans.discard(vid)
+        return CTRL_OK
+
+    def _cmd_mq(self, cmd: int, body: bytes) -> int:
+        if not self.has_feature(nf.F_MQ) or cmd != MQ_VQ_PAIRS_SET or len(body) != 2:
+            return CTRL_ERR
+        (n,) = struct.unpack("<H", body)
+        if not 1 <= n <= len(self.pairs):
+            return CTRL_ERR
+        self._set_active_pairs(n)
+        return CTRL_OK
+
+    def _cmd_guest_offloads(self, cmd: int, body: bytes) -> int:
+        if not self.has_feature(nf.F_CTRL_GUEST_OFFLOADS) or cmd != GUEST_OFFLOADS_SET or len(body) != 8:
+            return CTRL_ERR
+        (offloads,) = struct.unpack("<Q", body)
+        if offloads & ~(self.driver_features & _GUEST_OFFLOAD_MASK):
+            return CTRL_ERR
+        if nf.dependency_violation(offloads) is not None:
+            return CTRL_ERR
+        self._set_guest_offloads(offloads)
+        return CTRL_OK
+

@@ -1,0 +1,129 @@
+"""The thread that watches a virtio-net device's tap fds.
+
+It waits (``selectors``) on every queue pair's tap fd -- readable while that pair may receive,
+writable while its transmit side is blocked -- and turns readiness into
+:meth:`vdm.device.VirtioDevice.kick` calls, so the device's ordinary queue processing (which the
+base class serializes per queue) does the work. A pair that ran out of receive buffers is not
+watched for reading at all until the driver's kick un-stalls it: no busy loop, no dropped frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from vdm.device import VirtioDevice
+
+__all__ = ["TapPoller"]
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT = 5.0
+
+
+class TapPoller:
+    """One thread per device; pairs are objects with ``fd``, ``enabled``, ``rx_stalled``,
+    ``tx_blocked``, ``rx_queue`` and ``tx_queue`` (see ``vdm_net.device._Pair``)."""
+
+    def __init__(self, device: VirtioDevice, pairs: Sequence[object], name: str = "vdm-net-io") -> None:
+        self._device = device
+        self._pairs = list(pairs)
+        self._sel = selectors.DefaultSelector()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
+        self._interest: dict[int, int] = {}
+        self._scheduled: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Re-read the pairs' state (a pair stalled, un-stalled, blocked, was enabled...)."""
+        with self._lock:  # never write to a closed (and maybe reused) fd number
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
+
+    def schedule(self, queue_index: int) -> None:
+        """Kick ``queue_index`` from the poller thread soon (a queue that yielded its turn)."""
+        with self._lock:
+            self._scheduled.add(queue_index)
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (unless called from it)."""
+        self._stop = True
+        self.wake()
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join(JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                log.warning("%s: poller thread did not stop within %.0f s", self._device.name, JOIN_TIMEOUT)
+
+    # ---- the thread -------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        dev = self._device
+        running = dev.activated and dev.broken is None
+        for pair in self._pairs:
+            fd = pair.fd  # type: ignore[attr-defined]
+            if fd is None:
+                continue
+            mask = 0
+            if running and pair.enabled:  # type: ignore[attr-defined]
+                if not pair.rx_stalled and dev.queues[pair.rx_queue].active:  # type: ignore[attr-defined]
+                    mask |= selectors.EVENT_READ
+                if pair.tx_blocked:  # type: ignore[attr-defined]
+                    mask |= selectors.EVENT_WRITE
+            old = self._interest.get(fd, 0)
+            if mask == old:
+                continue
+            if old == 0:
+                self._sel.register(fd, mask, pair)
+            elif mask == 0:
+                self._sel.unregister(fd)
+            else:
+                self._sel.modify(fd, mask, pair)
+            if mask:
+                self._interest[fd] = mask
+            else:
+                self._interest.pop(fd, None)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._sync()
+                kicks: list[int] = []
+                for key, events in self._sel.select():
+                    if key.data is None:
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    pair = key.data
+                    if events & selectors.EVENT_WRITE:
+                        pair.tx_blocked = False
+                        kicks.append(pair.tx_queue)
+                    if events & selectors.EVENT_READ:
+                        kicks.append(pair.rx_queue)
+                with self._lock:
+                    kicks.extend(self._scheduled)
+                    self._scheduled.clear()
+                for index in kicks:
+                    if self._stop:
+                        break
+                    self._device.kick(index)
+        except Exception:
+            log.exception("%s: poller thread failed", self._device.name)
+        finally:
+            self._sel.close()
+            with self._lock:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
