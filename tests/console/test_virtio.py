@@ -155,7 +155,7 @@ def multi(virtio_driver):
 
 
 def test_multiport_control_conversation(multi):
-    drv, ctl, console, agent = multi
+    _drv, ctl, _console, _agent = multi
     ctl.send(0xFFFFFFFF, DEVICE_READY, 1)
     assert ctl.receive(2) == [(0, PORT_ADD, 1, b""), (1, PORT_ADD, 1, b"")]
     ctl.send(0, PORT_READY, 1)
@@ -193,7 +193,7 @@ def test_multiport_input_waits_until_guest_opens_port(multi):
 
 
 def test_multiport_console_output_and_input(multi):
-    drv, ctl, console, agent = multi
+    drv, ctl, console, _agent = multi
     ctl.send(0, DEVICE_READY, 1)
     ctl.send(0, PORT_READY, 1)
     ctl.receive(5)
@@ -229,7 +229,7 @@ def test_legacy_resize_order(virtio_driver):
 
 
 def test_hostile_control_messages_are_ignored(multi):
-    drv, ctl, console, agent = multi
+    drv, ctl, _console, _agent = multi
     drv.request(3, out=[b"\x00\x00"])  # short
     ctl.send(99, PORT_READY, 1)  # no such port
     ctl.send(0, 0x7777, 1)  # unknown event
