@@ -1,0 +1,66 @@
+"""vdm-net's plugin module: registers the ``net`` device type (``--network``, ``-n``, ``[[network]]``).
+
+Options follow kvmtool's: ``--network mode=tap,tapif=vdmtap0,script=/etc/vdm-ifup,guest_mac=02:..,
+queues=4`` (or ``--network tap,...``). ``mode=none`` gives a NIC whose link is down and which
+drops what the guest sends. The tap is opened in vdm's own network namespace.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from vdm import hookimpl
+from vdm.registry import DeviceContext, DeviceType
+
+from .config import NetConfig
+
+VDM_API = 1
+
+
+def create(config: NetConfig, ctx: DeviceContext) -> Any:
+    """Open the tap (running the up-script) and build the VirtioNet device on it."""
+    from .config import parse_mac
+    from .device import VirtioNet
+    from .tap import open_tap
+
+    if config.mode == "none":
+        return VirtioNet(config, None, mac_seed=f"{ctx.vm_name}-net")
+    tap = open_tap(
+        config.tapif,
+        config.queues,
+        fd=config.fd,
+        script=config.script_path,
+        downscript=config.downscript_path,
+        host_mac=parse_mac(config.host_mac) if config.host_mac else None,
+    )
+    try:
+        return VirtioNet(config, tap, mac_seed=f"{ctx.vm_name}-{tap.name}")
+    except BaseException:
+        tap.close()
+        raise
+
+
+def check() -> str | None:
+    """Whether taps can be opened here (the device type is still listed when not)."""
+    import os
+
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun (modprobe tun)"
+    return None
+
+
+@hookimpl
+def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
+    register(
+        DeviceType(
+            name="net",
+            config=NetConfig,
+            create=create,
+            cli_flag="--network",
+            cli_short="-n",
+            positional="mode",
+            toml_key="network",
+            help="virtio-net on a host tap (offloads, mergeable buffers, multi-queue)",
+            check=check,
+        )
+    )
