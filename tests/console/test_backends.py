@@ -441,3 +441,36 @@ def test_stdio_window_size_and_sigwinch():
         b.close()
         os.close(master)
         os.close(slave)
+
+
+BACKGROUND = r"""
+import fcntl, os, sys, termios
+os.setsid()
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.ioctl(fd, termios.TIOCSCTTY, 0)  # the pty is now our controlling terminal
+before = termios.tcgetattr(fd)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)  # a background job, as with `vdm run ... &`
+    from vdm_console.backends import StdioBackend
+    b = StdioBackend(in_fd=fd, out_fd=1)
+    b.start(lambda: None)
+    b.write(b"has_input=%d\n" % b.has_input)
+    b.close()
+    os._exit(0)
+_, status = os.waitpid(pid, os.WUNTRACED)
+if os.WIFSTOPPED(status):
+    print("STOPPED by signal", os.WSTOPSIG(status)); os.kill(pid, 9)
+print("unchanged" if termios.tcgetattr(fd) == before else "CHANGED")
+"""
+
+
+def test_stdio_in_background_leaves_the_terminal_alone():
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    os.close(slave)
+    try:
+        out = subprocess.run([sys.executable, "-c", BACKGROUND, path], capture_output=True, timeout=30)
+        assert out.stdout.decode().split() == ["has_input=0", "unchanged"], out.stderr.decode()
+    finally:
+        os.close(master)

@@ -179,15 +179,26 @@ class ConsoleBackend:
 
     # ---- helpers for subclasses -----------------------------------------------------------------
 
-    def _wait_readable(self, fd: int) -> bool:
-        """Block until ``fd`` is readable (True) or the backend is closing/woken (False)."""
+    def _wait_readable(self, fd: int, timeout: Optional[float] = None) -> bool:
+        """Block until ``fd`` is readable (True) or the backend is closing, woken or the
+        ``timeout`` passed (False). ``fd`` may be -1 to just wait for a wake-up or the timeout."""
+        p = select.poll()
+        p.register(self._wake.rfd, select.POLLIN)
+        if fd >= 0:
+            p.register(fd, select.POLLIN)
         try:
-            r, _, _ = select.select([fd, self._wake.rfd], [], [])
-        except (OSError, ValueError):
-            return False
-        if self._wake.rfd in r:
-            self._wake.drain()
-        return fd in r and not self._closing
+            events = p.poll(None if timeout is None else int(timeout * 1000))
+        except OSError as e:  # EINTR is retried by Python; anything else: back off, try again
+            log.debug("%s: poll failed: %s", self.description, e)
+            events = []
+            threading.Event().wait(0.1)
+        ready = False
+        for efd, _ in events:
+            if efd == self._wake.rfd:
+                self._wake.drain()
+            elif efd == fd:
+                ready = True  # readable, or hung up / error: the read tells which
+        return ready and not self._closing
 
     def _notify_resize(self, rows: int, cols: int) -> None:
         for cb in list(self._resize_listeners):

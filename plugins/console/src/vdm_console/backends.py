@@ -53,10 +53,19 @@ def _write_all(fd: int, data: bytes, timeout: Optional[float]) -> int:
             pass
         except InterruptedError:
             continue
-        _, w, _ = select.select([], [fd], [], timeout)
-        if not w:
+        p = select.poll()
+        p.register(fd, select.POLLOUT)
+        if not p.poll(None if timeout is None else int(timeout * 1000)):
             break
     return done
+
+
+def _in_foreground(fd: int) -> bool:
+    """Whether this process may read and reconfigure the terminal on ``fd``."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return True  # not our controlling terminal: no job control applies
 
 
 class MemoryBackend(ConsoleBackend):
@@ -164,6 +173,10 @@ class StdioBackend(ConsoleBackend):
         except OSError:
             self.has_input = False  # stdin closed
         self.is_tty = self.has_input and os.isatty(in_fd)
+        if self.is_tty and not _in_foreground(in_fd):
+            # `vdm run ... &`: touching the terminal would stop vdm (SIGTTOU/SIGTTIN)
+            log.warning("vdm is not in the terminal's foreground: console input is off")
+            self.has_input = self.is_tty = False
         self._raw: Optional[RawTerminal] = RawTerminal(in_fd) if self.is_tty else None
         self._escape = EscapeFilter(self._quit, self._help) if (escape and self.is_tty) else None
         self._winch_pending = False
@@ -294,9 +307,7 @@ class PtyBackend(ConsoleBackend):
     def _read_source(self, max_bytes: int) -> Optional[bytes]:
         if not self.connected():
             # Nobody attached: the master reads EIO and polls HUP until someone opens the slave.
-            r, _, _ = select.select([self._wake.rfd], [], [], 0.1)
-            if r:
-                self._wake.drain()
+            self._wait_readable(-1, 0.1)
             return b""
         if not self._wait_readable(self.master):
             return b""
