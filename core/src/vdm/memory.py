@@ -232,7 +232,6 @@ class OnDemandGuestMemory(GuestMemory):
             raise GuestMemoryError(f"cannot map guest pages 0x{first:x}+{count}: {e}") from e
         m = _Mapping(first, count, writable, view)
         self._cache[(first, count, writable)] = m
-        self._evict()
         return m
 
     def _evict(self) -> None:
@@ -263,6 +262,7 @@ class OnDemandGuestMemory(GuestMemory):
             view = m.view[off : off + length]
             m.refs += 1
             self._views[id(view)] = (m, view)
+            self._evict()  # only after counting this view: the new mapping must not be evicted
         return view
 
     def unmap(self, view: memoryview) -> None:
