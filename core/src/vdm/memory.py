@@ -125,6 +125,8 @@ class FlatGuestMemory(GuestMemory):
         return tuple(self._regions)
 
     def add_region(self, region: MemoryRegion) -> None:
+        if region.size == 0:
+            raise ValueError(f"{region!r} is empty")
         i = bisect.bisect_right(self._starts, region.guest_addr)
         if i > 0 and self._regions[i - 1].end > region.guest_addr:
             raise ValueError(f"{region!r} overlaps {self._regions[i - 1]!r}")
