@@ -460,8 +460,8 @@ class Qcow2Disk(DiskBackend):
             t.dirty = True
             cluster = rti * epb + j
             self._free_hint = cluster + 1
-            if cluster == 0:
-                raise self._corrupt("the header cluster has refcount 0")
+            # a free cluster on top of metadata means the refcounts are wrong: stop before damage
+            self._check_data_host(cluster * self.cs, self.cs)
             return cluster * self.cs
 
     def _new_refblock(self, rti: int) -> None:
