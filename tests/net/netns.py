@@ -19,6 +19,7 @@ namespace with 10.0.2.2/24, and ``ns.run`` / ``ns.popen`` start the peer side (n
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import secrets
@@ -139,6 +140,47 @@ class NetNs:
         """A persistent tap made with ``ip tuntap add`` (owned by nobody until someone opens it)."""
         argv = ["ip", "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]
         self.run([*argv, "multi_queue"] if multi_queue else argv)
+
+    def prepare_tap(
+        self, name: str = "vdmtap0", *, address: str | None = "10.0.2.2/24", multi_queue: bool = False,
+        mtu: int | None = None,
+    ) -> None:
+        """The host side for a guest: a persistent tap ``name`` with ``address``, up.
+
+        A VMM started with :meth:`argv` (so it runs inside the namespace) then opens it by name
+        (``--network mode=tap,tapif=vdmtap0``, or QEMU's ``-netdev tap,ifname=vdmtap0,script=no``);
+        the link comes up when it does. Or pass it an fd from :meth:`tap_fd`.
+        """
+        self.create_tap(name, multi_queue=multi_queue)
+        self.up(name, address=address, mtu=mtu)
+
+    def tap_fd(self, name: str = "vdmtap0", *, multi_queue: bool = False) -> int:
+        """An fd attached to tap ``name`` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), opened inside the
+        namespace, for ``fd=N`` (give it to the child with ``pass_fds``); closed by :meth:`close`."""
+        from vdm_net import tun
+
+        def attach() -> int:
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+            flags = tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR
+            if multi_queue:
+                flags |= tun.IFF_MULTI_QUEUE
+            try:
+                fcntl.ioctl(fd, tun.TUNSETIFF, tun.ifreq_flags(name, flags))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        fd = self.call(attach)
+
+        def close() -> None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # already taken over and closed by whoever got it
+
+        self._closers.append(close)
+        return fd
 
     def up(self, ifname: str, *, address: str | None = None, mtu: int | None = None) -> None:
         """Bring ``ifname`` up, optionally with an address (``10.0.2.2/24``) and MTU."""
