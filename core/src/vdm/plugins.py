@@ -69,7 +69,8 @@ class PluginInfo:
     @property
     def status(self) -> str:
         if self.state == "failed":
-            return f"failed: {self.error}"
+            # one line: pluggy's validation messages (and some exceptions') span several
+            return "failed: " + "; ".join(ln.strip() for ln in self.error.splitlines() if ln.strip())
         if self.state == "disabled":
             return "disabled"
         reasons = [
