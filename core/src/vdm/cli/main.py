@@ -63,12 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for p in plugins.errors if not getattr(args, "_list_plugins", False) else []:
         print(f"vdm: plugin {p.name} ({p.distribution} {p.version}) {p.status}", file=sys.stderr)
-    if args.strict and plugins.errors:
+    if args.strict and plugins.errors and not getattr(args, "_list_plugins", False):
         return 1
     args.plugin_set = plugins
     try:
         if getattr(args, "_list_plugins", False):
-            return list_plugins.run(args, plugins)
+            # with --strict, still list (it is how one finds the broken plugin), then fail
+            status = list_plugins.run(args, plugins)
+            return 1 if args.strict and plugins.errors else status
         cmd = getattr(args, "_command", None)
         if cmd is None:
             parser.print_help()
