@@ -22,6 +22,8 @@ __all__ = ["IoBus", "IoRange"]
 log = logging.getLogger(__name__)
 
 _MAX_LOGGED = 4096  # cap on remembered unclaimed addresses, so a scanning guest cannot grow memory
+_MAX_CACHED = 65536  # cap on the address -> range lookup cache
+_MISS = object()
 
 
 class IoRange(NamedTuple):
@@ -41,6 +43,7 @@ class IoBus:
         self._lock = threading.Lock()
         self._starts: list[int] = []
         self._ranges: list[IoRange] = []
+        self._cache: dict[int, IoRange | None] = {}
         self._unclaimed_logged: set[tuple[int, bool]] = set()
         self.unclaimed_reads = 0
         self.unclaimed_writes = 0
@@ -65,6 +68,7 @@ class IoBus:
             starts.insert(i, base)
             ranges.insert(i, IoRange(base, size, handler, owner))
             self._starts, self._ranges = starts, ranges
+            self._cache = {}
 
     def unregister(self, base: int) -> IoRange:
         """Remove the range starting at ``base``; ``KeyError`` if there is none."""
@@ -78,6 +82,7 @@ class IoBus:
             del starts[i]
             r = ranges.pop(i)
             self._starts, self._ranges = starts, ranges
+            self._cache = {}
             return r
 
     @property
@@ -85,13 +90,20 @@ class IoBus:
         return tuple(self._ranges)
 
     def find(self, addr: int) -> IoRange | None:
+        cache = self._cache
+        hit = cache.get(addr, _MISS)
+        if hit is not _MISS:
+            return hit  # type: ignore[return-value]
         starts, ranges = self._starts, self._ranges
+        found = None
         i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
             r = ranges[i]
             if addr < r.base + r.size:
-                return r
-        return None
+                found = r
+        if len(cache) < _MAX_CACHED and cache is self._cache and ranges is self._ranges:
+            cache[addr] = found
+        return found
 
     def read(self, addr: int, size: int) -> int:
         """A guest read of ``size`` bytes at ``addr``; all ones if nobody claims it."""

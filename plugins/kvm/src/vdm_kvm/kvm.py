@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import signal
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from vdm.memory import FlatGuestMemory, MemoryRegion
 
 from . import kvm_abi as abi
 from .bus import IoBus
-from .kvm_abi import C, ffi
+from .kvm_abi import C_FIXED, C, ffi
 
 __all__ = ["KICK_SIGNAL", "CpuidEntry", "Kvm", "KvmError", "Vcpu", "Vm", "VmExit"]
 
@@ -37,8 +38,17 @@ log = logging.getLogger(__name__)
 
 #: The signal used to kick vCPU threads out of KVM_RUN (blocked outside KVM_RUN).
 KICK_SIGNAL = signal.SIGUSR2
-_ULONG0 = ffi.cast("unsigned long", 0)
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+# kvm_run as the exit loop reads it: exit_reason at 8, the exit union at 32
+_IO_EXIT = struct.Struct("<8xI20xBBHIQ")  # reason, io.direction, io.size, io.port, io.count, io.data_offset
+_MMIO_EXIT = struct.Struct("<8xI20xQ8sIB")  # reason, mmio.phys_addr, mmio.data, mmio.len, mmio.is_write
+_MMIO_DATA = 40
+
+
+def _ffi_errno() -> int:
+    return abi._ffi_fixed.errno
+
 
 EXIT_NAMES = {
     v: k[len("KVM_EXIT_"):] for k, v in vars(abi).items() if k.startswith("KVM_EXIT_") and k.count("_") >= 2
@@ -450,7 +460,7 @@ class Vcpu:
         self._thread: threading.Thread | None = None
         self._tid: int | None = None
         self.running = False
-        self.exit_counts: dict[int, int] = {}
+        self.exit_counts: dict[int, int] = {abi.KVM_EXIT_IO: 0}
         #: extra exit handlers: exit reason -> callable(vcpu) returning True to keep running
         self.exit_handlers: dict[int, Callable[[Vcpu], bool]] = {}
 
@@ -522,13 +532,14 @@ class Vcpu:
 
         For tests and single-stepping; :meth:`start` runs the loop on a thread instead.
         """
-        r = C.ioctl(self.fd, abi.KVM_RUN, _ULONG0)
+        r = C_FIXED.ioctl(self.fd, abi.KVM_RUN, 0)
         if r < 0:
-            e = ffi.errno
+            e = _ffi_errno()
             if e in (errno.EINTR, errno.EAGAIN):
                 return abi.KVM_EXIT_INTR
             raise KvmError(e, f"KVM_RUN: {os.strerror(e)}")
         reason = self.run_struct.exit_reason
+        self.exit_counts[reason] = self.exit_counts.get(reason, 0) + 1
         if reason == abi.KVM_EXIT_IO:
             self._handle_io()
         elif reason == abi.KVM_EXIT_MMIO:
@@ -536,13 +547,15 @@ class Vcpu:
         return reason
 
     def _handle_io(self) -> None:
-        io = self.run_struct.io
-        size, port, count, off = io.size, io.port, io.count, io.data_offset
-        if size not in (1, 2, 4) or off + size * count > len(self._run_mm):
+        _, direction, size, port, count, off = _IO_EXIT.unpack_from(self._run_mm, 0)
+        self._do_io(direction, size, port, count, off)
+
+    def _do_io(self, direction: int, size: int, port: int, count: int, off: int) -> None:
+        mm = self._run_mm
+        if size not in (1, 2, 4) or off + size * count > len(mm):
             return  # KVM never does this; never trust it blindly with an index into our mapping
         bus = self.vm.pio_bus
-        mm = self._run_mm
-        if io.direction == abi.KVM_EXIT_IO_OUT:
+        if direction == abi.KVM_EXIT_IO_OUT:
             for i in range(count):
                 p = off + i * size
                 bus.write(port, size, int.from_bytes(mm[p : p + size], "little"))
@@ -552,17 +565,14 @@ class Vcpu:
                 mm[p : p + size] = bus.read(port, size).to_bytes(size, "little")
 
     def _handle_mmio(self) -> None:
-        m = self.run_struct.mmio
-        size = m.len
+        mm = self._run_mm
+        _, addr, data, size, is_write = _MMIO_EXIT.unpack_from(mm, 0)
         if size not in (1, 2, 4, 8):
             return
-        data = m.data
-        if m.is_write:
-            value = int.from_bytes(ffi.buffer(data, size), "little")
-            self.vm.mmio_bus.write(m.phys_addr, size, value)
+        if is_write:
+            self.vm.mmio_bus.write(addr, size, int.from_bytes(data[:size], "little"))
         else:
-            value = self.vm.mmio_bus.read(m.phys_addr, size)
-            ffi.memmove(data, value.to_bytes(size, "little"), size)
+            mm[_MMIO_DATA : _MMIO_DATA + size] = self.vm.mmio_bus.read(addr, size).to_bytes(size, "little")
 
     def start(self) -> None:
         """Run this vCPU on its own thread until the VM stops."""
@@ -623,29 +633,44 @@ class Vcpu:
             vm._vcpu_ended()
 
     def _loop(self) -> None:
+        # The hot path: every guest port/MMIO access to a device handled in Python comes through
+        # here, so it reads the exit with one struct unpack and touches as few objects as it can.
         vm = self.vm
         fd = self.fd
         run = self.run_struct
+        mm = self._run_mm
         counts = self.exit_counts
-        ioctl = C.ioctl
+        ioctl = C_FIXED.ioctl
+        unpack_io = _IO_EXIT.unpack_from
+        mm_len = len(mm)
+        pio_read, pio_write = vm.pio_bus.read, vm.pio_bus.write
+        handle_mmio, do_io = self._handle_mmio, self._do_io
         KVM_RUN = abi.KVM_RUN
         EXIT_IO, EXIT_MMIO = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO
-        while not vm.stopping:
-            if ioctl(fd, KVM_RUN, _ULONG0) < 0:
-                e = ffi.errno
+        while not vm._stopping:
+            if ioctl(fd, KVM_RUN, 0) < 0:
+                e = _ffi_errno()
                 if e in (errno.EINTR, errno.EAGAIN):
                     self._drain_kick()
-                    if not vm.stopping:
+                    if not vm._stopping:
                         run.immediate_exit = 0
                     continue
                 vm.request_exit(VmExit("error", f"KVM_RUN: {os.strerror(e)}", self.index))
                 return
-            reason = run.exit_reason
-            counts[reason] = counts.get(reason, 0) + 1
+            reason, direction, size, port, count, off = unpack_io(mm, 0)
             if reason == EXIT_IO:
-                self._handle_io()
-            elif reason == EXIT_MMIO:
-                self._handle_mmio()
+                counts[EXIT_IO] += 1
+                if count == 1 and off + size <= mm_len:
+                    if direction:
+                        pio_write(port, size, int.from_bytes(mm[off : off + size], "little"))
+                    else:
+                        mm[off : off + size] = pio_read(port, size).to_bytes(size, "little")
+                else:
+                    do_io(direction, size, port, count, off)
+                continue
+            counts[reason] = counts.get(reason, 0) + 1
+            if reason == EXIT_MMIO:
+                handle_mmio()
             elif not self._handle_other(reason):
                 return
 

@@ -29,7 +29,7 @@ class KvmBackend:
 
     @vmmimpl
     def vmm_guest_memory(self) -> GuestMemory:
-        return self.vm.guest_memory()
+        return self.vm.guest_memory
 
     @vmmimpl
     def vmm_allocate_irq(self, owner: str) -> int:
