@@ -1,0 +1,402 @@
+"""Plugin discovery end to end: small distributions installed for real, ``vdm`` run as a user would.
+
+Each test plugin is a distribution with its own dist-info directory (see :mod:`tests.core.installed`)
+on the ``PYTHONPATH`` of a ``python -m vdm.cli.main`` subprocess, next to whatever vdm plugins this
+machine has installed (the in-tree ones). The tests look only at their own plugins (names ``vt-*``)
+unless they restrict loading with ``VDM_PLUGINS`` / ``--plugins``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import vdm
+
+from tests.core.installed import list_plugins_json, parse_table, run_vdm, write_dist
+
+GOOD = '''
+"""A plugin that works: a device, a hypervisor and a command that reports what won."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vdm import hookimpl
+from vdm.registry import Command, DeviceType, HypervisorType
+
+VDM_API = 1
+
+
+@dataclass
+class GoodConfig:
+    path: str = ""
+
+
+def _show(args):
+    for name, (dt, info) in sorted(args.plugin_set.devices.items()):
+        print(f"device {name} from {info.distribution}: {dt.help}")
+    return 0
+
+
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-gadget", config=GoodConfig, create=lambda c, ctx: None,
+                        cli_flag="--vt-gadget", help="a test gadget"))
+
+
+@hookimpl
+def vdm_register_hypervisors(register):
+    register(HypervisorType(name="vt-hv", check=lambda: None, help="a test hypervisor"))
+
+
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="vt-show", help="print the device table", add_arguments=lambda p: None,
+                     run=_show))
+'''
+
+IMPORT_FAILS = '''
+import vdm_no_such_dependency  # noqa: F401
+'''
+
+UNKNOWN_HOOK = '''
+from vdm import hookimpl
+
+
+@hookimpl
+def vdm_register_gizmos(register):
+    register("gizmo")
+'''
+
+HOOK_RAISES = '''
+from vdm import hookimpl
+from vdm.registry import HypervisorType
+
+
+@hookimpl
+def vdm_register_hypervisors(register):
+    register(HypervisorType(name="vt-never", check=lambda: None))
+    raise RuntimeError("boom")
+'''
+
+WRONG_API = '''
+from vdm import hookimpl
+
+VDM_API = 99
+
+
+@hookimpl
+def vdm_register_devices(register):
+    raise AssertionError("must not be called")
+'''
+
+BAD_ARGS = '''
+from vdm import hookimpl
+
+
+@hookimpl
+def vdm_register_devices(register, colour):
+    pass
+'''
+
+UNAVAILABLE = '''
+from vdm import hookimpl
+from vdm.registry import HypervisorType
+
+
+def _explode():
+    raise OSError("probe exploded")
+
+
+@hookimpl
+def vdm_register_hypervisors(register):
+    register(HypervisorType(name="vt-hv-missing", check=lambda: "needs /dev/vt-nothing"))
+    register(HypervisorType(name="vt-hv-broken", check=_explode))
+'''
+
+
+def _dup(which: str) -> str:
+    return f'''
+from dataclasses import dataclass
+
+from vdm import hookimpl
+from vdm.registry import DeviceType
+
+
+@dataclass
+class Cfg:
+    x: int = 0
+
+
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-dup", config=Cfg, create=lambda c, ctx: None, help="made by {which}"))
+'''
+
+
+PLUGINS = {
+    # entry point: (distribution, version, package, source)
+    "vt-good": ("vdmtest-good", "1.2.3", "vdmtest_good", GOOD),
+    "vt-importfail": ("vdmtest-importfail", "0.1", "vdmtest_importfail", IMPORT_FAILS),
+    "vt-unknownhook": ("vdmtest-unknownhook", "0.1", "vdmtest_unknownhook", UNKNOWN_HOOK),
+    "vt-raises": ("vdmtest-raises", "0.1", "vdmtest_raises", HOOK_RAISES),
+    "vt-oldapi": ("vdmtest-oldapi", "2.0", "vdmtest_oldapi", WRONG_API),
+    "vt-badargs": ("vdmtest-badargs", "0.1", "vdmtest_badargs", BAD_ARGS),
+    "vt-unavailable": ("vdmtest-unavailable", "0.1", "vdmtest_unavailable", UNAVAILABLE),
+    "vt-dup-b": ("vdmtest-dup-b", "0.1", "vdmtest_dup_b", _dup("b")),
+    "vt-dup-a": ("vdmtest-dup-a", "0.1", "vdmtest_dup_a", _dup("a")),
+}
+
+OUR_NAMES = sorted(PLUGINS)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("site-packages")
+    for ep, (dist, version, pkg, source) in PLUGINS.items():
+        write_dist(
+            site, dist, version, {ep: f"{pkg}.plugin"},
+            {f"{pkg}/__init__.py": "", f"{pkg}/plugin.py": textwrap.dedent(source)},
+        )
+    return site
+
+
+def ours(records: list[dict]) -> dict[str, dict]:
+    return {r["name"]: r for r in records if r["name"].startswith("vt-")}
+
+
+@pytest.fixture(scope="module")
+def listing(site) -> dict:
+    return list_plugins_json(pythonpath=[site])
+
+
+@pytest.fixture(scope="module")
+def table(site):
+    return run_vdm(["list-plugins"], pythonpath=[site])
+
+
+@pytest.fixture(scope="module")
+def shown(site) -> list[str]:
+    """What the good plugin's ``vdm vt-show`` prints with every plugin loaded."""
+    proc = run_vdm(["vt-show"], pythonpath=[site])
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_every_test_plugin_is_listed_in_order(listing):
+    names = [r["name"] for r in listing["plugins"]]
+    assert sorted(ours(listing["plugins"])) == OUR_NAMES
+    assert names == sorted(names)  # one fixed order: by entry-point name
+
+
+def test_good_plugin_fields(listing, site):
+    r = ours(listing["plugins"])["vt-good"]
+    assert r["distribution"] == "vdmtest-good"
+    assert r["version"] == "1.2.3"
+    assert r["kind"] == "hypervisor/device"
+    assert r["status"] == "available"
+    assert r["hooks"] == ["vdm_register_commands", "vdm_register_devices", "vdm_register_hypervisors"]
+    assert r["module"] == "vdmtest_good.plugin"
+    assert r["path"] == str(site / "vdmtest_good" / "plugin.py")
+    assert r["provides"] == {"devices": ["vt-gadget"], "hypervisors": ["vt-hv"], "commands": ["vt-show"]}
+    assert r["availability"] == {"vt-gadget": "available", "vt-hv": "available"}
+
+
+@pytest.mark.parametrize(
+    "name, dist, version, status",
+    [
+        ("vt-importfail", "vdmtest-importfail", "0.1",
+         "failed: import failed: ModuleNotFoundError: No module named 'vdm_no_such_dependency'"),
+        ("vt-unknownhook", "vdmtest-unknownhook", "0.1",
+         "failed: unknown hook vdm_register_gizmos (is the plugin written for another vdm-core?)"),
+        ("vt-raises", "vdmtest-raises", "0.1", "failed: vdm_register_hypervisors raised RuntimeError: boom"),
+        ("vt-oldapi", "vdmtest-oldapi", "2.0",
+         f"failed: plugin vt-oldapi (dist vdmtest-oldapi) needs vdm-core API 99, this is {vdm.API_VERSION}"),
+    ],
+)
+def test_failed_plugins_are_reported_by_name(listing, name, dist, version, status):
+    r = ours(listing["plugins"])[name]
+    assert (r["distribution"], r["version"], r["status"]) == (dist, version, status)
+    assert r["kind"] == "-"
+    assert r["provides"] == {"devices": [], "hypervisors": [], "commands": []}
+    assert r["module"] == PLUGINS[name][2] + ".plugin"
+
+
+def test_failed_plugins_provide_nothing(listing, shown):
+    # the raising plugin registered "vt-never" before it raised: it must not be used
+    assert shown and not any("vt-never" in line for line in shown)
+    r = ours(listing["plugins"])
+    assert r["vt-importfail"]["path"] == ""  # never imported
+    assert r["vt-oldapi"]["path"].endswith("vdmtest_oldapi/plugin.py")  # imported, then refused
+
+
+def test_plugin_with_wrong_hook_arguments(listing):
+    r = ours(listing["plugins"])["vt-badargs"]
+    assert r["status"].startswith("failed: invalid plugin: ")
+    assert "vdm_register_devices" in r["status"] and "colour" in r["status"]
+
+
+def test_unavailable_plugin_says_why(listing):
+    r = ours(listing["plugins"])["vt-unavailable"]
+    assert r["kind"] == "hypervisor"
+    assert r["status"] == (
+        "unavailable: vt-hv-missing: needs /dev/vt-nothing; "
+        "vt-hv-broken: availability check failed: OSError: probe exploded"
+    )
+    assert r["availability"] == {
+        "vt-hv-missing": "unavailable: needs /dev/vt-nothing",
+        "vt-hv-broken": "unavailable: availability check failed: OSError: probe exploded",
+    }
+
+
+def test_table_matches_the_json(table, listing):
+    proc = table
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "KIND", "STATUS"]
+    rows = parse_table(proc.stdout)
+    for name, r in ours(listing["plugins"]).items():
+        assert rows[name] == {k: r[k] for k in ("name", "distribution", "version", "kind", "status")}
+    assert proc.stderr == ""  # failures are in the table, not repeated on stderr
+
+
+def test_conflict_reported_and_first_by_entry_point_name_wins(table, listing, shown):
+    msg = (
+        "device 'vt-dup' is provided by vdmtest-dup-a and vdmtest-dup-b; using vdmtest-dup-a "
+        "(set VDM_PREFER=vt-dup=<distribution> to choose)"
+    )
+    assert msg in listing["conflicts"]
+    assert f"conflict: {msg}" in table.stdout.splitlines()
+    assert "device vt-dup from vdmtest-dup-a: made by a" in shown
+
+
+@pytest.mark.parametrize("prefer, winner", [("vdmtest-dup-b", "b"), ("vdmtest-dup-a", "a")])
+def test_vdm_prefer_chooses(site, prefer, winner):
+    env = {"VDM_PREFER": f"other=x, vt-dup={prefer}"}
+    proc = run_vdm(["vt-show"], pythonpath=[site], env=env)
+    assert f"device vt-dup from vdmtest-dup-{winner}: made by {winner}" in proc.stdout.splitlines()
+    if winner == "b":  # the choice is reported too
+        listing = list_plugins_json(pythonpath=[site], env=env)
+        (conflict,) = [c for c in listing["conflicts"] if "'vt-dup'" in c]
+        assert f"using vdmtest-dup-{winner} " in conflict
+
+
+def _loaded(listing: dict) -> dict[str, str]:
+    return {r["name"]: r["status"] for r in listing["plugins"]}
+
+
+def test_vdm_plugins_restricts_loading(site):
+    listing = list_plugins_json(pythonpath=[site], env={"VDM_PLUGINS": "vt-good, vt-dup-b"})
+    status = _loaded(listing)
+    assert status["vt-good"] == "available" and status["vt-dup-b"] == "available"
+    assert {s for n, s in status.items() if n not in ("vt-good", "vt-dup-b")} == {"disabled"}
+    assert listing["conflicts"] == []
+
+
+def test_plugins_option_restricts_loading_and_beats_the_environment(site):
+    proc = run_vdm(["--plugins", "vt-importfail", "list-plugins", "--json"], pythonpath=[site],
+                   env={"VDM_PLUGINS": "vt-good"})
+    status = _loaded(json.loads(proc.stdout))
+    assert status["vt-good"] == "disabled"
+    assert status["vt-importfail"].startswith("failed: import failed")
+    # a command of a plugin that is not loaded does not exist
+    proc = run_vdm(["--plugins", "vt-dup-a", "vt-show"], pythonpath=[site])
+    assert proc.returncode == 2 and "invalid choice: 'vt-show'" in proc.stderr
+
+
+def test_failures_go_to_stderr_for_other_commands(site):
+    proc = run_vdm(["--plugins", "vt-good,vt-importfail,vt-oldapi", "vt-show"], pythonpath=[site])
+    assert proc.returncode == 0
+    assert "device vt-gadget from vdmtest-good: a test gadget" in proc.stdout
+    err = proc.stderr.splitlines()
+    assert (
+        "vdm: plugin vt-importfail (vdmtest-importfail 0.1) failed: import failed: "
+        "ModuleNotFoundError: No module named 'vdm_no_such_dependency'"
+    ) in err
+    assert (
+        "vdm: plugin vt-oldapi (vdmtest-oldapi 2.0) failed: plugin vt-oldapi (dist vdmtest-oldapi) "
+        f"needs vdm-core API 99, this is {vdm.API_VERSION}"
+    ) in err
+
+
+def test_strict_exit_status(site):
+    ok = run_vdm(["--strict", "--plugins", "vt-good", "vt-show"], pythonpath=[site])
+    assert ok.returncode == 0 and "vt-gadget" in ok.stdout
+    bad = run_vdm(["--strict", "--plugins", "vt-good,vt-raises", "vt-show"], pythonpath=[site])
+    assert bad.returncode == 1
+    assert "vt-gadget" not in bad.stdout  # the command did not run
+    assert "vdm: plugin vt-raises (vdmtest-raises 0.1) failed: vdm_register_hypervisors raised" in bad.stderr
+    assert run_vdm(["--strict", "--plugins", "vt-good", "list-plugins"], pythonpath=[site]).returncode == 0
+
+
+def test_strict_list_plugins_still_lists(site):
+    """``vdm --strict list-plugins`` is how a user finds out *which* plugin is broken."""
+    proc = run_vdm(["--strict", "--plugins", "vt-good,vt-unknownhook", "list-plugins"], pythonpath=[site])
+    assert proc.returncode == 1
+    rows = parse_table(proc.stdout)
+    assert rows["vt-unknownhook"]["status"].startswith("failed: unknown hook vdm_register_gizmos")
+    assert rows["vt-good"]["status"] == "available"
+
+
+def test_no_plugin_loaded(site):
+    proc = run_vdm(["list-plugins"], pythonpath=[site], env={"VDM_PLUGINS": "none-such"})
+    assert proc.returncode == 0 and proc.stderr == ""
+    rows = parse_table(proc.stdout)
+    assert rows and {r["status"] for r in rows.values()} == {"disabled"}
+    assert run_vdm(["--strict", "list-plugins"], env={"VDM_PLUGINS": "none-such"}).returncode == 0
+
+
+def _core_only_path(tmp_path: Path) -> list[Path]:
+    """sys.path entries with vdm-core and its dependencies but no site-packages (no plugins)."""
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for mod in ("pluggy", "tomli", "importlib_metadata", "zipp"):
+        spec = __import__("importlib.util").util.find_spec(mod)
+        if spec is None or spec.origin is None:
+            continue
+        src = Path(spec.origin)
+        src = src.parent if src.name == "__init__.py" else src
+        (deps / src.name).symlink_to(src)
+    core_src = Path(vdm.__file__).resolve().parent.parent
+    return [core_src, deps]
+
+
+def test_only_vdm_core_installed(tmp_path):
+    """No plugin distribution at all (``python -S``: no site-packages): an empty list, exit 0."""
+    path = _core_only_path(tmp_path)
+    proc = run_vdm(["list-plugins"], pythonpath=path, python_flags=["-S"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "no vdm plugins installed (install e.g. vdm-blk, vdm-kvm)\n"
+    proc = run_vdm(["--strict", "list-plugins", "--json"], pythonpath=path, python_flags=["-S"], cwd=tmp_path)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == {"plugins": [], "conflicts": []}
+    proc = run_vdm([], pythonpath=path, python_flags=["-S"], cwd=tmp_path)
+    assert proc.returncode == 0 and "list-plugins" in proc.stdout
+
+
+def test_in_process_loader_with_explicit_entry_points(site, monkeypatch):
+    """load_plugins() given entry points directly (what an embedding application would do)."""
+    from importlib.metadata import distributions
+
+    from vdm.plugins import load_plugins
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("VDM_PLUGINS", raising=False)
+    eps = [
+        ep
+        for d in distributions(path=[str(site)])
+        for ep in d.entry_points
+        if ep.group == "vdm.plugins" and ep.name in ("vt-good", "vt-dup-a", "vt-dup-b")
+    ]
+    assert len(eps) == 3
+    ps = load_plugins(eps=eps)
+    assert [p.name for p in ps.plugins] == ["vt-dup-a", "vt-dup-b", "vt-good"]
+    assert ps.device_type("vt-dup").help == "made by a"
+    assert ps.device_for_flag("--vt-gadget").name == "vt-gadget"
+    assert ps.errors == []
+    for mod in [m for m in sys.modules if m.startswith("vdmtest_")]:
+        del sys.modules[mod]
+    assert os.environ.get("VDM_PLUGINS") is None
