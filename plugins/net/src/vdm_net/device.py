@@ -315,10 +315,14 @@ class VirtioNet(VirtioDevice):
     def stats(self) -> dict[str, int]:
         """Counters: rx/tx packets and bytes, ``*_dropped`` totals and ``*_dropped_<reason>``."""
         total: Counter[str] = Counter()
-        for pair in self.pairs:
-            total.update(pair.rx_stats)
-            total.update(pair.tx_stats)
-        total.update(self._ctrl_stats)
+        for counters in [c for p in self.pairs for c in (p.rx_stats, p.tx_stats)] + [self._ctrl_stats]:
+            for _ in range(100):  # another thread may add a key meanwhile: read it again
+                try:
+                    snapshot = dict(counters)
+                    break
+                except RuntimeError:
+                    continue
+            total.update(snapshot)
         for key in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped", "tx_dropped"):
             total.setdefault(key, 0)
         return dict(total)
