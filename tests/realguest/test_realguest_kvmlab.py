@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,36 @@ def test_kvm_lab_has_kvm_amd_and_runs_host_python(kvm_lab) -> None:
     assert values.get("kvm_api") == "12", r.describe()
     assert int(values.get("kvm_cap_irqfd", "0")) > 0, r.describe()
     assert values.get("kvm_create_vm") == "ok", r.describe()
+
+
+L3_SCRIPT = """#!/usr/bin/env python3
+import hashlib, json, sys
+sys.path.insert(0, %(repo)r)
+from tests.realguest import harness
+img = "/mnt/l3.img"
+with open(img, "wb") as f:
+    f.truncate(16 << 20)
+r = harness.run_qemu(harness.virtio_blk_args(img, cache="writeback"), ["smp", "blk"], {"mib": 2},
+                     timeout=400, accel="kvm")
+with open(img, "rb") as f:
+    host_md5 = hashlib.md5(f.read(2 << 20)).hexdigest()
+print("L3JSON " + json.dumps({"rc": r.returncode, "wall_s": r.elapsed_s, "init": r.init, "host_md5": host_md5,
+                              "results": {x.name: dict(x.values, status=x.status) for x in r.results},
+                              "command": r.command, "log_tail": r.log[-3000:]}))
+"""
+
+
+def test_kvm_lab_l3_peer_baseline_qemu_kvm_boots_the_kit(kvm_lab) -> None:
+    """QEMU -accel kvm inside the lab boots the kit at L3 (the peer baseline for vdm's KVM VMM)."""
+    r: harness.LabResult = kvm_lab(L3_SCRIPT % {"repo": str(REPO)}, timeout=900)
+    r.assert_ok()
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("L3JSON ")]
+    assert lines, r.describe()
+    l3 = json.loads(lines[-1][len("L3JSON ") :])
+    detail = json.dumps(l3, indent=1)
+    assert "kvm" in l3["command"], detail
+    assert l3["rc"] == 0 and l3["init"] is not None, detail
+    assert l3["results"]["smp"]["status"] == "ok", detail
+    blk = l3["results"]["blk"]
+    assert blk["status"] == "ok" and blk["readback"] == "match", detail
+    assert blk["md5"] == l3["host_md5"], detail
