@@ -10,7 +10,7 @@ from typing import Sequence
 from .. import __version__
 from ..errors import UserError
 from ..plugins import PluginSet, load_plugins
-from . import list_plugins
+from . import list_plugins, new_plugin
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +37,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     _global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     list_plugins.add_parser(sub)
+    new_plugin.add_parser(sub)
     for name, (cmd, info) in sorted(plugins.commands.items()):
         why = cmd.available() if cmd.available else None
         kw = {"help": f"{cmd.help} [{info.distribution}]"} if why is None else {}
