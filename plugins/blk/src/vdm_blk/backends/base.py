@@ -153,7 +153,7 @@ class RWLock:
     def release_shared(self) -> None:
         with self._cond:
             self._readers -= 1
-            if not self._readers:
+            if not self._readers and self._writers_waiting:
                 self._cond.notify_all()
 
     def acquire_exclusive(self) -> None:

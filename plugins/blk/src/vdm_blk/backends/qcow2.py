@@ -557,15 +557,18 @@ class Qcow2Disk(DiskBackend):
         try:
             with self._meta:
                 extents = self._extents(offset, total)
-            pos = offset
-            for ext, views in zip(extents, split_views(buffers, [e.length for e in extents])):
-                self._read_extent(ext, pos, views)
-                pos += ext.length
+            if len(extents) == 1:
+                self._read_extent(extents[0], offset, buffers)
+            else:
+                pos = offset
+                for ext, views in zip(extents, split_views(buffers, [e.length for e in extents])):
+                    self._read_extent(ext, pos, views)
+                    pos += ext.length
         finally:
             self._io.release_shared()
         return total
 
-    def _read_extent(self, ext: _Extent, pos: int, views: list[memoryview]) -> None:
+    def _read_extent(self, ext: _Extent, pos: int, views: Sequence[memoryview]) -> None:
         if ext.kind == DATA:
             self.f.preadv(views, ext.host)
         elif ext.kind == ZERO:
@@ -579,7 +582,7 @@ class Qcow2Disk(DiskBackend):
                 v[:] = data[within : within + len(v)]
                 within += len(v)
 
-    def _read_backing(self, pos: int, views: list[memoryview]) -> None:
+    def _read_backing(self, pos: int, views: Sequence[memoryview]) -> None:
         b = self.backing
         n = total_length(views)
         if b is None or pos >= b.size:
@@ -636,7 +639,8 @@ class Qcow2Disk(DiskBackend):
             with self._meta:
                 extents = self._extents(offset, total)
             pos = offset
-            for ext, views in zip(extents, split_views(buffers, [e.length for e in extents])):
+            groups = [buffers] if len(extents) == 1 else split_views(buffers, [e.length for e in extents])
+            for ext, views in zip(extents, groups):
                 if ext.kind == DATA and ext.entry & COPIED:
                     self._check_data_host(ext.host, ext.length)
                     self.f.pwritev(views, ext.host)
@@ -658,7 +662,7 @@ class Qcow2Disk(DiskBackend):
             if host < start + size and start < host + length:
                 raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
 
-    def _write_clusters(self, pos: int, views: list[memoryview]) -> None:
+    def _write_clusters(self, pos: int, views: Sequence[memoryview]) -> None:
         """Write a range that needs allocation, one guest cluster at a time."""
         cs = self.cs
         lengths = []
@@ -672,7 +676,7 @@ class Qcow2Disk(DiskBackend):
                 self._write_one(pos, group)
             pos += n
 
-    def _write_one(self, pos: int, views: list[memoryview]) -> None:
+    def _write_one(self, pos: int, views: Sequence[memoryview]) -> None:
         """Write within one guest cluster, allocating it if needed (metadata lock held)."""
         cs = self.cs
         gc = pos >> self.cbits
@@ -698,10 +702,20 @@ class Qcow2Disk(DiskBackend):
                 free_old = (coff & ~(SECTOR - 1), nsect * SECTOR)
             elif host:
                 free_old = (host, cs)
+        reads_zero = kind == ZERO or (
+            kind == UNALLOC and (self.backing is None or (gc << self.cbits) >= self.backing.size)
+        )
         if within == 0 and n == cs:
             self.f.pwritev(views, new)
+        elif reads_zero and new >= self.f.size():
+            # a fresh cluster past the end of the file reads zeros already: write only the new
+            # bytes, then extend the file over the whole cluster (metadata lock held: nothing
+            # else writes past the end meanwhile)
+            self.f.pwritev(views, new + within)
+            if self.f.size() < new + cs:
+                self.f.truncate(new + cs)
         else:
-            buf = self._cluster_content(gc, entry) if kind != ZERO else bytearray(cs)
+            buf = self._cluster_content(gc, entry) if not reads_zero else bytearray(cs)
             p = within
             for v in views:
                 buf[p : p + len(v)] = v

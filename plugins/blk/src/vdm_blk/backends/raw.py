@@ -141,6 +141,11 @@ class HostFile:
 
     def preadv(self, views: Sequence[memoryview], offset: int) -> int:
         """Fill ``views`` from ``offset``; bytes past the end of the file read as zeros."""
+        if self.dfd is None and len(views) <= IOV_MAX:
+            n = os.preadv(self.fd, views, offset)
+            if n == sum(len(v) for v in views):
+                return n
+            return n + self._loop(os.preadv, self.fd, _advance(list(views), n), offset + n, True)
         want = total_length(views)
         if self.dfd is not None and offset % self.align == 0 and want % self.align == 0:
             if self._use_direct(views, offset) is not False:
@@ -155,6 +160,11 @@ class HostFile:
 
     def pwritev(self, views: Sequence[memoryview], offset: int) -> int:
         """Write ``views`` at ``offset``."""
+        if self.dfd is None and len(views) <= IOV_MAX:
+            n = os.pwritev(self.fd, views, offset)
+            if n == sum(len(v) for v in views):
+                return n
+            return n + self._loop(os.pwritev, self.fd, _advance(list(views), n), offset + n, False)
         want = total_length(views)
         if self.dfd is not None and offset % self.align == 0 and want % self.align == 0:
             if self._use_direct(views, offset) is not False:
