@@ -156,15 +156,7 @@ class Machine:
 
     @staticmethod
     def _setup_lapic(v: Vcpu) -> None:
-        # LINT0 as ExtINT (the PIC's output), LINT1 as NMI, as a BIOS leaves them
-        lapic = v.get_lapic()
-        buf = bytearray(ffi.buffer(lapic.regs))
-        for reg, mode in ((APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)):
-            val = int.from_bytes(buf[reg : reg + 4], "little")
-            val = (val & ~0x700 & ~(1 << 16)) | (mode << 8)
-            buf[reg : reg + 4] = val.to_bytes(4, "little")
-        ffi.memmove(lapic.regs, bytes(buf), len(buf))
-        v.set_lapic(lapic)
+        setup_lapic_lint(v)
 
     @staticmethod
     def _setup_fpu(v: Vcpu) -> None:
@@ -310,6 +302,18 @@ class Machine:
             vm.close()
         if self._own_kvm:
             self.kvm.close()
+
+
+def setup_lapic_lint(v: Vcpu) -> None:
+    """LINT0 as ExtINT (the PIC's output reaches the CPU), LINT1 as NMI, as a BIOS leaves them."""
+    lapic = v.get_lapic()
+    buf = bytearray(ffi.buffer(lapic.regs))
+    for reg, mode in ((APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)):
+        val = int.from_bytes(buf[reg : reg + 4], "little")
+        val = (val & ~0x700 & ~(1 << 16)) | (mode << 8)
+        buf[reg : reg + 4] = val.to_bytes(4, "little")
+    ffi.memmove(lapic.regs, bytes(buf), len(buf))
+    v.set_lapic(lapic)
 
 
 def _read(src: _Source) -> bytes:

@@ -240,6 +240,29 @@ class IrqNoFlags:
         return struct.pack("<BH", 0x22, self.mask)
 
 
+class AddressSpace:
+    """Large descriptors 0x88 (Word) / 0x87 (DWord) Address Space: a bridge's bus, I/O or memory
+    window, as a resource producer with fixed minimum and maximum."""
+
+    BUS, IO, MEMORY = 2, 1, 0
+
+    def __init__(self, kind: int, minimum: int, maximum: int, *, dword: bool = False) -> None:
+        limit = 0xFFFFFFFF if dword else 0xFFFF
+        if not 0 <= minimum <= maximum <= limit:
+            raise ValueError("bad address space range")
+        self.kind, self.minimum, self.maximum, self.dword = kind, minimum, maximum, dword
+
+    def encode(self) -> bytes:
+        general = 0x0C  # MinFixed | MaxFixed, producer, positive decode
+        specific = {self.MEMORY: 0x01, self.IO: 0x03, self.BUS: 0x00}[self.kind]  # RW / entire range
+        length = self.maximum - self.minimum + 1
+        if self.dword:
+            return struct.pack("<BHBBBIIIII", 0x87, 23, self.kind, general, specific, 0,
+                               self.minimum, self.maximum, 0, length)
+        return struct.pack("<BHBBBHHHHH", 0x88, 13, self.kind, general, specific, 0,
+                           self.minimum, self.maximum, 0, length)
+
+
 class ResourceTemplate(Buffer):
     """A Buffer of resource descriptors ended by an End Tag (0x79, checksum 0 = "not computed")."""
 

@@ -10,7 +10,8 @@ The platform (see :mod:`vdm_kvm.layout`):
   0xfec00000 with GSI base 0, identity interrupt source overrides for the ISA IRQs in use, and a
   Local APIC NMI on LINT1 for all processors.
 * **DSDT**: ``\\_S5``, one ``LNRO0005`` (virtio-mmio) device per window with Memory32Fixed + an
-  Extended Interrupt (level, active high), and optionally COM1 (``PNP0501``) with its ports and IRQ.
+  Extended Interrupt (level, active high), optionally COM1 (``PNP0501``) with its ports and IRQ, and
+  a PCI root bridge ``PCI0`` (``PNP0A03``: bus 0, the conf1 ports, the device MMIO window).
 
 Every table's checksum makes its bytes sum to 0 mod 256; the RSDP has two checksums (first 20 bytes,
 whole 36 bytes). :func:`parse_tables` reads a set back (for tests, and as documentation of the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from .. import layout
 from . import aml
 
 __all__ = [
@@ -87,6 +89,8 @@ class AcpiConfig:
     isa_irqs: tuple[int, ...] = (4,)  # identity overrides so Linux maps these ISA IRQs to IOAPIC pins
     virtio_mmio: list[MmioDevice] = field(default_factory=list)
     com1: bool = True
+    #: the PCI host bridge's memory window (first, last); None: no PCI root bridge in the DSDT
+    pci_window: tuple[int, int] | None = (layout.MMIO_BASE, layout.MMIO_END - 1)
 
 
 def fadt(cfg: AcpiConfig, dsdt_addr: int) -> bytes:
@@ -130,6 +134,21 @@ def dsdt(cfg: AcpiConfig) -> bytes:
             aml.Name("_HID", aml.EisaId("PNP0501")),
             aml.Name("_UID", 0),
             aml.Name("_CRS", aml.ResourceTemplate([aml.IoPort(0x3F8, 8), aml.IrqNoFlags([4])])),
+        ]))
+    if cfg.pci_window is not None:
+        # PCI root bridge (bus 0 through conf1 ports 0xcf8-0xcff): with ACPI, Linux scans only
+        # the root bridges the DSDT names. Devices use MSI-X, so no _PRT is given.
+        sb.append(aml.Device("PCI0", [
+            aml.Name("_HID", aml.EisaId("PNP0A03")),
+            aml.Name("_UID", 0),
+            aml.Name("_BBN", 0),
+            aml.Name("_CRS", aml.ResourceTemplate([
+                aml.AddressSpace(aml.AddressSpace.BUS, 0, 0xFF),
+                aml.IoPort(0xCF8, 8),
+                aml.AddressSpace(aml.AddressSpace.IO, 0, 0xCF7),
+                aml.AddressSpace(aml.AddressSpace.IO, 0xD00, 0xFFFF),
+                aml.AddressSpace(aml.AddressSpace.MEMORY, *cfg.pci_window, dword=True),
+            ])),
         ]))
     for i, dev in enumerate(cfg.virtio_mmio):
         sb.append(aml.Device(f"VR{i:02X}", [
