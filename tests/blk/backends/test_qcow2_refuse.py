@@ -204,3 +204,10 @@ def test_missing_backing_file(tmp_path):
     img = create_qcow2(str(tmp_path / "top.qcow2"), MiB, backing="base.raw")
     os.unlink(base)
     _refused(img, "no such file")
+
+
+def test_backing_loop_refused(tmp_path):
+    a = create_qcow2(str(tmp_path / "a.qcow2"), MiB)
+    b = create_qcow2(str(tmp_path / "b.qcow2"), MiB, backing="a.qcow2", backing_fmt="qcow2")
+    qemu_img("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a)  # a -> b -> a
+    _refused(b, "deeper than 16 images")

@@ -30,7 +30,7 @@ def test_ioctl_numbers_match_the_kernel_abi():
 
 
 def test_attributes_of_a_file(raw):
-    path, disk = raw
+    _, disk = raw
     assert isinstance(disk, RawDisk)
     assert disk.size == SIZE and not disk.read_only
     assert disk.logical_block_size == 512 and disk.physical_block_size in (512, 4096)
@@ -111,7 +111,7 @@ def test_missing_file_and_directory_are_refused_clearly(tmp_path):
 
 
 def test_closed_disk_raises(raw):
-    path, disk = raw
+    _, disk = raw
     disk.close()
     with pytest.raises(DiskError, match="closed"):
         disk.readv(0, [memoryview(bytearray(512))])

@@ -100,6 +100,7 @@ def resolve_backing(image: str, name: str, allowed: Sequence[str]) -> str:
     if resolved in {os.path.realpath(a) for a in allowed}:
         return resolved
     raise DiskError(
-        f"{image}: its backing file {name!r} resolves to {resolved}, which is not beside the image (in {base}); "
+        f"{image}: its backing file {name!r} resolves to {resolved}, which is not beside the image "
+        f"(in {base}); "
         f"if that file is meant to be used, allow it with allow_backing={resolved}"
     )

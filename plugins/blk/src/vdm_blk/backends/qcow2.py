@@ -207,8 +207,8 @@ class Qcow2Disk(DiskBackend):
             off = e & OFFSET_MASK
             if e & L1_RESERVED or off % cs or (off and off + cs > file_size):
                 raise DiskError(
-                    f"{self.path}: not a usable qcow2 image: L1 entry {i} (0x{e:x}) is invalid or points past "
-                    "the end of the file; check it with qemu-img check"
+                    f"{self.path}: not a usable qcow2 image: L1 entry {i} (0x{e:x}) is invalid or points "
+                    "past the end of the file; check it with qemu-img check"
                 )
         self._l1_dirty: dict[int, int] = {}
         # refcounts
@@ -790,7 +790,7 @@ class Qcow2Disk(DiskBackend):
             if discard or (self.backing is None and (unmap or not entry & COPIED or kind != DATA)):
                 self._set_entry(gc, 0, entry)  # deallocate: reads zeros (or the backing file on discard)
             elif kind == DATA and entry & COPIED:
-                _zero_host(self, host)
+                self._zero_host(host)
             else:
                 self._write_one(gc << self.cbits, [memoryview(bytearray(self.cs))])
             return
@@ -804,6 +804,10 @@ class Qcow2Disk(DiskBackend):
         else:
             new = ZERO_FLAG
         self._set_entry(gc, new, entry)
+
+    def _zero_host(self, host: int) -> None:
+        """Write a cluster of zeros over an allocated host cluster (v2 images keep allocations)."""
+        self.f.pwritev([memoryview(bytearray(self.cs))], host)
 
     def _set_entry(self, gc: int, new: int, old: int) -> None:
         """Replace an L2 entry; clusters the old one referenced are given back after the next flush."""
@@ -872,7 +876,3 @@ class Qcow2Disk(DiskBackend):
             if self.backing is not None:
                 self.backing.close()
             self.f.close()
-
-
-def _zero_host(disk: Qcow2Disk, host: int) -> None:
-    disk.f.pwritev([memoryview(bytearray(disk.cs))], host)

@@ -111,7 +111,8 @@ class HostFile:
             except OSError as e:
                 os.close(self.fd)
                 raise DiskError(
-                    f"{path}: O_DIRECT is not supported here ({e.strerror}); open it without direct/cache=none"
+                    f"{path}: O_DIRECT is not supported here ({e.strerror}); "
+                    "open it without direct/cache=none"
                 )
 
     # ---- size ------------------------------------------------------------------------------------
