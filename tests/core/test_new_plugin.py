@@ -1,0 +1,133 @@
+"""``vdm new-plugin``: the generated projects install, pass their own tests and show up in vdm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from vdm import API_VERSION
+from vdm.cli.new_plugin import generate, project_names
+from vdm.config import load_toml
+from vdm.errors import UserError
+
+from tests.core.installed import clean_env, make_venv, pip_install, run_vdm
+
+DEVICE_FILES = [
+    "README.md",
+    "pyproject.toml",
+    "src/vdm_demo_dev/__init__.py",
+    "src/vdm_demo_dev/config.py",
+    "src/vdm_demo_dev/device.py",
+    "src/vdm_demo_dev/plugin.py",
+    "tests/test_device.py",
+]
+HYPERVISOR_FILES = [
+    "README.md",
+    "pyproject.toml",
+    "src/vdm_demo_hv/__init__.py",
+    "src/vdm_demo_hv/backend.py",
+    "src/vdm_demo_hv/plugin.py",
+    "tests/test_backend.py",
+]
+
+
+def files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_names():
+    assert project_names("demo-dev") == {
+        "name": "demo-dev",
+        "dist": "vdm-demo-dev",
+        "pkg": "vdm_demo_dev",
+        "cls": "DemoDev",
+        "toml": "demo_dev",
+    }
+    for bad in ("Demo", "demo_dev", "-demo", "demo-", "demo--dev", "1demo", "", "de mo", "vdm-demo", "vdm"):
+        with pytest.raises(UserError) as e:
+            project_names(bad)
+        assert "\n" not in str(e.value) and str(e.value).startswith("new-plugin: ")
+
+
+@pytest.mark.parametrize("kind, name, expected", [("device", "demo-dev", DEVICE_FILES),
+                                                   ("hypervisor", "demo-hv", HYPERVISOR_FILES)])
+def test_generated_files(tmp_path, kind, name, expected):
+    root = generate(name, kind, tmp_path, device_id=0x2A)
+    assert root == tmp_path / f"vdm-{name}"
+    assert files(root) == expected
+    assert [p.name for p in tmp_path.iterdir()] == [f"vdm-{name}"]  # no temporary folder left
+    project = load_toml(str(root / "pyproject.toml"))
+    assert project["project"]["name"] == f"vdm-{name}"
+    assert project["project"]["entry-points"]["vdm.plugins"] == {name: f"vdm_{name.replace('-', '_')}.plugin"}
+    pkg = root / "src" / f"vdm_{name.replace('-', '_')}"
+    plugin = (pkg / "plugin.py").read_text()
+    assert f"VDM_API = {API_VERSION}\n" in plugin
+    for path in root.rglob("*.py"):
+        compile(path.read_text(), str(path), "exec")  # every file is valid Python
+        assert "$" not in path.read_text(), f"unsubstituted placeholder in {path}"
+    if kind == "device":
+        assert "device_id = 42\n" in (pkg / "device.py").read_text()
+        assert 'cli_flag="--demo-dev"' in plugin and 'toml_key="demo_dev"' in plugin
+
+
+def test_refuses_to_overwrite(tmp_path):
+    existing = tmp_path / "vdm-demo"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("precious")
+    with pytest.raises(UserError, match="already exists"):
+        generate("demo", "device", tmp_path)
+    assert files(existing) == ["mine.txt"] and (existing / "mine.txt").read_text() == "precious"
+    (tmp_path / "vdm-other").write_text("a file, not a folder")
+    with pytest.raises(UserError, match="already exists"):
+        generate("other", "hypervisor", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vdm-demo", "vdm-other"]
+
+
+def test_command_line(tmp_path):
+    proc = run_vdm(["new-plugin", "demo", "--kind", "device"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "created vdm-demo (device plugin) in vdm-demo"
+    assert "next: cd vdm-demo && pip install -e . && python -m pytest && vdm list-plugins" in proc.stdout
+    assert (tmp_path / "vdm-demo" / "src" / "vdm_demo" / "device.py").is_file()
+    before = files(tmp_path)
+    again = run_vdm(["new-plugin", "demo", "--kind", "hypervisor"], cwd=tmp_path)
+    assert again.returncode == 1
+    assert "vdm: new-plugin: vdm-demo already exists; not overwriting it" in again.stderr
+    assert files(tmp_path) == before
+    bad = run_vdm(["new-plugin", "Demo", "--kind", "device"], cwd=tmp_path)
+    assert bad.returncode == 1 and "'Demo' is not a plugin name" in bad.stderr
+    proc = run_vdm(["new-plugin", "hv", "--kind", "hypervisor", "-C", str(tmp_path / "vdm-demo")])
+    assert proc.returncode == 0 and (tmp_path / "vdm-demo" / "vdm-hv" / "pyproject.toml").is_file()
+
+
+@pytest.mark.slow
+def test_generated_projects_install_pass_their_tests_and_are_listed(tmp_path):
+    dev = generate("demo-dev", "device", tmp_path)
+    hv = generate("demo-hv", "hypervisor", tmp_path)
+    python = make_venv(tmp_path / "venv")
+    pip_install(python, dev, hv)
+    for project, count in ((dev, 5), (hv, 3)):
+        # the tests run from a copy holding only tests/, so the package comes from the install
+        tests = tmp_path / f"run-{project.name}"
+        shutil.copytree(project / "tests", tests / "tests")
+        proc = subprocess.run(
+            [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+            cwd=tests, env=clean_env(), capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"{count} passed" in proc.stdout
+    if shutil.which("ruff"):
+        lint = subprocess.run(["ruff", "check", "--isolated", "--select", "F,E9,B", str(dev), str(hv)],
+                              capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout
+    proc = run_vdm(["list-plugins", "--json"], python=python)
+    assert proc.returncode == 0, proc.stderr
+    records = {r["name"]: r for r in json.loads(proc.stdout)["plugins"]}
+    for name, kind in (("demo-dev", "device"), ("demo-hv", "hypervisor")):
+        r = records[name]
+        assert (r["distribution"], r["version"], r["kind"], r["status"]) == (f"vdm-{name}", "0.1.0", kind,
+                                                                              "available")
+        assert r["path"].endswith(f"site-packages/vdm_{name.replace('-', '_')}/plugin.py")
