@@ -34,6 +34,7 @@ from .linux import (
     block_device_info,
     fallocate,
 )
+from .locking import lock_image
 
 __all__ = ["HostFile", "RawDisk"]
 
@@ -103,6 +104,11 @@ class HostFile:
             except OSError as e:
                 os.close(self.fd)
                 raise DiskError(f"{path}: cannot query the block device: {e.strerror}")
+        try:
+            lock_image(self.fd, path, writable=not read_only)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.align = max(SECTOR, self.logical_block_size)
         self.dfd: int | None = None
         if direct:
