@@ -170,7 +170,7 @@ def load_plugins(only: Iterable[str] | None = None, eps: Iterable[EntryPoint] | 
             continue
         try:
             module = ep.load()
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() at import must not end vdm
             info.state, info.error = "failed", f"import failed: {type(e).__name__}: {e}"
             continue
         info.path = getattr(module, "__file__", "") or ""
@@ -210,7 +210,7 @@ def _collect(
         kind = hook_name[len("vdm_register_") :]
         try:
             impl(register=lambda obj: provided.append((kind, obj)))
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             info.state, info.error = "failed", f"{hook_name} raised {type(e).__name__}: {e}"
 
     for hook_name in info.hooks:
