@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import UserError
-from ..plugins import PluginSet, load_plugins
+from ..plugins import PluginSet, _check, load_plugins
 from . import list_plugins, new_plugin
 
 __all__ = ["build_parser", "main"]
@@ -39,14 +39,21 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     list_plugins.add_parser(sub)
     new_plugin.add_parser(sub)
     for name, (cmd, info) in sorted(plugins.commands.items()):
-        why = cmd.available() if cmd.available else None
+        if name in sub.choices:  # argparse would raise: a plugin cannot replace a built-in command
+            plugins.conflicts.append(f"command '{name}' of {info.distribution} ignored: vdm has its own")
+            continue
+        why = _check(cmd.available)  # a check that raises is a reason, not a crash
         kw = {"help": f"{cmd.help} [{info.distribution}]"} if why is None else {}
         p = sub.add_parser(name, description=cmd.help, **kw)
         p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution)
         if why is None:
             p.vdm_plugins = plugins  # type: ignore[attr-defined]  # for options per device type
-            cmd.add_arguments(p)
-        else:
+            try:
+                cmd.add_arguments(p)
+            except Exception as e:
+                why = f"its options are broken ({type(e).__name__}: {e})"
+                p.set_defaults(_unavailable=why)
+        if why is not None:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
