@@ -118,6 +118,43 @@ def vdm_register_hypervisors(register):
     register(HypervisorType(name="vt-hv-broken", check=_explode))
 '''
 
+EXITS = '''
+import sys
+
+sys.exit(3)
+'''
+
+CLASHING_COMMAND = '''
+from vdm import hookimpl
+from vdm.registry import Command
+
+
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="list-plugins", help="mine", add_arguments=lambda p: None, run=lambda a: 7))
+'''
+
+FRAGILE_COMMANDS = '''
+from vdm import hookimpl
+from vdm.registry import Command
+
+
+def _broken_check():
+    raise OSError("probe exploded")
+
+
+def _broken_options(parser):
+    parser.add_argument("--x")
+    parser.add_argument("--x")  # argparse refuses a second --x
+
+
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="vt-probe", help="check raises", add_arguments=lambda p: None,
+                     run=lambda a: 0, available=_broken_check))
+    register(Command(name="vt-opts", help="options raise", add_arguments=_broken_options, run=lambda a: 0))
+'''
+
 
 def _dup(which: str) -> str:
     return f'''
@@ -148,6 +185,9 @@ PLUGINS = {
     "vt-badargs": ("vdmtest-badargs", "0.1", "vdmtest_badargs", BAD_ARGS),
     "vt-unavailable": ("vdmtest-unavailable", "0.1", "vdmtest_unavailable", UNAVAILABLE),
     "vt-dup-b": ("vdmtest-dup-b", "0.1", "vdmtest_dup_b", _dup("b")),
+    "vt-exits": ("vdmtest-exits", "0.1", "vdmtest_exits", EXITS),
+    "vt-clash": ("vdmtest-clash", "0.1", "vdmtest_clash", CLASHING_COMMAND),
+    "vt-fragile": ("vdmtest-fragile", "0.1", "vdmtest_fragile", FRAGILE_COMMANDS),
     "vt-dup-a": ("vdmtest-dup-a", "0.1", "vdmtest_dup_a", _dup("a")),
 }
 
@@ -400,3 +440,31 @@ def test_in_process_loader_with_explicit_entry_points(site, monkeypatch):
     for mod in [m for m in sys.modules if m.startswith("vdmtest_")]:
         del sys.modules[mod]
     assert os.environ.get("VDM_PLUGINS") is None
+
+
+def test_plugin_that_exits_at_import_is_reported(listing):
+    r = ours(listing["plugins"])["vt-exits"]
+    assert (r["distribution"], r["status"]) == ("vdmtest-exits", "failed: import failed: SystemExit: 3")
+
+
+def test_command_named_like_a_builtin_is_refused(listing, table):
+    # vdm's own list-plugins ran (this listing is its output), and the clash is reported
+    assert "command 'list-plugins' of vdmtest-clash ignored: vdm has its own" in listing["conflicts"]
+    assert "conflict: command 'list-plugins' of vdmtest-clash ignored: vdm has its own" in table.stdout
+    assert table.returncode == 0
+
+
+def test_commands_whose_check_or_options_raise(site):
+    proc = run_vdm(["vt-probe", "arg"], pythonpath=[site])
+    assert proc.returncode == 1
+    assert (
+        "vdm: vt-probe is provided by vdmtest-fragile, which is unavailable here: "
+        "availability check failed: OSError: probe exploded"
+    ) in proc.stderr.splitlines()
+    proc = run_vdm(["vt-opts", "--x", "1"], pythonpath=[site])
+    assert proc.returncode == 1
+    assert "vdm: vt-opts is provided by vdmtest-fragile, which is unavailable here: its options are broken " \
+           "(ArgumentError: argument --x: conflicting option string: --x)" in proc.stderr.splitlines()
+    # the help still works, shows the good plugin's command and hides the broken one
+    proc = run_vdm(["--help"], pythonpath=[site])
+    assert proc.returncode == 0 and "vt-show" in proc.stdout and "vt-probe" not in proc.stdout
