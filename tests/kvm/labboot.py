@@ -1,0 +1,67 @@
+"""Boot the guest kit on vdm_kvm.machine and print one JSON line per boot (run inside the KVM lab).
+
+    python3 -m tests.kvm.labboot --kit DIR --cpus 1 --cpus 2 --workloads boot,smp
+
+COM1 is tests.kvm.serial_capture.SerialCapture (IRQ 4 through KVM_IRQ_LINE). Each line:
+``LABBOOT {"cpus": N, "exit": "poweroff", "detail": ..., "setup_s": ..., "run_s": ..., "exits": {...},
+"serial": "..."}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from vdm_kvm.kvm import EXIT_NAMES
+from vdm_kvm.machine import Machine, MachineConfig
+
+from tests.kvm.serial_capture import SerialCapture
+
+
+def boot(kit: str, cpus: int, workloads: str, mem_mib: int, timeout: float, params: str) -> dict:
+    t0 = time.monotonic()
+    m = Machine(MachineConfig(mem_mib=mem_mib, cpus=cpus))
+    try:
+        serial = SerialCapture(irq=lambda level: m.vm.irq_line(4, level))
+        m.vm.pio_bus.register(0x3F8, 8, serial, "com1")
+        cmdline = f"console=ttyS0 quiet panic=-1 vdmtest={workloads} vdmtest.exit=poweroff {params}"
+        m.load_linux(f"{kit}/vmlinuz", f"{kit}/initrd.cpio.gz", cmdline.strip())
+        t1 = time.monotonic()
+        m.start()
+        ex = m.wait(timeout)
+        t2 = time.monotonic()
+        if ex is None:
+            ex = m.stop()
+            reason = "timeout"
+        else:
+            reason = ex.reason
+        exits: dict[str, int] = {}
+        for v in m.vm.vcpus:
+            for k, n in v.exit_counts.items():
+                exits[EXIT_NAMES.get(k, str(k))] = exits.get(EXIT_NAMES.get(k, str(k)), 0) + n
+        return {"cpus": cpus, "exit": reason, "detail": ex.detail, "setup_s": round(t1 - t0, 3),
+                "run_s": round(t2 - t1, 3), "exits": exits, "serial": serial.text(),
+                "unclaimed_pio": m.vm.pio_bus.unclaimed_reads + m.vm.pio_bus.unclaimed_writes}
+    finally:
+        m.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kit", required=True)
+    ap.add_argument("--cpus", type=int, action="append")
+    ap.add_argument("--workloads", default="boot,smp")
+    ap.add_argument("--mem", type=int, default=256)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--params", default="")
+    a = ap.parse_args(argv)
+    for cpus in a.cpus or [1]:
+        r = boot(a.kit, cpus, a.workloads, a.mem, a.timeout, a.params)
+        print("LABBOOT " + json.dumps(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""vdm_kvm end to end in the KVM lab: the guest kit's Linux boots on our VMM with 1 and 2 vCPUs.
+
+One lab session (QEMU TCG with kvm_amd inside, ~3-6 minutes) runs:
+* the /dev/kvm unit tests (tests/kvm/test_kvm.py) on the lab's hardware-style KVM;
+* tests.kvm.labboot: the kit's kernel + initrd with ``vdmtest=boot,smp vdmtest.exit=poweroff``
+  and ``console=ttyS0``, once with 1 vCPU and once with 2.
+The boot times are printed (``-s`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from tests.realguest import harness
+
+pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
+    script = "\n".join([
+        "set -x",
+        "python3 -m pytest -q -p no:cacheprovider tests/kvm/test_kvm.py 2>&1 | tail -15",
+        f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --cpus 1 --cpus 2 "
+        "--workloads boot,smp --timeout 400",
+    ])
+    r = kvm_lab(script, timeout=1500)
+    r.assert_ok()
+    return r
+
+
+def _boots(r: harness.LabResult) -> dict[int, dict]:
+    out = {}
+    for line in r.output.splitlines():
+        if line.startswith("LABBOOT "):
+            b = json.loads(line[len("LABBOOT ") :])
+            out[b["cpus"]] = b
+    return out
+
+
+def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: harness.LabResult) -> None:
+    summary = [line for line in lab_run.output.splitlines() if " passed" in line and " in " in line]
+    assert summary, lab_run.describe()
+    assert "failed" not in summary[-1] and "error" not in summary[-1], lab_run.describe()
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int) -> None:
+    boots = _boots(lab_run)
+    assert cpus in boots, lab_run.describe()
+    b = boots[cpus]
+    init, results, done = harness.parse_results(b["serial"])
+    assert b["exit"] == "poweroff", f"{b['exit']}: {b['detail']}\n{b['serial'][-3000:]}"
+    assert init is not None and done, b["serial"][-3000:]
+    by_name = {r.name: r for r in results}
+    assert by_name["boot"].ok
+    assert by_name["smp"].ok and by_name["smp"]["cpus"] == str(cpus), by_name["smp"].line
+    print(f"\nKVM lab, {cpus} vCPU(s): setup {b['setup_s']} s, start to poweroff {b['run_s']} s "
+          f"(guest /init at {init['init_uptime_s']} s), exits {b['exits']}")
