@@ -47,9 +47,10 @@ ops = st.lists(
     cluster_size=st.sampled_from([512, 4096, 65536]),
     compat=st.sampled_from(["1.1", "0.10"]),
     with_backing=st.booleans(),
+    direct=st.booleans(),
     sequence=ops,
 )
-def test_sequences_match_a_model(cluster_size, compat, with_backing, sequence):
+def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, sequence):
     assert QEMU_IMG
     with tempfile.TemporaryDirectory() as d:
         backing = None
@@ -67,7 +68,7 @@ def test_sequences_match_a_model(cluster_size, compat, with_backing, sequence):
             f"compat={compat}",
             backing="base.raw" if backing else None,
         )
-        disk = open_disk(img)
+        disk = open_disk(img, direct=direct)
         for op in sequence:
             if op[0] == "write":
                 _, sector, count, seed, split = op
@@ -99,7 +100,7 @@ def test_sequences_match_a_model(cluster_size, compat, with_backing, sequence):
                 disk.flush()
             else:
                 disk.close()
-                disk = open_disk(img)
+                disk = open_disk(img, direct=direct)
         out = bytearray(SIZE)
         disk.readv(0, [memoryview(out)])
         assert out == model

@@ -838,20 +838,12 @@ class Qcow2Disk(DiskBackend):
                 l1 = dict(self._l1_dirty)
                 frees = self._pending_free
                 self._pending_free = []
-            self.f.sync()  # data and refcounts
-            if snap or l1:
-                with self._meta:
-                    for off, t, gen, raw in snap:
-                        if self._l2.get(off) is not t:
-                            continue  # evicted meanwhile: written then, with newer content
-                        self.f.pwrite(raw, off)
-                        if t.gen == gen:
-                            t.dirty = False
-                    for i, e in l1.items():
-                        self.f.pwrite(struct.pack(">Q", e), self.h.l1_table_offset + i * 8)
-                        if self._l1_dirty.get(i) == e:
-                            del self._l1_dirty[i]
-                self.f.sync()
+            try:
+                self._flush_tables(snap, l1)
+            except BaseException:
+                with self._meta:  # not known to be unreferenced on disk yet: keep them for later
+                    self._pending_free[:0] = frees
+                raise
             if frees:
                 self._io.acquire_exclusive()
                 try:
@@ -861,6 +853,23 @@ class Qcow2Disk(DiskBackend):
                         self._write_refblocks()
                 finally:
                     self._io.release_exclusive()
+
+    def _flush_tables(self, snap: list, l1: dict[int, int]) -> None:
+        """The rest of step 1, and step 2, of a flush: sync, write the L2/L1 snapshot, sync."""
+        self.f.sync()  # data and refcounts
+        if snap or l1:
+            with self._meta:
+                for off, t, gen, raw in snap:
+                    if self._l2.get(off) is not t:
+                        continue  # evicted meanwhile: written then, with newer content
+                    self.f.pwrite(raw, off)
+                    if t.gen == gen:
+                        t.dirty = False
+                for i, e in l1.items():
+                    self.f.pwrite(struct.pack(">Q", e), self.h.l1_table_offset + i * 8)
+                    if self._l1_dirty.get(i) == e:
+                        del self._l1_dirty[i]
+            self.f.sync()
 
     def close(self) -> None:
         if self._closed:

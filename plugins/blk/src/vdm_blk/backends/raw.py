@@ -311,7 +311,8 @@ class RawDisk(DiskBackend):
             self.file.sync()
 
     def discard(self, offset: int, length: int) -> None:
-        """Punch a hole (files) or BLKDISCARD (block devices). Files read zeros afterwards."""
+        """Punch a hole (files: reads zeros afterwards) or BLKDISCARD (block devices: what a
+        discarded range reads is up to the device). Devices without discard ignore it."""
         self._live()
         self.check_range(offset, length, write=True)
         if not length:
