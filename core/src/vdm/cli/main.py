@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     early, _ = pre.parse_known_args(argv)
     level = logging.WARNING - 10 * min(early.verbose, 2)
     logging.basicConfig(level=level, format="vdm: %(name)s: %(message)s")
-    only = early.plugins.split(",") if early.plugins else None
+    only = [n.strip() for n in early.plugins.split(",") if n.strip()] if early.plugins else None
     plugins = load_plugins(only=only)
     parser = build_parser(plugins)
     args = parser.parse_args(argv)
