@@ -468,3 +468,10 @@ def test_commands_whose_check_or_options_raise(site):
     # the help still works, shows the good plugin's command and hides the broken one
     proc = run_vdm(["--help"], pythonpath=[site])
     assert proc.returncode == 0 and "vt-show" in proc.stdout and "vt-probe" not in proc.stdout
+
+
+def test_plugins_option_tolerates_spaces(site):
+    """``--plugins "a, b"`` means the same as ``VDM_PLUGINS="a, b"``."""
+    proc = run_vdm(["--plugins", "vt-good, vt-dup-a", "list-plugins", "--json"], pythonpath=[site])
+    status = _loaded(json.loads(proc.stdout))
+    assert status["vt-good"] == "available" and status["vt-dup-a"] == "available"
