@@ -55,12 +55,16 @@ def _need_event(event: int, new: int, old: int) -> bool:
 class DescriptorChain:
     """One request: the buffers of a descriptor chain, split into device-readable and -writable."""
 
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("epoch", "head", "readable", "writable")
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+    def __init__(
+        self, head: int, readable: list[memoryview], writable: list[memoryview], epoch: int = 0
+    ) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
+        #: the queue's :attr:`Virtqueue.epoch` when the chain was popped
+        self.epoch = epoch
 
     @property
     def readable_len(self) -> int:
@@ -113,10 +117,13 @@ class Virtqueue:
         self.index = index
         self.max_size = max_size
         self.lock = threading.Lock()
+        #: bumped by every reset: a chain popped before it is never pushed into the new rings
+        self.epoch = 0
         self.reset()
 
     def reset(self) -> None:
         """Back to the state after device reset (transport-visible fields included)."""
+        self.epoch += 1
         self.size = self.max_size
         self.ready = False
         self.desc_addr = 0
@@ -266,7 +273,7 @@ class Virtqueue:
             if isinstance(e, GuestMemoryError):
                 raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
-        return DescriptorChain(head, readable, writable)
+        return DescriptorChain(head, readable, writable, self.epoch)
 
     def _add(
         self,
@@ -304,7 +311,7 @@ class Virtqueue:
                 memory.unmap(v)
         with self.lock:
             used = self._used
-            if used is None:  # reset while the request was in flight: drop it
+            if used is None or chain.epoch != self.epoch:  # reset while in flight: drop it
                 return
             _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx % self.size), chain.head, written)
             wmb()
