@@ -55,16 +55,23 @@ def _need_event(event: int, new: int, old: int) -> bool:
 class DescriptorChain:
     """One request: the buffers of a descriptor chain, split into device-readable and -writable."""
 
-    __slots__ = ("epoch", "head", "readable", "writable")
+    __slots__ = ("epoch", "head", "memory", "readable", "writable")
 
     def __init__(
-        self, head: int, readable: list[memoryview], writable: list[memoryview], epoch: int = 0
+        self,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        epoch: int = 0,
+        memory: GuestMemory | None = None,
     ) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
         #: the queue's :attr:`Virtqueue.epoch` when the chain was popped
         self.epoch = epoch
+        #: the memory its buffers were mapped from (released there even after a queue reset)
+        self.memory = memory
 
     @property
     def readable_len(self) -> int:
@@ -273,7 +280,7 @@ class Virtqueue:
             if isinstance(e, GuestMemoryError):
                 raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
-        return DescriptorChain(head, readable, writable, self.epoch)
+        return DescriptorChain(head, readable, writable, self.epoch, memory)
 
     def _add(
         self,
@@ -303,7 +310,7 @@ class Virtqueue:
 
         Safe to call from several threads (completions of a thread pool).
         """
-        memory = self.memory
+        memory = chain.memory if chain.memory is not None else self.memory
         if memory is not None:
             for v in chain.readable:
                 memory.unmap(v)
@@ -321,7 +328,7 @@ class Virtqueue:
 
     def discard(self, chain: DescriptorChain) -> None:
         """Release a chain's buffers without completing it (device reset or failure)."""
-        memory = self.memory
+        memory = chain.memory if chain.memory is not None else self.memory
         if memory is not None:
             for v in chain.readable + chain.writable:
                 memory.unmap(v)
