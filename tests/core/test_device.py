@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from vdm.device import Status, VirtioDevice
+from vdm.memory import OnDemandGuestMemory
+from vdm.testing import GuestRam, VirtioTestDriver
 from vdm.transport.mmio import Reg
 from vdm.virtqueue import DescriptorChain, Virtqueue
 
@@ -214,3 +216,28 @@ def test_interrupts_from_threads_keep_the_line_consistent(virtio_driver):
     assert drv.irq.level == bool(drv.reg_read(Reg.INTERRUPT_STATUS))
     drv.ack_interrupts()
     assert not drv.irq.level
+
+
+
+def test_buffers_of_a_request_completed_after_reset_are_released():
+    """On-demand (Xen-style) memory: a late completion still gives its guest mappings back."""
+    ram = GuestRam(1 << 20, base=0)
+
+    class RamMapper:  # page mappings of the very bytes the test driver writes
+        def map_pages(self, first_page: int, count: int, writable: bool) -> memoryview:
+            return ram.region.view[first_page * 4096 : (first_page + count) * 4096]
+
+        def unmap_pages(self, view: memoryview, count: int) -> None:
+            pass
+
+    dev = HeldEcho()
+    drv = VirtioTestDriver(dev, ram=ram)
+    od = OnDemandGuestMemory(RamMapper(), limit=ram.size)
+    dev.memory = drv.transport.memory = od
+    drv.init()
+    drv.post(0, [b"abc"], [3])
+    drv.kick(0)
+    assert len(dev.held) == 1 and od.outstanding_views >= 2  # the rings and the chain's buffers
+    drv.reg_write(Reg.STATUS, 0)  # reset while the backend still holds the request
+    dev.complete_all()
+    assert od.outstanding_views == 0, "a late completion kept its guest mappings forever"
