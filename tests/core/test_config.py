@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vdm.config import config_from_mapping, describe_options, load_toml, parse_option_string
 from vdm.errors import UserError
 
@@ -201,3 +203,15 @@ def test_load_toml_errors_are_one_line(tmp_path):
         load_toml(str(bad))
     assert str(e.value).startswith(f"{bad}: not valid TOML: ")
     assert "\n" not in str(e.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([*"abcdeoprtuwqsz_-=,.0x19 ", "path", "ro", "cache", "none", "queues",
+                                 "size", "ratio", "serial", "direct"]), max_size=30).map("".join))
+def test_any_option_string_parses_or_is_one_user_error(text):
+    try:
+        cfg = parse_option_string(DiskConfig, text, "--disk", positional="path")
+    except UserError as e:
+        assert "\n" not in str(e) and str(e).startswith("--disk: ")
+    else:
+        assert isinstance(cfg, DiskConfig) and isinstance(cfg.path, str)
