@@ -1,1 +1,12 @@
-"""console plugin of vdm."""
+"""console plugin of vdm: the guest's terminal, as a 16550A UART (ttyS0) or virtio-console (hvc0).
+
+Modules:
+
+* :mod:`vdm_console.backend` -- the backend interface (output, bounded pull-model input);
+* :mod:`vdm_console.backends` -- stdio, pty, unix socket, file, null, memory; ``open_backend``;
+* :mod:`vdm_console.terminal` -- raw mode restored on every exit path, the Ctrl-A escape;
+* :mod:`vdm_console.uart` -- the 16550A UART (a PIO handler) and ``attach_uart``;
+* :mod:`vdm_console.virtio` -- virtio-console with MULTIPORT, SIZE and EMERG_WRITE;
+* :mod:`vdm_console.config` -- ``ConsoleConfig`` (``--console`` options, ``[console]`` table);
+* :mod:`vdm_console.plugin` -- registers the ``console`` device type.
+"""
