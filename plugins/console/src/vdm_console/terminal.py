@@ -145,7 +145,10 @@ class RawTerminal:
         self.active = False
 
     def enter(self) -> None:
-        """Raw input (no echo, no line editing, no signals from keys); output processing kept."""
+        """Raw input (no echo, no line editing, no signals from keys); output processing kept.
+
+        TCSANOW, not TCSAFLUSH: keys typed before the guest started are kept for it.
+        """
         mode = termios.tcgetattr(self.fd)
         iflag, oflag, cflag, lflag, ispeed, ospeed, cc = mode
         iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
@@ -158,7 +161,7 @@ class RawTerminal:
         cc[termios.VTIME] = 0
         with _lock:
             _install_hooks()
-            termios.tcsetattr(self.fd, termios.TCSAFLUSH, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
+            termios.tcsetattr(self.fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
             self.active = True
             if self not in _active:
                 _active.append(self)
