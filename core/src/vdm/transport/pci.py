@@ -281,7 +281,11 @@ class VirtioPciTransport:
         elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + 0x1000 and size in (1, 2, 4, 8):
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             self.device.write_config(offset - DEVICE_OFFSET, data)
-        elif MSIX_TABLE_OFFSET <= offset < MSIX_TABLE_OFFSET + len(self.msix_table) and size in (4, 8):
+        elif (
+            MSIX_TABLE_OFFSET <= offset <= MSIX_TABLE_OFFSET + len(self.msix_table) - size
+            and size in (4, 8)
+            and offset % 4 == 0  # else a write past the end would grow the table
+        ):
             off = offset - MSIX_TABLE_OFFSET
             with self._lock:
                 self.msix_table[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
