@@ -186,7 +186,7 @@ class VirtioPciTransport:
             return
         was_masked = self.msix_masked or not self.msix_enabled
         self.cfg.write(offset, size, value)
-        if offset <= BAR0 < offset + size:
+        if offset < BAR0 + 4 and BAR0 < offset + size:  # any byte of BAR0, not just the first
             bar = self.cfg.get(BAR0, 4)
             if bar not in (self.bar_address, BAR_MASK):  # BAR_MASK: the guest is sizing the BAR
                 log.warning(
