@@ -145,7 +145,7 @@ def expected_buffers(read, desc_addr: int, size: int, head: int, indirect_ok: bo
         i = nxt
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_generated_chain_is_served_exactly_or_refused(sc: dict) -> None:
     drv = VirtioTestDriver(EchoDevice(), ram_size=RAM)
