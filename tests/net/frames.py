@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import struct
 import time
 
@@ -97,7 +98,7 @@ def recv_matching(sock, predicate, timeout: float = 2.0) -> bytes | None:
         sock.settimeout(left)
         try:
             frame = sock.recv(1 << 17)
-        except TimeoutError:
+        except socket.timeout:  # TimeoutError only from Python 3.10
             return None
         if predicate(frame):
             return frame

@@ -33,8 +33,9 @@ class TapPoller:
         self._device = device
         self._pairs = list(pairs)
         self._sel = selectors.DefaultSelector()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
+        # a pipe rather than an eventfd: os.eventfd needs Python 3.10
+        self._wake_r, self._wake_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._interest: dict[int, int] = {}
         self._scheduled: set[int] = set()
         self._lock = threading.Lock()
@@ -47,15 +48,20 @@ class TapPoller:
     def wake(self) -> None:
         """Re-read the pairs' state (a pair stalled, un-stalled, blocked, was enabled...)."""
         with self._lock:  # never write to a closed (and maybe reused) fd number
-            if self._wake_fd >= 0:
-                os.eventfd_write(self._wake_fd, 1)
+            self._poke()
 
     def schedule(self, queue_index: int) -> None:
         """Kick ``queue_index`` from the poller thread soon (a queue that yielded its turn)."""
         with self._lock:
             self._scheduled.add(queue_index)
-            if self._wake_fd >= 0:
-                os.eventfd_write(self._wake_fd, 1)
+            self._poke()
+
+    def _poke(self) -> None:
+        if self._wake_fd >= 0:
+            try:
+                os.write(self._wake_fd, b"\1")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
 
     def stop(self) -> None:
         """Stop the thread and wait for it (unless called from it)."""
@@ -103,7 +109,7 @@ class TapPoller:
                 for key, events in self._sel.select():
                     if key.data is None:
                         try:
-                            os.eventfd_read(self._wake_fd)
+                            os.read(self._wake_r, 4096)
                         except BlockingIOError:
                             pass
                         continue
@@ -126,4 +132,5 @@ class TapPoller:
             self._sel.close()
             with self._lock:
                 os.close(self._wake_fd)
+                os.close(self._wake_r)
                 self._wake_fd = -1
