@@ -66,3 +66,17 @@ def test_list_plugins_shows_it(venv):
     row = parse_table(run_vdm(["list-plugins"], python=venv).stdout)["rng"]
     assert row == {k: rec[k] for k in ("name", "distribution", "version", "kind", "status")}
 
+
+
+def test_device_commands_offer_its_flag(venv):
+    """Commands that add devices from plugins (vhost-user, run) pick up --rng from the example."""
+    proc = run_vdm(["--help"], python=venv)
+    commands = [c for c in ("vhost-user", "run") if f"    {c} " in proc.stdout]
+    if not commands:
+        pytest.skip("no device-serving command is available on this machine")
+    for command in commands:
+        proc = run_vdm([command, "--help"], python=venv)
+        assert proc.returncode == 0, proc.stderr
+        text = " ".join(proc.stdout.split())
+        assert "--rng OPTIONS virtio-rng: random numbers for the guest's /dev/hwrng (from os.urandom) " \
+               "[vdm-rng-example]; options: max_bytes=…,queue_size=16|32|64|128|256|512|1024" in text
