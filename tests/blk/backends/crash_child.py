@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import sys
 
-from vdm_blk.backends import open_disk
+from vdm_blk.backends import open_disk, qcow2
 
 
 def pattern(n: int, seed: int) -> bytearray:
@@ -22,6 +22,9 @@ def pattern(n: int, seed: int) -> bytearray:
 
 def main() -> None:
     path, seed = sys.argv[1], int(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[3] == "tiny-caches":
+        # two L2 tables and two refcount blocks: evictions write metadata back between flushes
+        qcow2.MIN_CACHE_TABLES, qcow2.L2_CACHE_BYTES, qcow2.REFBLOCK_CACHE_BYTES = 2, 0, 0
     rng = random.Random(seed)
     disk = open_disk(path)
     sectors = disk.size // 512

@@ -34,9 +34,12 @@ def _read_all(path: str) -> bytearray:
     return buf
 
 
-def _run_and_kill(path: str, seed: int, delay: float) -> list[str]:
+def _run_and_kill(path: str, seed: int, delay: float, tiny_caches: bool) -> list[str]:
     proc = subprocess.Popen(
-        [sys.executable, CHILD, path, str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, CHILD, path, str(seed), "tiny-caches" if tiny_caches else "normal"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
@@ -57,14 +60,14 @@ def _run_and_kill(path: str, seed: int, delay: float) -> list[str]:
 
 
 @needs_qemu_img
-@pytest.mark.parametrize("cluster_size", [512, 65536])
-def test_sigkill_at_random_points(tmp_path, cluster_size):
+@pytest.mark.parametrize("cluster_size,tiny_caches", [(512, False), (512, True), (65536, False)])
+def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches):
     img = create_qcow2(str(tmp_path / "crash.qcow2"), SIZE, f"cluster_size={cluster_size}")
     rng = random.Random(cluster_size)
     state = bytearray(SIZE)  # what the image held after the previous round
     flushes_seen = 0
-    for rnd in range(5):
-        lines = _run_and_kill(img, rnd + 1, rng.uniform(0.1, 0.5))
+    for rnd in range(4 if tiny_caches else 5):
+        lines = _run_and_kill(img, rnd + 1, rng.uniform(0.1, 0.5), tiny_caches)
         last_f = max((i for i, ln in enumerate(lines) if ln == "F"), default=-1)
         flushes_seen += last_f >= 0
         expected = bytearray(state)

@@ -6,12 +6,14 @@ and no leaks, and ``qemu-img compare`` finds it identical to a raw file holding 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vdm_blk.backends import open_disk
+from vdm_blk.backends import open_disk, qcow2
 
 from .helpers import QEMU_IMG, assert_same, check_image, create_qcow2, needs_qemu_img, pattern
 
@@ -48,11 +50,18 @@ ops = st.lists(
     compat=st.sampled_from(["1.1", "0.10"]),
     with_backing=st.booleans(),
     direct=st.booleans(),
+    tiny_caches=st.booleans(),
     sequence=ops,
 )
-def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, sequence):
+def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, tiny_caches, sequence):
     assert QEMU_IMG
-    with tempfile.TemporaryDirectory() as d:
+    # tiny caches: two L2 tables and two refcount blocks, so write-back on eviction is exercised
+    caches = (
+        mock.patch.multiple(qcow2, MIN_CACHE_TABLES=2, L2_CACHE_BYTES=0, REFBLOCK_CACHE_BYTES=0)
+        if tiny_caches
+        else contextlib.nullcontext()
+    )
+    with tempfile.TemporaryDirectory() as d, caches:
         backing = None
         model = bytearray(SIZE)
         if with_backing:

@@ -124,12 +124,13 @@ def _encode_u64(a: array) -> bytes:
 class _Table:
     """A cached L2 table or refcount block: its entries and whether the disk copy is stale."""
 
-    __slots__ = ("dirty", "entries", "gen")
+    __slots__ = ("dirty", "entries", "gen", "writes")
 
     def __init__(self, entries: array) -> None:
         self.entries = entries
         self.dirty = False
-        self.gen = 0
+        self.gen = 0  # changes of the entries
+        self.writes = 0  # times written out other than by a flush's snapshot
 
 
 class _Extent:
@@ -276,11 +277,18 @@ class Qcow2Disk(DiskBackend):
         cache[off] = t
 
     def _write_l2_evicted(self, off: int, t: _Table) -> None:
-        # the refcounts of what this table references must reach the disk first
+        """A dirty L2 table leaves the cache: write back every dirty L2 table at once.
+
+        The refcounts of what they reference reach the disk first (written and synced); writing
+        all of them makes that sync pay for many evictions instead of one.
+        """
         if self._write_refblocks():
             self.f.sync()
-        self.f.pwrite(_encode_u64(t.entries), off)
-        t.dirty = False
+        for o, other in self._l2.items():
+            if other.dirty:
+                self.f.pwrite(_encode_u64(other.entries), o)
+                other.dirty = False
+                other.writes += 1
 
     def _l2_for(self, gc: int, create: bool) -> _Table | None:
         """The L2 table mapping guest cluster ``gc``; with ``create``, allocate a missing one."""
@@ -834,7 +842,11 @@ class Qcow2Disk(DiskBackend):
         with self._flush_lock:
             with self._meta:
                 self._write_refblocks()
-                snap = [(off, t, t.gen, _encode_u64(t.entries)) for off, t in self._l2.items() if t.dirty]
+                snap = [
+                    (off, t, t.gen, t.writes, _encode_u64(t.entries))
+                    for off, t in self._l2.items()
+                    if t.dirty
+                ]
                 l1 = dict(self._l1_dirty)
                 frees = self._pending_free
                 self._pending_free = []
@@ -859,9 +871,9 @@ class Qcow2Disk(DiskBackend):
         self.f.sync()  # data and refcounts
         if snap or l1:
             with self._meta:
-                for off, t, gen, raw in snap:
-                    if self._l2.get(off) is not t:
-                        continue  # evicted meanwhile: written then, with newer content
+                for off, t, gen, writes, raw in snap:
+                    if self._l2.get(off) is not t or t.writes != writes:
+                        continue  # written meanwhile (evictions), with newer content
                     self.f.pwrite(raw, off)
                     if t.gen == gen:
                         t.dirty = False
