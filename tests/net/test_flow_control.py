@@ -186,3 +186,13 @@ def test_many_descriptor_transmit_chain_is_gathered(fake):
     drv.request(1, pieces, indirect=True)
     msg = tap.peers[0].recv(1 << 17)
     assert msg[HDR_LEN:] == b"".join(pieces[1:])
+
+
+def test_summary_line_counts_per_pair(fake):
+    _tap, dev, drv = fake(queues=2)
+    assert drv.request(4, [bytes([4, 0]) + struct.pack("<H", 2)], [1]).data[0] == CTRL_OK
+    drv.request(3, [VnetHdr().pack() + frame(b"on pair 1")])
+    drv.request(1, [b"bad"])
+    line = dev.summary()
+    assert "tx 1 packets" in line and "dropped rx 0 tx 1" in line
+    assert "'tx_dropped_short_header': 1" in line and "0:0/0 1:0/1" in line

@@ -281,10 +281,26 @@ class VirtioNet(VirtioDevice):
                 pass
 
     def close(self) -> None:
-        """Reset and close the tap."""
+        """Reset, log the counters and close the tap."""
         self.reset()
+        log.info("%s: %s", self.name, self.summary())
         if self.tap is not None:
             self.tap.close()
+
+    def summary(self) -> str:
+        """One line of counters for logs: totals, drops by reason, packets per queue pair."""
+        st = self.stats()
+        drops = {k: v for k, v in sorted(st.items()) if "_dropped_" in k and v}
+        per_pair = " ".join(
+            f"{p.index}:{p.rx_stats['rx_packets']}/{p.tx_stats['tx_packets']}" for p in self.pairs
+        )
+        tap = self.tap.name if self.tap is not None else "no backend"
+        return (
+            f"{tap}: rx {st['rx_packets']} packets {st['rx_bytes']} bytes, tx {st['tx_packets']} packets "
+            f"{st['tx_bytes']} bytes, dropped rx {st['rx_dropped']} tx {st['tx_dropped']}"
+            + (f" {drops}" if drops else "")
+            + f"; rx/tx packets per queue pair {per_pair}"
+        )
 
     def _wake(self) -> None:
         poller = self._poller
@@ -609,6 +625,7 @@ class VirtioNet(VirtioDevice):
         if not 1 <= n <= len(self.pairs):
             return CTRL_ERR
         self._set_active_pairs(n)
+        log.info("%s: driver uses %d of %d queue pairs", self.name, n, len(self.pairs))
         return CTRL_OK
 
     def _cmd_guest_offloads(self, cmd: int, body: bytes) -> int:
