@@ -196,3 +196,25 @@ def test_summary_line_counts_per_pair(fake):
     line = dev.summary()
     assert "tx 1 packets" in line and "dropped rx 0 tx 1" in line
     assert "'tx_dropped_short_header': 1" in line and "0:0/0 1:0/1" in line
+
+
+@pytest.mark.parametrize(
+    ("accepted", "expected", "absent"),
+    [
+        (0, [], [0, 1, 2, 7, 8, 9, 10, 11, 12, 13, 14]),
+        (tun.TUN_F_CSUM, [0, 1, 2], [7, 8, 9, 10, 11, 12, 13, 14]),
+        (tun.TUN_F_CSUM | tun.TUN_F_TSO4, [0, 1, 2, 7, 11], [8, 9, 10, 12, 13, 14]),
+        # ECN alone is useless without a TSO type to apply it to: not offered
+        (tun.TUN_F_CSUM | tun.TUN_F_TSO_ECN, [0, 1, 2], [7, 8, 9, 11, 12, 13]),
+        (tun.TUN_F_TSO4, [], [0, 1, 7, 11]),  # no checksum offload: no segmentation either
+    ],
+)
+def test_only_offloads_the_tap_accepted_are_offered(accepted, expected, absent):
+    tap = FakeTap()
+    tap.accepted_offloads = accepted
+    try:
+        offered = VirtioNet(NetConfig(), tap).device_features()  # type: ignore[arg-type]
+        assert all(offered >> b & 1 for b in expected), hex(offered)
+        assert not any(offered >> b & 1 for b in absent), hex(offered)
+    finally:
+        tap.close()
