@@ -1,0 +1,118 @@
+"""Device options on a command line, from what the plugins registered.
+
+Every :class:`~vdm.registry.DeviceType` with a ``cli_flag`` becomes one repeatable option
+(``-d/--disk PATH[,ro]...``, ``-n/--network mode=tap,...``); a TOML file's tables named by the
+types' ``toml_key`` (``[[disk]]``, ``[network]``) give the same configurations. Commands that
+take devices (``vdm run``, ``vdm vhost-user``) share this::
+
+    add_device_options(parser, plugins)
+    ...
+    for dtype, config in device_configs(args, plugins, load_toml(path), base_dir=...):
+        device = dtype.create(config, DeviceContext(...))
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Mapping
+
+from ..config import config_from_mapping, describe_options, parse_option_string
+from ..errors import UserError
+from ..plugins import PluginSet, _check
+from ..registry import DeviceType
+
+__all__ = ["DEST_PREFIX", "add_device_options", "device_configs", "devices_epilog"]
+
+#: argparse destination of a device type's option: ``dev_<name>``
+DEST_PREFIX = "dev_"
+
+
+def _types(plugins: PluginSet) -> list[tuple[DeviceType, Any]]:
+    return sorted(plugins.devices.values(), key=lambda x: x[0].name)
+
+
+def add_device_options(parser: argparse.ArgumentParser, plugins: PluginSet | None) -> None:
+    """Add one repeatable option per device type that has a ``cli_flag``.
+
+    Options already on the parser are not added twice (a device type whose flag clashes with the
+    command's own option is left out of that command). Each option's help names the plugin's
+    distribution and the accepted option keys.
+    """
+    if plugins is None:
+        return
+    taken = set(parser._option_string_actions)
+    group = parser.add_argument_group("devices (from the installed plugins)")
+    for dt, info in _types(plugins):
+        if not dt.cli_flag:
+            continue
+        flags = [f for f in (dt.cli_short, dt.cli_flag) if f and f not in taken]
+        if dt.cli_flag not in flags:
+            continue
+        why = _check(dt.check)
+        note = f" (unavailable here: {why})" if why else ""
+        group.add_argument(
+            *flags,
+            dest=f"{DEST_PREFIX}{dt.name}",
+            action="append",
+            metavar="OPTIONS",
+            help=f"{dt.help} [{info.distribution}]{note}; options: {describe_options(dt.config)}",
+        )
+
+
+def devices_epilog(plugins: PluginSet | None) -> str:
+    """A paragraph for --help listing every device type the plugins provide."""
+    if plugins is None or not plugins.devices:
+        return "No device plugins are installed."
+    lines = ["device types provided by plugins:"]
+    for dt, info in _types(plugins):
+        how = ", ".join(x for x in (dt.cli_flag, f"[{dt.toml_key}]" if dt.toml_key else None) if x)
+        lines.append(f"  {dt.name:10} {how or '(no option)'}  {dt.help} [{info.distribution}]")
+    return "\n".join(lines)
+
+
+def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, Any]:
+    out = dict(table)
+    path = out.get("path")
+    if base_dir and isinstance(path, str):
+        out["path"] = os.path.join(base_dir, os.path.expanduser(path))
+    return out
+
+
+def device_configs(
+    args: argparse.Namespace,
+    plugins: PluginSet,
+    doc: Mapping[str, Any] | None = None,
+    *,
+    base_dir: str | None = None,
+) -> list[tuple[DeviceType, Any]]:
+    """The devices asked for: ``(DeviceType, config)`` pairs, TOML tables first, by type name.
+
+    For each type the command line's options replace the TOML file's tables of that type. A
+    table's relative ``path`` is taken relative to ``base_dir`` (the TOML file's folder). A wrong
+    option, an unknown key, or a type that is unavailable here is a :class:`UserError`.
+    """
+    doc = doc or {}
+    out: list[tuple[DeviceType, Any]] = []
+    for dt, _ in _types(plugins):
+        cli = getattr(args, f"{DEST_PREFIX}{dt.name}", None) or []
+        tables: Any = doc.get(dt.toml_key, []) if dt.toml_key else []
+        if isinstance(tables, Mapping):
+            tables = [tables]
+        if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+            raise UserError(f"[{dt.toml_key}] must be a table or an array of tables")
+        if cli:
+            tables = []
+        found = [
+            (dt, config_from_mapping(dt.config, _resolve_paths(t, base_dir), f"[{dt.toml_key}]"))
+            for t in tables
+        ]
+        found += [
+            (dt, parse_option_string(dt.config, text, dt.cli_flag or dt.name, dt.positional)) for text in cli
+        ]
+        if found:
+            why = _check(dt.check)
+            if why:
+                raise UserError(f"{dt.cli_flag or dt.name}: device type {dt.name} is unavailable here: {why}")
+        out += found
+    return out

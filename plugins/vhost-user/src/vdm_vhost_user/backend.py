@@ -1,0 +1,589 @@
+"""One vdm device served to one vhost-user frontend at a time: the protocol's state machine.
+
+The frontend owns the transport (virtio-pci in QEMU); it tells this backend what a transport
+would: the negotiated features, where the rings are, their sizes and start indexes, and it hands
+over eventfds -- *kick* (the driver notified a queue: the notify path) and *call* (interrupt the
+driver). Guest RAM arrives as shared file descriptors (:mod:`.memory`).
+
+In vdm's terms this module is one more hypervisor interface: it fills the device's
+:class:`~vdm.virtqueue.Virtqueue` fields, activates the device through
+:meth:`~vdm.device.VirtioDevice.activate`, turns kick eventfds (read on the core
+:class:`~vdm.eventloop.EventLoop`) into :meth:`~vdm.device.VirtioDevice.kick` and the device's
+interrupts into writes to call eventfds. The device code is the same as under KVM or Xen.
+
+A ring is *live* once it has a size, addresses inside the shared memory, a kick eventfd and is
+enabled; the first live ring activates the device. GET_VRING_BASE stops a ring; when no ring is
+live any more the device is reset (which waits for requests still being served), so the index
+handed back covers every request taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from vdm.device import Status, VirtioDevice
+from vdm.eventloop import EventLoop, drain_eventfd
+from vdm.memory import GuestMemoryError
+from vdm.virtqueue import Virtqueue, VirtqueueError
+
+from . import protocol as p
+from .inflight import InflightRegion, InflightVirtqueue
+from .memory import MemoryTable, RegionSpec, SharedGuestMemory
+from .protocol import Message, ProtocolError, ProtocolFeature, Req
+
+__all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBackend"]
+
+log = logging.getLogger(__name__)
+
+OFFERED_PROTOCOL_FEATURES = (
+    1 << ProtocolFeature.MQ
+    | 1 << ProtocolFeature.REPLY_ACK
+    | 1 << ProtocolFeature.CONFIG
+    | 1 << ProtocolFeature.INFLIGHT_SHMFD
+    | 1 << ProtocolFeature.RESET_DEVICE
+    | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | 1 << ProtocolFeature.STATUS
+)
+
+#: requests that carry their own reply (REPLY_ACK adds nothing to them)
+_HAS_REPLY = {
+    Req.GET_FEATURES,
+    Req.GET_PROTOCOL_FEATURES,
+    Req.GET_VRING_BASE,
+    Req.GET_QUEUE_NUM,
+    Req.GET_CONFIG,
+    Req.GET_INFLIGHT_FD,
+    Req.GET_MAX_MEM_SLOTS,
+    Req.GET_STATUS,
+}
+
+
+class Refused(Exception):
+    """A request that is well-formed but cannot be done: answered with a failure, not fatal."""
+
+
+@dataclass
+class Vring:
+    """What the frontend told us about one ring (kept apart from the device's Virtqueue)."""
+
+    num: int | None = None
+    desc_user: int | None = None
+    avail_user: int = 0
+    used_user: int = 0
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    #: the ring is mapped and the device serves it
+    live: bool = False
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class VhostUserBackend:
+    """Serves ``device`` to the frontend on one connection at a time."""
+
+    def __init__(self, device: VirtioDevice, loop: EventLoop) -> None:
+        self.device = device
+        self.loop = loop
+        # The device keeps its queues; only their class changes so that pop/push note in-flight
+        # heads in the shared inflight region. Nothing else of the device is touched.
+        for i, q in enumerate(device.queues):
+            if not isinstance(q, InflightVirtqueue):
+                device.queues[i] = InflightVirtqueue(q.index, q.max_size)
+        device.interrupts = self
+        self.memory = SharedGuestMemory()
+        self._fd_lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.vrings = [Vring() for _ in self.device.queues]
+        self.features: int | None = None
+        self.protocol_features = 0
+        self.protocol_negotiated = False
+        self.status = 0
+        self.owner = False
+        self.inflight: InflightRegion | None = None
+        self.memory.replace(MemoryTable())
+
+    # ---- connection life -----------------------------------------------------------------------
+
+    def attach(self, sock: socket.socket) -> None:
+        """A frontend connected."""
+        self.sock = sock
+
+    def detach(self) -> None:
+        """The frontend went away (or was thrown out): stop the device, forget everything."""
+        self._stop_all()
+        with self._fd_lock:
+            for vr in self.vrings:
+                _close(vr.call_fd)
+                _close(vr.err_fd)
+                vr.call_fd = vr.err_fd = None
+        self._reset_state()
+        self.sock = None
+
+    def _stop_all(self) -> None:
+        for i, vr in enumerate(self.vrings):
+            self._drop_kick(i, vr)
+            vr.live = False
+            self.device.queues[i].ready = False
+        self.device.reset()
+
+    # ---- interrupts: what the device calls (DeviceInterrupts) ----------------------------------
+
+    def queue_interrupt(self, queue: Virtqueue) -> None:
+        with self._fd_lock:
+            if 0 <= queue.index < len(self.vrings):
+                fd = self.vrings[queue.index].call_fd
+                if fd is not None:
+                    try:
+                        os.eventfd_write(fd, 1)
+                    except OSError as e:
+                        log.warning("vhost-user: cannot signal call eventfd of queue %d: %s", queue.index, e)
+
+    def config_interrupt(self) -> None:
+        # Without a backend request channel a configuration change cannot be announced; a device
+        # that broke (DEVICE_NEEDS_RESET) is reported on the rings' error eventfds.
+        if self.device.broken is None:
+            return
+        with self._fd_lock:
+            for i, vr in enumerate(self.vrings):
+                if vr.err_fd is not None and vr.live:
+                    try:
+                        os.eventfd_write(vr.err_fd, 1)
+                    except OSError as e:
+                        log.warning("vhost-user: cannot signal error eventfd of queue %d: %s", i, e)
+
+    # ---- messages ------------------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> None:
+        """Act on one request and send its reply. Raises ProtocolError to close the connection."""
+        handler: Callable[[Message], bytes | tuple[bytes, list[int]] | None] = self._handlers[msg.request]
+        ok = True
+        try:
+            reply = handler(self, msg)
+        except Refused as e:
+            log.warning("vhost-user: %s refused: %s", msg.name, e)
+            reply, ok = None, False
+        finally:
+            msg.close_fds()
+        if msg.request in _HAS_REPLY:
+            payload, fds = reply if isinstance(reply, tuple) else (reply or b"", [])
+            try:
+                self._send(msg.request, payload, fds)
+            finally:
+                for fd in fds:
+                    _close(fd)
+        elif msg.need_reply and self.protocol_features & (1 << ProtocolFeature.REPLY_ACK):
+            self._send(msg.request, p.U64.pack(0 if ok else 1))
+
+    def _send(self, request: int, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        if self.sock is None:
+            return
+        try:
+            p.send_message(self.sock, request, payload, fds)
+        except OSError as e:
+            raise ProtocolError(f"cannot send the reply to {Req.name(request)}: {e}") from None
+
+    def _ring(self, index: int, what: str) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise ProtocolError(f"{what}: queue index {index}, the device has {len(self.vrings)} queues")
+        return self.vrings[index]
+
+    # features
+
+    def _get_features(self, msg: Message) -> bytes:
+        return p.U64.pack(self.device.features() | 1 << p.F_PROTOCOL_FEATURES)
+
+    def _set_features(self, msg: Message) -> None:
+        (value,) = p.U64.unpack(msg.payload)
+        virtio = value & ~(1 << p.F_PROTOCOL_FEATURES)
+        extra = virtio & ~self.device.features()
+        if extra:
+            raise ProtocolError(f"SET_FEATURES: features 0x{extra:x} were not offered")
+        self.protocol_negotiated = bool(value >> p.F_PROTOCOL_FEATURES & 1)
+        if self.device.activated and self.features is not None and virtio != self.features:
+            raise ProtocolError("SET_FEATURES: features changed while the device runs")
+        self.features = virtio
+        why = self.device.set_driver_features(virtio)
+        if why is not None:
+            raise ProtocolError(f"SET_FEATURES: {why}")
+
+    def _get_protocol_features(self, msg: Message) -> bytes:
+        return p.U64.pack(OFFERED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        (value,) = p.U64.unpack(msg.payload)
+        extra = value & ~OFFERED_PROTOCOL_FEATURES
+        if extra:
+            raise ProtocolError(f"SET_PROTOCOL_FEATURES: 0x{extra:x} were not offered")
+        self.protocol_features = value
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def _reset_device(self, msg: Message) -> None:
+        self._stop_all()
+        with self._fd_lock:
+            for vr in self.vrings:
+                _close(vr.call_fd)
+                _close(vr.err_fd)
+        memory = self.memory.table
+        owner, proto = self.owner, self.protocol_features
+        self._reset_state()
+        self.memory.replace(memory)
+        self.owner, self.protocol_features = owner, proto
+
+    def _get_queue_num(self, msg: Message) -> bytes:
+        return p.U64.pack(len(self.device.queues))
+
+    def _get_status(self, msg: Message) -> bytes:
+        status = self.status
+        if self.device.broken is not None:
+            status |= Status.DEVICE_NEEDS_RESET
+        return p.U64.pack(status)
+
+    def _set_status(self, msg: Message) -> None:
+        (value,) = p.U64.unpack(msg.payload)
+        if value > 0xFF:
+            raise ProtocolError(f"SET_STATUS: 0x{value:x} is not a status byte")
+        # Recorded only: rings start and stop through the ring messages (QEMU sends status 0
+        # before it asks for the ring indexes, which must survive it).
+        if value & Status.FEATURES_OK and not self.status & Status.FEATURES_OK:
+            if self.features is None or self.device.set_driver_features(self.features) is not None:
+                value &= ~Status.FEATURES_OK
+        self.status = value
+
+    # memory
+
+    def _set_mem_table(self, msg: Message) -> None:
+        count, _ = p.MEM_TABLE_HEAD.unpack_from(msg.payload)
+        listed = (len(msg.payload) - p.MEM_TABLE_HEAD.size) // p.MEM_REGION.size
+        if not 1 <= count <= listed:
+            raise ProtocolError(f"SET_MEM_TABLE: {count} regions in a message with room for {listed}")
+        if len(msg.fds) != count:
+            raise ProtocolError(f"SET_MEM_TABLE: {count} regions but {len(msg.fds)} file descriptors")
+        specs = [
+            RegionSpec(*p.MEM_REGION.unpack_from(msg.payload, p.MEM_TABLE_HEAD.size + i * p.MEM_REGION.size))
+            for i in range(count)
+        ]
+        table = MemoryTable.build(specs, msg.fds)
+        self._check_live_rings(table)
+        self.memory.replace(table)
+        self._update_rings()
+
+    def _get_max_mem_slots(self, msg: Message) -> bytes:
+        return p.U64.pack(p.MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        spec = RegionSpec(*p.SINGLE_REGION.unpack(msg.payload)[1:])
+        if len(self.memory.table) >= p.MAX_MEM_SLOTS:
+            raise ProtocolError(f"ADD_MEM_REG: more than {p.MAX_MEM_SLOTS} regions")
+        self.memory.replace(self.memory.table.with_region(spec, msg.fds[0]))
+        self._update_rings()
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        spec = RegionSpec(*p.SINGLE_REGION.unpack(msg.payload)[1:])
+        table = self.memory.table.without_region(spec)
+        self._check_live_rings(table)
+        self.memory.replace(table)
+
+    def _check_live_rings(self, table: MemoryTable) -> None:
+        for i, vr in enumerate(self.vrings):
+            if vr.live:
+                self._translate(i, vr, table)
+
+    # rings
+
+    def _set_vring_num(self, msg: Message) -> None:
+        index, num = p.VRING_STATE.unpack(msg.payload)
+        vr = self._ring(index, "SET_VRING_NUM")
+        max_size = self.device.queues[index].max_size
+        if not 1 <= num <= max_size or num & (num - 1):
+            raise ProtocolError(f"SET_VRING_NUM: queue {index} size {num} (a power of two up to {max_size})")
+        if vr.live and num != vr.num:
+            raise ProtocolError(f"SET_VRING_NUM: queue {index} is running")
+        vr.num = num
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        index, _flags, desc, used, avail, _log = p.VRING_ADDR.unpack(msg.payload)
+        vr = self._ring(index, "SET_VRING_ADDR")
+        if vr.live and (desc, avail, used) != (vr.desc_user, vr.avail_user, vr.used_user):
+            raise ProtocolError(f"SET_VRING_ADDR: queue {index} is running")
+        if desc % 16 or avail % 2 or used % 4:
+            raise ProtocolError(f"SET_VRING_ADDR: queue {index}: misaligned ring address")
+        # Checked now against the ring size known so far, and again when the ring starts.
+        num = vr.num or 1
+        table = self.memory.table
+        for what, addr, length in (
+            ("descriptor table", desc, 16 * num),
+            ("available ring", avail, 6 + 2 * num),
+            ("used ring", used, 6 + 8 * num),
+        ):
+            try:
+                table.user_to_guest(addr, length)
+            except ProtocolError as e:
+                raise ProtocolError(f"SET_VRING_ADDR: queue {index} {what}: {e}") from None
+        vr.desc_user, vr.avail_user, vr.used_user = desc, avail, used
+        self._update_rings()
+
+    def _set_vring_base(self, msg: Message) -> None:
+        index, num = p.VRING_STATE.unpack(msg.payload)
+        vr = self._ring(index, "SET_VRING_BASE")
+        if num > 0xFFFF:
+            raise ProtocolError(f"SET_VRING_BASE: queue {index} base {num} (split rings only)")
+        if vr.live:
+            raise ProtocolError(f"SET_VRING_BASE: queue {index} is running")
+        vr.base = num
+
+    def _get_vring_base(self, msg: Message) -> bytes:
+        index, _ = p.VRING_STATE.unpack(msg.payload)
+        vr = self._ring(index, "GET_VRING_BASE")
+        base = self._stop_ring(index, vr)
+        return p.VRING_STATE.pack(index, base)
+
+    def _vring_fd(self, msg: Message, what: str) -> tuple[int, Vring, int | None]:
+        (value,) = p.U64.unpack(msg.payload)
+        if value & ~(p.VRING_IDX_MASK | p.VRING_NOFD):
+            raise ProtocolError(f"{what}: unknown bits in 0x{value:x}")
+        index = value & p.VRING_IDX_MASK
+        vr = self._ring(index, what)
+        if value & p.VRING_NOFD:
+            if msg.fds:
+                raise ProtocolError(f"{what}: queue {index} says 'no fd' but sent one")
+            return index, vr, None
+        if not msg.fds:
+            raise ProtocolError(f"{what}: queue {index} without a file descriptor")
+        return index, vr, msg.take_fd()
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        index, vr, fd = self._vring_fd(msg, "SET_VRING_KICK")
+        if fd is None:
+            raise ProtocolError(f"SET_VRING_KICK: queue {index}: polling (no kick eventfd) is not supported")
+        self._drop_kick(index, vr)
+        vr.kick_fd = fd
+        if vr.live:
+            self.loop.add_reader(fd, self._kick_handler(index, fd))
+            self.device.kick(index)
+        else:
+            self._update_rings()
+
+    def _set_vring_call(self, msg: Message) -> None:
+        _, vr, fd = self._vring_fd(msg, "SET_VRING_CALL")
+        with self._fd_lock:
+            old, vr.call_fd = vr.call_fd, fd
+            _close(old)
+            if fd is not None and vr.live:
+                # an interrupt may have gone to the old eventfd meanwhile: a spurious one is harmless
+                os.eventfd_write(fd, 1)
+
+    def _set_vring_err(self, msg: Message) -> None:
+        _, vr, fd = self._vring_fd(msg, "SET_VRING_ERR")
+        with self._fd_lock:
+            old, vr.err_fd = vr.err_fd, fd
+            _close(old)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        index, num = p.VRING_STATE.unpack(msg.payload)
+        vr = self._ring(index, "SET_VRING_ENABLE")
+        if num not in (0, 1):
+            raise ProtocolError(f"SET_VRING_ENABLE: queue {index} value {num}")
+        vr.enabled = bool(num)
+        if vr.live and vr.enabled:
+            self.device.kick(index)
+        self._update_rings()
+
+    # config space
+
+    def _config_args(self, msg: Message, what: str) -> tuple[int, int, int]:
+        offset, size, flags = p.CONFIG_HEAD.unpack_from(msg.payload)
+        if len(msg.payload) != p.CONFIG_HEAD.size + size:
+            raise ProtocolError(
+                f"{what}: {size} bytes announced, {len(msg.payload) - p.CONFIG_HEAD.size} sent"
+            )
+        if offset + size > p.MAX_CONFIG_SIZE:
+            raise ProtocolError(f"{what}: bytes {offset}+{size} are past the configuration space")
+        return offset, size, flags
+
+    def _get_config(self, msg: Message) -> bytes:
+        offset, size, flags = self._config_args(msg, "GET_CONFIG")
+        return p.CONFIG_HEAD.pack(offset, size, flags) + self.device.read_config(offset, size)
+
+    def _set_config(self, msg: Message) -> None:
+        offset, _, flags = self._config_args(msg, "SET_CONFIG")
+        if flags not in (0, 1):
+            raise ProtocolError(f"SET_CONFIG: unknown flags {flags}")
+        self.device.write_config(offset, bytes(msg.payload[p.CONFIG_HEAD.size :]))
+
+    # inflight tracking
+
+    def _inflight_args(self, msg: Message) -> tuple[int, int, int, int]:
+        size, offset, nq, qs = p.INFLIGHT.unpack(msg.payload)
+        InflightRegion.check_geometry(
+            nq, qs, len(self.device.queues), max(q.max_size for q in self.device.queues)
+        )
+        return size, offset, nq, qs
+
+    def _get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
+        _, _, nq, qs = self._inflight_args(msg)
+        region, fd = InflightRegion.create(nq, qs)
+        self.inflight = region
+        return p.INFLIGHT.pack(region.size, 0, nq, qs), [fd]
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        size, offset, nq, qs = self._inflight_args(msg)
+        if any(vr.live for vr in self.vrings):
+            raise ProtocolError("SET_INFLIGHT_FD while rings run")
+        self.inflight = InflightRegion.open(msg.fds[0], size, offset, nq, qs)
+
+    # ---- rings: start and stop -----------------------------------------------------------------
+
+    def _translate(self, index: int, vr: Vring, table: MemoryTable) -> tuple[int, int, int]:
+        num = vr.num or 0
+        try:
+            return (
+                table.user_to_guest(vr.desc_user or 0, 16 * num),
+                table.user_to_guest(vr.avail_user, 6 + 2 * num),
+                table.user_to_guest(vr.used_user, 6 + 8 * num),
+            )
+        except ProtocolError as e:
+            raise ProtocolError(f"queue {index}: ring not inside the shared memory: {e}") from None
+
+    def _update_rings(self) -> None:
+        for i, vr in enumerate(self.vrings):
+            if (
+                not vr.live
+                and vr.kick_fd is not None
+                and (vr.enabled or not self.protocol_negotiated)
+                and vr.num is not None
+                and vr.desc_user is not None
+                and self.features is not None
+                and len(self.memory.table)
+            ):
+                self._start_ring(i, vr)
+
+    def _start_ring(self, index: int, vr: Vring) -> None:
+        desc, avail, used = self._translate(index, vr, self.memory.table)
+        assert vr.num is not None and vr.kick_fd is not None
+        q = self.device.queues[index]
+        if self.inflight is not None:
+            self.inflight.check_queue(index, vr.num)
+        try:
+            used_idx = self.memory.read_u16(used + 2)
+        except GuestMemoryError as e:
+            raise ProtocolError(f"queue {index}: {e}") from None
+        q.size = vr.num
+        q.desc_addr, q.avail_addr, q.used_addr = desc, avail, used
+        q.last_avail_idx = vr.base
+        q.used_idx = used_idx
+        if isinstance(q, InflightVirtqueue):
+            q.inflight = self.inflight.queue(index) if self.inflight is not None else None
+        q.ready = True
+        vr.live = True
+        self.loop.add_reader(vr.kick_fd, self._kick_handler(index, vr.kick_fd))
+        device = self.device
+        log.info(
+            "vhost-user: queue %d starts: size %d, avail index %d, used index %d%s",
+            index,
+            vr.num,
+            vr.base,
+            used_idx,
+            ", inflight tracked" if self.inflight is not None else "",
+        )
+        if not device.activated and device.broken is None:
+            assert self.features is not None
+            why = device.set_driver_features(self.features)
+            if why is not None:
+                raise ProtocolError(why)
+            device.activate(self.memory)
+        elif device.activated:
+            try:
+                device.start_queue(q)
+            except VirtqueueError as e:
+                device.fail(str(e))
+                return
+            device.kick(index)
+        if isinstance(q, InflightVirtqueue) and q.resubmitted:
+            log.info(
+                "vhost-user: queue %d: %d request(s) in flight before the reconnect served again",
+                index,
+                q.resubmitted,
+            )
+
+    def _kick_handler(self, index: int, fd: int) -> Callable[[], None]:
+        device = self.device
+        vr = self.vrings[index]
+
+        def on_kick() -> None:
+            drain_eventfd(fd)
+            if vr.enabled or not self.protocol_negotiated:
+                device.kick(index)
+
+        return on_kick
+
+    def _drop_kick(self, index: int, vr: Vring) -> None:
+        if vr.kick_fd is not None:
+            self.loop.remove_reader(vr.kick_fd)
+            _close(vr.kick_fd)
+            vr.kick_fd = None
+
+    def _stop_ring(self, index: int, vr: Vring) -> int:
+        """GET_VRING_BASE: stop serving the ring; return the next available index to take."""
+        self._drop_kick(index, vr)
+        if not vr.live:
+            return vr.base
+        q = self.device.queues[index]
+        vr.live = False
+        q.ready = False
+        if any(v.live for v in self.vrings):
+            base = q.last_avail_idx
+            with q.lock:
+                q.deactivate()
+        else:
+            base = q.last_avail_idx
+            self.device.reset()  # waits for requests being served; they complete into the rings
+        vr.base = base
+        return base
+
+    _handlers: dict[int, Callable] = {
+        Req.GET_FEATURES: _get_features,
+        Req.SET_FEATURES: _set_features,
+        Req.SET_OWNER: _set_owner,
+        Req.RESET_OWNER: _reset_device,
+        Req.RESET_DEVICE: _reset_device,
+        Req.SET_MEM_TABLE: _set_mem_table,
+        Req.SET_VRING_NUM: _set_vring_num,
+        Req.SET_VRING_ADDR: _set_vring_addr,
+        Req.SET_VRING_BASE: _set_vring_base,
+        Req.GET_VRING_BASE: _get_vring_base,
+        Req.SET_VRING_KICK: _set_vring_kick,
+        Req.SET_VRING_CALL: _set_vring_call,
+        Req.SET_VRING_ERR: _set_vring_err,
+        Req.GET_PROTOCOL_FEATURES: _get_protocol_features,
+        Req.SET_PROTOCOL_FEATURES: _set_protocol_features,
+        Req.GET_QUEUE_NUM: _get_queue_num,
+        Req.SET_VRING_ENABLE: _set_vring_enable,
+        Req.GET_CONFIG: _get_config,
+        Req.SET_CONFIG: _set_config,
+        Req.GET_INFLIGHT_FD: _get_inflight_fd,
+        Req.SET_INFLIGHT_FD: _set_inflight_fd,
+        Req.GET_MAX_MEM_SLOTS: _get_max_mem_slots,
+        Req.ADD_MEM_REG: _add_mem_reg,
+        Req.REM_MEM_REG: _rem_mem_reg,
+        Req.SET_STATUS: _set_status,
+        Req.GET_STATUS: _get_status,
+    }

@@ -1,0 +1,221 @@
+"""In-flight request tracking (vhost-user.rst, "Inflight I/O tracking", split virtqueues).
+
+The backend keeps, in a memory file it shares with the frontend, which descriptor heads it has
+taken from the available ring and not yet returned. The frontend holds on to that file across a
+backend crash and hands it to the next backend (SET_INFLIGHT_FD), which then knows exactly which
+requests to serve again -- and which not, because they were completed already.
+
+Per queue the region holds a 16-byte header (features u64, version u16, desc_num u16,
+last_batch_head u16, used_idx u16) followed by one 16-byte entry per descriptor (inflight u8,
+5 bytes padding, next u16, counter u64).
+
+:class:`InflightVirtqueue` is the core's :class:`~vdm.virtqueue.Virtqueue` with that bookkeeping
+around :meth:`pop` and :meth:`push`; devices use it without knowing. After a reconnect its
+:meth:`pop` first returns the requests that were in flight, oldest first, then new ones.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import struct
+import threading
+
+from vdm.memory import GuestMemory
+from vdm.virtqueue import DescriptorChain, Virtqueue
+
+from .protocol import ProtocolError
+
+__all__ = ["InflightRegion", "InflightVirtqueue", "queue_region_size"]
+
+_HEAD = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
+_DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
+VERSION = 1
+_ALIGN = 64
+_OFF_VERSION = 8
+_OFF_DESC_NUM = 10
+_OFF_LAST_BATCH = 12
+_OFF_USED_IDX = 14
+
+
+def queue_region_size(queue_size: int) -> int:
+    """Bytes of one queue's region: the header and one entry per descriptor, 64-byte aligned."""
+    raw = _HEAD.size + _DESC.size * queue_size
+    return (raw + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class InflightRegion:
+    """The shared in-flight file, mapped: one region per queue."""
+
+    def __init__(self, mapping: mmap.mmap, offset: int, size: int, num_queues: int, queue_size: int) -> None:
+        self.mapping = mapping
+        self.view = memoryview(mapping)[offset : offset + size]
+        self.size = size
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.stride = queue_region_size(queue_size)
+
+    @staticmethod
+    def check_geometry(num_queues: int, queue_size: int, max_queues: int, max_queue_size: int) -> None:
+        if not 1 <= num_queues <= max_queues:
+            raise ProtocolError(f"inflight: {num_queues} queues, the device has {max_queues}")
+        if not 1 <= queue_size <= max_queue_size:
+            raise ProtocolError(f"inflight: queue size {queue_size} (device maximum {max_queue_size})")
+
+    @classmethod
+    def create(cls, num_queues: int, queue_size: int) -> tuple[InflightRegion, int]:
+        """A new zeroed region in a memfd; returns it and the fd to send (the caller closes it)."""
+        size = num_queues * queue_region_size(queue_size)
+        fd = os.memfd_create("vdm-vhost-user-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(m, 0, size, num_queues, queue_size), fd
+
+    @classmethod
+    def open(cls, fd: int, size: int, offset: int, num_queues: int, queue_size: int) -> InflightRegion:
+        """Map a region the frontend kept (SET_INFLIGHT_FD); the caller still owns ``fd``."""
+        need = num_queues * queue_region_size(queue_size)
+        if size < need:
+            raise ProtocolError(
+                f"inflight: {size} bytes for {num_queues} queues of {queue_size} (need {need})"
+            )
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise ProtocolError(f"inflight fd: {e}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size < offset + size:
+            raise ProtocolError("inflight fd is not a file holding the region it describes")
+        try:
+            m = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise ProtocolError(f"cannot map the inflight region: {e}") from None
+        return cls(m, offset, size, num_queues, queue_size)
+
+    def queue(self, index: int) -> memoryview | None:
+        """The region of queue ``index``, or None if the frontend did not provide one for it."""
+        if not 0 <= index < self.num_queues:
+            return None
+        return self.view[index * self.stride : (index + 1) * self.stride]
+
+    def check_queue(self, index: int, ring_size: int) -> None:
+        """Refuse a ring that does not fit its region (before the queue starts)."""
+        region = self.queue(index)
+        if region is None:
+            return
+        if ring_size > self.queue_size:
+            raise ProtocolError(
+                f"queue {index}: ring of {ring_size} larger than the inflight region's {self.queue_size}"
+            )
+        version = _U16.unpack_from(region, _OFF_VERSION)[0]
+        desc_num = _U16.unpack_from(region, _OFF_DESC_NUM)[0]
+        if version not in (0, VERSION):
+            raise ProtocolError(f"queue {index}: inflight region version {version} is unknown")
+        if version and desc_num != ring_size:
+            raise ProtocolError(
+                f"queue {index}: inflight region is for {desc_num} descriptors, the ring has {ring_size}"
+            )
+
+
+class InflightVirtqueue(Virtqueue):
+    """A :class:`Virtqueue` that records taken and returned heads in an inflight region.
+
+    Set :attr:`inflight` (a queue's region, or None for no tracking) and :attr:`used_idx` (the used
+    ring's index as the guest sees it) before the device activates the queue.
+    """
+
+    def __init__(self, index: int, max_size: int) -> None:
+        self.inflight: memoryview | None = None
+        self._resubmit: list[int] = []
+        self._counter = 0
+        self._track_lock = threading.Lock()
+        super().__init__(index, max_size)
+
+    #: heads served again after a reconnect (for logs and tests)
+    resubmitted = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.inflight = None
+        self._resubmit = []
+        self._counter = 0
+
+    def activate(self, memory: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
+        super().activate(memory, event_idx=event_idx, indirect=indirect)
+        if self.inflight is not None:
+            self._recover(self.inflight)
+
+    def _recover(self, region: memoryview) -> None:
+        """Initialise a fresh region, or find the requests a previous backend left in flight."""
+        size = self.size
+        if _U16.unpack_from(region, _OFF_VERSION)[0] == 0:
+            region[: _HEAD.size + _DESC.size * size] = bytes(_HEAD.size + _DESC.size * size)
+            _HEAD.pack_into(region, 0, 0, VERSION, size, 0, self.used_idx)
+            self._resubmit = []
+            self._counter = 0
+            return
+        if _U16.unpack_from(region, _OFF_USED_IDX)[0] != self.used_idx:
+            # The previous backend died between publishing a used entry and clearing its
+            # inflight flag: the last batch was completed after all.
+            last = _U16.unpack_from(region, _OFF_LAST_BATCH)[0]
+            if last < size:
+                region[_HEAD.size + _DESC.size * last] = 0
+            _U16.pack_into(region, _OFF_USED_IDX, self.used_idx)
+        pending = []
+        top = 0
+        for i in range(size):
+            flag, _, counter = _DESC.unpack_from(region, _HEAD.size + _DESC.size * i)
+            if flag == 1:
+                pending.append((counter, i))
+            top = max(top, counter)
+        pending.sort()
+        self._resubmit = [i for _, i in pending]
+        self._counter = top + 1
+        # Everything taken from the available ring was either completed (used_idx) or is in flight.
+        self.last_avail_idx = (self.used_idx + len(pending)) & 0xFFFF
+        self.resubmitted += len(pending)
+
+    def has_available(self) -> bool:
+        return bool(self._resubmit) or super().has_available()
+
+    def pop(self) -> DescriptorChain | None:
+        if self._resubmit:
+            head = self._resubmit.pop(0)
+            return self._walk(head)
+        chain = super().pop()
+        region = self.inflight
+        if chain is not None and region is not None:
+            with self._track_lock:
+                off = _HEAD.size + _DESC.size * chain.head
+                _U64.pack_into(region, off + 8, self._counter)
+                self._counter += 1
+                region[off] = 1
+        return chain
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        region = self.inflight
+        if region is None:
+            super().push(chain, written)
+            return
+        with self._track_lock:
+            off = _HEAD.size + _DESC.size * chain.head
+            _U16.pack_into(region, off + 6, _U16.unpack_from(region, _OFF_LAST_BATCH)[0])
+            _U16.pack_into(region, _OFF_LAST_BATCH, chain.head)
+            before = self.used_idx
+            super().push(chain, written)
+            if self.used_idx != before:
+                region[off] = 0
+                _U16.pack_into(region, _OFF_USED_IDX, self.used_idx)
+
+    def inflight_heads(self) -> list[int]:
+        """Heads currently marked in flight (for tests and diagnostics)."""
+        region = self.inflight
+        if region is None:
+            return []
+        return [i for i in range(self.size) if region[_HEAD.size + _DESC.size * i] == 1]

@@ -1,0 +1,150 @@
+"""Guest memory shared by the frontend: file descriptors mapped flat, and address translation.
+
+The frontend (QEMU) describes guest RAM as regions: a guest-physical address, a size, the address
+the frontend itself sees it at (its *user* address) and an offset into a shared file descriptor.
+:class:`MemoryTable` maps each region's descriptor and builds the core's
+:class:`~vdm.memory.FlatGuestMemory` over them; ring addresses arrive as user addresses and are
+translated through the table. :class:`SharedGuestMemory` is what the device gets: it forwards to
+the current table, so that the frontend may replace or extend the table while queues run (views
+already handed out keep their mapping alive).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from dataclasses import dataclass
+
+from vdm.memory import FlatGuestMemory, GuestMemory, GuestMemoryError, MemoryRegion
+
+from .protocol import ProtocolError
+
+__all__ = ["MemoryTable", "RegionSpec", "SharedGuestMemory"]
+
+_LIMIT = 1 << 64
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """One region as the frontend describes it."""
+
+    guest_addr: int
+    size: int
+    user_addr: int
+    mmap_offset: int
+
+    def check(self) -> None:
+        if self.size == 0:
+            raise ProtocolError(f"memory region at guest 0x{self.guest_addr:x} is empty")
+        for what, base in (("guest", self.guest_addr), ("user", self.user_addr), ("file", self.mmap_offset)):
+            if base + self.size > _LIMIT:
+                raise ProtocolError(f"memory region {what} range 0x{base:x}+0x{self.size:x} wraps around")
+
+
+class _Mapped:
+    __slots__ = ("map", "region", "spec")
+
+    def __init__(self, spec: RegionSpec, mapping: mmap.mmap, region: MemoryRegion) -> None:
+        self.spec = spec
+        self.map = mapping
+        self.region = region
+
+
+def map_region(spec: RegionSpec, fd: int) -> _Mapped:
+    """mmap ``fd`` for ``spec`` after checking that the file really holds the region."""
+    spec.check()
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ProtocolError(f"memory region fd: {e}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise ProtocolError("memory region fd is not a file that can be mapped")
+    end = spec.mmap_offset + spec.size
+    if stat.S_ISREG(st.st_mode) and st.st_size < end:
+        raise ProtocolError(
+            f"memory region 0x{spec.guest_addr:x}+0x{spec.size:x} at file offset 0x{spec.mmap_offset:x} "
+            f"is past the end of its file (0x{st.st_size:x} bytes)"
+        )
+    try:
+        m = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"cannot map memory region 0x{spec.guest_addr:x}+0x{spec.size:x}: {e}") from None
+    view = memoryview(m)[spec.mmap_offset : end]
+    return _Mapped(spec, m, MemoryRegion(spec.guest_addr, view))
+
+
+class MemoryTable:
+    """The frontend's regions, mapped. Immutable: changes build a new table."""
+
+    def __init__(self, mapped: list[_Mapped] = ()) -> None:  # type: ignore[assignment]
+        self._mapped = list(mapped)
+        self._mapped.sort(key=lambda m: m.spec.user_addr)
+        try:
+            self.memory = FlatGuestMemory([m.region for m in self._mapped])
+        except ValueError as e:
+            raise ProtocolError(f"memory regions overlap: {e}") from None
+        for a, b in zip(self._mapped, self._mapped[1:]):
+            if a.spec.user_addr + a.spec.size > b.spec.user_addr:
+                raise ProtocolError("memory regions overlap in the frontend's address space")
+
+    @classmethod
+    def build(cls, specs: list[RegionSpec], fds: list[int]) -> MemoryTable:
+        """Map every region (the fds stay owned by the caller and may be closed afterwards)."""
+        return cls([map_region(s, fd) for s, fd in zip(specs, fds)])
+
+    @property
+    def specs(self) -> list[RegionSpec]:
+        return [m.spec for m in self._mapped]
+
+    def __len__(self) -> int:
+        return len(self._mapped)
+
+    def with_region(self, spec: RegionSpec, fd: int) -> MemoryTable:
+        """A new table with one more region (ADD_MEM_REG)."""
+        return MemoryTable([*self._mapped, map_region(spec, fd)])
+
+    def without_region(self, spec: RegionSpec) -> MemoryTable:
+        """A new table without the region matching ``spec`` (REM_MEM_REG; the offset is ignored)."""
+        keep = [
+            m
+            for m in self._mapped
+            if (m.spec.guest_addr, m.spec.size, m.spec.user_addr)
+            != (spec.guest_addr, spec.size, spec.user_addr)
+        ]
+        if len(keep) == len(self._mapped):
+            raise ProtocolError(f"REM_MEM_REG: no region at guest 0x{spec.guest_addr:x}+0x{spec.size:x}")
+        return MemoryTable(keep)
+
+    def user_to_guest(self, user_addr: int, length: int) -> int:
+        """Translate a frontend user address range to guest-physical; ProtocolError if unmapped."""
+        for m in self._mapped:
+            s = m.spec
+            if s.user_addr <= user_addr and user_addr + length <= s.user_addr + s.size:
+                return s.guest_addr + (user_addr - s.user_addr)
+        raise ProtocolError(f"address 0x{user_addr:x}+0x{length:x} is not inside the shared memory")
+
+
+class SharedGuestMemory(GuestMemory):
+    """The device's view of guest RAM: the frontend's current :class:`MemoryTable`."""
+
+    def __init__(self, table: MemoryTable | None = None) -> None:
+        self._table = table if table is not None else MemoryTable()
+
+    @property
+    def table(self) -> MemoryTable:
+        return self._table
+
+    def replace(self, table: MemoryTable) -> None:
+        """Switch to ``table`` (one reference assignment: readers see the old or the new one)."""
+        self._table = table
+
+    def map(self, addr: int, length: int, writable: bool = False) -> memoryview:
+        return self._table.memory.map(addr, length, writable)
+
+    def contains(self, addr: int, length: int) -> bool:
+        try:
+            self.map(addr, length)
+        except GuestMemoryError:
+            return False
+        return True

@@ -1,0 +1,278 @@
+"""The vhost-user wire format (QEMU's docs/interop/vhost-user.rst): numbers, structs, framing.
+
+A message is a 12-byte header -- request, flags, payload size, native (little) endian -- and a
+payload whose layout depends on the request. File descriptors travel as SCM_RIGHTS ancillary data
+with the header. :func:`recv_message` reads one message and checks everything that does not depend
+on the backend's state: the version bits, the payload size against the request's layout, the
+number of file descriptors. Anything wrong raises :class:`ProtocolError`, and the caller closes the
+connection; received descriptors are always closed unless the caller keeps them.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+__all__ = [
+    "HEADER",
+    "MAX_FDS",
+    "Message",
+    "ProtocolError",
+    "Req",
+    "recv_message",
+    "send_message",
+]
+
+HEADER = struct.Struct("<III")
+U64 = struct.Struct("<Q")
+VRING_STATE = struct.Struct("<II")
+VRING_ADDR = struct.Struct("<IIQQQQ")
+MEM_REGION = struct.Struct("<QQQQ")  # guest address, size, user address, mmap offset
+MEM_TABLE_HEAD = struct.Struct("<II")  # number of regions, padding
+SINGLE_REGION = struct.Struct("<QQQQQ")  # padding, then a region
+CONFIG_HEAD = struct.Struct("<III")  # offset, size, flags
+INFLIGHT = struct.Struct("<QQHH")  # mmap size, mmap offset, number of queues, queue size
+
+VERSION = 0x1
+VERSION_MASK = 0x3
+FLAG_REPLY = 1 << 2
+FLAG_NEED_REPLY = 1 << 3
+
+#: VHOST_USER_F_PROTOCOL_FEATURES: the (virtio-reserved) feature bit that says "protocol features"
+F_PROTOCOL_FEATURES = 30
+#: VHOST_F_LOG_ALL: dirty logging for migration (not offered)
+F_LOG_ALL = 26
+
+#: at most this many regions in SET_MEM_TABLE (VHOST_MEMORY_BASELINE_NREGIONS)
+MAX_TABLE_REGIONS = 8
+#: at most this many file descriptors with one message
+MAX_FDS = 8
+#: memory slots offered with CONFIGURE_MEM_SLOTS (ADD_MEM_REG / REM_MEM_REG)
+MAX_MEM_SLOTS = 32
+#: the largest configuration space a frontend may ask for (VHOST_USER_MAX_CONFIG_SIZE)
+MAX_CONFIG_SIZE = 256
+#: the largest payload any request has (SET_MEM_TABLE with 8 regions is 264 bytes)
+MAX_PAYLOAD = 4096
+#: bits 0-7 of a SET_VRING_KICK/CALL/ERR payload are the ring index, bit 8 says "no fd"
+VRING_IDX_MASK = 0xFF
+VRING_NOFD = 1 << 8
+
+
+class Req:
+    """Frontend request numbers."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+
+    @classmethod
+    def name(cls, value: int) -> str:
+        for k, v in vars(cls).items():
+            if v == value and k.isupper():
+                return k
+        return f"request {value}"
+
+
+class ProtocolFeature:
+    """VHOST_USER_PROTOCOL_F_* bit numbers."""
+
+    MQ = 0
+    LOG_SHMFD = 1
+    REPLY_ACK = 3
+    CONFIG = 9
+    INFLIGHT_SHMFD = 12
+    RESET_DEVICE = 13
+    CONFIGURE_MEM_SLOTS = 15
+    STATUS = 16
+
+
+class ProtocolError(Exception):
+    """The frontend broke the protocol: the connection is closed (the process keeps serving)."""
+
+
+def _exactly(n: int):
+    return lambda size: size == n
+
+
+#: request -> (payload size check, (min fds, max fds)); requests not listed are not supported
+LAYOUT = {
+    Req.GET_FEATURES: (_exactly(0), (0, 0)),
+    Req.SET_FEATURES: (_exactly(U64.size), (0, 0)),
+    Req.SET_OWNER: (_exactly(0), (0, 0)),
+    Req.RESET_OWNER: (_exactly(0), (0, 0)),
+    Req.SET_MEM_TABLE: (
+        lambda s: (
+            s >= MEM_TABLE_HEAD.size
+            and (s - MEM_TABLE_HEAD.size) % MEM_REGION.size == 0
+            and (s - MEM_TABLE_HEAD.size) // MEM_REGION.size <= MAX_TABLE_REGIONS
+        ),
+        (1, MAX_TABLE_REGIONS),
+    ),
+    Req.SET_VRING_NUM: (_exactly(VRING_STATE.size), (0, 0)),
+    Req.SET_VRING_ADDR: (_exactly(VRING_ADDR.size), (0, 0)),
+    Req.SET_VRING_BASE: (_exactly(VRING_STATE.size), (0, 0)),
+    Req.GET_VRING_BASE: (_exactly(VRING_STATE.size), (0, 0)),
+    Req.SET_VRING_KICK: (_exactly(U64.size), (0, 1)),
+    Req.SET_VRING_CALL: (_exactly(U64.size), (0, 1)),
+    Req.SET_VRING_ERR: (_exactly(U64.size), (0, 1)),
+    Req.GET_PROTOCOL_FEATURES: (_exactly(0), (0, 0)),
+    Req.SET_PROTOCOL_FEATURES: (_exactly(U64.size), (0, 0)),
+    Req.GET_QUEUE_NUM: (_exactly(0), (0, 0)),
+    Req.SET_VRING_ENABLE: (_exactly(VRING_STATE.size), (0, 0)),
+    Req.GET_CONFIG: (lambda s: CONFIG_HEAD.size <= s <= CONFIG_HEAD.size + MAX_CONFIG_SIZE, (0, 0)),
+    Req.SET_CONFIG: (lambda s: CONFIG_HEAD.size <= s <= CONFIG_HEAD.size + MAX_CONFIG_SIZE, (0, 0)),
+    Req.GET_INFLIGHT_FD: (_exactly(INFLIGHT.size), (0, 0)),
+    Req.SET_INFLIGHT_FD: (_exactly(INFLIGHT.size), (1, 1)),
+    Req.RESET_DEVICE: (_exactly(0), (0, 0)),
+    Req.GET_MAX_MEM_SLOTS: (_exactly(0), (0, 0)),
+    Req.ADD_MEM_REG: (_exactly(SINGLE_REGION.size), (1, 1)),
+    # the spec allows (and says to close) one stray fd from older frontends
+    Req.REM_MEM_REG: (_exactly(SINGLE_REGION.size), (0, 1)),
+    Req.SET_STATUS: (_exactly(U64.size), (0, 0)),
+    Req.GET_STATUS: (_exactly(0), (0, 0)),
+}
+
+
+@dataclass
+class Message:
+    """One request as received: its header fields, payload and file descriptors (owned)."""
+
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    @property
+    def name(self) -> str:
+        return Req.name(self.request)
+
+    def take_fd(self) -> int | None:
+        """Hand the first descriptor to the caller (who must close it); None if there is none."""
+        return self.fds.pop(0) if self.fds else None
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+    chunks = []
+    while n:
+        try:
+            data = sock.recv(n)
+        except socket.timeout:
+            raise ProtocolError(f"timed out waiting for the rest of {what}") from None
+        if not data:
+            raise ProtocolError(f"connection closed in the middle of {what}")
+        chunks.append(data)
+        n -= len(data)
+    return b"".join(chunks)
+
+
+def recv_message(sock: socket.socket) -> Message | None:
+    """Read one request. None when the peer closed the connection cleanly (between messages)."""
+    fds = array.array("i")
+    try:
+        data, ancdata, msg_flags, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    except ConnectionResetError:
+        return None
+    received: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % fds.itemsize
+            fds.frombytes(cdata[:usable])
+    received = list(fds)
+    try:
+        if msg_flags & socket.MSG_CTRUNC:
+            raise ProtocolError(f"more than {MAX_FDS} file descriptors with one message")
+        if not data:
+            if received:
+                raise ProtocolError("file descriptors without a message")
+            return None
+        if len(data) < HEADER.size:
+            data += _recv_exact(sock, HEADER.size - len(data), "a message header")
+        request, flags, size = HEADER.unpack(data)
+        name = Req.name(request)
+        if flags & VERSION_MASK != VERSION:
+            raise ProtocolError(f"{name}: unsupported protocol version {flags & VERSION_MASK}")
+        if flags & FLAG_REPLY:
+            raise ProtocolError(f"{name}: a request with the reply flag set")
+        if size > MAX_PAYLOAD:
+            raise ProtocolError(f"{name}: payload of {size} bytes is too large")
+        payload = _recv_exact(sock, size, name) if size else b""
+        layout = LAYOUT.get(request)
+        if layout is None:
+            raise ProtocolError(f"{name} is not supported")
+        size_ok, (min_fds, max_fds) = layout
+        if not size_ok(size):
+            raise ProtocolError(f"{name}: wrong payload size {size}")
+        if len(received) > max_fds:
+            raise ProtocolError(f"{name}: {len(received)} file descriptors, at most {max_fds} allowed")
+        if len(received) < min_fds:
+            raise ProtocolError(f"{name}: {len(received)} file descriptors, {min_fds} needed")
+    except BaseException:
+        _close_all(received)
+        raise
+    return Message(request, flags, payload, received)
+
+
+def send_message(
+    sock: socket.socket, request: int, payload: bytes, fds: list[int] | tuple[int, ...] = ()
+) -> None:
+    """Send a reply (the reply flag is set) with optional file descriptors."""
+    data = HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sock.sendmsg([data], anc)
+    else:
+        sock.sendall(data)

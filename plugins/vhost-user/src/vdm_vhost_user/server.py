@@ -1,0 +1,202 @@
+"""The listening socket: one frontend at a time, the next one accepted after it leaves.
+
+Everything runs on one core :class:`~vdm.eventloop.EventLoop` thread -- accepting, reading
+messages, and the kick eventfds -- so that a message never races with queue processing. A message
+that breaks the protocol closes that connection with one log line; the server keeps listening.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+
+from vdm.device import VirtioDevice
+from vdm.errors import UserError
+from vdm.eventloop import EventLoop
+
+from .backend import VhostUserBackend
+from .protocol import ProtocolError, recv_message
+
+__all__ = ["VhostUserServer"]
+
+log = logging.getLogger(__name__)
+
+#: how long the rest of a message may take once its first bytes arrived
+MESSAGE_TIMEOUT = 10.0
+
+
+def _prepare_path(path: str) -> None:
+    """Remove a stale socket left by a killed backend; refuse anything else in the way."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UserError(f"{path} exists and is not a socket; choose another --socket-path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: left over by a process that was killed
+        return
+    except OSError as e:
+        raise UserError(f"{path}: cannot check the existing socket: {e}") from None
+    finally:
+        probe.close()
+    raise UserError(f"{path}: another process is listening on this socket")
+
+
+class VhostUserServer:
+    """Serves one device on a Unix socket."""
+
+    def __init__(self, socket_path: str, device: VirtioDevice, loop: EventLoop | None = None) -> None:
+        self.path = socket_path
+        self.device = device
+        self._own_loop = loop is None
+        self.loop = loop if loop is not None else EventLoop("vdm-vhost-user")
+        self.backend = VhostUserBackend(device, self.loop)
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        #: connections served so far and those closed for a protocol error (for logs and tests)
+        self.connections = 0
+        self.rejected = 0
+        self.changed = threading.Condition()
+        self._closed = False
+        self._started = False
+
+    def start(self) -> VhostUserServer:
+        _prepare_path(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+        except OSError as e:
+            listener.close()
+            raise UserError(f"{self.path}: cannot listen: {e.strerror}") from None
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        listener.listen(4)
+        listener.setblocking(False)
+        self.listener = listener
+        self.loop.start()
+        self._started = True
+        self.loop.add_reader(listener.fileno(), self._accept)
+        log.info("vhost-user: serving %s on %s", self.device.name, self.path)
+        return self
+
+    # ---- on the loop thread --------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:  # not reached: the listener is not watched while connected
+            conn.close()
+            return
+        conn.setblocking(True)
+        conn.settimeout(MESSAGE_TIMEOUT)
+        self.conn = conn
+        self.connections += 1
+        self.backend.attach(conn)
+        self.loop.remove_reader(self.listener.fileno())
+        self.loop.add_reader(conn.fileno(), self._readable)
+        log.info("vhost-user: frontend connected (%d)", self.connections)
+        self._notify()
+
+    def _readable(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            msg = recv_message(conn)
+            if msg is None:
+                self._disconnect("the frontend closed the connection")
+                return
+            self.backend.handle(msg)
+        except ProtocolError as e:
+            self.rejected += 1
+            log.error("vhost-user: %s; closing the connection", e)
+            self._disconnect(None)
+        except OSError as e:
+            self._disconnect(f"connection error: {e}")
+        except Exception:
+            self.rejected += 1
+            log.exception("vhost-user: internal error; closing the connection")
+            self._disconnect(None)
+
+    def _disconnect(self, why: str | None) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        if why:
+            log.info("vhost-user: %s", why)
+        self.loop.remove_reader(conn.fileno())
+        try:
+            self.backend.detach()
+        finally:
+            conn.close()
+            self.conn = None
+            if self.listener is not None and not self._closed:
+                self.loop.add_reader(self.listener.fileno(), self._accept)
+            self._notify()
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    # ---- from any thread -----------------------------------------------------------------------
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(server)`` holds (connections, disconnections); for tests."""
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self), timeout)
+
+    def close(self) -> None:
+        """Stop serving: drop the frontend, stop the device, remove the socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        done = threading.Event()
+
+        def shutdown() -> None:
+            try:
+                if self.listener is not None:
+                    self.loop.remove_reader(self.listener.fileno())
+                self._disconnect("shutting down")
+            finally:
+                done.set()
+
+        if self._started:  # run the teardown on the loop thread, where messages are handled
+            wake_r, wake_w = os.pipe()
+
+            def on_wake() -> None:
+                self.loop.remove_reader(wake_r)
+                shutdown()
+
+            self.loop.add_reader(wake_r, on_wake)
+            os.write(wake_w, b"x")
+            done.wait(60)
+            os.close(wake_r)
+            os.close(wake_w)
+        else:
+            shutdown()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        self._unlink()
+        if self._own_loop:
+            self.loop.stop()
+
+    def _unlink(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._inode:  # only our own socket, never a newer one
+            os.unlink(self.path)

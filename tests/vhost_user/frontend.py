@@ -1,0 +1,365 @@
+"""A vhost-user frontend in Python, for tests: what QEMU does, in a few hundred lines.
+
+Guest RAM is a memfd shared with the backend (SCM_RIGHTS), seen by the backend at a guest-physical
+base and by this "frontend" at a different user address, so that ring address translation is
+exercised. Rings are laid out in that RAM the way a virtio driver does; kick and call are eventfds.
+Raw helpers (:meth:`Frontend.send`, :meth:`Frontend.send_raw`) let tests send malformed messages.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from vdm.memory import FlatGuestMemory, MemoryRegion
+from vdm_vhost_user import protocol as p
+from vdm_vhost_user.protocol import Req
+
+GUEST_BASE = 0x1_0000_0000  # guest-physical address of RAM
+USER_BASE = 0x7F12_3400_0000  # where the "frontend process" has it mapped
+F_VERSION_1 = 1 << 32
+F_EVENT_IDX = 1 << 29
+F_INDIRECT = 1 << 28
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+_DESC = struct.Struct("<QIHH")
+
+
+class SharedRam:
+    """Guest RAM in a memfd, with a bump allocator."""
+
+    def __init__(self, size: int = 8 << 20, base: int = GUEST_BASE, user: int = USER_BASE) -> None:
+        self.size = size
+        self.base = base
+        self.user = user
+        self.fd = os.memfd_create("test-guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.memory = FlatGuestMemory([MemoryRegion(base, memoryview(self.map))])
+        self._next = base
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        addr = -(-self._next // align) * align
+        if addr + size > self.base + self.size:
+            raise MemoryError("test guest RAM exhausted")
+        self._next = addr + size
+        return addr
+
+    def to_user(self, gpa: int) -> int:
+        return gpa - self.base + self.user
+
+    def read(self, addr: int, n: int) -> bytes:
+        return self.memory.read(addr, n)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.memory.write(addr, data)
+
+    def close(self) -> None:
+        self.memory = FlatGuestMemory()
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+
+
+@dataclass
+class Used:
+    head: int
+    written: int
+    data: bytes
+
+
+@dataclass
+class Queue:
+    index: int
+    size: int
+    desc: int
+    avail: int
+    used: int
+    kick: int
+    call: int
+    avail_idx: int = 0
+    last_used: int = 0
+    free: list[int] = field(default_factory=list)
+    #: head -> (descriptor indexes, writable (addr, len) buffers)
+    pending: dict[int, tuple[list[int], list[tuple[int, int]]]] = field(default_factory=dict)
+
+
+class Frontend:
+    """One connection to a vhost-user backend."""
+
+    def __init__(self, path: str, ram: SharedRam | None = None, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.ram = ram if ram is not None else SharedRam()
+        self.queues: dict[int, Queue] = {}
+        self.reply_ack = False
+        self.interrupts = 0
+
+    def close(self) -> None:
+        self.sock.close()
+        for q in self.queues.values():
+            os.close(q.kick)
+            os.close(q.call)
+        self.queues.clear()
+
+    # ---- raw messages ---------------------------------------------------------------------------
+
+    def send_raw(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        if fds:
+            self.sock.sendmsg(
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            )
+        else:
+            self.sock.sendall(data)
+
+    def send(self, request: int, payload: bytes = b"", fds=(), need_reply: bool = False) -> None:
+        flags = p.VERSION | (p.FLAG_NEED_REPLY if need_reply else 0)
+        self.send_raw(p.HEADER.pack(request, flags, len(payload)) + payload, fds)
+
+    def recv(self, request: int) -> tuple[bytes, list[int]]:
+        fds = array.array("i")
+        data, anc, _, _ = self.sock.recvmsg(p.HEADER.size, socket.CMSG_SPACE(8 * 4))
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % 4])
+        if not data:
+            raise ConnectionError("the backend closed the connection")
+        while len(data) < p.HEADER.size:
+            more = self.sock.recv(p.HEADER.size - len(data))
+            if not more:
+                raise ConnectionError("the backend closed the connection")
+            data += more
+        req, flags, size = p.HEADER.unpack(data)
+        assert req == request, f"reply to {Req.name(req)}, expected {Req.name(request)}"
+        assert flags & p.FLAG_REPLY and flags & p.VERSION_MASK == p.VERSION
+        payload = b""
+        while len(payload) < size:
+            more = self.sock.recv(size - len(payload))
+            if not more:
+                raise ConnectionError("the backend closed the connection")
+            payload += more
+        return payload, list(fds)
+
+    def call(self, request: int, payload: bytes = b"", fds=()) -> None:
+        """A request without a reply of its own; with REPLY_ACK, wait for the ack and check it."""
+        self.send(request, payload, fds, need_reply=self.reply_ack)
+        if self.reply_ack:
+            data, _ = self.recv(request)
+            (status,) = p.U64.unpack(data)
+            if status:
+                raise RuntimeError(f"{Req.name(request)} failed: {status}")
+
+    def get_u64(self, request: int) -> int:
+        self.send(request)
+        data, _ = self.recv(request)
+        return p.U64.unpack(data)[0]
+
+    def closed_by_backend(self, timeout: float = 5.0) -> bool:
+        """Whether the backend closed the connection (EOF) within ``timeout``."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(4096)
+                if not data:
+                    return True
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+
+    # ---- the usual requests --------------------------------------------------------------------
+
+    def get_features(self) -> int:
+        return self.get_u64(Req.GET_FEATURES)
+
+    def set_features(self, features: int) -> None:
+        self.call(Req.SET_FEATURES, p.U64.pack(features))
+
+    def get_protocol_features(self) -> int:
+        return self.get_u64(Req.GET_PROTOCOL_FEATURES)
+
+    def set_protocol_features(self, features: int) -> None:
+        self.call(Req.SET_PROTOCOL_FEATURES, p.U64.pack(features))
+        self.reply_ack = bool(features >> p.ProtocolFeature.REPLY_ACK & 1)
+
+    def set_mem_table(self) -> None:
+        ram = self.ram
+        payload = p.MEM_TABLE_HEAD.pack(1, 0) + p.MEM_REGION.pack(ram.base, ram.size, ram.user, 0)
+        self.call(Req.SET_MEM_TABLE, payload, [ram.fd])
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        self.send(Req.GET_CONFIG, p.CONFIG_HEAD.pack(offset, size, 0) + bytes(size))
+        data, _ = self.recv(Req.GET_CONFIG)
+        assert p.CONFIG_HEAD.unpack_from(data) == (offset, size, 0)
+        return data[p.CONFIG_HEAD.size :]
+
+    def get_vring_base(self, index: int) -> int:
+        self.send(Req.GET_VRING_BASE, p.VRING_STATE.pack(index, 0))
+        data, _ = self.recv(Req.GET_VRING_BASE)
+        i, num = p.VRING_STATE.unpack(data)
+        assert i == index
+        return num
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        """(fd, mmap size) of a new inflight region."""
+        self.send(Req.GET_INFLIGHT_FD, p.INFLIGHT.pack(0, 0, num_queues, queue_size))
+        data, fds = self.recv(Req.GET_INFLIGHT_FD)
+        size, offset, nq, qs = p.INFLIGHT.unpack(data)
+        assert (offset, nq, qs) == (0, num_queues, queue_size) and len(fds) == 1
+        return fds[0], size
+
+    def set_inflight_fd(self, fd: int, size: int, num_queues: int, queue_size: int) -> None:
+        self.call(Req.SET_INFLIGHT_FD, p.INFLIGHT.pack(size, 0, num_queues, queue_size), [fd])
+
+    # ---- rings -----------------------------------------------------------------------------------
+
+    def layout_queue(self, index: int, size: int) -> Queue:
+        """Rings in guest RAM, zeroed, and fresh kick/call eventfds (not yet sent)."""
+        ram = self.ram
+        desc = ram.alloc(16 * size, 16)
+        avail = ram.alloc(6 + 2 * size, 2)
+        used = ram.alloc(6 + 8 * size, 4)
+        for a, n in ((desc, 16 * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)):
+            ram.write(a, bytes(n))
+        q = Queue(
+            index,
+            size,
+            desc,
+            avail,
+            used,
+            os.eventfd(0, os.EFD_CLOEXEC),
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+        )
+        q.free = list(range(size))
+        self.queues[index] = q
+        return q
+
+    def send_queue(self, q: Queue, base: int = 0, enable: bool = True) -> None:
+        """NUM, BASE, ADDR, KICK, CALL (and ENABLE) for one queue, as QEMU sends them."""
+        ram = self.ram
+        self.call(Req.SET_VRING_NUM, p.VRING_STATE.pack(q.index, q.size))
+        self.call(Req.SET_VRING_BASE, p.VRING_STATE.pack(q.index, base))
+        self.call(
+            Req.SET_VRING_ADDR,
+            p.VRING_ADDR.pack(q.index, 0, ram.to_user(q.desc), ram.to_user(q.used), ram.to_user(q.avail), 0),
+        )
+        self.call(Req.SET_VRING_KICK, p.U64.pack(q.index), [q.kick])
+        self.call(Req.SET_VRING_CALL, p.U64.pack(q.index), [q.call])
+        if enable:
+            self.call(Req.SET_VRING_ENABLE, p.VRING_STATE.pack(q.index, 1))
+
+    def start(
+        self, features: int | None = None, queues: dict[int, int] | None = None, protocol: int | None = None
+    ) -> int:
+        """The whole handshake; returns the virtio features acked."""
+        offered = self.get_features()
+        assert offered >> p.F_PROTOCOL_FEATURES & 1
+        proto = self.get_protocol_features() if protocol is None else protocol
+        self.set_protocol_features(proto)
+        self.call(Req.SET_OWNER)
+        acked = (offered if features is None else features) & ~(1 << p.F_PROTOCOL_FEATURES)
+        self.set_features(acked | 1 << p.F_PROTOCOL_FEATURES)
+        self.set_mem_table()
+        for index, size in (queues or {0: 16}).items():
+            self.send_queue(self.layout_queue(index, size))
+        return acked
+
+    def post(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), kick: bool = True) -> int:  # type: ignore[assignment]
+        """Put one chain on the available ring; returns its head."""
+        q = self.queues[qi]
+        ram = self.ram
+        bufs = []
+        for data in out:
+            a = ram.alloc(max(1, len(data)))
+            ram.write(a, data)
+            bufs.append((a, len(data), 0))
+        writable = []
+        for n in in_lens:
+            a = ram.alloc(max(1, n))
+            ram.write(a, b"\xee" * n)
+            bufs.append((a, n, DESC_F_WRITE))
+            writable.append((a, n))
+        if len(bufs) > len(q.free):
+            raise RuntimeError("no free descriptors")
+        idxs = [q.free.pop(0) for _ in bufs]
+        for k, (a, n, flags) in enumerate(bufs):
+            last = k == len(bufs) - 1
+            ram.write(
+                q.desc + 16 * idxs[k],
+                _DESC.pack(a, n, flags | (0 if last else DESC_F_NEXT), 0 if last else idxs[k + 1]),
+            )
+        head = idxs[0]
+        q.pending[head] = (idxs, writable)
+        ram.write(q.avail + 4 + 2 * (q.avail_idx % q.size), struct.pack("<H", head))
+        q.avail_idx = (q.avail_idx + 1) & 0xFFFF
+        ram.write(q.avail + 2, struct.pack("<H", q.avail_idx))
+        # used_event: interrupt for every completion
+        ram.write(q.avail + 4 + 2 * q.size, struct.pack("<H", q.last_used))
+        if kick:
+            self.kick(qi)
+        return head
+
+    def kick(self, qi: int) -> None:
+        os.eventfd_write(self.queues[qi].kick, 1)
+
+    def used_idx(self, qi: int) -> int:
+        q = self.queues[qi]
+        return struct.unpack("<H", self.ram.read(q.used + 2, 2))[0]
+
+    def collect(self, qi: int) -> list[Used]:
+        """Every used element published since the last call (no waiting)."""
+        q = self.queues[qi]
+        out = []
+        idx = self.used_idx(qi)
+        while q.last_used != idx:
+            head, written = struct.unpack("<II", self.ram.read(q.used + 4 + 8 * (q.last_used % q.size), 8))
+            q.last_used = (q.last_used + 1) & 0xFFFF
+            assert head in q.pending, f"head {head} completed but not pending (completed twice?)"
+            idxs, writable = q.pending.pop(head)
+            q.free.extend(idxs)
+            data = b"".join(self.ram.read(a, n) for a, n in writable)
+            out.append(Used(head, written, data))
+        self.ram.write(q.avail + 4 + 2 * q.size, struct.pack("<H", q.last_used))
+        return out
+
+    def wait_used(self, qi: int, count: int = 1, timeout: float = 10.0) -> list[Used]:
+        """Wait (on the call eventfd) until ``count`` more chains are used."""
+        q = self.queues[qi]
+        got: list[Used] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            got += self.collect(qi)
+            if len(got) >= count:
+                return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"queue {qi}: {len(got)} of {count} used after {timeout} s")
+            r, _, _ = select.select([q.call], [], [], min(left, 0.5))
+            if r:
+                try:
+                    self.interrupts += os.eventfd_read(q.call)
+                except BlockingIOError:
+                    pass
+
+    def request(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), timeout: float = 10.0) -> Used:  # type: ignore[assignment]
+        head = self.post(qi, out, in_lens)
+        used = self.wait_used(qi, 1, timeout)
+        assert used[0].head == head
+        return used[0]
