@@ -296,3 +296,10 @@ def test_hooks_not_called_by_the_core_are_known():
     source = "\n".join(p.read_text() for p in files)
     unused = {name for name in all_hooks()["VmmSpec"] if f".{name}(" not in source}
     assert unused == NOT_CALLED_BY_CORE
+
+
+def test_docs_python_examples_are_valid_python():
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+    assert len(blocks) >= 8
+    for n, block in enumerate(blocks):
+        compile(block, f"docs/plugins.md python block {n}", "exec")

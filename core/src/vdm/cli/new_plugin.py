@@ -189,7 +189,8 @@ def _signature(name: str, fn: Any) -> str:
         for p in list(sig.parameters.values())[1:]
     ]
     ret = sig.return_annotation
-    return f"{name}({', '.join(params)})" + (f" -> {ret}" if ret is not inspect.Signature.empty else "")
+    returns = f" -> {ret}" if ret is not inspect.Signature.empty else ""
+    return f"def {name}({', '.join(params)}){returns}: ..."
 
 
 def hook_reference() -> str:

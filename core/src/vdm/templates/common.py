@@ -30,7 +30,7 @@ testpaths = ["tests"]
     "README.md": '''\
 # $dist
 
-A $kind plugin for [vdm](https://github.com/vdm-project/vdm), made by `vdm new-plugin`.
+A $kind plugin for vdm (virtio devices for KVM, Xen and vhost-user), made by `vdm new-plugin`.
 
     pip install -e .            # vdm finds the plugin through its "vdm.plugins" entry point
     vdm list-plugins            # shows "$name" with its distribution and status
