@@ -121,6 +121,14 @@ def make_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
+def _site_packages(python: Path) -> str:
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True, env=clean_env(),
+    )
+    return out.stdout.strip()
+
+
 def pip_install(python: Path, *projects: Path) -> None:
     """``pip install --no-deps PROJECT...`` into the environment of ``python`` (skips if impossible)."""
     cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
@@ -128,6 +136,10 @@ def pip_install(python: Path, *projects: Path) -> None:
     if _can_build_offline():
         cmd.append("--no-build-isolation")
     proc = subprocess.run([*cmd, *map(str, projects)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "--python" in proc.stderr:  # pip older than 22.3: install by path
+        cmd[3:5] = []
+        cmd += ["--target", _site_packages(python)]
+        proc = subprocess.run([*cmd, *map(str, projects)], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         if "--no-build-isolation" not in cmd and ("network" in proc.stderr.lower() or "index" in proc.stderr):
             pytest.skip("cannot build a wheel here: install 'wheel' or allow pip to fetch setuptools")

@@ -393,7 +393,7 @@ def _core_only_path(tmp_path: Path) -> list[Path]:
     """sys.path entries with vdm-core and its dependencies but no site-packages (no plugins)."""
     deps = tmp_path / "deps"
     deps.mkdir()
-    for mod in ("pluggy", "tomli", "importlib_metadata", "zipp"):
+    for mod in ("pluggy", "tomli", "importlib_metadata", "zipp", "typing_extensions"):
         spec = __import__("importlib.util").util.find_spec(mod)
         if spec is None or spec.origin is None:
             continue
