@@ -22,7 +22,9 @@ Data path
     ``writev`` to clusters that are already allocated (and not shared) is one ``pwritev`` per run.
     Other writes allocate under the metadata lock: a whole-cluster write goes straight from the
     caller's buffers; a partial one builds the cluster (old data, backing data, zeros or the
-    decompressed cluster, then the new bytes) and writes it whole.
+    decompressed cluster, then the new bytes) and writes it whole -- except a cluster that reads
+    as zeros placed past the end of the file, where only the new bytes are written and the file
+    is extended over the rest.
 
 Metadata and crash safety
     L2 tables and refcount blocks are cached (bounded, LRU) and written back, as QEMU does. The
@@ -34,10 +36,12 @@ Metadata and crash safety
        decrements); before then they keep refcount 1 and are never reused.
 
     ``flush`` does 1-3 (and the data written before it is durable too). A dirty L2 table pushed
-    out of the cache does 1 first. A new refcount block is written and synced before the
+    out of the cache does 1 first (data included), then writes back every dirty L2 table, so one
+    sync serves many evictions. A new refcount block is written and synced before the
     refcount table entry that points to it; a grown refcount table is written and synced before
-    the header points to it. After a crash (process killed, or power loss), ``qemu-img check``
-    finds no corruption; it may find *leaked* clusters (refcount 1, unreferenced): clusters
+    the header points to it. After a crash (the process killed; the ordering is meant to hold
+    for power loss too, given a disk that honours fdatasync), ``qemu-img check`` finds no
+    corruption; it may find *leaked* clusters (refcount 1, unreferenced): clusters
     allocated for writes since the last flush, and clusters freed since the last flush.
     ``qemu-img check -r leaks`` reclaims them. Every write acknowledged before the last completed
     ``flush`` reads back.
@@ -279,11 +283,11 @@ class Qcow2Disk(DiskBackend):
     def _write_l2_evicted(self, off: int, t: _Table) -> None:
         """A dirty L2 table leaves the cache: write back every dirty L2 table at once.
 
-        The refcounts of what they reference reach the disk first (written and synced); writing
-        all of them makes that sync pay for many evictions instead of one.
+        The refcounts and the data of what they reference reach the disk first (written and
+        synced); writing all of them makes that sync pay for many evictions instead of one.
         """
-        if self._write_refblocks():
-            self.f.sync()
+        self._write_refblocks()
+        self.f.sync()
         for o, other in self._l2.items():
             if other.dirty:
                 self.f.pwrite(_encode_u64(other.entries), o)
