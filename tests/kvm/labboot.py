@@ -1,6 +1,6 @@
 """Boot the guest kit on vdm_kvm.machine and print one JSON line per boot (run inside the KVM lab).
 
-    python3 -m tests.kvm.labboot --kit DIR --cpus 1 --cpus 2 --workloads boot,smp
+    python3 -m tests.kvm.labboot --kit DIR --cpus 1 --cpus 2 --workloads boot,smp [--kernel vmlinux]
 
 COM1 is tests.kvm.serial_capture.SerialCapture (IRQ 4 through KVM_IRQ_LINE). Each line:
 ``LABBOOT {"cpus": N, "exit": "poweroff", "detail": ..., "setup_s": ..., "run_s": ..., "exits": {...},
@@ -20,14 +20,15 @@ from vdm_kvm.machine import Machine, MachineConfig
 from tests.kvm.serial_capture import SerialCapture
 
 
-def boot(kit: str, cpus: int, workloads: str, mem_mib: int, timeout: float, params: str) -> dict:
+def boot(kit: str, cpus: int, workloads: str, mem_mib: int, timeout: float, params: str,
+         kernel: str = "vmlinuz") -> dict:
     t0 = time.monotonic()
     m = Machine(MachineConfig(mem_mib=mem_mib, cpus=cpus))
     try:
         serial = SerialCapture(irq=lambda level: m.vm.irq_line(4, level))
         m.vm.pio_bus.register(0x3F8, 8, serial, "com1")
         cmdline = f"console=ttyS0 quiet panic=-1 vdmtest={workloads} vdmtest.exit=poweroff {params}"
-        m.load_linux(f"{kit}/vmlinuz", f"{kit}/initrd.cpio.gz", cmdline.strip())
+        m.load_linux(f"{kit}/{kernel}", f"{kit}/initrd.cpio.gz", cmdline.strip())
         t1 = time.monotonic()
         m.start()
         ex = m.wait(timeout)
@@ -41,8 +42,9 @@ def boot(kit: str, cpus: int, workloads: str, mem_mib: int, timeout: float, para
         for v in m.vm.vcpus:
             for k, n in v.exit_counts.items():
                 exits[EXIT_NAMES.get(k, str(k))] = exits.get(EXIT_NAMES.get(k, str(k)), 0) + n
-        return {"cpus": cpus, "exit": reason, "detail": ex.detail, "setup_s": round(t1 - t0, 3),
-                "run_s": round(t2 - t1, 3), "exits": exits, "serial": serial.text(),
+        return {"cpus": cpus, "kernel": kernel, "exit": reason, "detail": ex.detail,
+                "setup_s": round(t1 - t0, 3), "run_s": round(t2 - t1, 3), "exits": exits,
+                "serial": serial.text(),
                 "unclaimed_pio": m.vm.pio_bus.unclaimed_reads + m.vm.pio_bus.unclaimed_writes}
     finally:
         m.close()
@@ -56,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--params", default="")
+    ap.add_argument("--kernel", action="append", choices=("vmlinuz", "vmlinux"),
+                    help="the kit's bzImage or its uncompressed ELF (repeat for both)")
     a = ap.parse_args(argv)
-    for cpus in a.cpus or [1]:
-        r = boot(a.kit, cpus, a.workloads, a.mem, a.timeout, a.params)
-        print("LABBOOT " + json.dumps(r), flush=True)
+    for kernel in a.kernel or ["vmlinuz"]:
+        for cpus in a.cpus or [1]:
+            r = boot(a.kit, cpus, a.workloads, a.mem, a.timeout, a.params, kernel)
+            print("LABBOOT " + json.dumps(r), flush=True)
     return 0
 
 

@@ -353,3 +353,95 @@ def test_machine_load_linux_lays_out_memory() -> None:
         assert mem.read(layout.PAGE_TABLES, 8) != b"\0" * 8
     finally:
         m.close()
+
+
+# ---- ELF vmlinux ---------------------------------------------------------------------------------
+
+
+def fake_elf(segments: list[tuple[int, bytes, int]], entry: int, machine: int = 62) -> bytes:
+    """An ELF64 executable with PT_LOAD segments (paddr, data, memsz)."""
+    phoff = 64
+    data_off = phoff + 56 * len(segments)
+    out = bytearray(struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, machine, 1, entry,
+                                phoff, 0, 0, 64, 56, len(segments), 64, 0, 0))
+    blobs = b""
+    for paddr, data, memsz in segments:
+        out += struct.pack("<IIQQQQQQ", 1, 5, data_off + len(blobs), 0xFFFFFFFF80000000 + paddr, paddr,
+                           len(data), memsz, 0x200000)
+        blobs += data
+    return bytes(out) + blobs
+
+
+def test_parse_vmlinux_segments() -> None:
+    from vdm_kvm import elf
+
+    img = fake_elf([(0x1000000, b"T" * 100, 100), (0x1200000, b"D" * 10, 0x5000)], 0x1000000)
+    k = elf.parse_vmlinux(img)
+    assert k.entry == 0x1000000 and (k.start, k.end) == (0x1000000, 0x1205000)
+    assert [s.memsz for s in k.segments] == [100, 0x5000]
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (b"\x7fELF" + bytes(10), "not an ELF"),
+        (fake_elf([(0x1000000, b"x", 1)], 0x1000000, machine=3), "x86-64"),
+        (fake_elf([(0x1000000, b"x", 1)], 0xFFFFFFFF81000000), "entry point"),
+        (fake_elf([(0x1000000, b"x" * 64, 64), (0x1000020, b"y", 1)], 0x1000000), "overlap"),
+        (fake_elf([(0x1000000, b"x" * 64, 64)], 0x1000000)[:-10], "past the end"),
+    ],
+)
+def test_parse_vmlinux_rejects(image: bytes, message: str) -> None:
+    from vdm_kvm import elf
+
+    with pytest.raises(elf.ElfError, match=message):
+        elf.parse_vmlinux(image)
+
+
+def test_machine_loads_an_elf_kernel_at_its_physical_address() -> None:
+    from vdm_kvm.machine import Machine, MachineConfig, MachineError
+
+    kvm_or_skip()
+    img = fake_elf([(0x1000000, b"\x90" * 4096, 4096), (0x1400000, b"\x11" * 16, 0x3000)], 0x1000010)
+    m = Machine(MachineConfig(mem_mib=64))
+    try:
+        m.vm.guest_memory.write(0x1400010, b"\xee" * 64)  # the .bss part must be cleared
+        m.load_linux(img, b"RD" * 100, "quiet")
+        mem = m.vm.guest_memory
+        assert mem.read(0x1000000, 4096) == b"\x90" * 4096
+        assert mem.read(0x1400000, 0x3000) == b"\x11" * 16 + bytes(0x3000 - 16)
+        assert m.vm.vcpus[0].get_regs().rip == 0x1000010
+        zp = mem.read(layout.ZERO_PAGE, 4096)
+        assert struct.unpack_from("<I", zp, 0x202)[0] == 0x53726448
+        assert struct.unpack_from("<H", zp, 0x206)[0] == 0x020F
+        rd_addr, rd_size = struct.unpack_from("<II", zp, 0x218)
+        assert mem.read(rd_addr, rd_size) == b"RD" * 100 and rd_addr >= 0x1403000
+        with pytest.raises(MachineError, match="does not fit"):
+            m.load_linux(fake_elf([(0x8000000, b"x", 1)], 0x8000000), None, "")  # above 64 MiB
+    finally:
+        m.close()
+
+
+def test_machine_loads_the_kit_vmlinux(tmp_path: Path) -> None:
+    from vdm_kvm import elf
+    from vdm_kvm.machine import Machine, MachineConfig
+
+    kernel = kit_kernel()
+    if kernel is None or not (kernel.parent / "vmlinux").exists():
+        pytest.skip("guest kit not built (python3 tests/realguest/harness.py kit)")
+    kvm_or_skip()
+    vmlinux = kernel.parent / "vmlinux"
+    with open(vmlinux, "rb") as f:
+        head = f.read(1 << 16)
+    k = elf.parse_vmlinux(head, vmlinux.stat().st_size)
+    assert k.entry == k.segments[0].paddr == 0x1000000  # startup_64 at LOAD_PHYSICAL_ADDR
+    m = Machine(MachineConfig(mem_mib=256))
+    try:
+        m.load_linux(vmlinux, None, "")
+        seg = k.segments[0]
+        with open(vmlinux, "rb") as f:
+            f.seek(seg.offset)
+            assert m.vm.guest_memory.read(seg.paddr, 65536) == f.read(65536)
+        assert m.vm.vcpus[0].get_regs().rip == k.entry
+    finally:
+        m.close()

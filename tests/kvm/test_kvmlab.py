@@ -3,7 +3,8 @@
 One lab session (QEMU TCG with kvm_amd inside, ~3-6 minutes) runs:
 * the /dev/kvm unit tests (tests/kvm/test_kvm.py) on the lab's hardware-style KVM;
 * tests.kvm.labboot: the kit's kernel + initrd with ``vdmtest=boot,smp vdmtest.exit=poweroff``
-  and ``console=ttyS0``, once with 1 vCPU and once with 2.
+  and ``console=ttyS0``, with 1 and with 2 vCPUs, booting the bzImage (64-bit boot protocol) and
+  the uncompressed ELF vmlinux.
 The boot times are printed (``-s`` shows them).
 """
 
@@ -25,19 +26,19 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
         "set -x",
         "python3 -m pytest -q -p no:cacheprovider tests/kvm/test_kvm.py 2>&1 | tail -15",
         f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --cpus 1 --cpus 2 "
-        "--workloads boot,smp --timeout 400",
+        "--kernel vmlinuz --kernel vmlinux --workloads boot,smp --timeout 400",
     ])
     r = kvm_lab(script, timeout=1500)
     r.assert_ok()
     return r
 
 
-def _boots(r: harness.LabResult) -> dict[int, dict]:
+def _boots(r: harness.LabResult) -> dict[tuple[str, int], dict]:
     out = {}
     for line in r.output.splitlines():
         if line.startswith("LABBOOT "):
             b = json.loads(line[len("LABBOOT ") :])
-            out[b["cpus"]] = b
+            out[(b["kernel"], b["cpus"])] = b
     return out
 
 
@@ -47,16 +48,17 @@ def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: harness.LabResult) -> 
     assert "failed" not in summary[-1] and "error" not in summary[-1], lab_run.describe()
 
 
+@pytest.mark.parametrize("kernel", ["vmlinuz", "vmlinux"])
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int) -> None:
+def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int, kernel: str) -> None:
     boots = _boots(lab_run)
-    assert cpus in boots, lab_run.describe()
-    b = boots[cpus]
+    assert (kernel, cpus) in boots, lab_run.describe()
+    b = boots[(kernel, cpus)]
     init, results, done = harness.parse_results(b["serial"])
     assert b["exit"] == "poweroff", f"{b['exit']}: {b['detail']}\n{b['serial'][-3000:]}"
     assert init is not None and done, b["serial"][-3000:]
     by_name = {r.name: r for r in results}
     assert by_name["boot"].ok
     assert by_name["smp"].ok and by_name["smp"]["cpus"] == str(cpus), by_name["smp"].line
-    print(f"\nKVM lab, {cpus} vCPU(s): setup {b['setup_s']} s, start to poweroff {b['run_s']} s "
+    print(f"\nKVM lab, {kernel}, {cpus} vCPU(s): setup {b['setup_s']} s, start to poweroff {b['run_s']} s "
           f"(guest /init at {init['init_uptime_s']} s), exits {b['exits']}")

@@ -145,6 +145,33 @@ def parse_bzimage(image: bytes) -> SetupHeader:
     )
 
 
+COMMAND_LINE_SIZE = 2048  # x86's COMMAND_LINE_SIZE, for kernels that do not say (vmlinux)
+
+
+def synthetic_header() -> SetupHeader:
+    """A setup header for a kernel loaded without one (an ELF ``vmlinux``): protocol 2.15, loaded
+    high, 64-bit entry, 2 MiB alignment, the x86 command line size, initrds below 2 GiB."""
+    raw = bytearray(0x26C - HEADER_OFFSET)
+
+    def put(name: str, value: int) -> None:
+        off, fmt = FIELDS[name]
+        struct.pack_into("<" + fmt, raw, off - HEADER_OFFSET, value)
+
+    put("boot_flag", BOOT_FLAG)
+    put("jump", 0x6AEB)  # what a bzImage has there: header end = 0x202 + 0x6a
+    put("header", HDRS)
+    put("version", 0x020F)
+    put("loadflags", LOADED_HIGH)
+    put("kernel_alignment", 0x200000)
+    put("xloadflags", XLF_KERNEL_64)
+    put("cmdline_size", COMMAND_LINE_SIZE - 1)
+    put("initrd_addr_max", 0x7FFFFFFF)
+    return SetupHeader(raw=bytes(raw), setup_sects=0, version=0x020F, loadflags=LOADED_HIGH,
+                       xloadflags=XLF_KERNEL_64, relocatable_kernel=0, kernel_alignment=0x200000,
+                       initrd_addr_max=0x7FFFFFFF, cmdline_size=COMMAND_LINE_SIZE - 1, pref_address=0,
+                       init_size=0, vid_mode=0)
+
+
 class ZeroPage:
     """A ``struct boot_params`` being filled in (4096 bytes)."""
 

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
-from . import bootparams, e820, layout, pagetables
+from . import bootparams, e820, elf, layout, pagetables
 from .acpi import tables as acpi
 from .cpuid import vcpu_cpuid
 from .kvm import Kvm, Vcpu, Vm, VmExit
@@ -196,6 +196,23 @@ class Machine:
     def write(self, addr: int, data: bytes) -> None:
         self.vm.guest_memory.write(addr, data)
 
+    def _copy_in(self, src: _Source, offset: int, length: int, addr: int) -> None:
+        """Copy ``length`` bytes of a file (or bytes) from ``offset`` straight into guest RAM."""
+        view = self.vm.guest_memory.map(addr, length, writable=True)
+        if isinstance(src, (bytes, bytearray)):
+            if offset + length > len(src):
+                raise MachineError("image shorter than its headers say")
+            view[:] = src[offset : offset + length]
+            return
+        with open(src, "rb") as f:
+            f.seek(offset)
+            done = 0
+            while done < length:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise MachineError(f"{src}: file shorter than its headers say")
+                done += n
+
     def default_cmdline(self) -> str:
         """Kernel parameters this machine needs, put before the user's (which can override them).
 
@@ -210,33 +227,53 @@ class Machine:
 
     def load_linux(self, kernel: _Source, initrd: _Source | None, cmdline: str,
                    defaults: bool = True) -> bootparams.ZeroPage:
-        """Load a bzImage (+ initrd) and set up the boot vCPU for the 64-bit entry.
+        """Load a kernel (+ initrd) and set up the boot vCPU for the 64-bit entry.
+
+        ``kernel``: a bzImage (64-bit boot protocol, entry at 1 MiB + 0x200), or an uncompressed
+        ELF ``vmlinux`` (:mod:`vdm_kvm.elf`: no decompression in the guest; entry ``startup_64``).
 
         ``defaults``: prepend :meth:`default_cmdline` to ``cmdline``.
         """
         if defaults:
             cmdline = f"{self.default_cmdline()} {cmdline}".strip()
-        image = _read(kernel)
-        hdr = bootparams.parse_bzimage(image)
-        if hdr.relocatable_kernel == 0 and hdr.pref_address not in (0, layout.KERNEL):
-            raise MachineError(f"kernel is not relocatable and wants 0x{hdr.pref_address:x}")
-        payload = image[hdr.setup_size :]
         low_end = min(self.mem_size, layout.RAM_32BIT_END)
-        kernel_end = layout.KERNEL + max(len(payload), hdr.init_size)
-        if kernel_end > low_end:
-            raise MachineError("guest memory too small for the kernel")
+        head, size = _head(kernel, 1 << 16)
+        if elf.is_elf(head):
+            # an uncompressed vmlinux: segments at their physical addresses, entry = startup_64
+            try:
+                k = elf.parse_vmlinux(head, size)
+            except elf.ElfError as e:
+                raise MachineError(f"cannot load the ELF kernel: {e}") from None
+            if k.start < layout.KERNEL or k.end > low_end:
+                raise MachineError(f"ELF kernel at 0x{k.start:x}-0x{k.end:x} does not fit in guest RAM")
+            hdr = bootparams.synthetic_header()
+            for seg in k.segments:
+                self._copy_in(kernel, seg.offset, seg.filesz, seg.paddr)
+                if seg.memsz > seg.filesz:
+                    self.write(seg.paddr + seg.filesz, bytes(seg.memsz - seg.filesz))
+            entry, kernel_end = k.entry, k.end
+        else:
+            image = _read(kernel)
+            hdr = bootparams.parse_bzimage(image)
+            if hdr.relocatable_kernel == 0 and hdr.pref_address not in (0, layout.KERNEL):
+                raise MachineError(f"kernel is not relocatable and wants 0x{hdr.pref_address:x}")
+            payload = image[hdr.setup_size :]
+            kernel_end = layout.KERNEL + max(len(payload), hdr.init_size)
+            if kernel_end > low_end:
+                raise MachineError("guest memory too small for the kernel")
+            self.write(layout.KERNEL, payload)
+            entry = layout.KERNEL + layout.KERNEL_64_ENTRY_OFFSET
         zp = bootparams.ZeroPage(hdr)
-        self.write(layout.KERNEL, payload)
 
         # initrd: as high as allowed, page aligned, above the kernel's init_size
         if initrd is not None:
-            rd = _read(initrd)
+            rd_size = _head(initrd, 0)[1]
             limit = min(low_end, hdr.initrd_addr_max + 1 if hdr.initrd_addr_max else 0x37FFFFFF + 1)
-            addr = (limit - len(rd)) & ~0xFFF
+            addr = (limit - rd_size) & ~0xFFF
             if addr < kernel_end:
-                raise MachineError(f"initrd of {len(rd)} bytes does not fit above the kernel")
-            self.write(addr, rd)
-            zp.set_ramdisk(addr, len(rd))
+                raise MachineError(f"initrd of {rd_size} bytes does not fit above the kernel")
+            self._copy_in(initrd, 0, rd_size, addr)
+            zp.set_ramdisk(addr, rd_size)
 
         cmd = cmdline.encode()
         if len(cmd) >= layout.CMDLINE_MAX or (hdr.cmdline_size and len(cmd) > hdr.cmdline_size):
@@ -270,7 +307,7 @@ class Machine:
         self.write(layout.ZERO_PAGE, bytes(zp))
         self.write(layout.BOOT_GDT, pagetables.gdt())
         self.write(layout.PAGE_TABLES, pagetables.identity_map(layout.PAGE_TABLES, 4))
-        self._setup_boot_cpu(self.vm.vcpus[0], layout.KERNEL + layout.KERNEL_64_ENTRY_OFFSET)
+        self._setup_boot_cpu(self.vm.vcpus[0], entry)
         self.loaded = True
         self.zero_page = zp
         return zp
@@ -314,6 +351,15 @@ def setup_lapic_lint(v: Vcpu) -> None:
         buf[reg : reg + 4] = val.to_bytes(4, "little")
     ffi.memmove(lapic.regs, bytes(buf), len(buf))
     v.set_lapic(lapic)
+
+
+def _head(src: _Source, n: int) -> tuple[bytes, int]:
+    """The first ``n`` bytes of a file (or bytes) and its whole size."""
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src[:n]), len(src)
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return f.read(n), size
 
 
 def _read(src: _Source) -> bytes:
