@@ -445,3 +445,29 @@ def test_machine_loads_the_kit_vmlinux(tmp_path: Path) -> None:
         assert m.vm.vcpus[0].get_regs().rip == k.entry
     finally:
         m.close()
+
+
+def test_ram_above_the_32bit_gap_goes_above_4gib() -> None:
+    assert layout.ram_ranges(256 << 20) == [(0, 256 << 20)]
+    high = (4 << 30) - layout.RAM_32BIT_END
+    assert layout.ram_ranges(4 << 30) == [(0, layout.RAM_32BIT_END), (1 << 32, high)]
+
+
+def test_machine_with_4gib_has_high_ram_in_e820() -> None:
+    from vdm_kvm.machine import Machine, MachineConfig
+
+    kvm_or_skip()
+    m = Machine(MachineConfig(mem_mib=4096))
+    try:
+        m.load_linux(fake_bzimage(), None, "")
+        zp = m.vm.guest_memory.read(layout.ZERO_PAGE, 4096)
+        ram = [(e.addr, e.end) for e in e820.unpack(zp[0x2D0:], zp[0x1E8]) if e.type == e820.E820_RAM]
+        assert ram == [(0, layout.EBDA_START), (layout.KERNEL, layout.RAM_32BIT_END),
+                       (1 << 32, (1 << 32) + (4 << 30) - layout.RAM_32BIT_END)]
+        # both slots are guest RAM the devices can use; the gap is not
+        mem = m.vm.guest_memory
+        mem.write(0x100000000, b"hi")
+        assert mem.read(0x100000000, 2) == b"hi"
+        assert not mem.contains(layout.RAM_32BIT_END, 1)
+    finally:
+        m.close()

@@ -584,7 +584,10 @@ class Vcpu:
 
     def kick(self) -> None:
         """Make this vCPU leave KVM_RUN soon (safe from any thread, any time)."""
-        self.run_struct.immediate_exit = 1
+        run = self.run_struct
+        if run is None:  # closed
+            return
+        run.immediate_exit = 1
         tid = self._tid
         if tid is not None and self.running:
             try:
