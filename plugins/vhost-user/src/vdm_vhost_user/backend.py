@@ -432,7 +432,7 @@ class VhostUserBackend:
     # inflight tracking
 
     def _inflight_args(self, msg: Message) -> tuple[int, int, int, int]:
-        size, offset, nq, qs = p.INFLIGHT.unpack(msg.payload)
+        size, offset, nq, qs = p.INFLIGHT.unpack_from(msg.payload)
         InflightRegion.check_geometry(
             nq, qs, len(self.device.queues), max(q.max_size for q in self.device.queues)
         )
@@ -442,7 +442,8 @@ class VhostUserBackend:
         _, _, nq, qs = self._inflight_args(msg)
         region, fd = InflightRegion.create(nq, qs)
         self.inflight = region
-        return p.INFLIGHT.pack(region.size, 0, nq, qs), [fd]
+        reply = p.INFLIGHT.pack(region.size, 0, nq, qs)
+        return reply.ljust(len(msg.payload), b"\0"), [fd]
 
     def _set_inflight_fd(self, msg: Message) -> None:
         size, offset, nq, qs = self._inflight_args(msg)

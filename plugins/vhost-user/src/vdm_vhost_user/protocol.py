@@ -35,6 +35,8 @@ MEM_TABLE_HEAD = struct.Struct("<II")  # number of regions, padding
 SINGLE_REGION = struct.Struct("<QQQQQ")  # padding, then a region
 CONFIG_HEAD = struct.Struct("<III")  # offset, size, flags
 INFLIGHT = struct.Struct("<QQHH")  # mmap size, mmap offset, number of queues, queue size
+#: QEMU sends the inflight description with C struct padding (24 bytes); the spec lists 20
+INFLIGHT_PADDED = 24
 
 VERSION = 0x1
 VERSION_MASK = 0x3
@@ -155,8 +157,8 @@ LAYOUT = {
     Req.SET_VRING_ENABLE: (_exactly(VRING_STATE.size), (0, 0)),
     Req.GET_CONFIG: (lambda s: CONFIG_HEAD.size <= s <= CONFIG_HEAD.size + MAX_CONFIG_SIZE, (0, 0)),
     Req.SET_CONFIG: (lambda s: CONFIG_HEAD.size <= s <= CONFIG_HEAD.size + MAX_CONFIG_SIZE, (0, 0)),
-    Req.GET_INFLIGHT_FD: (_exactly(INFLIGHT.size), (0, 0)),
-    Req.SET_INFLIGHT_FD: (_exactly(INFLIGHT.size), (1, 1)),
+    Req.GET_INFLIGHT_FD: (lambda s: s in (INFLIGHT.size, INFLIGHT_PADDED), (0, 0)),
+    Req.SET_INFLIGHT_FD: (lambda s: s in (INFLIGHT.size, INFLIGHT_PADDED), (1, 1)),
     Req.RESET_DEVICE: (_exactly(0), (0, 0)),
     Req.GET_MAX_MEM_SLOTS: (_exactly(0), (0, 0)),
     Req.ADD_MEM_REG: (_exactly(SINGLE_REGION.size), (1, 1)),
