@@ -328,3 +328,14 @@ def test_direct_io_on_qcow2(tmp_path):
     p.write(70000 // 512 * 512, pattern(1536, 2), split=512)
     p.read_equal(0, MiB)
     p.close_and_check()
+
+
+def test_lazy_refcounts_image_is_written_with_exact_refcounts(tmp_path):
+    img = create_qcow2(str(tmp_path / "lazy.qcow2"), 4 * MiB, "lazy_refcounts=on", "cluster_size=4096")
+    raw = make_raw(str(tmp_path / "lazy.raw"), 4 * MiB)
+    p = Pair(img, raw)
+    p.write(0, pattern(65536, 1))
+    p.discard(4096, 8192)
+    p.q.flush()
+    assert file_bytes(img)[72:80] == bytes(8)  # never marked dirty
+    p.close_and_check()

@@ -213,3 +213,14 @@ def test_backing_loop_refused(tmp_path):
     _refused(b, "deeper than 16 images", read_only=True)
     # read-write, the loop already meets the image's own write lock on the way
     _refused(b, "deeper than 16 images|in use by another process")
+
+
+def test_persistent_bitmaps_not_invalidated(img):
+    qemu_img("bitmap", "--add", img, "backup0")
+    _refused(img, "persistent dirty bitmaps.*qemu-img bitmap --remove")
+    disk = open_disk(img, read_only=True)
+    disk.close()
+    qemu_img("bitmap", "--remove", img, "backup0")
+    disk = open_disk(img)
+    disk.writev(0, [memoryview(bytearray(4096))])
+    disk.close()

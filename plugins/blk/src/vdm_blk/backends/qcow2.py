@@ -13,7 +13,9 @@ What is refused at open (DiskError, nothing written)
     bit, the dirty bit (lazy refcounts not written back: run ``qemu-img check -r all``; vdm does
     not rebuild refcounts), truncated or misaligned tables, an L1 table too small for the virtual
     size, cluster sizes outside 512 B..2 MiB, and opening read-write an image with internal
-    snapshots (open it read-only, or delete the snapshots with ``qemu-img snapshot -d``).
+    snapshots (open it read-only, or delete the snapshots with ``qemu-img snapshot -d``) or
+    persistent dirty bitmaps (vdm would invalidate them; other autoclear bits are cleared, as
+    the specification asks of a writer that does not maintain them).
     An image with the lazy-refcounts compatible bit is fine: vdm always keeps refcounts exact.
 
 Data path
@@ -77,6 +79,7 @@ COMPRESSED = 1 << 62
 ZERO_FLAG = 1
 L1_RESERVED = 0x7F000000000001FF
 L2_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61 of a standard entry
+AUTOCLEAR_BITMAPS = 1 << 0
 
 # extent kinds
 DATA, UNALLOC, ZERO, COMPRESSED_KIND = range(4)
@@ -247,6 +250,12 @@ class Qcow2Disk(DiskBackend):
                     f"{self.path}: has a backing file ({h.backing_file}) but none may be opened here"
                 )
             self.backing = open_backing(h.backing_file, h.backing_format)
+        if not self.read_only and h.autoclear_features & AUTOCLEAR_BITMAPS:
+            raise DiskError(
+                f"{self.path}: the image has persistent dirty bitmaps, which vdm does not update; writing "
+                "would invalidate them (QEMU then drops them). Open it read-only, or remove them with "
+                "qemu-img bitmap --remove"
+            )
         if not self.read_only and h.autoclear_features:
             # the spec: a writer that does not maintain an autoclear feature clears its bit first
             self.f.pwrite(struct.pack(">Q", 0), 88)
