@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -112,13 +113,23 @@ def _can_build_offline() -> bool:
 
 
 def make_venv(path: Path) -> Path:
-    """A virtual environment that also sees this interpreter's packages; returns its python."""
+    """A virtual environment that also sees this interpreter's packages; returns its python.
+
+    ``--system-site-packages`` alone is not enough when the tests themselves run in a virtual
+    environment (a new venv sees the *base* interpreter's packages), so the new environment also
+    gets a ``.pth`` file that adds this environment's site directories, processing their ``.pth``
+    files (editable installs) too.
+    """
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(path)],
         check=True,
         timeout=120,
     )
-    return path / "bin" / "python"
+    python = path / "bin" / "python"
+    dirs = [d for d in (*site.getsitepackages(), site.getusersitepackages()) if os.path.isdir(d)]
+    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs)
+    (Path(_site_packages(python)) / "_vdm_tests_parent_env.pth").write_text(lines)
+    return python
 
 
 def _site_packages(python: Path) -> str:
