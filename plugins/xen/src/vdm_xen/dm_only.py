@@ -135,7 +135,11 @@ def serve(
     tick: float = 1.0,
     on_ready: Callable[[Any], None] | None = None,
 ) -> str:
-    """Serve ``specs`` to ``domid`` until ``stop_fd`` is readable or the guest goes; returns why."""
+    """Serve ``specs`` to ``domid`` until ``stop_fd`` is readable or the guest goes; returns why.
+
+    ``on_ready(vmm)`` is called once every device is attached and announced (tests drive the guest
+    from there).
+    """
     from vdm.device import VirtioDevice
     from vdm.vmm import Vmm
 
@@ -165,7 +169,7 @@ def serve(
             if spec.xs is not None:
                 spec.xs.ready()
         if on_ready is not None:
-            on_ready(backend)
+            on_ready(vmm)
         state = {"why": None}
 
         def check_domain() -> None:
