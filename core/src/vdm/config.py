@@ -57,6 +57,8 @@ def _convert(what: str, name: str, fld: dataclasses.Field, tp: Any, value: Any) 
                 raise ValueError
             out = value if isinstance(value, int) else int(str(value), 0)
         elif tp is float:
+            if isinstance(value, bool):  # float(True) would quietly be 1.0
+                raise ValueError
             out = float(value)
         else:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
