@@ -170,6 +170,7 @@ def test_toml_tables_into_dataclasses(tmp_path):
         ({"path": "a", "ro": "sometimes"}, "option 'ro' wants on/off, not 'sometimes'"),
         ({"path": "a", "queues": 1.5}, "option 'queues' wants a number, not 1.5"),
         ({"path": "a", "queues": True}, "option 'queues' wants a number, not True"),
+        ({"path": "a", "ratio": True}, "option 'ratio' wants a number, not True"),
         ({"path": "a", "queues": "8"}, None),
         ({"path": ["a", "b"]}, "option 'path' wants a string, not ['a', 'b']"),
         ({"path": True}, "option 'path' wants a string, not True"),
