@@ -194,3 +194,22 @@ def test_block_device_when_available():
             disk.close()
         finally:
             subprocess.run(["losetup", "-d", dev])
+
+
+def test_o_direct_from_read_only_buffers(tmp_path):
+    """Guest memory mapped read-only for a write: its address cannot be checked, the kernel decides."""
+    path = make_raw(str(tmp_path / "ro-src.raw"), SIZE)
+    try:
+        disk = open_disk(path, direct=True)
+    except DiskError as e:
+        pytest.skip(f"O_DIRECT unsupported on {tmp_path}: {e}")
+    page = _aligned(8192)
+    page[:] = pattern(8192, 21)
+    aligned_ro = memoryview(page).toreadonly()
+    odd = memoryview(bytes(1) + bytes(pattern(4096, 22)))[1:]  # read-only and misaligned
+    assert disk.writev(0, [aligned_ro]) == 8192
+    assert disk.writev(8192, [odd]) == 4096
+    out = bytearray(12288)
+    disk.readv(0, [memoryview(out)])
+    assert out == pattern(8192, 21) + pattern(4096, 22)
+    disk.close()
