@@ -118,6 +118,29 @@ def vdm_register_hypervisors(register):
     register(HypervisorType(name="vt-hv-broken", check=_explode))
 '''
 
+PARTIAL = '''
+from dataclasses import dataclass
+
+from vdm import hookimpl
+from vdm.registry import DeviceType, HypervisorType
+
+
+@dataclass
+class Cfg:
+    x: int = 0
+
+
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-partial-dev", config=Cfg, create=lambda c, ctx: None,
+                        check=lambda: "needs a licence"))
+
+
+@hookimpl
+def vdm_register_hypervisors(register):
+    register(HypervisorType(name="vt-partial-hv", check=lambda: None))
+'''
+
 EXITS = '''
 import sys
 
@@ -186,6 +209,7 @@ PLUGINS = {
     "vt-unavailable": ("vdmtest-unavailable", "0.1", "vdmtest_unavailable", UNAVAILABLE),
     "vt-dup-b": ("vdmtest-dup-b", "0.1", "vdmtest_dup_b", _dup("b")),
     "vt-exits": ("vdmtest-exits", "0.1", "vdmtest_exits", EXITS),
+    "vt-partial": ("vdmtest-partial", "0.1", "vdmtest_partial", PARTIAL),
     "vt-clash": ("vdmtest-clash", "0.1", "vdmtest_clash", CLASHING_COMMAND),
     "vt-fragile": ("vdmtest-fragile", "0.1", "vdmtest_fragile", FRAGILE_COMMANDS),
     "vt-dup-a": ("vdmtest-dup-a", "0.1", "vdmtest_dup_a", _dup("a")),
@@ -475,3 +499,13 @@ def test_plugins_option_tolerates_spaces(site):
     proc = run_vdm(["--plugins", "vt-good, vt-dup-a", "list-plugins", "--json"], pythonpath=[site])
     status = _loaded(json.loads(proc.stdout))
     assert status["vt-good"] == "available" and status["vt-dup-a"] == "available"
+
+
+def test_partly_available_plugin(listing):
+    r = ours(listing["plugins"])["vt-partial"]
+    assert r["kind"] == "hypervisor/device"
+    assert r["status"] == "available (unavailable vt-partial-dev: needs a licence)"
+    assert r["availability"] == {
+        "vt-partial-dev": "unavailable: needs a licence",
+        "vt-partial-hv": "available",
+    }
