@@ -339,3 +339,29 @@ def test_lazy_refcounts_image_is_written_with_exact_refcounts(tmp_path):
     p.q.flush()
     assert file_bytes(img)[72:80] == bytes(8)  # never marked dirty
     p.close_and_check()
+
+
+@pytest.mark.parametrize("with_backing", [False, True])
+def test_size_not_a_multiple_of_the_cluster_size(tmp_path, with_backing):
+    size = MiB + 3 * 512
+    raw = str(tmp_path / "odd.raw")
+    if with_backing:
+        with open(tmp_path / "base.raw", "wb") as f:
+            f.write(pattern(size, 4))
+        with open(raw, "wb") as f:
+            f.write(pattern(size, 4))
+    else:
+        make_raw(raw, size)
+    img = create_qcow2(
+        str(tmp_path / "odd.qcow2"), size, "cluster_size=65536", backing="base.raw" if with_backing else None
+    )
+    p = Pair(img, raw)
+    assert p.q.size == size
+    p.write(size - 1024, pattern(1024, 1))
+    p.write(MiB - 512, pattern(1024, 2))
+    p.zero(size - 512, 512, unmap=True)
+    p.discard(MiB - 65536, 65536)
+    with pytest.raises(DiskError, match="past the end"):
+        p.q.writev(size - 512, [memoryview(bytearray(1024))])
+    p.read_equal(0, size)
+    p.close_and_check()
