@@ -61,12 +61,15 @@ class SharedRam:
         self.memory.write(addr, data)
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         self.memory = FlatGuestMemory()
         try:
             self.map.close()
         except BufferError:
             pass
         os.close(self.fd)
+        self.fd = -1
 
 
 @dataclass
