@@ -142,7 +142,7 @@ def test_mem_slots_add_and_remove(blk_server, frontends):
 
 
 def test_removing_memory_under_a_running_ring_is_refused(blk_server, frontends):
-    server, path, _ = blk_server
+    _, path, _ = blk_server
     fe = frontends(path)
     fe.start()
     ram = fe.ram
