@@ -101,6 +101,22 @@ def test_command_line(tmp_path):
     assert bad.returncode == 1 and "'Demo' is not a plugin name" in bad.stderr
     proc = run_vdm(["new-plugin", "hv", "--kind", "hypervisor", "-C", str(tmp_path / "vdm-demo")])
     assert proc.returncode == 0 and (tmp_path / "vdm-demo" / "vdm-hv" / "pyproject.toml").is_file()
+    bad_ids = (("0x10000", "65536 is not a 16-bit virtio device id"), ("abc", "not a number: 'abc'"))
+    for bad_id, why in bad_ids:
+        proc = run_vdm(["new-plugin", "x", "--kind", "device", "--device-id", bad_id], cwd=tmp_path)
+        assert proc.returncode == 2 and f"argument --device-id: {why}" in proc.stderr
+    assert not (tmp_path / "vdm-x").exists()
+
+
+def test_name_already_provided_by_an_installed_plugin(tmp_path):
+    proc = run_vdm(["--plugins", "blk", "new-plugin", "blk", "--kind", "device"], cwd=tmp_path)
+    listed = run_vdm(["--plugins", "blk", "list-plugins", "--json"])
+    if '"vdm-blk"' not in listed.stdout:
+        pytest.skip("vdm-blk is not installed here")
+    assert proc.returncode == 0
+    note = "note: vdm-blk already provides 'blk'; installing both is a conflict (see VDM_PREFER)"
+    assert note in proc.stderr
+    assert (tmp_path / "vdm-blk" / "pyproject.toml").is_file()
 
 
 @pytest.mark.slow

@@ -46,14 +46,29 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--directory", "-C", default=".", metavar="DIR", help="create the project folder in DIR (default: .)"
     )
     p.add_argument(
-        "--device-id", type=lambda s: int(s, 0), default=0, metavar="N",
+        "--device-id", type=_device_id, default=0, metavar="N",
         help="virtio device id for a device plugin (virtio 1.2 section 5; default 0, 'no device')",
     )
+
+
+def _device_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"{value} is not a 16-bit virtio device id")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
     target = generate(args.name, args.kind, Path(args.directory), device_id=args.device_id)
     names = project_names(args.name)
+    installed = getattr(args, "plugin_set", None)
+    for p in installed.plugins if installed is not None else []:
+        if args.name in (p.name, *p.devices, *p.hypervisors):
+            print(f"note: {p.distribution} already provides '{args.name}'; installing both is a conflict "
+                  "(see VDM_PREFER)", file=sys.stderr)
     print(f"created {names['dist']} ({args.kind} plugin) in {target}")
     for path in sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file()):
         print(f"  {path}")
