@@ -500,6 +500,10 @@ def _lab_wrapper(script_text: str, workdir: Path, cwd: str, env: Mapping[str, st
         "TMPDIR": "/mnt/tmp",
         "PYTHONDONTWRITEBYTECODE": "1",
         "LANG": "C.UTF-8",
+        # stdout is a serial tty (so output streams line by line); keep tools from colouring it
+        "TERM": "dumb",
+        "NO_COLOR": "1",
+        "PY_COLORS": "0",
         "VDM_IN_KVM_LAB": "1",
         "VDM_GUESTKIT_DIR": str(kit_dir()),
     }
