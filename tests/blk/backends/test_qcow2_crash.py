@@ -66,7 +66,7 @@ def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches):
     rng = random.Random(cluster_size)
     state = bytearray(SIZE)  # what the image held after the previous round
     flushes_seen = 0
-    for rnd in range(4 if tiny_caches else 5):
+    for rnd in range(3 if tiny_caches else 4):
         lines = _run_and_kill(img, rnd + 1, rng.uniform(0.1, 0.5), tiny_caches)
         last_f = max((i for i, ln in enumerate(lines) if ln == "F"), default=-1)
         flushes_seen += last_f >= 0
@@ -98,4 +98,4 @@ def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches):
             if rnd % 2:
                 qemu_img("check", "-q", "-r", "leaks", img, ok=False)
                 check_image(img)
-    assert flushes_seen >= 3, "the child should have completed flushes in most rounds"
+    assert flushes_seen >= 2, "the child should have completed flushes in most rounds"

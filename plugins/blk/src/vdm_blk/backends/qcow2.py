@@ -576,6 +576,10 @@ class Qcow2Disk(DiskBackend):
         self.check_range(offset, total)
         self._io.acquire_shared()
         try:
+            host = self._mapped(offset, total)
+            if host:  # the common case: inside one allocated cluster
+                self.f.preadv(buffers, host)
+                return total
             with self._meta:
                 extents = self._extents(offset, total)
             if len(extents) == 1:
@@ -588,6 +592,22 @@ class Qcow2Disk(DiskBackend):
         finally:
             self._io.release_shared()
         return total
+
+    def _mapped(self, offset: int, length: int) -> int:
+        """The host offset of a range inside one allocated, unshared data cluster; else 0."""
+        within = offset & (self.cs - 1)
+        if within + length > self.cs:
+            return 0
+        gc = offset >> self.cbits
+        with self._meta:
+            e = self.l1[gc >> self.l2_bits] if (gc >> self.l2_bits) < len(self.l1) else 0
+            if not e & OFFSET_MASK:
+                return 0
+            entry = self._load_l2(e & OFFSET_MASK).entries[gc & self.l2_mask]
+        host = entry & OFFSET_MASK
+        if entry & (COMPRESSED | L2_RESERVED | ZERO_FLAG) or not entry & COPIED or not host or host % self.cs:
+            return 0  # everything else (and anything odd) takes the general path, which checks it
+        return host + within
 
     def _read_extent(self, ext: _Extent, pos: int, views: Sequence[memoryview]) -> None:
         if ext.kind == DATA:
@@ -657,6 +677,11 @@ class Qcow2Disk(DiskBackend):
         self.check_range(offset, total, write=True)
         self._io.acquire_shared()
         try:
+            host = self._mapped(offset, total)
+            if host:
+                self._check_data_host(host, total)
+                self.f.pwritev(buffers, host)
+                return total
             with self._meta:
                 extents = self._extents(offset, total)
             pos = offset
