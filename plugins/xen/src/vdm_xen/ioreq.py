@@ -309,7 +309,7 @@ class IoreqServer:
             result = self._dispatch(rtype, addr, data, count, size, flags)
         except Exception:  # a handler bug must not leave the vCPU waiting forever
             log.exception("dom%d: ioreq type %d at 0x%x", self.domid, rtype, addr)
-            result = None
+            result = _mask(size if size in (1, 2, 4, 8) else 8) if flags_dir(flags) == IOREQ_READ else None
         if result is not None:
             req.data = result
         wmb()

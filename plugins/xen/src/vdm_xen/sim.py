@@ -1037,8 +1037,8 @@ class SimXen:
         d = self.domid
         with self.lock:
             servers = [s for s in self.servers.values() if s.domid == d and s.enabled]
-        if rtype == IOREQ_TYPE_INVALIDATE:
-            return servers
+        if rtype not in (IOREQ_TYPE_COPY, IOREQ_TYPE_PIO):
+            return servers  # INVALIDATE (and, here, any other type) goes to every server
         for s in servers:
             ranges = s.mmio if rtype == IOREQ_TYPE_COPY else s.pio
             for a, b in ranges:
