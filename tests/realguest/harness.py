@@ -37,8 +37,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "guestkit" / "build.sh"
 QEMU = "qemu-system-x86_64"
@@ -597,20 +598,40 @@ def run_in_kvm_lab(
         if tailer is not None:
             tailer.join(5)
         output = output_file.read_text(errors="replace") if output_file.exists() else ""
+    init, start, end, returncode = parse_lab_console(console)
+    return LabResult(cmd, output, returncode, console, timed_out and returncode is None, elapsed, init,
+                     start, end)
+
+
+def parse_lab_console(console: str) -> tuple[dict[str, str] | None, float | None, float | None, int | None]:
+    """(VDMLAB INIT keys, script start uptime, script end uptime, script exit code) from L2's console.
+
+    Missing or garbled values come back as None.
+    """
     init = None
     start = end = None
     returncode = None
-    for line in console.splitlines():
+    for raw in console.splitlines():
+        line = raw.strip("\r")
         if line.startswith("VDMLAB INIT "):
             init = parse_keyvalues(line[len("VDMLAB INIT ") :])
         elif line.startswith("VDMLAB START "):
-            start = float(parse_keyvalues(line).get("uptime_s", "nan"))
+            start = _number(parse_keyvalues(line).get("uptime_s"), float)
         elif line.startswith("VDMLAB RC="):
             kv = parse_keyvalues(line[len("VDMLAB ") :])
-            returncode = int(kv["RC"])
-            end = float(kv.get("uptime_s", "nan"))
-    return LabResult(cmd, output, returncode, console, timed_out and returncode is None, elapsed, init,
-                     start, end)
+            returncode = _number(kv.get("RC"), int)
+            end = _number(kv.get("uptime_s"), float)
+    return init, start, end, returncode
+
+
+def _number(text: str | None, kind: Callable[[str], T]) -> T | None:
+    """int/float of a console value, None when it is missing or garbled."""
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,23 @@ def test_lab_command_and_out_share(tmp_path: Path) -> None:
         harness.lab_command(tmp_path / "a,b", tmp_path / "o", kit=kit)
 
 
+def test_parse_lab_console_markers_and_garbage() -> None:
+    console = "\r\n".join(
+        [
+            "[    1.0] kvm: Nested Virtualization enabled",
+            "VDMLAB INIT kernel=6.1.0-56-amd64 cpus=2 svm=2 npt=2 kvm_amd=yes devkvm=yes uptime_s=5.13",
+            "VDMLAB START uptime_s=5.41",
+            "VDMLAB RC=3 uptime_s=18.45",
+        ]
+    )
+    init, start, end, rc = harness.parse_lab_console(console)
+    assert init is not None and init["kvm_amd"] == "yes" and init["devkvm"] == "yes"
+    assert (start, end, rc) == (5.41, 18.45, 3)
+    nothing = (None, None, None, None)
+    assert harness.parse_lab_console("VDMLAB START uptime_s=x\nVDMLAB RC=zz uptime_s=") == nothing
+    assert harness.parse_lab_console("[ 2.0] Kernel panic") == nothing
+
+
 @pytest.mark.parametrize("shebang", [False, True])
 def test_lab_wrapper_runs_the_script_with_env_cwd_and_exit_code(tmp_path: Path, shebang: bool) -> None:
     """The wrapper the L2 init runs in the chroot works the same on the host."""
