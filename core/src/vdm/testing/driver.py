@@ -233,6 +233,8 @@ class VirtioTestDriver:
             allocs.append((addr, n))
             bufs.append((addr, n, VIRTQ_DESC_F_WRITE))
             writable.append((addr, n))
+        if not bufs:
+            raise ValueError("a descriptor chain needs at least one buffer")
         if indirect:
             assert self.features >> F_INDIRECT_DESC & 1, "INDIRECT_DESC not negotiated"
             table = ram.alloc(16 * len(bufs), 16)
