@@ -21,13 +21,13 @@ from tests.kvm.serial_capture import SerialCapture
 
 
 def boot(kit: str, cpus: int, workloads: str, mem_mib: int, timeout: float, params: str,
-         kernel: str = "vmlinuz") -> dict:
+         kernel: str = "vmlinuz", exit_how: str = "poweroff") -> dict:
     t0 = time.monotonic()
     m = Machine(MachineConfig(mem_mib=mem_mib, cpus=cpus))
     try:
         serial = SerialCapture(irq=lambda level: m.vm.irq_line(4, level))
         m.vm.pio_bus.register(0x3F8, 8, serial, "com1")
-        cmdline = f"console=ttyS0 quiet panic=-1 vdmtest={workloads} vdmtest.exit=poweroff {params}"
+        cmdline = f"console=ttyS0 quiet panic=-1 vdmtest={workloads} vdmtest.exit={exit_how} {params}"
         m.load_linux(f"{kit}/{kernel}", f"{kit}/initrd.cpio.gz", cmdline.strip())
         t1 = time.monotonic()
         m.start()
@@ -42,7 +42,8 @@ def boot(kit: str, cpus: int, workloads: str, mem_mib: int, timeout: float, para
         for v in m.vm.vcpus:
             for k, n in v.exit_counts.items():
                 exits[EXIT_NAMES.get(k, str(k))] = exits.get(EXIT_NAMES.get(k, str(k)), 0) + n
-        return {"cpus": cpus, "kernel": kernel, "exit": reason, "detail": ex.detail,
+        return {"cpus": cpus, "kernel": kernel, "params": params, "how": exit_how,
+                "exit": reason, "detail": ex.detail,
                 "setup_s": round(t1 - t0, 3), "run_s": round(t2 - t1, 3), "exits": exits,
                 "serial": serial.text(),
                 "unclaimed_pio": m.vm.pio_bus.unclaimed_reads + m.vm.pio_bus.unclaimed_writes}
@@ -58,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--params", default="")
+    ap.add_argument("--exit", default="poweroff", choices=("poweroff", "reboot"),
+                    help="how the guest ends (vdmtest.exit)")
     ap.add_argument("--kernel", action="append", choices=("vmlinuz", "vmlinux"),
                     help="the kit's bzImage or its uncompressed ELF (repeat for both)")
     a = ap.parse_args(argv)
     for kernel in a.kernel or ["vmlinuz"]:
         for cpus in a.cpus or [1]:
-            r = boot(a.kit, cpus, a.workloads, a.mem, a.timeout, a.params, kernel)
+            r = boot(a.kit, cpus, a.workloads, a.mem, a.timeout, a.params, kernel, a.exit)
             print("LABBOOT " + json.dumps(r), flush=True)
     return 0
 

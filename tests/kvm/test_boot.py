@@ -471,3 +471,40 @@ def test_machine_with_4gib_has_high_ram_in_e820() -> None:
         assert not mem.contains(layout.RAM_32BIT_END, 1)
     finally:
         m.close()
+
+
+# ---- power and reset ports -----------------------------------------------------------------------
+
+
+def test_power_control_decodes_acpi_sleep_and_reset() -> None:
+    from vdm_kvm.power import KeyboardControllerReset, PowerControl
+
+    events: list[str] = []
+    p = PowerControl(events.append, reset_value=1, reset_offset=1)
+    p.write(0, 1, (acpi.S5_SLP_TYP << 2))  # SLP_TYP without SLP_EN: nothing
+    p.write(0, 1, (3 << 2) | acpi.SLP_EN)  # S3: not implemented, ignored
+    assert events == []
+    p.write(0, 1, (acpi.S5_SLP_TYP << 2) | acpi.SLP_EN)  # what ACPICA writes for S5
+    p.write(1, 1, 2)  # wrong reset value
+    p.write(1, 1, 1)
+    assert events == ["poweroff", "reset"]
+    assert p.read(0, 1) == 0
+    k = KeyboardControllerReset(events.append)
+    assert k.read(0, 1) & 0x02 == 0  # input buffer empty: Linux's kb_wait returns at once
+    k.write(0, 1, 0xD1)
+    k.write(0, 1, 0xFE)
+    assert events == ["poweroff", "reset", "reset"]
+
+
+def test_machine_routes_power_ports() -> None:
+    from vdm_kvm.machine import Machine, MachineConfig
+
+    kvm_or_skip()
+    m = Machine(MachineConfig(mem_mib=64))
+    try:
+        bus = m.vm.pio_bus
+        bus.write(layout.SLEEP_PORT, 1, (acpi.S5_SLP_TYP << 2) | acpi.SLP_EN)
+        assert m.vm.exit is not None and m.vm.exit.reason == "poweroff"
+        assert bus.read(0x64, 1) == 0
+    finally:
+        m.close()

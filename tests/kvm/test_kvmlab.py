@@ -27,19 +27,20 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
         "python3 -m pytest -q -p no:cacheprovider tests/kvm/test_kvm.py 2>&1 | tail -15",
         f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --cpus 1 --cpus 2 "
         "--kernel vmlinuz --kernel vmlinux --workloads boot,smp --timeout 400",
+        # reboots: through the FADT reset register (Linux's default) and the i8042 (reboot=k)
+        f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --kernel vmlinux --exit reboot "
+        "--workloads boot --timeout 400",
+        f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --kernel vmlinux --exit reboot "
+        "--workloads boot --timeout 400 --params reboot=k",
     ])
     r = kvm_lab(script, timeout=1500)
     r.assert_ok()
     return r
 
 
-def _boots(r: harness.LabResult) -> dict[tuple[str, int], dict]:
-    out = {}
-    for line in r.output.splitlines():
-        if line.startswith("LABBOOT "):
-            b = json.loads(line[len("LABBOOT ") :])
-            out[(b["kernel"], b["cpus"])] = b
-    return out
+def _boots(r: harness.LabResult) -> list[dict]:
+    prefix = "LABBOOT "
+    return [json.loads(line[len(prefix) :]) for line in r.output.splitlines() if line.startswith(prefix)]
 
 
 def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: harness.LabResult) -> None:
@@ -51,9 +52,9 @@ def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: harness.LabResult) -> 
 @pytest.mark.parametrize("kernel", ["vmlinuz", "vmlinux"])
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int, kernel: str) -> None:
-    boots = _boots(lab_run)
-    assert (kernel, cpus) in boots, lab_run.describe()
-    b = boots[(kernel, cpus)]
+    boots = [b for b in _boots(lab_run) if (b["kernel"], b["cpus"], b["how"]) == (kernel, cpus, "poweroff")]
+    assert boots, lab_run.describe()
+    b = boots[0]
     init, results, done = harness.parse_results(b["serial"])
     assert b["exit"] == "poweroff", f"{b['exit']}: {b['detail']}\n{b['serial'][-3000:]}"
     assert init is not None and done, b["serial"][-3000:]
@@ -62,3 +63,14 @@ def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int, kerne
     assert by_name["smp"].ok and by_name["smp"]["cpus"] == str(cpus), by_name["smp"].line
     print(f"\nKVM lab, {kernel}, {cpus} vCPU(s): setup {b['setup_s']} s, start to poweroff {b['run_s']} s "
           f"(guest /init at {init['init_uptime_s']} s), exits {b['exits']}")
+
+
+@pytest.mark.parametrize("params", ["", "reboot=k"])
+def test_guest_reboot_ends_the_vm_as_a_reset(lab_run: harness.LabResult, params: str) -> None:
+    boots = [b for b in _boots(lab_run) if (b["how"], b["params"]) == ("reboot", params)]
+    assert boots, lab_run.describe()
+    b = boots[-1]
+    assert b["exit"] == "reset", f"{b['exit']}: {b['detail']}\n{b['serial'][-2000:]}"
+    _, results, done = harness.parse_results(b["serial"])
+    assert done and results[0].ok
+    print(f"\nKVM lab reboot ({params or 'ACPI reset register'}): {b['detail']}, run {b['run_s']} s")

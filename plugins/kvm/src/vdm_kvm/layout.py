@@ -16,7 +16,8 @@
 | 0x1_0000_0000 - | RAM above 3 GiB of guest memory |
 
 Ports: COM1 0x3f8 (IRQ 4), the ACPI sleep control/status register ``SLEEP_PORT``, the ACPI reset
-register ``RESET_PORT``; the in-kernel PIT at 0x40-0x43 and PIC at 0x20/0xa0.
+register ``RESET_PORT``, the i8042 command port 0x64 (reset only); the in-kernel PIT at
+0x40-0x43 and PIC at 0x20/0xa0.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ COM1_IRQ = 4
 SLEEP_PORT = 0x600
 RESET_PORT = 0x601
 RESET_VALUE = 0x01
+I8042_COMMAND_PORT = 0x64
 #: GSIs handed out to devices: above the ISA IRQs in use, up to the IOAPIC's 24 pins
 FIRST_DEVICE_GSI = 5
 LAST_GSI = 23

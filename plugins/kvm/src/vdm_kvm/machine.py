@@ -24,7 +24,7 @@ from .acpi import tables as acpi
 from .cpuid import vcpu_cpuid
 from .kvm import Kvm, Vcpu, Vm, VmExit
 from .kvm_abi import ffi
-from .power import PowerControl
+from .power import KeyboardControllerReset, PowerControl
 
 __all__ = ["Machine", "MachineConfig", "MachineError"]
 
@@ -97,6 +97,8 @@ class Machine:
                                       layout.RESET_PORT - layout.SLEEP_PORT)
             self.vm.pio_bus.register(layout.SLEEP_PORT, layout.RESET_PORT - layout.SLEEP_PORT + 1, self.power,
                                      "acpi-power")
+            self.vm.pio_bus.register(layout.I8042_COMMAND_PORT, 1, KeyboardControllerReset(self._power_event),
+                                     "i8042-reset")
             supported = self.kvm.supported_cpuid()
             for i in range(cfg.cpus):
                 v = self.vm.create_vcpu(i)
@@ -315,7 +317,7 @@ class Machine:
     # ---- running -------------------------------------------------------------------------------
 
     def _power_event(self, what: str) -> None:
-        detail = "ACPI sleep control S5" if what == "poweroff" else "ACPI reset register"
+        detail = "ACPI sleep control S5" if what == "poweroff" else "reset (ACPI reset register or i8042)"
         self.vm.request_exit(VmExit(what, detail))
 
     def start(self) -> None:

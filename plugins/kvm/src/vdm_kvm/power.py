@@ -13,7 +13,7 @@ from typing import Callable
 
 from .acpi.tables import S5_SLP_TYP, SLP_EN
 
-__all__ = ["PowerControl"]
+__all__ = ["KeyboardControllerReset", "PowerControl"]
 
 log = logging.getLogger(__name__)
 
@@ -39,4 +39,27 @@ class PowerControl:
                 else:
                     log.info("guest asked for sleep type %d, which vdm does not implement", slp_typ)
         elif offset == self.reset_offset and value == self.reset_value:
+            self.on_event("reset")
+
+
+class KeyboardControllerReset:
+    """Port 0x64 of an i8042 keyboard controller, just enough for Linux's ``reboot=k``.
+
+    Linux reboots through the keyboard controller by waiting for its input buffer to be empty
+    (status bit 1 clear) and writing 0xfe (pulse the reset line). Without a handler an unclaimed
+    read returns 0xff, and ``kb_wait`` polls 65,536 times per attempt -- each poll an exit. The
+    status register here always reads 0 (empty, no data); 0xfe resets; other commands are ignored.
+    The FADT says there is no 8042, so Linux's i8042 driver does not probe this port.
+    """
+
+    RESET_COMMAND = 0xFE
+
+    def __init__(self, on_event: Callable[[str], None]) -> None:
+        self.on_event = on_event
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if value & 0xFF == self.RESET_COMMAND:
             self.on_event("reset")
