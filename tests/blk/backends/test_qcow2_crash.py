@@ -63,11 +63,13 @@ def _run_and_kill(path: str, seed: int, delay: float, tiny_caches: bool) -> list
 @pytest.mark.parametrize("cluster_size,tiny_caches", [(512, False), (512, True), (65536, False)])
 def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches):
     img = create_qcow2(str(tmp_path / "crash.qcow2"), SIZE, f"cluster_size={cluster_size}")
-    rng = random.Random(cluster_size)
+    # a new seed each run covers new kill points; VDM_CRASH_SEED replays one
+    seed = int(os.environ.get("VDM_CRASH_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
     state = bytearray(SIZE)  # what the image held after the previous round
     flushes_seen = 0
     for rnd in range(3 if tiny_caches else 4):
-        lines = _run_and_kill(img, rnd + 1, rng.uniform(0.1, 0.5), tiny_caches)
+        lines = _run_and_kill(img, seed * 10 + rnd, rng.uniform(0.1, 0.5), tiny_caches)
         last_f = max((i for i, ln in enumerate(lines) if ln == "F"), default=-1)
         flushes_seen += last_f >= 0
         expected = bytearray(state)
@@ -85,13 +87,20 @@ def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches):
                 uncertain.setdefault(s, [bytes(expected[s * 512 : s * 512 + 512])]).append(
                     bytes(data[s * 512 - off : s * 512 - off + 512])
                 )
-        report = check_image(img, allow_leaks=True)
+        try:
+            report = check_image(img, allow_leaks=True)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed} round {rnd}: {e}") from None
         actual = _read_all(img)
         for s, choices in uncertain.items():
             got = bytes(actual[s * 512 : s * 512 + 512])
-            assert got in choices, f"round {rnd}: sector {s} holds neither the old nor a new content"
+            assert got in choices, (
+                f"seed {seed} round {rnd}: sector {s} holds neither the old nor a new content"
+            )
             expected[s * 512 : s * 512 + 512] = got
-        assert actual == expected, f"round {rnd}: data acknowledged before the last flush was lost"
+        assert actual == expected, (
+            f"seed {seed} round {rnd}: data acknowledged before the last flush was lost"
+        )
         state = actual
         if report.get("leaks"):
             # leaks are harmless; reclaim them now and then so later rounds start from a clean image
