@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from vdm.memory import FlatGuestMemory, MemoryRegion
 from vdm_vhost_user import protocol as p
+from vdm_vhost_user.inflight import queue_region_size
 from vdm_vhost_user.protocol import Req
 
 GUEST_BASE = 0x1_0000_0000  # guest-physical address of RAM
@@ -114,9 +115,16 @@ class Frontend:
         self.queues: dict[int, Queue] = {}
         self.reply_ack = False
         self.interrupts = 0
+        self.path = path
+        self.timeout = timeout
+        #: the inflight region (fd, size, queues, queue size) once the backend gave one
+        self.inflight: tuple[int, int, int, int] | None = None
 
     def close(self) -> None:
         self.sock.close()
+        if self.inflight is not None:
+            os.close(self.inflight[0])
+            self.inflight = None
         for q in self.queues.values():
             os.close(q.kick)
             os.close(q.call)
@@ -269,9 +277,17 @@ class Frontend:
             self.call(Req.SET_VRING_ENABLE, p.VRING_STATE.pack(q.index, 1))
 
     def start(
-        self, features: int | None = None, queues: dict[int, int] | None = None, protocol: int | None = None
+        self,
+        features: int | None = None,
+        queues: dict[int, int] | None = None,
+        protocol: int | None = None,
+        inflight: bool = False,
     ) -> int:
-        """The whole handshake; returns the virtio features acked."""
+        """The whole handshake; returns the virtio features acked.
+
+        ``inflight``: get an inflight region from the backend and hand it back (QEMU's
+        vhost-user-blk does this at every start; it keeps the region across reconnects).
+        """
         offered = self.get_features()
         assert offered >> p.F_PROTOCOL_FEATURES & 1
         proto = self.get_protocol_features() if protocol is None else protocol
@@ -280,9 +296,44 @@ class Frontend:
         acked = (offered if features is None else features) & ~(1 << p.F_PROTOCOL_FEATURES)
         self.set_features(acked | 1 << p.F_PROTOCOL_FEATURES)
         self.set_mem_table()
-        for index, size in (queues or {0: 16}).items():
-            self.send_queue(self.layout_queue(index, size))
+        sizes = queues or {0: 16}
+        if inflight:
+            if self.inflight is None:
+                qs = max(sizes.values())
+                fd, size = self.get_inflight_fd(len(sizes), qs)
+                self.inflight = (fd, size, len(sizes), qs)
+            self.set_inflight_fd(*self.inflight)
+        for index, size in sizes.items():
+            q = self.queues.get(index) or self.layout_queue(index, size)
+            # after a backend crash QEMU restarts a ring at the used index the guest sees
+            self.send_queue(q, base=self.used_idx(index) if index in self.queues else 0)
+        self._acked = acked
         return acked
+
+    def reconnect(self, inflight: bool = True) -> int:
+        """Connect again (the backend went away) and restart the same rings where they are."""
+        self.sock.close()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.sock.connect(self.path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.reply_ack = False
+        return self.start(self._acked, {i: q.size for i, q in self.queues.items()}, inflight=inflight)
+
+    def inflight_heads(self, qi: int = 0) -> list[int]:
+        """Heads the backend marked in flight in the shared region (what a new backend resubmits)."""
+        assert self.inflight is not None
+        fd, _, _, qs = self.inflight
+        stride = queue_region_size(qs)  # the backend's choice; the entries' format is the spec's
+        region = os.pread(fd, stride, qi * stride)
+        return [i for i in range(qs) if region[16 + 16 * i] == 1]
 
     def post(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), kick: bool = True) -> int:  # type: ignore[assignment]
         """Put one chain on the available ring; returns its head."""
