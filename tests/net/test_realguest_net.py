@@ -68,7 +68,7 @@ def lab_script(workdir: Path) -> str:
             f"echo 'RUN {tag}'",
             f"python3 {workdir}/peer.py {tag} {MIB} & PEER=$!",
             "sleep 1",
-            f"timeout 600 vdm run -k $KIT/vmlinuz -i $KIT/initrd.cpio.gz -m 256 -c {cpus} "
+            f"timeout 600 vdm -v run -k $KIT/vmlinuz -i $KIT/initrd.cpio.gz -m 256 -c {cpus} "
             f"--console-backend stdio --network {net} -p '{params}' </dev/null 2>&1 | sed 's/^/{tag}: /'",
             "kill $PEER 2>/dev/null; wait $PEER 2>/dev/null",
         ]
@@ -96,3 +96,9 @@ def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab, tmp_path
         assert sent and got, f"{tag}: the peer did not finish\n{r.describe()}"
         assert tcp["rx_bytes"] == str(MIB << 20) and tcp["rx_md5"] == sent.group(1), f"{tag}: guest received"
         assert got.group(1) == str(MIB << 20) and got.group(2) == tcp["tx_md5"], f"{tag}: guest sent"
+        summary = re.search(rf"^{tag}: .*virtio-net: (vdmtap0: rx .*)$", out, re.M)
+        assert summary, f"{tag}: no counters logged at exit\n{r.describe()}"
+        rate = f"tcp {tcp.get('rx_MiBps')} MiB/s in, {tcp.get('tx_MiBps')} MiB/s out"
+        print(f"{tag}: {summary.group(1)}; {rate}")
+        assert "dropped rx 0 tx 0" in summary.group(1), summary.group(1)
+    assert re.search(r"^mq: .*driver uses 2 of 2 queue pairs", out, re.M), "the 2-vCPU guest kept one pair"
