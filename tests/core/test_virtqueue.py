@@ -423,9 +423,8 @@ def test_second_chain_bad_first_one_served(echo):
     """A good chain followed by a bad one: the good one is returned, then the device stops."""
     drv = echo()
     drv.post(0, [b"good"], [4])
+    drv.write_desc(0, 15, drv.ram.end, 4, 0, 0)  # starts right at the end of guest RAM
     drv.publish(0, 15)
-    rings.set_used_event(drv, 0, 0)
-    drv.write_desc(0, 15, drv.ram.end, 4, 0, 0)
     drv.kick(0)
     assert drv.needs_reset
     assert [u.data for u in drv.collect(0)] == [b"good"]
