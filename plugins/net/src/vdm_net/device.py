@@ -116,8 +116,10 @@ def push_all(queue: Virtqueue, items: list[tuple[DescriptorChain, int]]) -> None
     if many is not None:
         many(items)
         return
-    if len(items) == 1:
-        queue.push(*items[0])
+    if len(items) == 1 or not hasattr(queue, "_used"):
+        # (without the core's internals, one at a time: a driver polling meanwhile may see a part)
+        for chain, written in items:
+            queue.push(chain, written)
         return
     memory = queue.memory
     if memory is not None:
