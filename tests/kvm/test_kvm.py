@@ -241,6 +241,36 @@ def test_irq_line_interrupts_the_guest(kvm: Kvm) -> None:
         assert vm.stop().reason == "stopped"
 
 
+def test_irq_line_object_remembers_the_level(kvm: Kvm) -> None:
+    vm, counter = _irq_vm(kvm, 5)
+    with vm:
+        line = vm.line(5)
+        assert vm.line(5) is line
+        line.set_level(True)
+        assert counter.wait_for(1) == [1]
+        vm.irq_line(5, False)  # edge-triggered PIC input: lower it behind the object's back...
+        line.set_level(True)  # ...the object still thinks it is high: no new edge, no interrupt
+        time.sleep(0.3)
+        assert counter.values == [1]
+        line.set_level(False)
+        line.set_level(True)
+        assert counter.wait_for(2) == [1, 2]
+        line.set_level(False)
+        line.trigger()
+        assert counter.wait_for(3) == [1, 2, 3]
+        assert not line.level
+
+
+def test_irqfd_line(kvm: Kvm) -> None:
+    vm, counter = _irq_vm(kvm, 7)
+    with vm:
+        line = vm.irqfd_line(7)
+        line.trigger()
+        assert counter.wait_for(1) == [1]
+        line.set_level(True)
+        assert counter.wait_for(2) == [1, 2]
+
+
 def test_irqfd_raises_the_interrupt_in_the_kernel(kvm: Kvm) -> None:
     vm, counter = _irq_vm(kvm, 5)
     fd = os.eventfd(0, os.EFD_NONBLOCK)

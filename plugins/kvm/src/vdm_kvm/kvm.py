@@ -26,13 +26,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from vdm.hypervisor import EventfdIrqLine, IrqLine
 from vdm.memory import FlatGuestMemory, MemoryRegion
 
 from . import kvm_abi as abi
 from .bus import IoBus
 from .kvm_abi import C_FIXED, C, ffi
 
-__all__ = ["KICK_SIGNAL", "CpuidEntry", "Kvm", "KvmError", "Vcpu", "Vm", "VmExit"]
+__all__ = ["KICK_SIGNAL", "CpuidEntry", "Kvm", "KvmError", "KvmIrqLine", "Vcpu", "Vm", "VmExit"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,44 @@ class VmExit:
     reason: str
     detail: str = ""
     vcpu: int = -1
+
+
+class KvmIrqLine(IrqLine):
+    """A GSI of the in-kernel irqchip driven with ``KVM_IRQ_LINE`` (one ioctl, no vCPU exit).
+
+    One object per GSI (:meth:`Vm.line`): it remembers the level, so raising a line that is
+    already high costs nothing, as on a real wire.
+    """
+
+    def __init__(self, vm: Vm, gsi: int) -> None:
+        self._fd = vm.fd
+        self.gsi = gsi
+        self._level = False
+        self._lock = threading.Lock()
+        self._req = ffi.new("struct kvm_irq_level *")
+
+    @property
+    def level(self) -> bool:
+        return self._level
+
+    def _set(self, level: bool) -> None:
+        self._req.irq = self.gsi
+        self._req.level = 1 if level else 0
+        _ioctl(self._fd, abi.KVM_IRQ_LINE, self._req, "KVM_IRQ_LINE")
+
+    def set_level(self, level: bool) -> None:
+        level = bool(level)
+        with self._lock:
+            if level != self._level:
+                self._set(level)
+                self._level = level
+
+    def trigger(self) -> None:
+        with self._lock:
+            if not self._level:
+                self._set(True)
+            self._set(False)
+            self._level = False
 
 
 class Kvm:
@@ -180,6 +219,8 @@ class Vm:
         self._slots: list[_Slot] = []
         self._memory = FlatGuestMemory()
         self._gsi_routes: dict[int, tuple[int, int]] = {}  # gsi -> (address, data) for MSI routes
+        self._lines: dict[int, KvmIrqLine] = {}
+        self._own_fds: list[int] = []
         self._lock = threading.Lock()
         self._exit: VmExit | None = None
         self._exited = threading.Event()
@@ -277,6 +318,26 @@ class Vm:
         lvl.irq = gsi
         lvl.level = 1 if level else 0
         _ioctl(self.fd, abi.KVM_IRQ_LINE, lvl, "KVM_IRQ_LINE")
+
+    def line(self, gsi: int) -> KvmIrqLine:
+        """The :class:`KvmIrqLine` for ``gsi`` (the same object on every call)."""
+        with self._lock:
+            line = self._lines.get(gsi)
+            if line is None:
+                line = self._lines[gsi] = KvmIrqLine(self, gsi)
+            return line
+
+    def irqfd_line(self, gsi: int) -> EventfdIrqLine:
+        """An edge-signalled line on ``gsi`` through a new irqfd (closed with the VM)."""
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self.irqfd(gsi, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            self._own_fds.append(fd)
+        return EventfdIrqLine(fd)
 
     def get_irqchip(self, chip_id: int) -> Any:
         """``KVM_GET_IRQCHIP``: the state of PIC master (0), PIC slave (1) or the IOAPIC (2)."""
@@ -433,6 +494,9 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in self._own_fds:
+            os.close(fd)
+        self._own_fds.clear()
         for s in self._slots:
             if s.fd >= 0:
                 os.close(s.fd)
