@@ -237,6 +237,13 @@ def test_without_mrg_rxbuf_a_too_small_buffer_drops_the_frame_and_is_reused(net)
     assert st["rx_dropped_buffer_too_small"] == 1 and st["rx_packets"] == 1
 
 
+def _cpu_ticks(tid: int) -> int:
+    """utime + stime of one of our threads, in clock ticks."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def test_receive_without_buffers_waits_and_resumes_after_a_kick(net):
     n = net()
     frames = [eth(n.mac, HOST_MAC, ETH_P_TEST, struct.pack("!I", i) + bytes(60)) for i in range(6)]
@@ -246,6 +253,11 @@ def test_receive_without_buffers_waits_and_resumes_after_a_kick(net):
     st = n.dev.stats()
     assert st["rx_packets"] == 0 and st["rx_dropped"] == 0 and st.get("rx_stalls", 0) >= 1
     assert n.dev.pairs[0].rx_stalled
+    # stalled with frames waiting in the tap: the poller sleeps instead of spinning
+    tid = n.dev._poller._thread.native_id
+    before = _cpu_ticks(tid)
+    time.sleep(0.5)
+    assert _cpu_ticks(tid) - before <= 5, "the poller thread spins while the receive queue is empty"
     n.post_rx(2)
     first = n.receive(2)
     time.sleep(0.2)
