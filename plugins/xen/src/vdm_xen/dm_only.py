@@ -158,7 +158,7 @@ def serve(
                 dev = spec.type.create(spec.config, ctx)
             except UserError:
                 raise
-            except (OSError, ValueError) as e:
+            except Exception as e:  # a device that cannot open its backend: a configuration error
                 raise UserError(f"{spec.type.name}: {e}") from None
             devices.append(dev)
             if not isinstance(dev, VirtioDevice):

@@ -169,10 +169,11 @@ def find_disks(xs: XenStore, be_domid: int, fe_domid: int) -> list[DiskEntry]:
 def wait_for_disks(
     xs: XenStore, be_domid: int, fe_domid: int | None, stop_fd: int, timeout: float | None = None
 ) -> list[DiskEntry]:
-    """Wait until libxl has written the disks of guest ``fe_domid`` (any new guest when None)."""
+    """Wait until libxl has written the disks of guest ``fe_domid`` and waits for a backend (all in
+    state Initialising). With ``fe_domid`` None: the first such guest (a guest already served is in
+    InitWait or later, so it is never taken twice)."""
     root = f"/local/domain/{be_domid}/backend/{KIND}"
     token = "vdm-wait"
-    before = set(xs.directory(root)) if fe_domid is None else set()
     xs.watch(root, token)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
@@ -180,7 +181,7 @@ def wait_for_disks(
             if fe_domid is not None:
                 candidates = [fe_domid]
             else:
-                candidates = sorted(int(d) for d in set(xs.directory(root)) - before if d.isdigit())
+                candidates = sorted(int(d) for d in xs.directory(root) if d.isdigit())
             for fe in candidates:
                 disks = find_disks(xs, be_domid, fe)
                 if disks and all(
