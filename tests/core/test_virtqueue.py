@@ -212,7 +212,8 @@ class Hostile:
         self.snapshot()
         drv.kick(0)
         assert drv.needs_reset, "device served a hostile chain"
-        assert drv.device.broken
+        # caught as the guest's error by the checks, not as a crash deep inside the device
+        assert drv.device.broken and not drv.device.broken.startswith("internal error"), drv.device.broken
         assert drv.reg_read(Reg.INTERRUPT_STATUS) & INT_CONFIG  # the driver is told
         assert drv.used_idx(0) == self.used_before  # nothing returned
         after = bytearray(drv.ram.read(drv.ram.base, drv.ram.size))
