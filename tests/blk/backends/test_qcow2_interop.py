@@ -108,7 +108,7 @@ def test_growth_across_l2_tables_and_refcount_blocks(tmp_path):
         if i % 500 == 0:
             p.q.flush()
     assert p.q.h.refcount_table_offset != rt_before, "the refcount table should have grown"
-    assert len(p.q.rt) > 64
+    assert len(p.q.refs.rt) > 64
     for i in range(0, 3000, 97):
         p.read_equal((i * step) // 512 * 512, 4096)
     p.q.close()

@@ -59,15 +59,15 @@ from __future__ import annotations
 
 import logging
 import struct
-import sys
 import threading
 import zlib
 from array import array
-from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, RWLock, split_views, total_length
 from .qcow2_header import COMPAT_LAZY_REFCOUNTS, OFFSET_MASK, read_header
+from .qcow2_refcounts import Refcounts
+from .qcow2_tables import Table, TableCache, decode_u64, encode_u64
 from .raw import HostFile
 
 __all__ = ["Qcow2Disk"]
@@ -88,21 +88,6 @@ L2_CACHE_BYTES = 32 << 20
 REFBLOCK_CACHE_BYTES = 8 << 20
 MIN_CACHE_TABLES = 16
 _ZEROS = bytes(1 << 16)
-_BIG_ENDIAN = sys.byteorder == "big"
-_ARRAY_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
-def _find_zero(a: array, start: int) -> int:
-    """Index of the first 0 in ``a`` at or after ``start``, or -1."""
-    if sys.version_info >= (3, 10):
-        try:
-            return a.index(0, start)
-        except ValueError:
-            return -1
-    for i in range(start, len(a)):
-        if not a[i]:
-            return i
-    return -1
 
 
 def _fill_zero(views: Sequence[memoryview]) -> None:
@@ -110,34 +95,6 @@ def _fill_zero(views: Sequence[memoryview]) -> None:
         for pos in range(0, len(v), len(_ZEROS)):
             n = min(len(_ZEROS), len(v) - pos)
             v[pos : pos + n] = _ZEROS[:n]
-
-
-def _decode_u64(data: bytes) -> array:
-    a = array("Q")
-    a.frombytes(data)
-    if not _BIG_ENDIAN:
-        a.byteswap()
-    return a
-
-
-def _encode_u64(a: array) -> bytes:
-    if _BIG_ENDIAN:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
-
-
-class _Table:
-    """A cached L2 table or refcount block: its entries and whether the disk copy is stale."""
-
-    __slots__ = ("dirty", "entries", "gen", "writes")
-
-    def __init__(self, entries: array) -> None:
-        self.entries = entries
-        self.dirty = False
-        self.gen = 0  # changes of the entries
-        self.writes = 0  # times written out other than by a flush's snapshot
 
 
 class _Extent:
@@ -210,7 +167,7 @@ class Qcow2Disk(DiskBackend):
             )
         # L1 table
         raw = self.f.pread(h.l1_size * 8, h.l1_table_offset)
-        self.l1 = _decode_u64(raw)
+        self.l1 = decode_u64(raw)
         for i, e in enumerate(self.l1):
             off = e & OFFSET_MASK
             if e & L1_RESERVED or off % cs or (off and off + cs > file_size):
@@ -219,26 +176,12 @@ class Qcow2Disk(DiskBackend):
                     "past the end of the file; check it with qemu-img check"
                 )
         self._l1_dirty: dict[int, int] = {}
-        # refcounts
-        self.refcount_order = h.refcount_order
-        self.refcount_bits = 1 << h.refcount_order
-        self.max_refcount = (1 << self.refcount_bits) - 1
-        self.rb_entries = cs * 8 // self.refcount_bits
-        raw = self.f.pread(h.refcount_table_clusters * cs, h.refcount_table_offset)
-        self.rt = _decode_u64(raw)
-        for i, e in enumerate(self.rt):
-            if e & 0x1FF or e % cs or (e and e + cs > file_size):
-                raise DiskError(
-                    f"{self.path}: not a usable qcow2 image: refcount table entry {i} (0x{e:x}) is invalid "
-                    "or points past the end of the file; check it with qemu-img check"
-                )
         # caches
-        self._l2: OrderedDict[int, _Table] = OrderedDict()
-        self._rb: OrderedDict[int, _Table] = OrderedDict()
-        self._l2_cap = max(MIN_CACHE_TABLES, L2_CACHE_BYTES // cs)
-        self._rb_cap = max(MIN_CACHE_TABLES, REFBLOCK_CACHE_BYTES // cs)
+        self._l2 = TableCache(max(MIN_CACHE_TABLES, L2_CACHE_BYTES // cs), self._write_l2_evicted)
+        self.refs = Refcounts(
+            self.f, h, max(MIN_CACHE_TABLES, REFBLOCK_CACHE_BYTES // cs), self._check_data_host, self._corrupt
+        )
         self._pending_free: list[tuple[int, int]] = []
-        self._free_hint = 0
         self._meta = threading.RLock()
         self._io = RWLock()
         self._flush_lock = threading.Lock()
@@ -269,41 +212,32 @@ class Qcow2Disk(DiskBackend):
     def _corrupt(self, what: str) -> DiskError:
         return DiskError(f"{self.path}: the image is corrupt: {what}; check it with qemu-img check")
 
-    def _load_l2(self, off: int) -> _Table:
+    def _load_l2(self, off: int) -> Table:
         t = self._l2.get(off)
         if t is not None:
-            self._l2.move_to_end(off)
             return t
         raw = self.f.pread(self.cs, off)
         if len(raw) < self.cs:
             raise self._corrupt(f"L2 table at 0x{off:x} is past the end of the file")
-        t = _Table(_decode_u64(raw))
-        self._cache_insert(self._l2, off, t, self._l2_cap, self._write_l2_evicted)
+        t = Table(decode_u64(raw))
+        self._l2.insert(off, t)
         return t
 
-    def _cache_insert(self, cache: OrderedDict, off: int, t: _Table, cap: int, evict: Callable) -> None:
-        while len(cache) >= cap:
-            old_off, old = next(iter(cache.items()))
-            if old.dirty:
-                evict(old_off, old)
-            del cache[old_off]
-        cache[off] = t
-
-    def _write_l2_evicted(self, off: int, t: _Table) -> None:
+    def _write_l2_evicted(self, off: int, t: Table) -> None:
         """A dirty L2 table leaves the cache: write back every dirty L2 table at once.
 
         The refcounts and the data of what they reference reach the disk first (written and
         synced); writing all of them makes that sync pay for many evictions instead of one.
         """
-        self._write_refblocks()
+        self.refs.write_dirty()
         self.f.sync()
         for o, other in self._l2.items():
             if other.dirty:
-                self.f.pwrite(_encode_u64(other.entries), o)
+                self.f.pwrite(encode_u64(other.entries), o)
                 other.dirty = False
                 other.writes += 1
 
-    def _l2_for(self, gc: int, create: bool) -> _Table | None:
+    def _l2_for(self, gc: int, create: bool) -> Table | None:
         """The L2 table mapping guest cluster ``gc``; with ``create``, allocate a missing one."""
         l1i = gc >> self.l2_bits
         if l1i >= len(self.l1):
@@ -316,10 +250,9 @@ class Qcow2Disk(DiskBackend):
             return self._load_l2(off)
         if not create:
             return None
-        new = self._alloc_cluster()
-        t = _Table(array("Q", bytes(self.cs)))
-        t.dirty = True
-        self._cache_insert(self._l2, new, t, self._l2_cap, self._write_l2_evicted)
+        new = self.refs.alloc()
+        t = Table(array("Q", bytes(self.cs)), dirty=True)
+        self._l2.insert(new, t)
         self.l1[l1i] = new | COPIED
         self._l1_dirty[l1i] = new | COPIED
         return t
@@ -345,7 +278,7 @@ class Qcow2Disk(DiskBackend):
         """Map a guest range to extents; adjacent ones of the same kind (and contiguous) merge."""
         out: list[_Extent] = []
         cs = self.cs
-        table: _Table | None = None
+        table: Table | None = None
         table_l1i = -1
         while length:
             gc = offset >> self.cbits
@@ -377,192 +310,10 @@ class Qcow2Disk(DiskBackend):
             length -= n
         return out
 
-    # ---- refcounts -------------------------------------------------------------------------------
-
-    def _decode_rb(self, raw: bytes) -> array:
-        width = self.refcount_bits
-        if width >= 8:
-            a = array(_ARRAY_CODES[width // 8])
-            if a.itemsize != width // 8:  # platform without a fitting type code
-                a = array(
-                    "Q",
-                    [int.from_bytes(raw[i : i + width // 8], "big") for i in range(0, len(raw), width // 8)],
-                )
-                return a
-            a.frombytes(raw)
-            if not _BIG_ENDIAN and width > 8:
-                a.byteswap()
-            return a
-        per = 8 // width
-        mask = (1 << width) - 1
-        return array("B", [(byte >> (i * width)) & mask for byte in raw for i in range(per)])
-
-    def _encode_rb(self, a: array) -> bytes:
-        width = self.refcount_bits
-        if width >= 8:
-            if a.itemsize != width // 8:
-                return b"".join(v.to_bytes(width // 8, "big") for v in a)
-            if _BIG_ENDIAN or width == 8:
-                return a.tobytes()
-            b = array(a.typecode, a)
-            b.byteswap()
-            return b.tobytes()
-        per = 8 // width
-        out = bytearray(len(a) // per)
-        for i in range(len(out)):
-            v = 0
-            for j in range(per):
-                v |= a[i * per + j] << (j * width)
-            out[i] = v
-        return bytes(out)
-
-    def _new_rb(self) -> array:
-        width = self.refcount_bits
-        code = _ARRAY_CODES[width // 8] if width >= 8 else "B"
-        if array(code).itemsize * 8 != max(width, 8):
-            code = "Q"
-        return array(code, bytes(array(code).itemsize * self.rb_entries))
-
-    def _load_rb(self, off: int) -> _Table:
-        t = self._rb.get(off)
-        if t is not None:
-            self._rb.move_to_end(off)
-            return t
-        raw = self.f.pread(self.cs, off)
-        if len(raw) < self.cs:
-            raise self._corrupt(f"refcount block at 0x{off:x} is past the end of the file")
-        t = _Table(self._decode_rb(raw))
-        self._cache_insert(self._rb, off, t, self._rb_cap, self._write_rb)
-        return t
-
-    def _write_rb(self, off: int, t: _Table) -> None:
-        self.f.pwrite(self._encode_rb(t.entries), off)
-        t.dirty = False
-
-    def _write_refblocks(self) -> bool:
-        """Write every dirty refcount block; True if there were any."""
-        wrote = False
-        for off, t in self._rb.items():
-            if t.dirty:
-                self._write_rb(off, t)
-                wrote = True
-        return wrote
-
-    def _refblock_for(self, cluster: int) -> tuple[_Table | None, int]:
-        rti, j = divmod(cluster, self.rb_entries)
-        if rti >= len(self.rt) or not self.rt[rti]:
-            return None, j
-        return self._load_rb(self.rt[rti]), j
-
     def refcount(self, host_offset: int) -> int:
         """The refcount of the host cluster containing ``host_offset`` (for tests and tools)."""
         with self._meta:
-            t, j = self._refblock_for(host_offset // self.cs)
-            return 0 if t is None else t.entries[j]
-
-    def _alloc_cluster(self) -> int:
-        """Find a free host cluster, set its refcount to 1 (in the cache) and return its offset."""
-        epb = self.rb_entries
-        idx = self._free_hint
-        while True:
-            rti = idx // epb
-            if rti >= len(self.rt):
-                self._grow_reftable(rti)
-                continue
-            if not self.rt[rti]:
-                self._new_refblock(rti)
-                continue
-            t = self._load_rb(self.rt[rti])
-            j = _find_zero(t.entries, idx - rti * epb)
-            if j < 0:
-                idx = (rti + 1) * epb
-                continue
-            t.entries[j] = 1
-            t.dirty = True
-            cluster = rti * epb + j
-            self._free_hint = cluster + 1
-            # a free cluster on top of metadata means the refcounts are wrong: stop before damage
-            self._check_data_host(cluster * self.cs, self.cs)
-            return cluster * self.cs
-
-    def _new_refblock(self, rti: int) -> None:
-        """Create the missing refcount block for range ``rti``, placed at the range's first cluster.
-
-        With no block, every cluster of the range has refcount 0, so the first one is free; the
-        block counts itself. It is written and synced before the table entry that points to it.
-        """
-        start = rti * self.rb_entries
-        off = start * self.cs
-        entries = self._new_rb()
-        entries[0] = 1
-        t = _Table(entries)
-        self.f.pwrite(self._encode_rb(entries), off)
-        self.f.sync()
-        self.f.pwrite(struct.pack(">Q", off), self.h.refcount_table_offset + rti * 8)
-        self.rt[rti] = off
-        self._cache_insert(self._rb, off, t, self._rb_cap, self._write_rb)
-
-    def _grow_reftable(self, needed: int) -> None:
-        """Make the refcount table cover range ``needed``: a new, larger table in free space.
-
-        The new table and the refcount blocks that count it go to a region past everything in
-        use (a whole refcount range that no block covers, so all of it is free); the blocks count
-        themselves and the table. They are written and synced, then the header is switched and
-        synced, then the old table's clusters are given back.
-        """
-        cs, epb = self.cs, self.rb_entries
-        file_clusters = -(-self.f.size() // cs)
-        k = max(len(self.rt), -(-file_clusters // epb), needed)
-        per_cluster = cs // 8
-        m = 1
-        while True:
-            entries = max(2 * len(self.rt), k + m + 1, needed + 1)
-            entries = -(-entries // per_cluster) * per_cluster
-            tclusters = entries // per_cluster
-            need_m = -(-(m + tclusters) // epb)
-            if need_m <= m:
-                break
-            m = need_m
-        if entries * 8 > (8 << 20):
-            raise DiskError(f"{self.path}: the refcount table would exceed 8 MiB; the image is too large")
-        area = k * epb  # first cluster of the new region
-        total = m + tclusters
-        new_rt = array("Q", self.rt)
-        new_rt.extend([0] * (entries - len(self.rt)))
-        blocks = []
-        for i in range(m):
-            rb = self._new_rb()
-            first = (k + i) * epb
-            for c in range(max(area, first), min(area + total, first + epb)):
-                rb[c - first] = 1
-            blocks.append(rb)
-            new_rt[k + i] = (area + i) * cs
-        for i, rb in enumerate(blocks):
-            self.f.pwrite(self._encode_rb(rb), (area + i) * cs)
-        table_off = (area + m) * cs
-        self.f.pwrite(_encode_u64(new_rt), table_off)
-        self.f.sync()
-        old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
-        self.f.pwrite(struct.pack(">QI", table_off, tclusters), 48)
-        self.f.sync()
-        self.h.refcount_table_offset, self.h.refcount_table_clusters = table_off, tclusters
-        self.rt = new_rt
-        for i, rb in enumerate(blocks):
-            self._cache_insert(self._rb, (area + i) * cs, _Table(rb), self._rb_cap, self._write_rb)
-        self._free_now(old_off, old_clusters * cs)
-
-    def _free_now(self, offset: int, length: int) -> None:
-        """Decrement the refcounts of the clusters overlapping a host range (in the cache)."""
-        cs = self.cs
-        for c in range(offset // cs, -(-(offset + length) // cs)):
-            t, j = self._refblock_for(c)
-            if t is None or t.entries[j] == 0:
-                log.warning("%s: freeing host cluster %d whose refcount is already 0", self.path, c)
-                continue
-            t.entries[j] -= 1
-            t.dirty = True
-            if t.entries[j] == 0 and c < self._free_hint:
-                self._free_hint = c
+            return self.refs.get(host_offset // self.cs)
 
     # ---- reading ---------------------------------------------------------------------------------
 
@@ -741,7 +492,7 @@ class Qcow2Disk(DiskBackend):
         if kind == ZERO and host and entry & COPIED:
             new = host  # preallocated zero cluster: reuse it
         else:
-            new = self._alloc_cluster()
+            new = self.refs.alloc()
             if kind == COMPRESSED_KIND:
                 coff = entry & self.coffset_mask
                 nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
@@ -879,11 +630,9 @@ class Qcow2Disk(DiskBackend):
             return
         with self._flush_lock:
             with self._meta:
-                self._write_refblocks()
+                self.refs.write_dirty()
                 snap = [
-                    (off, t, t.gen, t.writes, _encode_u64(t.entries))
-                    for off, t in self._l2.items()
-                    if t.dirty
+                    (off, t, t.gen, t.writes, encode_u64(t.entries)) for off, t in self._l2.items() if t.dirty
                 ]
                 l1 = dict(self._l1_dirty)
                 frees = self._pending_free
@@ -899,8 +648,8 @@ class Qcow2Disk(DiskBackend):
                 try:
                     with self._meta:
                         for off, length in frees:
-                            self._free_now(off, length)
-                        self._write_refblocks()
+                            self.refs.free(off, length)
+                        self.refs.write_dirty()
                 finally:
                     self._io.release_exclusive()
 
@@ -910,7 +659,7 @@ class Qcow2Disk(DiskBackend):
         if snap or l1:
             with self._meta:
                 for off, t, gen, writes, raw in snap:
-                    if self._l2.get(off) is not t or t.writes != writes:
+                    if self._l2.peek(off) is not t or t.writes != writes:
                         continue  # written meanwhile (evictions), with newer content
                     self.f.pwrite(raw, off)
                     if t.gen == gen:
@@ -928,7 +677,7 @@ class Qcow2Disk(DiskBackend):
             if not self.read_only:
                 self.flush()
                 with self._meta:
-                    if self._write_refblocks():
+                    if self.refs.write_dirty():
                         self.f.sync()
         finally:
             self._closed = True
