@@ -118,7 +118,6 @@ def test_probe_names_exactly_the_missing_libraries(tmp_path: Path) -> None:
     os.symlink(
         os.path.join(_real_dir("libxengnttab.so.1"), "libxengnttab.so.1"), tmp_path / "libxengnttab.so.1"
     )
-    bindings._loaded.pop(str(tmp_path), None)
     assert probe.probe(str(tmp_path)) == probe.NO_HYPERVISOR  # the same directory, now complete
 
 
@@ -158,3 +157,14 @@ def test_dm_only_explains_what_is_missing() -> None:
     assert r.returncode == 1
     assert "dm-only" in r.stderr and "no Xen hypervisor (/dev/xen/privcmd missing)" in r.stderr
     assert "dm-only" not in _vdm("--help").stdout  # hidden while unavailable
+
+
+def test_probe_does_not_parse_cffi_declarations() -> None:
+    # cffi's C parser costs ~0.25 s; list-plugins runs the probe every time
+    code = (
+        "import sys, vdm_xen.plugin as p; p.check(); "
+        "print(sorted(m for m in sys.modules if m == 'cffi' or m.startswith(('vdm_xen.abi', 'pycparser'))))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+    assert r.stderr == ""

@@ -15,6 +15,8 @@ import platform
 
 import cffi
 
+from .sonames import XEN_SONAMES
+
 __all__ = [
     "HVM_IOREQSRV_BUFIOREQ_OFF",
     "IOREQ_READ",
@@ -155,8 +157,7 @@ FILE *fdopen(int fd, const char *mode);
 """,
 }
 
-#: the Xen libraries (libc is not one: it is always there)
-XEN_SONAMES = tuple(s for s in LIBRARIES if s.startswith("libxen"))
+assert tuple(s for s in LIBRARIES if s.startswith("libxen")) == XEN_SONAMES
 
 ffi = cffi.FFI()
 ffi.cdef(TYPES)
