@@ -326,3 +326,40 @@ def test_probe_against_the_simulator() -> None:
             assert sim.leaks() == []
         finally:
             sim.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("base", "zzz", "base/irq missing or not numbers"),
+        ("base", "33554440", "not a virtio-mmio window"),
+        ("irq", "-1", "not a virtio-mmio window"),
+        ("params", None, "params is missing"),
+        ("mode", None, "mode is missing"),
+    ],
+)
+def test_bad_xenstore_entries_are_one_clear_error(
+    plugins: Any, image: Path, key: str, value: str | None, message: str
+) -> None:
+    sim = SimXen(nr_vcpus=1)
+    try:
+        be = sim.libxl_add_virtio_disk(51712, str(image), base=BASE, irq=33)
+        if value is None:
+            sim.xs_rm(f"{be}/{key}")
+        else:
+            sim.xs_write(f"{be}/{key}", value)
+        with pytest.raises(UserError, match=message):
+            dm_only.run(_args(plugins), lib=sim.lib())
+        assert sim.leaks() == [] and sim.violations == []
+    finally:
+        sim.close()
+
+
+def test_waiting_for_a_guest_gives_up_after_the_timeout(plugins: Any) -> None:
+    sim = SimXen(nr_vcpus=1)
+    try:
+        with pytest.raises(UserError, match="no virtio disk for dom1"):
+            dm_only.run(_args(plugins, domid=1, wait_timeout=0.3), lib=sim.lib())
+        assert sim.leaks() == []
+    finally:
+        sim.close()

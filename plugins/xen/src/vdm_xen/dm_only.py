@@ -226,6 +226,10 @@ def _blk_from_xenstore(devices: dict[str, DeviceType], entry: Any) -> DeviceSpec
         raise UserError("xenstore describes a virtio disk but no blk device plugin (vdm-blk) is installed")
     from vdm.config import config_from_mapping
 
+    if entry.base < 0 or entry.base % 0x200 or not 0 <= entry.irq < 1020:
+        raise UserError(
+            f"{entry.backend}: base 0x{entry.base:x} / irq {entry.irq} are not a virtio-mmio window"
+        )
     cfg = config_from_mapping(dt.config, {"path": entry.params, "ro": not entry.writable}, entry.backend)
     return DeviceSpec(dt, cfg, entry.base, entry.irq)
 
@@ -257,13 +261,15 @@ def run(args: argparse.Namespace, lib: Any = None) -> int:
             be = own_domid(xs)
             try:
                 entries = wait_for_disks(xs, be, args.domid, stop_r, args.wait_timeout)
+                for entry in entries:
+                    spec = _blk_from_xenstore(devices, entry)
+                    spec.xs = XsDisk(xs, entry)
+                    spec.xs.connect()
+                    specs.append(spec)
             except (TimeoutError, InterruptedError) as e:
                 raise UserError(str(e)) from None
-            for entry in entries:
-                spec = _blk_from_xenstore(devices, entry)
-                spec.xs = XsDisk(xs, entry)
-                spec.xs.connect()
-                specs.append(spec)
+            except XenStoreError as e:
+                raise UserError(f"xenstore: {e.strerror}") from None
             domid = entries[0].fe_domid
         elif args.domid is None:
             raise UserError("--domid is required with --device")
