@@ -260,7 +260,9 @@ def test_receive_without_buffers_waits_and_resumes_after_a_kick(net):
     assert _cpu_ticks(tid) - before <= 5, "the poller thread spins while the receive queue is empty"
     n.post_rx(2)
     first = n.receive(2)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while not n.dev.pairs[0].rx_stalled and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert n.dev.pairs[0].rx_stalled, "stalled again once the two buffers were used"
     n.post_rx(4)
     rest = n.receive(4)
@@ -434,8 +436,12 @@ def test_multi_queue_pairs_are_enabled_by_the_driver(net):
     assert ctrl(n, 4, 0, struct.pack("<H", 3), q=4) == CTRL_ERR
     assert ctrl(n, 4, 0, struct.pack("<H", 2), q=4) == CTRL_OK
     flows(24)
-    time.sleep(0.5)
-    got0, got2 = n.drv.collect(0), n.drv.collect(2)
+    got0, got2 = [], []
+    deadline = time.monotonic() + 10
+    while len(got0) + len(got2) < 24 and time.monotonic() < deadline:
+        got0 += n.drv.collect(0)
+        got2 += n.drv.collect(2)
+        time.sleep(0.02)
     assert len(got0) + len(got2) == 24 and got0 and got2, (len(got0), len(got2))
     # the second pair transmits too
     f = eth(BROADCAST, n.mac, ETH_P_TEST, b"from pair 2".ljust(50))
