@@ -98,6 +98,8 @@ def _fill_zero(views: Sequence[memoryview]) -> None:
 
 
 class _Extent:
+    """A run of guest bytes with one kind of mapping (contiguous on the host for DATA)."""
+
     __slots__ = ("entry", "host", "kind", "length")
 
     def __init__(self, kind: int, length: int, host: int, entry: int) -> None:
