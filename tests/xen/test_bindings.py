@@ -168,3 +168,50 @@ def test_probe_does_not_parse_cffi_declarations() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
     assert r.stderr == ""
+
+
+@needs_libs
+@pytest.mark.skipif(ON_XEN, reason="this host runs Xen")
+def test_real_handles_fail_cleanly_and_silently(capfd: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from vdm_xen.backend import XenBackend
+    from vdm_xen.ioreq import XenError
+    from vdm_xen.xenstore import XenStore, XenStoreError
+
+    lib = bindings.load()
+    with pytest.raises(XenError) as e:
+        XenBackend(lib, 1)
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(XenStoreError) as e2:
+        XenStore(lib)
+    assert e2.value.errno == errno.ENOENT
+    assert capfd.readouterr().err == ""
+
+
+@needs_libs
+@pytest.mark.skipif(ON_XEN, reason="this host runs Xen")
+def test_dm_only_run_with_the_real_libraries_is_one_user_error(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from vdm.errors import UserError
+    from vdm.plugins import load_plugins
+    from vdm_xen import dm_only
+
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 16))
+    args = argparse.Namespace(
+        plugin_set=load_plugins(only=["blk"]),
+        domid=1,
+        device=[f"blk,path={image},base=0x2000000,irq=33"],
+        irq_kind=None,
+        wait_timeout=None,
+    )
+    with pytest.raises(UserError, match="xenevtchn_open: ENOENT"):
+        dm_only.run(args)
+    args.device = []
+    with pytest.raises(UserError, match="cannot connect to xenstore: ENOENT"):
+        dm_only.run(args)
+    assert capfd.readouterr().err == ""

@@ -363,3 +363,20 @@ def test_waiting_for_a_guest_gives_up_after_the_timeout(plugins: Any) -> None:
         assert sim.leaks() == []
     finally:
         sim.close()
+
+
+def test_command_line_options() -> None:
+    p = argparse.ArgumentParser()
+    dm_only.add_arguments(p)
+    a = p.parse_args(
+        ["--domid", "3", "--device", "blk,path=a,base=0,irq=33", "--device", "blk,path=b,base=512,irq=34"]
+    )
+    assert (a.domid, a.device, a.irq_kind, a.wait_timeout) == (
+        3,
+        ["blk,path=a,base=0,irq=33", "blk,path=b,base=512,irq=34"],
+        None,
+        None,
+    )
+    assert p.parse_args(["--irq-kind", "isa"]).irq_kind == "isa"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--irq-kind", "msi"])
