@@ -47,10 +47,19 @@ def write_dist(
     return info
 
 
-def clean_env(extra: Mapping[str, str] | None = None, pythonpath: Sequence[Path] = ()) -> dict[str, str]:
+def clean_env(
+    extra: Mapping[str, str] | None = None,
+    pythonpath: Sequence[Path] = (),
+    *,
+    inherit_pythonpath: bool = True,
+) -> dict[str, str]:
+    """This process's environment without VDM_* settings; ``pythonpath`` goes first on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in VDM_VARS and k != "PYTHONPATH"}
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    paths = [str(p) for p in pythonpath]
+    if inherit_pythonpath and os.environ.get("PYTHONPATH"):  # e.g. tests run with PYTHONPATH=core/src
+        paths.append(os.environ["PYTHONPATH"])
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(extra or {})
     return env
 
@@ -63,11 +72,12 @@ def run_vdm(
     pythonpath: Sequence[Path] = (),
     cwd: Path | None = None,
     python_flags: Sequence[str] = (),
+    inherit_pythonpath: bool = True,
 ) -> subprocess.CompletedProcess:
     """``vdm ARGS`` in a fresh interpreter (``python -m vdm.cli.main``)."""
     return subprocess.run(
         [str(python), *python_flags, "-m", "vdm.cli.main", *args],
-        env=clean_env(env, pythonpath),
+        env=clean_env(env, pythonpath, inherit_pythonpath=inherit_pythonpath),
         cwd=cwd,
         capture_output=True,
         text=True,

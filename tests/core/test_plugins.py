@@ -431,13 +431,16 @@ def _core_only_path(tmp_path: Path) -> list[Path]:
 def test_only_vdm_core_installed(tmp_path):
     """No plugin distribution at all (``python -S``: no site-packages): an empty list, exit 0."""
     path = _core_only_path(tmp_path)
-    proc = run_vdm(["list-plugins"], pythonpath=path, python_flags=["-S"], cwd=tmp_path)
+    proc = run_vdm(["list-plugins"], pythonpath=path, python_flags=["-S"], cwd=tmp_path,
+                   inherit_pythonpath=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "no vdm plugins installed (install e.g. vdm-blk, vdm-kvm)\n"
-    proc = run_vdm(["--strict", "list-plugins", "--json"], pythonpath=path, python_flags=["-S"], cwd=tmp_path)
+    proc = run_vdm(["--strict", "list-plugins", "--json"], pythonpath=path, python_flags=["-S"], cwd=tmp_path,
+                   inherit_pythonpath=False)
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == {"plugins": [], "conflicts": []}
-    proc = run_vdm([], pythonpath=path, python_flags=["-S"], cwd=tmp_path)
+    proc = run_vdm([], pythonpath=path, python_flags=["-S"], cwd=tmp_path,
+                   inherit_pythonpath=False)
     assert proc.returncode == 0 and "list-plugins" in proc.stdout
 
 
