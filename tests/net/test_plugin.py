@@ -29,6 +29,7 @@ def test_kvmtool_style_options_parse():
     assert cfg.guest_mac_bytes("x") == bytes.fromhex("021515151515")
     assert parse("tap,fd=5").fd == 5
     assert parse("none").mode == "none"
+    assert parse("tap,host_ip=192.168.33.1/24").host_ip == "192.168.33.1/24"
     assert parse("tap,script=none").script_path is None
     assert config_from_mapping(NetConfig, {"tapif": "t0", "mtu": 9000}, "[network]").mtu == 9000
 
@@ -45,6 +46,7 @@ def test_kvmtool_style_options_parse():
         ("mtu=20", "mtu must be"),
         ("queue_size=100", "power of two"),
         ("vhost=on", "unknown option"),
+        ("host_ip=10.0.2.2/40", "IPv4 address"),
     ],
 )
 def test_bad_options_are_one_clear_error(text, message):

@@ -241,3 +241,25 @@ def test_failing_up_script_is_reported_and_the_tap_closed(netns, tmp_path):
 def test_host_mac_is_set_on_the_tap(netns):
     netns.open_tap("vdmtap0", host_mac=bytes.fromhex("02aabbccddee"))
     assert "02:aa:bb:cc:dd:ee" in netns.run(["ip", "link", "show", "vdmtap0"]).stdout
+
+
+def test_host_ip_addresses_the_tap_and_brings_it_up(netns):
+    tap = netns.open_tap("vdmtap0", host_ip="10.0.2.2/24", host_mac=bytes.fromhex("020000000002"))
+    out = netns.run(["ip", "-4", "addr", "show", "vdmtap0"]).stdout
+    assert "inet 10.0.2.2/24" in out
+    assert "UP" in netns.run(["ip", "link", "show", "vdmtap0"]).stdout.split(">")[0]
+    # and the namespace's stack answers on it: a datagram to a closed port of 10.0.2.2 makes it
+    # look up the sender (an ARP request) to send the ICMP error
+    sock = netns.packet_socket("vdmtap0")
+    udp = udp4("10.0.2.15", "10.0.2.2", 1234, 9, b"ping?")
+    frame = eth(bytes.fromhex("020000000002"), GUEST_MAC, ETH_P_IP, ipv4("10.0.2.15", "10.0.2.2", 17, udp))
+    os.write(tap.fds[0], VnetHdr().pack() + frame)
+    assert recv_matching(sock, lambda f: f[12:14] == b"\x08\x06") is not None, "no ARP from the stack"
+
+
+@pytest.mark.parametrize("bad", ["10.0.2.2/33", "10.0.2/24", "fe80::1/64", "host/24"])
+def test_bad_host_ip_is_refused(bad):
+    from vdm_net.tap import parse_cidr
+
+    with pytest.raises(ValueError, match="IPv4 address"):
+        parse_cidr(bad)

@@ -69,6 +69,9 @@ class NetConfig:
         default=None, metadata={"help": "the guest's MAC address (default: derived from the tap name)"}
     )
     host_mac: Optional[str] = field(default=None, metadata={"help": "set the tap's own MAC address"})
+    host_ip: Optional[str] = field(
+        default=None, metadata={"help": "give the tap this IPv4 address/prefix and bring it up (10.0.2.2/24)"}
+    )
     queues: int = field(default=1, metadata={"help": f"queue pairs (multi-queue tap), 1..{MAX_QUEUE_PAIRS}"})
     queue_size: int = field(default=256, metadata={"help": "entries per virtqueue (a power of two)"})
     mtu: Optional[int] = field(default=None, metadata={"help": "MTU offered to the guest (68..65535)"})
@@ -95,6 +98,10 @@ class NetConfig:
                 raise ValueError("give either fd= or tapif=, not both")
         if self.tapif is not None and not 0 < len(self.tapif.encode()) < 16:
             raise ValueError(f"tapif must be 1 to 15 bytes, not {self.tapif!r}")
+        if self.host_ip is not None:
+            from .tap import parse_cidr
+
+            parse_cidr(self.host_ip)
         for name in ("guest_mac", "host_mac"):
             value = getattr(self, name)
             if value is not None:

@@ -1,7 +1,8 @@
 """vdm-net's plugin module: registers the ``net`` device type (``--network``, ``-n``, ``[[network]]``).
 
 Options follow kvmtool's: ``--network mode=tap,tapif=vdmtap0,script=/etc/vdm-ifup,guest_mac=02:..,
-queues=4`` (or ``--network tap,...``). ``mode=none`` gives a NIC whose link is down and which
+queues=4`` (or ``--network tap,...``); ``host_ip=10.0.2.2/24`` addresses the tap and brings it up
+without a script. ``mode=none`` gives a NIC whose link is down and which
 drops what the guest sends. The tap is opened in vdm's own network namespace.
 """
 
@@ -32,6 +33,7 @@ def create(config: NetConfig, ctx: DeviceContext) -> Any:
         script=config.script_path,
         downscript=config.downscript_path,
         host_mac=parse_mac(config.host_mac) if config.host_mac else None,
+        host_ip=config.host_ip,
     )
     try:
         return VirtioNet(config, tap, mac_seed=f"{ctx.vm_name}-{tap.name}")

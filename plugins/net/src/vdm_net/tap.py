@@ -218,6 +218,44 @@ def _adopt_fd(fd: int) -> tuple[str, bool]:
     return name, bool(flags & tun.IFF_MULTI_QUEUE)
 
 
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+IFF_UP = 0x1
+
+
+def parse_cidr(text: str) -> tuple[str, int]:
+    """``"10.0.2.2/24"`` -> (``"10.0.2.2"``, 24); ValueError if it is not an IPv4 address/prefix."""
+    addr, _, prefix = text.partition("/")
+    try:
+        socket.inet_aton(addr)
+        bits = int(prefix) if prefix else 24
+    except (OSError, ValueError):
+        raise ValueError(f"'{text}' is not an IPv4 address with a prefix length (10.0.2.2/24)") from None
+    if addr.count(".") != 3 or not 0 < bits <= 32:
+        raise ValueError(f"'{text}' is not an IPv4 address with a prefix length (10.0.2.2/24)")
+    return addr, bits
+
+
+def _ifreq_addr(name: str, addr: str) -> bytes:
+    sin = struct.pack("HH4s", socket.AF_INET, 0, socket.inet_aton(addr)).ljust(16, b"\0")
+    return struct.pack(f"{tun.IFNAMSIZ}s16s", name.encode(), sin).ljust(tun.IFREQ_SIZE, b"\0")
+
+
+def set_ipv4(name: str, cidr: str) -> None:
+    """Give interface ``name`` the address ``cidr`` and bring it up (what kvmtool does without a
+    script), in the calling thread's network namespace."""
+    addr, bits = parse_cidr(cidr)
+    mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s.fileno(), SIOCSIFADDR, _ifreq_addr(name, addr))
+        fcntl.ioctl(s.fileno(), SIOCSIFNETMASK, _ifreq_addr(name, mask))
+        req = tun.ifreq_flags(name, 0)
+        flags = tun.ifreq_get_flags(fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, tun.ifreq_flags(name, flags | IFF_UP))
+
+
 def set_mac(name: str, mac: bytes) -> None:
     """Set interface ``name``'s MAC address (SIOCSIFHWADDR), in the calling thread's namespace."""
     req = struct.pack(f"{tun.IFNAMSIZ}sH6s", name.encode(), ARPHRD_ETHER, mac).ljust(tun.IFREQ_SIZE, b"\0")
@@ -233,11 +271,14 @@ def open_tap(
     script: str | None = None,
     downscript: str | None = None,
     host_mac: bytes | None = None,
+    host_ip: str | None = None,
 ) -> Tap:
     """Open (or create) tap ``name`` with ``queues`` queues, or take over the tap ``fd``.
 
-    A passed-in ``fd`` belongs to the returned :class:`Tap` (closed by :meth:`Tap.close`); if it is
-    refused (not a tap, no IFF_VNET_HDR) it stays open and the caller's.
+    ``host_mac`` and ``host_ip`` (``10.0.2.2/24``: the address is set and the tap brought up)
+    configure the host side before the up-script runs. A passed-in ``fd`` belongs to the returned
+    :class:`Tap` (closed by :meth:`Tap.close`); if it is refused (not a tap, no IFF_VNET_HDR) it
+    stays open and the caller's.
 
     Raises :class:`TapError` with a message that says what went wrong and how to fix it.
     """
@@ -274,6 +315,8 @@ def open_tap(
             _configure_fd(f)
         if host_mac is not None:
             set_mac(tap_name, host_mac)
+        if host_ip is not None:
+            set_ipv4(tap_name, host_ip)
         tap = Tap(tap_name, fds, multi_queue=multi_queue, downscript=downscript)
     except BaseException:
         for f in fds:
