@@ -14,21 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.installed import clean_env, make_venv, parse_table, pip_install, run_vdm
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rng"
+from tests.core.installed import clean_env, parse_table, run_vdm
+from tests.examples.rng_install import EXAMPLE, install_rng_example
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("rng")
-    src = root / "rng"
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".*"))
-    python = make_venv(root / "venv")
-    pip_install(python, src)
-    return python
+    return install_rng_example(tmp_path_factory.mktemp("rng"))
 
 
 def test_installed_into_the_venv_not_the_tree(venv):

@@ -1,0 +1,85 @@
+"""A real Linux guest reads /dev/hwrng from the example plugin's device.
+
+The installed example (``vdm-rng-example``) is served by ``vdm vhost-user --rng ""``; QEMU (TCG)
+boots the guest kit with a ``vhost-user-rng-pci`` device on that socket, and the kit's ``rng``
+workload reads 4 KiB from ``/dev/hwrng`` and reports which hardware RNG the kernel used. No KVM
+needed: the device is reached over vhost-user.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.core.installed import clean_env
+from tests.examples.rng_install import install_rng_example
+
+pytestmark = [pytest.mark.realguest, pytest.mark.slow]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("VDM_REALGUEST_REQUIRED") or os.environ.get("CI"):
+        pytest.fail(f"{reason} (required here: CI or VDM_REALGUEST_REQUIRED is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from tests.realguest import harness
+
+    if harness.qemu_binary() is None:
+        _unavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    try:
+        harness.guestkit()
+    except harness.GuestKitError as e:
+        _unavailable(f"the guest kit cannot be built: {str(e).strip().splitlines()[-1:]}")
+    return harness
+
+
+@pytest.fixture
+def rng_backend(tmp_path):
+    """``vdm vhost-user --rng ""`` from a venv where the example is installed; yields the socket."""
+    python = install_rng_example(tmp_path)
+    sock = tmp_path / "rng.sock"
+    log = open(tmp_path / "backend.log", "w+")  # closed below
+    proc = subprocess.Popen(
+        [str(python), "-m", "vdm.cli.main", "vhost-user", "-s", str(sock), "--rng", ""],
+        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, Path(log.name).read_text()
+            assert time.monotonic() < deadline, "the vhost-user backend never listened"
+            time.sleep(0.05)
+        yield sock, proc, Path(log.name)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_guest_reads_hwrng_from_the_example_device(harness, rng_backend):
+    sock, proc, log = rng_backend
+    r = harness.run_qemu(
+        ["-chardev", f"socket,id=rng0,path={sock}", "-device", "vhost-user-rng-pci,chardev=rng0"],
+        ["rng"],
+        {"rngbytes": 4096},
+        timeout=300,
+    )
+    assert not r.timed_out, r.log[-3000:]
+    r.assert_ok("rng")
+    res = r["rng"]
+    assert res["rng"] == "virtio_rng.0"  # the kernel's hwrng is our device, not another source
+    assert res["bytes"] == "4096"
+    assert int(res["distinct"]) > 200  # 4 KiB of random bytes use nearly all 256 values
+    assert proc.poll() is None, log.read_text()  # the backend is still serving
+    assert "serving rng on" in log.read_text()
