@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
+from typing import Iterator
 
 import pytest
 
@@ -88,12 +91,28 @@ def pattern(n: int, seed: int) -> bytearray:
     return out
 
 
+@contextlib.contextmanager
+def loop_device(backing_file: str) -> Iterator[str]:
+    """A loop block device over ``backing_file``; skips the test without root or loop devices."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or shutil.which("losetup") is None:
+        pytest.skip("needs root, losetup and loop devices")
+    p = subprocess.run(["losetup", "-f", "--show", backing_file], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"losetup failed: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
 __all__ = [
     "QEMU_IMG",
     "assert_same",
     "check_image",
     "create_qcow2",
     "file_bytes",
+    "loop_device",
     "make_raw",
     "needs_qemu_img",
     "needs_qemu_io",

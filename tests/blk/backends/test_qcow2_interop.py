@@ -11,7 +11,17 @@ import os
 import pytest
 from vdm_blk.backends import DiskError, Qcow2Disk, open_disk
 
-from .helpers import assert_same, check_image, create_qcow2, file_bytes, make_raw, pattern, qemu_img, qemu_io
+from .helpers import (
+    assert_same,
+    check_image,
+    create_qcow2,
+    file_bytes,
+    loop_device,
+    make_raw,
+    pattern,
+    qemu_img,
+    qemu_io,
+)
 
 MiB = 1 << 20
 
@@ -365,3 +375,23 @@ def test_size_not_a_multiple_of_the_cluster_size(tmp_path, with_backing):
         p.q.writev(size - 512, [memoryview(bytearray(1024))])
     p.read_equal(0, size)
     p.close_and_check()
+
+
+def test_qcow2_on_a_block_device(tmp_path):
+    """No file end to extend: clusters, refcount blocks and a grown refcount table stay inside
+    the device, and qemu-img reads the device back as a sound image."""
+    lo_file = make_raw(str(tmp_path / "lo.bin"), 32 * MiB)
+    with loop_device(lo_file) as dev:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", dev, str(64 * MiB))
+        raw = make_raw(str(tmp_path / "m.raw"), 64 * MiB)
+        p = Pair(dev, raw)
+        table = p.q.h.refcount_table_offset
+        for n, i in enumerate(range(0, 64 * MiB, 24 * 1024)):  # > 8 MiB of clusters: the table grows
+            p.write(i, pattern(4096 if n % 3 else 512, i))
+        assert p.q.h.refcount_table_offset != table
+        p.discard(MiB, MiB)
+        p.read_equal(0, 4 * MiB)
+        p.q.close()
+        p.r.close()
+        check_image(dev)
+        assert_same(dev, raw)

@@ -192,6 +192,14 @@ def test_block_device_when_available():
             disk.readv(0, [memoryview(out)])
             assert out == bytes(512) + pattern(4096, 5)[512:]
             disk.close()
+            direct = open_disk(dev, direct=True)
+            odd = bytearray(4096 + 1)
+            odd[1:] = pattern(4096, 6)
+            direct.writev(8192, [memoryview(odd)[1:]])  # misaligned buffer: bounced
+            back = _aligned(4096)
+            direct.readv(8192, [memoryview(back)])  # aligned: straight
+            assert back[:] == pattern(4096, 6)
+            direct.close()
         finally:
             subprocess.run(["losetup", "-d", dev])
 

@@ -202,14 +202,16 @@ class Refcounts:
     def _grow_table(self, needed: int) -> None:
         """Make the refcount table cover range ``needed``: a new, larger table in free space.
 
-        The new table and the refcount blocks that count it go to a region past everything in
-        use (whole refcount ranges that no block covers, so all of it is free); the blocks count
+        The new table and the refcount blocks that count it go to a region past everything
+        counted (whole refcount ranges that no block covers, so all of it is free); the blocks count
         themselves and the table. They are written and synced, then the header is switched and
         synced, then the old table's clusters are given back.
         """
         cs, epb = self.cs, self.per_block
-        file_clusters = -(-self.f.size() // cs)
-        k = max(len(self.rt), -(-file_clusters // epb), needed)
+        # Every cluster in use is counted, so ranges past the table hold nothing in use (at most
+        # leftovers of an interrupted growth): the region starts at the first uncovered range.
+        # (Not at the end of the file: a qcow2 image on a block device has no useful end.)
+        k = max(len(self.rt), needed)
         per_cluster = cs // 8
         m = 1  # refcount blocks in the new region
         while True:
