@@ -54,7 +54,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
                 why = f"its options are broken ({type(e).__name__}: {e})"
                 p.set_defaults(_unavailable=why)
         if why is not None:
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = [n.strip() for n in early.plugins.split(",") if n.strip()] if early.plugins else None
     plugins = load_plugins(only=only)
     parser = build_parser(plugins)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_unavailable", None):
+        parser.parse_args(argv)  # an unavailable command ignores its options; others report them
     for p in plugins.errors if not getattr(args, "_list_plugins", False) else []:
         print(f"vdm: plugin {p.name} ({p.distribution} {p.version}) {p.status}", file=sys.stderr)
     if args.strict and plugins.errors and not getattr(args, "_list_plugins", False):

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                 dev = dt.create(cfg, ctx)
             except UserError:
                 raise
-            except (OSError, ValueError) as e:
+            except Exception as e:  # a backend's own error (DiskError, a tap it cannot open...)
                 raise UserError(f"{dt.cli_flag or dt.name}: {e}") from None
             devices.append(dev)
             if isinstance(dev, VirtioDevice):
