@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  qemu-system-x86 qemu-utils        # real-guest tests (QEMU TCG, the KVM lab), qcow2 interop
-  busybox-static cpio lz4 xz-utils zstd fio   # the guest kit
+  qemu-system-x86 qemu-utils        # real-guest tests (QEMU TCG, the KVM lab, qemu-storage-daemon), qcow2 interop
+  cpio gzip lz4 xz-utils zstd fio util-linux e2fsprogs   # the guest kit (it downloads its kernel and busybox)
   iproute2                          # network namespaces and taps for vdm-net's tests
   libxen-dev                        # Xen's libraries and headers: vdm-xen's bindings are tested against them
   linux-libc-dev gcc                # KVM/tun ABI checks compile a tiny C program against the kernel headers
