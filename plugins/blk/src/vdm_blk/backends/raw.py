@@ -153,17 +153,7 @@ class HostFile:
             if n == sum(len(v) for v in views):
                 return n
             return n + self._loop(os.preadv, self.fd, _advance(list(views), n), offset + n, True)
-        want = total_length(views)
-        if self.dfd is not None and offset % self.align == 0 and want % self.align == 0:
-            if self._use_direct(views, offset) is not False:
-                try:
-                    return self._loop(os.preadv, self.dfd, list(views), offset, True)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self.align = max(self.align, PAGE)
-            return self._bounce_read(views, offset)
-        return self._loop(os.preadv, self.fd, list(views), offset, True)
+        return self._transfer(views, offset, True)
 
     def pwritev(self, views: Sequence[memoryview], offset: int) -> int:
         """Write ``views`` at ``offset``."""
@@ -172,17 +162,30 @@ class HostFile:
             if n == sum(len(v) for v in views):
                 return n
             return n + self._loop(os.pwritev, self.fd, _advance(list(views), n), offset + n, False)
+        return self._transfer(views, offset, False)
+
+    def _transfer(self, views: Sequence[memoryview], offset: int, reading: bool) -> int:
+        """Through the O_DIRECT descriptor (straight or bounced), or the buffered one if the
+        range is not aligned in the file."""
+        call = os.preadv if reading else os.pwritev
         want = total_length(views)
-        if self.dfd is not None and offset % self.align == 0 and want % self.align == 0:
-            if self._use_direct(views, offset) is not False:
-                try:
-                    return self._loop(os.pwritev, self.dfd, list(views), offset, False)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self.align = max(self.align, PAGE)
-            return self._bounce_write(views, offset)
-        return self._loop(os.pwritev, self.fd, list(views), offset, False)
+        while True:
+            a = self.align
+            if self.dfd is None or offset % a or want % a:
+                return self._loop(call, self.fd, list(views), offset, reading)
+            try:
+                if self._use_direct(views, offset) is not False:
+                    try:
+                        return self._loop(call, self.dfd, list(views), offset, reading)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        # misaligned memory that the address check could not see: bounce it
+                return self._bounce_read(views, offset) if reading else self._bounce_write(views, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL or a >= PAGE:
+                    raise
+                self.align = PAGE  # the file system wants more than the logical block size: retry
 
     @staticmethod
     def _loop(call, fd: int, views: list[memoryview], offset: int, reading: bool) -> int:
