@@ -65,10 +65,10 @@ from array import array
 from typing import Callable, Optional, Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, RWLock, split_views, total_length
+from .hostfile import HostFile
 from .qcow2_header import COMPAT_LAZY_REFCOUNTS, OFFSET_MASK, read_header
 from .qcow2_refcounts import Refcounts
 from .qcow2_tables import Table, TableCache, decode_u64, encode_u64
-from .raw import HostFile
 
 __all__ = ["Qcow2Disk"]
 

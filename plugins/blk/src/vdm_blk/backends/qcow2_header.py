@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .base import DiskError
-from .raw import HostFile
+from .hostfile import HostFile
 
 __all__ = ["MAGIC", "Qcow2Header", "read_header"]
 

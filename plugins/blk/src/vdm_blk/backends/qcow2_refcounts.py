@@ -17,9 +17,9 @@ from array import array
 from typing import Callable
 
 from .base import DiskError
+from .hostfile import HostFile
 from .qcow2_header import Qcow2Header
 from .qcow2_tables import Table, TableCache, decode_u64, encode_u64, find_zero
-from .raw import HostFile
 
 __all__ = ["Refcounts"]
 

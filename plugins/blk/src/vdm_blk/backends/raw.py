@@ -1,29 +1,19 @@
-"""Raw disks: a regular file or a block device, byte for byte.
+"""Raw disks: a regular file or a block device, byte for byte (I/O in :mod:`.hostfile`).
 
-:class:`HostFile` does the file I/O for every format (qcow2 uses it for its image file):
-
-* Reads and writes go with ``os.preadv``/``os.pwritev`` straight into/out of the caller's
-  buffers (guest memory); no copies.
-* ``direct=True`` opens a second descriptor with ``O_DIRECT``. Data I/O uses it when the
-  buffers' addresses and lengths and the file offset are aligned to the device's logical block
-  size. Otherwise the data goes through an aligned bounce buffer (one copy) on the direct
-  descriptor; a request that is not even aligned in the file (qcow2 metadata, compressed
-  clusters) uses the buffered descriptor. If the kernel still refuses a direct transfer
-  (EINVAL: the file system wants a larger alignment), the bounce buffer is used and the
-  alignment is raised to the page size for later requests.
-* ``writethrough=True`` opens with ``O_DSYNC``: each write is durable when it returns.
+Files: discard punches a hole, write-zeroes uses FALLOC_FL_ZERO_RANGE (or a hole with unmap),
+falling back to written zeros where the file system has neither. Block devices: size and block
+sizes from BLKGETSIZE64/BLKSSZGET/BLKPBSZGET/BLKIOOPT, discard by BLKDISCARD, write-zeroes by
+BLKZEROOUT.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
-import os
-import stat
 from typing import Sequence
 
-from .base import SECTOR, DiskBackend, DiskError, split_views, total_length
+from .base import SECTOR, DiskBackend, DiskError, total_length
+from .hostfile import HostFile
 from .linux import (
     BLKDISCARD,
     BLKZEROOUT,
@@ -31,242 +21,12 @@ from .linux import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     blk_range_ioctl,
-    block_device_info,
     fallocate,
 )
-from .locking import lock_image
 
-__all__ = ["HostFile", "RawDisk"]
+__all__ = ["RawDisk"]
 
-IOV_MAX = 1024
-BOUNCE_CHUNK = 1 << 20
 ZERO_CHUNK = 1 << 20
-PAGE = mmap.PAGESIZE
-
-
-def _address(view: memoryview) -> int | None:
-    """The address of a writable buffer; None when it cannot be had cheaply (read-only views)."""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except (TypeError, ValueError):
-        return None
-
-
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """Drop the first ``n`` bytes from ``views``."""
-    while n and views:
-        if n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        else:
-            views = [views[0][n:], *views[1:]]
-            n = 0
-    return views
-
-
-class HostFile:
-    """An open image file or block device, with optional O_DIRECT and O_DSYNC."""
-
-    def __init__(
-        self, path: str, *, read_only: bool, direct: bool = False, writethrough: bool = False
-    ) -> None:
-        self.path = path
-        self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        if writethrough and not read_only:
-            flags |= os.O_DSYNC
-        try:
-            self.fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise DiskError(f"{path}: no such file; check the path")
-        except IsADirectoryError:
-            raise DiskError(f"{path}: not a regular file or a block device")
-        except PermissionError:
-            hint = "" if read_only else " (or open it read-only with ro)"
-            raise DiskError(f"{path}: permission denied; check its permissions{hint}")
-        except OSError as e:
-            if e.errno == errno.EROFS:
-                raise DiskError(f"{path}: on a read-only file system or device; open it with ro")
-            raise DiskError(f"{path}: cannot open: {e.strerror}")
-        st = os.fstat(self.fd)
-        self.is_block = stat.S_ISBLK(st.st_mode)
-        if not (self.is_block or stat.S_ISREG(st.st_mode)):
-            os.close(self.fd)
-            raise DiskError(f"{path}: not a regular file or a block device")
-        self.logical_block_size = SECTOR
-        self.physical_block_size = 4096
-        self.optimal_io_size = 0
-        if self.is_block:
-            try:
-                (self._blk_size, self.logical_block_size, self.physical_block_size, self.optimal_io_size) = (
-                    block_device_info(self.fd)
-                )
-            except OSError as e:
-                os.close(self.fd)
-                raise DiskError(f"{path}: cannot query the block device: {e.strerror}")
-        try:
-            lock_image(self.fd, path, writable=not read_only)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.align = max(SECTOR, self.logical_block_size)
-        self.dfd: int | None = None
-        if direct:
-            try:
-                self.dfd = os.open(path, flags | os.O_DIRECT)
-            except OSError as e:
-                os.close(self.fd)
-                raise DiskError(
-                    f"{path}: O_DIRECT is not supported here ({e.strerror}); "
-                    "open it without direct/cache=none"
-                )
-
-    # ---- size ------------------------------------------------------------------------------------
-
-    def size(self) -> int:
-        if self.is_block:
-            return self._blk_size
-        return os.fstat(self.fd).st_size
-
-    # ---- data I/O --------------------------------------------------------------------------------
-
-    def _use_direct(self, views: Sequence[memoryview], offset: int) -> bool | None:
-        """True: aligned; None: alignment unknown (try it); False: use the bounce buffer."""
-        a = self.align
-        if offset % a:
-            return False
-        unknown = False
-        for v in views:
-            if len(v) % a:
-                return False
-            addr = _address(v)
-            if addr is None:
-                unknown = True
-            elif addr % a:
-                return False
-        return None if unknown else True
-
-    def preadv(self, views: Sequence[memoryview], offset: int) -> int:
-        """Fill ``views`` from ``offset``; bytes past the end of the file read as zeros."""
-        if self.dfd is None and len(views) <= IOV_MAX:
-            n = os.preadv(self.fd, views, offset)
-            if n == sum(len(v) for v in views):
-                return n
-            return n + self._loop(os.preadv, self.fd, _advance(list(views), n), offset + n, True)
-        return self._transfer(views, offset, True)
-
-    def pwritev(self, views: Sequence[memoryview], offset: int) -> int:
-        """Write ``views`` at ``offset``."""
-        if self.dfd is None and len(views) <= IOV_MAX:
-            n = os.pwritev(self.fd, views, offset)
-            if n == sum(len(v) for v in views):
-                return n
-            return n + self._loop(os.pwritev, self.fd, _advance(list(views), n), offset + n, False)
-        return self._transfer(views, offset, False)
-
-    def _transfer(self, views: Sequence[memoryview], offset: int, reading: bool) -> int:
-        """Through the O_DIRECT descriptor (straight or bounced), or the buffered one if the
-        range is not aligned in the file."""
-        call = os.preadv if reading else os.pwritev
-        want = total_length(views)
-        while True:
-            a = self.align
-            if self.dfd is None or offset % a or want % a:
-                return self._loop(call, self.fd, list(views), offset, reading)
-            try:
-                if self._use_direct(views, offset) is not False:
-                    try:
-                        return self._loop(call, self.dfd, list(views), offset, reading)
-                    except OSError as e:
-                        if e.errno != errno.EINVAL:
-                            raise
-                        # misaligned memory that the address check could not see: bounce it
-                return self._bounce_read(views, offset) if reading else self._bounce_write(views, offset)
-            except OSError as e:
-                if e.errno != errno.EINVAL or a >= PAGE:
-                    raise
-                self.align = PAGE  # the file system wants more than the logical block size: retry
-
-    @staticmethod
-    def _loop(call, fd: int, views: list[memoryview], offset: int, reading: bool) -> int:
-        done = 0
-        while views:
-            n = call(fd, views[:IOV_MAX], offset + done)
-            if n == 0:
-                if not reading:
-                    raise OSError(errno.EIO, "write made no progress")
-                for v in views:  # past the end of the file: zeros
-                    v[:] = bytes(len(v))
-                    done += len(v)
-                break
-            done += n
-            views = _advance(views, n)
-        return done
-
-    def _bounce_read(self, views: Sequence[memoryview], offset: int) -> int:
-        total = total_length(views)
-        with mmap.mmap(-1, min(total, BOUNCE_CHUNK)) as buf:
-            bview = memoryview(buf)
-            try:
-                chunks = [min(len(bview), total - p) for p in range(0, total, len(bview))]
-                pos = offset
-                for n, group in zip(chunks, split_views(views, chunks)):
-                    self._loop(os.preadv, self.dfd, [bview[:n]], pos, True)  # type: ignore[arg-type]
-                    got = 0
-                    for v in group:
-                        v[:] = bview[got : got + len(v)]
-                        got += len(v)
-                    pos += n
-                return total
-            finally:
-                bview.release()
-
-    def _bounce_write(self, views: Sequence[memoryview], offset: int) -> int:
-        total = total_length(views)
-        with mmap.mmap(-1, min(total, BOUNCE_CHUNK)) as buf:
-            bview = memoryview(buf)
-            try:
-                chunks = [min(len(bview), total - p) for p in range(0, total, len(bview))]
-                pos = offset
-                for n, group in zip(chunks, split_views(views, chunks)):
-                    got = 0
-                    for v in group:
-                        bview[got : got + len(v)] = v
-                        got += len(v)
-                    self._loop(os.pwritev, self.dfd, [bview[:n]], pos, False)  # type: ignore[arg-type]
-                    pos += n
-                return total
-            finally:
-                bview.release()
-
-    # ---- metadata I/O (buffered descriptor, any alignment) ---------------------------------------
-
-    def pread(self, length: int, offset: int) -> bytes:
-        """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
-        out = bytearray(length)
-        got = 0
-        while got < length:
-            n = os.preadv(self.fd, [memoryview(out)[got:]], offset + got)
-            if n == 0:
-                break
-            got += n
-        return bytes(out[:got])
-
-    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        self._loop(os.pwritev, self.fd, [memoryview(data)], offset, False)
-
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
-    def truncate(self, length: int) -> None:
-        os.ftruncate(self.fd, length)
-
-    def close(self) -> None:
-        for fd in (self.dfd, self.fd):
-            if fd is not None and fd >= 0:
-                os.close(fd)
-        self.fd = -1
-        self.dfd = None
 
 
 class RawDisk(DiskBackend):
