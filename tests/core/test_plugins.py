@@ -233,20 +233,24 @@ def ours(records: list[dict]) -> dict[str, dict]:
     return {r["name"]: r for r in records if r["name"].startswith("vt-")}
 
 
+#: load only the test plugins: the in-tree ones (whatever state they are in) are listed as disabled
+ONLY_OURS = {"VDM_PLUGINS": ",".join(OUR_NAMES)}
+
+
 @pytest.fixture(scope="module")
 def listing(site) -> dict:
-    return list_plugins_json(pythonpath=[site])
+    return list_plugins_json(pythonpath=[site], env=ONLY_OURS)
 
 
 @pytest.fixture(scope="module")
 def table(site):
-    return run_vdm(["list-plugins"], pythonpath=[site])
+    return run_vdm(["list-plugins"], pythonpath=[site], env=ONLY_OURS)
 
 
 @pytest.fixture(scope="module")
 def shown(site) -> list[str]:
-    """What the good plugin's ``vdm vt-show`` prints with every plugin loaded."""
-    proc = run_vdm(["vt-show"], pythonpath=[site])
+    """What the good plugin's ``vdm vt-show`` prints with every test plugin loaded."""
+    proc = run_vdm(["vt-show"], pythonpath=[site], env=ONLY_OURS)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
 
