@@ -395,3 +395,47 @@ def test_qcow2_on_a_block_device(tmp_path):
         p.r.close()
         check_image(dev)
         assert_same(dev, raw)
+
+
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+def test_writing_an_image_with_internal_snapshots_keeps_them(tmp_path, cluster_size):
+    size = 2 * MiB
+    img = create_qcow2(str(tmp_path / "s.qcow2"), size, f"cluster_size={cluster_size}")
+    qemu_io(
+        img,
+        "write -P 0x33 0 512k",
+        "write -c -P 0x55 1M 128k" if cluster_size > 512 else "write -P 0x55 1M 128k",
+    )
+    qemu_img("snapshot", "-c", "s1", img)
+    qemu_io(img, "write -P 0x44 0 4k")  # QEMU's own copy-on-write of one cluster after the snapshot
+    qemu_img("snapshot", "-c", "s2", img)
+    at_s2 = str(tmp_path / "s2.raw")
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", img, at_s2)
+    mirror = str(tmp_path / "now.raw")
+    with open(mirror, "wb") as f:
+        f.write(file_bytes(at_s2))
+    p = Pair(img, mirror)
+    p.write(512, pattern(1024, 1))  # partial write into a cluster shared by both snapshots
+    p.write(256 * 1024, pattern(64 * 1024, 2))  # whole clusters
+    p.write(MiB + 4096, pattern(512, 3))  # into (compressed) clusters of the snapshots
+    p.discard(384 * 1024, 64 * 1024)
+    p.zero(448 * 1024, 32 * 1024, unmap=False)
+    p.write(1536 * 1024, pattern(8192, 4))  # never written before
+    p.read_equal(0, size)
+    p.q.flush()
+    p.write(600 * 1024, pattern(4096, 5))
+    p.close_and_check()
+    # the snapshots still hold what they held
+    for name, expect in (("s2", at_s2),):
+        out = str(tmp_path / f"{name}.out")
+        qemu_img("convert", "-f", "qcow2", "-l", f"snapshot.name={name}", "-O", "raw", img, out)
+        assert file_bytes(out) == file_bytes(expect)
+    out = str(tmp_path / "s1.out")
+    qemu_img("convert", "-f", "qcow2", "-l", "snapshot.name=s1", "-O", "raw", img, out)
+    s1 = file_bytes(out)
+    assert s1[:4096] == b"\x33" * 4096 and s1[1 << 20 : (1 << 20) + 4096] == b"\x55" * 4096
+    # deleting the snapshots leaves a clean image with exactly our data
+    qemu_img("snapshot", "-d", "s1", img)
+    qemu_img("snapshot", "-d", "s2", img)
+    check_image(img)
+    assert_same(img, mirror)

@@ -108,18 +108,6 @@ def test_zstd_image_refused(tmp_path):
     _refused(str(tmp_path / "z.qcow2"), "compression type 1 is not supported")
 
 
-def test_internal_snapshots_readable_but_not_writable(img):
-    qemu_io(img, "write -P 0x33 0 64k")
-    qemu_img("snapshot", "-c", "snap1", img)
-    qemu_io(img, "write -P 0x44 0 4k")
-    _refused(img, "internal snapshot.*read-only.*qemu-img snapshot -d")
-    disk = open_disk(img, read_only=True)
-    out = bytearray(8192)
-    disk.readv(0, [memoryview(out)])
-    assert out == b"\x44" * 4096 + b"\x33" * 4096
-    disk.close()
-
-
 def test_read_only_qcow2_rejects_writes_and_stays_unmodified(img):
     qemu_io(img, "write -P 0x10 0 128k")
     before = file_bytes(img)

@@ -15,7 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vdm_blk.backends import open_disk, qcow2
 
-from .helpers import QEMU_IMG, assert_same, check_image, create_qcow2, needs_qemu_img, pattern
+from .helpers import (
+    QEMU_IMG,
+    assert_same,
+    check_image,
+    create_qcow2,
+    needs_qemu_img,
+    pattern,
+    qemu_img,
+    qemu_io,
+)
 
 SIZE = 1 << 20
 SECTORS = SIZE // 512
@@ -51,9 +60,10 @@ ops = st.lists(
     with_backing=st.booleans(),
     direct=st.booleans(),
     tiny_caches=st.booleans(),
+    snapshot=st.booleans(),
     sequence=ops,
 )
-def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, tiny_caches, sequence):
+def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, tiny_caches, snapshot, sequence):
     assert QEMU_IMG
     # tiny caches: two L2 tables and two refcount blocks, so write-back on eviction is exercised
     caches = (
@@ -77,6 +87,12 @@ def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, tin
             f"compat={compat}",
             backing="base.raw" if backing else None,
         )
+        if snapshot:
+            # QEMU writes half the disk and takes an internal snapshot, which must survive
+            qemu_io(img, f"write -P 0x5a 0 {SIZE // 2}")
+            model[: SIZE // 2] = b"\x5a" * (SIZE // 2)
+            qemu_img("snapshot", "-c", "before", img)
+            snap_content = bytes(model)
         disk = open_disk(img, direct=direct)
         for op in sequence:
             if op[0] == "write":
@@ -119,3 +135,10 @@ def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, tin
         with open(mirror, "wb") as f:
             f.write(model)
         assert_same(img, mirror)
+        if snapshot:
+            out = os.path.join(d, "snap.raw")
+            qemu_img("convert", "-f", "qcow2", "-l", "snapshot.name=before", "-O", "raw", img, out)
+            with open(out, "rb") as f:
+                assert f.read() == snap_content
+            qemu_img("snapshot", "-d", "before", img)
+            check_image(img)

@@ -5,15 +5,16 @@ What is supported
     allocation of data clusters, L2 tables and refcount blocks, growing the refcount table;
     backing files (read through, whole-cluster copy-on-write on partial writes); zero clusters
     (v3) and preallocated zero clusters; reading compressed (zlib) clusters, and overwriting or
-    discarding them; discard and write-zeroes.
+    discarding them; discard and write-zeroes; images with internal snapshots (the snapshots
+    are kept: shared L2 tables and data clusters are copied on write, by refcount and the
+    COPIED flags; vdm does not create, apply or delete snapshots).
 
 What is refused at open (DiskError, nothing written)
     bad magic, versions other than 2 and 3, encryption, external data files, non-zlib
     compression, extended L2 entries (subclusters), unknown incompatible features, the corrupt
     bit, the dirty bit (lazy refcounts not written back: run ``qemu-img check -r all``; vdm does
     not rebuild refcounts), truncated or misaligned tables, an L1 table too small for the virtual
-    size, cluster sizes outside 512 B..2 MiB, and opening read-write an image with internal
-    snapshots (open it read-only, or delete the snapshots with ``qemu-img snapshot -d``) or
+    size, cluster sizes outside 512 B..2 MiB, and opening read-write an image with
     persistent dirty bitmaps (vdm would invalidate them; other autoclear bits are cleared, as
     the specification asks of a writer that does not maintain them).
     An image with the lazy-refcounts compatible bit is fine: vdm always keeps refcounts exact.
@@ -162,11 +163,6 @@ class Qcow2Disk(DiskBackend):
         self.csize_shift = 62 - (h.cluster_bits - 8)
         self.csize_mask = (1 << (h.cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
-        if self.read_only is False and h.nb_snapshots:
-            raise DiskError(
-                f"{self.path}: the image has {h.nb_snapshots} internal snapshot(s); vdm writes only images "
-                "without snapshots: open it read-only (ro), or delete them with qemu-img snapshot -d"
-            )
         # L1 table
         raw = self.f.pread(h.l1_size * 8, h.l1_table_offset)
         self.l1 = decode_u64(raw)
@@ -248,7 +244,7 @@ class Qcow2Disk(DiskBackend):
         off = e & OFFSET_MASK
         if off:
             if create and not e & COPIED:
-                raise self._corrupt(f"L2 table at 0x{off:x} is shared (snapshots) but the image is writable")
+                return self._copy_l2(l1i, off)
             return self._load_l2(off)
         if not create:
             return None
@@ -257,6 +253,27 @@ class Qcow2Disk(DiskBackend):
         self._l2.insert(new, t)
         self.l1[l1i] = new | COPIED
         self._l1_dirty[l1i] = new | COPIED
+        return t
+
+    def _copy_l2(self, l1i: int, off: int) -> Table:
+        """Copy-on-write of an L2 table shared with internal snapshots (its L1 entry lacks COPIED).
+
+        The copy references the same data clusters, whose refcounts already count every L1 table
+        that reaches them; COPIED stays only on entries whose cluster has refcount 1, so writes
+        to shared clusters copy them first. The old table loses one reference after the flush
+        that makes the new one durable.
+        """
+        old = self._load_l2(off)
+        entries = array("Q", old.entries)
+        for i, e in enumerate(entries):
+            if e & COPIED and (e & COMPRESSED or self.refs.get((e & OFFSET_MASK) // self.cs) != 1):
+                entries[i] = e & ~COPIED
+        new = self.refs.alloc()
+        t = Table(entries, dirty=True)
+        self._l2.insert(new, t)
+        self.l1[l1i] = new | COPIED
+        self._l1_dirty[l1i] = new | COPIED
+        self._pending_free.append((off, self.cs))
         return t
 
     def _classify(self, entry: int) -> tuple[int, int]:
@@ -290,7 +307,10 @@ class Qcow2Disk(DiskBackend):
             if l1i != table_l1i:
                 table = self._l2_for(gc, False)
                 table_l1i = l1i
+                shared = not self.l1[l1i] & COPIED  # a snapshot's table: nothing in it is ours alone
             entry = table.entries[gc & self.l2_mask] if table is not None else 0
+            if shared:
+                entry &= ~COPIED
             kind, host = self._classify(entry)
             last = out[-1] if out else None
             if kind == DATA:
@@ -354,7 +374,7 @@ class Qcow2Disk(DiskBackend):
         gc = offset >> self.cbits
         with self._meta:
             e = self.l1[gc >> self.l2_bits] if (gc >> self.l2_bits) < len(self.l1) else 0
-            if not e & OFFSET_MASK:
+            if not e & OFFSET_MASK or not e & COPIED:
                 return 0
             entry = self._load_l2(e & OFFSET_MASK).entries[gc & self.l2_mask]
         host = entry & OFFSET_MASK
