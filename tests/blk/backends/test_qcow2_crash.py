@@ -20,7 +20,7 @@ import pytest
 from vdm_blk.backends import open_disk
 
 from .crash_child import pattern
-from .helpers import check_image, create_qcow2, needs_qemu_img, qemu_img
+from .helpers import check_image, create_qcow2, needs_qemu_img, qemu_img, qemu_io
 
 CHILD = os.path.join(os.path.dirname(__file__), "crash_child.py")
 SIZE = 32 << 20
@@ -60,13 +60,21 @@ def _run_and_kill(path: str, seed: int, delay: float, tiny_caches: bool) -> list
 
 
 @needs_qemu_img
-@pytest.mark.parametrize("cluster_size,tiny_caches", [(512, False), (512, True), (65536, False)])
-def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches):
+@pytest.mark.parametrize(
+    "cluster_size,tiny_caches,snapshot", [(512, False, False), (512, True, False), (65536, False, True)]
+)
+def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches, snapshot):
     img = create_qcow2(str(tmp_path / "crash.qcow2"), SIZE, f"cluster_size={cluster_size}")
     # a new seed each run covers new kill points; VDM_CRASH_SEED replays one
     seed = int(os.environ.get("VDM_CRASH_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
     state = bytearray(SIZE)  # what the image held after the previous round
+    if snapshot:
+        # an internal snapshot shares every cluster written so far; it must come through intact
+        qemu_io(img, f"write -P 0x6b 0 {SIZE // 4}")
+        qemu_img("snapshot", "-c", "keep", img)
+        state[: SIZE // 4] = b"\x6b" * (SIZE // 4)
+        snap_raw = str(tmp_path / "snap.raw")
     flushes_seen = 0
     for rnd in range(3 if tiny_caches else 4):
         lines = _run_and_kill(img, seed * 10 + rnd, rng.uniform(0.1, 0.5), tiny_caches)
@@ -102,6 +110,13 @@ def test_sigkill_at_random_points(tmp_path, cluster_size, tiny_caches):
             f"seed {seed} round {rnd}: data acknowledged before the last flush was lost"
         )
         state = actual
+        if snapshot:
+            qemu_img("convert", "-f", "qcow2", "-l", "snapshot.name=keep", "-O", "raw", img, snap_raw)
+            with open(snap_raw, "rb") as f:
+                snap = f.read()
+            assert snap[: SIZE // 4] == b"\x6b" * (SIZE // 4) and snap[SIZE // 4 :] == bytes(
+                SIZE - SIZE // 4
+            ), f"seed {seed} round {rnd}: the snapshot changed"
         if report.get("leaks"):
             # leaks are harmless; reclaim them now and then so later rounds start from a clean image
             if rnd % 2:
