@@ -12,6 +12,8 @@ import selectors
 import threading
 from typing import Callable
 
+from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_write
+
 __all__ = ["EventLoop", "drain_eventfd"]
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 def drain_eventfd(fd: int) -> int:
     """Read an eventfd's counter (0 if it was not signalled)."""
     try:
-        return os.eventfd_read(fd)
+        return eventfd_read(fd)
     except BlockingIOError:
         return 0
 
@@ -30,7 +32,7 @@ class EventLoop:
 
     def __init__(self, name: str = "vdm-events") -> None:
         self._sel = selectors.DefaultSelector()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         self._sel.register(self._wake, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._stop = False
@@ -62,7 +64,7 @@ class EventLoop:
 
     def _poke(self) -> None:
         if self._started and threading.current_thread() is not self._thread:
-            os.eventfd_write(self._wake, 1)
+            eventfd_write(self._wake, 1)
 
     def _run(self) -> None:
         while not self._stop:
@@ -78,7 +80,7 @@ class EventLoop:
 
     def stop(self) -> None:
         self._stop = True
-        os.eventfd_write(self._wake, 1)
+        eventfd_write(self._wake, 1)
         if self._started and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         self._sel.close()

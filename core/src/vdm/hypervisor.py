@@ -11,9 +11,10 @@ Devices and transports get these at setup time from the hypervisor plugin (throu
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Callable, Protocol, runtime_checkable
+
+from .eventfd import eventfd_write
 
 __all__ = ["CallbackIrqLine", "EventfdIrqLine", "IoHandler", "IrqLine", "MsiSink", "RecordingIrqLine"]
 
@@ -72,7 +73,7 @@ class EventfdIrqLine(IrqLine):
 
     def trigger(self) -> None:
         try:
-            os.eventfd_write(self.fd, 1)
+            eventfd_write(self.fd, 1)
         except OSError as e:  # a frontend that closed its call fd must not kill the device
             log.warning("cannot signal interrupt eventfd %d: %s", self.fd, e)
 

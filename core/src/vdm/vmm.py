@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from .device import VirtioDevice
+from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd
 from .eventloop import EventLoop, drain_eventfd
 from .hookspecs import VMM_PROJECT, VmmSpec, vmmimpl
 from .hypervisor import CallbackIrqLine, IoHandler, IrqLine
@@ -160,7 +161,7 @@ class Vmm:
 
     def _kick_eventfd(self, device: VirtioDevice, index: int, addr: int, pio: bool, size: int = 4) -> bool:
         """Route guest kicks of queue ``index`` (the index written at ``addr``) to an eventfd."""
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if not self.hook.vmm_ioeventfd(addr=addr, size=size, datamatch=index, fd=fd, pio=pio):
             os.close(fd)
             return False
