@@ -508,3 +508,27 @@ def test_machine_routes_power_ports() -> None:
         assert bus.read(0x64, 1) == 0
     finally:
         m.close()
+
+
+def test_reset_vector_stub_resets_the_vm() -> None:
+    """Linux's last-resort reboot jumps to F000:FFF0 in real mode; the stub there must reset."""
+    from vdm_kvm import kvm_abi as abi
+    from vdm_kvm.machine import Machine, MachineConfig
+
+    kvm_or_skip()
+    m = Machine(MachineConfig(mem_mib=64))
+    try:
+        m.load_linux(fake_bzimage(), None, "")
+        v = m.vm.vcpus[0]
+        s = v.get_sregs()
+        s.cr0, s.cr4, s.efer = 0x10, 0, 0
+        for seg in (s.cs, s.ds, s.es, s.fs, s.gs, s.ss):
+            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFF, 0, 3
+            seg.l, seg.db, seg.g, seg.s, seg.present = 0, 0, 0, 1, 1
+        s.cs.type, s.cs.base, s.cs.selector = 0xB, 0xF0000, 0xF000
+        v.set_sregs(s)
+        v.set_regs(rip=0xFFF0, rflags=2)
+        assert v.run_once() == abi.KVM_EXIT_IO
+        assert m.vm.exit is not None and m.vm.exit.reason == "reset"
+    finally:
+        m.close()

@@ -353,7 +353,7 @@ class Vm:
         return _ioctl(self.fd, abi.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
 
     def set_msi_route(self, gsi: int, address: int, data: int) -> None:
-        """Route GSI ``gsi`` to an MSI (so an irqfd on ``gsi`` raises it); None removes the route.
+        """Route GSI ``gsi`` to an MSI, so an irqfd on ``gsi`` sends it (:meth:`remove_msi_route` undoes).
 
         KVM replaces the whole routing table at once, so the default irqchip routes (GSI 0-23 to
         the IOAPIC, 0-15 to the PICs) are re-stated every time.

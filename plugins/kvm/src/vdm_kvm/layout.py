@@ -6,7 +6,7 @@
 | 0x0000_7000 | zero page (``struct boot_params``) |
 | 0x0000_9000 | identity page tables (PML4, PDPT, 4 page directories: first 4 GiB, 2 MiB pages) |
 | 0x0002_0000 | kernel command line (up to 64 KiB) |
-| 0x0009_fc00 - 0x0010_0000 | reserved (EBDA, BIOS area); ACPI tables at 0x000e_0000 |
+| 0x0009_fc00 - 0x0010_0000 | reserved (EBDA, BIOS area): ACPI tables at 0xe0000, reset stub at 0xffff0 |
 | 0x0010_0000 | protected-mode kernel (64-bit entry at +0x200) |
 | RAM end (below 4 GiB) | initrd, as high as allowed |
 | 0xc000_0000 - 0xd000_0000 | reserved gap (RAM stops here; the rest is above 4 GiB) |
@@ -30,7 +30,8 @@ CMDLINE = 0x20000
 CMDLINE_MAX = 0x10000
 EBDA_START = 0x9FC00
 ACPI_TABLES = 0xE0000
-ACPI_TABLES_END = 0x100000
+ACPI_TABLES_END = 0xFFFF0
+RESET_VECTOR = 0xFFFF0  # F000:FFF0, where a CPU (or Linux's BIOS reboot) starts: a reset stub
 KERNEL = 0x100000
 KERNEL_64_ENTRY_OFFSET = 0x200
 RAM_32BIT_END = 0xC0000000

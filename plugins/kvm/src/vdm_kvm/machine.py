@@ -307,6 +307,7 @@ class Machine:
                 ram.append((addr, size))
         zp.set_e820(e820.build(ram, [(layout.EBDA_START, layout.KERNEL - layout.EBDA_START)]))
         self.write(layout.ZERO_PAGE, bytes(zp))
+        self.write(layout.RESET_VECTOR, reset_vector_stub())
         self.write(layout.BOOT_GDT, pagetables.gdt())
         self.write(layout.PAGE_TABLES, pagetables.identity_map(layout.PAGE_TABLES, 4))
         self._setup_boot_cpu(self.vm.vcpus[0], entry)
@@ -341,6 +342,18 @@ class Machine:
             vm.close()
         if self._own_kvm:
             self.kvm.close()
+
+
+def reset_vector_stub() -> bytes:
+    """Real-mode code for the reset vector (F000:FFF0): write the ACPI reset register, halt.
+
+    Linux falls back to jumping there (``machine_real_restart``) when other reboot methods fail;
+    on hardware-reduced ACPI without EFI it even starts with that (reboot type EFI, then BIOS).
+    """
+    port = layout.RESET_PORT
+    code = bytes([0xB0, layout.RESET_VALUE, 0xBA, port & 0xFF, port >> 8, 0xEE, 0xF4, 0xEB, 0xFD])
+    # mov al, RESET_VALUE; mov dx, RESET_PORT; out dx, al; 1: hlt; jmp 1b
+    return code.ljust(16, b"\xf4")
 
 
 def setup_lapic_lint(v: Vcpu) -> None:
