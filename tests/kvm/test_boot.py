@@ -532,3 +532,19 @@ def test_reset_vector_stub_resets_the_vm() -> None:
         assert m.vm.exit is not None and m.vm.exit.reason == "reset"
     finally:
         m.close()
+
+
+def test_default_cmdline_follows_the_port_bus() -> None:
+    from vdm_kvm.machine import Machine, MachineConfig
+
+    from tests.kvm.realmode import Recorder
+
+    kvm_or_skip()
+    m = Machine(MachineConfig(mem_mib=64))
+    try:
+        assert m.default_cmdline().split() == ["8250.nr_uarts=1", "pci=off"]
+        m.vm.pio_bus.register(0x2F8, 8, Recorder(), "com2")
+        m.vm.pio_bus.register(0xCF8, 8, Recorder(), "pci")
+        assert m.default_cmdline().split() == ["8250.nr_uarts=2", "pci=noearly"]
+    finally:
+        m.close()

@@ -50,7 +50,9 @@ class MachineConfig:
     cpus: int = 1
     memfd: bool = False  # back RAM with a memfd (shareable with another process)
     com1_in_dsdt: bool = True
-    isa_irqs: tuple[int, ...] = (layout.COM1_IRQ,)
+    #: ISA IRQs given identity interrupt source overrides in the MADT (COM2/4: 3, COM1/3: 4): with
+    #: hardware-reduced ACPI Linux has no legacy PIC and maps only these ISA IRQs to IOAPIC pins
+    isa_irqs: tuple[int, ...] = (3, layout.COM1_IRQ)
     kvm_path: str = "/dev/kvm"
 
 
@@ -220,10 +222,13 @@ class Machine:
 
         Each early PCI config access is an exit to Python; with no PCI host bridge on the port
         bus Linux would still scan 256 buses for an AGP bridge (~33,000 exits), so ``pci=off``;
-        with one, ``pci=noearly`` skips that scan. ``8250.nr_uarts=1``: only COM1 exists, so
-        the 8250 driver does not probe three more UARTs port by port.
+        with one, ``pci=noearly`` skips that scan. ``8250.nr_uarts``: as many legacy UARTs as are
+        registered (COM1..COM4 at 0x3f8, 0x2f8, 0x3e8, 0x2e8; at least 1), so the 8250 driver does
+        not probe absent ones port by port.
         """
-        params = ["8250.nr_uarts=1"]
+        bus = self.vm.pio_bus
+        present = [i for i, port in enumerate(layout.LEGACY_UART_PORTS) if bus.find(port) is not None]
+        params = [f"8250.nr_uarts={max(present, default=0) + 1}"]
         params.append("pci=noearly" if self.vm.pio_bus.find(0xCF8) is not None else "pci=off")
         return " ".join(params)
 
