@@ -777,7 +777,10 @@ class Vcpu:
     def close(self) -> None:
         if self.running:
             self.kick()
-            self.join(5.0)
+            if not self.join(5.0):
+                # never unmap kvm_run under a thread that may still be using it: leak it instead
+                log.error("vcpu%d did not stop; leaving its mapping and fd open", self.index)
+                return
         self.run_struct = None
         try:
             self._run_buf = None
