@@ -7,9 +7,8 @@ import threading
 import time
 
 import pytest
+from vdm.eventfd import EFD_NONBLOCK, eventfd, eventfd_write
 from vdm.eventloop import EventLoop, drain_eventfd
-
-pytestmark = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="os.eventfd needs Python 3.10")
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def loop():
 
 
 def test_callbacks_run_on_the_loop_thread(loop):
-    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    fd = eventfd(0, EFD_NONBLOCK)
     seen: list[tuple[str, int]] = []
     done = threading.Event()
 
@@ -29,14 +28,14 @@ def test_callbacks_run_on_the_loop_thread(loop):
         done.set()
 
     loop.add_reader(fd, cb)
-    os.eventfd_write(fd, 3)
+    eventfd_write(fd, 3)
     assert done.wait(5)
     assert seen == [("test-events", 3)]
     os.close(fd)
 
 
 def test_a_failing_callback_does_not_stop_the_loop(loop, caplog):
-    bad, good = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    bad, good = eventfd(0, EFD_NONBLOCK), eventfd(0, EFD_NONBLOCK)
     done = threading.Event()
 
     def boom() -> None:
@@ -45,8 +44,8 @@ def test_a_failing_callback_does_not_stop_the_loop(loop, caplog):
 
     loop.add_reader(bad, boom)
     loop.add_reader(good, lambda: (drain_eventfd(good), done.set()))
-    os.eventfd_write(bad, 1)
-    os.eventfd_write(good, 1)
+    eventfd_write(bad, 1)
+    eventfd_write(good, 1)
     assert done.wait(5)
     assert "event callback for fd" in caplog.text
     os.close(bad)
@@ -54,16 +53,16 @@ def test_a_failing_callback_does_not_stop_the_loop(loop, caplog):
 
 
 def test_remove_and_replace_readers(loop):
-    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    fd = eventfd(0, EFD_NONBLOCK)
     hits: list[str] = []
     second = threading.Event()
     loop.add_reader(fd, lambda: (drain_eventfd(fd), hits.append("first")))
     loop.add_reader(fd, lambda: (drain_eventfd(fd), hits.append("second"), second.set()))  # replaces
-    os.eventfd_write(fd, 1)
+    eventfd_write(fd, 1)
     assert second.wait(5)
     loop.remove_reader(fd)
     loop.remove_reader(fd)  # twice: harmless
-    os.eventfd_write(fd, 1)
+    eventfd_write(fd, 1)
     time.sleep(0.1)  # time for the loop to (wrongly) act on it
     assert hits == ["second"]
     assert drain_eventfd(fd) == 1  # nobody read it
@@ -71,9 +70,9 @@ def test_remove_and_replace_readers(loop):
 
 
 def test_drain_of_an_idle_eventfd_is_zero():
-    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    fd = eventfd(0, EFD_NONBLOCK)
     assert drain_eventfd(fd) == 0
-    os.eventfd_write(fd, 5)
-    os.eventfd_write(fd, 2)
+    eventfd_write(fd, 5)
+    eventfd_write(fd, 2)
     assert drain_eventfd(fd) == 7
     os.close(fd)

@@ -21,6 +21,7 @@ import pytest
 import vdm
 from vdm import vmmimpl
 from vdm.cli.new_plugin import all_hooks, hook_reference, update_docs
+from vdm.eventfd import eventfd_write
 from vdm.hookspecs import PluginSpec, VmmSpec
 from vdm.memory import PAGE_SIZE, GuestMemoryError, OnDemandGuestMemory
 from vdm.pci import PciBus
@@ -239,7 +240,7 @@ def test_every_vmm_hook_is_called():
         drv.init()
         # a kick through the ioeventfd (no MMIO exit): the event loop runs the device
         drv.post(0, [b"via eventfd"], [11])
-        os.eventfd_write(rec.ioeventfds[(t.base + Reg.QUEUE_NOTIFY, 0)], 1)
+        eventfd_write(rec.ioeventfds[(t.base + Reg.QUEUE_NOTIFY, 0)], 1)
         _wait_for(lambda: drv.used_idx(0) == 1)
         assert drv.collect(0)[0].data == b"via eventfd"
         assert rec.levels[t.irq_number][-1] is True  # raised through vmm_set_irq_level

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 from vdm import vmmimpl
+from vdm.eventfd import eventfd_write
 from vdm.pci import PciBus
 from vdm.testing import GuestRam
 from vdm.transport.mmio import Reg
@@ -73,7 +73,7 @@ class FakeHypervisor:
     def guest_write(self, addr: int, value: int, size: int = 4) -> None:
         for (a, match), fd in self.eventfds.items():
             if a == addr and match in (None, value):
-                os.eventfd_write(fd, 1)  # what KVM does instead of exiting
+                eventfd_write(fd, 1)  # what KVM does instead of exiting
                 return
         for base, (length, handler) in self.mmio.items():
             if base <= addr < base + length:
