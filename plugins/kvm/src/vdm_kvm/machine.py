@@ -95,12 +95,12 @@ class Machine:
             self.vm.create_pit2()
             for addr, size in layout.ram_ranges(mem):
                 self.vm.add_memory(addr, size, memfd=cfg.memfd)
-            self.power = PowerControl(self._power_event, layout.RESET_VALUE,
+            self.power = PowerControl(lambda what: self._power_event(what, "ACPI"), layout.RESET_VALUE,
                                       layout.RESET_PORT - layout.SLEEP_PORT)
             self.vm.pio_bus.register(layout.SLEEP_PORT, layout.RESET_PORT - layout.SLEEP_PORT + 1, self.power,
                                      "acpi-power")
-            self.vm.pio_bus.register(layout.I8042_COMMAND_PORT, 1, KeyboardControllerReset(self._power_event),
-                                     "i8042-reset")
+            kbd = KeyboardControllerReset(lambda what: self._power_event(what, "i8042"))
+            self.vm.pio_bus.register(layout.I8042_COMMAND_PORT, 1, kbd, "i8042-reset")
             supported = self.kvm.supported_cpuid()
             for i in range(cfg.cpus):
                 v = self.vm.create_vcpu(i)
@@ -322,8 +322,11 @@ class Machine:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def _power_event(self, what: str) -> None:
-        detail = "ACPI sleep control S5" if what == "poweroff" else "reset (ACPI reset register or i8042)"
+    def _power_event(self, what: str, source: str) -> None:
+        if source == "i8042":
+            detail = "i8042 reset (0xfe to port 0x64)"
+        else:
+            detail = "ACPI sleep control S5" if what == "poweroff" else "ACPI reset register"
         self.vm.request_exit(VmExit(what, detail))
 
     def start(self) -> None:
