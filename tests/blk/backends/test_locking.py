@@ -31,7 +31,7 @@ def test_two_writers_in_vdm_refused_readers_share(tmp_path):
     first.close()
     a = open_disk(path, read_only=True)
     b = open_disk(path, read_only=True)
-    with pytest.raises(DiskError, match="in use"):
+    with pytest.raises(DiskError, match=r"keeps writers out.*open it read-only too"):
         open_disk(path)
     a.close()
     b.close()
@@ -59,7 +59,7 @@ def test_vdm_refuses_an_image_qemu_writes(tmp_path):
                 break
             assert time.monotonic() < deadline, "qemu-io never locked the image"
             time.sleep(0.05)
-        with pytest.raises(DiskError, match=r"in use by another process.*read-only"):
+        with pytest.raises(DiskError, match="in use by another process that holds its write"):
             open_disk(img)
     finally:
         proc.communicate("quit\n", timeout=10)

@@ -65,19 +65,26 @@ def lock_image(fd: int, path: str, writable: bool) -> None:
             _setlk(fd, fcntl.F_RDLCK, PERM_BASE + i)
         for i in sorted(unshared):
             _setlk(fd, fcntl.F_RDLCK, SHARED_BASE + i)
-        conflict = [i for i in sorted(used) if _held_by_others(fd, SHARED_BASE + i)]
-        conflict += [i for i in sorted(unshared) if _held_by_others(fd, PERM_BASE + i)]
+        # someone does not share what we use (a reader keeping writers out), or someone uses
+        # what we do not share (a writer)
+        readers = [i for i in sorted(used) if _held_by_others(fd, SHARED_BASE + i)]
+        writers = [i for i in sorted(unshared) if _held_by_others(fd, PERM_BASE + i)]
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
-            conflict = [WRITE]
+            readers, writers = [], [WRITE]
         elif e.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             log.warning("%s: the file system does not support OFD locks; the image is not locked", path)
             return
         else:
             raise
-    if conflict:
-        what = ", ".join(sorted({_NAMES[i] for i in conflict}))
+    if writers:
+        what = " and ".join(_NAMES[i] for i in writers)
         raise DiskError(
-            f"{path}: the image is in use by another process (conflicting {what!s} lock, e.g. a running "
-            "QEMU or another vdm); stop that user first" + ("" if not writable else ", or open it read-only")
+            f"{path}: the image is in use by another process that holds its {what} locks (a running QEMU or "
+            "another vdm writing it); stop that process first"
+        )
+    if readers:
+        raise DiskError(
+            f"{path}: the image is in use by another process that reads it and keeps writers out (a running "
+            "QEMU, qemu-img or a read-only vdm); open it read-only too, or stop that process first"
         )
