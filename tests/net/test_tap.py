@@ -263,3 +263,9 @@ def test_bad_host_ip_is_refused(bad):
 
     with pytest.raises(ValueError, match="IPv4 address"):
         parse_cidr(bad)
+
+
+def test_several_queues_of_a_single_queue_tap_are_refused_clearly(netns):
+    netns.create_tap("vdmtap1")
+    with pytest.raises(TapError, match="as a multi-queue tap: it exists with other flags"):
+        netns.open_tap("vdmtap1", queues=2)
