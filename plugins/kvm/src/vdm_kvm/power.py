@@ -48,9 +48,13 @@ class KeyboardControllerReset:
     Linux reboots through the keyboard controller by waiting for its input buffer to be empty
     (status bit 1 clear) and writing 0xfe (pulse the reset line). Without a handler an unclaimed
     read returns 0xff, and ``kb_wait`` polls 65,536 times per attempt -- each poll an exit. The
-    status register here always reads 0 (empty, no data); 0xfe resets; other commands are ignored.
-    The FADT says there is no 8042, so Linux's i8042 driver does not probe this port.
+    status register here always reads 0x01: input buffer empty (so ``kb_wait`` returns at once),
+    output buffer "full" -- the i8042 driver (which probes when told ``i8042.nopnp``) then drains
+    16 bytes of 0xff from port 0x60 and reports "No controller found" instead of waiting ~10,000
+    polls for a reply to its first command. 0xfe resets; other commands are ignored.
     """
+
+    STATUS = 0x01  # OBF set, IBF clear
 
     RESET_COMMAND = 0xFE
 
@@ -58,7 +62,7 @@ class KeyboardControllerReset:
         self.on_event = on_event
 
     def read(self, offset: int, size: int) -> int:
-        return 0
+        return self.STATUS
 
     def write(self, offset: int, size: int, value: int) -> None:
         if value & 0xFF == self.RESET_COMMAND:
