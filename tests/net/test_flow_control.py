@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -218,3 +219,29 @@ def test_only_offloads_the_tap_accepted_are_offered(accepted, expected, absent):
         assert not any(offered >> b & 1 for b in absent), hex(offered)
     finally:
         tap.close()
+
+
+def test_reset_waits_for_queue_processing_on_another_thread(fake):
+    _tap, dev, drv = fake()
+    inside, release = threading.Event(), threading.Event()
+    transmit = dev._transmit
+
+    def slow_transmit(pair, q):
+        inside.set()
+        release.wait(5)
+        transmit(pair, q)
+
+    dev._transmit = slow_transmit
+    drv.post(1, [VnetHdr().pack() + frame(b"in flight")])
+    kicker = threading.Thread(target=drv.kick, args=(1,))
+    kicker.start()
+    assert inside.wait(5)
+    done = threading.Event()
+    resetter = threading.Thread(target=lambda: (dev.reset(), done.set()))
+    resetter.start()
+    assert not done.wait(0.3), "the reset went ahead while a transmit was still running"
+    release.set()
+    assert done.wait(5)
+    kicker.join(5)
+    resetter.join(5)
+    assert dev._inflight == {}

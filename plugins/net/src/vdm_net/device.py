@@ -70,6 +70,8 @@ MAX_CTRL_LEN = 64 * 1024
 #: frames moved per call before other work gets a turn
 RX_BUDGET = 64
 TX_BUDGET = 256
+#: how long a reset waits for queue processing on other threads to finish
+RESET_WAIT = 5.0
 #: more iovecs than this are gathered into one buffer (IOV_MAX is 1024)
 MAX_IOV = 1000
 
@@ -212,6 +214,9 @@ class VirtioNet(VirtioDevice):
         self._guest_offloads = 0
         self._poller: TapPoller | None = None
         self._poller_lock = threading.Lock()
+        #: threads inside process_queue (thread id -> depth), so a reset can wait for them
+        self._inflight: dict[int, int] = {}
+        self._idle = threading.Condition()
 
     # ---- features and config space ---------------------------------------------------------------
 
@@ -273,6 +278,7 @@ class VirtioNet(VirtioDevice):
             poller, self._poller = self._poller, None
         if poller is not None:
             poller.stop()
+        self._wait_idle()
         for pair in self.pairs:
             pair.clear(self.queues[pair.rx_queue], self.queues[pair.tx_queue])
         self.mac = self.default_mac
@@ -351,15 +357,34 @@ class VirtioNet(VirtioDevice):
         role = self._role(queue.index)
         if role is None:
             return
-        kind, pair = role
-        if kind == "rx":
-            assert pair is not None
-            self._receive(pair, queue)
-        elif kind == "tx":
-            assert pair is not None
-            self._transmit(pair, queue)
-        else:
-            self._control(queue)
+        me = threading.get_ident()
+        with self._idle:
+            self._inflight[me] = self._inflight.get(me, 0) + 1
+        try:
+            kind, pair = role
+            if kind == "rx":
+                assert pair is not None
+                self._receive(pair, queue)
+            elif kind == "tx":
+                assert pair is not None
+                self._transmit(pair, queue)
+            else:
+                self._control(queue)
+        finally:
+            with self._idle:
+                left = self._inflight[me] - 1
+                if left:
+                    self._inflight[me] = left
+                else:
+                    del self._inflight[me]
+                self._idle.notify_all()
+
+    def _wait_idle(self, timeout: float = RESET_WAIT) -> None:
+        """Wait until no other thread is inside :meth:`process_queue` (a kick racing a reset)."""
+        me = threading.get_ident()
+        with self._idle:
+            if not self._idle.wait_for(lambda: not set(self._inflight) - {me}, timeout):
+                log.warning("%s: queue processing still running %.0f s into a reset", self.name, timeout)
 
     # ---- transmit ------------------------------------------------------------------------------------
 
