@@ -11,6 +11,7 @@ import time
 import pytest
 from vdm_kvm import kvm_abi as abi
 from vdm_kvm.kvm import Kvm
+from vdm_kvm.kvm_abi import ffi
 from vdm_kvm.machine import setup_lapic_lint
 
 from tests.kvm.realmode import CODE, Asm, Recorder, kvm_or_skip, real_mode_vm
@@ -390,3 +391,50 @@ def test_exit_loop_throughput(kvm: Kvm) -> None:
         assert vcpu.exit_counts[abi.KVM_EXIT_IO] == n
         print(f"\nPIO exits to a Python handler: {n / dt:,.0f}/s")
         assert n / dt > 100  # the KVM lab on a loaded host manages ~1,000/s; kvm_pvm ~40,000/s
+
+
+def _msi_guest() -> bytes:
+    """Counts interrupts on vectors 0x40 (at 0x3000, reported on port 0x510) and 0x50 (0x3002, port
+    0x512); the LAPIC is enabled by the host, the guest never EOIs (0x50 outranks 0x40)."""
+    a = Asm()
+    patches = []
+    for vector in (0x40, 0x50):
+        a.raw(0xC7, 0x06, struct.pack("<H", vector * 4)).raw(b"\x00\x00")
+        patches.append(len(a.b) - 2)
+        a.raw(0xC7, 0x06, struct.pack("<H", vector * 4 + 2), struct.pack("<H", 0))
+    a.mov_al(0).out_imm(0xE0)  # ready
+    a.raw(0xFB)
+    a.label("idle").hlt().jmp("idle")
+    for i, (counter, port) in enumerate(((0x3000, 0x510), (0x3002, 0x512))):
+        a.b[patches[i] : patches[i] + 2] = struct.pack("<H", a.here())
+        a.raw(0xFF, 0x06, struct.pack("<H", counter)).load(counter, 2)
+        a.raw(0xBA, struct.pack("<H", port)).out_dx(2).raw(0xCF)
+    return a.bytes()
+
+
+def test_msi_and_msi_routed_irqfd_reach_the_lapic(kvm: Kvm) -> None:
+    vm, vcpu = real_mode_vm(kvm, _msi_guest(), irqchip=True)
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        with vm:
+            lapic = vcpu.get_lapic()
+            svr = int.from_bytes(bytes(ffi.buffer(lapic.regs))[0xF0:0xF4], "little") | 0x1FF  # enable
+            ffi.memmove(ffi.addressof(lapic.regs, 0xF0), svr.to_bytes(4, "little"), 4)
+            vcpu.set_lapic(lapic)
+            c40, c50, ready = _Counter(), _Counter(), _Ready()
+            vm.pio_bus.register(0x510, 2, c40, "v40")
+            vm.pio_bus.register(0x512, 2, c50, "v50")
+            vm.pio_bus.register(0xE0, 1, ready, "ready")
+            vm.start()
+            assert ready.event.wait(10)
+            time.sleep(0.05)
+            # fixed delivery, physical destination APIC 0
+            assert vm.signal_msi(0xFEE00000, 0x40) > 0
+            assert c40.wait_for(1) == [1]
+            vm.set_msi_route(40, 0xFEE00000, 0x50)
+            vm.irqfd(40, fd)
+            os.eventfd_write(fd, 1)
+            assert c50.wait_for(1) == [1]
+            assert c40.values == [1]
+    finally:
+        os.close(fd)
