@@ -191,6 +191,9 @@ class Refcounts:
         block counts itself. It is written and synced before the table entry that points to it.
         """
         off = rti * self.per_block * self.cs
+        if off == 0:  # the header's range always has a block; writing one there would destroy it
+            raise self.corrupt("the refcount table has no block for the header's clusters")
+        self.guard(off, self.cs)  # never over the L1 or refcount table either
         entries = self._empty()
         entries[0] = 1
         self.f.pwrite(self._encode(entries), off)
