@@ -438,3 +438,22 @@ def test_msi_and_msi_routed_irqfd_reach_the_lapic(kvm: Kvm) -> None:
             assert c40.values == [1]
     finally:
         os.close(fd)
+
+
+def test_msrs_fpu_cpuid_round_trip(kvm: Kvm) -> None:
+    from vdm_kvm.cpuid import vcpu_cpuid
+
+    vm, vcpu = real_mode_vm(kvm, Asm().hlt().bytes(), irqchip=True)
+    with vm:
+        vcpu.set_cpuid(vcpu_cpuid(kvm.supported_cpuid(), 0, 1))  # KVM accepts what it offered
+        assert vcpu.set_msrs({0x174: 0x10, 0x175: 0x8000}) == 2  # IA32_SYSENTER_CS/ESP
+        assert vcpu.get_msrs([0x174, 0x175]) == {0x174: 0x10, 0x175: 0x8000}
+        fpu = vcpu.get_fpu()
+        fpu.fcw, fpu.mxcsr = 0x37F, 0x1F80
+        vcpu.set_fpu(fpu)
+        assert vcpu.get_fpu().fcw == 0x37F
+        if not os.path.exists("/sys/module/kvm_pvm"):  # kvm_pvm reads MXCSR back as 0
+            assert vcpu.get_fpu().mxcsr == 0x1F80
+        assert vcpu.get_mp_state() == 0  # KVM_MP_STATE_RUNNABLE: the boot processor
+        ap = vm.create_vcpu()
+        assert ap.get_mp_state() == 1  # KVM_MP_STATE_UNINITIALIZED: waits for INIT/SIPI
