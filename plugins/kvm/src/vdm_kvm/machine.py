@@ -164,9 +164,9 @@ class Machine:
 
     @staticmethod
     def _setup_fpu(v: Vcpu) -> None:
+        # the x87 control word after FNINIT; KVM_SET_FPU ignores MXCSR (its reset value is 0x1f80)
         fpu = v.get_fpu()
         fpu.fcw = 0x37F
-        fpu.mxcsr = 0x1F80
         v.set_fpu(fpu)
 
     def _setup_boot_cpu(self, v: Vcpu, entry: int) -> None:
