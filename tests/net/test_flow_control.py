@@ -245,3 +245,21 @@ def test_reset_waits_for_queue_processing_on_another_thread(fake):
     kicker.join(5)
     resetter.join(5)
     assert dev._inflight == {}
+
+
+def test_a_merged_packet_alone_still_interrupts_the_driver(fake):
+    """The buffers of one merged packet are published together, and the driver is told."""
+    tap, _dev, drv = fake()
+    for _ in range(4):
+        drv.post(0, in_lens=[64])
+    drv.kick(0)
+    drv.ack_interrupts()
+    edges = drv.irq.edges
+    tap.peers[0].send(VnetHdr().pack() + frame(b"x" * 150))  # 12 + 164 bytes: three 64-byte buffers
+    used = drv.wait(0, 3)
+    assert VnetHdr.unpack(used[0].data).num_buffers == 3
+    assert b"".join(u.data[: u.written] for u in used)[HDR_LEN:] == frame(b"x" * 150)
+    deadline = time.monotonic() + 2
+    while drv.irq.edges == edges and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert drv.irq.edges > edges, "no used-buffer interrupt for a packet spread over three buffers"

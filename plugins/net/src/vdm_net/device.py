@@ -123,15 +123,17 @@ def push_all(queue: Virtqueue, items: list[tuple[DescriptorChain, int]]) -> None
         for chain, written in items:
             queue.push(chain, written)
         return
-    memory = queue.memory
-    if memory is not None:
-        for chain, _ in items:
+    # the same steps as Virtqueue.push, for the whole batch (the core has no batch push yet)
+    for chain, _ in items:
+        memory = getattr(chain, "memory", None) or queue.memory
+        if memory is not None:
             for v in chain.readable + chain.writable:
                 memory.unmap(v)
     with queue.lock:
-        used = queue._used  # the core has no batch push yet; same steps as Virtqueue.push
-        if used is None:
-            return
+        used = queue._used
+        epoch = getattr(queue, "epoch", None)
+        if used is None or any(getattr(c, "epoch", epoch) != epoch for c, _ in items):
+            return  # the queue was reset while these were in flight: drop them
         idx = queue.used_idx
         for chain, written in items:
             struct.pack_into("<II", used, 4 + 8 * (idx % queue.size), chain.head, written)
@@ -139,6 +141,8 @@ def push_all(queue: Virtqueue, items: list[tuple[DescriptorChain, int]]) -> None
         wmb()
         queue.used_idx = idx
         struct.pack_into("<H", used, 2, idx)
+        if hasattr(queue, "_pushed"):
+            queue._pushed = True  # should_notify() interrupts only after a push
 
 
 class _Pair:
@@ -157,6 +161,8 @@ class _Pair:
         #: a chain whose write the tap pushed back (EAGAIN); retried when the fd is writable
         self.tx_chain: DescriptorChain | None = None
         self.tx_blocked = False
+        #: heads of transmit chains popped and not yet returned (a sanity check on the ring)
+        self.tx_heads: set[int] = set()
         #: this pair is in use (VQ_PAIRS_SET)
         self.enabled = False
         #: per-direction counters (each touched only by its own queue's serialized processing)
@@ -178,6 +184,7 @@ class _Pair:
         if self.tx_chain is not None:
             tx.discard(self.tx_chain)
             self.tx_chain = None
+        self.tx_heads.clear()
         if self.rx_len:
             self.rx_stats["rx_dropped"] += 1
             self.rx_stats["rx_dropped_reset"] += 1
@@ -398,6 +405,13 @@ class VirtioNet(VirtioDevice):
             pair.tx_chain = None
             if chain is None:
                 chain = q.pop()
+                if chain is not None:
+                    if chain.head in pair.tx_heads:
+                        # the driver offered a chain it has not got back yet (or we lost track)
+                        pair.tx_stats["tx_duplicate_heads"] += 1
+                        log.error("%s: tx queue %d: head %d offered again while in flight",
+                                  self.name, q.index, chain.head)
+                    pair.tx_heads.add(chain.head)
             if chain is None:
                 if q.set_notification(True):
                     q.set_notification(False)
@@ -408,6 +422,7 @@ class VirtioNet(VirtioDevice):
                 pair.tx_blocked = True
                 self._wake()
                 break
+            pair.tx_heads.discard(chain.head)
             q.push(chain, 0)
             done += 1
             if done % TX_BUDGET == 0:
