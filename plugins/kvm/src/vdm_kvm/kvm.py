@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd
 from vdm.hypervisor import EventfdIrqLine, IrqLine
 from vdm.memory import FlatGuestMemory, MemoryRegion
 
@@ -329,7 +330,7 @@ class Vm:
 
     def irqfd_line(self, gsi: int) -> EventfdIrqLine:
         """An edge-signalled line on ``gsi`` through a new irqfd (closed with the VM)."""
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         try:
             self.irqfd(gsi, fd)
         except BaseException:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from vdm import vmmimpl
-from vdm.hypervisor import IoHandler
+from vdm.hypervisor import IoHandler, IrqLine
 from vdm.memory import GuestMemory
 
 from .machine import Machine
@@ -55,7 +55,17 @@ class KvmBackend:
 
     @vmmimpl
     def vmm_set_irq_level(self, irq: int, level: bool) -> bool:
-        self.vm.irq_line(irq, level)
+        self.vm.line(irq).set_level(level)
+        return True
+
+    @vmmimpl
+    def vmm_irq_line(self, irq: int) -> IrqLine:
+        # one object per GSI that remembers its level, so repeated raises cost no ioctl
+        return self.vm.line(irq)
+
+    @vmmimpl
+    def vmm_irqfd(self, irq: int, fd: int) -> bool:
+        self.vm.irqfd(irq, fd)
         return True
 
     @vmmimpl
