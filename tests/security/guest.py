@@ -1,0 +1,90 @@
+"""Hostile guests for the resource-bound tests: drivers that flood, storm and hoard."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+from vdm.device import VirtioDevice
+from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_write
+from vdm.eventloop import EventLoop, drain_eventfd
+from vdm.testing import VirtioTestDriver
+
+_DESC = struct.Struct("<QIHH")
+F_NEXT, F_WRITE = 1, 2
+
+
+def attach_kicks(loop: EventLoop, device: VirtioDevice) -> list[int]:
+    """Route each queue's kicks through an eventfd on ``loop``, as vdm.vmm does for ioeventfds."""
+    fds = []
+    for index in range(len(device.queues)):
+        fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+
+        def on_kick(fd: int = fd, index: int = index) -> None:
+            if drain_eventfd(fd):
+                device.kick(index)
+
+        loop.add_reader(fd, on_kick)
+        fds.append(fd)
+    return fds
+
+
+class Flooder(threading.Thread):
+    """A guest that keeps queue ``qi`` full: every chain the device returns is published again at
+    once (the same descriptors, no parsing) and kicked, as fast as this thread can go."""
+
+    def __init__(
+        self, drv: VirtioTestDriver, qi: int, kick_fd: int, chains: list[list[tuple[int, int, int]]]
+    ) -> None:
+        super().__init__(daemon=True)
+        self.drv, self.qi, self.kick_fd = drv, qi, kick_fd
+        q = drv.queues[qi]
+        self.q = q
+        self.heads = []
+        free = list(range(q.size))
+        for bufs in chains[: q.size]:
+            if len(bufs) > len(free):
+                break
+            idxs = [free.pop(0) for _ in bufs]
+            for n, (addr, length, flags) in enumerate(bufs):
+                more = F_NEXT if n + 1 < len(bufs) else 0
+                nxt = idxs[n + 1] if more else 0
+                drv.write_desc(qi, idxs[n], addr, length, flags | more, nxt)
+            self.heads.append(idxs[0])
+        self.stop = threading.Event()
+        self.served = 0
+
+    def run(self) -> None:
+        drv, q, ram = self.drv, self.q, self.drv.ram
+        for h in self.heads:
+            drv.publish(self.qi, h)
+        eventfd_write(self.kick_fd, 1)
+        last = 0
+        while not self.stop.is_set():
+            idx = struct.unpack("<H", ram.read(q.used + 2, 2))[0]
+            if idx == last:
+                eventfd_write(self.kick_fd, 1)
+                time.sleep(0)
+                continue
+            while last != idx:
+                head = struct.unpack_from("<I", ram.read(q.used + 4 + 8 * (last % q.size), 4))[0]
+                drv.publish(self.qi, head)
+                last = (last + 1) & 0xFFFF
+                self.served += 1
+            eventfd_write(self.kick_fd, 1)
+
+
+class KickStorm(threading.Thread):
+    """A guest that kicks queue ``fd`` in a tight loop without ever posting anything."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.stop = threading.Event()
+        self.kicks = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            eventfd_write(self.fd, 1)
+            self.kicks += 1

@@ -1,0 +1,251 @@
+"""A hostile guest cannot grow vdm's memory without bound nor starve other devices or queues.
+
+Each test plays one misbehaving driver against real devices whose kicks go through one shared
+:class:`vdm.eventloop.EventLoop`, as under ``vdm run`` (vdm.vmm routes every ioeventfd there):
+
+* endless requests -- the blk queue is republished the moment anything comes back;
+* a kick storm -- a queue kicked in a tight loop with nothing on it;
+* receive buffers never given -- the host keeps sending to a net device whose guest posts none;
+* chains that all point at one huge buffer -- one request "carrying" 16 or 64 times that buffer.
+
+The bounds (see SECURITY.md): memory vdm allocates for a queue is bounded by the queue size, not
+by how many requests the guest sends; data is never copied per descriptor (a chain's buffers are
+passed on as views of guest RAM); another device's request is served within BOUND_S even while
+one queue is flooded. Memory is measured with tracemalloc (Python allocations -- where a leak in
+vdm would show).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import struct
+import time
+import tracemalloc
+
+import pytest
+from vdm.eventfd import eventfd_write
+from vdm.eventloop import EventLoop
+from vdm.testing import VirtioTestDriver
+from vdm_blk.config import BlkConfig
+from vdm_blk.device import BlkDevice
+
+from tests.blk.memdisk import MemoryDisk
+from tests.core.echo_device import EchoDevice
+from tests.security.guest import F_WRITE, Flooder, KickStorm, attach_kicks
+
+#: the longest another device may wait for a request while one queue is flooded or stormed
+BOUND_S = 0.5
+#: growth of vdm's Python heap allowed over a long flood (the flood is bounded by the queue size)
+GROWTH_BYTES = 1 << 20
+BLK_HDR = struct.Struct("<IIQ")
+
+
+@pytest.fixture
+def loop():
+    ev = EventLoop("security-test").start()
+    yield ev
+    ev.stop()
+
+
+def _blk(loop, disk_size: int = 8 << 20, queue_size: int = 128):
+    disk = MemoryDisk(disk_size)
+    disk.calls = collections.deque(maxlen=16)  # type: ignore[assignment]  # the test disk's own log
+    dev = BlkDevice(disk, BlkConfig(path="mem", queue_size=queue_size, iothreads=2))  # type: ignore[arg-type]
+    drv = VirtioTestDriver(dev, ram_size=4 << 20)
+    drv.init()
+    return dev, drv, attach_kicks(loop, dev)
+
+
+def _read_chains(drv: VirtioTestDriver, n: int, data_len: int = 4096) -> list[list[tuple[int, int, int]]]:
+    chains = []
+    for i in range(n):
+        hdr = drv.ram.alloc(16, 8)
+        drv.ram.write(hdr, BLK_HDR.pack(0, 0, (i * 8) % 1024))  # T_IN
+        buf = drv.ram.alloc(data_len, 8)
+        status = drv.ram.alloc(1, 1)
+        chains.append([(hdr, 16, 0), (buf, data_len, F_WRITE), (status, 1, F_WRITE)])
+    return chains
+
+
+def _echo(loop):
+    dev = EchoDevice()
+    drv = VirtioTestDriver(dev, ram_size=256 << 10)
+    drv.init()
+    return dev, drv, attach_kicks(loop, dev)
+
+
+def _latencies(drv: VirtioTestDriver, kick_fd: int, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        msg = b"ping%04d" % i
+        t0 = time.monotonic()
+        drv.post(0, [msg], [len(msg)])
+        eventfd_write(kick_fd, 1)
+        (used,) = drv.wait(0, 1, timeout=10)
+        out.append(time.monotonic() - t0)
+        assert used.data == msg
+        time.sleep(0.01)
+    return out
+
+
+def test_a_flooded_blk_queue_does_not_starve_another_device(loop):
+    blk, blk_drv, blk_kicks = _blk(loop)
+    echo, echo_drv, echo_kicks = _echo(loop)
+    flood = Flooder(blk_drv, 0, blk_kicks[0], _read_chains(blk_drv, 128))
+    flood.start()
+    try:
+        time.sleep(0.3)
+        lat = _latencies(echo_drv, echo_kicks[0], 30)
+        assert flood.served > 100, "the flood never got going"
+        assert max(lat) < BOUND_S, f"echo waited up to {max(lat):.2f} s behind the blk flood"
+    finally:
+        flood.stop.set()
+        flood.join(5)
+        blk.close()
+        echo.reset()
+    print(f"flood: {flood.served} blk requests; echo latency max {max(lat) * 1000:.1f} ms")
+
+
+def test_endless_requests_do_not_grow_memory(loop):
+    blk, blk_drv, blk_kicks = _blk(loop)
+    flood = Flooder(blk_drv, 0, blk_kicks[0], _read_chains(blk_drv, 128))
+    tracemalloc.start()
+    try:
+        flood.start()
+        time.sleep(1.0)  # warm up: pools, caches, the queue full once
+        base, _ = tracemalloc.get_traced_memory()
+        served0 = flood.served
+        time.sleep(3.0)
+        now, peak = tracemalloc.get_traced_memory()
+        served = flood.served - served0
+    finally:
+        tracemalloc.stop()
+        flood.stop.set()
+        flood.join(5)
+        blk.close()
+    assert served > 500, f"only {served} requests in 3 s: not a flood"
+    assert now - base < GROWTH_BYTES, f"heap grew {now - base} bytes over {served} requests"
+    print(f"endless requests: {served} served in 3 s, heap growth {now - base} bytes, peak {peak}")
+
+
+def test_a_kick_storm_does_not_starve_another_device_or_break_the_stormed_one(loop):
+    blk, blk_drv, blk_kicks = _blk(loop)
+    echo, echo_drv, echo_kicks = _echo(loop)
+    storm = KickStorm(blk_kicks[0])
+    storm.start()
+    try:
+        time.sleep(0.2)
+        lat = _latencies(echo_drv, echo_kicks[0], 30)
+        assert storm.kicks > 1000
+        assert max(lat) < BOUND_S, f"echo waited up to {max(lat):.2f} s behind the kick storm"
+        # the stormed queue still serves a real request
+        used = blk_drv.request(0, [BLK_HDR.pack(0, 0, 0)], [512, 1], timeout=5)
+        assert used.data[-1] == 0
+    finally:
+        storm.stop.set()
+        storm.join(5)
+        blk.close()
+        echo.reset()
+
+
+@pytest.mark.parametrize("copies", [16, 64])
+def test_chains_pointing_at_one_huge_buffer_are_not_copied(loop, copies):
+    """A write whose chain names the same 1 MiB buffer ``copies`` times: served (or refused)
+    without vdm allocating anything like ``copies`` MiB."""
+    mib = 1 << 20
+    blk, drv, kicks = _blk(loop, disk_size=(copies + 1) * mib, queue_size=128)
+    ram = drv.ram
+    big = ram.alloc(mib, 4096)
+    ram.write(big, os.urandom(16) * (mib // 16))
+    hdr = ram.alloc(16, 8)
+    ram.write(hdr, BLK_HDR.pack(1, 0, 0))  # T_OUT at sector 0
+    status = ram.alloc(1, 1)
+    ram.write(status, b"\xee")
+    bufs = [(hdr, 16, 0)] + [(big, mib, 0)] * copies + [(status, 1, F_WRITE)]
+    q = drv.queues[0]
+    for i, (addr, length, flags) in enumerate(bufs):
+        more = 1 if i + 1 < len(bufs) else 0
+        drv.write_desc(0, i, addr, length, flags | more, i + 1 if more else 0)
+    tracemalloc.start()
+    try:
+        drv.publish(0, 0)
+        eventfd_write(kicks[0], 1)
+        deadline = time.monotonic() + 20
+        while drv.used_idx(0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert drv.used_idx(0) == 1, "the request never completed"
+        assert ram.read(status, 1) in (b"\x00", b"\x01"), "no status written"
+        if ram.read(status, 1) == b"\x00":
+            assert blk.backend.data[copies * mib - mib : copies * mib] == ram.read(big, mib)
+        assert peak < 4 * mib, f"vdm allocated {peak} bytes for a {copies} MiB chain"
+        assert q is drv.queues[0]
+    finally:
+        blk.close()
+    print(f"{copies} x 1 MiB chain: peak heap {peak} bytes")
+
+
+def test_receive_buffers_never_given_cost_vdm_nothing(loop):
+    """The guest posts no receive buffers while the host floods its tap: vdm stops reading (the
+    kernel's socket buffer pushes back on the sender), its heap does not grow, and transmit on the
+    same pair still works."""
+    from vdm_net.config import NetConfig
+    from vdm_net.device import VirtioNet
+    from vdm_net.vnet_hdr import HDR_LEN
+
+    from tests.net.test_flow_control import FakeTap
+
+    tap = FakeTap()
+    dev = VirtioNet(NetConfig(), tap)  # type: ignore[arg-type]
+    drv = VirtioTestDriver(dev, ram_size=1 << 20)
+    drv.init()
+    peer = tap.peers[0]
+    peer.setblocking(False)
+    frame = bytes(HDR_LEN) + b"\xff" * 6 + b"\x02" * 6 + b"\x08\x00" + os.urandom(1400)
+    tracemalloc.start()
+    sent = refused = 0
+    try:
+        t_end = time.monotonic() + 2.0
+        base = None
+        while time.monotonic() < t_end:
+            try:
+                peer.send(frame)
+                sent += 1
+            except BlockingIOError:
+                refused += 1
+                if base is None:
+                    base, _ = tracemalloc.get_traced_memory()
+                time.sleep(0.001)
+        now, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert refused > 0, f"the host sent {sent} frames and never met back-pressure"
+        assert base is not None and now - base < GROWTH_BYTES, f"heap grew {now - (base or 0)} bytes"
+        st = dev.stats()
+        assert st.get("rx_stalls", 0) >= 1, st
+        # the transmit queue of the same pair is not held up by the stalled receive side
+        tx = bytes(HDR_LEN) + b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + b"tx-while-stalled"
+        drv.post(1, [tx])
+        drv.kick(1)
+        drv.wait(1, 1, timeout=5)
+        got = []
+        peer.settimeout(2)
+        while True:
+            try:
+                m = peer.recv(1 << 17)
+            except (socket.timeout, BlockingIOError):
+                break
+            got.append(m)
+            if m.endswith(b"tx-while-stalled"):
+                break
+        assert any(m.endswith(b"tx-while-stalled") for m in got), "transmit stalled with receive"
+    finally:
+        dev.reset()
+        tap.close()
+    print(f"rx never returned: host sent {sent} frames before back-pressure; heap growth {now - base}")
