@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         device = dt.create(config, DeviceContext(vm_name=args.name, vmm=None))
     except UserError:
         raise
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a backend's own error (DiskError, a tap it cannot open...), as vdm run
         raise UserError(f"{dt.cli_flag or dt.name}: {e}") from None
     if not isinstance(device, VirtioDevice):
         _close_device(device)
