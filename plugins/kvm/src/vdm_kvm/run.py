@@ -51,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser, plugins: PluginSet | None = None) 
     p.add_argument(
         "--console-backend", metavar="SPEC", help="stdio (default), pty, socket:PATH, file:PATH, null"
     )
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="once the VM, its devices and the kernel are set up, become this user (vdm started as root)",
+    )
     if plugins is None:
         return
     for dt, info in sorted(plugins.devices.values(), key=lambda x: x[0].name):
@@ -170,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
         except (MachineError, ValueError, OSError) as e:
             raise UserError(f"cannot load {kernel}: {e}") from None
         log.info("%s: %d MiB, %d vCPU(s), %d device(s), %s", name, mem, cpus, len(devices), cmdline)
+        user = getattr(args, "user", None) or doc.get("user")
+        if user:
+            from vdm.privileges import drop_privileges
+
+            drop_privileges(str(user))
         machine.start()
         try:
             end = machine.wait()

@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-s", "--socket-path", required=True, metavar="PATH", help="the Unix socket to listen on"
     )
     parser.add_argument("--name", default="vdm", help="name for logs and default serial numbers")
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="after the device is open and the socket listens, become this user (vdm started as root)",
+    )
     add_device_options(parser, plugins)
 
 
@@ -79,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     server = VhostUserServer(args.socket_path, device)
     try:
         server.start()
+        if getattr(args, "user", None):
+            from vdm.privileges import drop_privileges
+
+            drop_privileges(args.user)
         print(f"vdm: serving {device.name} on {args.socket_path}", flush=True)
         while not stop.wait(1.0):
             pass

@@ -196,7 +196,9 @@ class VhostUserServer:
     def _unlink(self) -> None:
         try:
             st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:  # only our own socket, never a newer one
+                os.unlink(self.path)
         except FileNotFoundError:
             return
-        if (st.st_dev, st.st_ino) == self._inode:  # only our own socket, never a newer one
-            os.unlink(self.path)
+        except PermissionError:  # after --user, the folder may not be ours to look into or change
+            log.warning("vhost-user: cannot remove %s (permission denied); remove it by hand", self.path)
