@@ -17,7 +17,13 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.poller` for the t
   behind it), and the driver's next kick of the receive queue resumes it. Nothing is dropped for
   lack of buffers on our side.
 
-Statistics: :meth:`VirtioNet.stats` -- packets and bytes each way, and every drop by reason.
+Control queue: rx-mode, MAC-table and VLAN-filter commands are checked, remembered and answered
+OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes the MAC in the config
+space until the next reset; VQ_PAIRS_SET attaches and detaches the tap's queues (the kernel only
+steers frames to attached ones); GUEST_OFFLOADS_SET re-sets TUNSETOFFLOAD.
+
+Statistics: :meth:`VirtioNet.stats` -- packets and bytes each way, and every drop by reason;
+:meth:`VirtioNet.summary` is logged when the device closes.
 """
 
 from __future__ import annotations
