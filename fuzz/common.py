@@ -36,6 +36,11 @@ def watch_files() -> list[str]:
     return _opened
 
 
+def data_files(opened: list[str]) -> list[str]:
+    """``opened`` without Python's own imports (modules imported lazily on first use)."""
+    return [p for p in opened if not p.endswith((".py", ".pyc", ".so"))]
+
+
 def run(test_one_input: Callable[[bytes], None], modules: tuple[str, ...]) -> None:
     """Fuzz ``test_one_input``; ``modules`` are imported (and instrumented for coverage) first."""
     import importlib

@@ -140,10 +140,13 @@ def one_input(data: bytes) -> None:
     import atheris
 
     fdp = atheris.FuzzedDataProvider(data)
+    opened = common.watch_files()
+    opened.clear()
     if fdp.ConsumeBool():
         fuzz_uart(fdp)
     else:
         fuzz_virtio(fdp)
+    assert not common.data_files(opened), f"files opened while serving the guest: {opened}"
 
 
 if __name__ == "__main__":

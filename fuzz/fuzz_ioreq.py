@@ -88,6 +88,8 @@ def one_input(data: bytes) -> None:
     from vdm_xen.abi import STATE_IOREQ_NONE, STATE_IOREQ_READY, STATE_IORESP_READY, ffi
 
     st = _setup()
+    opened = common.watch_files()
+    opened.clear()
     sim, server, violations, xs = st["sim"], st["server"], st["violations"], st["xs"]
     page = ffi.cast("ioreq_t *", ffi.from_buffer(xs.page))
     ram = sim.ram
@@ -147,6 +149,7 @@ def one_input(data: bytes) -> None:
                     )
         slot.flags = STATE_IOREQ_NONE  # what the vCPU does after taking the answer
     ram.check_guards()
+    assert not common.data_files(opened), f"files opened while serving ioreqs: {opened}"
     if violations:
         found = list(violations)
         violations.clear()

@@ -52,6 +52,8 @@ def one_input(data: bytes) -> None:
     from tests.net.test_flow_control import FakeTap
 
     fdp = atheris.FuzzedDataProvider(data)
+    opened = common.watch_files()
+    opened.clear()
     pairs = fdp.ConsumeIntInRange(1, 2)
     tap = FakeTap(queues=pairs)
     dev = VirtioNet(NetConfig(queues=pairs), tap)  # type: ignore[arg-type]
@@ -119,6 +121,7 @@ def one_input(data: bytes) -> None:
             assert st["tx_packets"] == on_tap, (st, on_tap)
             assert st["tx_packets"] + st["tx_dropped"] == sent_tx, st
         assert not drv.needs_reset and dev.broken is None
+        assert not common.data_files(opened), f"files opened while serving the guest: {opened}"
     finally:
         dev.reset()
         tap.close()

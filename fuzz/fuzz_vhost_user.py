@@ -130,6 +130,8 @@ def one_input(data: bytes) -> None:
     import atheris
 
     server = _server()
+    opened = common.watch_files()
+    opened.clear()
     path, violations, device = _state["path"], _state["violations"], _state["device"]
     fdp = atheris.FuzzedDataProvider(data)
     baseline = _open_fds()
@@ -315,6 +317,7 @@ def one_input(data: bytes) -> None:
         s2.close()
     if not server.wait_for(lambda s: s.conn is None, 5.0):
         raise Violation("the server did not notice a clean disconnect")
+    assert not common.data_files(opened), f"files opened while serving a frontend: {opened}"
     leaked = _open_fds() - baseline
     assert leaked <= 0, f"{leaked} file descriptor(s) left open after the connection"
 
