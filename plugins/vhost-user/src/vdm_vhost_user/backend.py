@@ -173,6 +173,7 @@ class VhostUserBackend:
     def handle(self, msg: Message) -> None:
         """Act on one request and send its reply. Raises ProtocolError to close the connection."""
         handler: Callable[[Message], bytes | tuple[bytes, list[int]] | None] = self._handlers[msg.request]
+        log.debug("vhost-user: %s %s (%d fds)", msg.name, msg.payload.hex(), len(msg.fds))
         ok = True
         try:
             reply = handler(self, msg)
