@@ -161,13 +161,17 @@ def virtio() -> None:
     g = Guest("virtio", "quiet console=ttyS0 vdmtest=console vdmtest.exit=poweroff", ["serial", "virtio"])
     try:
         _virtio(g, g.consoles["virtio"], g.consoles["serial"])
+    except SystemExit:
+        tail = g.consoles["serial"].seen[-1500:].decode("latin-1").replace("\n", " | ")
+        say("virtio_ttyS0_tail", tail)
+        raise
     finally:
         if g.proc.poll() is None:
             g.proc.kill()
 
 
 def _virtio(g: Guest, hvc: Console, tty: Console) -> None:
-    m = hvc.expect(rb"VDMTEST HVC-PING (\S+)", 600)
+    m = hvc.expect(rb"VDMTEST HVC-PING (\S+)", 1200)  # a loaded 2-core host makes L3 boots slow
     say("virtio_ping_s", round(time.monotonic() - g.t0, 1))
     hvc.send(b"pong " + m.group(1) + b"\n")
     m = tty.expect(rb"VDMTEST RESULT console (\S+)([^\n]*)", 120)

@@ -474,3 +474,51 @@ def test_stdio_in_background_leaves_the_terminal_alone():
         assert out.stdout.decode().split() == ["has_input=0", "unchanged"], out.stderr.decode()
     finally:
         os.close(master)
+
+
+def test_a_client_that_stops_reading_does_not_stall_the_guest(tmp_path):
+    path = str(tmp_path / "stalled.sock")
+    b = SocketBackend(path)
+    uart = Uart16550(RecordingIrqLine(), b)
+    client = connect(path)
+    try:
+        assert wait_until(lambda: b.connected)
+        t = time.monotonic()
+        for _ in range(200_000):  # a chatty guest, one THR write per byte, nobody reading
+            uart.write(0, 1, ord("x"))
+        elapsed = time.monotonic() - t
+        assert elapsed < 20, f"guest output blocked for {elapsed:.1f} s"
+        assert b.dropped_output > 0
+        # the client comes back: it gets what was buffered, then new output
+        client.settimeout(5)
+        got = b""
+        while len(got) < 1000:
+            got += client.recv(65536)
+        assert set(got) == {ord("x")}
+        b.flush(5)
+        uart.write(0, 1, ord("!"))
+        deadline = time.monotonic() + 5
+        while not got.endswith(b"!") and time.monotonic() < deadline:
+            try:
+                got += client.recv(65536)
+            except socket.timeout:
+                break
+        assert got.endswith(b"!")
+    finally:
+        client.close()
+        uart.close()
+
+
+def test_pty_output_is_buffered_not_blocking(capfd):
+    b = PtyBackend(announce=False)
+    fd = os.open(b.path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        t = time.monotonic()
+        for _ in range(100):
+            b.write(b"y" * 1000)  # 100 KB, more than the pty and our buffer hold; nobody reads
+        assert time.monotonic() - t < 5
+        assert b.dropped_output > 0
+        assert read_exactly(fd, 100)[:1] == b"y"
+    finally:
+        os.close(fd)
+        b.close()

@@ -42,7 +42,7 @@ def lab() -> dict[str, str]:
         raise
     if not kit.lab_initrd.exists():
         _unavailable(f"{kit.lab_initrd} is missing")
-    r = harness.run_in_kvm_lab(f"python3 {SCRIPT} serial virtio", timeout=1800, kit=kit)
+    r = harness.run_in_kvm_lab(f"python3 {SCRIPT} serial virtio", timeout=3000, kit=kit)
     r.assert_ok()
     values = harness.parse_keyvalues(r.output)
     values["_describe"] = r.describe()

@@ -86,6 +86,10 @@ class ConsoleBackend:
         self._write_lock = threading.Lock()
         #: bytes of guest output that could not be delivered (no reader attached, reader too slow)
         self.dropped_output = 0
+        self._out = bytearray()
+        self._out_cond = threading.Condition()
+        self._writing = False
+        self._writer: Optional[threading.Thread] = None
 
     # ---- what a consumer (UART, virtio-console) calls --------------------------------------------
 
@@ -124,8 +128,30 @@ class ConsoleBackend:
             return len(self._buf)
 
     def write(self, data: bytes) -> None:
-        """Deliver guest output. Never raises: a vanished reader is logged and counted."""
+        """Deliver guest output. Never raises: a vanished reader is logged and counted.
+
+        Backends with :attr:`output_buffer` set never block the caller (a vCPU): output goes to a
+        bounded buffer that a writer thread drains in large writes, and what does not fit while a
+        reader is not reading is dropped and counted -- a stalled client must not stall the guest.
+        """
         if not data:
+            return
+        if self.output_buffer:
+            if not self._accepts_output():
+                self.dropped_output += len(data)
+                return
+            with self._out_cond:
+                room = self.output_buffer - len(self._out)
+                if len(data) > room:
+                    self.dropped_output += len(data) - max(room, 0)
+                    data = data[: max(room, 0)]
+                if data:
+                    self._out += data
+                    self._out_cond.notify_all()
+                    if self._writer is None and not self._closing:
+                        self._writer = threading.Thread(target=self._writer_loop,
+                                                        name=f"vdm-console-{self.kind}-out", daemon=True)
+                        self._writer.start()
             return
         with self._write_lock:
             try:
@@ -133,6 +159,31 @@ class ConsoleBackend:
             except OSError as e:
                 self.dropped_output += len(data)
                 log.debug("%s: guest output dropped: %s", self.description, e)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until buffered output was handed to the destination (True) or ``timeout``."""
+        with self._out_cond:
+            return self._out_cond.wait_for(lambda: not self._out and not self._writing, timeout)
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._out_cond:
+                self._out_cond.wait_for(lambda: self._out or self._closing)
+                if not self._out:
+                    return
+                data = bytes(self._out)
+                self._out.clear()
+                self._writing = True
+            try:
+                with self._write_lock:
+                    self._write_out(data)
+            except OSError as e:
+                self.dropped_output += len(data)
+                log.debug("%s: guest output dropped: %s", self.description, e)
+            finally:
+                with self._out_cond:
+                    self._writing = False
+                    self._out_cond.notify_all()
 
     def window_size(self) -> Optional[tuple[int, int]]:
         """The terminal's (rows, cols), or None if this backend is not a terminal."""
@@ -144,15 +195,19 @@ class ConsoleBackend:
 
     def close(self) -> None:
         """Stop the input thread and release the source. Idempotent."""
+        if self.output_buffer:
+            self.flush(2.0)  # the guest's last words, if a reader takes them
         with self._cond:
             if self._closing:
                 return
             self._closing = True
             self._cond.notify_all()
+        with self._out_cond:
+            self._out_cond.notify_all()
         self._wake.wake()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=5)
+        for t in (self._thread, self._writer):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=5)
         self._close_source()
         self._wake.close()
 
@@ -166,6 +221,12 @@ class ConsoleBackend:
 
     #: whether the backend has an input side at all (file and null do not)
     has_input = False
+    #: bytes of output buffered for a writer thread (0: write synchronously, blocking the caller)
+    output_buffer = 0
+
+    def _accepts_output(self) -> bool:
+        """Whether anyone is there to take output now (buffered backends drop it otherwise)."""
+        return True
 
     def _read_source(self, max_bytes: int) -> Optional[bytes]:
         """Block until input arrives; return it (b"" to try again), or None when input ended."""

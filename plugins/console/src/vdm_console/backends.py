@@ -3,9 +3,10 @@
 Each is a small :class:`~vdm_console.backend.ConsoleBackend`: it says how to read its source and
 where output goes; buffering and flow control are the base class's.
 
-Guest output never stalls the guest forever: a pty nobody has opened and a socket with no client
-drop output (counted in ``dropped_output``), and a reader that stops reading for
-``write_timeout`` seconds loses what did not fit. The terminal and a log file are written fully.
+Guest output never stalls the guest: the pty and socket backends buffer output (64 KiB) for a
+writer thread; with nobody attached, or a reader that stopped reading and let the buffer fill,
+output is dropped (counted in ``dropped_output``) instead of blocking the vCPU. The terminal and
+a log file are written synchronously and fully.
 """
 
 from __future__ import annotations
@@ -266,6 +267,7 @@ class PtyBackend(ConsoleBackend):
 
     kind = "pty"
     has_input = True
+    output_buffer = 64 * 1024
 
     def __init__(
         self,
@@ -318,6 +320,9 @@ class PtyBackend(ConsoleBackend):
                 return b""
             raise
 
+    def _accepts_output(self) -> bool:
+        return self.connected()
+
     def _write_out(self, data: bytes) -> None:
         if not self.connected():
             self.dropped_output += len(data)
@@ -338,6 +343,7 @@ class SocketBackend(ConsoleBackend):
 
     kind = "socket"
     has_input = True
+    output_buffer = 64 * 1024
 
     def __init__(
         self, path: str, *, write_timeout: float = 1.0, input_buffer: int = DEFAULT_INPUT_BUFFER
@@ -373,6 +379,9 @@ class SocketBackend(ConsoleBackend):
 
     @property
     def connected(self) -> bool:
+        return self._client is not None
+
+    def _accepts_output(self) -> bool:
         return self._client is not None
 
     def _drop_client(self, client: socket.socket) -> None:
