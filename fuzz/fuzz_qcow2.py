@@ -3,7 +3,8 @@
 
 The input is a whole image file (seeds: small images made by qemu-img, see make_seeds). vdm opens
 it as qcow2, reads, writes, discards and flushes a little, and closes it. Invariants: a bad image
-is refused with DiskError (never another exception); no file is opened but the image and what sits
+is refused with DiskError (never another exception; a request may also fail with the host's own
+OSError, e.g. EFBIG, which the device reports as an I/O error); no file is opened but the image and what sits
 beside it in its own folder (so a backing-file name like /etc/shadow is never opened); I/O stays
 inside the virtual disk; each input finishes within the libFuzzer timeout.
 """
@@ -77,6 +78,11 @@ def one_input(data: bytes) -> None:
                         disk.discard(off, n - n % 512)
                     disk.flush()
                 except DiskError:
+                    break
+                except OSError as e:
+                    # the host refused the I/O (e.g. EFBIG: a data cluster at an offset past what the
+                    # file system allows); vdm_blk's device turns it into VIRTIO_BLK_S_IOERR
+                    assert e.errno is not None, e
                     break
         finally:
             disk.close()

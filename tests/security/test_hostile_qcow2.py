@@ -70,3 +70,29 @@ def test_fuzz_regression_image_finishes(name, tmp_path):
         disk.close()
     assert time.monotonic() - start < 10
     assert os.path.getsize(img) < 64 << 20
+
+
+def test_host_refusing_the_io_is_an_io_error_for_the_guest(tmp_path):
+    """``fuzz/regressions/qcow2/efbig-data-offset``: an L2 entry puts a data cluster at a host
+    offset past what the file system allows; the host write fails with EFBIG. The guest must get
+    VIRTIO_BLK_S_IOERR for that request -- no exception out of the device, no broken device."""
+    from vdm.testing import VirtioTestDriver
+    from vdm_blk.config import BlkConfig
+    from vdm_blk.device import BlkDevice
+
+    img = tmp_path / "img.qcow2"
+    shutil.copy(REGRESSIONS / "efbig-data-offset", img)
+    disk = open_disk(str(img), format="qcow2")
+    dev = BlkDevice(disk, BlkConfig(path=str(img)))
+    drv = VirtioTestDriver(dev, ram_size=1 << 20)
+    try:
+        drv.init()
+        statuses = []
+        for sector in range(0, disk.size // 512, 8):
+            used = drv.request(0, [struct.pack("<IIQ", 1, 0, sector), b"\x5a" * 4096], [1], timeout=10)
+            statuses.append(used.data[-1])
+        assert set(statuses) <= {0, 1}, statuses
+        assert 1 in statuses, "no write reached the bad cluster: the regression input no longer tests this"
+        assert dev.broken is None and not drv.needs_reset
+    finally:
+        dev.close()
