@@ -59,6 +59,7 @@ def test_linux_finds_a_16550a_and_types_through_it(lab):
     assert lab["serial_uart"] == "16550A"
     assert lab["serial_port"].upper().endswith("3F8")
     assert lab["serial_typed_command"] == "ok"
+    assert int(lab["serial_rx_after"]) >= int(lab["serial_rx_before"]) + 2560  # the paste was received
     assert int(lab["serial_irq_count"]) > 0  # the driver ran on interrupts, not polling
 
 
