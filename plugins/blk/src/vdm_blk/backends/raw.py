@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 from typing import Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, total_length
-from .hostfile import HostFile
+from .hostfile import IOV_MAX, HostFile
 from .linux import (
     BLKDISCARD,
     BLKZEROOUT,
@@ -58,6 +59,26 @@ class RawDisk(DiskBackend):
         self._live()
         self.check_range(offset, total_length(buffers))
         return self.file.preadv(buffers, offset)
+
+    def readv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
+        """Read only if the data is in the page cache (RWF_NOWAIT); None when it would block.
+
+        Lets the device serve cache hits inline instead of handing them to a worker thread.
+        """
+        nowait = getattr(os, "RWF_NOWAIT", None)
+        f = self.file
+        if nowait is None or f.dfd is not None or len(buffers) > IOV_MAX or self._closed:
+            return None
+        self.check_range(offset, total_length(buffers))
+        try:
+            n = os.preadv(f.fd, buffers, offset, nowait)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        return n if n == total_length(buffers) else None
 
     def _read_tail(self, offset: int, buf: memoryview) -> None:
         data = self.file.pread(len(buf), offset)
