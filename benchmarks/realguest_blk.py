@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Block, real guest: fio inside a QEMU TCG guest on vdm vhost-user-blk and its peers.
+
+Rows: sequential 1 MiB read and write (queue depth 8), 4 KiB random read and write at queue depth 1
+and 32, all O_DIRECT libaio in the guest. Setups, on one 256 MiB image each (created fresh, filled
+so reads hit data): vdm vhost-user-blk on raw and on qcow2, qemu-storage-daemon's vhost-user-blk
+export on the same raw and qcow2 images, and QEMU's built-in virtio-blk on raw. Runs are
+interleaved (every setup once, then again), medians of ``--runs``. Prints a markdown table.
+
+    python3 benchmarks/realguest_blk.py [--runs 3] [--time 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from guest_fio import fio_initrd
+
+from tests.realguest import harness
+
+JOBS = ["read:1m:8", "write:1m:8", "randread:4k:1", "randread:4k:32", "randwrite:4k:1", "randwrite:4k:32"]
+SETUPS = ["vdm raw", "qsd raw", "qemu virtio-blk raw", "vdm qcow2", "qsd qcow2"]
+PEERS = {"vdm raw": ["qsd raw", "qemu virtio-blk raw"], "vdm qcow2": ["qsd qcow2"]}
+
+
+def vdm_exe() -> list[str]:
+    return [sys.executable, "-m", "vdm.cli.main"] if not shutil.which("vdm") else [shutil.which("vdm")]
+
+
+def backend_cmd(setup: str, image: Path, sock: Path) -> list[str] | None:
+    fmt = setup.split()[-1]
+    if setup.startswith("vdm"):
+        return [*vdm_exe(), "vhost-user", "--socket-path", str(sock), "--disk", f"path={image},format={fmt}"]
+    if setup.startswith("qsd"):
+        return ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
+                "--blockdev", f"driver={fmt},node-name=d,file=f",
+                "--export",
+                f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"]
+    return None
+
+
+def run_one(setup: str, images: dict[str, Path], tmp: Path, initrd: Path, seconds: int,
+            kit: harness.GuestKit) -> dict[str, float]:
+    image = images[setup.split()[-1]]
+    sock = tmp / "b.sock"
+    if sock.exists():
+        sock.unlink()
+    cmd = backend_cmd(setup, image, sock)
+    proc = None
+    if cmd is None:
+        # same host caching as the vhost-user backends (page cache, no O_DIRECT)
+        extra = harness.virtio_blk_args(image, 0, fmt="raw", cache="writeback")
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "backend.log", "ab"))
+        deadline = time.monotonic() + 30
+        while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not sock.exists():
+            log = (tmp / "backend.log").read_text()[-2000:]
+            raise RuntimeError(f"{setup}: backend did not listen: {log}")
+        extra = harness.vhost_user_blk_args(sock)
+    try:
+        r = harness.run_qemu(extra, ["fio"], {"jobs": "+".join(JOBS), "time": seconds},
+                             timeout=120 + 10 * seconds * len(JOBS), kit=kit, initrd=initrd, memory_mib=512)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    r.assert_ok("fio")
+    return {k: float(v) for k, v in r["fio"].values.items() if k.endswith(("_iops", "_kibs"))}
+
+
+def make_images(tmp: Path, mib: int) -> dict[str, Path]:
+    raw = tmp / "disk.raw"
+    with open(raw, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    qcow = tmp / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
+    return {"raw": raw, "qcow2": qcow}
+
+
+def metric(job: str) -> tuple[str, str]:
+    rw, bs, qd = job.split(":")
+    key = f"{rw}_{bs}_qd{qd}"
+    return (key + "_kibs", "MiB/s") if bs == "1m" else (key + "_iops", "IOPS")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--time", type=int, default=3, help="seconds per fio job")
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    a = ap.parse_args()
+    kit = harness.guestkit()
+    setups = a.setups.split(",")
+    res: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        tmp = Path(d)
+        images = make_images(tmp, a.mib)
+        initrd = fio_initrd(kit.initrd_fio, tmp / "initrd-fio-bench.cpio")
+        load0 = os.getloadavg()
+        for i in range(a.runs):
+            for s in setups:
+                t0 = time.monotonic()
+                res[s].append(run_one(s, images, tmp, initrd, a.time, kit))
+                print(f"# run {i + 1} {s}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        load1 = os.getloadavg()
+    print(f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f}; "
+          f"{a.runs} runs, {a.time} s per fio job\n")
+    print("| fio job | " + " | ".join(setups) + " | " +
+          " | ".join(f"{v}/{p}" for v in PEERS if v in setups for p in PEERS[v] if p in setups) + " |")
+    ncols = len(setups) + sum(1 for v in PEERS if v in setups for p in PEERS[v] if p in setups)
+    print("| --- " * (ncols + 1) + "|")
+    for job in JOBS:
+        key, unit = metric(job)
+        div = 1024 if unit == "MiB/s" else 1
+        med = {s: statistics.median(r[key] for r in res[s]) / div for s in setups}
+        cells = [f"{med[s]:,.1f}" if unit == "MiB/s" else f"{med[s]:,.0f}" for s in setups]
+        ratios = [f"{med[v] / med[p]:.2f}" if med[p] else "-"
+                  for v in PEERS if v in setups for p in PEERS[v] if p in setups]
+        print(f"| {job} ({unit}) | " + " | ".join(cells + ratios) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
