@@ -65,23 +65,25 @@ log "DOMU-CREATED create_s=$(awk "BEGIN{print $(up)-$t0}") domid=$(xl domid domu
 xenstore-ls /local/domain/0/backend 2>/dev/null | sed 's/^/XENLAB XS /' | head -40
 
 # relay the domU console until its init says DONE (or the time is up)
-CON=/var/log/xen/console/guest-domu.log; n=0; t=0
-while [ $t -lt $((TIMEOUT * 5)) ]; do
-  if [ -f "$CON" ]; then
-    c=$(wc -l <"$CON")
-    if [ "$c" -gt "$n" ]; then sed -n "$((n+1)),${c}p" "$CON" | tr -d '\r' | sed 's/^/XENLAB DOMU /'; n=$c; fi
-    grep -q 'VDMTEST DONE' "$CON" && break
-  fi
+CON=/var/log/xen/console/guest-domu.log
+t=0; vl=0
+while [ $t -lt "$TIMEOUT" ]; do
+  grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && break
   kill -0 $VDM 2>/dev/null || { log "VDM-DIED-EARLY"; break; }
-  sleep 0.2; t=$((t+1))
+  if [ $((t % 15)) = 14 ]; then
+    xl list 2>&1 | sed 's/^/XENLAB XL-LIST /'
+    c=$(wc -l </tmp/vdm.log); [ "$c" -gt "$vl" ] && sed -n "$((vl+1)),${c}p" /tmp/vdm.log | sed 's/^/XENLAB VDM /'; vl=$c
+  fi
+  sleep 1; t=$((t+1))
 done
+tr -d '\r' <"$CON" 2>/dev/null | sed 's/^/XENLAB DOMU /'
 grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && log "DOMU-DONE" || log "DOMU-TIMEOUT"
 xl destroy domu 2>&1 | sed 's/^/XENLAB XL /'
 log "DOMU-DESTROYED"
 i=0; while kill -0 $VDM 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
 if kill -0 $VDM 2>/dev/null; then log "VDM-STILL-RUNNING (sending TERM)"; kill $VDM; sleep 2; fi
 wait $VDM; rc=$?
-sed 's/^/XENLAB VDM /' /tmp/vdm.log
+sed -n "$((vl+1)),\$p" /tmp/vdm.log | sed 's/^/XENLAB VDM /'
 log "VDM-EXIT rc=$rc"
 sync
 finish done
