@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""KVM lab: boot time and guest dd throughput — ``vdm run`` vs QEMU ``-accel kvm`` vs kvmtool.
+
+All three boot the guest kit's bzImage (vmlinuz) and initrd.cpio.gz with 256 MiB, 1 vCPU, one
+virtio-blk disk (a 64 MiB raw file on the lab's tmpfs, host page cache for all three) and the serial
+console; the guest runs ``boot,blk`` (1 MiB O_DIRECT dd write then read of ``--mib`` MiB) and
+reboots, which ends each VMM. Timed from the VMM's start: the guest's ``VDMTEST INIT`` line on the
+console (its /init started) and the VMM's exit. Runs are interleaved; medians of ``--runs``.
+
+kvmtool is not part of vdm: build ``lkvm`` from its public source in a scratch folder outside the
+repository and pass ``--lkvm PATH`` (the lab sees the host root read-only, so /tmp/... works).
+
+    python3 benchmarks/kvmlab_boot.py --lkvm /tmp/kvmtool/lkvm [--runs 3]
+
+On the host this boots the KVM lab (tests/realguest/harness.py) and runs itself there with
+``--inside``; the table is printed on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.realguest import harness  # noqa: E402
+
+SETUPS = ("vdm run", "qemu -accel kvm", "lkvm run")
+
+
+def vmm_command(setup: str, kit: harness.GuestKit, img: str, params: str,
+                lkvm: str) -> tuple[list[str], dict]:
+    k, i = str(kit.vmlinuz), str(kit.initrd)
+    env = dict(os.environ)
+    if setup == "vdm run":
+        return ["vdm", "run", "-k", k, "-i", i, "-m", "256", "-c", "1", "-d", img, "--console", "serial",
+                "-p", "console=ttyS0 panic=-1 " + params], env
+    if setup == "lkvm run":
+        env["HOME"] = "/mnt/tmp"  # lkvm keeps its sockets in ~/.lkvm; the host root is read-only
+        return [lkvm, "run", "-k", k, "-i", i, "-m", "256", "-c", "1", "-d", img, "--console", "serial",
+                "--network", "mode=none", "-p", "console=ttyS0 panic=-1 " + params], env
+    cmd = harness.qemu_command(harness.virtio_blk_args(img, cache="writeback"), [], None, kit=kit,
+                               memory_mib=256, cpus=1, kernel=kit.vmlinuz, accel="kvm")
+    # qemu_command puts its own cmdline after -append; replace it with ours
+    cmd[cmd.index("-append") + 1] = "console=ttyS0 panic=-1 " + params
+    return cmd, env
+
+
+def timed_boot(cmd: list[str], env: dict, timeout: float) -> dict:
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env=env)
+    t_init = None
+    out = []
+    assert p.stdout is not None
+    for raw in p.stdout:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        out.append(line)
+        if t_init is None and "VDMTEST INIT" in line:
+            t_init = time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            p.kill()
+            break
+    rc = p.wait()
+    t_end = time.monotonic() - t0
+    log = "\n".join(out)
+    _, results, _ = harness.parse_results(log)
+    blk = next((r for r in results if r.name == "blk"), None)
+    ok = blk is not None and blk.ok
+    return {"rc": rc, "init_s": t_init, "exit_s": t_end, "ok": ok,
+            "write_MiBps": float(blk.get("seq_write_MiBps") or 0) if ok else None,
+            "read_MiBps": float(blk.get("seq_read_MiBps") or 0) if ok else None,
+            "tail": "" if ok else log[-1500:]}
+
+
+def inside(a: argparse.Namespace) -> int:
+    kit = harness.guestkit()
+    os.makedirs("/mnt/tmp", exist_ok=True)
+    img = "/mnt/tmp/bench.img"
+    params = harness.kernel_cmdline(["boot", "blk"], {"mib": a.mib, "exit": "reboot"})
+    params = params.replace("console=ttyS0 panic=-1 ", "")
+    for rnd in range(a.runs):
+        for setup in a.setups.split(","):
+            with open(img, "wb") as f:
+                f.truncate(64 << 20)
+            cmd, env = vmm_command(setup, kit, img, params, a.lkvm)
+            r = timed_boot(cmd, env, a.timeout)
+            r.update(setup=setup, round=rnd, command=" ".join(shlex.quote(c) for c in cmd))
+            print("BENCHJSON " + json.dumps(r), flush=True)
+    return 0
+
+
+def table(rows: list[dict], setups: list[str]) -> None:
+    def med(s: str, k: str) -> float | None:
+        vals = [r[k] for r in rows if r["setup"] == s and r.get(k) is not None and r["ok"]]
+        return statistics.median(vals) if vals else None
+
+    cols = [("init_s", "to /init (s)"), ("exit_s", "to exit (s)"), ("write_MiBps", "dd write MiB/s"),
+            ("read_MiBps", "dd read MiB/s")]
+    print("| VMM | " + " | ".join(c[1] for c in cols) + " | runs ok |")
+    print("| --- " * (len(cols) + 2) + "|")
+    m = {(s, k): med(s, k) for s in setups for k, _ in cols}
+    for s in setups:
+        ok = sum(1 for r in rows if r["setup"] == s and r["ok"])
+        n = sum(1 for r in rows if r["setup"] == s)
+        cells = [f"{m[s, k]:.2f}" if m[s, k] is not None else "-" for k, _ in cols]
+        print(f"| {s} | " + " | ".join(cells) + f" | {ok}/{n} |")
+    for peer in setups[1:]:
+        cells = []
+        for k, _ in cols:
+            v, p = m[setups[0], k], m[peer, k]
+            cells.append(f"{v / p:.2f}" if v and p else "-")
+        print(f"| ratio {setups[0]}/{peer} | " + " | ".join(cells) + " | |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mib", type=int, default=16)
+    ap.add_argument("--lkvm", default="/tmp/kvmtool/lkvm")
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.inside:
+        return inside(a)
+    script = (f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} --inside "
+              f"--runs {a.runs} --mib {a.mib} --lkvm {shlex.quote(a.lkvm)} --setups {shlex.quote(a.setups)} "
+              f"--timeout {a.timeout}")
+    load0 = os.getloadavg()
+    r = harness.run_in_kvm_lab(script, timeout=600 + a.runs * 3 * a.timeout, cwd=str(REPO),
+                               echo=lambda s: print(s, end="", file=sys.stderr, flush=True))
+    load1 = os.getloadavg()
+    rows = [json.loads(ln[len("BENCHJSON "):]) for ln in r.output.splitlines() if ln.startswith("BENCHJSON ")]
+    if not rows:
+        print(r.describe(), file=sys.stderr)
+        return 1
+    print(f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f}; {a.runs} runs each, "
+          f"guest dd {a.mib} MiB\n")
+    table(rows, a.setups.split(","))
+    for row in rows:
+        if not row["ok"]:
+            print(f"\n{row['setup']} round {row['round']} failed (rc {row['rc']}):\n{row['tail']}",
+                  file=sys.stderr)
+    print("\ncommands (inside the lab):")
+    for s in a.setups.split(","):
+        c = next((row["command"] for row in rows if row["setup"] == s), "")
+        print(f"- {s}: `{c}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
