@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "scripts" / "xenlab"
 MIB = 4
 
+pytestmark = pytest.mark.xenlab
+
 
 def _lab_dir() -> Path:
     return Path(os.environ.get("VDM_XENLAB_DIR", Path.home() / ".cache" / "vdm" / "xenlab"))
