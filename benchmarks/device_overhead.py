@@ -6,7 +6,7 @@ and waits until the device has returned all of them. Only the device's side is t
 (the re-publish is a few ring writes). Backends: ``null`` (readv returns at once) and ``raw`` (a
 file in the page cache).
 
-    python3 benchmarks/device_overhead.py [--seconds 3] [--profile]
+    python3 benchmarks/device_overhead.py [--seconds 3] [--runs 3] [--profile]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import statistics
 import struct
 import sys
 import tempfile
@@ -113,18 +114,34 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--runs", type=int, default=3, help="runs per row (median; backends interleaved)")
     ap.add_argument("--backends", default="null,raw")
     ap.add_argument("--profile", action="store_true", help="print where the time goes (cProfile)")
     args = ap.parse_args()
+    kinds = args.backends.split(",")
+    res: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        load0 = os.getloadavg()[0]
+        for _ in range(args.runs):
+            for inflight in (1, 8, 32):
+                for kind in kinds:
+                    res.setdefault((kind, inflight), []).append(run(kind, inflight, args.seconds, tmp, False))
+        load1 = os.getloadavg()[0]
+        print(f"load average before/after: {load0:.2f} / {load1:.2f}; median of {args.runs} runs "
+              f"of {args.seconds:g} s each\n")
         print("| backend | in flight | requests/s | µs/request |")
         print("| --- | --- | --- | --- |")
-        for kind in args.backends.split(","):
+        for kind in kinds:
             for inflight in (1, 8, 32):
-                r = run(kind, inflight, args.seconds, tmp, args.profile and inflight == 32)
-                print(f"| {kind} | {inflight} | {r['req_per_s']:,.0f} | {r['us_per_req']:.1f} |", flush=True)
-                if "profile" in r:
-                    pstats.Stats(r["profile"]).sort_stats("tottime").print_stats(15)
+                rs = res[kind, inflight]
+                rps = statistics.median(r["req_per_s"] for r in rs)
+                print(f"| {kind} | {inflight} | {rps:,.0f} | {1e6 / rps:.1f} |", flush=True)
+        if args.profile:
+            for kind in kinds:
+                r = run(kind, 32, args.seconds, tmp, True)
+                print(f"\nprofile: {kind}, 32 in flight, top 15 by own time\n```")
+                pstats.Stats(r["profile"], stream=sys.stdout).sort_stats("tottime").print_stats(15)
+                print("```")
 
 
 if __name__ == "__main__":
