@@ -198,12 +198,12 @@ else
 fi
 cp "$OUT/Image" "$OUT/domu.cpio.gz" "$D/lab/"
 # every ELF's NEEDED must resolve inside the tree
-missing=$( find "$D" -type f \( -name '*.so*' -o -perm -u+x \) -print0 | xargs -0 file 2>/dev/null \
-  | awk -F: '/ELF/{print $1}' | while read -r f; do
+missing=$( find "$D" -type f \( -name '*.so*' -o -perm -u+x \) | while read -r f; do
+      [ "$(head -c 4 "$f")" = $'\x7fELF' ] || continue
       aarch64-linux-gnu-readelf -d "$f" 2>/dev/null | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p'
     done | sort -u | while read -r so; do
       [ -e "$D/lib/aarch64-linux-gnu/$so" ] || [ -e "$D/usr/lib/aarch64-linux-gnu/$so" ] || [ -e "$D/lib/$so" ] || echo "$so"
-    done )
+    done ) || true
 [ -z "$missing" ] || say "warning: unresolved libraries in dom0 (ok if unused): $(echo $missing)"
 pack "$D" >"$OUT/dom0.cpio"
 
