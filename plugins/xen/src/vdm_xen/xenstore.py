@@ -175,7 +175,8 @@ def wait_for_disks(
     root = f"/local/domain/{be_domid}/backend/{KIND}"
     token = "vdm-wait"
     xs.watch(root, token)
-    log.info("waiting for %s in %s", "a guest's virtio disk" if fe_domid is None else f"dom{fe_domid}'s virtio disk", root)
+    whose = "a guest's" if fe_domid is None else f"dom{fe_domid}'s"
+    log.info("waiting for %s virtio disk in %s", whose, root)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
