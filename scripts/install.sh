@@ -12,7 +12,7 @@ APT_PACKAGES=(
   libxen-dev                        # Xen's libraries and headers: vdm-xen's bindings are tested against them
   linux-libc-dev gcc                # KVM/tun ABI checks compile a tiny C program against the kernel headers
   acpica-tools                      # iasl decompiles vdm-kvm's ACPI tables in its tests
-  tmux                              # console tests drive a terminal
+  tmux strace                       # console tests drive a terminal; security tests trace file opens
 )
 
 SUDO=
