@@ -16,11 +16,12 @@ import platform
 import sys
 from typing import Any
 
-from vdm.config import config_from_mapping, load_toml, parse_option_string
+from vdm.cli.devices import add_device_options, device_configs
+from vdm.config import load_toml
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.plugins import PluginSet
-from vdm.registry import DeviceContext, DeviceType
+from vdm.registry import DeviceContext
 
 __all__ = ["add_arguments", "run"]
 
@@ -56,56 +57,15 @@ def add_arguments(p: argparse.ArgumentParser, plugins: PluginSet | None = None) 
         metavar="NAME",
         help="once the VM, its devices and the kernel are set up, become this user (vdm started as root)",
     )
-    if plugins is None:
-        return
-    for dt, info in sorted(plugins.devices.values(), key=lambda x: x[0].name):
-        if not dt.cli_flag:
-            continue
-        flags = [f for f in (dt.cli_short, dt.cli_flag) if f]
-        from vdm.config import describe_options
-
-        p.add_argument(
-            *flags,
-            dest=f"dev_{dt.name}",
-            action="append",
-            metavar="OPTIONS",
-            help=f"{dt.help} [{info.distribution}]; options: {describe_options(dt.config)}",
-        )
-
-
-def _device_configs(
-    args: argparse.Namespace, plugins: PluginSet, doc: dict[str, Any]
-) -> list[tuple[DeviceType, Any]]:
-    out: list[tuple[DeviceType, Any]] = []
-    for dt, _ in sorted(plugins.devices.values(), key=lambda x: x[0].name):
-        cli = getattr(args, f"dev_{dt.name}", None) or []
-        tables = doc.get(dt.toml_key, []) if dt.toml_key else []
-        if isinstance(tables, dict):
-            tables = [tables]
-        if cli:  # the command line replaces the file's devices of that type
-            tables = []
-        for table in tables:
-            out.append((dt, config_from_mapping(dt.config, table, f"[{dt.toml_key}]")))
-        for text in cli:
-            out.append((dt, parse_option_string(dt.config, text, dt.cli_flag or dt.name, dt.positional)))
-    return out
+    add_device_options(p, plugins)
 
 
 def _resolve(doc: dict[str, Any], base: str) -> dict[str, Any]:
-    """Relative paths in a VM file are relative to the file."""
+    """The kernel and initrd of a VM file are relative to the file (device paths: device_configs)."""
     out = dict(doc)
     for key in ("kernel", "initrd"):
         if isinstance(out.get(key), str):
             out[key] = os.path.join(base, os.path.expanduser(out[key]))
-    for key in ("disk",):
-        tables = out.get(key)
-        if isinstance(tables, list):
-            out[key] = [
-                {**t, "path": os.path.join(base, os.path.expanduser(t["path"]))}
-                if isinstance(t, dict) and isinstance(t.get("path"), str)
-                else t
-                for t in tables
-            ]
     return out
 
 
@@ -113,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
     """Build and boot the VM; block until it ends."""
     plugins: PluginSet = args.plugin_set
     doc: dict[str, Any] = {}
+    base_dir = None
     if args.vm_file:
-        doc = _resolve(load_toml(args.vm_file), os.path.dirname(os.path.abspath(args.vm_file)))
+        base_dir = os.path.dirname(os.path.abspath(args.vm_file))
+        doc = _resolve(load_toml(args.vm_file), base_dir)
     kernel = args.kernel or doc.get("kernel") or default_kernel()
     if kernel is None:
         raise UserError(f"no kernel: give one with -k/--kernel (no /boot/vmlinuz-{platform.release()} here)")
@@ -132,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if "console" in plugins.devices and args.console_backend:
         cons = getattr(args, "dev_console", None) or [doc.get("console", {}).get("kind", "serial")]
         args.dev_console = [f"{c},backend={args.console_backend}" for c in cons]
-    configs = _device_configs(args, plugins, doc)
+    configs = device_configs(args, plugins, doc, base_dir=base_dir)
     params = " ".join(p for p in (doc.get("params"), args.params) if p)
 
     from vdm.pci import CONF1_PORT, CONF1_PORTS, PciBus
