@@ -338,7 +338,11 @@ def test_any_request_is_answered_and_never_breaks_the_server(served: Served, req
         except UnclaimedAccess:
             continue  # Xen would not have forwarded it
     assert sim.violations == []
-    assert sim.mmio_read(BASE, 4) == 0x55  # still serving
+    # still serving: the fixture (and the recorder) lives across examples, so an earlier
+    # example may have written any register; write a fresh value and read it back
+    marker = 0x5A000000 | len(reqs)
+    sim.mmio_write(BASE + 0x1F0, 4, marker)
+    assert sim.mmio_read(BASE + 0x1F0, 4) == marker
     assert served.thread is not None and served.thread.is_alive()
 
 
