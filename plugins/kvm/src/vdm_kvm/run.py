@@ -69,6 +69,29 @@ def _resolve(doc: dict[str, Any], base: str) -> dict[str, Any]:
     return out
 
 
+def _default_console(args: argparse.Namespace, plugins: PluginSet, doc: dict[str, Any]) -> dict[str, Any]:
+    """Give the guest a 16550 UART on ttyS0 when no console is asked for (as ``lkvm run`` does),
+    and apply ``--console-backend`` to the consoles asked for on the command line or in the file."""
+    backend = args.console_backend
+    if "console" not in plugins.devices:
+        if backend or getattr(args, "dev_console", None):
+            raise UserError("--console needs the vdm-console plugin: pip install vdm-console")
+        log.warning("no vdm-console plugin installed: the guest has no console (pip install vdm-console)")
+        return doc
+    cli = list(getattr(args, "dev_console", None) or [])
+    tables = doc.get("console")
+    if not cli and tables is None:
+        cli = ["serial"]  # stdio unless --console-backend says otherwise
+    if cli:
+        args.dev_console = [f"{c},backend={backend}" if backend else c for c in cli]
+        return doc
+    if backend:  # the file's console tables, with the backend the command line chose
+        rows = [tables] if isinstance(tables, dict) else tables
+        if isinstance(rows, list) and all(isinstance(t, dict) for t in rows):
+            return {**doc, "console": [{**t, "backend": backend} for t in rows]}
+    return doc
+
+
 def run(args: argparse.Namespace) -> int:
     """Build and boot the VM; block until it ends."""
     plugins: PluginSet = args.plugin_set
@@ -91,9 +114,7 @@ def run(args: argparse.Namespace) -> int:
     transport = args.virtio_transport or doc.get("virtio_transport", "pci")
     if transport not in ("pci", "mmio"):
         raise UserError(f"virtio_transport must be pci or mmio, not {transport!r}")
-    if "console" in plugins.devices and args.console_backend:
-        cons = getattr(args, "dev_console", None) or [doc.get("console", {}).get("kind", "serial")]
-        args.dev_console = [f"{c},backend={args.console_backend}" for c in cons]
+    doc = _default_console(args, plugins, doc)
     configs = device_configs(args, plugins, doc, base_dir=base_dir)
     params = " ".join(p for p in (doc.get("params"), args.params) if p)
 

@@ -1,0 +1,55 @@
+"""``vdm run``'s option handling that needs no VM: the default console and --console-backend."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from vdm.cli.devices import device_configs
+from vdm.errors import UserError
+from vdm.plugins import load_plugins
+from vdm_kvm.run import _default_console, add_arguments
+
+
+def _parse(argv: list[str], only: list[str] | None = None) -> tuple[argparse.Namespace, object]:
+    plugins = load_plugins(only)
+    p = argparse.ArgumentParser()
+    add_arguments(p, plugins)
+    args = p.parse_args(argv)
+    return args, plugins
+
+
+def _console_configs(argv: list[str], doc: dict | None = None) -> list:
+    args, plugins = _parse(argv)
+    doc = _default_console(args, plugins, doc or {})
+    return [cfg for dt, cfg in device_configs(args, plugins, doc) if dt.name == "console"]
+
+
+def _consoles(argv: list[str], doc: dict | None = None) -> list[tuple[str, str]]:
+    return [(cfg.kind, cfg.backend) for cfg in _console_configs(argv, doc)]
+
+
+def test_a_guest_without_console_options_gets_a_serial_port_on_stdio() -> None:
+    assert _consoles(["-k", "bzImage"]) == [("serial", "stdio")]
+
+
+def test_console_backend_applies_to_the_default_serial_port() -> None:
+    assert _consoles(["--console-backend", "null"]) == [("serial", "null")]
+
+
+def test_console_backend_applies_to_every_console_on_the_command_line() -> None:
+    got = _consoles(["--console", "serial", "--console", "virtio", "--console-backend", "pty"])
+    assert got == [("serial", "pty"), ("virtio", "pty")]
+
+
+def test_console_tables_of_a_vm_file_are_kept_and_get_the_command_line_backend() -> None:
+    doc = {"console": [{"kind": "virtio", "multiport": True}]}
+    assert _consoles([], doc) == [("virtio", "stdio")]
+    (cfg,) = _console_configs(["--console-backend", "null"], doc)
+    assert (cfg.kind, cfg.backend, cfg.multiport) == ("virtio", "null", True)
+
+
+def test_console_backend_without_the_console_plugin_says_what_to_install() -> None:
+    args, plugins = _parse(["--console-backend", "null"], only=["vdm-blk"])
+    with pytest.raises(UserError, match="pip install vdm-console"):
+        _default_console(args, plugins, {})
