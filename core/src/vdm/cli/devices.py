@@ -8,21 +8,33 @@ take devices (``vdm run``, ``vdm vhost-user``) share this::
     add_device_options(parser, plugins)
     ...
     for dtype, config in device_configs(args, plugins, load_toml(path), base_dir=...):
-        device = dtype.create(config, DeviceContext(...))
+        devices.append(create_device(dtype, config, DeviceContext(...)))
+    ...
+    close_devices(devices)
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..config import config_from_mapping, describe_options, parse_option_string
 from ..errors import UserError
 from ..plugins import PluginSet, _check
-from ..registry import DeviceType
+from ..registry import DeviceContext, DeviceType
 
-__all__ = ["DEST_PREFIX", "add_device_options", "device_configs", "devices_epilog"]
+__all__ = [
+    "DEST_PREFIX",
+    "add_device_options",
+    "close_devices",
+    "create_device",
+    "device_configs",
+    "devices_epilog",
+]
+
+log = logging.getLogger(__name__)
 
 #: argparse destination of a device type's option: ``dev_<name>``
 DEST_PREFIX = "dev_"
@@ -116,3 +128,26 @@ def device_configs(
                 raise UserError(f"{dt.cli_flag or dt.name}: device type {dt.name} is unavailable here: {why}")
         out += found
     return out
+
+
+def create_device(dtype: DeviceType, config: Any, ctx: DeviceContext) -> Any:
+    """``dtype.create(config, ctx)``, with a backend's own error (a disk it cannot open, a tap
+    that does not exist) turned into one :class:`UserError` line naming the option."""
+    try:
+        return dtype.create(config, ctx)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{dtype.cli_flag or dtype.name}: {e}") from None
+
+
+def close_devices(devices: Iterable[Any]) -> None:
+    """Close every device that has a ``close()``; one that fails is logged, the rest still close."""
+    for dev in devices:
+        close = getattr(dev, "close", None)
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception:
+            log.exception("closing %r", dev)

@@ -16,7 +16,7 @@ import platform
 import sys
 from typing import Any
 
-from vdm.cli.devices import add_device_options, device_configs
+from vdm.cli.devices import add_device_options, close_devices, create_device, device_configs
 from vdm.config import load_toml
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
@@ -137,12 +137,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         ctx = DeviceContext(vm_name=name, vmm=vmm)
         for dt, cfg in configs:
-            try:
-                dev = dt.create(cfg, ctx)
-            except UserError:
-                raise
-            except Exception as e:  # a backend's own error (DiskError, a tap it cannot open...)
-                raise UserError(f"{dt.cli_flag or dt.name}: {e}") from None
+            dev = create_device(dt, cfg, ctx)
             devices.append(dev)
             if isinstance(dev, VirtioDevice):
                 if transport == "pci":
@@ -170,13 +165,7 @@ def run(args: argparse.Namespace) -> int:
             end = machine.stop()
     finally:
         vmm.close()
-        for dev in devices:
-            close = getattr(dev, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log.exception("closing %r", dev)
+        close_devices(devices)
         machine.close()
     what = getattr(end, "reason", str(end))
     if what in ("poweroff", "reboot", "reset"):

@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from vdm.cli.devices import close_devices, create_device
 from vdm.config import parse_option_string
 from vdm.errors import UserError
 from vdm.registry import DeviceContext, DeviceType
@@ -154,12 +155,7 @@ def serve(
         vmm = Vmm(backend, name=f"dom{domid}")
         ctx = DeviceContext(vm_name=f"dom{domid}", vmm=vmm)
         for spec in specs:
-            try:
-                dev = spec.type.create(spec.config, ctx)
-            except UserError:
-                raise
-            except Exception as e:  # a device that cannot open its backend: a configuration error
-                raise UserError(f"{spec.type.name}: {e}") from None
+            dev = create_device(spec.type, spec.config, ctx)
             devices.append(dev)
             if not isinstance(dev, VirtioDevice):
                 raise UserError(f"{spec.type.name}: dm-only serves virtio devices only")
@@ -204,13 +200,7 @@ def serve(
     finally:
         if vmm is not None:
             vmm.close()
-        for dev in devices:
-            close = getattr(dev, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log.exception("closing %r", dev)
+        close_devices(devices)
         backend.close()
         for spec in specs:
             if spec.xs is not None:
