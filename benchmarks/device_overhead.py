@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Device overhead without a guest: 4 KiB virtio-blk reads through the device path.
+"""Device overhead without a guest: 4 KiB virtio-blk reads (or writes) through the device path.
 
 The in-process driver lays out N requests once; each round re-publishes the same N chains, kicks,
 and waits until the device has returned all of them. Only the device's side is timed per round
-(the re-publish is a few ring writes). Backends: ``null`` (readv returns at once) and ``raw`` (a
-file in the page cache).
+(the re-publish is a few ring writes). Backends: ``null`` (readv returns at once), ``raw`` (a
+file in the page cache) and ``raw-worker`` (the same file with the device's inline paths turned
+off, so every request goes through the worker-thread handoff: the A/B of those paths).
 
-    python3 benchmarks/device_overhead.py [--seconds 3] [--runs 3] [--profile]
+    python3 benchmarks/device_overhead.py [--seconds 3] [--runs 3] [--op read|write] [--profile]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vdm.testing import VirtioTestDriver
 from vdm_blk.config import BlkConfig
-from vdm_blk.device import T_IN, BlkDevice
+from vdm_blk.device import T_IN, T_OUT, BlkDevice
 
 
 class NullDisk:
@@ -57,19 +58,27 @@ def make_backend(kind: str, tmp: str):
     from vdm_blk.backends import open_disk
 
     path = os.path.join(tmp, "raw.img")
-    with open(path, "wb") as f:
-        f.write(os.urandom(64 << 20))
-    return open_disk(path, format="raw")
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.write(os.urandom(64 << 20))
+    disk = open_disk(path, format="raw")
+    if kind == "raw-worker":
+        disk.readv_nowait = None  # the device looks these up once; None = always a worker
+        disk.writev_inline = None
+    return disk
 
 
-def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool) -> dict:
+def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: str = "read") -> dict:
     dev = BlkDevice(make_backend(kind, tmp), BlkConfig(path="bench", queue_size=256))
     drv = VirtioTestDriver(dev, ram_size=64 << 20)
     drv.init()
     q = drv.queues[0]
     heads = []
     for i in range(inflight):
-        heads.append(drv.post(0, [struct.pack("<IIQ", T_IN, 0, i * 8)], [4096, 1]))
+        if op == "read":
+            heads.append(drv.post(0, [struct.pack("<IIQ", T_IN, 0, i * 8)], [4096, 1]))
+        else:
+            heads.append(drv.post(0, [struct.pack("<IIQ", T_OUT, 0, i * 8), os.urandom(4096)], [1]))
     drv.kick(0)
     drv.wait(0, inflight)
     ram = drv.ram
@@ -116,6 +125,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--runs", type=int, default=3, help="runs per row (median; backends interleaved)")
     ap.add_argument("--backends", default="null,raw")
+    ap.add_argument("--op", choices=("read", "write"), default="read", help="4 KiB reads or writes")
     ap.add_argument("--profile", action="store_true", help="print where the time goes (cProfile)")
     args = ap.parse_args()
     kinds = args.backends.split(",")
@@ -125,10 +135,11 @@ def main() -> None:
         for _ in range(args.runs):
             for inflight in (1, 8, 32):
                 for kind in kinds:
-                    res.setdefault((kind, inflight), []).append(run(kind, inflight, args.seconds, tmp, False))
+                    r = run(kind, inflight, args.seconds, tmp, False, args.op)
+                    res.setdefault((kind, inflight), []).append(r)
         load1 = os.getloadavg()[0]
-        print(f"load average before/after: {load0:.2f} / {load1:.2f}; median of {args.runs} runs "
-              f"of {args.seconds:g} s each\n")
+        print(f"4 KiB {args.op}s; load average before/after: {load0:.2f} / {load1:.2f}; "
+              f"median of {args.runs} runs of {args.seconds:g} s each\n")
         print("| backend | in flight | requests/s | µs/request |")
         print("| --- | --- | --- | --- |")
         for kind in kinds:
@@ -138,7 +149,7 @@ def main() -> None:
                 print(f"| {kind} | {inflight} | {rps:,.0f} | {1e6 / rps:.1f} |", flush=True)
         if args.profile:
             for kind in kinds:
-                r = run(kind, 32, args.seconds, tmp, True)
+                r = run(kind, 32, args.seconds, tmp, True, args.op)
                 print(f"\nprofile: {kind}, 32 in flight, top 15 by own time\n```")
                 pstats.Stats(r["profile"], stream=sys.stdout).sort_stats("tottime").print_stats(15)
                 print("```")

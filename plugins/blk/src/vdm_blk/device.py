@@ -93,6 +93,8 @@ class BlkDevice(VirtioDevice):
         self._pool: ThreadPoolExecutor | None = None
         #: a backend may offer readv_nowait(offset, buffers) -> bytes read, or None if it would block
         self._readv_nowait = getattr(backend, "readv_nowait", None)
+        #: and writev_inline(offset, buffers) -> bytes written, or None for "use a worker"
+        self._writev_inline = getattr(backend, "writev_inline", None)
         self._inflight = 0
         self._idle = threading.Condition()
         #: counters a user (or a test) can read: requests served per type, errors
@@ -211,10 +213,20 @@ class BlkDevice(VirtioDevice):
             # thread handoff; only a read that would block goes to a worker.
             try:
                 done = self._readv_nowait(sector * SECTOR, slice_views(chain.writable, 0, wlen - 1))
-            except OSError:
+            except Exception:  # the worker tries again and reports the error
                 done = None
             if done == wlen - 1:
                 self._complete(queue, chain, status, S_OK, data_written, signal=False)
+                return
+        elif rtype == T_OUT and self.writeback and self._writev_inline is not None:
+            # Small buffered writes: a copy into the page cache, served here as well.
+            n = chain.readable_len - _HEADER.size
+            try:
+                done = self._writev_inline(sector * SECTOR, slice_views(chain.readable, _HEADER.size, n))
+            except Exception:  # the worker tries again and reports the error
+                done = None
+            if done == n:
+                self._complete(queue, chain, status, S_OK, 0, signal=False)
                 return
         self._submit(queue, chain, status, fn, data_written)
 
