@@ -48,3 +48,64 @@ def test_guest_requests_reach_the_image(tmp_path, virtio_driver, fmt):
     dev.close()
     if fmt == "qcow2":
         check_image(path)
+
+
+def _raw_device(tmp_path, virtio_driver, **config):
+    path = make_raw(str(tmp_path / "disk.raw"), 8 * MiB)
+    direct, writethrough = config.get("direct", False), config.get("cache") == "writethrough"
+    backend = open_disk(path, direct=direct, writethrough=writethrough)
+    dev = BlkDevice(backend, BlkConfig(path=path, **config))
+    drv = virtio_driver(dev)
+    drv.init()
+    return path, backend, dev, drv
+
+
+def test_small_writes_are_served_on_the_queue_thread_and_land_in_the_file(
+    tmp_path, virtio_driver, monkeypatch
+):
+    path, backend, dev, drv = _raw_device(tmp_path, virtio_driver)
+    workers = []
+    monkeypatch.setattr(backend, "writev", lambda *a: workers.append(a) or 0)  # a worker would fail
+    small, big = bytes(pattern(4096, 1)), bytes(pattern(128 << 10, 2))
+    assert drv.request(0, [_hdr(T_OUT, 16), small], [1]).data == bytes([S_OK])
+    assert workers == []
+    with open(path, "rb") as f:  # no flush asked: the bytes are in the file (page cache) already
+        f.seek(16 * 512)
+        assert f.read(4096) == small
+    # larger than INLINE_WRITE_MAX: the worker's writev, which here writes nothing -> IOERR
+    assert drv.request(0, [_hdr(T_OUT, 64), big], [1]).data != bytes([S_OK])
+    assert len(workers) == 1
+    dev.close()
+
+
+def test_an_inline_write_that_fails_is_retried_by_a_worker_and_reported(tmp_path, virtio_driver, monkeypatch):
+    _path, backend, dev, drv = _raw_device(tmp_path, virtio_driver)
+
+    def broken(*a):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(backend, "writev_inline", broken)
+    dev._writev_inline = broken
+    data = bytes(pattern(4096, 3))
+    assert drv.request(0, [_hdr(T_OUT, 8), data], [1]).data == bytes([S_OK])  # the worker wrote it
+    assert drv.request(0, [_hdr(T_IN, 8)], [4096, 1]).data == data + bytes([S_OK])
+    monkeypatch.setattr(backend, "writev", broken)
+    assert drv.request(0, [_hdr(T_OUT, 8), data], [1]).data == bytes([1])  # VIRTIO_BLK_S_IOERR
+    assert dev.stats["errors"] == 1
+    dev.close()
+
+
+@pytest.mark.parametrize("config", [{"cache": "writethrough"}, {"direct": True}])
+def test_writethrough_and_direct_writes_never_take_the_inline_path(
+    tmp_path, virtio_driver, monkeypatch, config
+):
+    _path, backend, dev, drv = _raw_device(tmp_path, virtio_driver, **config)
+    inline = []
+    real = backend.writev_inline
+    monkeypatch.setattr(dev, "_writev_inline", lambda *a: inline.append(real(*a)) or inline[-1])
+    data = bytes(pattern(4096, 4))
+    assert drv.request(0, [_hdr(T_OUT, 8), data], [1]).data == bytes([S_OK])
+    assert drv.request(0, [_hdr(T_IN, 8)], [4096, 1]).data == data + bytes([S_OK])
+    # asked (writethrough: not at all; direct: asked, and the backend said "use a worker")
+    assert inline in ([], [None])
+    dev.close()
