@@ -27,9 +27,10 @@ class CheckingDisk:
     size = DISK
     read_only = False
 
-    def __init__(self) -> None:
+    def __init__(self, inline: bool = False) -> None:
         self.data = bytearray(DISK)
         self.violations: list[str] = []
+        self.inline = inline  # serve the device's inline paths too (page-cache hits, small writes)
 
     def _check(self, what: str, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > DISK or offset % 512 or length % 512:
@@ -44,6 +45,12 @@ class CheckingDisk:
         n = sum(len(b) for b in buffers)
         self._check("write", offset, n)
         return n
+
+    def readv_nowait(self, offset, buffers):
+        return self.readv(offset, buffers) if self.inline else None
+
+    def writev_inline(self, offset, buffers):
+        return self.writev(offset, buffers) if self.inline else None
 
     def flush(self):
         pass
@@ -67,6 +74,7 @@ def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     disk = CheckingDisk()
     dev = BlkDevice(disk, BlkConfig(path="fuzz.img", ro=fdp.ConsumeBool(), iothreads=2))
+    disk.inline = fdp.ConsumeBool()
     drv = VirtioTestDriver(dev, ram_size=1 << 20)
     drv.init(exclude=fdp.ConsumeIntInRange(0, 1) << 13)  # sometimes without DISCARD
     for _ in range(fdp.ConsumeIntInRange(1, 12)):

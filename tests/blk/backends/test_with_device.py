@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 
 import pytest
 from vdm_blk.backends import open_disk
@@ -109,3 +110,33 @@ def test_writethrough_and_direct_writes_never_take_the_inline_path(
     # asked (writethrough: not at all; direct: asked, and the backend said "use a worker")
     assert inline in ([], [None])
     dev.close()
+
+
+def test_qcow2_serves_writes_and_reads_of_allocated_clusters_inline(tmp_path, virtio_driver, monkeypatch):
+    path = str(tmp_path / "disk.qcow2")
+    create_qcow2(path, 8 * MiB, "cluster_size=65536")
+    backend = open_disk(path)
+    dev = BlkDevice(backend, BlkConfig(path=path))
+    drv = virtio_driver(dev)
+    drv.init()
+    first, second = bytes(pattern(4096, 6)), bytes(pattern(4096, 7))
+    # the first write allocates the cluster: that is the worker's job
+    assert drv.request(0, [_hdr(T_OUT, 0), first], [1]).data == bytes([S_OK])
+    workers = []
+    monkeypatch.setattr(backend, "writev", lambda *a: workers.append(a) or 0)
+    monkeypatch.setattr(backend, "readv", lambda *a: workers.append(a) or 0)
+    # the same cluster again, and reads of it: inline (the page cache has it)
+    assert drv.request(0, [_hdr(T_OUT, 8), second], [1]).data == bytes([S_OK])
+    assert drv.request(0, [_hdr(T_IN, 0)], [8192, 1]).data == first + second + bytes([S_OK])
+    assert workers == []
+    # a write to an unallocated cluster still goes to the worker (which here fails: IOERR)
+    assert drv.request(0, [_hdr(T_OUT, 256), second], [1]).data != bytes([S_OK])
+    assert len(workers) == 1
+    monkeypatch.undo()
+    assert drv.request(0, [_hdr(T_FLUSH)], [1]).data == bytes([S_OK])
+    dev.close()
+    check_image(path)
+    flat = str(tmp_path / "flat.raw")
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, flat], check=True)
+    with open(flat, "rb") as f:
+        assert f.read(8192) == first + second

@@ -150,6 +150,14 @@ class RWLock:
                 self._cond.wait()
             self._readers += 1
 
+    def try_acquire_shared(self) -> bool:
+        """The shared side if it is free now (no writer holding or waiting); never blocks."""
+        with self._cond:
+            if self._writer or self._writers_waiting:
+                return False
+            self._readers += 1
+            return True
+
     def release_shared(self) -> None:
         with self._cond:
             self._readers -= 1

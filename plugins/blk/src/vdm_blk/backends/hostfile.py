@@ -10,6 +10,9 @@
   (EINVAL: the file system wants a larger alignment), the request is retried with page
   alignment, and later requests keep it.
 * ``writethrough=True`` opens with ``O_DSYNC``: each write is durable when it returns.
+* :meth:`HostFile.read_nowait` and :meth:`HostFile.write_inline` serve what needs no waiting on
+  the caller's thread (page-cache hits, small buffered writes), so a device can skip the
+  handoff to a worker; they return None for "use a worker".
 * The image is locked the way QEMU locks images (:mod:`.locking`).
 """
 
@@ -31,6 +34,8 @@ __all__ = ["HostFile"]
 IOV_MAX = 1024
 BOUNCE_CHUNK = 1 << 20
 PAGE = mmap.PAGESIZE
+#: buffered writes up to this size may be made on the caller's thread (see write_inline)
+INLINE_WRITE_MAX = 64 << 10
 
 
 def _address(view: memoryview) -> int | None:
@@ -62,7 +67,9 @@ class HostFile:
         self.path = path
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        if writethrough and not read_only:
+        self.writethrough = writethrough and not read_only
+        self._write_nowait = getattr(os, "RWF_NOWAIT", 0)
+        if self.writethrough:
             flags |= os.O_DSYNC
         try:
             self.fd = os.open(path, flags)
@@ -134,6 +141,52 @@ class HostFile:
             elif addr % a:
                 return False
         return None if unknown else True
+
+    def read_nowait(self, views: Sequence[memoryview], offset: int) -> int | None:
+        """Read only if every byte is in the page cache (RWF_NOWAIT); None when it would block
+        (or this file cannot say: O_DIRECT, too many segments, a kernel without RWF_NOWAIT)."""
+        nowait = getattr(os, "RWF_NOWAIT", None)
+        if nowait is None or self.dfd is not None or len(views) > IOV_MAX:
+            return None
+        try:
+            n = os.preadv(self.fd, views, offset, nowait)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        return n if n == total_length(views) else None
+
+    def write_inline(self, views: Sequence[memoryview], offset: int) -> int | None:
+        """Write a small request into the page cache on the caller's thread; None to say "use a
+        worker" (O_DIRECT, O_DSYNC, more than INLINE_WRITE_MAX bytes, too many segments, or the
+        kernel's RWF_NOWAIT said it would block).
+
+        A buffered write of a few KiB is a copy into the page cache, cheaper than the handoff to
+        a worker thread. Where the file system takes RWF_NOWAIT for buffered writes the write
+        never blocks; where it refuses (ext4 does), the plain write may block while the kernel
+        throttles dirty pages, stalling the caller the way a synchronous backend (e.g.
+        cloud-hypervisor's raw file without io_uring) does.
+        """
+        if (
+            self.dfd is not None
+            or self.writethrough
+            or self.read_only
+            or len(views) > IOV_MAX
+            or total_length(views) > INLINE_WRITE_MAX
+        ):
+            return None
+        if self._write_nowait:
+            try:
+                return os.pwritev(self.fd, views, offset, self._write_nowait)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._write_nowait = 0  # this file system does not take it: plain writes from now
+        return os.pwritev(self.fd, views, offset)
 
     def preadv(self, views: Sequence[memoryview], offset: int) -> int:
         """Fill ``views`` from ``offset``; bytes past the end of the file read as zeros."""

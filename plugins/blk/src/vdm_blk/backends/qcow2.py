@@ -366,6 +366,29 @@ class Qcow2Disk(DiskBackend):
             self._io.release_shared()
         return total
 
+    def readv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
+        """A read inside one allocated cluster, served from the page cache on the caller's
+        thread; None for anything else or when it would block (the device then uses a worker)."""
+        return self._inline(offset, buffers, write=False)
+
+    def _inline(self, offset: int, buffers: Sequence[memoryview], write: bool) -> int | None:
+        if self._closed:
+            return None
+        total = total_length(buffers)
+        self.check_range(offset, total, write=write)
+        if not self._io.try_acquire_shared():  # a discard or a flush's frees: not now
+            return None
+        try:
+            host = self._mapped(offset, total)
+            if not host:
+                return None
+            if write:
+                self._check_data_host(host, total)
+                return self.f.write_inline(buffers, host)
+            return self.f.read_nowait(buffers, host)
+        finally:
+            self._io.release_shared()
+
     def _mapped(self, offset: int, length: int) -> int:
         """The host offset of a range inside one allocated, unshared data cluster; else 0."""
         within = offset & (self.cs - 1)
@@ -469,6 +492,11 @@ class Qcow2Disk(DiskBackend):
         finally:
             self._io.release_shared()
         return total
+
+    def writev_inline(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
+        """A small write inside one allocated, unshared cluster, made on the caller's thread
+        (:meth:`HostFile.write_inline`); None for anything that allocates or would block."""
+        return self._inline(offset, buffers, write=True)
 
     def _check_data_host(self, host: int, length: int) -> None:
         """Refuse a data write that would land on the header, the L1 table or the refcount table."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import errno
 import mmap
-import os
 from typing import Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, total_length
-from .hostfile import IOV_MAX, HostFile
+from .hostfile import HostFile
 from .linux import (
     BLKDISCARD,
     BLKZEROOUT,
@@ -28,8 +27,6 @@ from .linux import (
 __all__ = ["RawDisk"]
 
 ZERO_CHUNK = 1 << 20
-#: buffered writes up to this size may be made on the caller's thread (see writev_inline)
-INLINE_WRITE_MAX = 64 << 10
 
 
 class RawDisk(DiskBackend):
@@ -49,7 +46,6 @@ class RawDisk(DiskBackend):
         self.supports_discard = not read_only
         self.supports_write_zeroes = not read_only
         self._closed = False
-        self._write_nowait = getattr(os, "RWF_NOWAIT", 0)
 
     def __str__(self) -> str:
         return self.path
@@ -64,24 +60,12 @@ class RawDisk(DiskBackend):
         return self.file.preadv(buffers, offset)
 
     def readv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
-        """Read only if the data is in the page cache (RWF_NOWAIT); None when it would block.
-
-        Lets the device serve cache hits inline instead of handing them to a worker thread.
-        """
-        nowait = getattr(os, "RWF_NOWAIT", None)
-        f = self.file
-        if nowait is None or f.dfd is not None or len(buffers) > IOV_MAX or self._closed:
+        """Read only if the data is in the page cache; None when it would block (the device then
+        hands the request to a worker). See :meth:`HostFile.read_nowait`."""
+        if self._closed:
             return None
         self.check_range(offset, total_length(buffers))
-        try:
-            n = os.preadv(f.fd, buffers, offset, nowait)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                return None
-            raise
-        return n if n == total_length(buffers) else None
+        return self.file.read_nowait(buffers, offset)
 
     def _read_tail(self, offset: int, buf: memoryview) -> None:
         data = self.file.pread(len(buf), offset)
@@ -93,37 +77,12 @@ class RawDisk(DiskBackend):
         return self.file.pwritev(buffers, offset)
 
     def writev_inline(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
-        """Write a small request into the page cache on the caller's thread; None to say "use a
-        worker" (O_DIRECT, O_DSYNC, larger than INLINE_WRITE_MAX, too many segments, or the
-        kernel's RWF_NOWAIT said it would block).
-
-        A buffered write of a few KiB is a copy into the page cache, cheaper than the handoff to
-        a worker thread. Where the file system takes RWF_NOWAIT for buffered writes the write
-        never blocks; where it refuses (ext4 does), the plain write may block while the kernel
-        throttles dirty pages, stalling that one queue the way a synchronous backend (e.g.
-        cloud-hypervisor's raw file without io_uring) does.
-        """
-        f = self.file
-        length = total_length(buffers)
-        if (
-            f.dfd is not None
-            or self.writethrough
-            or self._closed
-            or length > INLINE_WRITE_MAX
-            or len(buffers) > IOV_MAX
-        ):
+        """Write a small request on the caller's thread; None for "use a worker". See
+        :meth:`HostFile.write_inline`."""
+        if self._closed:
             return None
-        self.check_range(offset, length, write=True)
-        if self._write_nowait:
-            try:
-                return os.pwritev(f.fd, buffers, offset, self._write_nowait)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._write_nowait = 0  # this file system does not take it: plain writes from now
-        return os.pwritev(f.fd, buffers, offset)
+        self.check_range(offset, total_length(buffers), write=True)
+        return self.file.write_inline(buffers, offset)
 
     def flush(self) -> None:
         self._live()
