@@ -10,16 +10,32 @@ catches loops), indirect tables (negotiated, not nested, a multiple of 16 bytes)
 buffers only after device-readable ones, and the available index never more than ``size`` ahead.
 A violation raises :class:`VirtqueueError`; the device base turns that into DEVICE_NEEDS_RESET.
 
+The driver gets back only what it gave: a head is *in flight* from the moment it is taken
+(:meth:`Virtqueue.pop`, :meth:`Virtqueue.chain_at`) until it is completed
+(:meth:`Virtqueue.push`, :meth:`Virtqueue.push_many`) or given up (:meth:`Virtqueue.discard`).
+A driver offering a head that is still in flight breaks the rules (:class:`VirtqueueError`); a
+device completing a head that is not in flight (twice, or one it never took) is a host bug: the
+completion is dropped, logged and counted in :attr:`Virtqueue.duplicate_completions`, so the
+driver never sees a used element it does not expect.
+
 Memory ordering: the used element is written before the used index, and the available index is
 read before the ring entries it covers. Each of these is a separate store/load from Python, in
 program order; on x86 (TSO) that is the order other CPUs see. See :mod:`vdm.barrier`.
+
+Single stores: the driver reads the ring fields the device writes (``used.idx``, ``used.flags``,
+``avail_event``, the used elements) at any moment from another CPU, so every such field is
+written with one store of its final value, through typed views of the rings
+(``memoryview.cast``). ``struct.pack_into`` must not be used on them: it zeroes its target before
+it writes the value, and a driver that reads ``used.idx`` in between sees the index step back to 0
+and walks into used slots the device never filled (Linux: ``id N is not a head!``).
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from .barrier import mb, rmb, wmb
 from .memory import GuestMemory, GuestMemoryError
@@ -39,8 +55,8 @@ MAX_INDIRECT = 4096
 MAX_CHAIN_BYTES = 1 << 32
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
+
+log = logging.getLogger(__name__)
 
 
 class VirtqueueError(Exception):
@@ -142,11 +158,23 @@ class Virtqueue:
         self.used_idx = 0
         self.signalled_used = 0
         self.signalled_valid = False
+        #: completions dropped because their head was not in flight (a device bug; see the module doc)
+        self.duplicate_completions = 0
         self._pushed = False
         self.memory: GuestMemory | None = None
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self._drop_typed_views()
+        #: one byte per head: 1 while the device holds it (cleared only here, with the indexes)
+        self._inflight = bytearray(self.max_size)
+
+    def _drop_typed_views(self) -> None:
+        # u16 views: avail ring [flags, idx, ring..., used_event]; used ring [flags, idx, ..., avail_event]
+        self._avail16: memoryview | None = None
+        self._used16: memoryview | None = None
+        #: u32 view of the used elements: element i is [2 * i] (id), [2 * i + 1] (len)
+        self._used_elems: memoryview | None = None
 
     @property
     def active(self) -> bool:
@@ -168,6 +196,9 @@ class Virtqueue:
         except GuestMemoryError as e:
             self.deactivate()
             raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from e
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        self._used_elems = self._used[4 : 4 + 8 * size].cast("I")
         self.memory = memory
         self.event_idx = event_idx
         self.indirect = indirect
@@ -175,6 +206,8 @@ class Virtqueue:
     def deactivate(self) -> None:
         """Release the ring mappings (device reset or teardown)."""
         memory = self.memory
+        # (not released: a thread still inside pop() may hold them; they go with their last user)
+        self._drop_typed_views()
         for view in (self._desc, self._avail, self._used):
             if view is not None and memory is not None:
                 memory.unmap(view)
@@ -183,18 +216,19 @@ class Virtqueue:
     # ---- the available ring --------------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        assert self._avail is not None
-        return _U16.unpack_from(self._avail, 2)[0]
+        assert self._avail16 is not None
+        return self._avail16[1]
 
     def has_available(self) -> bool:
-        return self._avail is not None and self.avail_idx() != self.last_avail_idx
+        avail16 = self._avail16
+        return avail16 is not None and avail16[1] != self.last_avail_idx
 
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain, or None. Raises :class:`VirtqueueError` on a guest error."""
-        avail = self._avail
-        if avail is None:
+        avail16, used16 = self._avail16, self._used16
+        if avail16 is None or used16 is None:
             return None
-        idx = _U16.unpack_from(avail, 2)[0]
+        idx = avail16[1]
         pending = (idx - self.last_avail_idx) & 0xFFFF
         if pending == 0:
             return None
@@ -203,17 +237,34 @@ class Virtqueue:
                 f"queue {self.index}: available index {idx} is {pending} ahead of {self.last_avail_idx}"
             )
         rmb()
-        head = _U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        head = avail16[2 + self.last_avail_idx % self.size]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
             # avail_event: ask for a kick when the driver adds anything past what we have taken.
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)  # type: ignore[arg-type]
+            used16[2 + 4 * self.size] = self.last_avail_idx
+        return self._walk(head)
+
+    def chain_at(self, head: int) -> DescriptorChain:
+        """The chain starting at descriptor ``head``, walked and checked exactly as :meth:`pop` does.
+
+        For a backend that serves again the requests a previous instance left in flight (vhost-user
+        inflight tracking): the head comes from the backend's records, not from the available ring,
+        and the available index is left alone. The head becomes in flight like a popped one.
+        Raises :class:`VirtqueueError` if the queue is not active, ``head`` is not below the queue
+        size, the chain breaks a rule (loop, out of guest RAM, bad indirect table...), or ``head``
+        is already in flight.
+        """
+        if self._desc is None:
+            raise VirtqueueError(f"queue {self.index}: not active")
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
         size = self.size
-        if head >= size:
+        inflight = self._inflight
+        if not 0 <= head < size or head >= len(inflight):
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
+        if inflight[head]:
+            raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
         memory = self.memory
         assert memory is not None and self._desc is not None
         table = self._desc
@@ -280,6 +331,8 @@ class Virtqueue:
             if isinstance(e, GuestMemoryError):
                 raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
+        with self.lock:
+            inflight[head] = 1
         return DescriptorChain(head, readable, writable, self.epoch, memory)
 
     def _add(
@@ -308,30 +361,71 @@ class Virtqueue:
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return ``chain`` to the driver with ``written`` bytes filled in; release its buffers.
 
-        Safe to call from several threads (completions of a thread pool).
+        Safe to call from several threads (completions of a thread pool). A chain popped before a
+        reset of the queue is released but not returned (the driver forgot it); one whose head is
+        not in flight is dropped and counted (see the module doc). Raises ValueError if
+        ``written`` does not fit the used element's 32-bit length.
         """
+        self._publish(((chain, written),))
+
+    def push_many(self, items: Iterable[tuple[DescriptorChain, int]]) -> None:
+        """Return several ``(chain, written)`` pairs and publish them with one used-index update.
+
+        Every element is written first, then ``used.idx`` moves once over all of them, so a driver
+        never sees part of the batch (the buffers of one merged virtio-net receive packet must
+        appear together). Each pair gets exactly the checks of :meth:`push`; the batch counts as
+        one push for :meth:`should_notify`.
+        """
+        self._publish(tuple(items))
+
+    def _publish(self, items: Sequence[tuple[DescriptorChain, int]]) -> None:
+        for _, written in items:
+            if not 0 <= written <= 0xFFFFFFFF:
+                raise ValueError(f"queue {self.index}: written length {written} does not fit 32 bits")
+        for chain, _ in items:
+            self._release(chain)
+        with self.lock:
+            used16, elems = self._used16, self._used_elems
+            if used16 is None or elems is None:
+                return  # reset (or never activated) while these were in flight: drop them
+            inflight = self._inflight
+            size = self.size
+            idx = self.used_idx
+            for chain, written in items:
+                if chain.epoch != self.epoch:
+                    continue  # popped before a reset: the driver forgot it
+                head = chain.head
+                if not 0 <= head < min(size, len(inflight)) or not inflight[head]:
+                    self.duplicate_completions += 1
+                    log.error("queue %d: completion of head %d dropped: the device does not hold it "
+                              "(completed twice?)", self.index, head)
+                    continue
+                inflight[head] = 0
+                slot = 2 * (idx % size)
+                elems[slot] = head
+                elems[slot + 1] = written
+                idx = (idx + 1) & 0xFFFF
+            if idx == self.used_idx:
+                return
+            wmb()
+            used16[1] = idx
+            self.used_idx = idx
+            self._pushed = True
+
+    def _release(self, chain: DescriptorChain) -> None:
         memory = chain.memory if chain.memory is not None else self.memory
         if memory is not None:
             for v in chain.readable:
                 memory.unmap(v)
             for v in chain.writable:
                 memory.unmap(v)
-        with self.lock:
-            used = self._used
-            if used is None or chain.epoch != self.epoch:  # reset while in flight: drop it
-                return
-            _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx % self.size), chain.head, written)
-            wmb()
-            self.used_idx = (self.used_idx + 1) & 0xFFFF
-            _U16.pack_into(used, 2, self.used_idx)
-            self._pushed = True
 
     def discard(self, chain: DescriptorChain) -> None:
-        """Release a chain's buffers without completing it (device reset or failure)."""
-        memory = chain.memory if chain.memory is not None else self.memory
-        if memory is not None:
-            for v in chain.readable + chain.writable:
-                memory.unmap(v)
+        """Release a chain's buffers without completing it (device reset or failure).
+
+        Its head stays out of the driver's hands: the driver gets it back only through a reset.
+        """
+        self._release(chain)
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one.
@@ -340,7 +434,7 @@ class Virtqueue:
         Nothing pushed since the last call: no interrupt.
         """
         with self.lock:
-            if self._avail is None or not self._pushed:
+            if self._avail16 is None or not self._pushed:
                 return False
             self._pushed = False
             mb()
@@ -350,9 +444,9 @@ class Virtqueue:
                 valid = self.signalled_valid
                 self.signalled_used = new
                 self.signalled_valid = True
-                used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+                used_event = self._avail16[2 + self.size]  # type: ignore[index]
                 return not valid or _need_event(used_event, new, old)
-            flags = _U16.unpack_from(self._avail, 0)[0]
+            flags = self._avail16[0]  # type: ignore[index]
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def set_notification(self, enabled: bool) -> bool:
@@ -362,14 +456,14 @@ class Virtqueue:
         After enabling, the caller must process the queue again if this returns True (the driver
         may have added buffers before it saw the request).
         """
-        used = self._used
-        if used is None:
+        used16 = self._used16
+        if used16 is None:
             return False
         if self.event_idx:
             if enabled:
-                _U16.pack_into(used, 4 + 8 * self.size, self.last_avail_idx)
+                used16[2 + 4 * self.size] = self.last_avail_idx
         else:
-            _U16.pack_into(used, 0, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
+            used16[0] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
         if not enabled:
             return False
         mb()
