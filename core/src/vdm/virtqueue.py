@@ -423,9 +423,13 @@ class Virtqueue:
     def discard(self, chain: DescriptorChain) -> None:
         """Release a chain's buffers without completing it (device reset or failure).
 
-        Its head stays out of the driver's hands: the driver gets it back only through a reset.
+        The device no longer holds the head (a later push of the chain is dropped as a
+        duplicate), and the driver does not get it back either, until it resets the queue.
         """
         self._release(chain)
+        with self.lock:
+            if chain.epoch == self.epoch and 0 <= chain.head < len(self._inflight):
+                self._inflight[chain.head] = 0
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one.
