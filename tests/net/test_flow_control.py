@@ -1,13 +1,12 @@
 """Back-pressure and hostile input, with a tap stand-in whose queues can be filled at will.
 
-A SOCK_SEQPACKET socketpair keeps message boundaries like a tap fd and, unlike a tap, pushes
-back (EAGAIN) when its peer does not read: exactly what the transmit path must survive.
+:class:`tests.net.fake_tap.FakeTap` (the ``fake`` fixture) keeps message boundaries like a tap fd
+and, unlike a tap, pushes back (EAGAIN) when its peer does not read: exactly what the transmit
+path must survive.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import struct
 import threading
 import time
@@ -18,78 +17,10 @@ from vdm_net.config import NetConfig
 from vdm_net.device import CTRL_OK, VirtioNet
 from vdm_net.vnet_hdr import F_NEEDS_CSUM, GSO_TCPV4, HDR_LEN, VnetHdr
 
+from tests.net.fake_tap import FakeTap
 from tests.net.frames import BROADCAST, ETH_P_TEST, eth
 
 MAC = bytes.fromhex("020000000001")
-
-
-class FakeTap:
-    """What VirtioNet uses of a Tap, over socketpairs; ``peers[i]`` is the far end of queue i."""
-
-    def __init__(self, queues: int = 1) -> None:
-        self.name = "fake0"
-        self.multi_queue = queues > 1
-        self.accepted_offloads = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6
-        self.offload = 0
-        self.enabled: dict[int, bool] = {}
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(queues)]
-        self._ends = [a for a, _ in pairs]
-        self.peers = [p for _, p in pairs]
-        for a in self._ends:
-            a.setblocking(False)
-        for p in self.peers:
-            p.settimeout(2)
-        self.fds = [a.fileno() for a in self._ends]
-
-    def set_offload(self, flags: int) -> None:
-        self.offload = flags
-
-    def set_queue_enabled(self, index: int, enabled: bool) -> None:
-        self.enabled[index] = enabled
-
-    def fill(self, index: int) -> int:
-        """Write into queue ``index`` until it pushes back; returns how many messages went in."""
-        n = 0
-        while n < 100_000:
-            try:
-                os.write(self.fds[index], b"\0" * 4096)
-            except BlockingIOError:
-                return n
-            n += 1
-        raise AssertionError("the socket never pushed back")
-
-    def drain(self, index: int) -> list[bytes]:
-        out = []
-        self.peers[index].setblocking(False)
-        try:
-            while True:
-                out.append(self.peers[index].recv(1 << 17))
-        except BlockingIOError:
-            pass
-        finally:
-            self.peers[index].settimeout(2)
-        return out
-
-    def close(self) -> None:
-        for s in self._ends + self.peers:
-            s.close()
-
-
-@pytest.fixture
-def fake(virtio_driver):
-    made = []
-
-    def make(queues: int = 1, exclude: int = 0, **cfg):
-        tap = FakeTap(queues)
-        dev = VirtioNet(NetConfig(queues=queues, **cfg), tap)  # type: ignore[arg-type]
-        drv = virtio_driver(dev)
-        drv.init(exclude=exclude)
-        made.append(tap)
-        return tap, dev, drv
-
-    yield make
-    for tap in made:
-        tap.close()
 
 
 def frame(tag: bytes) -> bytes:
