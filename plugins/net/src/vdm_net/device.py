@@ -22,7 +22,8 @@ OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes th
 space until the next reset; VQ_PAIRS_SET attaches and detaches the tap's queues (the kernel only
 steers frames to attached ones); GUEST_OFFLOADS_SET re-sets TUNSETOFFLOAD.
 
-Statistics: :meth:`VirtioNet.stats` -- packets and bytes each way, and every drop by reason;
+Statistics: :meth:`VirtioNet.stats` -- packets and bytes each way, every drop by reason, and how
+often the tap pushed back (``tx_tap_full``);
 :meth:`VirtioNet.summary` is logged when the device closes.
 """
 
@@ -35,7 +36,6 @@ import struct
 import threading
 from collections import Counter
 
-from vdm.barrier import wmb
 from vdm.device import VirtioDevice
 from vdm.virtqueue import DescriptorChain, Virtqueue, slice_views
 
@@ -114,43 +114,6 @@ def tun_offload_flags(features: int) -> int:
     return flags if flags & tun.TUN_F_CSUM else 0
 
 
-def push_all(queue: Virtqueue, items: list[tuple[DescriptorChain, int]]) -> None:
-    """Return several chains and publish them with one used-index update.
-
-    The buffers of one merged receive packet must appear together: a driver that sees the first
-    of them before the others would count the missing ones as an error.
-    """
-    many = getattr(queue, "push_many", None)
-    if many is not None:
-        many(items)
-        return
-    if len(items) == 1 or not hasattr(queue, "_used"):
-        # (without the core's internals, one at a time: a driver polling meanwhile may see a part)
-        for chain, written in items:
-            queue.push(chain, written)
-        return
-    # the same steps as Virtqueue.push, for the whole batch (the core has no batch push yet)
-    for chain, _ in items:
-        memory = getattr(chain, "memory", None) or queue.memory
-        if memory is not None:
-            for v in chain.readable + chain.writable:
-                memory.unmap(v)
-    with queue.lock:
-        used = queue._used
-        epoch = getattr(queue, "epoch", None)
-        if used is None or any(getattr(c, "epoch", epoch) != epoch for c, _ in items):
-            return  # the queue was reset while these were in flight: drop them
-        idx = queue.used_idx
-        for chain, written in items:
-            struct.pack_into("<II", used, 4 + 8 * (idx % queue.size), chain.head, written)
-            idx = (idx + 1) & 0xFFFF
-        wmb()
-        queue.used_idx = idx
-        struct.pack_into("<H", used, 2, idx)
-        if hasattr(queue, "_pushed"):
-            queue._pushed = True  # should_notify() interrupts only after a push
-
-
 class _Pair:
     """One receive/transmit queue pair and its tap fd."""
 
@@ -167,8 +130,6 @@ class _Pair:
         #: a chain whose write the tap pushed back (EAGAIN); retried when the fd is writable
         self.tx_chain: DescriptorChain | None = None
         self.tx_blocked = False
-        #: heads of transmit chains popped and not yet returned (a sanity check on the ring)
-        self.tx_heads: set[int] = set()
         #: this pair is in use (VQ_PAIRS_SET)
         self.enabled = False
         #: per-direction counters (each touched only by its own queue's serialized processing)
@@ -190,7 +151,6 @@ class _Pair:
         if self.tx_chain is not None:
             tx.discard(self.tx_chain)
             self.tx_chain = None
-        self.tx_heads.clear()
         if self.rx_len:
             self.rx_stats["rx_dropped"] += 1
             self.rx_stats["rx_dropped_reset"] += 1
@@ -374,6 +334,13 @@ class VirtioNet(VirtioDevice):
         with self._idle:
             self._inflight[me] = self._inflight.get(me, 0) + 1
         try:
+            if not self.activated:
+                # A kick that passed the base class's checks just before a reset, and got here
+                # after on_reset() cleared the pairs (it did not wait for us: we were not counted
+                # yet). The rings are still mapped until the reset ends: taking a chain now would
+                # leave it in the pair, to be sent (and written into, on receive) after the
+                # driver set the queues up again.
+                return
             kind, pair = role
             if kind == "rx":
                 assert pair is not None
@@ -411,24 +378,17 @@ class VirtioNet(VirtioDevice):
             pair.tx_chain = None
             if chain is None:
                 chain = q.pop()
-                if chain is not None:
-                    if chain.head in pair.tx_heads:
-                        # the driver offered a chain it has not got back yet (or we lost track)
-                        pair.tx_stats["tx_duplicate_heads"] += 1
-                        log.error("%s: tx queue %d: head %d offered again while in flight",
-                                  self.name, q.index, chain.head)
-                    pair.tx_heads.add(chain.head)
             if chain is None:
                 if q.set_notification(True):
                     q.set_notification(False)
                     continue
                 break
             if not self._send(pair, chain):
+                pair.tx_stats["tx_tap_full"] += 1
                 pair.tx_chain = chain
                 pair.tx_blocked = True
                 self._wake()
                 break
-            pair.tx_heads.discard(chain.head)
             q.push(chain, 0)
             done += 1
             if done % TX_BUDGET == 0:
@@ -579,7 +539,8 @@ class VirtioNet(VirtioDevice):
             n = chain.write(data[off:], 0)
             items.append((chain, n))
             off += n
-        push_all(q, items)
+        # one used-index update: the driver must not see the first buffers without the rest
+        q.push_many(items)
         pair.rx_stats["rx_packets"] += 1
         pair.rx_stats["rx_bytes"] += frame_len
         return _DELIVERED
