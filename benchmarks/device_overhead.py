@@ -44,6 +44,7 @@ class NullDisk:
 
     writev = readv
     readv_nowait = readv
+    writev_inline = readv
 
     def flush(self):
         pass

@@ -207,39 +207,39 @@ class BlkDevice(VirtioDevice):
                 log.debug("%s: request type %d sector %d refused: %s", self.name, rtype, sector, r)
             self._complete(queue, chain, status, r.status, 0)
             return
-        fn, data_written = work
+        fn, data_written, data = work
         if rtype == T_IN and self._readv_nowait is not None:
             # Fast path: data already in the host's page cache is read right here, without a
             # thread handoff; only a read that would block goes to a worker.
             try:
-                done = self._readv_nowait(sector * SECTOR, slice_views(chain.writable, 0, wlen - 1))
+                done = self._readv_nowait(sector * SECTOR, data)
             except Exception:  # the worker tries again and reports the error
                 done = None
-            if done == wlen - 1:
+            if done == data_written:
                 self._complete(queue, chain, status, S_OK, data_written, signal=False)
                 return
         elif rtype == T_OUT and self.writeback and self._writev_inline is not None:
             # Small buffered writes: a copy into the page cache, served here as well.
-            n = chain.readable_len - _HEADER.size
             try:
-                done = self._writev_inline(sector * SECTOR, slice_views(chain.readable, _HEADER.size, n))
+                done = self._writev_inline(sector * SECTOR, data)
             except Exception:  # the worker tries again and reports the error
                 done = None
-            if done == n:
+            if done == chain.readable_len - _HEADER.size:
                 self._complete(queue, chain, status, S_OK, 0, signal=False)
                 return
         self._submit(queue, chain, status, fn, data_written)
 
     def _plan(
         self, rtype: int, sector: int, chain: DescriptorChain, wlen: int
-    ) -> tuple[Callable[[], None], int]:
-        """Check a request; return the backend call that serves it and the data bytes it writes."""
+    ) -> tuple[Callable[[], None], int, list[memoryview] | None]:
+        """Check a request; return the backend call that serves it, the data bytes it writes,
+        and (reads and writes) the views of its data buffers."""
         b = self.backend
         if rtype == T_IN:
             data = slice_views(chain.writable, 0, wlen - 1)
             self._check_range(sector, wlen - 1)
             self.stats["in"] += 1
-            return (lambda: self._full(b.readv(sector * SECTOR, data), wlen - 1)), wlen - 1
+            return (lambda: self._full(b.readv(sector * SECTOR, data), wlen - 1)), wlen - 1, data
         if rtype == T_OUT:
             if self.read_only:
                 raise _Reject(S_IOERR, "write to a read-only disk")
@@ -248,16 +248,16 @@ class BlkDevice(VirtioDevice):
             self._check_range(sector, n)
             self.stats["out"] += 1
             if self.writeback:
-                return (lambda: self._full(b.writev(sector * SECTOR, data), n)), 0
+                return (lambda: self._full(b.writev(sector * SECTOR, data), n)), 0, data
 
             def write_through() -> None:
                 self._full(b.writev(sector * SECTOR, data), n)
                 b.flush()
 
-            return write_through, 0
+            return write_through, 0, data
         if rtype == T_FLUSH:
             self.stats["flush"] += 1
-            return b.flush, 0
+            return b.flush, 0, None
         if rtype == T_GET_ID:
             n = min(ID_BYTES, wlen - 1)
             ident = self.serial.ljust(ID_BYTES, b"\0")[:n]
@@ -270,9 +270,9 @@ class BlkDevice(VirtioDevice):
                     v[:] = ident[done : done + len(v)]
                     done += len(v)
 
-            return get_id, n
+            return get_id, n, None
         if rtype in (T_DISCARD, T_WRITE_ZEROES):
-            return self._plan_ranges(rtype, chain), 0
+            return self._plan_ranges(rtype, chain), 0, None
         raise _Reject(S_UNSUPP, f"unsupported request type {rtype}")
 
     def _plan_ranges(self, rtype: int, chain: DescriptorChain) -> Callable[[], None]:

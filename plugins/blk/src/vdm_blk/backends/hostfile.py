@@ -142,9 +142,10 @@ class HostFile:
                 return False
         return None if unknown else True
 
-    def read_nowait(self, views: Sequence[memoryview], offset: int) -> int | None:
+    def read_nowait(self, views: Sequence[memoryview], offset: int, length: int | None = None) -> int | None:
         """Read only if every byte is in the page cache (RWF_NOWAIT); None when it would block
-        (or this file cannot say: O_DIRECT, too many segments, a kernel without RWF_NOWAIT)."""
+        (or this file cannot say: O_DIRECT, too many segments, a kernel without RWF_NOWAIT).
+        ``length`` is the views' total length, when the caller knows it already."""
         nowait = getattr(os, "RWF_NOWAIT", None)
         if nowait is None or self.dfd is not None or len(views) > IOV_MAX:
             return None
@@ -156,7 +157,7 @@ class HostFile:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 return None
             raise
-        return n if n == total_length(views) else None
+        return n if n == (total_length(views) if length is None else length) else None
 
     def write_inline(self, views: Sequence[memoryview], offset: int) -> int | None:
         """Write a small request into the page cache on the caller's thread; None to say "use a

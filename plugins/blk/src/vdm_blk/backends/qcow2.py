@@ -385,7 +385,7 @@ class Qcow2Disk(DiskBackend):
             if write:
                 self._check_data_host(host, total)
                 return self.f.write_inline(buffers, host)
-            return self.f.read_nowait(buffers, host)
+            return self.f.read_nowait(buffers, host, total)
         finally:
             self._io.release_shared()
 

@@ -64,8 +64,9 @@ class RawDisk(DiskBackend):
         hands the request to a worker). See :meth:`HostFile.read_nowait`."""
         if self._closed:
             return None
-        self.check_range(offset, total_length(buffers))
-        return self.file.read_nowait(buffers, offset)
+        n = total_length(buffers)
+        self.check_range(offset, n)
+        return self.file.read_nowait(buffers, offset, n)
 
     def _read_tail(self, offset: int, buf: memoryview) -> None:
         data = self.file.pread(len(buf), offset)
