@@ -331,8 +331,7 @@ class Virtqueue:
             if isinstance(e, GuestMemoryError):
                 raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
-        with self.lock:
-            inflight[head] = 1
+        inflight[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
         return DescriptorChain(head, readable, writable, self.epoch, memory)
 
     def _add(
