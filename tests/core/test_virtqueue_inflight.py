@@ -138,7 +138,7 @@ def test_a_chain_the_queue_never_handed_out_is_not_published(hold):
     assert drv.used_idx(0) == 0 and q.duplicate_completions == 2
 
 
-@pytest.mark.parametrize("written", [-1, 1 << 32])
+@pytest.mark.parametrize("written", [-1, 1 << 32, 1.0, None])
 def test_a_length_that_does_not_fit_32_bits_is_refused_before_anything_is_published(hold, written):
     drv, q = hold()
     a, b = take(drv, q, 2)
@@ -232,14 +232,29 @@ def test_chain_at_on_a_queue_that_is_not_active(hold):
         q.chain_at(0)
 
 
-def test_chain_at_refuses_a_head_the_device_already_holds(hold):
+def test_chain_at_of_a_head_the_device_already_holds_returns_it_once(hold):
+    """A ring stopped and started again while a request was being served: the backend resubmits
+    the head from its records while the first chain is still out; the driver gets one completion."""
     drv, q = hold()
-    (popped,) = take(drv, q, 1)
-    with pytest.raises(VirtqueueError, match="again"):
-        q.chain_at(popped.head)
-    q.push(popped, 0)
-    again = q.chain_at(popped.head)  # completed: the head can be walked (and held) again
-    assert again.head == popped.head
+    (first,) = take(drv, q, 1)
+    again = q.chain_at(first.head)
+    assert again.head == first.head and again.read() == first.read()
+    q.push(again, 2)
+    q.push(first, 1)  # the original finishes too, later: dropped
+    assert [(u.head, u.written) for u in drv.collect(0)] == [(first.head, 2)]
+    assert q.duplicate_completions == 1
+
+
+def test_in_flight_heads_survive_the_rings_being_unmapped_and_mapped_again(hold):
+    drv, q = hold()
+    (held,) = take(drv, q, 1)
+    with q.lock:
+        q.deactivate()
+    drv.device.start_queue(q)  # the same rings, the same indexes (a vhost-user ring restart)
+    q.push(held, 1)
+    assert [u.head for u in drv.collect(0)] == [held.head]
+    q.push(held, 1)
+    assert drv.used_idx(0) == 1 and q.duplicate_completions == 1
 
 
 def test_a_reset_between_chain_at_and_push(hold):

@@ -12,11 +12,12 @@ A violation raises :class:`VirtqueueError`; the device base turns that into DEVI
 
 The driver gets back only what it gave: a head is *in flight* from the moment it is taken
 (:meth:`Virtqueue.pop`, :meth:`Virtqueue.chain_at`) until it is completed
-(:meth:`Virtqueue.push`, :meth:`Virtqueue.push_many`) or given up (:meth:`Virtqueue.discard`).
-A driver offering a head that is still in flight breaks the rules (:class:`VirtqueueError`); a
-device completing a head that is not in flight (twice, or one it never took) is a host bug: the
-completion is dropped, logged and counted in :attr:`Virtqueue.duplicate_completions`, so the
-driver never sees a used element it does not expect.
+(:meth:`Virtqueue.push`, :meth:`Virtqueue.push_many`) or given up (:meth:`Virtqueue.discard`),
+or the queue is reset. A driver making a head available that is still in flight breaks the
+rules (:class:`VirtqueueError`); a device completing a head that is not in flight (twice, or one
+it never took) is a host bug: the completion is dropped, logged and counted in
+:attr:`Virtqueue.duplicate_completions`, so the driver never sees a used element it does not
+expect.
 
 Memory ordering: the used element is written before the used index, and the available index is
 read before the ring entries it covers. Each of these is a separate store/load from Python, in
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 import threading
 from typing import Iterable, Sequence
 
@@ -57,6 +59,9 @@ MAX_CHAIN_BYTES = 1 << 32
 _DESC = struct.Struct("<QIHH")
 
 log = logging.getLogger(__name__)
+
+if sys.byteorder != "little":  # the typed ring views are native-endian; virtio 1.x rings are LE
+    raise ImportError("vdm.virtqueue needs a little-endian host")
 
 
 class VirtqueueError(Exception):
@@ -166,7 +171,8 @@ class Virtqueue:
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
         self._drop_typed_views()
-        #: one byte per head: 1 while the device holds it (cleared only here, with the indexes)
+        #: one byte per head: 1 while the device holds it. Like the indexes, kept while the rings are
+        #: unmapped and mapped again (a vhost-user ring stopped and restarted); cleared only here.
         self._inflight = bytearray(self.max_size)
 
     def _drop_typed_views(self) -> None:
@@ -242,6 +248,8 @@ class Virtqueue:
         if self.event_idx:
             # avail_event: ask for a kick when the driver adds anything past what we have taken.
             used16[2 + 4 * self.size] = self.last_avail_idx
+        if head < len(self._inflight) and self._inflight[head]:
+            raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
         return self._walk(head)
 
     def chain_at(self, head: int) -> DescriptorChain:
@@ -249,10 +257,12 @@ class Virtqueue:
 
         For a backend that serves again the requests a previous instance left in flight (vhost-user
         inflight tracking): the head comes from the backend's records, not from the available ring,
-        and the available index is left alone. The head becomes in flight like a popped one.
+        and the available index is left alone. The head becomes in flight like a popped one; if
+        this queue already holds it (the ring was stopped and started again while a request was
+        being served), it stays in flight once: whichever of the two chains completes first
+        returns it, the other completion is dropped as a duplicate.
         Raises :class:`VirtqueueError` if the queue is not active, ``head`` is not below the queue
-        size, the chain breaks a rule (loop, out of guest RAM, bad indirect table...), or ``head``
-        is already in flight.
+        size, or the chain breaks a rule (loop, out of guest RAM, bad indirect table...).
         """
         if self._desc is None:
             raise VirtqueueError(f"queue {self.index}: not active")
@@ -263,8 +273,6 @@ class Virtqueue:
         inflight = self._inflight
         if not 0 <= head < size or head >= len(inflight):
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
-        if inflight[head]:
-            raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
         memory = self.memory
         assert memory is not None and self._desc is not None
         table = self._desc
@@ -379,7 +387,7 @@ class Virtqueue:
 
     def _publish(self, items: Sequence[tuple[DescriptorChain, int]]) -> None:
         for _, written in items:
-            if not 0 <= written <= 0xFFFFFFFF:
+            if not isinstance(written, int) or not 0 <= written <= 0xFFFFFFFF:
                 raise ValueError(f"queue {self.index}: written length {written} does not fit 32 bits")
         for chain, _ in items:
             self._release(chain)
