@@ -2,14 +2,14 @@
 """KVM lab: guest TCP throughput over a tap — ``vdm run`` virtio-net vs QEMU ``-accel kvm`` virtio-net.
 
 Issue 7. Every setup boots the guest kit's bzImage (vmlinuz) and initrd.cpio.gz with 512 MiB and
-1 vCPU on the same persistent tap ``vdmtap0`` (``ip tuntap add ... vnet_hdr``, 10.0.2.2/24 on the
-lab's side, created once and reused by every run), and runs the kit's ``nettcp both``: busybox
-``nc`` in the guest first receives ``--mib`` MiB of random data from a peer on 10.0.2.2:5555
-(namespace -> guest, "rx"), then sends ``--mib`` MiB of its own (guest -> namespace, "tx"). The
-peer is a thread of this script in the lab's network namespace (the lab is a throw-away VM, so its
-root namespace plays the namespace). A transfer counts only when its byte count and MD5 match on
-both ends; its rate is timed by the peer (accept to the guest's EOF for rx, accept to EOF for tx)
-and by the guest (``nc`` start to exit, its own clock).
+``--cpus`` vCPUs (one queue pair) on the same persistent tap ``vdmtap0`` (``ip tuntap add ...
+vnet_hdr``, 10.0.2.2/24 on the lab's side, created once and reused by every run), and runs the
+kit's ``nettcp both``: busybox ``nc`` in the guest first receives ``--mib`` MiB of random data
+from a peer on 10.0.2.2:5555 (namespace -> guest, "rx"), then sends ``--mib`` MiB of its own
+(guest -> namespace, "tx"). The peer is a thread of this script in the lab's network namespace
+(the lab is a throw-away VM, so its root namespace plays the namespace). A transfer counts only
+when its byte count and MD5 match on both ends; its rate is timed by the peer (accept to the
+guest's EOF for rx, accept to EOF for tx) and by the guest (``nc`` start to exit, its own clock).
 
 Setups (``--setups``):
 - ``vdm-pci``, ``vdm-mmio``: ``vdm -v run --network mode=tap,tapif=vdmtap0 --virtio-transport ...``
@@ -25,7 +25,7 @@ console's virtio_ring complaints (``output.0:id N is not a head!`` and other ``i
 counters (``ip -s -j link``) before and after. The whole console log of every run is kept in
 ``--logdir`` (a host folder shared into the lab).
 
-    python3 benchmarks/net_lab.py [--runs 2] [--mib 8] [--setups vdm-pci,vdm-mmio,qemu]
+    python3 benchmarks/net_lab.py [--runs 4] [--mib 128] [--cpus 1] [--setups vdm-pci,vdm-mmio,qemu]
 
 On the host this boots the KVM lab (tests/realguest/harness.py) and runs itself there with
 ``--inside``; the table is printed on the host. One lab at a time: it is QEMU TCG with 2 vCPUs.
@@ -142,17 +142,17 @@ def tap_counters() -> dict[str, int]:
     return {f"{d}_{k}": v for d in ("rx", "tx") for k, v in st.get(d, {}).items() if isinstance(v, int)}
 
 
-def vmm_command(setup: str, kit: harness.GuestKit, params: str) -> list[str]:
+def vmm_command(setup: str, kit: harness.GuestKit, params: str, cpus: int = 1) -> list[str]:
     """The command line of ``setup``; ``params`` is the kit's cmdline without console/panic."""
     k, i = str(kit.vmlinuz), str(kit.initrd)
     if setup.startswith("vdm-"):
-        return ["vdm", "-v", "run", "-k", k, "-i", i, "-m", str(MEM_MIB), "-c", "1",
+        return ["vdm", "-v", "run", "-k", k, "-i", i, "-m", str(MEM_MIB), "-c", str(cpus),
                 "--virtio-transport", setup[len("vdm-"):], "--console-backend", "stdio",
                 "--network", f"mode=tap,tapif={TAP}", "-p", "console=ttyS0 panic=-1 " + params]
     vhost = "on" if setup == "qemu-vhost" else "off"
     net = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}",
            "-device", "virtio-net-pci,netdev=n0"]
-    cmd = harness.qemu_command(net, [], None, kit=kit, memory_mib=MEM_MIB, cpus=1, kernel=kit.vmlinuz,
+    cmd = harness.qemu_command(net, [], None, kit=kit, memory_mib=MEM_MIB, cpus=cpus, kernel=kit.vmlinuz,
                                accel="kvm")
     cmd[cmd.index("-append") + 1] = "console=ttyS0 panic=-1 " + params
     return cmd
@@ -160,7 +160,7 @@ def vmm_command(setup: str, kit: harness.GuestKit, params: str) -> list[str]:
 
 def one_run(setup: str, rnd: int, kit: harness.GuestKit, params: str, payload: bytes, payload_md5: str,
             a: argparse.Namespace) -> dict:
-    cmd = vmm_command(setup, kit, params)
+    cmd = vmm_command(setup, kit, params, a.cpus)
     row: dict = {"setup": setup, "round": rnd, "command": " ".join(shlex.quote(c) for c in cmd)}
     before = tap_counters()
     peer = Peer(payload, a.timeout)
@@ -267,9 +267,10 @@ def table(rows: list[dict], setups: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=2, help="rounds; each runs every setup once (default 2)")
-    ap.add_argument("--mib", type=int, default=8, help="MiB per direction per run (default 8)")
+    ap.add_argument("--runs", type=int, default=4, help="rounds; each runs every setup once (default 4)")
+    ap.add_argument("--mib", type=int, default=128, help="MiB per direction per run (default 128)")
     ap.add_argument("--setups", default=DEFAULT_SETUPS, help=f"comma list of {', '.join(SETUPS)}")
+    ap.add_argument("--cpus", type=int, default=1, help="guest vCPUs, all setups (default 1)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per VMM run (default 420)")
     ap.add_argument("--logdir", help="host folder for every run's console log (default /tmp/net_lab-<time>)")
     ap.add_argument("--json", help="also write the rows to this file")
@@ -285,7 +286,8 @@ def main() -> int:
     logdir = Path(a.logdir or f"/tmp/net_lab-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     logdir.mkdir(parents=True, exist_ok=True)
     script = (f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} --inside "
-              f"--runs {a.runs} --mib {a.mib} --setups {shlex.quote(a.setups)} --timeout {a.timeout}")
+              f"--runs {a.runs} --mib {a.mib} --cpus {a.cpus} --setups {shlex.quote(a.setups)} "
+              f"--timeout {a.timeout}")
     load0 = os.getloadavg()
     t0 = time.monotonic()
     n_setups = len(a.setups.split(","))
@@ -306,8 +308,8 @@ def main() -> int:
                 if ln.startswith("model name")), "?")
     print(f"host: nproc {os.cpu_count()}, {cpu}; load average before/after {load0[0]:.2f} / {load1[0]:.2f}; "
           f"lab wall {time.monotonic() - t0:.0f} s; lab {info[len('BENCHINFO '):]}")
-    print(f"{a.runs} rounds (interleaved), {a.mib} MiB each way per run, median (min-max); "
-          f"logs in {logdir}\n")
+    print(f"{a.runs} rounds (interleaved), {a.mib} MiB each way per run, {a.cpus} guest vCPU(s), "
+          f"median (min-max); logs in {logdir}\n")
     table(rows, a.setups.split(","))
     print()
     for row in rows:
