@@ -195,6 +195,7 @@ class VhostUserBackend:
     def _send(self, request: int, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
         if self.sock is None:
             return
+        log.debug("vhost-user: reply %s %s (%d fds)", Req.name(request), payload.hex(), len(fds))
         try:
             p.send_message(self.sock, request, payload, fds)
         except OSError as e:
