@@ -8,15 +8,17 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Sequence
 
 
 class VdmProcess:
     """One ``vdm -v vhost-user --socket-path PATH <device options>``; its output is kept in ``lines``."""
 
-    def __init__(self, socket_path: str, *device_args: str) -> None:
+    def __init__(self, socket_path: str, *device_args: str, wrap: Sequence[str] = ()) -> None:
+        """``wrap`` goes before the command (``NetNs.argv([])``: run vdm inside a namespace)."""
         self.socket_path = socket_path
-        self.args = [sys.executable, "-m", "vdm.cli.main", "-v", "vhost-user", "--socket-path", socket_path]
-        self.args += list(device_args)
+        self.args = [*wrap, sys.executable, "-m", "vdm.cli.main", "-v", "vhost-user"]
+        self.args += ["--socket-path", socket_path, *device_args]
         self.lines: list[str] = []
         self._serving = threading.Event()
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -37,6 +39,10 @@ class VdmProcess:
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def count(self, text: str) -> int:
         return sum(text in line for line in self.lines)
