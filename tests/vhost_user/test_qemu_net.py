@@ -164,3 +164,30 @@ def test_vdm_survives_poweroff_and_serves_the_next_guest(kit: harness.GuestKit, 
         time.sleep(0.1)
     assert vdm.count("the frontend closed the connection") == 2, vdm.output
     assert vdm.count("closing the connection") == 0, vdm.output
+
+
+def test_two_queue_pairs_asked_for_serve_the_guest_with_one(kit: harness.GuestKit, tmp_path: Path) -> None:  # noqa: F811
+    """``queues=2`` on both sides: QEMU serves the control queue, so vdm offers no MQ (one pair)."""
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    sock = tmp_path / "mq.sock"
+    with NetNs() as ns:
+        ns.prepare_tap(TAP, address=f"{HOST_IP}/24", multi_queue=True)
+        vdm = VdmProcess(str(sock), "--network", f"mode=tap,tapif={TAP},queues=2", wrap=ns.argv([]))
+        try:
+            args = [
+                "-chardev", f"socket,id=c0,path={sock}",
+                "-netdev", "vhost-user,id=n0,chardev=c0,queues=2",
+                "-device", f"virtio-net-pci,netdev=n0,mac={MAC},mq=on,vectors=0",
+            ]  # fmt: skip
+            p = {"addr": "10.0.2.15/24", "ip": HOST_IP, "count": 10, "exit": "poweroff", "cpus": 2}
+            r = harness.run_qemu(args, ["smp", "net"], p, timeout=90, kit=kit, cpus=2)
+        finally:
+            rc = vdm.stop()
+    r.assert_ok("smp", "net")
+    assert r["net"]["rx"] == "10/10", r["net"].line
+    assert rc == 0, vdm.output
+    assert vdm.count("closing the connection") == 0, vdm.output
+    assert vdm.count("multiqueue is not offered") == 1, vdm.output
+    assert vdm.count("queue 0 starts") == 1 and vdm.count("queue 2 starts") == 0, vdm.output

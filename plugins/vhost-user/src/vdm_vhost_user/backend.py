@@ -50,6 +50,14 @@ OFFERED_PROTOCOL_FEATURES = (
     | 1 << ProtocolFeature.STATUS
 )
 
+#: VIRTIO_ID_NET, and the virtio-net features that only work through the control queue and that a
+#: vhost-user frontend still forwards (QEMU: MQ, GUEST_ANNOUNCE). QEMU serves a vhost-user
+#: virtio-net's control queue itself and never hands it to the backend, so a driver's
+#: VQ_PAIRS_SET never reaches the device: offered, MQ would be negotiated without CTRL_VQ
+#: (refused by the device) and the device would not learn how many pairs the driver uses.
+_NET_DEVICE_ID = 1
+_NET_CTRL_ONLY_FEATURES = 1 << 21 | 1 << 22
+
 #: requests that carry their own reply (REPLY_ACK adds nothing to them)
 _HAS_REPLY = {
     Req.GET_FEATURES,
@@ -104,6 +112,11 @@ class VhostUserBackend:
             if not isinstance(q, InflightVirtqueue):
                 device.queues[i] = InflightVirtqueue(q.index, q.max_size)
         device.interrupts = self
+        if device.device_id == _NET_DEVICE_ID and device.features() & _NET_CTRL_ONLY_FEATURES & 1 << 22:
+            log.warning(
+                "vhost-user: virtio-net multiqueue is not offered (the frontend serves the control "
+                "queue, where the driver picks its queue pairs): the guest uses one queue pair"
+            )
         self.memory = SharedGuestMemory()
         self._fd_lock = threading.Lock()
         self.sock: socket.socket | None = None
@@ -208,13 +221,20 @@ class VhostUserBackend:
 
     # features
 
+    def offered_features(self) -> int:
+        """The device's features as offered to a vhost-user frontend (without the protocol bit)."""
+        features = self.device.features()
+        if self.device.device_id == _NET_DEVICE_ID:
+            features &= ~_NET_CTRL_ONLY_FEATURES
+        return features
+
     def _get_features(self, msg: Message) -> bytes:
-        return p.U64.pack(self.device.features() | 1 << p.F_PROTOCOL_FEATURES)
+        return p.U64.pack(self.offered_features() | 1 << p.F_PROTOCOL_FEATURES)
 
     def _set_features(self, msg: Message) -> None:
         (value,) = p.U64.unpack(msg.payload)
         virtio = value & ~(1 << p.F_PROTOCOL_FEATURES)
-        extra = virtio & ~self.device.features()
+        extra = virtio & ~self.offered_features()
         if extra:
             raise ProtocolError(f"SET_FEATURES: features 0x{extra:x} were not offered")
         self.protocol_negotiated = bool(value >> p.F_PROTOCOL_FEATURES & 1)
