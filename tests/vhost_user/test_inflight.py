@@ -85,6 +85,38 @@ def test_a_completion_published_just_before_the_crash_is_not_served_again(serve)
         fe.ram.close()
 
 
+def test_a_batch_completed_together_is_tracked_and_recovered_as_one(serve):
+    """push_many: all of a batch leave the region together; a crash after publishing the batch
+    but before clearing its flags serves none of it again (the list from last_batch_head)."""
+    device = HoldDevice()
+    server, path = serve(device)
+    fe = _start_with_inflight(path)
+    try:
+        heads = {name: fe.post(0, [name], [1]) for name in (b"A", b"B", b"C", b"D")}
+        device.wait_taken(4)
+        device.complete_together(b"B", b"C", b"D")
+        assert sorted(u.data for u in fe.wait_used(0, 3)) == [b"B", b"C", b"D"]
+        assert fe.inflight_heads() == [heads[b"A"]]
+        # as if the backend had died right after publishing the batch: flags set, used_idx stale
+        fd, _, _, _ = fe.inflight
+        for name in (b"B", b"C", b"D"):
+            os.pwrite(fd, b"\x01", 16 + 16 * heads[name])
+        os.pwrite(fd, struct.pack("<H", 0), 14)
+        assert len(fe.inflight_heads()) == 4
+        fe.sock.close()
+        assert server.wait_for(lambda s: s.conn is None)
+        fe.reconnect()
+        device.wait_taken(5)
+        time.sleep(0.2)
+        assert device.taken[4:] == [b"A"], "the batch B, C, D was completed already"
+        device.complete(b"A")
+        assert [u.data for u in fe.wait_used(0, 1)] == [b"A"]
+        assert fe.inflight_heads() == []
+    finally:
+        fe.close()
+        fe.ram.close()
+
+
 def _vdm(path: str, image: str) -> subprocess.Popen:
     return subprocess.Popen(
         [

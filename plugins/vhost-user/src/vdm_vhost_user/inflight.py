@@ -21,6 +21,7 @@ import os
 import stat
 import struct
 import threading
+from typing import Iterable
 
 from vdm.memory import GuestMemory
 from vdm.virtqueue import DescriptorChain, Virtqueue
@@ -31,8 +32,7 @@ __all__ = ["InflightRegion", "InflightVirtqueue", "queue_region_size"]
 
 _HEAD = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 _DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
-_U16 = struct.Struct("<H")
-_U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")  # (reads only: writes go through the typed views)
 VERSION = 1
 _ALIGN = 64
 _OFF_VERSION = 8
@@ -128,10 +128,18 @@ class InflightVirtqueue(Virtqueue):
 
     Set :attr:`inflight` (a queue's region, or None for no tracking) and :attr:`used_idx` (the used
     ring's index as the guest sees it) before the device activates the queue.
+
+    The frontend keeps the region when this process dies, at any instruction: every field is
+    written with one store of its final value (typed views, never ``struct.pack_into``, which
+    zeroes its target first), and the order is the one recovery relies on -- a head is marked in
+    flight after it is taken; on completion the batch list (``next``, ``last_batch_head``) is
+    written first, then the used ring, then the flags are cleared and ``used_idx`` recorded.
     """
 
     def __init__(self, index: int, max_size: int) -> None:
-        self.inflight: memoryview | None = None
+        self._region: memoryview | None = None
+        self._r16: memoryview | None = None
+        self._r64: memoryview | None = None
         self._resubmit: list[int] = []
         self._counter = 0
         self._track_lock = threading.Lock()
@@ -139,6 +147,19 @@ class InflightVirtqueue(Virtqueue):
 
     #: heads served again after a reconnect (for logs and tests)
     resubmitted = 0
+
+    @property
+    def inflight(self) -> memoryview | None:
+        """This queue's inflight region, or None for no tracking."""
+        return self._region
+
+    @inflight.setter
+    def inflight(self, region: memoryview | None) -> None:
+        self._region = region
+        # u16 view: [_OFF_X // 2] for header fields, desc i's next at (_HEAD.size + 16 * i + 6) // 2;
+        # u64 view: desc i's counter at (_HEAD.size + 16 * i + 8) // 8
+        self._r16 = region.cast("H") if region is not None else None
+        self._r64 = region.cast("Q") if region is not None else None
 
     def reset(self) -> None:
         super().reset()
@@ -154,19 +175,26 @@ class InflightVirtqueue(Virtqueue):
     def _recover(self, region: memoryview) -> None:
         """Initialise a fresh region, or find the requests a previous backend left in flight."""
         size = self.size
-        if _U16.unpack_from(region, _OFF_VERSION)[0] == 0:
+        r16 = self._r16
+        assert r16 is not None
+        if r16[_OFF_VERSION // 2] == 0:
             region[: _HEAD.size + _DESC.size * size] = bytes(_HEAD.size + _DESC.size * size)
-            _HEAD.pack_into(region, 0, 0, VERSION, size, 0, self.used_idx)
+            _HEAD.pack_into(region, 0, 0, VERSION, size, 0, self.used_idx)  # nothing in flight yet
             self._resubmit = []
             self._counter = 0
             return
-        if _U16.unpack_from(region, _OFF_USED_IDX)[0] != self.used_idx:
-            # The previous backend died between publishing a used entry and clearing its
-            # inflight flag: the last batch was completed after all.
-            last = _U16.unpack_from(region, _OFF_LAST_BATCH)[0]
-            if last < size:
-                region[_HEAD.size + _DESC.size * last] = 0
-            _U16.pack_into(region, _OFF_USED_IDX, self.used_idx)
+        done = (self.used_idx - r16[_OFF_USED_IDX // 2]) & 0xFFFF
+        if done:
+            # The previous backend died between publishing used entries and clearing their
+            # inflight flags: that last batch (a list from last_batch_head through next) was
+            # completed after all.
+            head = r16[_OFF_LAST_BATCH // 2]
+            for _ in range(min(done, size)):
+                if head >= size:
+                    break
+                region[_HEAD.size + _DESC.size * head] = 0
+                head = r16[(_HEAD.size + _DESC.size * head + 6) // 2]
+            r16[_OFF_USED_IDX // 2] = self.used_idx
         pending = []
         top = 0
         for i in range(size):
@@ -186,32 +214,40 @@ class InflightVirtqueue(Virtqueue):
 
     def pop(self) -> DescriptorChain | None:
         if self._resubmit:
-            head = self._resubmit.pop(0)
-            return self._walk(head)
+            return self.chain_at(self._resubmit.pop(0))
         chain = super().pop()
-        region = self.inflight
-        if chain is not None and region is not None:
+        region, r64 = self._region, self._r64
+        if chain is not None and region is not None and r64 is not None:
             with self._track_lock:
                 off = _HEAD.size + _DESC.size * chain.head
-                _U64.pack_into(region, off + 8, self._counter)
+                r64[(off + 8) // 8] = self._counter
                 self._counter += 1
                 region[off] = 1
         return chain
 
     def push(self, chain: DescriptorChain, written: int) -> None:
-        region = self.inflight
-        if region is None:
-            super().push(chain, written)
+        self.push_many(((chain, written),))
+
+    def push_many(self, items: Iterable[tuple[DescriptorChain, int]]) -> None:
+        region, r16 = self._region, self._r16
+        if region is None or r16 is None:
+            super().push_many(items)
             return
+        items = tuple(items)
         with self._track_lock:
-            off = _HEAD.size + _DESC.size * chain.head
-            _U16.pack_into(region, off + 6, _U16.unpack_from(region, _OFF_LAST_BATCH)[0])
-            _U16.pack_into(region, _OFF_LAST_BATCH, chain.head)
+            last = r16[_OFF_LAST_BATCH // 2]
+            for chain, _ in items:
+                if 0 <= chain.head < self.size:
+                    r16[(_HEAD.size + _DESC.size * chain.head + 6) // 2] = last
+                    last = chain.head
+            r16[_OFF_LAST_BATCH // 2] = last
             before = self.used_idx
-            super().push(chain, written)
+            super().push_many(items)
             if self.used_idx != before:
-                region[off] = 0
-                _U16.pack_into(region, _OFF_USED_IDX, self.used_idx)
+                for chain, _ in items:
+                    if 0 <= chain.head < self.size:
+                        region[_HEAD.size + _DESC.size * chain.head] = 0
+                r16[_OFF_USED_IDX // 2] = self.used_idx
 
     def inflight_heads(self) -> list[int]:
         """Heads currently marked in flight (for tests and diagnostics)."""
