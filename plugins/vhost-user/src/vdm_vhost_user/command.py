@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Any
 
-from vdm.cli.devices import add_device_options, device_configs, devices_epilog
+from vdm.cli.devices import add_device_options, close_devices, create_device, device_configs, devices_epilog
 from vdm.config import load_toml
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
@@ -70,14 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     plugins: PluginSet = args.plugin_set
     dt, config = _one_device(args, plugins)
-    try:
-        device = dt.create(config, DeviceContext(vm_name=args.name, vmm=None))
-    except UserError:
-        raise
-    except Exception as e:  # a backend's own error (DiskError, a tap it cannot open...), as vdm run
-        raise UserError(f"{dt.cli_flag or dt.name}: {e}") from None
+    device = create_device(dt, config, DeviceContext(vm_name=args.name, vmm=None))
     if not isinstance(device, VirtioDevice):
-        _close_device(device)
+        close_devices([device])
         raise UserError(f"{dt.name}: this device is not a virtio device and cannot be served over vhost-user")
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -94,16 +89,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("vhost-user: signal received, shutting down")
     finally:
         server.close()
-        _close_device(device)
+        close_devices([device])
         for s, h in old.items():
             signal.signal(s, h)
     return 0
-
-
-def _close_device(device: Any) -> None:
-    close = getattr(device, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:
-            log.exception("closing %r", device)
