@@ -170,8 +170,11 @@ def one_run(setup: str, rnd: int, kit: harness.GuestKit, params: str, payload: b
     killer = threading.Timer(a.timeout, p.kill)
     killer.start()
     assert p.stdout is not None
+    print(f"RUN {setup} round {rnd} start", flush=True)
     for raw in p.stdout:
-        lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        lines.append(line)
+        print(f"  {setup}| {line[:200]}", flush=True)  # live, so a wedged lab shows where it stopped
     row["rc"] = p.wait()
     killer.cancel()
     row["wall_s"] = round(time.monotonic() - t0, 2)
