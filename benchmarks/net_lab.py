@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -65,6 +66,12 @@ WATCHDOG = re.compile(r"^.*NETDEV WATCHDOG.*$", re.M)
 VDM_SUMMARY = re.compile(r"virtio-net: (\S+: rx \d+ packets .*)$", re.M)
 VDM_DROPPED = re.compile(r"dropped rx (\d+) tx (\d+)")
 VDM_DUPLICATE = re.compile(r"^.*completion of head \d+ dropped.*$", re.M)
+
+
+#: ``vdm`` as its console script runs it, plus faulthandler on SIGUSR1 (all threads, even in C calls)
+VDM_WITH_STACK_DUMPS = ("import faulthandler, signal, sys; "
+                        "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+                        "sys.argv[0] = 'vdm'; from vdm.cli.main import main; sys.exit(main())")
 
 
 # ---- inside the lab --------------------------------------------------------------------------------
@@ -146,7 +153,9 @@ def vmm_command(setup: str, kit: harness.GuestKit, params: str, cpus: int = 1) -
     """The command line of ``setup``; ``params`` is the kit's cmdline without console/panic."""
     k, i = str(kit.vmlinuz), str(kit.initrd)
     if setup.startswith("vdm-"):
-        return ["vdm", "-v", "run", "-k", k, "-i", i, "-m", str(MEM_MIB), "-c", str(cpus),
+        # vdm's console script, with every thread's stack dumped on SIGUSR1 (what a stalled run was doing)
+        return [sys.executable, "-c", VDM_WITH_STACK_DUMPS, "-v", "run", "-k", k, "-i", i,
+                "-m", str(MEM_MIB), "-c", str(cpus),
                 "--virtio-transport", setup[len("vdm-"):], "--console-backend", "stdio",
                 "--network", f"mode=tap,tapif={TAP}", "-p", "console=ttyS0 panic=-1 " + params]
     vhost = "on" if setup == "qemu-vhost" else "off"
@@ -158,16 +167,35 @@ def vmm_command(setup: str, kit: harness.GuestKit, params: str, cpus: int = 1) -
     return cmd
 
 
+def stop_stalled(p: subprocess.Popen, setup: str, row: dict) -> None:
+    """A run past its time: vdm dumps its threads' stacks (SIGUSR1) and gets SIGINT (so it closes its
+    devices and logs their counters); anything still running 15 s later is killed."""
+    row["stalled"] = True
+    print(f"RUN {setup} stalled: stopping it", flush=True)
+    if setup.startswith("vdm-"):
+        for sig, wait in ((signal.SIGUSR1, 3), (signal.SIGINT, 15)):
+            if p.poll() is not None:
+                return
+            p.send_signal(sig)
+            try:
+                p.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+    p.kill()
+
+
 def one_run(setup: str, rnd: int, kit: harness.GuestKit, params: str, payload: bytes, payload_md5: str,
             a: argparse.Namespace) -> dict:
     cmd = vmm_command(setup, kit, params, a.cpus)
-    row: dict = {"setup": setup, "round": rnd, "command": " ".join(shlex.quote(c) for c in cmd)}
+    shown = ["vdm", *cmd[3:]] if setup.startswith("vdm-") else cmd
+    row: dict = {"setup": setup, "round": rnd, "command": " ".join(shlex.quote(c) for c in shown)}
     before = tap_counters()
     peer = Peer(payload, a.timeout)
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
-    killer = threading.Timer(a.timeout, p.kill)
+    killer = threading.Timer(a.timeout, stop_stalled, (p, setup, row))
     killer.start()
     assert p.stdout is not None
     print(f"RUN {setup} round {rnd} start", flush=True)
