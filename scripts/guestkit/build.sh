@@ -23,7 +23,7 @@ LAB_MODS="virtio_pci 9pnet_virtio 9p kvm_amd tun"
 mkdir -p "$OUT"
 if [ -w "$OUT" ]; then exec 9>"$OUT/.lock"; flock 9; fi   # read-only (as in the KVM lab): no lock
 
-STAMP=$( { cat "$HERE/build.sh" "$HERE/init.sh" "$LABDIR/l2-init.sh"; echo "$FLAVOUR"; } | sha256sum | cut -c1-64)
+STAMP=$( { cat "$HERE/build.sh" "$HERE/modules.sh" "$HERE/init.sh" "$LABDIR/l2-init.sh"; echo "$FLAVOUR"; } | sha256sum | cut -c1-64)
 ALL="vmlinuz vmlinux initrd.cpio initrd.cpio.gz initrd-fio.cpio initrd-fio.cpio.gz lab-initrd.cpio.gz kit.txt"
 have_all() { for f in $ALL; do [ -s "$OUT/$f" ] || return 1; done; }
 if [ "$(cat "$OUT/kit.stamp" 2>/dev/null)" = "$STAMP" ] && have_all; then
@@ -76,31 +76,7 @@ newroot() {
   cp "$BB" "$1/bin/busybox"
   for a in $("$BB" --list); do [ "$a" = busybox ] || ln -s busybox "$1/bin/$a"; done
 }
-# addmods DIR MOD...: copy modules and their dependencies (from each .ko's "depends="), deps first,
-# into DIR/lib/modules/NAME.ko; appended signatures are cut off (checking them is pure guest work,
-# slow where guest kernel code is emulated); the load order goes to DIR/etc/modules.
-addmods() {
-  local root=$1; shift
-  declare -A seen=(); local order=()
-  add() {
-    local m=${1//-/_} f d k
-    [ -n "${seen[$m]:-}" ] && return 0; seen[$m]=1
-    grep -qx "$m" "$W/builtin" && return 0
-    f=$(awk -v m="$m" '$1 == m {print $2; exit}' "$W/modindex")
-    [ -n "$f" ] || { echo "guestkit: module $m not found in $KVER" >&2; exit 1; }
-    k=$root/lib/modules/$m.ko
-    case $f in *.xz) xz -dc "$f";; *.zst) zstd -qdc "$f";; *.gz) gzip -dc "$f";; *) cat "$f";; esac >"$k"
-    if [ "$(tail -c 28 "$k")" = "~Module signature appended~" ]; then
-      d=$(tail -c 32 "$k" | head -c 4 | od -An -tu1 | awk '{print $1*16777216+$2*65536+$3*256+$4}')
-      truncate -s $(( $(stat -c %s "$k") - d - 40 )) "$k"
-    fi
-    for d in $(tr '\0' '\n' <"$k" | sed -n 's/^depends=//p' | tr , ' '); do add "$d"; done
-    order+=("$m")
-  }
-  for m in "$@"; do add "$m"; done
-  printf '%s\n' "${order[@]}" >"$root/etc/modules"
-}
-pack() { (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet --owner 0:0); }
+WHO=guestkit; . "$HERE/modules.sh"   # addmods DIR MOD..., pack DIR (shared with xenlab/build.sh)
 
 # the test guest
 R=$W/root; newroot "$R"

@@ -134,29 +134,7 @@ fi
 
 find "$KDIR/kernel" -name '*.ko*' | awk -F/ '{n=$NF; sub(/\.ko.*/, "", n); gsub(/-/, "_", n); print n, $0}' >"$W/modindex"
 sed 's|.*/||; s|\.ko.*||; s|-|_|g' "$KDIR/modules.builtin" >"$W/builtin"
-# addmods DIR MOD...: modules + their dependencies, deps first, signatures cut; order -> DIR/etc/modules
-addmods() {
-  local root=$1; shift
-  declare -A seen=(); local order=()
-  add() {
-    local m=${1//-/_} f d k
-    [ -n "${seen[$m]:-}" ] && return 0; seen[$m]=1
-    grep -qx "$m" "$W/builtin" && return 0
-    f=$(awk -v m="$m" '$1 == m {print $2; exit}' "$W/modindex")
-    [ -n "$f" ] || { say "module $m not found in $KVER"; exit 1; }
-    k=$root/lib/modules/$m.ko
-    case $f in *.xz) xz -dc "$f";; *.zst) zstd -qdc "$f";; *.gz) gzip -dc "$f";; *) cat "$f";; esac >"$k"
-    if [ "$(tail -c 28 "$k")" = "~Module signature appended~" ]; then
-      d=$(tail -c 32 "$k" | head -c 4 | od -An -tu1 | awk '{print $1*16777216+$2*65536+$3*256+$4}')
-      truncate -s $(( $(stat -c %s "$k") - d - 40 )) "$k"
-    fi
-    for d in $(tr '\0' '\n' <"$k" | sed -n 's/^depends=//p' | tr , ' '); do add "$d"; done
-    order+=("$m")
-  }
-  for m in "$@"; do add "$m"; done
-  printf '%s\n' "${order[@]}" >"$root/etc/modules"
-}
-pack() { (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet --owner 0:0); }
+WHO=xenlab; . "$REPO/scripts/guestkit/modules.sh"   # addmods DIR MOD..., pack DIR (shared with guestkit/build.sh)
 BB_APPLETS="sh ash mount umount insmod mkdir cat echo sleep grep sed awk cut tr ls ln rm cp mv ps kill
  dd md5sum sync poweroff reboot halt setsid cttyhack ip date uname head tail wc sort uniq od stty
  timeout adjtimex printf test [ [[ env true false find chmod mknod seq tee expr hexdump dmesg nproc
