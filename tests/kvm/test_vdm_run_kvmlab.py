@@ -35,6 +35,19 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
             f'echo "=== END {transport} rc=$rc"',
             f'echo "=== IMAGE {transport} md5={md5}"',
         ]
+    # SIGTERM while the guest sits at its shell: vdm stops the VM, closes its devices, exits 0
+    lines += [
+        "echo '=== BEGIN sigterm'",
+        f"vdm run -k {k}/vmlinux -i {k}/initrd.cpio.gz -m 256 -d /mnt/tmp/pci.img "
+        "--console-backend file:/mnt/tmp/term.console "
+        "-p 'quiet vdmtest=boot vdmtest.exit=none' >/mnt/tmp/term.log 2>&1 </dev/null &",
+        "pid=$!; i=0",
+        "while ! grep -q 'VDMTEST RESULT boot' /mnt/tmp/term.console 2>/dev/null && [ $i -lt 1200 ]; do",
+        "  sleep 0.1; i=$((i+1)); done",
+        "kill -TERM $pid; wait $pid; rc=$?",
+        "cat /mnt/tmp/term.console /mnt/tmp/term.log",
+        'echo "=== END sigterm rc=$rc"',
+    ]
     r = kvm_lab("\n".join(lines), timeout=1200)
     r.assert_ok()
     return r
@@ -55,3 +68,12 @@ def test_vdm_run_boots_with_a_disk(lab_run: harness.LabResult, transport: str) -
     assert image and image.group(1) == by["blk"]["md5"], "the image does not hold what the guest wrote"
     print(f"\nvdm run, virtio-{transport}, 2 vCPUs: /init at {init['init_uptime_s']} s, "
           f"blk write {by['blk'].get('seq_write_MiBps')} MiB/s, read {by['blk'].get('seq_read_MiBps')} MiB/s")
+
+
+def test_vdm_run_ends_cleanly_on_sigterm(lab_run: harness.LabResult) -> None:
+    m = re.search("=== BEGIN sigterm\n(.*?)=== END sigterm rc=(\\d+)", lab_run.output, re.S)
+    assert m, lab_run.describe()
+    log, rc = m.group(1), int(m.group(2))
+    assert "VDMTEST RESULT boot ok" in log, log[-3000:]
+    assert rc == 0 and "terminating on SIGTERM" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

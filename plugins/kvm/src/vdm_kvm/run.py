@@ -4,7 +4,8 @@ Options follow kvmtool: ``-k/--kernel``, ``-i/--initrd``, ``-p/--params``, ``-m/
 ``-c/--cpus``, one option per device type the installed plugins provide (``-d/--disk``,
 ``-n/--network``, ...), ``--console serial|virtio``, ``--virtio-transport pci|mmio``, ``--name``;
 or a TOML VM file (``vdm run vm.toml``) with the same keys. The exit status is 0 when the guest
-powers off or reboots, 1 with a message on anything else.
+powers off or reboots, or vdm is ended by SIGTERM/SIGINT (devices closed, as QEMU does); 1 with a
+message on anything else.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import logging
 import os
 import platform
+import signal
 import sys
 from typing import Any
 
@@ -67,6 +69,14 @@ def _resolve(doc: dict[str, Any], base: str) -> dict[str, Any]:
         if isinstance(out.get(key), str):
             out[key] = os.path.join(base, os.path.expanduser(out[key]))
     return out
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop the VM and clean up as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 def _default_console(args: argparse.Namespace, plugins: PluginSet, doc: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     vmm.register_pio(CONF1_PORT, CONF1_PORTS, bus, "pci-conf1")
     devices: list[Any] = []
     console = "ttyS0"
+    stopped_by = None
     try:
         ctx = DeviceContext(vm_name=name, vmm=vmm)
         for dt, cfg in configs:
@@ -159,14 +170,21 @@ def run(args: argparse.Namespace) -> int:
 
             drop_privileges(str(user))
         machine.start()
+        old_term = signal.signal(signal.SIGTERM, _terminate)
         try:
             end = machine.wait()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Terminated) as e:
+            stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
             end = machine.stop()
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
     finally:
         vmm.close()
         close_devices(devices)
         machine.close()
+    if stopped_by:  # as QEMU does: a VM ended from outside is not an error
+        print(f"vdm: {name}: terminating on {stopped_by}", file=sys.stderr)
+        return 0
     what = getattr(end, "reason", str(end))
     if what in ("poweroff", "reboot", "reset"):
         return 0
