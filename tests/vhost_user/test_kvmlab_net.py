@@ -18,7 +18,9 @@ import pytest
 from tests.realguest import harness
 from tests.realguest.conftest import kit, kvm_lab, qemu  # noqa: F401  (session fixtures)
 
-pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow]
+# Guests of the nested KVM lab (vdm's and QEMU's alike) now and then triple-fault or stall in
+# kernel init, before any device work (QEMU TCG emulating SVM): one rerun, shown as "R".
+pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow, pytest.mark.flaky(reruns=1)]
 
 MIB = 2
 
