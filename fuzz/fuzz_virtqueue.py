@@ -66,7 +66,7 @@ def one_input(data: bytes) -> None:
             0,
             i,
             addr(),
-            fdp.ConsumeIntInRange(0, 1 << fdp.ConsumeIntInRange(0, 32)),
+            min(fdp.ConsumeIntInRange(0, 1 << fdp.ConsumeIntInRange(0, 32)), 0xFFFFFFFF),  # a u32
             fdp.ConsumeIntInRange(0, 7),
             fdp.ConsumeIntInRange(0, size + 2),
         )
