@@ -3,7 +3,11 @@
 # Loads kvm_amd and 9p, enters the host's root (shared read-only over 9p) with chroot and runs the
 # script named on the kernel command line: vdmlab.cmd=<host path of a shell script>.
 # The script's stdout and stderr go to ttyS1 (the second -serial); this console (ttyS0) gets
-#   VDMLAB INIT ...   VDMLAB START ...   VDMLAB RC=<exit code> ...
+#   VDMLAB INIT ...   VDMLAB START ...   VDMLAB HB ... (every 10 s)   VDMLAB RC=<exit code> ...
+# A heartbeat (HB) line carries each CPU's /proc/stat total (user..guest_nice + idle, in ticks).
+# Idle time is counted live, so the total of a healthy CPU always grows; a CPU whose total stops
+# has stopped taking interrupts (the suspect: a vCPU that never leaves its nested guest). The
+# harness ends such a run early instead of waiting for its timeout.
 # Writable inside the chroot: /mnt (tmpfs, with /mnt/tmp as TMPDIR), /mnt/out when vdmlab.out=1
 # (a read-write 9p share of a host folder, tag "labout").
 export PATH=/bin:/sbin
@@ -34,11 +38,15 @@ if [ -n "$out" ]; then
 fi
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 echo "VDMLAB START uptime_s=$(up)"
+cputicks() { awk '/^cpu[0-9]/ { s = 0; for (i = 2; i <= NF; i++) s += $i; printf "%s%d", (n++ ? "," : ""), s }' /proc/stat; }
+( while sleep 10; do echo "VDMLAB HB uptime_s=$(up) cpu=$(cputicks)"; done ) &
+hb=$!
 if [ -n "$cmd" ]; then
   chroot /host /bin/sh "$cmd" </dev/null >/dev/ttyS1 2>&1; rc=$?
 else
   echo "VDMLAB no vdmlab.cmd= given"; rc=254
 fi
+kill $hb 2>/dev/null
 echo "VDMLAB RC=$rc uptime_s=$(up)"
 sync
 poweroff -f

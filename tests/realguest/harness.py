@@ -39,6 +39,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
+try:
+    from tests.realguest import labwatch
+except ImportError:  # run as a script: python3 tests/realguest/harness.py
+    import labwatch  # type: ignore[no-redef]
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "guestkit" / "build.sh"
@@ -366,10 +371,12 @@ def qemu_command(
 
 
 def _run_logged(cmd: Sequence[str], timeout: float, on_line: Callable[[str], None] | None,
-                stop: Callable[[str], bool] | None = None) -> tuple[str, int | None, bool, float]:
+                stop: Callable[[str], bool] | None = None,
+                abort: Callable[[], bool] | None = None) -> tuple[str, int | None, bool, float]:
     """Run cmd with stdout+stderr captured line by line; kill its process group on timeout.
 
-    Returns (log, returncode or None when killed, timed_out, elapsed seconds).
+    ``abort`` is polled a few times a second; when it returns True the run is killed as if it
+    had timed out. Returns (log, returncode or None when killed, timed_out, elapsed seconds).
     """
     t0 = time.monotonic()
     proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -401,7 +408,7 @@ def _run_logged(cmd: Sequence[str], timeout: float, on_line: Callable[[str], Non
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or (abort is not None and abort()):
             timed_out = True
             _kill_group(proc)
             break
@@ -474,14 +481,28 @@ class LabResult:
     init: dict[str, str] | None  # VDMLAB INIT keys: kernel, cpus, svm, npt, kvm_amd, devkvm, uptime_s
     start_uptime_s: float | None  # L2 uptime when the script started
     end_uptime_s: float | None  # L2 uptime when it ended
+    stalled: str | None = None  # why the run was ended early: L2 stuck (labwatch.Heartbeat)
+    vcpus: str = ""  # QEMU's "info registers -a" taken when L2 stalled
+    earlier_stalls: list[str] = dataclasses.field(default_factory=list)  # attempts booted again
 
     def describe(self, lines: int = 60) -> str:
-        how = "timed out" if self.timed_out else f"script exit code {self.returncode}"
-        return (
-            f"KVM lab: {how} after {self.elapsed_s:.1f} s\n"
-            f"--- last {lines} lines of the script's output ---\n{_tail(self.output, lines)}\n"
-            f"--- last {lines} lines of the L2 console ---\n{_tail(self.console, lines)}"
-        )
+        if self.stalled:
+            how = f"L2 stalled ({self.stalled})"
+        else:
+            how = "timed out" if self.timed_out else f"script exit code {self.returncode}"
+        text = f"KVM lab: {how} after {self.elapsed_s:.1f} s\n"
+        for i, why in enumerate(self.earlier_stalls, 1):
+            text += f"(attempt {i} had stalled too: {why})\n"
+        console = "\n".join(ln for ln in self.console.splitlines() if not ln.startswith(labwatch.HB_PREFIX))
+        beats = [ln for ln in self.console.splitlines() if ln.startswith(labwatch.HB_PREFIX)]
+        text += (f"--- last {lines} lines of the script's output ---\n{_tail(self.output, lines)}\n"
+                 f"--- last {lines} lines of the L2 console (heartbeats left out) ---\n"
+                 f"{_tail(console, lines)}")
+        if beats:
+            text += "\n--- last L2 heartbeats ---\n" + "\n".join(beats[-4:])
+        if self.vcpus:
+            text += "\n--- L2 vCPUs when it stalled (QEMU info registers -a) ---\n" + self.vcpus
+        return text
 
     def assert_ok(self) -> None:
         """The script ran and exited 0."""
@@ -541,10 +562,10 @@ def _tail_file(path: Path, stop: threading.Event, sink: Callable[[str], None]) -
 
 
 def lab_command(wrapper: Path, output_file: Path, *, kit: GuestKit, memory_mib: int = 2048, cpus: int = 2,
-                outdir: Path | None = None, qemu: str = QEMU) -> list[str]:
-    """The qemu-system-x86_64 command line of the lab (L2)."""
+                outdir: Path | None = None, monitor: Path | None = None, qemu: str = QEMU) -> list[str]:
+    """The qemu-system-x86_64 command line of the lab (L2); ``monitor``: an HMP unix socket."""
     append = f"console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off vdmlab.cmd={wrapper}"
-    for p in (wrapper, output_file):
+    for p in (wrapper, output_file, *([monitor] if monitor else [])):
         if not VALUE_RE.match(str(p)) or "," in str(p):
             raise ValueError(f"path {p} cannot go on a QEMU or kernel command line")
     cmd = [qemu, "-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
@@ -557,6 +578,8 @@ def lab_command(wrapper: Path, output_file: Path, *, kit: GuestKit, memory_mib: 
             raise ValueError(f"outdir {outdir} must not contain a comma")
         cmd += ["-virtfs", f"local,path={outdir},mount_tag=labout,security_model=none,multidevs=remap"]
         append += " vdmlab.out=1"
+    if monitor is not None:
+        cmd += ["-monitor", f"unix:{monitor},server=on,wait=off"]
     return [*cmd, "-append", append]
 
 
@@ -572,6 +595,7 @@ def run_in_kvm_lab(
     cwd: str | None = None,
     echo: Callable[[str], None] | None = None,
     qemu: str = QEMU,
+    stall_retries: int = 1,
 ) -> LabResult:
     """Boot the KVM lab and run ``script_text`` in the host's root (chroot, read-only 9p).
 
@@ -579,29 +603,63 @@ def run_in_kvm_lab(
     current directory), with this Python's bin directory first in PATH, ``TMPDIR=/mnt/tmp`` and
     ``VDM_IN_KVM_LAB=1``; /mnt is a writable tmpfs, /dev/kvm is kvm_amd. ``outdir`` (a host
     folder) appears read-write at /mnt/out. ``echo`` receives the script's output as it comes.
+
+    When L2 itself gets stuck (``labwatch.Heartbeat``: a CPU that takes no more interrupts, or no
+    heartbeat at all) the run is ended at once, QEMU's view of the vCPUs is kept in the result,
+    and the lab is booted again, up to ``stall_retries`` times; the result lists those stalls.
+    A script that fails, or runs past ``timeout`` while L2 is alive, is never run again here.
     """
     kit = kit or guestkit()
+    earlier: list[str] = []
+    while True:
+        r = _lab_attempt(script_text, timeout, kit, memory_mib, cpus, outdir, env, cwd, echo, qemu)
+        r.earlier_stalls = list(earlier)
+        if r.stalled is None or len(earlier) >= stall_retries:
+            return r
+        earlier.append(r.stalled)
+        print(f"KVM lab: L2 stalled after {r.elapsed_s:.0f} s ({r.stalled}); booting the lab again "
+              f"(attempt {len(earlier) + 1} of {stall_retries + 1})", file=sys.stderr, flush=True)
+
+
+def _lab_attempt(script_text: str, timeout: float, kit: GuestKit, memory_mib: int, cpus: int,
+                 outdir: os.PathLike[str] | str | None, env: Mapping[str, str] | None, cwd: str | None,
+                 echo: Callable[[str], None] | None, qemu: str) -> LabResult:
     with tempfile.TemporaryDirectory(prefix="vdmlab-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)
         wrapper = _lab_wrapper(script_text, work, cwd or os.getcwd(), env)
         output_file = work / "output"
+        monitor: Path | None = work / "monitor"
+        if len(str(monitor)) > 100:  # a unix socket path has room for 107 bytes; go without
+            monitor = None
         cmd = lab_command(wrapper, output_file, kit=kit, memory_mib=memory_mib, cpus=cpus,
-                          outdir=Path(outdir).resolve() if outdir is not None else None, qemu=qemu)
+                          outdir=Path(outdir).resolve() if outdir is not None else None, monitor=monitor,
+                          qemu=qemu)
         stop = threading.Event()
         tailer = None
         if echo is not None:
             tailer = threading.Thread(target=_tail_file, args=(output_file, stop, echo), daemon=True)
             tailer.start()
+        heartbeat = labwatch.Heartbeat()
+        stall: list[str] = []  # [reason, vCPU registers] once L2 is found stuck
+
+        def stuck() -> bool:
+            why = heartbeat.stalled()
+            if why is not None and not stall:
+                regs = labwatch.ask_monitor(str(monitor), "info registers -a") if monitor else ""
+                regs = labwatch.vcpu_summary(regs) or regs
+                stall[:] = [why, regs]
+            return why is not None
+
         console, _rc, timed_out, elapsed = _run_logged(
-            cmd, timeout, None, stop=lambda line: line.startswith("VDMLAB RC="))
+            cmd, timeout, heartbeat.on_line, stop=lambda line: line.startswith("VDMLAB RC="), abort=stuck)
         stop.set()
         if tailer is not None:
             tailer.join(5)
         output = output_file.read_text(errors="replace") if output_file.exists() else ""
     init, start, end, returncode = parse_lab_console(console)
     return LabResult(cmd, output, returncode, console, timed_out and returncode is None, elapsed, init,
-                     start, end)
+                     start, end, stalled=stall[0] if stall else None, vcpus=stall[1] if stall else "")
 
 
 def parse_lab_console(console: str) -> tuple[dict[str, str] | None, float | None, float | None, int | None]:
@@ -657,6 +715,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--fio", action="store_true", help="use the initrd with fio")
     q.add_argument("--memory", type=int, help="guest memory in MiB (default 256, 512 with --fio)")
     q.add_argument("--cpus", type=int, default=1)
+    q.add_argument("--accel", default="tcg", help="tcg (default) or kvm (in the KVM lab)")
     q.epilog = "Extra QEMU arguments follow a lone --."
     args = list(sys.argv[1:] if argv is None else argv)
     qemu_extra: list[str] = []
@@ -688,7 +747,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 255 if r.returncode is None else r.returncode
     params = dict(p.split("=", 1) for p in a.param)
     r = run_qemu(qemu_extra, a.workloads.split(","), params, a.timeout, kit=kit,
-                 initrd="fio" if a.fio else "initrd", memory_mib=a.memory, cpus=a.cpus, on_line=print)
+                 initrd="fio" if a.fio else "initrd", memory_mib=a.memory, cpus=a.cpus, on_line=print,
+                 accel=a.accel)
     print(f"[qemu: rc={r.returncode} timed_out={r.timed_out} wall={r.elapsed_s:.1f}s]", file=sys.stderr)
     return 0 if r.results and all(x.ok for x in r.results) else 1
 
