@@ -40,7 +40,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.net.tcp_peer import TcpPeer, listen  # noqa: E402
 from tests.realguest import harness  # noqa: E402
 
 SETUPS = ("vdm-pci", "vdm-mmio", "qemu", "qemu-vhost")
@@ -75,67 +75,6 @@ VDM_WITH_STACK_DUMPS = ("import faulthandler, signal, sys; "
 
 
 # ---- inside the lab --------------------------------------------------------------------------------
-
-
-class Peer:
-    """The lab side of one run: serve ``payload`` on the first connection, take the second's data."""
-
-    def __init__(self, payload: bytes, timeout: float) -> None:
-        self.payload = payload
-        self.timeout = timeout
-        self.result: dict = {}
-        self.conn: socket.socket | None = None
-        self.srv = socket.socket()
-        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.srv.bind((HOST_ADDR, PORT))
-        self.srv.listen(2)
-        self.srv.settimeout(timeout)
-        self.thread = threading.Thread(target=self._serve, name="peer", daemon=True)
-        self.thread.start()
-
-    def _drain(self, c: socket.socket) -> tuple[int, str]:
-        h, n = hashlib.md5(), 0
-        while True:
-            d = c.recv(1 << 16)
-            if not d:
-                return n, h.hexdigest()
-            h.update(d)
-            n += len(d)
-
-    def _serve(self) -> None:
-        r = self.result
-        try:
-            c, _ = self.srv.accept()
-            self.conn = c
-            with c:
-                c.settimeout(self.timeout)
-                t0 = time.monotonic()
-                c.sendall(self.payload)
-                c.shutdown(socket.SHUT_WR)
-                self._drain(c)  # the guest's nc closes once it has read everything
-                r["rx_peer_s"] = time.monotonic() - t0
-            c, _ = self.srv.accept()
-            self.conn = c
-            with c:
-                c.settimeout(self.timeout)
-                t0 = time.monotonic()
-                n, md5 = self._drain(c)
-                r["tx_peer_s"] = time.monotonic() - t0
-                r["tx_peer_bytes"], r["tx_peer_md5"] = n, md5
-        except OSError as e:
-            r["peer_error"] = f"{type(e).__name__}: {e}"
-
-    def close(self, wait: float = 5) -> None:
-        """Wait a little for the peer to finish, then stop it (a shut-down listener wakes accept)."""
-        self.thread.join(wait)
-        for s in (self.conn, self.srv):
-            if s is not None:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self.thread.join(wait)
-        self.srv.close()
 
 
 def tap_counters() -> dict[str, int]:
@@ -191,7 +130,7 @@ def one_run(setup: str, rnd: int, kit: harness.GuestKit, params: str, payload: b
     shown = ["vdm", *cmd[3:]] if setup.startswith("vdm-") else cmd
     row: dict = {"setup": setup, "round": rnd, "command": " ".join(shlex.quote(c) for c in shown)}
     before = tap_counters()
-    peer = Peer(payload, a.timeout)
+    peer = TcpPeer(payload, a.timeout, listen(HOST_ADDR, PORT, a.timeout))
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []

@@ -32,11 +32,9 @@ import argparse
 import hashlib
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.net.netns import NetNs, netns_unavailable  # noqa: E402
+from tests.net.tcp_peer import TcpPeer, listen  # noqa: E402
 from tests.realguest import harness  # noqa: E402
 from tests.vhost_user.vdmproc import VdmProcess  # noqa: E402
 
@@ -52,71 +51,6 @@ TAP = "vdmtap0"
 HOST_ADDR = "10.0.2.2"
 PORT = 5555
 MAC = "52:54:00:12:34:56"
-
-
-class Peer:
-    """The namespace side of one run: serve ``payload`` on the first connection, take the second's data."""
-
-    def __init__(self, ns: NetNs, payload: bytes, timeout: float) -> None:
-        self.payload = payload
-        self.timeout = timeout
-        self.result: dict = {}
-        self.conn: socket.socket | None = None
-        self.srv = ns.call(self._listen)
-        self.thread = threading.Thread(target=self._serve, name="peer", daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> socket.socket:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((HOST_ADDR, PORT))
-        s.listen(2)
-        s.settimeout(self.timeout)
-        return s
-
-    @staticmethod
-    def _drain(c: socket.socket) -> tuple[int, str]:
-        h, n = hashlib.md5(), 0
-        while True:
-            d = c.recv(1 << 16)
-            if not d:
-                return n, h.hexdigest()
-            h.update(d)
-            n += len(d)
-
-    def _serve(self) -> None:
-        r = self.result
-        try:
-            c, _ = self.srv.accept()
-            self.conn = c
-            with c:
-                c.settimeout(self.timeout)
-                t0 = time.monotonic()
-                c.sendall(self.payload)
-                c.shutdown(socket.SHUT_WR)
-                self._drain(c)  # the guest's nc closes once it has read everything
-                r["rx_peer_s"] = time.monotonic() - t0
-            c, _ = self.srv.accept()
-            self.conn = c
-            with c:
-                c.settimeout(self.timeout)
-                t0 = time.monotonic()
-                n, md5 = self._drain(c)
-                r["tx_peer_s"] = time.monotonic() - t0
-                r["tx_peer_bytes"], r["tx_peer_md5"] = n, md5
-        except OSError as e:
-            r["peer_error"] = f"{type(e).__name__}: {e}"
-
-    def close(self, wait: float = 5) -> None:
-        self.thread.join(wait)
-        for s in (self.conn, self.srv):
-            if s is not None:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self.thread.join(wait)
-        self.srv.close()
 
 
 def qemu_args(setup: str, sock: Path) -> list[str]:
@@ -138,7 +72,7 @@ def one_run(setup: str, rnd: int, ns: NetNs, sock: Path, kit: harness.GuestKit, 
         cmd = ns.argv(cmd)  # QEMU opens the tap by name: it must run inside the namespace
     row: dict = {"setup": setup, "round": rnd}
     before = ns.link_stats(TAP)
-    peer = Peer(ns, payload, a.timeout)
+    peer = TcpPeer(payload, a.timeout, ns.call(lambda: listen(HOST_ADDR, PORT, a.timeout)))
     t0 = time.monotonic()
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        timeout=a.timeout + 60, check=False)

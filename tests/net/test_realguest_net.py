@@ -10,7 +10,6 @@ and no mergeable buffers.
 from __future__ import annotations
 
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,29 +21,7 @@ from tests.realguest.conftest import kit, kvm_lab, qemu  # noqa: F401  (session 
 # kernel init, before any device work (QEMU TCG emulating SVM): one rerun, shown as "R".
 pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow, pytest.mark.flaky(reruns=1)]
 
-PEER = r'''
-import hashlib, os, socket, sys
-tag = sys.argv[1]
-payload = os.urandom(int(sys.argv[2]) << 20)
-print(f"PEER {tag} sent_md5={hashlib.md5(payload).hexdigest()}", flush=True)
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("10.0.2.2", 5555))
-srv.listen(2)
-srv.settimeout(400)
-c, _ = srv.accept()
-c.sendall(payload)
-c.close()
-c, _ = srv.accept()
-h, n = hashlib.md5(), 0
-while True:
-    d = c.recv(65536)
-    if not d:
-        break
-    h.update(d)
-    n += len(d)
-print(f"PEER {tag} recv_bytes={n} recv_md5={h.hexdigest()}", flush=True)
-'''
+TCP_PEER = Path(__file__).resolve().parent / "tcp_peer.py"
 
 #: (tag, --network options, vCPUs)
 RUNS = [
@@ -55,7 +32,7 @@ RUNS = [
 MIB = 2
 
 
-def lab_script(workdir: Path) -> str:
+def lab_script() -> str:
     lines = [
         "set -u",
         "KIT=$VDM_GUESTKIT_DIR",
@@ -68,7 +45,7 @@ def lab_script(workdir: Path) -> str:
                   "vdmtest.exit=poweroff")
         lines += [
             f"echo 'RUN {tag}'",
-            f"python3 {workdir}/peer.py {tag} {MIB} & PEER=$!",
+            f"python3 {TCP_PEER} 10.0.2.2 5555 {MIB << 20} --tag {tag} --timeout 400 & PEER=$!",
             "sleep 1",
             f"timeout 240 vdm -v run -k $KIT/vmlinuz -i $KIT/initrd.cpio.gz -m 256 -c {cpus} "
             f"--console-backend stdio --network {net} -p '{params}' </dev/null 2>&1 | sed 's/^/{tag}: /'",
@@ -77,10 +54,8 @@ def lab_script(workdir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab, tmp_path):  # noqa: F811
-    tmp_path.chmod(0o755)
-    (tmp_path / "peer.py").write_text(textwrap.dedent(PEER))
-    r: harness.LabResult = kvm_lab(lab_script(tmp_path), timeout=1800)
+def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab):  # noqa: F811
+    r: harness.LabResult = kvm_lab(lab_script(), timeout=1800)
     r.assert_ok()
     out = r.output
     # Linux's virtio_ring reports a broken ring as "<queue>:<what>" (e.g. "output.0:id 7 is not a
@@ -97,7 +72,7 @@ def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab, tmp_path
         assert status == "ok" and net["rx"] == "5/5", f"{tag}: ping failed: {net}\n{r.describe()}"
         status, tcp = results["nettcp"]
         assert status == "ok", f"{tag}: nettcp failed: {tcp}\n{r.describe()}"
-        sent = re.search(rf"^PEER {tag} sent_md5=(\w+)", out, re.M)
+        sent = re.search(rf"^PEER {tag} listening sent_md5=(\w+)", out, re.M)
         got = re.search(rf"^PEER {tag} recv_bytes=(\d+) recv_md5=(\w+)", out, re.M)
         assert sent and got, f"{tag}: the peer did not finish\n{r.describe()}"
         assert tcp["rx_bytes"] == str(MIB << 20) and tcp["rx_md5"] == sent.group(1), f"{tag}: guest received"

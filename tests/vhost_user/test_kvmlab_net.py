@@ -25,8 +25,9 @@ pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow, pytes
 MIB = 2
 
 SCRIPT = r'''
-import hashlib, os, re, socket, subprocess, sys, threading, time
+import hashlib, os, re, subprocess, sys, time
 sys.path.insert(0, {repo!r})
+from tests.net.tcp_peer import TcpPeer, listen
 from tests.realguest import harness
 kit = harness.guestkit()
 subprocess.run("ip tuntap add dev vdmtap0 mode tap vnet_hdr && ip addr add 10.0.2.2/24 dev vdmtap0 "
@@ -43,41 +44,19 @@ for _ in range(150):
 payload = os.urandom({mib} << 20)
 print("PEER sent_md5=" + hashlib.md5(payload).hexdigest(), flush=True)
 
-def peer(out):
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("10.0.2.2", 5555))
-    srv.listen(2)
-    srv.settimeout(200)
-    c, _ = srv.accept()
-    c.sendall(payload)
-    c.close()
-    c, _ = srv.accept()
-    h, n = hashlib.md5(), 0
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        h.update(d)
-        n += len(d)
-    out.append((n, h.hexdigest()))
-    srv.close()
-
 args = ["-chardev", "socket,id=c0,path=" + sock, "-netdev", "vhost-user,id=n0,chardev=c0",
         "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]
 for boot in (1, 2):
-    got = []
-    th = threading.Thread(target=peer, args=(got,), daemon=True)
-    th.start()
-    time.sleep(0.3)
+    peer = TcpPeer(payload, 200, listen("10.0.2.2", 5555, 200))
     r = harness.run_qemu(args, ["net", "nettcp"], {{"ip": "10.0.2.2", "peer": "10.0.2.2:5555", "tcp": "both",
                          "tcpmib": {mib}, "exit": "poweroff"}}, timeout=200, kit=kit, accel="kvm")
-    th.join(30)
+    peer.close(30)
     for w in ("net", "nettcp"):
         res = r.get(w)
         print(f"BOOT {{boot}} rc={{r.returncode}} " + (res.line if res else f"VDMTEST RESULT {{w}} missing"))
-    if got:
-        print(f"BOOT {{boot}} PEER recv_bytes={{got[0][0]}} recv_md5={{got[0][1]}}")
+    if "tx_peer_md5" in peer.result:
+        print(f"BOOT {{boot}} PEER recv_bytes={{peer.result['tx_peer_bytes']}} "
+              f"recv_md5={{peer.result['tx_peer_md5']}}")
     for line in r.log.splitlines():
         if re.search(r"\b(?:input|output)\.\d+:", line):
             print(f"BOOT {{boot}} RING {{line}}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
@@ -35,31 +34,7 @@ MIB = 2
 #: the guest's MAC (QEMU's virtio-net-pci owns the config space of a vhost-user netdev)
 MAC = "52:54:00:12:34:56"
 
-PEER = textwrap.dedent(
-    r'''
-    import hashlib, os, socket, sys
-    host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    payload = os.urandom(size)
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((host, port))
-    srv.listen(2)
-    srv.settimeout(60)
-    print(f"PEER listening sent_md5={hashlib.md5(payload).hexdigest()}", flush=True)
-    c, _ = srv.accept()
-    c.sendall(payload)
-    c.close()
-    c, _ = srv.accept()
-    h, n = hashlib.md5(), 0
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        h.update(d)
-        n += len(d)
-    print(f"PEER recv_bytes={n} recv_md5={h.hexdigest()}", flush=True)
-    '''
-)
+TCP_PEER = Path(__file__).resolve().parents[1] / "net" / "tcp_peer.py"
 
 
 def vhost_user_net_args(sock: Path, index: int = 0) -> list[str]:
@@ -92,7 +67,7 @@ def served(tmp_path: Path):
 def _start_peer(ns: NetNs) -> tuple[subprocess.Popen, str]:
     """The TCP peer in the namespace; returns it and the MD5 of what it will send."""
     peer = ns.popen(
-        ["python3", "-c", PEER, HOST_IP, str(PORT), str(MIB << 20)],
+        ["python3", str(TCP_PEER), HOST_IP, str(PORT), str(MIB << 20), "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert peer.stdout is not None
