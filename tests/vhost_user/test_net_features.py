@@ -88,3 +88,23 @@ def test_mq_from_a_frontend_is_refused_as_not_offered(net_server, frontends):
     fe.set_features(offered | nf.bit(nf.F_MQ))
     assert fe.closed_by_backend()
     assert server.wait_for(lambda s: s.rejected == 1)
+
+
+def test_any_device_can_keep_its_control_queue_features_from_vhost_user(serve, frontends):
+    """The rule is the device's declaration, not a device id: a toy device shows it."""
+    from vdm.device import VirtioDevice, bit
+
+    class Toy(VirtioDevice):
+        device_id = 42
+        name = "toy"
+        queue_max_sizes = (64, 64)
+        control_queue_features = bit(5)
+
+        def device_features(self) -> int:
+            return bit(3) | bit(5)
+
+    device = Toy()
+    _, path = serve(device)
+    virtio = frontends(path).get_features() & ~(1 << p.F_PROTOCOL_FEATURES)
+    assert virtio & bit(3) and not virtio & bit(5)
+    assert virtio == device.features() & ~bit(5)

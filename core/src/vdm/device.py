@@ -85,6 +85,10 @@ class VirtioDevice:
     queue_max_sizes: Sequence[int] = (256,)
     #: features the core itself implements for every device
     core_features: int = bit(F_VERSION_1) | bit(F_EVENT_IDX) | bit(F_INDIRECT_DESC)
+    #: device features that only work through the device's own control queue. A transport whose
+    #: frontend keeps the control queue for itself (vhost-user: QEMU serves virtio-net's) must not
+    #: offer them, since the device would never see what the driver asks there.
+    control_queue_features: int = 0
 
     def __init__(self) -> None:
         self.queues = [Virtqueue(i, n) for i, n in enumerate(self.queue_max_sizes)]

@@ -165,6 +165,8 @@ class VirtioNet(VirtioDevice):
 
     device_id = DEVICE_ID_NET
     name = "virtio-net"
+    # the driver picks its queue pairs (MQ) and acknowledges announcements on the control queue
+    control_queue_features = nf.bit(nf.F_MQ) | nf.bit(nf.F_GUEST_ANNOUNCE)
 
     def __init__(self, config: NetConfig, tap: Tap | None = None, *, mac_seed: str | None = None) -> None:
         npairs = len(tap.fds) if tap is not None else 1

@@ -50,14 +50,6 @@ OFFERED_PROTOCOL_FEATURES = (
     | 1 << ProtocolFeature.STATUS
 )
 
-#: VIRTIO_ID_NET, and the virtio-net features that only work through the control queue and that a
-#: vhost-user frontend still forwards (QEMU: MQ, GUEST_ANNOUNCE). QEMU serves a vhost-user
-#: virtio-net's control queue itself and never hands it to the backend, so a driver's
-#: VQ_PAIRS_SET never reaches the device: offered, MQ would be negotiated without CTRL_VQ
-#: (refused by the device) and the device would not learn how many pairs the driver uses.
-_NET_DEVICE_ID = 1
-_NET_CTRL_ONLY_FEATURES = 1 << 21 | 1 << 22
-
 #: requests that carry their own reply (REPLY_ACK adds nothing to them)
 _HAS_REPLY = {
     Req.GET_FEATURES,
@@ -112,10 +104,12 @@ class VhostUserBackend:
             if not isinstance(q, InflightVirtqueue):
                 device.queues[i] = InflightVirtqueue(q.index, q.max_size)
         device.interrupts = self
-        if device.device_id == _NET_DEVICE_ID and device.features() & _NET_CTRL_ONLY_FEATURES & 1 << 22:
+        kept = device.features() & device.control_queue_features
+        if kept:
             log.warning(
-                "vhost-user: virtio-net multiqueue is not offered (the frontend serves the control "
-                "queue, where the driver picks its queue pairs): the guest uses one queue pair"
+                "vhost-user: %s features 0x%x are not offered: they work through the control queue, "
+                "which the frontend serves itself (a virtio-net guest uses one queue pair)",
+                device.name, kept,
             )
         self.memory = SharedGuestMemory()
         self._fd_lock = threading.Lock()
@@ -222,11 +216,13 @@ class VhostUserBackend:
     # features
 
     def offered_features(self) -> int:
-        """The device's features as offered to a vhost-user frontend (without the protocol bit)."""
-        features = self.device.features()
-        if self.device.device_id == _NET_DEVICE_ID:
-            features &= ~_NET_CTRL_ONLY_FEATURES
-        return features
+        """The device's features as offered to a vhost-user frontend (without the protocol bit).
+
+        A vhost-user frontend keeps the device's control queue (QEMU serves virtio-net's and never
+        hands it over), so features that only work through it are left out: offered, virtio-net's
+        MQ would be negotiated and the driver's VQ_PAIRS_SET would never reach the device.
+        """
+        return self.device.features() & ~self.device.control_queue_features
 
     def _get_features(self, msg: Message) -> bytes:
         return p.U64.pack(self.offered_features() | 1 << p.F_PROTOCOL_FEATURES)
