@@ -23,7 +23,7 @@ LAB_MODS="virtio_pci 9pnet_virtio 9p kvm_amd tun"
 mkdir -p "$OUT"
 if [ -w "$OUT" ]; then exec 9>"$OUT/.lock"; flock 9; fi   # read-only (as in the KVM lab): no lock
 
-STAMP=$( { cat "$HERE/build.sh" "$HERE/modules.sh" "$HERE/init.sh" "$LABDIR/l2-init.sh"; echo "$FLAVOUR"; } | sha256sum | cut -c1-64)
+STAMP=$( { cat "$HERE/build.sh" "$HERE/modules.sh" "$HERE/init.sh" "$LABDIR/l2-init.sh" "$LABDIR/kvmhold.py"; echo "$FLAVOUR"; } | sha256sum | cut -c1-64)
 ALL="vmlinuz vmlinux initrd.cpio initrd.cpio.gz initrd-fio.cpio initrd-fio.cpio.gz lab-initrd.cpio.gz kit.txt"
 have_all() { for f in $ALL; do [ -s "$OUT/$f" ] || return 1; done; }
 if [ "$(cat "$OUT/kit.stamp" 2>/dev/null)" = "$STAMP" ] && have_all; then
@@ -98,6 +98,7 @@ gzip -6nc "$OUT/initrd-fio.cpio" >"$OUT/initrd-fio.cpio.gz"
 L=$W/labroot; newroot "$L"; mkdir -p "$L/host"
 addmods "$L" $LAB_MODS
 install -m 755 "$LABDIR/l2-init.sh" "$L/init"
+install -m 644 "$LABDIR/kvmhold.py" "$L/kvmhold.py"
 LAB_ORDER=$(tr '\n' ' ' <"$L/etc/modules")
 pack "$L" | gzip -6n >"$OUT/lab-initrd.cpio.gz"
 

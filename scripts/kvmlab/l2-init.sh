@@ -37,6 +37,10 @@ if [ -n "$out" ]; then
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 labout /host/mnt/out || echo "VDMLAB WARN out share"
 fi
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
+# Hold KVM's static keys on (see kvmhold.py): scripts that create and destroy VMs would otherwise
+# patch __schedule each time, which QEMU's multi-threaded TCG sometimes turns into a livelock.
+chroot /host python3 -I -S - </kvmhold.py >/dev/console 2>&1 &
+i=0; while [ ! -e /dev/shm/vdmlab-kvmhold ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
 echo "VDMLAB START uptime_s=$(up)"
 cputicks() { awk '/^cpu[0-9]/ { s = 0; for (i = 2; i <= NF; i++) s += $i; printf "%s%d", (n++ ? "," : ""), s }' /proc/stat; }
 ( while sleep 10; do echo "VDMLAB HB uptime_s=$(up) cpu=$(cputicks)"; done ) &

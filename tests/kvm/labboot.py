@@ -4,7 +4,13 @@
 
 COM1 is tests.kvm.serial_capture.SerialCapture (IRQ 4 through KVM_IRQ_LINE). Each line:
 ``LABBOOT {"cpus": N, "exit": "poweroff", "detail": ..., "setup_s": ..., "run_s": ..., "exits": {...},
-"serial": "..."}``.
+"serial": "...", "earlier": [...]}``.
+
+``--retries N`` boots again (up to N times) when a boot ends wrongly *before the guest's /init
+started* (no ``VDMTEST INIT`` on the serial port): the nested lab's guests -- QEMU's own as well
+as vdm's -- now and then triple-fault or stall in early kernel boot. Each failed attempt is kept
+in ``earlier`` (exit, detail, the serial's last lines) so the test can print it; a failure after
+/init started is never retried.
 """
 
 from __future__ import annotations
@@ -51,6 +57,18 @@ def boot(kit: str, cpus: int, workloads: str, mem_mib: int, timeout: float, para
         m.close()
 
 
+def boot_with_retries(retries: int, expected_exit: str, **kw) -> dict:
+    """``boot(**kw)``, again up to ``retries`` times while it fails before the guest's /init."""
+    earlier: list[dict] = []
+    while True:
+        r = boot(**kw)
+        r["earlier"] = earlier
+        if r["exit"] == expected_exit or "VDMTEST INIT" in r["serial"] or len(earlier) >= retries:
+            return r
+        tail = "\n".join(r["serial"].splitlines()[-5:])
+        earlier.append({"exit": r["exit"], "detail": r["detail"], "run_s": r["run_s"], "serial_tail": tail})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kit", required=True)
@@ -63,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the guest ends (vdmtest.exit)")
     ap.add_argument("--kernel", action="append", choices=("vmlinuz", "vmlinux"),
                     help="the kit's bzImage or its uncompressed ELF (repeat for both)")
+    ap.add_argument("--retries", type=int, default=0,
+                    help="boot again when a boot fails before the guest's /init started")
     a = ap.parse_args(argv)
     for kernel in a.kernel or ["vmlinuz"]:
         for cpus in a.cpus or [1]:
-            r = boot(a.kit, cpus, a.workloads, a.mem, a.timeout, a.params, kernel, a.exit)
+            r = boot_with_retries(a.retries, "poweroff" if a.exit == "poweroff" else "reset", kit=a.kit,
+                                  cpus=cpus, workloads=a.workloads, mem_mib=a.mem, timeout=a.timeout,
+                                  params=a.params, kernel=kernel, exit_how=a.exit)
             print("LABBOOT " + json.dumps(r), flush=True)
     return 0
 

@@ -26,12 +26,12 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
         "set -x",
         "python3 -m pytest -q -p no:cacheprovider tests/kvm/test_kvm.py 2>&1 | tail -15",
         f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --cpus 1 --cpus 2 "
-        "--kernel vmlinuz --kernel vmlinux --workloads boot,smp --timeout 400",
+        "--kernel vmlinuz --kernel vmlinux --workloads boot,smp --timeout 180 --retries 1",
         # reboots: through the FADT reset register (Linux's default) and the i8042 (reboot=k)
         f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --kernel vmlinux --exit reboot "
-        "--workloads boot --timeout 400",
+        "--workloads boot --timeout 180 --retries 1",
         f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --kernel vmlinux --exit reboot "
-        "--workloads boot --timeout 400 --params reboot=k",
+        "--workloads boot --timeout 180 --retries 1 --params reboot=k",
     ])
     r = kvm_lab(script, timeout=1500)
     r.assert_ok()
@@ -41,6 +41,13 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
 def _boots(r: harness.LabResult) -> list[dict]:
     prefix = "LABBOOT "
     return [json.loads(line[len(prefix) :]) for line in r.output.splitlines() if line.startswith(prefix)]
+
+
+def _say_retries(b: dict) -> None:
+    """Print the attempts the lab lost before /init (labboot --retries), so a rerun is never silent."""
+    for e in b.get("earlier", []):
+        print(f"\nKVM lab: an earlier boot of this guest failed before /init and was booted again: "
+              f"{e['exit']} ({e['detail']}) after {e['run_s']} s; serial ended with:\n{e['serial_tail']}")
 
 
 def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: harness.LabResult) -> None:
@@ -55,6 +62,7 @@ def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int, kerne
     boots = [b for b in _boots(lab_run) if (b["kernel"], b["cpus"], b["how"]) == (kernel, cpus, "poweroff")]
     assert boots, lab_run.describe()
     b = boots[0]
+    _say_retries(b)
     init, results, done = harness.parse_results(b["serial"])
     assert b["exit"] == "poweroff", f"{b['exit']}: {b['detail']}\n{b['serial'][-3000:]}"
     assert init is not None and done, b["serial"][-3000:]
@@ -70,6 +78,7 @@ def test_guest_reboot_ends_the_vm_as_a_reset(lab_run: harness.LabResult, params:
     boots = [b for b in _boots(lab_run) if (b["how"], b["params"]) == ("reboot", params)]
     assert boots, lab_run.describe()
     b = boots[-1]
+    _say_retries(b)
     assert b["exit"] == "reset", f"{b['exit']}: {b['detail']}\n{b['serial'][-2000:]}"
     _, results, done = harness.parse_results(b["serial"])
     assert done and results[0].ok

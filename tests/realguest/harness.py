@@ -118,7 +118,7 @@ def _kit_is_current(out: Path) -> bool:
     """The same test build.sh makes first: kit.stamp is the hash of its inputs, all files exist."""
     h = hashlib.sha256()
     for p in (BUILD_SCRIPT, BUILD_SCRIPT.parent / "modules.sh", BUILD_SCRIPT.parent / "init.sh",
-              REPO / "scripts" / "kvmlab" / "l2-init.sh"):
+              REPO / "scripts" / "kvmlab" / "l2-init.sh", REPO / "scripts" / "kvmlab" / "kvmhold.py"):
         h.update(p.read_bytes())
     h.update(b"amd64\n")
     try:

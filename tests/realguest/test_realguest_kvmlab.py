@@ -58,7 +58,7 @@ img = "/mnt/l3.img"
 with open(img, "wb") as f:
     f.truncate(16 << 20)
 r = harness.run_qemu(harness.virtio_blk_args(img, cache="writeback"), ["smp", "blk"], {"mib": 2},
-                     timeout=400, accel="kvm")
+                     timeout=240, accel="kvm")
 with open(img, "rb") as f:
     host_md5 = hashlib.md5(f.read(2 << 20)).hexdigest()
 print("L3JSON " + json.dumps({"rc": r.returncode, "wall_s": r.elapsed_s, "init": r.init, "host_md5": host_md5,
@@ -67,9 +67,11 @@ print("L3JSON " + json.dumps({"rc": r.returncode, "wall_s": r.elapsed_s, "init":
 """
 
 
+# QEMU's own guest: when it dies in the nested lab, the lab is at fault; one rerun, shown as "R"
+@pytest.mark.flaky(reruns=1)
 def test_kvm_lab_l3_peer_baseline_qemu_kvm_boots_the_kit(kvm_lab) -> None:
     """QEMU -accel kvm inside the lab boots the kit at L3 (the peer baseline for vdm's KVM VMM)."""
-    r: harness.LabResult = kvm_lab(L3_SCRIPT % {"repo": str(REPO)}, timeout=900)
+    r: harness.LabResult = kvm_lab(L3_SCRIPT % {"repo": str(REPO)}, timeout=600)
     r.assert_ok()
     lines = [ln for ln in r.output.splitlines() if ln.startswith("L3JSON ")]
     assert lines, r.describe()
