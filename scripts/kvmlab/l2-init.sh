@@ -6,7 +6,7 @@
 #   VDMLAB INIT ...   VDMLAB START ...   VDMLAB HB ... (every 10 s)   VDMLAB RC=<exit code> ...
 # A heartbeat (HB) line carries each CPU's /proc/stat total (user..guest_nice + idle, in ticks).
 # Idle time is counted live, so the total of a healthy CPU always grows; a CPU whose total stops
-# has stopped taking interrupts (the suspect: a vCPU that never leaves its nested guest). The
+# has stopped taking interrupts (see README.md, "When L2 itself gets stuck"). The
 # harness ends such a run early instead of waiting for its timeout.
 # Writable inside the chroot: /mnt (tmpfs, with /mnt/tmp as TMPDIR), /mnt/out when vdmlab.out=1
 # (a read-write 9p share of a host folder, tag "labout").

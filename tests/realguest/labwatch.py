@@ -3,9 +3,10 @@
 The lab's /init prints ``VDMLAB HB uptime_s=<s> cpu=<t0>,<t1>,...`` every 10 s, where ``tN`` is
 CPU N's /proc/stat total in ticks (busy time plus idle time, which is counted live). A healthy
 CPU's total always grows: busy, it takes timer ticks; idle, its idle time grows. A CPU whose total
-stops has stopped taking interrupts, which in the lab happens when QEMU's emulated SVM keeps a
-vCPU inside its nested guest (L3) for good; the script then waits forever on that CPU, and so
-did the whole test until its timeout (15 min in CI). ``Heartbeat`` notices in under a minute.
+stops has stopped taking interrupts (seen: both CPUs looping on a stale int3 in __schedule after
+KVM flipped a static key; scripts/kvmlab/kvmhold.py now prevents that one); the script then waits
+forever, and so did the whole test until its timeout (15 min in CI). ``Heartbeat`` notices in
+under a minute.
 
 Standard library only, like harness.py.
 """
