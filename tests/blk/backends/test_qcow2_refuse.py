@@ -77,6 +77,13 @@ def test_truncated_image_refused(img):
     _refused(img, "past the end of the file")
 
 
+def test_header_cut_right_after_the_v3_fields_refused(img):
+    """header_length says 112 but the file ends at byte 104 (a fuzzer found the IndexError this was)."""
+    _patch(img, 100, ">I", 112)
+    os.truncate(img, 104)
+    _refused(img, "the header is truncated", format="qcow2")
+
+
 def test_l2_table_past_the_end_refused(img):
     qemu_io(img, "write 0 64k")
     l1_offset = struct.unpack(">Q", file_bytes(img)[40:48])[0]
