@@ -51,7 +51,14 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
         "pid=$!; i=0",
         "while ! grep -q 'VDMTEST RESULT boot' /mnt/tmp/term.console 2>/dev/null && [ $i -lt 1200 ]; do",
         "  sleep 0.1; i=$((i+1)); done",
-        "kill -TERM $pid; wait $pid; rc=$?",
+        "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.Z' /proc/$1/status; }",
+        "kill -TERM $pid; i=0",
+        "while alive $pid && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        "if alive $pid; then",  # still there 60 s after SIGTERM: say where it waits, then end it
+        "  echo '=== vdm still runs 60 s after SIGTERM; its threads (name, kernel wait channel):'",
+        '  for t in /proc/$pid/task/*; do echo "  $(cat $t/comm) $(cat $t/wchan)"; done',
+        "  kill -USR1 $pid; sleep 2; kill -KILL $pid; wait $pid; rc=hung",
+        "else wait $pid; rc=$?; fi",
         "cat /mnt/tmp/term.console /mnt/tmp/term.log",
         'echo "=== END sigterm rc=$rc"',
     ]
@@ -80,8 +87,9 @@ def test_vdm_run_boots_with_a_disk(lab_run: harness.LabResult, transport: str) -
 
 
 def test_vdm_run_ends_cleanly_on_sigterm(lab_run: harness.LabResult) -> None:
-    m = re.search("=== BEGIN sigterm\n(.*?)=== END sigterm rc=(\\d+)", lab_run.output, re.S)
+    m = re.search("=== BEGIN sigterm\n(.*?)=== END sigterm rc=(\\w+)", lab_run.output, re.S)
     assert m, lab_run.describe()
+    assert m.group(2) != "hung", m.group(1)[-6000:]
     log, rc = m.group(1), int(m.group(2))
     assert "VDMTEST RESULT boot ok" in log, log[-3000:]
     assert rc == 0 and "terminating on SIGTERM" in log, log[-3000:]

@@ -58,6 +58,28 @@ def test_serves_a_disk_and_sigterm_removes_the_socket(tmp_path):
     assert not os.path.exists(sock)
 
 
+def test_sigusr1_prints_every_threads_stack_and_vdm_carries_on(tmp_path):
+    """What README.md tells a user to do with a vdm that seems stuck."""
+    import signal
+    import time
+
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    sock = str(tmp_path / "s.sock")
+    vdm = VdmProcess(sock, "--disk", str(image))
+    try:
+        vdm.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while vdm.count("most recent call first") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert vdm.count("most recent call first") >= 1, vdm.output
+        assert vdm.count("Current thread") + vdm.count("Thread 0x") >= 1, vdm.output
+        assert "vdm/cli/main.py" in vdm.output or "vdm_vhost_user" in vdm.output, vdm.output
+        assert vdm.alive
+    finally:
+        assert vdm.stop() == 0, vdm.output
+
+
 def test_device_from_a_toml_file_with_a_relative_path(tmp_path):
     (tmp_path / "d.img").write_bytes(bytes(1 << 20))
     (tmp_path / "dev.toml").write_text('[[disk]]\npath = "d.img"\n')

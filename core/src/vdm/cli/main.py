@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -60,6 +62,12 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # kill -USR1 <pid>: every thread's Python stack on stderr, for reports of a stuck vdm
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded)
+            pass
     pre = argparse.ArgumentParser(add_help=False)
     _global_options(pre)
     early, _ = pre.parse_known_args(argv)

@@ -172,7 +172,11 @@ def run(args: argparse.Namespace) -> int:
         machine.start()
         old_term = signal.signal(signal.SIGTERM, _terminate)
         try:
-            end = machine.wait()
+            # Wait in slices: Python runs signal handlers only in the main thread, between
+            # bytecodes; a SIGTERM the kernel hands to another thread left a main thread blocked
+            # in one endless wait asleep for good (seen in the KVM lab, about one run in ten).
+            while (end := machine.wait(0.25)) is None:
+                pass
         except (KeyboardInterrupt, _Terminated) as e:
             stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
             end = machine.stop()

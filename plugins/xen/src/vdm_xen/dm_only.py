@@ -115,10 +115,19 @@ def _stop_pipe() -> tuple[int, int, Callable[[], None]]:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         old[sig] = signal.signal(sig, on_signal)
+    # The Python-level handler runs only in the main thread, and only once something wakes it;
+    # the wakeup fd is written by the C handler in whichever thread the kernel picked, so the
+    # main thread's poll on ``r`` wakes even when the signal landed on a device thread.
+    try:
+        old_wakeup: int | None = signal.set_wakeup_fd(w)
+    except ValueError:  # not the main thread (embedded use): the handler alone must do
+        old_wakeup = None
 
     def restore() -> None:
         for sig, h in old.items():
             signal.signal(sig, h)
+        if old_wakeup is not None:
+            signal.set_wakeup_fd(old_wakeup)
         os.close(r)
         os.close(w)
 
