@@ -51,7 +51,7 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
         "pid=$!; i=0",
         "while ! grep -q 'VDMTEST RESULT boot' /mnt/tmp/term.console 2>/dev/null && [ $i -lt 1200 ]; do",
         "  sleep 0.1; i=$((i+1)); done",
-        "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.Z' /proc/$1/status; }",
+        "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.Z' /proc/$1/status 2>/dev/null; }",
         "kill -TERM $pid; i=0",
         "while alive $pid && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
         "if alive $pid; then",  # still there 60 s after SIGTERM: say where it waits, then end it
