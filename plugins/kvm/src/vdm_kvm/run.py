@@ -173,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
         old_term = signal.signal(signal.SIGTERM, _terminate)
         try:
             # Wait in slices: Python runs signal handlers only in the main thread, between
-            # bytecodes; a SIGTERM the kernel hands to another thread left a main thread blocked
-            # in one endless wait asleep for good (seen in the KVM lab, about one run in ten).
+            # bytecodes. With one endless wait here, the KVM lab showed the main thread still
+            # asleep in it 60 s after SIGTERM (about one run in ten; likely the signal landed
+            # on another thread and nothing woke this one).
             while (end := machine.wait(0.25)) is None:
                 pass
         except (KeyboardInterrupt, _Terminated) as e:
