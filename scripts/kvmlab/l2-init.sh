@@ -27,9 +27,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroo
   || { echo "VDMLAB FAIL reason=mount_9p"; echo "VDMLAB RC=255"; poweroff -f; }
 mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -o rbind /dev /host/dev
 mount -t tmpfs -o mode=1777 scratch /host/mnt; mkdir -p /host/mnt/tmp; chmod 1777 /host/mnt/tmp
-out=; cmd=
+out=; cmd=; py=python3
 for w in $(cat /proc/cmdline); do case $w in
   vdmlab.cmd=*) cmd=${w#*=};;
+  vdmlab.py=*) py=${w#*=};;
   vdmlab.out=1) out=1;;
 esac; done
 if [ -n "$out" ]; then
@@ -39,8 +40,9 @@ fi
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 # Hold KVM's static keys on (see kvmhold.py): scripts that create and destroy VMs would otherwise
 # patch __schedule each time, which QEMU's multi-threaded TCG sometimes turns into a livelock.
-chroot /host python3 -I -S - </kvmhold.py >/dev/console 2>&1 &
+chroot /host "$py" -I -S - </kvmhold.py >/dev/console 2>&1 &
 i=0; while [ ! -e /dev/shm/vdmlab-kvmhold ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+[ -e /dev/shm/vdmlab-kvmhold ] || echo "VDMLAB WARN kvmhold is not running"
 echo "VDMLAB START uptime_s=$(up)"
 cputicks() { awk '/^cpu[0-9]/ { s = 0; for (i = 2; i <= NF; i++) s += $i; printf "%s%d", (n++ ? "," : ""), s }' /proc/stat; }
 ( while sleep 10; do echo "VDMLAB HB uptime_s=$(up) cpu=$(cputicks)"; done ) &

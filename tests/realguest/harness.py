@@ -564,7 +564,10 @@ def _tail_file(path: Path, stop: threading.Event, sink: Callable[[str], None]) -
 def lab_command(wrapper: Path, output_file: Path, *, kit: GuestKit, memory_mib: int = 2048, cpus: int = 2,
                 outdir: Path | None = None, monitor: Path | None = None, qemu: str = QEMU) -> list[str]:
     """The qemu-system-x86_64 command line of the lab (L2); ``monitor``: an HMP unix socket."""
+    python = os.path.realpath(sys.executable)  # the interpreter l2-init.sh runs kvmhold.py with
     append = f"console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off vdmlab.cmd={wrapper}"
+    if VALUE_RE.match(python) and "," not in python:
+        append += f" vdmlab.py={python}"
     for p in (wrapper, output_file, *([monitor] if monitor else [])):
         if not VALUE_RE.match(str(p)) or "," in str(p):
             raise ValueError(f"path {p} cannot go on a QEMU or kernel command line")

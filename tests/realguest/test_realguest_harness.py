@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,11 @@ def test_lab_command_and_out_share(tmp_path: Path) -> None:
     assert cmd[cmd.index("-serial") + 1] == "stdio" and f"file:{tmp_path / 'out.txt'}" in cmd
     with pytest.raises(ValueError):
         harness.lab_command(tmp_path / "a,b", tmp_path / "o", kit=kit)
+    # L2's init runs kvmhold.py with this very interpreter; the HMP monitor is there when asked for
+    assert f"vdmlab.py={os.path.realpath(sys.executable)}" in append.split()
+    assert "-monitor" not in cmd
+    mon = harness.lab_command(tmp_path / "run", tmp_path / "out.txt", kit=kit, monitor=tmp_path / "m")
+    assert mon[mon.index("-monitor") + 1] == f"unix:{tmp_path / 'm'},server=on,wait=off"
 
 
 def test_parse_lab_console_markers_and_garbage() -> None:
