@@ -68,12 +68,6 @@ VDM_DROPPED = re.compile(r"dropped rx (\d+) tx (\d+)")
 VDM_DUPLICATE = re.compile(r"^.*completion of head \d+ dropped.*$", re.M)
 
 
-#: ``vdm`` as its console script runs it, plus faulthandler on SIGUSR1 (all threads, even in C calls)
-VDM_WITH_STACK_DUMPS = ("import faulthandler, signal, sys; "
-                        "faulthandler.register(signal.SIGUSR1, all_threads=True); "
-                        "sys.argv[0] = 'vdm'; from vdm.cli.main import main; sys.exit(main())")
-
-
 # ---- inside the lab --------------------------------------------------------------------------------
 
 
@@ -92,8 +86,8 @@ def vmm_command(setup: str, kit: harness.GuestKit, params: str, cpus: int = 1) -
     """The command line of ``setup``; ``params`` is the kit's cmdline without console/panic."""
     k, i = str(kit.vmlinuz), str(kit.initrd)
     if setup.startswith("vdm-"):
-        # vdm's console script, with every thread's stack dumped on SIGUSR1 (what a stalled run was doing)
-        return [sys.executable, "-c", VDM_WITH_STACK_DUMPS, "-v", "run", "-k", k, "-i", i,
+        # vdm itself dumps every thread's stack on SIGUSR1 (what a stalled run was doing)
+        return [sys.executable, "-m", "vdm.cli.main", "-v", "run", "-k", k, "-i", i,
                 "-m", str(MEM_MIB), "-c", str(cpus),
                 "--virtio-transport", setup[len("vdm-"):], "--console-backend", "stdio",
                 "--network", f"mode=tap,tapif={TAP}", "-p", "console=ttyS0 panic=-1 " + params]
