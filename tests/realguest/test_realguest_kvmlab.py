@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.realguest import harness
+from tests.realguest.marks import LAB_GUEST_RERUN
 
 pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow]
 
@@ -67,8 +68,7 @@ print("L3JSON " + json.dumps({"rc": r.returncode, "wall_s": r.elapsed_s, "init":
 """
 
 
-# QEMU's own guest: when it dies in the nested lab, the lab is at fault; one rerun, shown as "R"
-@pytest.mark.flaky(reruns=1)
+@LAB_GUEST_RERUN  # QEMU's own guest: when it dies in the nested lab, the lab is at fault
 def test_kvm_lab_l3_peer_baseline_qemu_kvm_boots_the_kit(kvm_lab) -> None:
     """QEMU -accel kvm inside the lab boots the kit at L3 (the peer baseline for vdm's KVM VMM)."""
     r: harness.LabResult = kvm_lab(L3_SCRIPT % {"repo": str(REPO)}, timeout=600)

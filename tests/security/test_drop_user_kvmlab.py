@@ -11,10 +11,9 @@ import shlex
 import pytest
 
 from tests.realguest import harness
+from tests.realguest.marks import LAB_GUEST_RERUN
 
-# Guests of the nested KVM lab (vdm's and QEMU's alike) now and then triple-fault or stall in
-# kernel init, before any device work (QEMU TCG emulating SVM): one rerun, shown as "R".
-pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow, pytest.mark.flaky(reruns=1)]
+pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow, LAB_GUEST_RERUN]
 
 
 def test_vdm_run_as_nobody_in_the_kvm_lab(kit: harness.GuestKit, kvm_lab) -> None:

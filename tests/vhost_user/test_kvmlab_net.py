@@ -17,10 +17,9 @@ import pytest
 
 from tests.realguest import harness
 from tests.realguest.conftest import kit, kvm_lab, qemu  # noqa: F401  (session fixtures)
+from tests.realguest.marks import LAB_GUEST_RERUN
 
-# Guests of the nested KVM lab (vdm's and QEMU's alike) now and then triple-fault or stall in
-# kernel init, before any device work (QEMU TCG emulating SVM): one rerun, shown as "R".
-pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow, pytest.mark.flaky(reruns=1)]
+pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow, LAB_GUEST_RERUN]
 
 MIB = 2
 
