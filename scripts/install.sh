@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils        # real-guest tests (QEMU TCG, the KVM lab, qemu-storage-daemon), qcow2 interop
+  mmdebstrap                        # scripts/debian13/build.sh: Debian 13's QEMU 10 and libblkio for the frontend tests
   cpio gzip lz4 xz-utils zstd fio util-linux e2fsprogs   # the guest kit (it downloads its kernel and busybox)
   iproute2                          # network namespaces and taps for vdm-net's tests
   libxen-dev                        # Xen's libraries and headers: vdm-xen's bindings are tested against them

@@ -6,6 +6,7 @@ Where QEMU or the kit is missing the tests skip with the reason; in CI (``CI`` o
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -30,6 +31,43 @@ def qemu() -> str:
     if path is None:
         _unavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     return path
+
+
+@functools.cache
+def _host_frontend() -> harness.QemuFrontend | None:
+    return harness.host_qemu()
+
+
+@functools.cache
+def _debian13_frontend() -> harness.QemuFrontend | str:
+    try:
+        return harness.debian13_qemu()
+    except harness.debian13.Debian13Error as e:
+        return f"QEMU 10 (Debian 13 root) cannot be built here: {e}"
+
+
+def _frontend_id(which: str) -> str:
+    if which == "host":
+        fe = _host_frontend()
+        return fe.name if fe else "qemu-host"
+    return "qemu10.0"  # Debian 13's QEMU series; the root is only built when a test runs
+
+
+@pytest.fixture(scope="session", params=["host", "debian13"], ids=_frontend_id)
+def qemu_frontend(request: pytest.FixtureRequest, qemu: str) -> harness.QemuFrontend:
+    """Each QEMU the real-guest vhost-user tests run against: the host's 7.2, Debian 13's 10.0.
+
+    The Debian 13 root is built on first use (scripts/debian13/build.sh, cached); where it cannot be
+    built (no network to Debian's archive, no mmdebstrap) the QEMU 10 cases skip with the reason.
+    """
+    if request.param == "host":
+        fe = _host_frontend()
+        assert fe is not None  # the qemu fixture skipped otherwise
+        return fe
+    got = _debian13_frontend()
+    if isinstance(got, str):
+        pytest.skip(got)
+    return got
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 try:
-    from tests.realguest import labwatch
+    from tests.realguest import debian13, labwatch
 except ImportError:  # run as a script: python3 tests/realguest/harness.py
+    import debian13  # type: ignore[no-redef]
     import labwatch  # type: ignore[no-redef]
 
 T = TypeVar("T")
@@ -149,6 +150,47 @@ def qemu_binary() -> str | None:
     return shutil.which(QEMU)
 
 
+@dataclasses.dataclass(frozen=True)
+class QemuFrontend:
+    """One QEMU to boot the kit with: the host's (Debian 12: 7.2) or Debian 13's (10.0, in its root).
+
+    ``name`` goes into test ids ("qemu7.2", "qemu10.0"); ``version`` is the full one (10.0.13).
+    ``argv(visible)`` is the command prefix to pass as run_qemu's ``qemu``: for the Debian 13 QEMU
+    the host paths its arguments name (kit, images, socket directories) must be listed in ``visible``.
+    """
+
+    name: str
+    version: str
+    root: debian13.Debian13Root | None = None
+
+    def argv(self, visible: Iterable[os.PathLike[str] | str] = ()) -> list[str]:
+        if self.root is None:
+            return [QEMU]
+        return self.root.command([QEMU], visible)
+
+    def __str__(self) -> str:
+        where = f" from the Debian 13 root {self.root.dir}" if self.root else " (host)"
+        return f"QEMU {self.version}{where}"
+
+
+def host_qemu() -> QemuFrontend | None:
+    """The host's qemu-system-x86_64 as a QemuFrontend, or None when it is not installed."""
+    path = qemu_binary()
+    if path is None:
+        return None
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)(\.\d+)?", out)
+    version = m.group(0).split()[1] if m else "?"
+    return QemuFrontend(f"qemu{m.group(1)}.{m.group(2)}" if m else "qemu?", version)
+
+
+def debian13_qemu() -> QemuFrontend:
+    """Debian 13's QEMU (10.0); builds the root on first use. Raises debian13.Debian13Error."""
+    root = debian13.build()
+    major_minor = ".".join(root.qemu_version.split(".")[:2])
+    return QemuFrontend(f"qemu{major_minor}", root.qemu_version, root)
+
+
 # ---------------------------------------------------------------------------------------------
 # results
 
@@ -221,6 +263,7 @@ class GuestResult:
     init: dict[str, str] | None
     results: list[WorkloadResult]
     done: bool
+    frontend: str = ""  # "QEMU 10.0.13 from the Debian 13 root ..." when run_qemu got a QemuFrontend
 
     def __getitem__(self, workload: str) -> WorkloadResult:
         r = self.get(workload)
@@ -237,8 +280,9 @@ class GuestResult:
     def describe(self, lines: int = 80) -> str:
         """A failure message: how the run ended and the end of the serial log."""
         how = "timed out" if self.timed_out else f"exit code {self.returncode}"
+        which = f"[{self.frontend}] " if self.frontend else ""
         return (
-            f"QEMU {how} after {self.elapsed_s:.1f} s; command:\n  {shlex.join(self.command)}\n"
+            f"{which}QEMU {how} after {self.elapsed_s:.1f} s; command:\n  {shlex.join(self.command)}\n"
             f"--- last {lines} lines of the serial log ---\n{_tail(self.log, lines)}"
         )
 
@@ -346,7 +390,7 @@ def qemu_command(
     shared_memory: bool | None = None,
     append: str = "",
     accel: str = "tcg",
-    qemu: str = QEMU,
+    qemu: str | Sequence[str] = QEMU,
 ) -> list[str]:
     """The qemu-system-x86_64 command line run_qemu uses (see there)."""
     if isinstance(initrd, str) and initrd in ("initrd", "fio"):
@@ -359,7 +403,8 @@ def qemu_command(
     if shared_memory is None:
         shared_memory = any("vhost-user" in a for a in extra)
     cpu = "max" if accel.startswith("tcg") else "host"
-    cmd = [qemu, "-accel", accel, "-cpu", cpu, "-smp", str(cpus), "-m", f"{memory_mib}M",
+    prefix = [qemu] if isinstance(qemu, str) else list(qemu)
+    cmd = [*prefix, "-accel", accel, "-cpu", cpu, "-smp", str(cpus), "-m", f"{memory_mib}M",
            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"]
     if shared_memory:
         cmd += shared_memory_args(memory_mib)
@@ -442,7 +487,8 @@ def run_qemu(
     append: str = "",
     on_line: Callable[[str], None] | None = None,
     accel: str = "tcg",
-    qemu: str = QEMU,
+    qemu: str | Sequence[str] | QemuFrontend = QEMU,
+    visible: Iterable[os.PathLike[str] | str] = (),
 ) -> GuestResult:
     """Boot the kit under QEMU TCG (q35, ``-no-reboot``, serial on stdio) and collect its results.
 
@@ -454,14 +500,20 @@ def run_qemu(
     bzImage) unless ``kernel`` names another. ``on_line`` sees
     every serial line as it arrives. QEMU is killed after ``timeout`` seconds (then ``timed_out``).
     ``accel="kvm"`` (with ``-cpu host``) is for the KVM lab, where /dev/kvm is kvm_amd.
+    ``qemu`` is the program, a command prefix or a QemuFrontend (QEMU 10 in Debian 13's root: the
+    kit is made visible to it, and ``visible`` names the other host paths the arguments use).
     """
     kit = kit or guestkit()
+    label = ""
+    if isinstance(qemu, QemuFrontend):
+        label = str(qemu)
+        qemu = qemu.argv([kit.dir, *visible])
     cmd = qemu_command(extra_args, workloads, params, kit=kit, memory_mib=memory_mib, cpus=cpus,
                        initrd=initrd, kernel=kernel, shared_memory=shared_memory, append=append, accel=accel,
                        qemu=qemu)
     log, rc, timed_out, elapsed = _run_logged(cmd, timeout, on_line)
     init, results, done = parse_results(log)
-    return GuestResult(cmd, log, rc, timed_out, elapsed, init, results, done)
+    return GuestResult(cmd, log, rc, timed_out, elapsed, init, results, done, label)
 
 
 # ---------------------------------------------------------------------------------------------
