@@ -76,3 +76,46 @@ def test_drain_of_an_idle_eventfd_is_zero():
     eventfd_write(fd, 2)
     assert drain_eventfd(fd) == 7
     os.close(fd)
+
+
+def test_a_reader_removed_by_a_callback_in_the_same_batch_is_not_called(loop, caplog):
+    """Two fds ready at once; whichever callback runs first removes and closes the other (a
+    disconnect does that to kick fds): the other callback must not run on its closed fd."""
+    gate, a, b = (eventfd(0, EFD_NONBLOCK) for _ in range(3))
+    blocked, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+    fds = {a: b, b: a}
+
+    def hold() -> None:
+        drain_eventfd(gate)
+        blocked.set()
+        release.wait(5)
+
+    def make(me: int):
+        def cb() -> None:
+            drain_eventfd(me)  # EBADF if the other one closed this fd already
+            ran.append(me)
+            other = fds[me]
+            loop.remove_reader(other)
+            os.close(other)
+
+        return cb
+
+    loop.add_reader(gate, hold)
+    loop.add_reader(a, make(a))
+    loop.add_reader(b, make(b))
+    eventfd_write(gate, 1)
+    assert blocked.wait(5)
+    eventfd_write(a, 1)
+    eventfd_write(b, 1)
+    release.set()  # the next select() reports a and b together
+    deadline = time.monotonic() + 5
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time for the second callback to (wrongly) run
+    assert len(ran) == 1, ran
+    assert "event callback for fd" not in caplog.text
+    loop.remove_reader(ran[0])
+    loop.remove_reader(gate)
+    os.close(ran[0])
+    os.close(gate)

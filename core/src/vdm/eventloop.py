@@ -2,6 +2,10 @@
 
 Kick eventfds (ioeventfd, vhost-user kick fds), a tap's receive side and console input all end up
 here, so that device code runs on this thread and never on a vCPU thread.
+
+Invariant: a callback runs only while its fd is registered with that very callback. One select()
+batch may hold several ready fds; a callback that removes another reader (a disconnect closes every
+kick fd of its connection) stops that reader's pending callback in the same batch from running.
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ class EventLoop:
             for key, _ in events:
                 if key.data is None:
                     drain_eventfd(self._wake)
+                    continue
+                with self._lock:
+                    current = self._sel.get_map().get(key.fd)
+                if current is not key:
+                    # removed (and perhaps closed, its number reused) or replaced by a callback
+                    # earlier in this batch: skip it; a replacement still readable is reported by
+                    # the next select(), which is level-triggered
                     continue
                 try:
                     key.data()
