@@ -35,11 +35,24 @@ _DESC = struct.Struct("<QIHH")
 class SharedRam:
     """Guest RAM in a memfd, with a bump allocator."""
 
-    def __init__(self, size: int = 8 << 20, base: int = GUEST_BASE, user: int = USER_BASE) -> None:
+    def __init__(
+        self,
+        size: int = 8 << 20,
+        base: int = GUEST_BASE,
+        user: int = USER_BASE,
+        sealing: bool = False,
+        path: str | None = None,
+    ) -> None:
+        """RAM in a memfd (``sealing``: one that allows file seals, as QEMU's memfd backend makes
+        it), or in the plain file ``path`` (QEMU's memory-backend-file share=on)."""
         self.size = size
         self.base = base
         self.user = user
-        self.fd = os.memfd_create("test-guest-ram", os.MFD_CLOEXEC)
+        if path is not None:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        else:
+            flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0)
+            self.fd = os.memfd_create("test-guest-ram", flags)
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.memory = FlatGuestMemory([MemoryRegion(base, memoryview(self.map))])
@@ -411,6 +424,18 @@ class Frontend:
                     self.interrupts += os.eventfd_read(q.call)
                 except BlockingIOError:
                     pass
+
+    def poll_used(self, qi: int, count: int = 1, timeout: float = 10.0) -> list[Used]:
+        """Like :meth:`wait_used`, but never reads the call fd (for tests that leave it unread)."""
+        got: list[Used] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            got += self.collect(qi)
+            if len(got) >= count:
+                return got
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queue {qi}: {len(got)} of {count} used after {timeout} s")
+            time.sleep(0.01)
 
     def request(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), timeout: float = 10.0) -> Used:  # type: ignore[assignment]
         head = self.post(qi, out, in_lens)

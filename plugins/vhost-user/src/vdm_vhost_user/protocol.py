@@ -14,6 +14,7 @@ import array
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -207,9 +208,15 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
-def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, what: str, deadline: float | None) -> bytes:
+    """``n`` bytes, all of them before ``deadline`` (time.monotonic(); None: no bound)."""
     chunks = []
     while n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError(f"timed out waiting for the rest of {what}")
+            sock.settimeout(left)
         try:
             data = sock.recv(n)
         except socket.timeout:
@@ -222,7 +229,22 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
 
 
 def recv_message(sock: socket.socket) -> Message | None:
-    """Read one request. None when the peer closed the connection cleanly (between messages)."""
+    """Read one request. None when the peer closed the connection cleanly (between messages).
+
+    The socket's timeout bounds the whole message -- header, payload and descriptors -- not each
+    ``recv``: a frontend that trickles a message in a byte at a time is cut off when the first
+    timeout has passed. The socket's timeout is the same again afterwards.
+    """
+    limit = sock.gettimeout()
+    deadline = None if limit is None else time.monotonic() + limit
+    try:
+        return _recv_message(sock, deadline)
+    finally:
+        if limit is not None:
+            sock.settimeout(limit)
+
+
+def _recv_message(sock: socket.socket, deadline: float | None) -> Message | None:
     fds = array.array("i")
     try:
         data, ancdata, msg_flags, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
@@ -242,7 +264,7 @@ def recv_message(sock: socket.socket) -> Message | None:
                 raise ProtocolError("file descriptors without a message")
             return None
         if len(data) < HEADER.size:
-            data += _recv_exact(sock, HEADER.size - len(data), "a message header")
+            data += _recv_exact(sock, HEADER.size - len(data), "a message header", deadline)
         request, flags, size = HEADER.unpack(data)
         name = Req.name(request)
         if flags & VERSION_MASK != VERSION:
@@ -251,7 +273,7 @@ def recv_message(sock: socket.socket) -> Message | None:
             raise ProtocolError(f"{name}: a request with the reply flag set")
         if size > MAX_PAYLOAD:
             raise ProtocolError(f"{name}: payload of {size} bytes is too large")
-        payload = _recv_exact(sock, size, name) if size else b""
+        payload = _recv_exact(sock, size, name, deadline) if size else b""
         layout = LAYOUT.get(request)
         if layout is None:
             raise ProtocolError(f"{name} is not supported")

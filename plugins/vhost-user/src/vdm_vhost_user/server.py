@@ -24,7 +24,7 @@ __all__ = ["VhostUserServer"]
 
 log = logging.getLogger(__name__)
 
-#: how long the rest of a message may take once its first bytes arrived
+#: how long a whole message (header, payload, descriptors) may take once its first bytes arrived
 MESSAGE_TIMEOUT = 10.0
 
 
