@@ -33,6 +33,9 @@ __all__ = ["InflightRegion", "InflightVirtqueue", "queue_region_size"]
 _HEAD = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 _DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
 _U16 = struct.Struct("<H")  # (reads only: writes go through the typed views)
+_U64 = struct.Struct("<Q")
+#: descriptor counters found in a region handed over must be below this (checked before a ring starts)
+MAX_COUNTER = 1 << 63
 VERSION = 1
 _ALIGN = 64
 _OFF_VERSION = 8
@@ -121,6 +124,15 @@ class InflightRegion:
             raise ProtocolError(
                 f"queue {index}: inflight region is for {desc_num} descriptors, the ring has {ring_size}"
             )
+        if version:
+            # New heads are numbered after the largest counter found; that and every later one
+            # must fit the u64 field. No backend counts to 2**63 (a century at 10**9 requests/s).
+            top = max(_U64.unpack_from(region, _HEAD.size + _DESC.size * i + 8)[0] for i in range(ring_size))
+            if top >= MAX_COUNTER:
+                raise ProtocolError(
+                    f"queue {index}: inflight descriptor counter 0x{top:x} is past any backend's count "
+                    "(the region is corrupt)"
+                )
 
 
 class InflightVirtqueue(Virtqueue):
