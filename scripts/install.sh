@@ -14,6 +14,7 @@ APT_PACKAGES=(
   linux-libc-dev gcc                # KVM/tun ABI checks compile a tiny C program against the kernel headers
   acpica-tools                      # iasl decompiles vdm-kvm's ACPI tables in its tests
   tmux strace                       # console tests drive a terminal; security tests trace file opens
+  dpdk-dev                          # dpdk-testpmd (DPDK 22.11 virtio-user): a second vhost-user frontend for net
 )
 
 SUDO=
