@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -92,6 +93,33 @@ def _close(fd: int | None) -> None:
             pass
 
 
+def _eventfd_or_refuse(fd: int, what: str) -> int:
+    """``fd`` if it is an eventfd, made non-blocking; otherwise close it and raise ProtocolError.
+
+    A pipe or socket as a call fd blocks vdm once nobody reads it, and a kick fd that is not an
+    eventfd does not read as one. Non-blocking: a write to a saturated counter fails at once.
+    """
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        _close(fd)
+        raise ProtocolError(f"{what}: cannot check the file descriptor: {e}") from None
+    if kind != "anon_inode:[eventfd]":
+        _close(fd)
+        raise ProtocolError(f"{what}: the file descriptor is not an eventfd ({kind})")
+    os.set_blocking(fd, False)
+    return fd
+
+
+def _signal(fd: int) -> None:
+    """Add 1 to a (non-blocking) eventfd. A counter at its maximum is signalled already: the
+    reader wakes anyway, so a write that would block is simply dropped."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass
+
+
 class VhostUserBackend:
     """Serves ``device`` to the frontend on one connection at a time."""
 
@@ -113,6 +141,9 @@ class VhostUserBackend:
             )
         self.memory = SharedGuestMemory()
         self._fd_lock = threading.Lock()
+        #: called (on the loop thread) when the connection must end outside a message, e.g. a kick
+        #: fd that fails; the server closes the connection. The default only logs.
+        self.on_failure: Callable[[str], None] = lambda why: log.error("vhost-user: %s", why)
         self.sock: socket.socket | None = None
         self._reset_state()
 
@@ -158,7 +189,7 @@ class VhostUserBackend:
                 fd = self.vrings[queue.index].call_fd
                 if fd is not None:
                     try:
-                        os.eventfd_write(fd, 1)
+                        _signal(fd)
                     except OSError as e:
                         log.warning("vhost-user: cannot signal call eventfd of queue %d: %s", queue.index, e)
 
@@ -171,7 +202,7 @@ class VhostUserBackend:
             for i, vr in enumerate(self.vrings):
                 if vr.err_fd is not None and vr.live:
                     try:
-                        os.eventfd_write(vr.err_fd, 1)
+                        _signal(vr.err_fd)
                     except OSError as e:
                         log.warning("vhost-user: cannot signal error eventfd of queue %d: %s", i, e)
 
@@ -386,7 +417,9 @@ class VhostUserBackend:
             return index, vr, None
         if not msg.fds:
             raise ProtocolError(f"{what}: queue {index} without a file descriptor")
-        return index, vr, msg.take_fd()
+        fd = msg.take_fd()
+        assert fd is not None
+        return index, vr, _eventfd_or_refuse(fd, f"{what}: queue {index}")
 
     def _set_vring_kick(self, msg: Message) -> None:
         index, vr, fd = self._vring_fd(msg, "SET_VRING_KICK")
@@ -407,7 +440,7 @@ class VhostUserBackend:
             _close(old)
             if fd is not None and vr.live:
                 # an interrupt may have gone to the old eventfd meanwhile: a spurious one is harmless
-                os.eventfd_write(fd, 1)
+                _signal(fd)
 
     def _set_vring_err(self, msg: Message) -> None:
         _, vr, fd = self._vring_fd(msg, "SET_VRING_ERR")
@@ -548,7 +581,13 @@ class VhostUserBackend:
         vr = self.vrings[index]
 
         def on_kick() -> None:
-            drain_eventfd(fd)
+            try:
+                drain_eventfd(fd)
+            except (OSError, ValueError, struct.error) as e:
+                # not readable as an eventfd any more: stop watching it, end the connection once
+                self._drop_kick(index, vr)
+                self.on_failure(f"queue {index}: cannot read the kick eventfd ({e or type(e).__name__})")
+                return
             if vr.enabled or not self.protocol_negotiated:
                 device.kick(index)
 

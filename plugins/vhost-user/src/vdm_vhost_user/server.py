@@ -59,6 +59,7 @@ class VhostUserServer:
         self._own_loop = loop is None
         self.loop = loop if loop is not None else EventLoop("vdm-vhost-user")
         self.backend = VhostUserBackend(device, self.loop)
+        self.backend.on_failure = self._fail
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
@@ -129,6 +130,14 @@ class VhostUserServer:
             self.rejected += 1
             log.exception("vhost-user: internal error; closing the connection")
             self._disconnect(None)
+
+    def _fail(self, why: str) -> None:
+        """The frontend broke something outside a message (a kick fd, its memory): one line, closed."""
+        if self.conn is None:
+            return
+        self.rejected += 1
+        log.error("vhost-user: %s; closing the connection", why)
+        self._disconnect(None)
 
     def _disconnect(self, why: str | None) -> None:
         conn = self.conn
