@@ -72,27 +72,43 @@ def test_fuzz_regression_image_finishes(name, tmp_path):
     assert os.path.getsize(img) < 64 << 20
 
 
+@needs_qemu_img
 def test_host_refusing_the_io_is_an_io_error_for_the_guest(tmp_path):
-    """``fuzz/regressions/qcow2/efbig-data-offset``: an L2 entry puts a data cluster at a host
-    offset past what the file system allows; the host write fails with EFBIG. The guest must get
-    VIRTIO_BLK_S_IOERR for that request -- no exception out of the device, no broken device."""
+    """A host write that fails with EFBIG (here: the file may not grow, RLIMIT_FSIZE) is
+    VIRTIO_BLK_S_IOERR for that request -- no exception out of the device, no broken device.
+
+    (``fuzz/regressions/qcow2/efbig-data-offset`` found this with an L2 entry far past the end of
+    the file; such an image is now refused read-write before anything is written, so the limit
+    is what makes the host refuse here.)"""
+    import resource
+    import signal
+
     from vdm.testing import VirtioTestDriver
     from vdm_blk.config import BlkConfig
     from vdm_blk.device import BlkDevice
 
     img = tmp_path / "img.qcow2"
-    shutil.copy(REGRESSIONS / "efbig-data-offset", img)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    with pytest.raises(DiskError, match="past the end of the file"):
+        open_disk(str(REGRESSIONS / "efbig-data-offset"), format="qcow2").close()
     disk = open_disk(str(img), format="qcow2")
     dev = BlkDevice(disk, BlkConfig(path=str(img)))
     drv = VirtioTestDriver(dev, ram_size=1 << 20)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         drv.init()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(img), old_limit[1]))
         statuses = []
-        for sector in range(0, disk.size // 512, 8):
+        for sector in range(0, disk.size // 512, 128):
             used = drv.request(0, [struct.pack("<IIQ", 1, 0, sector), b"\x5a" * 4096], [1], timeout=10)
             statuses.append(used.data[-1])
-        assert set(statuses) <= {0, 1}, statuses
-        assert 1 in statuses, "no write reached the bad cluster: the regression input no longer tests this"
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        assert set(statuses) == {1}, statuses  # every write needed a new cluster: each refused
         assert dev.broken is None and not drv.needs_reset
+        used = drv.request(0, [struct.pack("<IIQ", 1, 0, 0), b"\x5a" * 4096], [1], timeout=10)
+        assert used.data[-1] == 0, "the device did not serve a write once the host allowed it again"
     finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
         dev.close()

@@ -18,6 +18,10 @@ What is refused at open (DiskError, nothing written)
     persistent dirty bitmaps (vdm would invalidate them; other autoclear bits are cleared, as
     the specification asks of a writer that does not maintain them).
     An image with the lazy-refcounts compatible bit is fine: vdm always keeps refcounts exact.
+    Opened read-write, the image's metadata is checked first, as ``qemu-img check`` does
+    (:mod:`.qcow2_check`): references past the end of the file, overlapping structures,
+    refcounts lower than the references and wrong COPIED flags are refused, naming the problem
+    and ``qemu-img check -r all``. Later, no data cluster is written onto any metadata cluster.
 
 Data path
     ``readv`` maps the request to extents under the metadata lock, then reads allocated extents
@@ -67,6 +71,7 @@ from typing import Callable, Optional, Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, RWLock, split_views, total_length
 from .hostfile import HostFile
+from .qcow2_check import check_metadata
 from .qcow2_header import COMPAT_LAZY_REFCOUNTS, OFFSET_MASK, read_header
 from .qcow2_refcounts import Refcounts
 from .qcow2_tables import Table, TableCache, decode_u64, encode_u64
@@ -179,6 +184,11 @@ class Qcow2Disk(DiskBackend):
         self.refs = Refcounts(
             self.f, h, max(MIN_CACHE_TABLES, REFBLOCK_CACHE_BYTES // cs), self._check_data_host, self._corrupt
         )
+        # host clusters holding metadata (known after the check); no data is ever written there
+        self._meta_clusters: set[int] = set()
+        if not self.read_only:  # before anything is written, the autoclear bits below included
+            self._meta_clusters = check_metadata(self.f, h, self.l1, self.refs.rt, self.refs.get, file_size)
+            self.refs.metadata = self._meta_clusters
         self._pending_free: list[tuple[int, int]] = []
         self._meta = threading.RLock()
         self._io = RWLock()
@@ -249,6 +259,7 @@ class Qcow2Disk(DiskBackend):
         if not create:
             return None
         new = self.refs.alloc()
+        self._meta_clusters.add(new >> self.cbits)
         t = Table(array("Q", bytes(self.cs)), dirty=True)
         self._l2.insert(new, t)
         self.l1[l1i] = new | COPIED
@@ -269,6 +280,7 @@ class Qcow2Disk(DiskBackend):
             if e & COPIED and (e & COMPRESSED or self.refs.get((e & OFFSET_MASK) // self.cs) != 1):
                 entries[i] = e & ~COPIED
         new = self.refs.alloc()
+        self._meta_clusters.add(new >> self.cbits)
         t = Table(entries, dirty=True)
         self._l2.insert(new, t)
         self.l1[l1i] = new | COPIED
@@ -499,7 +511,9 @@ class Qcow2Disk(DiskBackend):
         return self._inline(offset, buffers, write=True)
 
     def _check_data_host(self, host: int, length: int) -> None:
-        """Refuse a data write that would land on the header, the L1 table or the refcount table."""
+        """Refuse a data write that would land on metadata: the header, the L1 table, the
+        refcount table, and (in an image opened read-write) every other metadata cluster -- L2
+        tables, refcount blocks, the snapshot table and snapshots' L1 tables."""
         h = self.h
         for start, size in (
             (0, self.cs),
@@ -508,6 +522,11 @@ class Qcow2Disk(DiskBackend):
         ):
             if host < start + size and start < host + length:
                 raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
+        meta = self._meta_clusters
+        if meta:
+            for c in range(host >> self.cbits, ((host + length - 1) >> self.cbits) + 1):
+                if c in meta:
+                    raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
 
     def _write_clusters(self, pos: int, views: Sequence[memoryview]) -> None:
         """Write a range that needs allocation, one guest cluster at a time."""

@@ -41,6 +41,7 @@ MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21  # QEMU's limit: 2 MiB clusters
 MAX_L1_BYTES = 32 << 20  # QEMU's limit
 MAX_REFTABLE_BYTES = 8 << 20  # QEMU's limit
+MAX_SNAPSHOTS = 65536  # QEMU's limit
 # L1/L2 entries: bits 9-55 hold an offset
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
@@ -178,8 +179,14 @@ def read_header(f: HostFile, file_size: int) -> Qcow2Header:
     _check_table(
         path, "refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs, cs, file_size, True
     )
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise _fail(
+            path,
+            f"the snapshot table is too large ({h.nb_snapshots} snapshots, QEMU's limit is {MAX_SNAPSHOTS}); "
+            "qemu-img cannot open it either",
+        )
     if h.nb_snapshots:
-        _check_table(path, "snapshot table", h.snapshots_offset, 1, cs, file_size, True)
+        _check_table(path, "snapshot table", h.snapshots_offset, h.nb_snapshots * 40, cs, file_size, True)
     return h
 
 

@@ -62,6 +62,9 @@ class Refcounts:
                 )
         self.cache = TableCache(cache_tables, self._write)
         self.free_hint = 0  # no free cluster below this one
+        #: host clusters holding metadata (filled by the image's check): new refcount blocks and
+        #: tables join it, clusters whose refcount drops to 0 leave it
+        self.metadata: set[int] = set()
 
     # ---- blocks ----------------------------------------------------------------------------------
 
@@ -179,8 +182,10 @@ class Refcounts:
                 continue
             t.entries[j] -= 1
             t.dirty = True
-            if t.entries[j] == 0 and c < self.free_hint:
-                self.free_hint = c
+            if t.entries[j] == 0:
+                self.metadata.discard(c)
+                if c < self.free_hint:
+                    self.free_hint = c
 
     # ---- growth ----------------------------------------------------------------------------------
 
@@ -201,6 +206,7 @@ class Refcounts:
         self.f.pwrite(struct.pack(">Q", off), self.h.refcount_table_offset + rti * 8)
         self.rt[rti] = off
         self.cache.insert(off, Table(entries))
+        self.metadata.add(off // self.cs)
 
     def _grow_table(self, needed: int) -> None:
         """Make the refcount table cover range ``needed``: a new, larger table in free space.
@@ -229,6 +235,7 @@ class Refcounts:
             raise DiskError(f"{self.f.path}: the refcount table would exceed 8 MiB; the image is too large")
         area = k * epb  # first cluster of the new region
         total = m + tclusters
+        self.guard(area * cs, total * cs)
         new_rt = array("Q", self.rt)
         new_rt.extend([0] * (entries - len(self.rt)))
         blocks = []
@@ -251,4 +258,5 @@ class Refcounts:
         self.rt = new_rt
         for i, rb in enumerate(blocks):
             self.cache.insert((area + i) * cs, Table(rb))
+        self.metadata.update(range(area, area + total))
         self.free(old_off, old_clusters * cs)
