@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
@@ -90,7 +91,11 @@ def test_memory_shrunk_under_a_running_ring_closes_only_that_connection(vdm, tmp
     os.ftruncate(ram.fd, 0)  # from here on the frontend must not touch its own RAM either
     fe.kick(0)
     assert _closed(fe), vdm.output
-    assert vdm.alive, f"vdm died (status {vdm.proc.returncode}):\n{vdm.output}"
+    try:  # a process dying of SIGBUS closes its sockets a moment before it can be reaped
+        status = vdm.proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        status = None
+    assert status is None, f"vdm died (status {status}):\n{vdm.output}"
     assert vdm.count("shrank") == 1, vdm.output
     assert "Traceback" not in vdm.output
     _served_again(vdm)

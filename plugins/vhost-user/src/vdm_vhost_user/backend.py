@@ -33,6 +33,7 @@ from vdm.memory import GuestMemoryError
 from vdm.virtqueue import Virtqueue, VirtqueueError
 
 from . import protocol as p
+from .faultguard import FaultWatch
 from .inflight import InflightRegion, InflightVirtqueue
 from .memory import MemoryTable, RegionSpec, SharedGuestMemory
 from .protocol import Message, ProtocolError, ProtocolFeature, Req
@@ -144,6 +145,11 @@ class VhostUserBackend:
         #: called (on the loop thread) when the connection must end outside a message, e.g. a kick
         #: fd that fails; the server closes the connection. The default only logs.
         self.on_failure: Callable[[str], None] = lambda why: log.error("vhost-user: %s", why)
+        # SIGBUS caught in a mapping of a file the frontend could shrink (.faultguard): the watch
+        # lives as long as the backend, since mappings may outlive their connection
+        self._faults = FaultWatch()
+        self._faults_seen = 0
+        loop.add_reader(self._faults.fd, self._on_fault)
         self.sock: socket.socket | None = None
         self._reset_state()
 
@@ -162,6 +168,16 @@ class VhostUserBackend:
     def attach(self, sock: socket.socket) -> None:
         """A frontend connected."""
         self.sock = sock
+        self._faults_seen = self._faults.faults
+
+    def _on_fault(self) -> None:
+        drain_eventfd(self._faults.fd)
+        if self.sock is not None and self._faults.faults != self._faults_seen:
+            self._faults_seen = self._faults.faults
+            self.on_failure(
+                "the frontend shrank a shared memory file under its mapping (SIGBUS caught; "
+                "the pages past its end now read as zeros)"
+            )
 
     def detach(self) -> None:
         """The frontend went away (or was thrown out): stop the device, forget everything."""
@@ -330,7 +346,7 @@ class VhostUserBackend:
             RegionSpec(*p.MEM_REGION.unpack_from(msg.payload, p.MEM_TABLE_HEAD.size + i * p.MEM_REGION.size))
             for i in range(count)
         ]
-        table = MemoryTable.build(specs, msg.fds)
+        table = MemoryTable.build(specs, msg.fds, self._faults)
         self._check_live_rings(table)
         self.memory.replace(table)
         self._update_rings()
@@ -342,7 +358,7 @@ class VhostUserBackend:
         spec = RegionSpec(*p.SINGLE_REGION.unpack(msg.payload)[1:])
         if len(self.memory.table) >= p.MAX_MEM_SLOTS:
             raise ProtocolError(f"ADD_MEM_REG: more than {p.MAX_MEM_SLOTS} regions")
-        self.memory.replace(self.memory.table.with_region(spec, msg.fds[0]))
+        self.memory.replace(self.memory.table.with_region(spec, msg.fds[0], self._faults))
         self._update_rings()
 
     def _rem_mem_reg(self, msg: Message) -> None:

@@ -7,6 +7,10 @@ the frontend itself sees it at (its *user* address) and an offset into a shared 
 translated through the table. :class:`SharedGuestMemory` is what the device gets: it forwards to
 the current table, so that the frontend may replace or extend the table while queues run (views
 already handed out keep their mapping alive).
+
+A region's file may not shrink under its mapping: it is sealed against shrinking where the file
+allows it, and otherwise its mapping is guarded against SIGBUS (:mod:`.faultguard`), which turns a
+fault into a closed connection.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from vdm.memory import FlatGuestMemory, GuestMemory, GuestMemoryError, MemoryRegion
 
+from .faultguard import FaultWatch, guard, protect
 from .protocol import ProtocolError
 
 __all__ = ["MemoryTable", "RegionSpec", "SharedGuestMemory"]
@@ -51,10 +56,15 @@ class _Mapped:
         self.region = region
 
 
-def map_region(spec: RegionSpec, fd: int) -> _Mapped:
-    """mmap ``fd`` for ``spec`` after checking that the file really holds the region."""
+def map_region(spec: RegionSpec, fd: int, watch: FaultWatch | None = None) -> _Mapped:
+    """mmap ``fd`` for ``spec`` after checking that the file really holds the region.
+
+    The file is sealed against shrinking, or (if it cannot be) the mapping is guarded and faults
+    are counted on ``watch``; without a watch an unsealable file is refused.
+    """
     spec.check()
     try:
+        sealed = protect(fd, watch, f"memory region 0x{spec.guest_addr:x}+0x{spec.size:x}")
         st = os.fstat(fd)
     except OSError as e:
         raise ProtocolError(f"memory region fd: {e}") from None
@@ -70,6 +80,9 @@ def map_region(spec: RegionSpec, fd: int) -> _Mapped:
         m = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError, OverflowError) as e:
         raise ProtocolError(f"cannot map memory region 0x{spec.guest_addr:x}+0x{spec.size:x}: {e}") from None
+    if not sealed:
+        assert watch is not None
+        guard(m, watch)
     view = memoryview(m)[spec.mmap_offset : end]
     return _Mapped(spec, m, MemoryRegion(spec.guest_addr, view))
 
@@ -89,9 +102,9 @@ class MemoryTable:
                 raise ProtocolError("memory regions overlap in the frontend's address space")
 
     @classmethod
-    def build(cls, specs: list[RegionSpec], fds: list[int]) -> MemoryTable:
+    def build(cls, specs: list[RegionSpec], fds: list[int], watch: FaultWatch | None = None) -> MemoryTable:
         """Map every region (the fds stay owned by the caller and may be closed afterwards)."""
-        return cls([map_region(s, fd) for s, fd in zip(specs, fds)])
+        return cls([map_region(s, fd, watch) for s, fd in zip(specs, fds)])
 
     @property
     def specs(self) -> list[RegionSpec]:
@@ -100,9 +113,9 @@ class MemoryTable:
     def __len__(self) -> int:
         return len(self._mapped)
 
-    def with_region(self, spec: RegionSpec, fd: int) -> MemoryTable:
+    def with_region(self, spec: RegionSpec, fd: int, watch: FaultWatch | None = None) -> MemoryTable:
         """A new table with one more region (ADD_MEM_REG)."""
-        return MemoryTable([*self._mapped, map_region(spec, fd)])
+        return MemoryTable([*self._mapped, map_region(spec, fd, watch)])
 
     def without_region(self, spec: RegionSpec) -> MemoryTable:
         """A new table without the region matching ``spec`` (REM_MEM_REG; the offset is ignored)."""
