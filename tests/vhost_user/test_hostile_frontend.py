@@ -101,6 +101,41 @@ def test_memory_shrunk_under_a_running_ring_closes_only_that_connection(vdm, tmp
     _served_again(vdm)
 
 
+def test_the_inflight_memfd_vdm_hands_out_cannot_be_shrunk(vdm):
+    fe = Frontend(vdm.socket_path)
+    try:
+        fe.start(inflight=True)
+        assert fe.inflight is not None
+        with pytest.raises(PermissionError):
+            os.ftruncate(fe.inflight[0], 0)
+        assert _read_sector(fe) == b"\x5a" * SECTOR
+    finally:
+        fe.close()
+        fe.ram.close()
+    _served_again(vdm)
+
+
+def test_an_inflight_region_shrunk_under_a_running_ring_closes_only_that_connection(vdm):
+    fe = Frontend(vdm.socket_path)
+    size = queue_region_size(16)
+    fd = os.memfd_create("kept-inflight", os.MFD_CLOEXEC)  # a region "kept" by the frontend
+    os.ftruncate(fd, size)
+    fe.inflight = (fd, size, 1, 16)
+    fe.start(queues={0: 16}, inflight=True)
+    assert _read_sector(fe) == b"\x5a" * SECTOR
+    os.ftruncate(fd, 0)
+    fe.post(0, [struct.pack("<IIQ", T_IN, 0, 0)], [SECTOR, 1])  # taking it marks the region
+    assert _closed(fe), vdm.output
+    try:
+        status = vdm.proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        status = None
+    assert status is None, f"vdm died (status {status}):\n{vdm.output}"
+    assert vdm.count("shrank") == 1, vdm.output
+    assert "Traceback" not in vdm.output
+    _served_again(vdm)
+
+
 # ---- 2, 3: notification fds ------------------------------------------------------------------
 
 

@@ -516,7 +516,7 @@ class VhostUserBackend:
         size, offset, nq, qs = self._inflight_args(msg)
         if any(vr.live for vr in self.vrings):
             raise ProtocolError("SET_INFLIGHT_FD while rings run")
-        self.inflight = InflightRegion.open(msg.fds[0], size, offset, nq, qs)
+        self.inflight = InflightRegion.open(msg.fds[0], size, offset, nq, qs, self._faults)
 
     # ---- rings: start and stop -----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ around :meth:`pop` and :meth:`push`; devices use it without knowing. After a rec
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
@@ -26,6 +27,7 @@ from typing import Iterable
 from vdm.memory import GuestMemory
 from vdm.virtqueue import DescriptorChain, Virtqueue
 
+from .faultguard import FaultWatch, guard, protect
 from .protocol import ProtocolError
 
 __all__ = ["InflightRegion", "InflightVirtqueue", "queue_region_size"]
@@ -72,9 +74,11 @@ class InflightRegion:
     def create(cls, num_queues: int, queue_size: int) -> tuple[InflightRegion, int]:
         """A new zeroed region in a memfd; returns it and the fd to send (the caller closes it)."""
         size = num_queues * queue_region_size(queue_size)
-        fd = os.memfd_create("vdm-vhost-user-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vdm-vhost-user-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # the frontend gets this fd: it must not be able to shrink it under our mapping
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -82,14 +86,27 @@ class InflightRegion:
         return cls(m, 0, size, num_queues, queue_size), fd
 
     @classmethod
-    def open(cls, fd: int, size: int, offset: int, num_queues: int, queue_size: int) -> InflightRegion:
-        """Map a region the frontend kept (SET_INFLIGHT_FD); the caller still owns ``fd``."""
+    def open(
+        cls,
+        fd: int,
+        size: int,
+        offset: int,
+        num_queues: int,
+        queue_size: int,
+        watch: FaultWatch | None = None,
+    ) -> InflightRegion:
+        """Map a region the frontend kept (SET_INFLIGHT_FD); the caller still owns ``fd``.
+
+        Like guest memory, the file is sealed against shrinking or its mapping guarded (faults
+        counted on ``watch``; :mod:`.faultguard`).
+        """
         need = num_queues * queue_region_size(queue_size)
         if size < need:
             raise ProtocolError(
                 f"inflight: {size} bytes for {num_queues} queues of {queue_size} (need {need})"
             )
         try:
+            sealed = protect(fd, watch, "inflight region")
             st = os.fstat(fd)
         except OSError as e:
             raise ProtocolError(f"inflight fd: {e}") from None
@@ -99,6 +116,9 @@ class InflightRegion:
             m = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError, OverflowError) as e:
             raise ProtocolError(f"cannot map the inflight region: {e}") from None
+        if not sealed:
+            assert watch is not None
+            guard(m, watch)
         return cls(m, offset, size, num_queues, queue_size)
 
     def queue(self, index: int) -> memoryview | None:
