@@ -88,3 +88,20 @@ class KickStorm(threading.Thread):
         while not self.stop.is_set():
             eventfd_write(self.fd, 1)
             self.kicks += 1
+
+
+def publish_shared_tail(drv: VirtioTestDriver, qi: int, buf: int, buf_len: int) -> int:
+    """Fill queue ``qi`` with one chain per descriptor that all share one tail, and publish them.
+
+    Descriptor ``i`` names ``buf`` and chains to ``i + 1``; the last one ends the chain. Every
+    head 0..size-1 is published, so head ``i`` walks ``size - i`` descriptors and the whole ring
+    costs size * (size + 1) / 2 descriptor reads while the guest wrote only ``size`` descriptors.
+    Returns the number of chains published (the queue size).
+    """
+    size = drv.queues[qi].size
+    for i in range(size):
+        more = F_NEXT if i + 1 < size else 0
+        drv.write_desc(qi, i, buf, buf_len, more, i + 1 if more else 0)
+    for i in range(size):
+        drv.publish(qi, i)
+    return size

@@ -6,7 +6,8 @@ Each test plays one misbehaving driver against real devices whose kicks go throu
 * endless requests -- the blk queue is republished the moment anything comes back;
 * a kick storm -- a queue kicked in a tight loop with nothing on it;
 * receive buffers never given -- the host keeps sending to a net device whose guest posts none;
-* chains that all point at one huge buffer -- one request "carrying" 16 or 64 times that buffer.
+* chains that all point at one huge buffer -- one request "carrying" 16 or 64 times that buffer;
+* chains that share one long tail -- Q heads whose walks cost Q * (Q + 1) / 2 descriptor reads.
 
 The bounds (see SECURITY.md): memory vdm allocates for a queue is bounded by the queue size, not
 by how many requests the guest sends; data is never copied per descriptor (a chain's buffers are
@@ -27,13 +28,17 @@ import tracemalloc
 import pytest
 from vdm.eventfd import eventfd_write
 from vdm.eventloop import EventLoop
-from vdm.testing import VirtioTestDriver
+from vdm.testing import GuestRam, VirtioTestDriver
+from vdm.transport.mmio import Reg
+from vdm.virtqueue import Virtqueue
+from vdm.vmm import Vmm
 from vdm_blk.config import BlkConfig
 from vdm_blk.device import BlkDevice
 
 from tests.blk.memdisk import MemoryDisk
 from tests.core.echo_device import EchoDevice
-from tests.security.guest import F_WRITE, Flooder, KickStorm, attach_kicks
+from tests.core.test_vmm import FakeHypervisor
+from tests.security.guest import F_WRITE, Flooder, KickStorm, attach_kicks, publish_shared_tail
 
 #: the longest another device may wait for a request while one queue is flooded or stormed
 BOUND_S = 0.5
@@ -247,3 +252,76 @@ def test_receive_buffers_never_given_cost_vdm_nothing(loop):
         dev.reset()
         tap.close()
     print(f"rx never returned: host sent {sent} frames before back-pressure; heap growth {now - base}")
+
+
+class _ShapedEcho(EchoDevice):
+    """An echo device with a queue of ``size`` entries and a hook run on its next processing."""
+
+    def __init__(self, size: int) -> None:
+        self.queue_max_sizes = (size,)
+        super().__init__()
+        self.on_process = None
+        #: what the hook returned, one entry per call
+        self.observed: list[object] = []
+
+    def process_queue(self, queue: Virtqueue) -> None:
+        if self.on_process is not None:
+            self.observed.append(self.on_process())
+        super().process_queue(queue)
+
+
+#: queue size of the shared-tail test: its ring costs 1024 * 1025 / 2 = 524,800 descriptor reads
+TAIL_Q = 1024
+
+
+def test_a_ring_of_chains_sharing_one_tail_does_not_starve_another_device():
+    """Two devices on one Vmm (one event loop, ioeventfd kicks, as under ``vdm run``). The guest
+    fills one queue with chains sharing one long tail and kicks it; while vdm is walking that ring
+    the guest kicks the other device. The other device's request must be answered after at most
+    one slice of the hostile queue's work, not after the whole quadratic walk; and the hostile
+    queue must still be served to the end (nothing stranded by the yield)."""
+    ram = GuestRam(1 << 20)
+    hv = FakeHypervisor(ram)
+    vmm = Vmm(hv, name="tail")
+    hostile, other = _ShapedEcho(TAIL_Q), _ShapedEcho(16)
+    th, to = vmm.attach_mmio(hostile), vmm.attach_mmio(other)
+    try:
+        hdrv = VirtioTestDriver(hostile, ram=ram, transport=th)
+        odrv = VirtioTestDriver(other, ram=ram, transport=to)
+        hdrv.init()
+        odrv.init()
+        buf = ram.alloc(8, 8)
+        ram.write(buf, b"tailtail")
+
+        def kick_the_other_device():
+            # the guest, on another vCPU, asks the other device for something meanwhile
+            hostile.on_process = None
+            odrv.post(0, [b"ping"], [4])
+            hv.guest_write(to.base + Reg.QUEUE_NOTIFY, 0)
+
+        hostile.on_process = kick_the_other_device
+        other.on_process = lambda: len(hostile.seen)  # hostile chains served when the other runs
+        n = publish_shared_tail(hdrv, 0, buf, 8)
+        hv.guest_write(th.base + Reg.QUEUE_NOTIFY, 0)
+        (used,) = odrv.wait(0, 1, timeout=60)
+        assert used.data == b"ping"
+        served_before = other.observed[0]
+        assert isinstance(served_before, int)
+        walked_before = sum(n - i for i in range(served_before))
+        # one slice: the kick budget, plus the one chain that crossed it (a chain is not split)
+        one_slice = 4096 + TAIL_Q
+        assert walked_before <= 2 * one_slice, (
+            f"the other device waited for {served_before} of {n} hostile chains "
+            f"({walked_before} descriptor reads of {n * (n + 1) // 2})"
+        )
+        # the hostile queue is not stranded: every chain comes back, without another kick
+        deadline = time.monotonic() + 120
+        while hdrv.used_idx(0) != n and time.monotonic() < deadline and not hdrv.needs_reset:
+            time.sleep(0.01)
+        assert hdrv.used_idx(0) == n, f"hostile queue: {hdrv.used_idx(0)} of {n} chains came back"
+        assert not hostile.broken and not other.broken
+        print(f"shared tail, Q={n}: the other device was served after {served_before} hostile chains "
+              f"({walked_before} descriptor reads of {n * (n + 1) // 2})")
+    finally:
+        vmm.close()
+    ram.check_guards()
