@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.realguest import harness
-from tests.realguest.conftest import kit, qemu  # noqa: F401 - the session fixtures
+from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 from tests.vhost_user.vdmproc import VdmProcess, wait_allocated
 
 pytestmark = [pytest.mark.realguest, pytest.mark.slow]
@@ -60,7 +60,8 @@ def _e2fsck_ok(image: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def _boot_blk_and_fs(kit: harness.GuestKit, tmp: Path, vda: Path, vdb: Path) -> harness.GuestResult:  # noqa: F811
+def _boot_blk_and_fs(kit: harness.GuestKit, fe: harness.QemuFrontend, tmp: Path, vda: Path,  # noqa: F811
+                     vdb: Path) -> harness.GuestResult:
     procs = [
         VdmProcess(str(tmp / "vda.sock"), "--disk", str(vda)),
         VdmProcess(str(tmp / "vdb.sock"), "--disk", str(vdb)),
@@ -72,14 +73,16 @@ def _boot_blk_and_fs(kit: harness.GuestKit, tmp: Path, vda: Path, vdb: Path) -> 
             {"mib": 8, "dev": "/dev/vda", "fsdev": "/dev/vdb", "fsmib": 4, "fsfiles": 16},
             timeout=150,
             kit=kit,
+            qemu=fe,
+            visible=[tmp],
         )
     finally:
         rcs = [p.stop() for p in procs]
     assert "memory-backend=mem" in " ".join(r.command)  # guest RAM shared with vdm
     r.assert_ok("blk", "fs")
-    assert rcs == [0, 0], "\n".join(p.output for p in procs)
+    assert rcs == [0, 0], f"{fe}\n" + "\n".join(p.output for p in procs)
     for p in procs:
-        assert p.count("closing the connection") == 0, p.output
+        assert p.count("closing the connection") == 0, f"{fe}\n{p.output}"
         assert not Path(p.socket_path).exists(), "SIGTERM removes the socket"
     blk, fs = r["blk"], r["fs"]
     assert blk["readback"] == "match"
@@ -87,28 +90,34 @@ def _boot_blk_and_fs(kit: harness.GuestKit, tmp: Path, vda: Path, vdb: Path) -> 
     return r
 
 
-def test_guest_blk_and_fs_on_raw_images(kit: harness.GuestKit, tmp_path: Path) -> None:  # noqa: F811
+def test_guest_blk_and_fs_on_raw_images(kit: harness.GuestKit, qemu_frontend: harness.QemuFrontend,  # noqa: F811
+                                        tmp_path: Path) -> None:
     vda, vdb = _raw(tmp_path / "vda.img", 32), _raw(tmp_path / "vdb.img", 32)
-    r = _boot_blk_and_fs(kit, tmp_path, vda, vdb)
-    assert r["blk"]["md5"] == _md5_head(vda, 8 * MIB), "the image does not hold what the guest wrote"
+    r = _boot_blk_and_fs(kit, qemu_frontend, tmp_path, vda, vdb)
+    assert r["blk"]["md5"] == _md5_head(vda, 8 * MIB), (
+        f"{qemu_frontend}: the image does not hold what the guest wrote")
     _e2fsck_ok(vdb)
 
 
-def test_guest_blk_and_fs_on_qcow2_images(kit: harness.GuestKit, tmp_path: Path) -> None:  # noqa: F811
+def test_guest_blk_and_fs_on_qcow2_images(kit: harness.GuestKit, qemu_frontend: harness.QemuFrontend,  # noqa: F811
+                                          tmp_path: Path) -> None:
     vda, vdb = _qcow2(tmp_path / "vda.qcow2", 32), _qcow2(tmp_path / "vdb.qcow2", 32)
-    r = _boot_blk_and_fs(kit, tmp_path, vda, vdb)
+    r = _boot_blk_and_fs(kit, qemu_frontend, tmp_path, vda, vdb)
     for image in (vda, vdb):
         check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
     flat = tmp_path / "vda.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(vda), str(flat)], check=True)
-    assert r["blk"]["md5"] == _md5_head(flat, 8 * MIB), "the qcow2 image does not hold what the guest wrote"
+    assert r["blk"]["md5"] == _md5_head(flat, 8 * MIB), (
+        f"{qemu_frontend}: the qcow2 image does not hold what the guest wrote")
     fsflat = tmp_path / "vdb.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(vdb), str(fsflat)], check=True)
     _e2fsck_ok(fsflat)
 
 
-def test_sigkill_and_restart_during_guest_writes(kit: harness.GuestKit, tmp_path: Path) -> None:  # noqa: F811
+def test_sigkill_and_restart_during_guest_writes(kit: harness.GuestKit, qemu_frontend: harness.QemuFrontend,  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    fe = qemu_frontend
     mib, kills = 32, 2
     image = _raw(tmp_path / "vda.img", 64)
     sock = tmp_path / "vda.sock"
@@ -129,18 +138,20 @@ def test_sigkill_and_restart_during_guest_writes(kit: harness.GuestKit, tmp_path
     th.start()
     try:
         r = harness.run_qemu(
-            _chardev_args(sock, 0, reconnect=True), ["blk"], {"mib": mib}, timeout=150, kit=kit
+            _chardev_args(sock, 0, reconnect=True), ["blk"], {"mib": mib}, timeout=150, kit=kit,
+            qemu=fe, visible=[tmp_path],
         )
     finally:
         done.set()
         th.join(30)
         rc = procs[-1].stop()
     r.assert_ok("blk")
-    assert len(killed) == kills, "the guest's writes never reached the kill points"
-    assert rc == 0
-    assert r["blk"]["readback"] == "match"
-    assert r["blk"]["md5"] == _md5_head(image, mib * MIB), "an acknowledged write was lost"
+    assert len(killed) == kills, f"{fe}: the guest's writes never reached the kill points"
+    assert rc == 0, f"{fe}\n{procs[-1].output}"
+    assert r["blk"]["readback"] == "match", f"{fe}: {r['blk'].line}"
+    assert r["blk"]["md5"] == _md5_head(image, mib * MIB), f"{fe}: an acknowledged write was lost"
     restarted = procs[1:]
-    assert all(p.count("frontend connected") >= 1 for p in restarted), "QEMU did not reconnect"
+    assert all(p.count("frontend connected") >= 1 for p in restarted), f"{fe}: QEMU did not reconnect"
     resubmitted = sum(p.count("served again") for p in restarted)
-    print(f"vhost-user SIGKILL test: {kills} kills, {resubmitted} restart(s) served in-flight requests again")
+    print(f"vhost-user SIGKILL test ({fe.name}): {kills} kills, {resubmitted} restart(s) served in-flight "
+          "requests again")
