@@ -130,10 +130,11 @@ static int reap(int min, int max, const char *what)
 
 enum op { OP_READ, OP_WRITE, OP_ZEROES, OP_DISCARD };
 
-static void submit(enum op op, int slot, uint64_t offset, uint64_t len)
+/* Queue one request in `slot` (its buffer is the slot's bs-sized stride of the mapped region). */
+static void submit(enum op op, int slot, uint64_t bs, uint64_t offset, uint64_t len)
 {
     void *user = (void *)(uintptr_t)slot;
-    unsigned char *buf = bufs + (uint64_t)slot * len;
+    unsigned char *buf = bufs + (uint64_t)slot * bs;
     slots[slot].offset = offset;
     slots[slot].busy = true;
     slots[slot].start_ns = now_ns();
@@ -160,20 +161,7 @@ static void pass(const struct opts *o, enum op op, uint64_t start, uint64_t end,
             uint64_t len = end - next < o->bs ? end - next : o->bs;
             if (op == OP_WRITE)
                 fill_pattern(bufs + (uint64_t)s * o->bs, next, len, o->seed);
-            /* the buffer stride is bs, so a short last request still has its own buffer */
-            slots[s].offset = next;
-            slots[s].busy = true;
-            slots[s].start_ns = now_ns();
-            void *user = (void *)(uintptr_t)s;
-            unsigned char *buf = bufs + (uint64_t)s * o->bs;
-            if (op == OP_READ)
-                blkioq_read(q, next, buf, len, user, 0);
-            else if (op == OP_WRITE)
-                blkioq_write(q, next, buf, len, user, 0);
-            else if (op == OP_ZEROES)
-                blkioq_write_zeroes(q, next, len, user, 0);
-            else
-                blkioq_discard(q, next, len, user, 0);
+            submit(op, s, o->bs, next, len);
             next += len;
             inflight++;
         }
@@ -247,7 +235,7 @@ static void bench(const struct opts *o)
             if (slots[s].busy)
                 continue;
             uint64_t blk = rnd_off ? rnd() % blocks : seq++ % blocks;
-            submit(op, s, o->offset + blk * o->bs, o->bs);
+            submit(op, s, o->bs, o->offset + blk * o->bs, o->bs);
             submitted++;
             inflight++;
             more = o->count ? submitted < o->count : true;

@@ -19,6 +19,7 @@ if [ ! -x "$OUT" ]; then
   "$REPO/scripts/debian13/enter.sh" "$ROOT" "$HERE" "$OUTDIR" -- / \
     gcc -O2 -g -Wall -Wextra -o "$TMP" "$HERE/blkio_frontend.c" -lblkio >&2 \
     || { rm -f "$TMP"; echo "frontends: building blkio_frontend failed" >&2; exit 1; }
+  find "$OUTDIR" -maxdepth 1 -name 'blkio_frontend-*' ! -name '*.tmp.*' -delete   # older builds
   mv "$TMP" "$OUT"
 fi
 echo "$OUT"
