@@ -54,7 +54,7 @@ import weakref
 
 from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd
 
-__all__ = ["FaultWatch", "GuardUnavailable", "guard", "seal_against_shrinking"]
+__all__ = ["FaultWatch", "GuardUnavailable", "guard", "is_guarded", "protect", "seal_against_shrinking"]
 
 _PAGE = mmap.PAGESIZE
 _SA_SIGINFO = 4
@@ -214,3 +214,11 @@ def protect(fd: int, watch: FaultWatch | None, what: str) -> bool:
             "share guest memory as a memfd (QEMU: memory-backend-memfd)"
         ) from None
     return False
+
+
+def is_guarded(mapping: mmap.mmap) -> bool:
+    """Whether the whole of ``mapping`` is registered with the guard (for tests and fuzzing)."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    start = ctypes.addressof(anchor)
+    del anchor
+    return any(r.start <= start and start + len(mapping) <= r.end for r in _ranges)

@@ -48,12 +48,14 @@ class RegionSpec:
 
 
 class _Mapped:
-    __slots__ = ("map", "region", "spec")
+    __slots__ = ("map", "region", "sealed", "spec")
 
-    def __init__(self, spec: RegionSpec, mapping: mmap.mmap, region: MemoryRegion) -> None:
+    def __init__(self, spec: RegionSpec, mapping: mmap.mmap, region: MemoryRegion, sealed: bool) -> None:
         self.spec = spec
         self.map = mapping
         self.region = region
+        #: the file cannot shrink (sealed); otherwise the mapping is SIGBUS-guarded
+        self.sealed = sealed
 
 
 def map_region(spec: RegionSpec, fd: int, watch: FaultWatch | None = None) -> _Mapped:
@@ -84,7 +86,7 @@ def map_region(spec: RegionSpec, fd: int, watch: FaultWatch | None = None) -> _M
         assert watch is not None
         guard(m, watch)
     view = memoryview(m)[spec.mmap_offset : end]
-    return _Mapped(spec, m, MemoryRegion(spec.guest_addr, view))
+    return _Mapped(spec, m, MemoryRegion(spec.guest_addr, view), sealed)
 
 
 class MemoryTable:
