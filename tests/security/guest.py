@@ -16,7 +16,8 @@ F_NEXT, F_WRITE = 1, 2
 
 
 def attach_kicks(loop: EventLoop, device: VirtioDevice) -> list[int]:
-    """Route each queue's kicks through an eventfd on ``loop``, as vdm.vmm does for ioeventfds."""
+    """Route each queue's kicks through an eventfd on ``loop``, as vdm.vmm does for ioeventfds
+    (the device's budgeted kicks resume there too; :meth:`VirtioDevice.stop_serving` undoes it)."""
     fds = []
     for index in range(len(device.queues)):
         fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -27,6 +28,7 @@ def attach_kicks(loop: EventLoop, device: VirtioDevice) -> list[int]:
 
         loop.add_reader(fd, on_kick)
         fds.append(fd)
+    device.serve_on(loop)  # as vdm.vmm does: a kick walks a bounded slice, the loop serves the rest
     return fds
 
 

@@ -13,14 +13,27 @@ A transport (virtio-mmio, virtio-pci) or a vhost-user backend drives the base th
 :meth:`set_driver_features`, :meth:`set_status` (or :meth:`activate`), :meth:`kick` and
 :meth:`reset`; it is told about interrupts through the :class:`DeviceInterrupts` it installs.
 The device never learns which transport or hypervisor carries it.
+
+Fairness: a transport whose kicks arrive on an event loop (``vdm run``'s ioeventfds, vhost-user's
+kick fds) hands that loop to :meth:`VirtioDevice.serve_on`. From then on one call of :meth:`kick`
+walks at most ``kick_budget`` descriptors of that queue (:data:`KICK_BUDGET`; see
+:mod:`vdm.virtqueue` for how the budget is charged); when the budget is spent the queue reads as
+empty to ``process_queue``, the kick returns, and the rest is served by a later ``kick`` that the
+device's own resume eventfd brings on that loop, after every other callback that was ready. So
+another device's request waits at most one slice (the budget plus one chain), never the whole of
+a hostile ring. A device author sees only this: ``process_queue`` may stop early because ``pop``
+returned None with chains left, and is then called again for the rest. Without :meth:`serve_on`
+(a device driven directly, as by vdm.testing's driver) a kick serves the queue to the end.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
+from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_write
 from .memory import GuestMemory, GuestMemoryError
 from .virtqueue import Virtqueue, VirtqueueError
 
@@ -28,6 +41,7 @@ __all__ = [
     "F_EVENT_IDX",
     "F_INDIRECT_DESC",
     "F_VERSION_1",
+    "KICK_BUDGET",
     "DeviceInterrupts",
     "Status",
     "VirtioDevice",
@@ -39,6 +53,10 @@ F_INDIRECT_DESC = 28
 F_EVENT_IDX = 29
 F_VERSION_1 = 32
 F_ACCESS_PLATFORM = 33
+
+#: descriptors one kick may walk before the rest of the queue waits for the loop's next pass.
+#: A slice costs at most this plus one chain (up to queue size + MAX_INDIRECT descriptors).
+KICK_BUDGET = 4096
 
 
 class Status:
@@ -60,6 +78,14 @@ class DeviceInterrupts(Protocol):
 
     def config_interrupt(self) -> None:
         """The configuration space (or DEVICE_NEEDS_RESET) changed."""
+
+
+class KickLoop(Protocol):
+    """The part of :class:`vdm.eventloop.EventLoop` :meth:`VirtioDevice.serve_on` uses."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def remove_reader(self, fd: int) -> None: ...
 
 
 class _NoInterrupts:
@@ -89,6 +115,8 @@ class VirtioDevice:
     #: frontend keeps the control queue for itself (vhost-user: QEMU serves virtio-net's) must not
     #: offer them, since the device would never see what the driver asks there.
     control_queue_features: int = 0
+    #: descriptors one kick walks before it yields (only once :meth:`serve_on` gave it a loop)
+    kick_budget: int = KICK_BUDGET
 
     def __init__(self) -> None:
         self.queues = [Virtqueue(i, n) for i, n in enumerate(self.queue_max_sizes)]
@@ -102,6 +130,11 @@ class VirtioDevice:
         self._state_lock = threading.RLock()
         self._kick_locks = [threading.Lock() for _ in self.queues]
         self._rekick = [False for _ in self.queues]
+        #: queues whose last kick spent its budget with work left: the resume fd brings them back
+        self._deferred = [False for _ in self.queues]
+        self._resume_lock = threading.Lock()
+        self._resume_fd: int | None = None
+        self._resume_loop: KickLoop | None = None
 
     # ---- what a device implements --------------------------------------------------------------
 
@@ -231,22 +264,40 @@ class VirtioDevice:
         )
 
     def kick(self, index: int) -> None:
-        """The driver notified queue ``index``. Safe from any thread; never raises."""
+        """The driver notified queue ``index``. Safe from any thread; never raises.
+
+        With a loop from :meth:`serve_on`, one call walks at most :attr:`kick_budget` descriptors
+        (plus the chain that crosses it) and leaves the rest to a later call on that loop.
+        """
         if self.broken is not None or not self.activated or not 0 <= index < len(self.queues):
             return
         q = self.queues[index]
         if not q.active:
             return
         lock = self._kick_locks[index]
+        limited = self._resume_fd is not None
+        left = self.kick_budget  # one budget for the whole call, however many kicks arrive meanwhile
         # One thread processes a queue at a time; a kick that arrives meanwhile makes it look again.
         self._rekick[index] = True
         while self._rekick[index]:
             if not lock.acquire(blocking=False):
                 return
+            more = False
             try:
-                while self._rekick[index] and self.broken is None:
-                    self._rekick[index] = False
-                    self.process_queue(q)
+                if limited:
+                    q.limit_walk(left)
+                try:
+                    while self._rekick[index] and self.broken is None:
+                        self._rekick[index] = False
+                        if limited:
+                            q.charge(1)  # a call that takes nothing still costs something
+                        self.process_queue(q)
+                        if limited and q.walk_spent():
+                            break
+                finally:
+                    if limited:
+                        left = q.end_walk_limit()
+                        more = left <= 0  # the queue may hold more than it showed
             except (VirtqueueError, GuestMemoryError) as e:
                 self.fail(str(e))
             except Exception as e:  # a device bug must not take the host process down
@@ -256,6 +307,66 @@ class VirtioDevice:
                 lock.release()
             if self.broken is not None:
                 return
+            if more:
+                self._defer(index)
+                return
+
+    # ---- yielding to the event loop (see the module doc) ----------------------------------------
+
+    def serve_on(self, loop: KickLoop) -> None:
+        """Kicks of this device arrive on ``loop``: bound each one and resume the rest there.
+
+        Makes the device's resume eventfd (non-blocking, close-on-exec) and watches it on ``loop``.
+        Call :meth:`stop_serving` before the loop or the device goes away. Calling it again with a
+        loop already set does nothing.
+        """
+        with self._resume_lock:
+            if self._resume_fd is not None:
+                return
+            fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            self._resume_fd, self._resume_loop = fd, loop
+        loop.add_reader(fd, self._resume)
+
+    def stop_serving(self) -> None:
+        """Undo :meth:`serve_on`: stop watching and close the resume eventfd; kicks run to the end."""
+        with self._resume_lock:
+            fd, loop = self._resume_fd, self._resume_loop
+            self._resume_fd = self._resume_loop = None
+            if fd is None:
+                return
+            if loop is not None:
+                loop.remove_reader(fd)
+            os.close(fd)
+
+    def _defer(self, index: int) -> None:
+        self._deferred[index] = True
+        with self._resume_lock:
+            fd = self._resume_fd
+            if fd is None:  # stop_serving() meanwhile: nobody would come back, finish here
+                deferred_here = True
+            else:
+                deferred_here = False
+                try:
+                    eventfd_write(fd, 1)
+                except BlockingIOError:
+                    pass  # the counter is full: a resume is due anyway
+        if deferred_here:
+            self._deferred[index] = False
+            self.kick(index)
+
+    def _resume(self) -> None:
+        """On the loop: serve another slice of every queue whose last kick left work."""
+        fd = self._resume_fd
+        if fd is None:
+            return
+        try:
+            eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        for index, deferred in enumerate(self._deferred):
+            if deferred:
+                self._deferred[index] = False
+                self.kick(index)
 
     def signal_used(self, queue: Virtqueue) -> None:
         """Interrupt the driver for ``queue`` if it asked for it (EVENT_IDX / NO_INTERRUPT)."""

@@ -19,6 +19,13 @@ it never took) is a host bug: the completion is dropped, logged and counted in
 :attr:`Virtqueue.duplicate_completions`, so the driver never sees a used element it does not
 expect.
 
+Work per kick is bounded (see :mod:`vdm.device`): the device base gives the queue a budget of
+descriptor reads (:meth:`Virtqueue.limit_walk`); each chain taken is charged its walk, indirect
+entries included (one sum per chain, nothing extra per descriptor). Once the budget is spent the
+queue *reads as empty* (:meth:`Virtqueue.pop` None, :meth:`Virtqueue.has_available` False) until
+the base lifts it. A chain is never split: one costs at most ``size`` + ``MAX_INDIRECT`` reads
+(longer is a loop, a guest error), so a slice costs at most the budget plus one chain.
+
 Memory ordering: the used element is written before the used index, and the available index is
 read before the ring entries it covers. Each of these is a separate store/load from Python, in
 program order; on x86 (TSO) that is the order other CPUs see. See :mod:`vdm.barrier`.
@@ -55,6 +62,8 @@ MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 4096
 #: Upper bound on the bytes one chain may describe (virtio lengths are 32-bit).
 MAX_CHAIN_BYTES = 1 << 32
+#: the walk budget of a queue that is not inside a budgeted kick (never reached)
+UNLIMITED = 1 << 62
 
 _DESC = struct.Struct("<QIHH")
 
@@ -147,6 +156,10 @@ class Virtqueue:
         self.lock = threading.Lock()
         #: bumped by every reset: a chain popped before it is never pushed into the new rings
         self.epoch = 0
+        #: descriptor reads (chain and indirect-table entries) of every walk since the queue was made
+        self.descriptors_walked = 0
+        #: descriptor reads the current kick may still spend (see the module doc)
+        self._budget = UNLIMITED
         self.reset()
 
     def reset(self) -> None:
@@ -226,13 +239,35 @@ class Virtqueue:
         return self._avail16[1]
 
     def has_available(self) -> bool:
+        """Whether :meth:`pop` would return a chain now (False once the walk budget is spent)."""
         avail16 = self._avail16
-        return avail16 is not None and avail16[1] != self.last_avail_idx
+        return avail16 is not None and avail16[1] != self.last_avail_idx and self._budget > 0
+
+    # ---- the walk budget (see the module doc) ----------------------------------------------------
+
+    def limit_walk(self, budget: int) -> None:
+        """Take chains only while fewer than ``budget`` descriptors were read since this call."""
+        self._budget = budget
+
+    def walk_spent(self) -> bool:
+        return self._budget <= 0
+
+    def end_walk_limit(self) -> int:
+        """Lift the limit; return what was left of it (0 or less: chains may be left to take)."""
+        left, self._budget = self._budget, UNLIMITED
+        return left
+
+    def charge(self, descriptors: int) -> None:
+        """Count other work against the budget (the base charges 1 per ``process_queue`` call)."""
+        self._budget -= descriptors
 
     def pop(self) -> DescriptorChain | None:
-        """Take the next available chain, or None. Raises :class:`VirtqueueError` on a guest error."""
+        """Take the next available chain, or None (none there, or the walk budget is spent).
+
+        Raises :class:`VirtqueueError` on a guest error.
+        """
         avail16, used16 = self._avail16, self._used16
-        if avail16 is None or used16 is None:
+        if avail16 is None or used16 is None or self._budget <= 0:
             return None
         idx = avail16[1]
         pending = (idx - self.last_avail_idx) & 0xFFFF
@@ -305,6 +340,7 @@ class Virtqueue:
                         table_len = length // 16
                         in_indirect = True
                         limit = table_len
+                        direct = steps
                         steps = 0
                         i = 0
                         # walk the indirect table, then stop: an indirect descriptor ends the chain
@@ -326,6 +362,7 @@ class Virtqueue:
                     finally:
                         for t in readable_tables:
                             memory.unmap(t)
+                    steps += direct
                     break
                 total = self._add(memory, addr, length, flags, readable, writable, total)
                 if not flags & VIRTQ_DESC_F_NEXT:
@@ -339,6 +376,8 @@ class Virtqueue:
             if isinstance(e, GuestMemoryError):
                 raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
+        self._budget -= steps
+        self.descriptors_walked += steps
         inflight[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
         return DescriptorChain(head, readable, writable, self.epoch, memory)
 

@@ -135,6 +135,7 @@ class Vmm:
         self.register_mmio(base, MMIO_WINDOW_SIZE, transport, owner)
         for q in device.queues:
             self._kick_eventfd(device, q.index, base + Reg.QUEUE_NOTIFY, pio=False)
+        self._bound_kicks(device)
         self.transports.append(transport)
         return transport
 
@@ -156,8 +157,14 @@ class Vmm:
         for q in device.queues:
             # the driver writes the queue index as 16 bits at the queue's own notify address
             self._kick_eventfd(device, q.index, bar + NOTIFY_OFFSET + 4 * q.index, pio=False, size=2)
+        self._bound_kicks(device)
         self.transports.append(transport)
         return transport
+
+    def _bound_kicks(self, device: VirtioDevice) -> None:
+        """Each kick (ioeventfd or MMIO handler) walks a bounded slice; the rest runs on the loop."""
+        device.serve_on(self.events)
+        self.events.start()
 
     def _kick_eventfd(self, device: VirtioDevice, index: int, addr: int, pio: bool, size: int = 4) -> bool:
         """Route guest kicks of queue ``index`` (the index written at ``addr``) to an eventfd."""
@@ -179,6 +186,7 @@ class Vmm:
         """Stop device work and release what attach_* made."""
         for t in self.transports:
             t.device.reset()
+            t.device.stop_serving()
         if self.events._started:
             self.events.stop()
         for fd in self._fds:
