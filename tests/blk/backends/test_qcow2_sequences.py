@@ -13,7 +13,7 @@ from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vdm_blk.backends import open_disk, qcow2
+from vdm_blk.backends import open_disk, qcow2, qcow2_refcounts
 
 from .helpers import (
     QEMU_IMG,
@@ -61,9 +61,12 @@ ops = st.lists(
     direct=st.booleans(),
     tiny_caches=st.booleans(),
     snapshot=st.booleans(),
+    small_pieces=st.booleans(),
     sequence=ops,
 )
-def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, tiny_caches, snapshot, sequence):
+def test_sequences_match_a_model(
+    cluster_size, compat, with_backing, direct, tiny_caches, snapshot, small_pieces, sequence
+):
     assert QEMU_IMG
     # tiny caches: two L2 tables and two refcount blocks, so write-back on eviction is exercised
     caches = (
@@ -71,7 +74,13 @@ def test_sequences_match_a_model(cluster_size, compat, with_backing, direct, tin
         if tiny_caches
         else contextlib.nullcontext()
     )
-    with tempfile.TemporaryDirectory() as d, caches:
+    # small pieces: tables are written back in 64-byte pieces, so that stale-piece tracking is
+    # exercised with many pieces per table even in a 1 MiB image
+    pieces = contextlib.ExitStack()
+    if small_pieces:
+        pieces.enter_context(mock.patch.object(qcow2, "CHUNK", 64))
+        pieces.enter_context(mock.patch.object(qcow2_refcounts, "CHUNK", 64))
+    with tempfile.TemporaryDirectory() as d, caches, pieces:
         backing = None
         model = bytearray(SIZE)
         if with_backing:

@@ -34,7 +34,10 @@ Data path
     is extended over the rest.
 
 Metadata and crash safety
-    L2 tables and refcount blocks are cached (bounded, LRU) and written back, as QEMU does. The
+    L2 tables and refcount blocks are cached (bounded, LRU) and written back, as QEMU does, but
+    only the pieces (pages) that changed: a flush costs what changed, not the table sizes (2 MiB
+    each with 2 MiB clusters). Refcounts narrower than a byte stay packed in memory. A new L2
+    table past the end of the file extends the file (zeros) instead of being written whole. The
     ordering invariant is "a reference is never on disk before the refcount that covers it":
 
     1. refcount increments (new clusters) are written first, and ``fdatasync``-ed,
@@ -74,7 +77,7 @@ from .hostfile import HostFile
 from .qcow2_check import check_metadata
 from .qcow2_header import COMPAT_LAZY_REFCOUNTS, OFFSET_MASK, read_header
 from .qcow2_refcounts import Refcounts
-from .qcow2_tables import Table, TableCache, decode_u64, encode_u64
+from .qcow2_tables import CHUNK, Table, TableCache, decode_u64, encode_u64
 
 __all__ = ["Qcow2Disk"]
 
@@ -179,6 +182,8 @@ class Qcow2Disk(DiskBackend):
                     "past the end of the file; check it with qemu-img check"
                 )
         self._l1_dirty: dict[int, int] = {}
+        self._l2_chunk = min(CHUNK, cs)
+        self._l2_shift = self._l2_chunk.bit_length() - 1 - 3  # L2 entries per piece written back
         # caches
         self._l2 = TableCache(max(MIN_CACHE_TABLES, L2_CACHE_BYTES // cs), self._write_l2_evicted)
         self.refs = Refcounts(
@@ -227,7 +232,7 @@ class Qcow2Disk(DiskBackend):
         raw = self.f.pread(self.cs, off)
         if len(raw) < self.cs:
             raise self._corrupt(f"L2 table at 0x{off:x} is past the end of the file")
-        t = Table(decode_u64(raw))
+        t = Table(decode_u64(raw), self._l2_shift)
         self._l2.insert(off, t)
         return t
 
@@ -241,9 +246,18 @@ class Qcow2Disk(DiskBackend):
         self.f.sync()
         for o, other in self._l2.items():
             if other.dirty:
-                self.f.pwrite(encode_u64(other.entries), o)
-                other.dirty = False
+                for pos, raw in self._l2_pieces(o, other):
+                    self.f.pwrite(raw, pos)
+                other.chunks.clear()
                 other.writes += 1
+
+    def _l2_pieces(self, off: int, t: Table) -> list[tuple[int, bytes]]:
+        """(file offset, bytes) of the stale pieces of an L2 table, contiguous ones merged."""
+        per = 1 << self._l2_shift
+        return [
+            (off + first * self._l2_chunk, encode_u64(t.entries[first * per : (first + count) * per]))
+            for first, count in t.dirty_runs()
+        ]
 
     def _l2_for(self, gc: int, create: bool) -> Table | None:
         """The L2 table mapping guest cluster ``gc``; with ``create``, allocate a missing one."""
@@ -260,7 +274,12 @@ class Qcow2Disk(DiskBackend):
             return None
         new = self.refs.alloc()
         self._meta_clusters.add(new >> self.cbits)
-        t = Table(array("Q", bytes(self.cs)), dirty=True)
+        # a new table past the end of the file: extend the file over it (it reads zeros), and
+        # only the pieces that get entries are written; one inside the file is written whole
+        past_end = new >= self.f.size()
+        if past_end:
+            self.f.truncate(new + self.cs)
+        t = Table(array("Q", bytes(self.cs)), self._l2_shift, dirty=not past_end)
         self._l2.insert(new, t)
         self.l1[l1i] = new | COPIED
         self._l1_dirty[l1i] = new | COPIED
@@ -281,7 +300,7 @@ class Qcow2Disk(DiskBackend):
                 entries[i] = e & ~COPIED
         new = self.refs.alloc()
         self._meta_clusters.add(new >> self.cbits)
-        t = Table(entries, dirty=True)
+        t = Table(entries, self._l2_shift, dirty=True)
         self._l2.insert(new, t)
         self.l1[l1i] = new | COPIED
         self._l1_dirty[l1i] = new | COPIED
@@ -588,8 +607,7 @@ class Qcow2Disk(DiskBackend):
                 p += len(v)
             self.f.pwritev([memoryview(buf)], new)
         table.entries[idx] = new | COPIED
-        table.dirty = True
-        table.gen += 1
+        table.touch(idx)
         if free_old is not None:
             self._pending_free.append(free_old)
 
@@ -680,8 +698,7 @@ class Qcow2Disk(DiskBackend):
         table = self._l2_for(gc, True)
         assert table is not None
         table.entries[gc & self.l2_mask] = new
-        table.dirty = True
-        table.gen += 1
+        table.touch(gc & self.l2_mask)
         kind, host = self._classify(old)
         if kind == COMPRESSED_KIND:
             coff = old & self.coffset_mask
@@ -701,7 +718,9 @@ class Qcow2Disk(DiskBackend):
             with self._meta:
                 self.refs.write_dirty()
                 snap = [
-                    (off, t, t.gen, t.writes, encode_u64(t.entries)) for off, t in self._l2.items() if t.dirty
+                    (off, t, t.writes, dict(t.chunks), self._l2_pieces(off, t))
+                    for off, t in self._l2.items()
+                    if t.dirty
                 ]
                 l1 = dict(self._l1_dirty)
                 frees = self._pending_free
@@ -727,12 +746,14 @@ class Qcow2Disk(DiskBackend):
         self.f.sync()  # data and refcounts
         if snap or l1:
             with self._meta:
-                for off, t, gen, writes, raw in snap:
+                for off, t, writes, chunks, pieces in snap:
                     if self._l2.peek(off) is not t or t.writes != writes:
                         continue  # written meanwhile (evictions), with newer content
-                    self.f.pwrite(raw, off)
-                    if t.gen == gen:
-                        t.dirty = False
+                    for pos, raw in pieces:
+                        self.f.pwrite(raw, pos)
+                    for c, gen in chunks.items():
+                        if t.chunks.get(c) == gen:  # not changed again since the snapshot
+                            del t.chunks[c]
                 for i, e in l1.items():
                     self.f.pwrite(struct.pack(">Q", e), self.h.l1_table_offset + i * 8)
                     if self._l1_dirty.get(i) == e:

@@ -19,7 +19,7 @@ from typing import Callable
 from .base import DiskError
 from .hostfile import HostFile
 from .qcow2_header import Qcow2Header
-from .qcow2_tables import Table, TableCache, decode_u64, encode_u64, find_zero
+from .qcow2_tables import CHUNK, PackedCounts, Table, TableCache, decode_u64, encode_u64, find_zero
 
 __all__ = ["Refcounts"]
 
@@ -50,6 +50,9 @@ class Refcounts:
         self.cs = h.cluster_size
         self.bits = 1 << h.refcount_order
         self.per_block = self.cs * 8 // self.bits
+        self.chunk_bytes = min(CHUNK, self.cs)
+        # entries per piece written back = chunk_bytes * 8 / bits
+        self.shift = self.chunk_bytes.bit_length() - 1 + 3 - h.refcount_order
         self.guard = guard
         self.corrupt = corrupt
         file_size = f.size()
@@ -81,31 +84,29 @@ class Refcounts:
             if not _BIG_ENDIAN and width > 8:
                 a.byteswap()
             return a
-        # sub-byte widths: entry 0 in the least significant bits of byte 0
-        per = 8 // width
-        mask = (1 << width) - 1
-        return array("B", [(byte >> (i * width)) & mask for byte in raw for i in range(per)])
+        # sub-byte widths stay packed (entry 0 in the least significant bits of byte 0)
+        return PackedCounts(bytearray(raw), width)
 
-    def _encode(self, a: array) -> bytes:
+    def _encode(self, a, start: int = 0, end: int | None = None) -> bytes:
+        """The on-disk bytes of entries ``start`` to ``end`` (whole bytes for sub-byte widths)."""
         width = self.bits
+        if end is None:
+            end = len(a)
+        if isinstance(a, PackedCounts):
+            return bytes(a.raw[start * width // 8 : end * width // 8])
+        a = a[start:end]
         if width >= 8:
             if a.itemsize != width // 8:
                 return b"".join(v.to_bytes(width // 8, "big") for v in a)
             if _BIG_ENDIAN or width == 8:
                 return a.tobytes()
-            b = array(a.typecode, a)
-            b.byteswap()
-            return b.tobytes()
-        per = 8 // width
-        out = bytearray(len(a) // per)
-        for i in range(len(out)):
-            v = 0
-            for j in range(per):
-                v |= a[i * per + j] << (j * width)
-            out[i] = v
-        return bytes(out)
+            a.byteswap()  # a is a copy (the slice above)
+            return a.tobytes()
+        raise AssertionError("sub-byte refcounts are PackedCounts")
 
-    def _empty(self) -> array:
+    def _empty(self):
+        if self.bits < 8:
+            return PackedCounts(bytearray(self.cs), self.bits)
         code = _ARRAY_CODES[self.bits // 8] if self.bits >= 8 else "B"
         if array(code).itemsize * 8 != max(self.bits, 8):
             code = "Q"
@@ -118,13 +119,18 @@ class Refcounts:
         raw = self.f.pread(self.cs, off)
         if len(raw) < self.cs:
             raise self.corrupt(f"refcount block at 0x{off:x} is past the end of the file")
-        t = Table(self._decode(raw))
+        t = Table(self._decode(raw), self.shift)
         self.cache.insert(off, t)
         return t
 
     def _write(self, off: int, t: Table) -> None:
-        self.f.pwrite(self._encode(t.entries), off)
-        t.dirty = False
+        """Write the stale pieces of a refcount block (only those: a flush costs what changed)."""
+        per = 1 << self.shift
+        for first, count in t.dirty_runs():
+            self.f.pwrite(
+                self._encode(t.entries, first * per, (first + count) * per), off + first * self.chunk_bytes
+            )
+        t.chunks.clear()
 
     def write_dirty(self) -> bool:
         """Write every dirty refcount block (no sync); True if there were any."""
@@ -165,7 +171,7 @@ class Refcounts:
                 idx = (rti + 1) * epb
                 continue
             t.entries[j] = 1
-            t.dirty = True
+            t.touch(j)
             cluster = rti * epb + j
             self.free_hint = cluster + 1
             # a free cluster on top of metadata means the refcounts are wrong: stop before damage
@@ -181,7 +187,7 @@ class Refcounts:
                 log.warning("%s: freeing host cluster %d whose refcount is already 0", self.f.path, c)
                 continue
             t.entries[j] -= 1
-            t.dirty = True
+            t.touch(j)
             if t.entries[j] == 0:
                 self.metadata.discard(c)
                 if c < self.free_hint:
@@ -205,7 +211,7 @@ class Refcounts:
         self.f.sync()
         self.f.pwrite(struct.pack(">Q", off), self.h.refcount_table_offset + rti * 8)
         self.rt[rti] = off
-        self.cache.insert(off, Table(entries))
+        self.cache.insert(off, Table(entries, self.shift))
         self.metadata.add(off // self.cs)
 
     def _grow_table(self, needed: int) -> None:
@@ -257,6 +263,6 @@ class Refcounts:
         self.h.refcount_table_offset, self.h.refcount_table_clusters = table_off, tclusters
         self.rt = new_rt
         for i, rb in enumerate(blocks):
-            self.cache.insert((area + i) * cs, Table(rb))
+            self.cache.insert((area + i) * cs, Table(rb, self.shift))
         self.metadata.update(range(area, area + total))
         self.free(old_off, old_clusters * cs)

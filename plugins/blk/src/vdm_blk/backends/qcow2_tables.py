@@ -7,9 +7,11 @@ from array import array
 from collections import OrderedDict
 from typing import Callable
 
-__all__ = ["Table", "TableCache", "decode_u64", "encode_u64", "find_zero"]
+__all__ = ["CHUNK", "PackedCounts", "Table", "TableCache", "decode_u64", "encode_u64", "find_zero"]
 
 _BIG_ENDIAN = sys.byteorder == "big"
+#: the largest piece of a table written back at once (a table smaller than this is one piece)
+CHUNK = 4096
 
 
 def decode_u64(data: bytes) -> array:
@@ -29,8 +31,10 @@ def encode_u64(a: array) -> bytes:
     return b.tobytes()
 
 
-def find_zero(a: array, start: int) -> int:
-    """Index of the first 0 in ``a`` at or after ``start``, or -1."""
+def find_zero(a, start: int) -> int:
+    """Index of the first 0 in ``a`` (an array or :class:`PackedCounts`) at or after ``start``, or -1."""
+    if isinstance(a, PackedCounts):
+        return a.find_zero(start)
     if sys.version_info >= (3, 10):
         try:
             return a.index(0, start)
@@ -42,16 +46,97 @@ def find_zero(a: array, start: int) -> int:
     return -1
 
 
+class PackedCounts:
+    """Refcounts narrower than a byte (1, 2 or 4 bits), kept packed as on disk: entry 0 in the
+    least significant bits of byte 0. Indexing reads and writes one entry; nothing is expanded,
+    so a 2 MiB block of 16 Mi one-bit refcounts stays 2 MiB."""
+
+    __slots__ = ("_full", "bits", "mask", "per", "raw")
+
+    _FULL: dict[int, bytes] = {}
+
+    def __init__(self, raw: bytearray, bits: int) -> None:
+        self.raw = raw
+        self.bits = bits
+        self.per = 8 // bits
+        self.mask = (1 << bits) - 1
+        full = self._FULL.get(bits)
+        if full is None:  # byte -> 1 if none of its entries is 0, else 0
+            full = bytes(int(all((b >> (k * bits)) & self.mask for k in range(self.per))) for b in range(256))
+            self._FULL[bits] = full
+        self._full = full
+
+    def __len__(self) -> int:
+        return len(self.raw) * self.per
+
+    def __getitem__(self, i: int) -> int:
+        byte, k = divmod(i, self.per)
+        return (self.raw[byte] >> (k * self.bits)) & self.mask
+
+    def __setitem__(self, i: int, value: int) -> None:
+        if not 0 <= value <= self.mask:
+            raise OverflowError(f"refcount {value} does not fit in {self.bits} bits")
+        byte, k = divmod(i, self.per)
+        shift = k * self.bits
+        self.raw[byte] = (self.raw[byte] & ~(self.mask << shift)) | (value << shift)
+
+    def find_zero(self, start: int) -> int:
+        """Index of the first 0 entry at or after ``start``, or -1 (bytes are scanned in C)."""
+        per, raw = self.per, self.raw
+        byte = start // per
+        for i in range(start, min(len(self), (byte + 1) * per)):
+            if not self[i]:
+                return i
+        byte += 1
+        step = 1 << 16
+        while byte < len(raw):
+            k = raw[byte : byte + step].translate(self._full).find(0)
+            if k >= 0:
+                first = (byte + k) * per
+                for i in range(first, first + per):
+                    if not self[i]:
+                        return i
+            byte += step
+        return -1
+
+
 class Table:
-    """A cached L2 table or refcount block: its entries and whether the disk copy is stale."""
+    """A cached L2 table or refcount block: its entries and which pieces of the disk copy are stale.
 
-    __slots__ = ("dirty", "entries", "gen", "writes")
+    The table is written back in pieces (``chunk_bytes`` each, a page or a cluster if smaller):
+    ``chunks`` maps each stale piece to the table's ``gen`` when it last changed, so a writer can
+    tell whether a piece changed again after it took its copy. Change entries only through
+    :meth:`touch`.
+    """
 
-    def __init__(self, entries: array, dirty: bool = False) -> None:
+    __slots__ = ("chunks", "entries", "gen", "shift", "writes")
+
+    def __init__(self, entries, shift: int, dirty: bool = False) -> None:
         self.entries = entries
-        self.dirty = dirty
+        self.shift = shift  # entry index >> shift = piece
         self.gen = 0  # changes of the entries
         self.writes = 0  # times written out other than by a flush's snapshot
+        n = -(-len(entries) >> shift) if entries else 0
+        self.chunks: dict[int, int] = dict.fromkeys(range(n), 0) if dirty else {}
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.chunks)
+
+    def touch(self, index: int) -> None:
+        """Entry ``index`` was changed: its piece is stale."""
+        self.gen += 1
+        self.chunks[index >> self.shift] = self.gen
+
+    def dirty_runs(self) -> list[tuple[int, int]]:
+        """The stale pieces as (first piece, count) runs, in order."""
+        runs: list[tuple[int, int]] = []
+        for c in sorted(self.chunks):
+            if runs and runs[-1][0] + runs[-1][1] == c:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((c, 1))
+        return runs
 
 
 class TableCache:
