@@ -410,11 +410,14 @@ def test_strict_list_plugins_still_lists(site):
 
 
 def test_no_plugin_loaded(site):
+    """A name no plugin has loads nothing, and says so (issue 20 item 11: it used to be silent)."""
     proc = run_vdm(["list-plugins"], pythonpath=[site], env={"VDM_PLUGINS": "none-such"})
-    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.returncode == 0
+    assert proc.stderr.startswith("vdm: VDM_PLUGINS: no plugin named 'none-such' (installed: ")
+    assert len(proc.stderr.splitlines()) == 1
     rows = parse_table(proc.stdout)
     assert rows and {r["status"] for r in rows.values()} == {"disabled"}
-    assert run_vdm(["--strict", "list-plugins"], env={"VDM_PLUGINS": "none-such"}).returncode == 0
+    assert run_vdm(["--strict", "list-plugins"], env={"VDM_PLUGINS": "none-such"}).returncode == 1
 
 
 def _core_only_path(tmp_path: Path) -> list[Path]:

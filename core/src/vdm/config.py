@@ -10,6 +10,8 @@ is filled from a command-line string and from a TOML table, and a wrong option i
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import sys
 import typing
 from typing import Any, Mapping
@@ -21,7 +23,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python < 3.11
     import tomli as tomllib
 
-__all__ = ["config_from_mapping", "describe_options", "load_toml", "parse_option_string"]
+__all__ = [
+    "config_class_problem",
+    "config_from_mapping",
+    "describe_options",
+    "load_toml",
+    "parse_option_string",
+]
 
 _TRUE = {"1", "on", "yes", "true", "y"}
 _FALSE = {"0", "off", "no", "false", "n"}
@@ -38,6 +46,24 @@ def _base_type(tp: Any) -> Any:
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, _base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init}
+
+
+def config_class_problem(cls: Any) -> str | None:
+    """Why ``cls`` cannot be a device type's configuration, or None when it can.
+
+    It must be a dataclass (the class, not an instance) whose field annotations resolve: the
+    option parser and ``--help`` read them. Checked when a plugin registers the device type, so a
+    bad one fails that plugin instead of every command that lists device options.
+    """
+    if not isinstance(cls, type):
+        return f"config must be a dataclass (the class), not {type(cls).__name__}"
+    if not dataclasses.is_dataclass(cls):
+        return f"config {cls.__name__} is not a dataclass (decorate it with @dataclass)"
+    try:
+        _fields(cls)
+    except Exception as e:  # a NameError in a string annotation, a broken __class_getitem__, ...
+        return f"config {cls.__name__}: its field types cannot be read ({type(e).__name__})"
+    return None
 
 
 def _convert(what: str, name: str, fld: dataclasses.Field, tp: Any, value: Any) -> Any:
@@ -133,12 +159,68 @@ def describe_options(cls: type) -> str:
     return ",".join(parts)
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML VM file; a syntax error is one clear line."""
+#: a VM or device file larger than this is refused (they are a few hundred bytes)
+MAX_TOML_BYTES = 1 << 20
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _read_regular(path: str) -> bytes:
+    """The bytes of the regular file ``path`` (symlinks followed).
+
+    Opened with O_NONBLOCK so that a FIFO never blocks the open; anything but a regular file is
+    refused after an ``fstat`` of the open descriptor (no window between a check and the open).
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UserError(f"{path}: no such VM file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a TOML file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise UserError(f"{path}: is {kind}, not a TOML file")
+        if st.st_size > MAX_TOML_BYTES:
+            raise UserError(f"{path}: too large for a TOML file (more than {MAX_TOML_BYTES} bytes)")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_TOML_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOML_BYTES:
+        raise UserError(f"{path}: too large for a TOML file (more than {MAX_TOML_BYTES} bytes)")
+    return data
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML VM or device file; every problem with it is one clear :class:`UserError` line.
+
+    Only a regular file is read (a directory, FIFO or device is refused without blocking); it must
+    be UTF-8 text, valid TOML, and not nested deeper than the parser can follow.
+    """
+    data = _read_regular(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); TOML files are UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid TOML here: arrays or tables nested too deeply") from None

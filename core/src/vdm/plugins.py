@@ -6,6 +6,15 @@ validation (unknown hook, wrong arguments) or raises in a hook is recorded with 
 distribution, version and error, and the rest keep working. ``VDM_PLUGINS`` (a comma list of
 plugin names) or ``--plugins`` restricts what is loaded.
 
+Every call into a plugin while loading -- its import, its register hooks, the ``check`` of what
+it registers -- runs in a worker thread with a time bound (``--plugin-timeout`` or
+``VDM_PLUGIN_TIMEOUT``, default 10 s) and with ``sys.stdout`` sent to stderr: a plugin that hangs
+is reported as such and left behind, one that prints cannot corrupt ``list-plugins --json``, and
+any exception (``KeyboardInterrupt`` and ``SystemExit`` included) is that plugin's failure. Each
+registered object is checked (:func:`vdm.registry.registration_problem`) before it is kept; a bad
+one fails its plugin, which then provides nothing. A check must return None or a reason string;
+anything else is reported as a broken check.
+
 Conflicts: when two plugins register the same device or hypervisor name, plugins are taken in a
 fixed order -- by entry-point name, then distribution name -- and the first one wins, unless
 ``VDM_PREFER`` (``name=distribution,...``) names the distribution that should provide it. Every
@@ -14,8 +23,10 @@ conflict is reported by ``vdm list-plugins``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Iterable, Optional
@@ -23,17 +34,30 @@ from typing import Any, Callable, Iterable, Optional
 import pluggy
 
 from . import API_VERSION
+from .errors import UserError
 from .hookspecs import PROJECT, PluginSpec
-from .registry import Command, DeviceType, HypervisorType
+from .registry import Command, DeviceType, HypervisorType, registration_problem
 
 if sys.version_info >= (3, 10):
     from importlib.metadata import EntryPoint, entry_points
 else:  # pragma: no cover - Python 3.9
     from importlib_metadata import EntryPoint, entry_points
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginInfo", "PluginSet", "load_plugins"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ENTRY_POINT_GROUP",
+    "PluginInfo",
+    "PluginSet",
+    "load_plugins",
+    "timeout_from_env",
+]
 
 ENTRY_POINT_GROUP = "vdm.plugins"
+#: seconds a plugin's import, register hook or check may take (``VDM_PLUGIN_TIMEOUT``)
+DEFAULT_TIMEOUT = 10.0
+_NO_ANSWER = "did not answer"
+#: longest availability reason kept (a reason is one line of ``vdm list-plugins``)
+MAX_REASON = 300
 
 
 @dataclass
@@ -95,6 +119,10 @@ class PluginSet:
     commands: dict[str, tuple[Command, PluginInfo]] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
     manager: Optional[pluggy.PluginManager] = None
+    #: names asked for (``--plugins``/``VDM_PLUGINS``) that no installed plugin has
+    unknown: list[str] = field(default_factory=list)
+    #: the time bound on each call into a plugin (seconds)
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def errors(self) -> list[PluginInfo]:
@@ -108,6 +136,10 @@ class PluginSet:
             if flag in (dt.cli_flag, dt.cli_short):
                 return dt
         return None
+
+    def check(self, fn: Callable[[], Optional[str]] | None) -> Optional[str]:
+        """Run a plugin's availability check within this set's time bound: None or one reason line."""
+        return _check(fn, self.timeout)
 
 
 def _dist_of(ep: EntryPoint) -> tuple[str, str]:
@@ -126,17 +158,79 @@ def _preferences() -> dict[str, str]:
     return prefs
 
 
-def _check(fn: Callable[[], Optional[str]] | None) -> Optional[str]:
+def timeout_from_env() -> float:
+    """``VDM_PLUGIN_TIMEOUT`` in seconds (default :data:`DEFAULT_TIMEOUT`); a bad value is a UserError."""
+    text = os.environ.get("VDM_PLUGIN_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise UserError(f"VDM_PLUGIN_TIMEOUT={text!r}: give a number of seconds greater than 0")
+    return value
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: message`` of an exception from a plugin; a ``__str__`` that raises does not escape."""
+    try:
+        text = str(e)
+    except Exception:
+        text = "(its message cannot be shown)"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _bounded(fn: Callable[[], Any], timeout: float | None) -> tuple[Any, Optional[str]]:
+    """Call plugin code ``fn()`` in a daemon thread: ``(result, None)`` or ``(None, why it failed)``.
+
+    Whatever it raises, BaseException included, is a reason; after ``timeout`` seconds it is
+    abandoned (the thread is left behind, a daemon) and the reason says so. Its writes to
+    ``sys.stdout`` go to stderr. The caller's KeyboardInterrupt (Ctrl-C) still stops the wait.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # plugin code: everything is its failure
+            box["error"] = _describe(e)
+
+    worker = threading.Thread(target=target, name="vdm-plugin", daemon=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        worker.start()
+        worker.join(timeout)
+    if worker.is_alive():
+        return None, f"{_NO_ANSWER} within {timeout:g} s (see --plugin-timeout)"
+    if "error" in box:
+        return None, box["error"]
+    return box.get("value"), None
+
+
+def _check(fn: Callable[[], Optional[str]] | None, timeout: float | None = DEFAULT_TIMEOUT) -> Optional[str]:
+    """A plugin's availability check: None (available) or one line saying why not.
+
+    A check that raises, hangs past ``timeout`` or returns something other than None or a string
+    is a reason too, never a crash.
+    """
     if fn is None:
         return None
-    try:
-        return fn()
-    except Exception as e:  # a broken availability check is reported, not fatal
-        return f"availability check failed: {type(e).__name__}: {e}"
+    value, why = _bounded(fn, timeout)
+    if why is not None:
+        return f"availability check failed: {why}"
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"availability check returned {type(value).__name__}, not None or a reason"
+    line = "; ".join(ln.strip() for ln in value.splitlines() if ln.strip()) or "unavailable (no reason given)"
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
 
 
 def _api_error(module: ModuleType, info: PluginInfo) -> str | None:
-    needed = getattr(module, "VDM_API", None)
+    try:
+        needed = getattr(module, "VDM_API", None)
+    except Exception as e:  # a module __getattr__ that raises
+        return f"reading VDM_API raised {_describe(e)}"
     if needed is None:
         return None
     if not isinstance(needed, int) or needed != API_VERSION:
@@ -147,10 +241,17 @@ def _api_error(module: ModuleType, info: PluginInfo) -> str | None:
     return None
 
 
-def load_plugins(only: Iterable[str] | None = None, eps: Iterable[EntryPoint] | None = None) -> PluginSet:
+def load_plugins(
+    only: Iterable[str] | None = None,
+    eps: Iterable[EntryPoint] | None = None,
+    timeout: float | None = None,
+) -> PluginSet:
     """Load the plugins of the ``vdm.plugins`` group (or ``eps``) and collect what they provide.
 
-    :param only: names of the plugins to load (default: ``VDM_PLUGINS`` if set, else all).
+    :param only: names of the plugins to load (default: ``VDM_PLUGINS`` if set, else all); names
+        no installed plugin has are listed in :attr:`PluginSet.unknown`.
+    :param timeout: seconds each call into a plugin may take (default: ``VDM_PLUGIN_TIMEOUT`` or
+        :data:`DEFAULT_TIMEOUT`).
     """
     if only is None and os.environ.get("VDM_PLUGINS"):
         only = [n.strip() for n in os.environ["VDM_PLUGINS"].split(",") if n.strip()]
@@ -159,7 +260,8 @@ def load_plugins(only: Iterable[str] | None = None, eps: Iterable[EntryPoint] | 
     found.sort(key=lambda ep: (ep.name, _dist_of(ep)[0]))
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PluginSpec)
-    result = PluginSet(manager=pm)
+    result = PluginSet(manager=pm, timeout=timeout_from_env() if timeout is None else timeout)
+    result.unknown = sorted(wanted - {ep.name for ep in found}) if wanted is not None else []
     prefs = _preferences()
     for ep in found:
         dist, version = _dist_of(ep)
@@ -168,12 +270,11 @@ def load_plugins(only: Iterable[str] | None = None, eps: Iterable[EntryPoint] | 
         if wanted is not None and ep.name not in wanted:
             info.state = "disabled"
             continue
-        try:
-            module = ep.load()
-        except (Exception, SystemExit) as e:  # sys.exit() at import must not end vdm
-            info.state, info.error = "failed", f"import failed: {type(e).__name__}: {e}"
+        module, why = _bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
+        if why is not None:
+            info.state, info.error = "failed", f"import failed: {why}"
             continue
-        info.path = getattr(module, "__file__", "") or ""
+        info.path = str(getattr(module, "__file__", "") or "")
         why = _api_error(module, info)
         if why:
             info.state, info.error = "failed", why
@@ -185,6 +286,9 @@ def load_plugins(only: Iterable[str] | None = None, eps: Iterable[EntryPoint] | 
             continue
         except ValueError as e:  # registered twice (same module under two entry points)
             info.state, info.error = "failed", str(e)
+            continue
+        except Exception as e:  # what pluggy's inspection of an odd module object raises
+            info.state, info.error = "failed", f"invalid plugin: {_describe(e)}"
             continue
         callers = pm.get_hookcallers(module) or []
         unknown = sorted(c.name for c in callers if not c.has_spec())
@@ -201,32 +305,44 @@ def load_plugins(only: Iterable[str] | None = None, eps: Iterable[EntryPoint] | 
 def _collect(
     pm: pluggy.PluginManager, module: ModuleType, info: PluginInfo, result: PluginSet, prefs: dict[str, str]
 ) -> None:
+    """Call the plugin's register hooks; keep what they register only if all of it is valid."""
     provided: list[tuple[str, Any]] = []
+    problems: list[str] = []
 
     def call(hook_name: str) -> None:
         impl = getattr(module, hook_name, None)
         if impl is None:
             return
         kind = hook_name[len("vdm_register_") :]
-        try:
-            impl(register=lambda obj: provided.append((kind, obj)))
-        except (Exception, SystemExit) as e:
-            info.state, info.error = "failed", f"{hook_name} raised {type(e).__name__}: {e}"
+
+        def register(obj: Any) -> None:
+            why = registration_problem(kind, obj)
+            if why:
+                problems.append(f"{hook_name} {why}")
+            else:
+                provided.append((kind, obj))
+
+        _, why = _bounded(lambda: impl(register=register), result.timeout)
+        if why is not None:
+            timed_out = why.startswith(_NO_ANSWER)
+            problems.append(f"{hook_name} {why}" if timed_out else f"{hook_name} raised {why}")
 
     for hook_name in info.hooks:
-        call(hook_name)
-    if info.state == "failed":
+        if not problems:
+            call(hook_name)
+    if problems:
+        info.state, info.error = "failed", problems[0]
         pm.unregister(module)
         return
     for kind, obj in provided:
         if kind == "devices":
             _add(result.devices, obj.name, obj, info, "device", result, prefs)
             info.devices.append(obj.name)
-            info.availability[obj.name] = _check(obj.check)
+            info.availability[obj.name] = result.check(obj.check)
         elif kind == "hypervisors":
             _add(result.hypervisors, obj.name, obj, info, "hypervisor", result, prefs)
             info.hypervisors.append(obj.name)
-            info.availability[obj.name] = _check(obj.check)
+            info.availability[obj.name] = result.check(obj.check)
         elif kind == "commands":
             _add(result.commands, obj.name, obj, info, "command", result, prefs)
             info.commands.append(obj.name)

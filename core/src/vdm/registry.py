@@ -1,15 +1,22 @@
-"""What plugins register: device types, hypervisors and commands (plain data)."""
+"""What plugins register: device types, hypervisors and commands (plain data).
+
+:func:`registration_problem` is the check at the boundary: every object a plugin hands to a
+``register`` callable is checked before vdm keeps it, so that a wrong one (``register(42)``, a
+command without a name, a configuration that is not a dataclass, an option without dashes) fails
+that plugin alone instead of every command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from .vmm import Vmm
 
-__all__ = ["Command", "DeviceContext", "DeviceType", "HypervisorType"]
+__all__ = ["Command", "DeviceContext", "DeviceType", "HypervisorType", "registration_problem"]
 
 
 @dataclass
@@ -69,3 +76,76 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     #: None when the command can work here, else the reason it cannot (the command is then hidden)
     available: Optional[Callable[[], Optional[str]]] = None
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_LONG_FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
+_SHORT_FLAG = re.compile(r"-[A-Za-z0-9]\Z")
+_TOML_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_KINDS: dict[str, type] = {"devices": DeviceType, "hypervisors": HypervisorType, "commands": Command}
+
+
+def _text(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened; a repr that raises does not escape."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _matches(pattern: re.Pattern, value: Any) -> bool:
+    return isinstance(value, str) and pattern.match(value) is not None
+
+
+def _device_problem(dt: DeviceType) -> Optional[str]:
+    from .config import _fields, config_class_problem
+
+    why = config_class_problem(dt.config)
+    if why:
+        return why
+    if not callable(dt.create):
+        return "create must be callable"
+    if dt.cli_flag is not None and not _matches(_LONG_FLAG, dt.cli_flag):
+        return f"cli_flag {_text(dt.cli_flag)} must look like --name"
+    if dt.cli_short is not None and not _matches(_SHORT_FLAG, dt.cli_short):
+        return f"cli_short {_text(dt.cli_short)} must look like -x"
+    if dt.positional is not None and dt.positional not in _fields(dt.config):
+        return f"positional {_text(dt.positional)} is not a field of {dt.config.__name__}"
+    if dt.toml_key is not None and not _matches(_TOML_KEY, dt.toml_key):
+        return f"toml_key {_text(dt.toml_key)} must be a bare TOML key (letters, digits, - and _)"
+    if dt.check is not None and not callable(dt.check):
+        return "check must be None or callable"
+    return None
+
+
+def registration_problem(kind: str, obj: Any) -> Optional[str]:
+    """Why ``obj``, handed to the ``register`` of hook ``vdm_register_<kind>``, is unusable, or None.
+
+    ``kind`` is "devices", "hypervisors" or "commands". The object must be an instance of the
+    matching class here, with a usable name (letters, digits, ``_.-``, not starting with ``-``),
+    string help and callables where callables belong; a device type's configuration must be a
+    dataclass and its options must look like options.
+    """
+    cls = _KINDS[kind]
+    if not isinstance(obj, cls):
+        return f"registered {type(obj).__name__} {_text(obj)}, not a {cls.__name__}"
+    name = getattr(obj, "name", None)
+    if not _matches(_NAME, name):
+        return f"registered a {cls.__name__} whose name {_text(name)} is not a short name"
+    if not isinstance(obj.help, str):
+        return f"{cls.__name__} {name}: help must be a string"
+    if isinstance(obj, DeviceType):
+        why = _device_problem(obj)
+    elif isinstance(obj, HypervisorType):
+        why = None if callable(obj.check) else "check must be callable"
+    else:
+        why = next(
+            (
+                f"{attr} must be callable"
+                for attr, optional in (("add_arguments", False), ("run", False), ("available", True))
+                if not callable(getattr(obj, attr)) and not (optional and getattr(obj, attr) is None)
+            ),
+            None,
+        )
+    return f"{cls.__name__} {name}: {why}" if why else None

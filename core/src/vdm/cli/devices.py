@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any, Iterable, Mapping
 
 from ..config import config_from_mapping, describe_options, parse_option_string
 from ..errors import UserError
-from ..plugins import PluginSet, _check
+from ..plugins import PluginSet
 from ..registry import DeviceContext, DeviceType
 
 __all__ = [
@@ -61,7 +62,7 @@ def add_device_options(parser: argparse.ArgumentParser, plugins: PluginSet | Non
         flags = [f for f in (dt.cli_short, dt.cli_flag) if f and f not in taken]
         if dt.cli_flag not in flags:
             continue
-        why = _check(dt.check)
+        why = plugins.check(dt.check)
         note = f" (unavailable here: {why})" if why else ""
         group.add_argument(
             *flags,
@@ -91,6 +92,28 @@ def _resolve_paths(table: Mapping[str, Any], base_dir: str | None) -> dict[str, 
     return out
 
 
+def _is_table(value: Any) -> bool:
+    """A TOML table (``[x]``) or array of tables (``[[x]]``), as opposed to a plain value."""
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+def _unknown_tables(doc: Mapping[str, Any], plugins: PluginSet, *, strict: bool) -> None:
+    """Tables no loaded device type reads: a warning on stderr, a :class:`UserError` if ``strict``.
+
+    A misspelt ``[[diks]]``, or the tables of a plugin that failed to load, would otherwise be
+    dropped without a word and the VM started without that device.
+    """
+    known = sorted({dt.toml_key for dt, _ in _types(plugins) if dt.toml_key})
+    names = ", ".join(f"[{k}]" for k in known) or "none"
+    for key in sorted(k for k, v in doc.items() if _is_table(v) and k not in known):
+        why = f"[{key}]: unknown table (no loaded plugin reads it; device tables: {names})"
+        if strict:
+            raise UserError(f"{why}; remove it or install the plugin that reads it")
+        print(f"vdm: warning: {why}; ignored", file=sys.stderr)
+
+
 def device_configs(
     args: argparse.Namespace,
     plugins: PluginSet,
@@ -102,9 +125,11 @@ def device_configs(
 
     For each type the command line's options replace the TOML file's tables of that type. A
     table's relative ``path`` is taken relative to ``base_dir`` (the TOML file's folder). A wrong
-    option, an unknown key, or a type that is unavailable here is a :class:`UserError`.
+    option, an unknown key, or a type that is unavailable here is a :class:`UserError`; a table
+    that no loaded device type reads is a warning (an error under ``--strict``).
     """
     doc = doc or {}
+    _unknown_tables(doc, plugins, strict=bool(getattr(args, "strict", False)))
     out: list[tuple[DeviceType, Any]] = []
     for dt, _ in _types(plugins):
         cli = getattr(args, f"{DEST_PREFIX}{dt.name}", None) or []
@@ -123,7 +148,7 @@ def device_configs(
             (dt, parse_option_string(dt.config, text, dt.cli_flag or dt.name, dt.positional)) for text in cli
         ]
         if found:
-            why = _check(dt.check)
+            why = plugins.check(dt.check)
             if why:
                 raise UserError(f"{dt.cli_flag or dt.name}: device type {dt.name} is unavailable here: {why}")
         out += found

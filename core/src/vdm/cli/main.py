@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import logging
+import os
 import signal
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .. import __version__
 from ..errors import UserError
-from ..plugins import PluginSet, _check, load_plugins
+from ..plugins import PluginSet, load_plugins, timeout_from_env
 from . import list_plugins, new_plugin
 
 __all__ = ["build_parser", "main"]
@@ -27,9 +29,51 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
         help="load only these plugins (comma list; default: $VDM_PLUGINS or all)",
     )
     parser.add_argument(
-        "--strict", action="store_true", help="exit with an error if any plugin fails to load"
+        "--strict",
+        action="store_true",
+        help="exit with an error if any plugin fails to load, a --plugins name is unknown, "
+        "or a TOML file has a table no plugin reads",
+    )
+    parser.add_argument(
+        "--plugin-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long a plugin may take to import or answer a check before it is reported as "
+        "not answering (default: $VDM_PLUGIN_TIMEOUT or 10)",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds greater than 0")
+    return value
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While plugin code runs, what it prints (``print`` or a write to fd 1) goes to stderr.
+
+    vdm's own output (``list-plugins --json``, ``--help``) is written afterwards and stays clean.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 or 2 (embedded): the Python-level redirect still applies
+        saved = -1
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved >= 0:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
@@ -44,7 +88,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         if name in sub.choices:  # argparse would raise: a plugin cannot replace a built-in command
             plugins.conflicts.append(f"command '{name}' of {info.distribution} ignored: vdm has its own")
             continue
-        why = _check(cmd.available)  # a check that raises is a reason, not a crash
+        why = plugins.check(cmd.available)  # a check that raises or hangs is a reason, not a crash
         kw = {"help": f"{cmd.help} [{info.distribution}]"} if why is None else {}
         p = sub.add_parser(name, description=cmd.help, **kw)
         p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution)
@@ -61,6 +105,13 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while plugins load or a command runs
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # kill -USR1 <pid>: every thread's Python stack on stderr, for reports of a stuck vdm
     if hasattr(signal, "SIGUSR1"):
@@ -74,21 +125,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(early.verbose, 2)
     logging.basicConfig(level=level, format="vdm: %(name)s: %(message)s")
     only = [n.strip() for n in early.plugins.split(",") if n.strip()] if early.plugins else None
-    plugins = load_plugins(only=only)
-    parser = build_parser(plugins)
+    try:
+        timeout = early.plugin_timeout or timeout_from_env()
+    except UserError as e:
+        print(f"vdm: {e}", file=sys.stderr)
+        return e.exit_status
+    with _stdout_to_stderr():  # plugin code runs here: imports, hooks, checks, add_arguments
+        plugins = load_plugins(only=only, timeout=timeout)
+        parser = build_parser(plugins)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "_unavailable", None):
         parser.parse_args(argv)  # an unavailable command ignores its options; others report them
-    for p in plugins.errors if not getattr(args, "_list_plugins", False) else []:
+    listing = getattr(args, "_list_plugins", False)
+    for p in plugins.errors if not listing else []:
         print(f"vdm: plugin {p.name} ({p.distribution} {p.version}) {p.status}", file=sys.stderr)
-    if args.strict and plugins.errors and not getattr(args, "_list_plugins", False):
+    if plugins.unknown:
+        where = "--plugins" if early.plugins else "VDM_PLUGINS"
+        names = ", ".join(sorted({p.name for p in plugins.plugins})) or "none"
+        print(
+            f"vdm: {where}: no plugin named {', '.join(map(repr, plugins.unknown))} (installed: {names})",
+            file=sys.stderr,
+        )
+    failed = bool(plugins.errors or plugins.unknown)
+    if args.strict and failed and not listing:
         return 1
     args.plugin_set = plugins
     try:
-        if getattr(args, "_list_plugins", False):
+        if listing:
             # with --strict, still list (it is how one finds the broken plugin), then fail
             status = list_plugins.run(args, plugins)
-            return 1 if args.strict and plugins.errors else status
+            return 1 if args.strict and failed else status
         cmd = getattr(args, "_command", None)
         if cmd is None:
             parser.print_help()
@@ -104,8 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"vdm: {e}", file=sys.stderr)
         return e.exit_status
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

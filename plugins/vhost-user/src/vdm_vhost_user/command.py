@@ -64,10 +64,22 @@ def _one_device(args: argparse.Namespace, plugins: PluginSet) -> tuple[Any, Any]
     return configs[0]
 
 
+def _check_socket_path(path: str) -> None:
+    """Refuse a socket path that cannot work, before any device is opened."""
+    if not path:
+        raise UserError("-s/--socket-path is empty: give the path of the Unix socket to listen on")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--socket-path {path}: no such folder {folder}")
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the final NUL
+        raise UserError(f"--socket-path {path}: longer than 107 bytes (use a shorter or relative path)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Open the device, listen, serve frontends until SIGTERM/SIGINT."""
     from .server import VhostUserServer
 
+    _check_socket_path(args.socket_path)
     plugins: PluginSet = args.plugin_set
     dt, config = _one_device(args, plugins)
     device = create_device(dt, config, DeviceContext(vm_name=args.name, vmm=None))
