@@ -26,6 +26,7 @@ other backing file must be listed, by its resolved path, in ``allowed_backing``
 from __future__ import annotations
 
 import os
+import stat
 from typing import Callable, Optional, Sequence
 
 from .base import SECTOR, DiskBackend, DiskError
@@ -92,14 +93,24 @@ register_format("qcow2", _open_qcow2, probe=lambda head: head[:4] == MAGIC)
 def probe_format(path: str) -> str:
     """The first registered format whose probe accepts the file's first 512 bytes, else ``raw``."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
+        # never blocks: a FIFO opens at once with O_NONBLOCK and is refused by its type
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise DiskError(f"{path}: no such file; check the path")
     except IsADirectoryError:
         raise DiskError(f"{path}: not a regular file or a block device")
     except OSError as e:
         raise DiskError(f"{path}: cannot open: {e.strerror}")
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise DiskError(f"{path}: not a regular file or a block device")
+        os.set_blocking(fd, True)
+        head = os.pread(fd, 512, 0)
+    except OSError as e:
+        raise DiskError(f"{path}: cannot read: {e.strerror}")
+    finally:
+        os.close(fd)
     for name, probe in _probes.items():
         if probe(head):
             return name
@@ -122,19 +133,41 @@ def open_disk(
     opened although they are not beside the image. Raises :class:`DiskError` with a message
     that says what is wrong and how to fix it.
     """
-    return _open(path, read_only, direct, format, writethrough, tuple(allowed_backing), 0)
+    return _open(path, read_only, direct, format, writethrough, tuple(allowed_backing), ())
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a path, without opening it; None if it cannot be had."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _open(
-    path: str, read_only: bool, direct: bool, fmt: str, writethrough: bool, allowed: tuple, depth: int
+    path: str, read_only: bool, direct: bool, fmt: str, writethrough: bool, allowed: tuple, chain: tuple
 ) -> DiskBackend:
+    """Open one image; ``chain`` holds the (device, inode) of the images that have it as backing."""
     if fmt != "auto" and fmt not in _openers:
         raise DiskError(f"{path}: unknown format {fmt!r}; use one of auto, {', '.join(_openers)}")
     if fmt == "auto":
         fmt = probe_format(path)
+    depth = len(chain)
+    me = _identity(path)
 
     def open_backing(name: str, backing_fmt: str | None) -> DiskBackend:
         resolved = resolve_backing(path, name, allowed)
+        ident = _identity(resolved)
+        if ident is not None and ident == me:
+            raise DiskError(
+                f"{path}: its backing file {name!r} is the image itself; correct the backing file "
+                f"with qemu-img rebase -u -b <file> -F <format> {path}"
+            )
+        if ident is not None and ident in chain:
+            raise DiskError(
+                f"{path}: its backing file {name!r} ({resolved}) loops back into its own backing chain"
+            )
         if depth + 1 >= MAX_BACKING_DEPTH:
             raise DiskError(f"{path}: the backing chain is deeper than {MAX_BACKING_DEPTH} images (a loop?)")
         if backing_fmt is None:
@@ -147,7 +180,7 @@ def _open(
                 f"{path}: backing file format {backing_fmt!r} is not supported ({', '.join(_openers)})"
             )
         try:
-            return _open(resolved, True, direct, backing_fmt, False, allowed, depth + 1)
+            return _open(resolved, True, direct, backing_fmt, False, allowed, (*chain, me))
         except DiskError as e:
             raise DiskError(f"{path}: cannot open its backing file: {e}")
 

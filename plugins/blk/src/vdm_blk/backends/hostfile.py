@@ -72,7 +72,9 @@ class HostFile:
         if self.writethrough:
             flags |= os.O_DSYNC
         try:
-            self.fd = os.open(path, flags)
+            # O_NONBLOCK: a FIFO (or a device that waits on open) must not block the open; the
+            # type check below refuses it, and regular files and block devices ignore the flag
+            self.fd = os.open(path, flags | os.O_NONBLOCK)
         except FileNotFoundError:
             raise DiskError(f"{path}: no such file; check the path")
         except IsADirectoryError:
@@ -89,6 +91,7 @@ class HostFile:
         if not (self.is_block or stat.S_ISREG(st.st_mode)):
             os.close(self.fd)
             raise DiskError(f"{path}: not a regular file or a block device")
+        os.set_blocking(self.fd, True)
         self.logical_block_size = SECTOR
         self.physical_block_size = 4096
         self.optimal_io_size = 0
@@ -109,7 +112,12 @@ class HostFile:
         self.dfd: int | None = None
         if direct:
             try:
-                self.dfd = os.open(path, flags | os.O_DIRECT)
+                self.dfd = os.open(path, flags | os.O_DIRECT | os.O_NONBLOCK)
+                if not os.path.samestat(os.fstat(self.dfd), st):
+                    os.close(self.dfd)
+                    os.close(self.fd)
+                    raise DiskError(f"{path}: the file changed while it was being opened; try again")
+                os.set_blocking(self.dfd, True)
             except OSError as e:
                 os.close(self.fd)
                 raise DiskError(
