@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -268,3 +270,33 @@ def test_a_message_sent_a_byte_at_a_time_is_bounded_as_a_whole(blk_server, front
     fe2 = frontends(path)
     fe2.start()
     _read_sector(fe2)
+
+
+def test_the_sigbus_guard_does_not_hide_a_fault_outside_guest_memory(tmp_path):
+    """A SIGBUS in a mapping that is not guarded still ends the process as before (faulthandler
+    reports it): the guard only repairs the frontend's memory."""
+    script = f"""
+import faulthandler, mmap, os
+from vdm_vhost_user.faultguard import FaultWatch, guard, is_guarded
+faulthandler.enable()
+watch = FaultWatch()
+fd = os.memfd_create("guarded")
+os.ftruncate(fd, 65536)
+guarded = mmap.mmap(fd, 65536)
+guard(guarded, watch)
+assert is_guarded(guarded)
+os.ftruncate(fd, 0)
+assert guarded[4096 * 3] == 0 and watch.faults == 1  # caught: zeros, one fault counted
+print("guarded fault caught", flush=True)
+other = open({str(tmp_path / "other")!r}, "w+b")
+other.truncate(65536)
+m = mmap.mmap(other.fileno(), 65536)
+other.truncate(0)
+print(m[4096 * 3])
+print("not reached", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "guarded fault caught" in r.stdout, r.stderr
+    assert "not reached" not in r.stdout
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr)
+    assert "Bus error" in r.stderr  # faulthandler's report, the handler that was there before
