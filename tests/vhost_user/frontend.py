@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from vdm.memory import FlatGuestMemory, MemoryRegion
 from vdm_vhost_user import protocol as p
-from vdm_vhost_user.inflight import queue_region_size
 from vdm_vhost_user.protocol import Req
 
 GUEST_BASE = 0x1_0000_0000  # guest-physical address of RAM
@@ -343,10 +342,13 @@ class Frontend:
     def inflight_heads(self, qi: int = 0) -> list[int]:
         """Heads the backend marked in flight in the shared region (what a new backend resubmits)."""
         assert self.inflight is not None
-        fd, _, _, qs = self.inflight
-        stride = queue_region_size(qs)  # the backend's choice; the entries' format is the spec's
-        region = os.pread(fd, stride, qi * stride)
-        return [i for i in range(qs) if region[16 + 16 * i] == 1]
+        fd, size, nq, _ = self.inflight
+        # the layout is the backend's choice (vdm: a slot per queue with room for any ring, the
+        # size split evenly); the entries' format is the spec's. The ring may exceed the queue size.
+        stride = size // nq // 64 * 64
+        ring = self.queues[qi].size
+        region = os.pread(fd, 16 + 16 * ring, qi * stride)
+        return [i for i in range(ring) if region[16 + 16 * i] == 1]
 
     def post(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), kick: bool = True) -> int:  # type: ignore[assignment]
         """Put one chain on the available ring; returns its head."""

@@ -129,7 +129,7 @@ class BlkDevice(VirtioDevice):
         return _CONFIG.pack(
             self.capacity,
             0,  # size_max: not offered
-            self.queues[0].max_size - 2,  # seg_max
+            self.config.queue_size - 2,  # seg_max: the configured ring size (a transport may allow larger)
             0,
             0,
             0,  # geometry: not offered

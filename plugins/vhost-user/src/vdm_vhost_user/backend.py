@@ -128,10 +128,12 @@ class VhostUserBackend:
         self.device = device
         self.loop = loop
         # The device keeps its queues; only their class changes so that pop/push note in-flight
-        # heads in the shared inflight region. Nothing else of the device is touched.
+        # heads in the shared inflight region, and their limit: the frontend picks the ring's size
+        # (SET_VRING_NUM), any a split ring may have, so the queue's maximum is the spec's.
+        # Nothing else of the device is touched.
         for i, q in enumerate(device.queues):
             if not isinstance(q, InflightVirtqueue):
-                device.queues[i] = InflightVirtqueue(q.index, q.max_size)
+                device.queues[i] = InflightVirtqueue(q.index, p.MAX_RING_SIZE)
         device.interrupts = self
         kept = device.features() & device.control_queue_features
         if kept:
@@ -377,9 +379,13 @@ class VhostUserBackend:
     def _set_vring_num(self, msg: Message) -> None:
         index, num = p.VRING_STATE.unpack(msg.payload)
         vr = self._ring(index, "SET_VRING_NUM")
-        max_size = self.device.queues[index].max_size
-        if not 1 <= num <= max_size or num & (num - 1):
-            raise ProtocolError(f"SET_VRING_NUM: queue {index} size {num} (a power of two up to {max_size})")
+        # a split ring: a power of two up to 32768, whatever the device's own queue size (the
+        # largest ring vdm's KVM/Xen transports offer); work per kick is bounded by the core's budget
+        if not 1 <= num <= p.MAX_RING_SIZE or num & (num - 1):
+            raise ProtocolError(
+                f"SET_VRING_NUM: queue {index} size {num} (a split ring's is a power of two up to "
+                f"{p.MAX_RING_SIZE})"
+            )
         if vr.live and num != vr.num:
             raise ProtocolError(f"SET_VRING_NUM: queue {index} is running")
         vr.num = num
@@ -500,9 +506,7 @@ class VhostUserBackend:
 
     def _inflight_args(self, msg: Message) -> tuple[int, int, int, int]:
         size, offset, nq, qs = p.INFLIGHT.unpack_from(msg.payload)
-        InflightRegion.check_geometry(
-            nq, qs, len(self.device.queues), max(q.max_size for q in self.device.queues)
-        )
+        InflightRegion.check_geometry(nq, qs, len(self.device.queues))
         return size, offset, nq, qs
 
     def _get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:

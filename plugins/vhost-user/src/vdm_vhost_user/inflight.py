@@ -9,6 +9,18 @@ Per queue the region holds a 16-byte header (features u64, version u16, desc_num
 last_batch_head u16, used_idx u16) followed by one 16-byte entry per descriptor (inflight u8,
 5 bytes padding, next u16, counter u64).
 
+Geometry. The frontend asks for the region with a queue size (GET_INFLIGHT_FD): QEMU sends its
+device's ``queue-size`` property (vhost-user-blk: 128), but the ring it starts later has the size
+the *guest* chose (QEMU 10: SeaBIOS 256, Linux up to 1024), which may be larger; the spec leaves
+the ring's size to SET_VRING_NUM. libvhost-user sizes each queue's part by the queue size and does
+not check the ring against it. vdm instead gives every queue a slot with room for the largest split
+ring (:data:`~.protocol.MAX_RING_SIZE`, 512 KiB; the memfd's pages are only allocated where heads
+are written) and echoes the frontend's queue size. A region handed over (SET_INFLIGHT_FD) is laid
+out with the frontend's total size divided evenly by the number of queues (64-byte aligned):
+that is vdm's slot for a region vdm made and the queue size's part for a libvhost-user one. A
+ring larger than its slot has room for is refused before it starts. ``desc_num`` records the
+ring's size when tracking starts; a region handed back must match the ring.
+
 :class:`InflightVirtqueue` is the core's :class:`~vdm.virtqueue.Virtqueue` with that bookkeeping
 around :meth:`pop` and :meth:`push`; devices use it without knowing. After a reconnect its
 :meth:`pop` first returns the requests that were in flight, oldest first, then new ones.
@@ -28,7 +40,7 @@ from vdm.memory import GuestMemory
 from vdm.virtqueue import DescriptorChain, Virtqueue
 
 from .faultguard import FaultWatch, guard, protect
-from .protocol import ProtocolError
+from .protocol import MAX_RING_SIZE, ProtocolError
 
 __all__ = ["InflightRegion", "InflightVirtqueue", "queue_region_size"]
 
@@ -55,25 +67,34 @@ def queue_region_size(queue_size: int) -> int:
 class InflightRegion:
     """The shared in-flight file, mapped: one region per queue."""
 
-    def __init__(self, mapping: mmap.mmap, offset: int, size: int, num_queues: int, queue_size: int) -> None:
+    def __init__(self, mapping: mmap.mmap, offset: int, size: int, num_queues: int, queue_size: int,
+                 stride: int) -> None:
         self.mapping = mapping
         self.view = memoryview(mapping)[offset : offset + size]
         self.size = size
         self.num_queues = num_queues
+        #: the queue size the frontend named (echoed back; not a limit on the ring)
         self.queue_size = queue_size
-        self.stride = queue_region_size(queue_size)
+        #: bytes from one queue's part to the next (>= queue_region_size(queue_size))
+        self.stride = stride
+        #: the largest ring one queue's part can track
+        self.capacity = min(MAX_RING_SIZE, (stride - _HEAD.size) // _DESC.size)
 
     @staticmethod
-    def check_geometry(num_queues: int, queue_size: int, max_queues: int, max_queue_size: int) -> None:
+    def check_geometry(num_queues: int, queue_size: int, max_queues: int) -> None:
         if not 1 <= num_queues <= max_queues:
             raise ProtocolError(f"inflight: {num_queues} queues, the device has {max_queues}")
-        if not 1 <= queue_size <= max_queue_size:
-            raise ProtocolError(f"inflight: queue size {queue_size} (device maximum {max_queue_size})")
+        if not 1 <= queue_size <= MAX_RING_SIZE:
+            raise ProtocolError(f"inflight: queue size {queue_size} (split rings: {MAX_RING_SIZE} at most)")
 
     @classmethod
     def create(cls, num_queues: int, queue_size: int) -> tuple[InflightRegion, int]:
-        """A new zeroed region in a memfd; returns it and the fd to send (the caller closes it)."""
-        size = num_queues * queue_region_size(queue_size)
+        """A new zeroed region in a memfd; returns it and the fd to send (the caller closes it).
+
+        Each queue's slot has room for the largest ring, whatever ``queue_size`` says (module doc).
+        """
+        stride = queue_region_size(max(queue_size, MAX_RING_SIZE))
+        size = num_queues * stride
         fd = os.memfd_create("vdm-vhost-user-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
@@ -83,7 +104,7 @@ class InflightRegion:
         except BaseException:
             os.close(fd)
             raise
-        return cls(m, 0, size, num_queues, queue_size), fd
+        return cls(m, 0, size, num_queues, queue_size, stride), fd
 
     @classmethod
     def open(
@@ -119,7 +140,9 @@ class InflightRegion:
         if not sealed:
             assert watch is not None
             guard(m, watch)
-        return cls(m, offset, size, num_queues, queue_size)
+        # the frontend's size split evenly: vdm's slots, or libvhost-user's queue_region_size parts
+        stride = size // num_queues // _ALIGN * _ALIGN
+        return cls(m, offset, size, num_queues, queue_size, stride)
 
     def queue(self, index: int) -> memoryview | None:
         """The region of queue ``index``, or None if the frontend did not provide one for it."""
@@ -132,9 +155,10 @@ class InflightRegion:
         region = self.queue(index)
         if region is None:
             return
-        if ring_size > self.queue_size:
+        if ring_size > self.capacity:
             raise ProtocolError(
-                f"queue {index}: ring of {ring_size} larger than the inflight region's {self.queue_size}"
+                f"queue {index}: ring of {ring_size} larger than the inflight region has room for "
+                f"({self.capacity} descriptors; it was made for queue size {self.queue_size})"
             )
         version = _U16.unpack_from(region, _OFF_VERSION)[0]
         desc_num = _U16.unpack_from(region, _OFF_DESC_NUM)[0]

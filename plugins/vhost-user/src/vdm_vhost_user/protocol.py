@@ -59,6 +59,10 @@ MAX_MEM_SLOTS = 32
 MAX_CONFIG_SIZE = 256
 #: the largest payload any request has (SET_MEM_TABLE with 8 regions is 264 bytes)
 MAX_PAYLOAD = 4096
+#: the largest ring SET_VRING_NUM may set: a split virtqueue's size is a power of two up to 32768
+#: (virtio 1.x). The frontend owns the transport and picks the size (QEMU 10 lets the guest choose,
+#: up to 1024), so this -- not the device's own queue size -- is the limit.
+MAX_RING_SIZE = 32768
 #: bits 0-7 of a SET_VRING_KICK/CALL/ERR payload are the ring index, bit 8 says "no fd"
 VRING_IDX_MASK = 0xFF
 VRING_NOFD = 1 << 8
@@ -92,8 +96,14 @@ class Req:
     SET_VRING_ENDIAN = 23
     GET_CONFIG = 24
     SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
     GET_INFLIGHT_FD = 31
     SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
     RESET_DEVICE = 34
     VRING_KICK = 35
     GET_MAX_MEM_SLOTS = 36
@@ -101,6 +111,9 @@ class Req:
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
 
     @classmethod
     def name(cls, value: int) -> str:
@@ -111,16 +124,28 @@ class Req:
 
 
 class ProtocolFeature:
-    """VHOST_USER_PROTOCOL_F_* bit numbers."""
+    """VHOST_USER_PROTOCOL_F_* bit numbers (vhost-user.rst as of QEMU 10; which are offered: backend.py)."""
 
     MQ = 0
     LOG_SHMFD = 1
+    RARP = 2
     REPLY_ACK = 3
+    MTU = 4
+    BACKEND_REQ = 5
+    CROSS_ENDIAN = 6
+    CRYPTO_SESSION = 7
+    PAGEFAULT = 8
     CONFIG = 9
+    BACKEND_SEND_FD = 10
+    HOST_NOTIFIER = 11
     INFLIGHT_SHMFD = 12
     RESET_DEVICE = 13
+    INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
+    XEN_MMAP = 17
+    SHARED_OBJECT = 18
+    DEVICE_STATE = 19
 
 
 class ProtocolError(Exception):
