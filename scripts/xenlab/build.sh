@@ -10,7 +10,7 @@
 #                   (pure Python, pip --target), dom0-init.sh as /init, domu.cpio.gz + Image in /lab
 #   lab.txt         package versions
 # Each stage is cached (stamp files in OUTDIR); the vdm layer is rebuilt whenever the checkout
-# changes (cheap). Needs root for the first build (dpkg --add-architecture arm64, deb-src, apt-get
+# changes (cheap; XENLAB_STAGE=vdm runs only that step, XENLAB_STAGE=xen only the hypervisor). Needs root for the first build (dpkg --add-architecture arm64, deb-src, apt-get
 # install gcc-aarch64-linux-gnu qemu-system-arm bison flex dpkg-dev python3-pip).
 set -euo pipefail
 OUT=$(realpath -m "${1:-$HOME/.cache/vdm/xenlab}")
@@ -21,6 +21,40 @@ W=$OUT/.work; mkdir -p "$W/deb" "$W/x"
 say() { echo "xenlab: $*" >&2; }
 t_start=$(date +%s)
 
+# ---- vdm itself: pure Python, installed with --target from a Python that can build offline ------
+# A fresh virtual environment has pip and (up to 3.11) setuptools but no `wheel`: with
+# --no-build-isolation its setuptools (< 70.1) cannot build a wheel ("invalid command 'bdist_wheel'"),
+# and with isolation pip would need the network. vdm is pure Python, so any Python builds the same
+# files: use the first of $XENLAB_PYTHON, python3, /usr/bin/python3 (Debian's python3-pip brings
+# setuptools and wheel) that has pip and can build a wheel offline.
+can_build() {
+  "$1" -m pip --version >/dev/null 2>&1 && "$1" - <<'PY' >/dev/null 2>&1
+import importlib.util, sys
+import setuptools
+version = tuple(int(x) for x in setuptools.__version__.split(".")[:2])
+sys.exit(0 if version >= (70, 1) or importlib.util.find_spec("wheel") else 1)
+PY
+}
+build_python() {
+  local py
+  for py in ${XENLAB_PYTHON:-} python3 /usr/bin/python3; do
+    command -v "$py" >/dev/null 2>&1 && can_build "$py" && { command -v "$py"; return 0; }
+  done
+  return 1
+}
+build_vdm_pkgs() {  # build_vdm_pkgs DIR: this checkout's vdm-core, vdm-xen, vdm-blk into DIR
+  local py
+  py=$(build_python) || { say "no Python here can build a wheel offline: install python3-pip (Debian: brings setuptools and wheel) or 'pip install wheel', or set XENLAB_PYTHON"; exit 1; }
+  rm -rf "$1"; mkdir -p "$1"
+  "$py" -m pip install -q --no-deps --no-build-isolation --no-index --disable-pip-version-check \
+    --target "$1" "$REPO/core" "$REPO/plugins/xen" "$REPO/plugins/blk" >"$W/pip.log" 2>&1 \
+    || { cat "$W/pip.log" >&2; say "pip install (with $py) failed"; exit 1; }
+  find "$1" -name __pycache__ -prune -exec rm -rf {} +
+  rm -rf "$1/bin"
+}
+# XENLAB_STAGE=vdm: only that step (no root, no downloads), into OUTDIR/.work/vdm-pkgs
+if [ "${XENLAB_STAGE:-all}" = vdm ]; then build_vdm_pkgs "$W/vdm-pkgs"; say "vdm packages in $W/vdm-pkgs"; exit 0; fi
+
 # ---- host setup (root, once) -------------------------------------------------------------------
 setup_host() {
   local need=()
@@ -29,7 +63,7 @@ setup_host() {
   for t in aarch64-linux-gnu-gcc qemu-system-aarch64 bison flex dpkg-source; do
     command -v $t >/dev/null || need+=(pkgs)
   done
-  python3 -m pip --version >/dev/null 2>&1 || need+=(pkgs)
+  build_python >/dev/null || need+=(pkgs)
   [ ${#need[@]} -eq 0 ] && return 0
   [ "$(id -u)" = 0 ] || { say "needs root once for: ${need[*]} (arm64 arch, deb-src, cross gcc, qemu)"; exit 1; }
   dpkg --add-architecture arm64
@@ -50,7 +84,7 @@ SRC
   fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends gcc-aarch64-linux-gnu qemu-system-arm bison flex \
-    dpkg-dev python3-pip cpio >/dev/null
+    dpkg-dev python3-pip python3-setuptools python3-wheel cpio >/dev/null
 }
 setup_host
 
@@ -160,11 +194,8 @@ rm -f "$D/bin/sh"; applets "$D"
 ln -sf python3.11 "$D/usr/bin/python3"
 addmods "$D" xen_evtchn xen_privcmd xen_gntdev xen_gntalloc xenfs virtio_mmio virtio_blk
 # this checkout's vdm, pure Python, into the dom0 python's dist-packages (no deps: Debian's above)
-VP=$W/vdm-pkgs; rm -rf "$VP"; mkdir -p "$VP"
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$VP" \
-  "$REPO/core" "$REPO/plugins/xen" "$REPO/plugins/blk" >"$W/pip.log" 2>&1 || { cat "$W/pip.log" >&2; exit 1; }
-find "$VP" -name __pycache__ -prune -exec rm -rf {} +
-rm -rf "$VP/bin"; cp -a "$VP"/. "$D/usr/lib/python3/dist-packages/"
+VP=$W/vdm-pkgs; build_vdm_pkgs "$VP"
+cp -a "$VP"/. "$D/usr/lib/python3/dist-packages/"
 install -m 755 "$HERE/dom0-init.sh" "$D/init"
 # byte-compile (the .debs ship no .pyc; compiling at import costs seconds per module under TCG).
 # The host's python must be the same 3.11 (.pyc files are arch-independent).
