@@ -47,7 +47,14 @@ vmmimpl = pluggy.HookimplMarker(VMM_PROJECT)
 
 
 class PluginSpec:
-    """Hooks called once per process when plugins are loaded."""
+    """Hooks called once per process when plugins are loaded.
+
+    vdm imports the plugin module and calls these hooks in a worker thread, each within the
+    plugin time bound (``--plugin-timeout`` or ``VDM_PLUGIN_TIMEOUT``, default 10 s); what the
+    plugin prints goes to stderr. An exception of any kind (``SystemExit`` and
+    ``KeyboardInterrupt`` included), a hook that does not return in time, or an invalid object
+    handed to ``register`` fails that plugin alone: it is listed as ``failed`` and provides nothing.
+    """
 
     @hookspec
     def vdm_register_devices(self, register: Callable[[DeviceType], None]) -> None:
@@ -57,6 +64,10 @@ class PluginSpec:
             type names its configuration dataclass (parsed from CLI options such as
             ``--disk path,ro`` and from a TOML VM file's tables) and a factory that builds the
             device -- a :class:`vdm.device.VirtioDevice`, or a platform device such as a UART.
+            Each object is checked when registered: a ``DeviceType`` with a short ``name``
+            (letters, digits, ``_.-``), a dataclass as ``config``, a callable ``create``,
+            ``cli_flag`` like ``--name``, ``cli_short`` like ``-x``, ``positional`` naming a field
+            and a bare ``toml_key``.
         :returns: nothing; return values are ignored.
 
         Called when vdm loads plugins, before any command runs. Keep it cheap: import heavy
@@ -72,6 +83,8 @@ class PluginSpec:
             when available, or a one-line reason ("Xen libraries not installed (...)"). ``check``
             runs when ``vdm list-plugins`` shows the plugin and before a command uses it; it must
             be fast, must not print, and may raise only by mistake (vdm reports the exception).
+            A check that raises, does not answer within the plugin time bound or returns
+            anything but ``None`` or a string makes the hypervisor unavailable with that reason.
         :returns: nothing.
 
         Called when vdm loads plugins.
@@ -83,7 +96,9 @@ class PluginSpec:
 
         :param register: call it with one :class:`vdm.registry.Command` per subcommand. A command
             may carry an ``available`` check: while it returns a reason, the command is hidden
-            from ``vdm --help`` and invoking it prints that reason instead of running.
+            from ``vdm --help`` and invoking it prints that reason instead of running. The name
+            must be short (letters, digits, ``_.-``, not starting with ``-``); ``add_arguments``
+            and ``run`` must be callable.
         :returns: nothing.
 
         Called when vdm loads plugins, before the command line is parsed.
