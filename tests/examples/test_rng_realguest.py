@@ -17,6 +17,7 @@ import pytest
 
 from tests.core.installed import clean_env
 from tests.examples.rng_install import install_rng_example
+from tests.realguest.conftest import qemu, qemu_frontend  # noqa: F401 - the session fixtures
 
 pytestmark = [pytest.mark.realguest, pytest.mark.slow]
 
@@ -67,19 +68,23 @@ def rng_backend(tmp_path):
         log.close()
 
 
-def test_guest_reads_hwrng_from_the_example_device(harness, rng_backend):
+def test_guest_reads_hwrng_from_the_example_device(harness, qemu_frontend, rng_backend):  # noqa: F811
+    """Under QEMU 7.2 (the host's) and 10.0 (Debian 13's); the id and the messages name which."""
+    fe = qemu_frontend
     sock, proc, log = rng_backend
     r = harness.run_qemu(
         ["-chardev", f"socket,id=rng0,path={sock}", "-device", "vhost-user-rng-pci,chardev=rng0"],
         ["rng"],
         {"rngbytes": 4096},
         timeout=300,
+        qemu=fe,
+        visible=[sock.parent],
     )
-    assert not r.timed_out, r.log[-3000:]
+    assert not r.timed_out, f"{fe}\n{r.log[-3000:]}"
     r.assert_ok("rng")
     res = r["rng"]
-    assert res["rng"] == "virtio_rng.0"  # the kernel's hwrng is our device, not another source
-    assert res["bytes"] == "4096"
-    assert int(res["distinct"]) > 200  # 4 KiB of random bytes use nearly all 256 values
-    assert proc.poll() is None, log.read_text()  # the backend is still serving
+    assert res["rng"] == "virtio_rng.0", f"{fe}: {res.line}"  # the kernel's hwrng is our device
+    assert res["bytes"] == "4096", f"{fe}: {res.line}"
+    assert int(res["distinct"]) > 200, f"{fe}: {res.line}"  # 4 KiB of random bytes use nearly all 256 values
+    assert proc.poll() is None, f"{fe}\n{log.read_text()}"  # the backend is still serving
     assert "serving rng on" in log.read_text()
