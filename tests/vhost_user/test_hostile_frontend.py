@@ -103,6 +103,27 @@ def test_memory_shrunk_under_a_running_ring_closes_only_that_connection(vdm, tmp
     _served_again(vdm)
 
 
+def test_memory_shrunk_before_the_ring_starts_closes_only_that_connection(vdm):
+    """The first read is the ring start's (the used index), inside a message."""
+    fe = Frontend(vdm.socket_path)
+    q = fe.layout_queue(0, 16)
+    fe.set_features(fe.get_features() & ~(1 << p.F_PROTOCOL_FEATURES))  # rings start without ENABLE
+    fe.call(Req.SET_OWNER)
+    fe.set_mem_table()
+    fe.get_features()  # a reply: the table is mapped
+    os.ftruncate(fe.ram.fd, 0)
+    fe.send_queue(q, enable=False)
+    assert _closed(fe), vdm.output
+    try:
+        status = vdm.proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        status = None
+    assert status is None, f"vdm died (status {status}):\n{vdm.output}"
+    assert vdm.count("shrank") == 1, vdm.output
+    assert "Traceback" not in vdm.output
+    _served_again(vdm)
+
+
 def test_the_inflight_memfd_vdm_hands_out_cannot_be_shrunk(vdm):
     fe = Frontend(vdm.socket_path)
     try:
