@@ -115,3 +115,28 @@ def test_after_stop_serving_kicks_run_to_the_end(virtio_driver, loop):
         drv.post(0, [b"%d" % i], [1])
     drv.kick(0)
     assert drv.used_idx(0) == 10 and [c for c in dev.calls if c[1]] == [(20, 10)]
+
+
+class BigEcho(EchoDevice):
+    queue_max_sizes = (8192,)
+
+
+@pytest.mark.parametrize("length", [4096, 4097])
+def test_a_chain_may_have_at_most_4096_ring_descriptors(virtio_driver, length):
+    """However big the queue: one chain is never more than one slice of work (QEMU caps a chain's
+    buffers the same way, at 1024). 4096 descriptors are served; 4097 are a guest error."""
+    drv = virtio_driver(BigEcho(), ram_size=2 << 20)
+    drv.init()
+    buf = drv.ram.alloc(8, 8)
+    drv.ram.write(buf, b"abcdefgh")
+    for i in range(length):
+        more = 1 if i + 1 < length else 0  # NEXT
+        drv.write_desc(0, i, buf, 1, more, i + 1 if more else 0)
+    drv.publish(0, 0)
+    drv.kick(0)
+    if length <= 4096:
+        assert drv.used_idx(0) == 1 and not drv.needs_reset
+        assert drv.device.seen == [b"a" * length]
+    else:
+        assert drv.needs_reset and drv.used_idx(0) == 0
+        assert "longer than 4096" in (drv.device.broken or "")

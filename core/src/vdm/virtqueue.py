@@ -23,8 +23,9 @@ Work per kick is bounded (see :mod:`vdm.device`): the device base gives the queu
 descriptor reads (:meth:`Virtqueue.limit_walk`); each chain taken is charged its walk, indirect
 entries included (one sum per chain, nothing extra per descriptor). Once the budget is spent the
 queue *reads as empty* (:meth:`Virtqueue.pop` None, :meth:`Virtqueue.has_available` False) until
-the base lifts it. A chain is never split: one costs at most ``size`` + ``MAX_INDIRECT`` reads
-(longer is a loop, a guest error), so a slice costs at most the budget plus one chain.
+the base lifts it. A chain is never split: it may have at most ``MAX_CHAIN`` descriptors in the
+ring (and the queue size; more is a loop or too long: a guest error) and ``MAX_INDIRECT`` in its
+indirect table, so a slice costs at most the budget plus 8,192 reads, whatever the queue size.
 
 Memory ordering: the used element is written before the used index, and the available index is
 read before the ring entries it covers. Each of these is a separate store/load from Python, in
@@ -60,9 +61,12 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
 #: Upper bound on the entries of one indirect table (Linux uses at most the queue size).
 MAX_INDIRECT = 4096
+#: Upper bound on the descriptors of one chain in the descriptor table, whatever the queue size
+#: (QEMU's is 1024): a chain's walk is at most MAX_CHAIN + MAX_INDIRECT reads, one kick's slice.
+MAX_CHAIN = 4096
 #: Upper bound on the bytes one chain may describe (virtio lengths are 32-bit).
 MAX_CHAIN_BYTES = 1 << 32
-#: the walk budget of a queue that is not inside a budgeted kick (never reached)
+#: the walk limit of a queue that is not inside a budgeted kick (never reached)
 UNLIMITED = 1 << 62
 
 _DESC = struct.Struct("<QIHH")
@@ -158,8 +162,8 @@ class Virtqueue:
         self.epoch = 0
         #: descriptor reads (chain and indirect-table entries) of every walk since the queue was made
         self.descriptors_walked = 0
-        #: descriptor reads the current kick may still spend (see the module doc)
-        self._budget = UNLIMITED
+        #: the value of descriptors_walked at which the current kick's budget is spent (module doc)
+        self._walk_limit = UNLIMITED
         self.reset()
 
     def reset(self) -> None:
@@ -241,25 +245,30 @@ class Virtqueue:
     def has_available(self) -> bool:
         """Whether :meth:`pop` would return a chain now (False once the walk budget is spent)."""
         avail16 = self._avail16
-        return avail16 is not None and avail16[1] != self.last_avail_idx and self._budget > 0
+        return (
+            avail16 is not None
+            and avail16[1] != self.last_avail_idx
+            and self.descriptors_walked < self._walk_limit
+        )
 
     # ---- the walk budget (see the module doc) ----------------------------------------------------
 
     def limit_walk(self, budget: int) -> None:
         """Take chains only while fewer than ``budget`` descriptors were read since this call."""
-        self._budget = budget
+        self._walk_limit = self.descriptors_walked + budget
 
     def walk_spent(self) -> bool:
-        return self._budget <= 0
+        return self.descriptors_walked >= self._walk_limit
 
     def end_walk_limit(self) -> int:
         """Lift the limit; return what was left of it (0 or less: chains may be left to take)."""
-        left, self._budget = self._budget, UNLIMITED
+        left = self._walk_limit - self.descriptors_walked
+        self._walk_limit = UNLIMITED
         return left
 
     def charge(self, descriptors: int) -> None:
         """Count other work against the budget (the base charges 1 per ``process_queue`` call)."""
-        self._budget -= descriptors
+        self._walk_limit -= descriptors
 
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain, or None (none there, or the walk budget is spent).
@@ -267,7 +276,7 @@ class Virtqueue:
         Raises :class:`VirtqueueError` on a guest error.
         """
         avail16, used16 = self._avail16, self._used16
-        if avail16 is None or used16 is None or self._budget <= 0:
+        if avail16 is None or used16 is None or self.descriptors_walked >= self._walk_limit:
             return None
         idx = avail16[1]
         pending = (idx - self.last_avail_idx) & 0xFFFF
@@ -316,7 +325,7 @@ class Virtqueue:
         writable: list[memoryview] = []
         i = head
         steps = 0
-        limit = size
+        limit = size if size <= MAX_CHAIN else MAX_CHAIN
         total = 0
         in_indirect = False
         try:
@@ -324,7 +333,7 @@ class Virtqueue:
                 addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
                 steps += 1
                 if steps > limit:
-                    raise VirtqueueError(f"queue {self.index}: chain longer than {limit} (loop?)")
+                    raise VirtqueueError(f"queue {self.index}: chain longer than {limit} descriptors (loop?)")
                 if flags & VIRTQ_DESC_F_INDIRECT:
                     if in_indirect:
                         raise VirtqueueError(f"queue {self.index}: indirect descriptor inside indirect table")
@@ -376,7 +385,6 @@ class Virtqueue:
             if isinstance(e, GuestMemoryError):
                 raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
-        self._budget -= steps
         self.descriptors_walked += steps
         inflight[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
         return DescriptorChain(head, readable, writable, self.epoch, memory)
