@@ -93,6 +93,57 @@ class Weird(Exception):
 def vdm_register_devices(register):
     raise Weird()
 ''', "vdm_register_devices raised Weird: (its message cannot be shown)"),
+    "choices-not-tuple": ('''
+from dataclasses import field
+
+
+@dataclass
+class Picky:
+    mode: str = field(default="a", metadata={"choices": 5})
+
+
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-picky", config=Picky, create=lambda c, ctx: None, cli_flag="--vt-picky"))
+''', "field mode: choices must be a tuple of values"),
+}
+
+#: plugins that load, but whose command options or help text used to break other commands
+AWKWARD = {
+    "options-hang": '''
+import time
+
+
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="vt-options-hang", help="x", add_arguments=lambda p: time.sleep(3600),
+                     run=lambda a: 0))
+''',
+    "options-exit": '''
+import sys
+
+
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="vt-options-exit", help="x", add_arguments=lambda p: sys.exit(4), run=lambda a: 0))
+''',
+    "percent-help": '''
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-pct", config=Cfg, create=lambda c, ctx: None, cli_flag="--vt-pct",
+                        help="100% x"))
+
+
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="vt-pct-cmd", help="50% faster", add_arguments=lambda p: None, run=lambda a: 0))
+''',
+    "same-flag": '''
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-disk2", config=Cfg, create=lambda c, ctx: None, cli_flag="--disk",
+                        help="a second --disk"))
+''',
 }
 
 #: plugins whose only fault is a broken availability check: loaded, and unavailable for that reason
@@ -112,6 +163,10 @@ def site(tmp_path_factory) -> Path:
     write_dist(site, "vdmtest-good", "1.2.3", {"vt-good": "vdmtest_good.plugin"},
                {"vdmtest_good/__init__.py": "", "vdmtest_good/plugin.py": textwrap.dedent(GOOD)})
     for name, (body, _) in HOSTILE.items():
+        pkg = "vdmtest_" + name.replace("-", "_")
+        write_dist(site, _dist(name), "0.1", {f"vt-{name}": f"{pkg}.plugin"},
+                   {f"{pkg}/__init__.py": "", f"{pkg}/plugin.py": HEAD + textwrap.dedent(body)})
+    for name, body in AWKWARD.items():
         pkg = "vdmtest_" + name.replace("-", "_")
         write_dist(site, _dist(name), "0.1", {f"vt-{name}": f"{pkg}.plugin"},
                    {f"{pkg}/__init__.py": "", f"{pkg}/plugin.py": HEAD + textwrap.dedent(body)})
@@ -201,3 +256,37 @@ def test_bad_timeout_is_one_line(site, value):
     assert proc.stderr.splitlines() == [
         f"vdm: VDM_PLUGIN_TIMEOUT={value!r}: give a number of seconds greater than 0"
     ]
+
+
+@pytest.mark.parametrize("name", ["options-hang", "options-exit"])
+def test_command_whose_options_hang_or_exit_is_unavailable_alone(site, name):
+    plugins = f"vt-good,vt-{name}"
+    proc = _vdm(site, "vt-show", plugins=plugins)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "device vt-gadget from vdmtest-good: a test gadget" in proc.stdout
+    proc = _vdm(site, f"vt-{name}", plugins=plugins)
+    assert proc.returncode == 1
+    why = "did not answer within 2 s" if name == "options-hang" else "SystemExit: 4"
+    assert proc.stderr.splitlines() == [
+        f"vdm: vt-{name} is provided by {_dist(name)}, which is unavailable here: its options are broken "
+        f"({why}" + (" (see --plugin-timeout))" if name == "options-hang" else ")")
+    ]
+
+
+def test_percent_in_a_plugin_help_is_text(site):
+    plugins = "blk,vhost-user,vt-good,vt-percent-help"
+    top = _vdm(site, "--help", plugins=plugins)
+    assert top.returncode == 0 and "Traceback" not in top.stderr, top.stderr
+    assert "50% faster [vdmtest-percent-help]" in top.stdout
+    sub = _vdm(site, "vhost-user", "--help", plugins=plugins)
+    assert sub.returncode == 0 and "Traceback" not in sub.stderr, sub.stderr
+    assert "100% x [vdmtest-percent-help]" in " ".join(sub.stdout.split())
+
+
+def test_a_second_plugin_with_the_same_flag_does_not_break_the_command(site):
+    """Two device types with ``--disk``: the one whose name sorts first keeps it, the command works."""
+    proc = _vdm(site, "vhost-user", "--help", plugins="blk,vhost-user,vt-same-flag")
+    assert proc.returncode == 0, proc.stderr
+    assert "virtio-blk disk: raw file, block device or qcow2 image [vdm-blk]" in " ".join(proc.stdout.split())
+    assert "a second --disk [vdmtest-same-flag]; options" not in " ".join(proc.stdout.split())
+    assert "Traceback" not in proc.stderr

@@ -63,6 +63,10 @@ def config_class_problem(cls: Any) -> str | None:
         _fields(cls)
     except Exception as e:  # a NameError in a string annotation, a broken __class_getitem__, ...
         return f"config {cls.__name__}: its field types cannot be read ({type(e).__name__})"
+    for name, (fld, _) in _fields(cls).items():
+        choices = fld.metadata.get("choices")
+        if choices is not None and not isinstance(choices, (tuple, list, set, frozenset)):
+            return f"config {cls.__name__}: field {name}: choices must be a tuple of values"
     return None
 
 

@@ -141,6 +141,14 @@ class PluginSet:
         """Run a plugin's availability check within this set's time bound: None or one reason line."""
         return _check(fn, self.timeout)
 
+    def call(self, fn: Callable[[], Any]) -> tuple[Any, Optional[str]]:
+        """Run other plugin code (a command's ``add_arguments``) within this set's time bound.
+
+        :returns: ``(result, None)``, or ``(None, reason)`` when it raised anything or did not
+            answer in time (it is then left running in a daemon thread).
+        """
+        return _bounded(fn, self.timeout)
+
 
 def _dist_of(ep: EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
@@ -175,10 +183,16 @@ def timeout_from_env() -> float:
 def _describe(e: BaseException) -> str:
     """``Type: message`` of an exception from a plugin; a ``__str__`` that raises does not escape."""
     try:
-        text = str(e)
+        text = _printable(str(e))
     except Exception:
         text = "(its message cannot be shown)"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _printable(text: str) -> str:
+    """``text`` as one line of printable characters (a terminal escape from a plugin shows as ?)."""
+    line = "; ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+    return "".join(c if c.isprintable() else "?" for c in line)
 
 
 def _bounded(fn: Callable[[], Any], timeout: float | None) -> tuple[Any, Optional[str]]:
@@ -222,7 +236,7 @@ def _check(fn: Callable[[], Optional[str]] | None, timeout: float | None = DEFAU
         return None
     if not isinstance(value, str):
         return f"availability check returned {type(value).__name__}, not None or a reason"
-    line = "; ".join(ln.strip() for ln in value.splitlines() if ln.strip()) or "unavailable (no reason given)"
+    line = _printable(value) or "unavailable (no reason given)"
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
 
 

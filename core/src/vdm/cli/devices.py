@@ -49,28 +49,34 @@ def add_device_options(parser: argparse.ArgumentParser, plugins: PluginSet | Non
     """Add one repeatable option per device type that has a ``cli_flag``.
 
     Options already on the parser are not added twice (a device type whose flag clashes with the
-    command's own option is left out of that command). Each option's help names the plugin's
-    distribution and the accepted option keys.
+    command's own option, or with a device type whose name sorts first, is left out of that
+    command). Each option's help names the plugin's distribution and the accepted option keys. A
+    device type whose option cannot be added is left out with one warning line; the command and
+    the other device types keep working.
     """
     if plugins is None:
         return
-    taken = set(parser._option_string_actions)
     group = parser.add_argument_group("devices (from the installed plugins)")
     for dt, info in _types(plugins):
         if not dt.cli_flag:
             continue
+        taken = parser._option_string_actions
         flags = [f for f in (dt.cli_short, dt.cli_flag) if f and f not in taken]
         if dt.cli_flag not in flags:
             continue
         why = plugins.check(dt.check)
         note = f" (unavailable here: {why})" if why else ""
-        group.add_argument(
-            *flags,
-            dest=f"{DEST_PREFIX}{dt.name}",
-            action="append",
-            metavar="OPTIONS",
-            help=f"{dt.help} [{info.distribution}]{note}; options: {describe_options(dt.config)}",
-        )
+        text = f"{dt.help} [{info.distribution}]{note}; options: {describe_options(dt.config)}"
+        try:
+            group.add_argument(
+                *flags,
+                dest=f"{DEST_PREFIX}{dt.name}",
+                action="append",
+                metavar="OPTIONS",
+                help=text.replace("%", "%%"),  # argparse %-formats help: a plugin's "50%" is text
+            )
+        except Exception as e:  # an option argparse refuses: that device type is left out
+            print(f"vdm: warning: device type {dt.name} [{info.distribution}] left out: {e}", file=sys.stderr)
 
 
 def devices_epilog(plugins: PluginSet | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -89,15 +90,15 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
             plugins.conflicts.append(f"command '{name}' of {info.distribution} ignored: vdm has its own")
             continue
         why = plugins.check(cmd.available)  # a check that raises or hangs is a reason, not a crash
-        kw = {"help": f"{cmd.help} [{info.distribution}]"} if why is None else {}
+        # argparse %-formats help: a plugin's "50% faster" is text, not a format
+        kw = {"help": f"{cmd.help} [{info.distribution}]".replace("%", "%%")} if why is None else {}
         p = sub.add_parser(name, description=cmd.help, **kw)
         p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution)
         if why is None:
             p.vdm_plugins = plugins  # type: ignore[attr-defined]  # for options per device type
-            try:
-                cmd.add_arguments(p)
-            except Exception as e:
-                why = f"its options are broken ({type(e).__name__}: {e})"
+            _, broken = plugins.call(functools.partial(cmd.add_arguments, p))  # bounded, any exception
+            if broken is not None:
+                why = f"its options are broken ({broken})"
                 p.set_defaults(_unavailable=why)
         if why is not None:
             p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
