@@ -216,3 +216,27 @@ def test_any_option_string_parses_or_is_one_user_error(text):
         assert "\n" not in str(e) and str(e).startswith("--disk: ")
     else:
         assert isinstance(cfg, DiskConfig) and isinstance(cfg.path, str)
+
+
+def test_load_toml_reads_only_regular_files(tmp_path):
+    """Issue 20 items 10, 11: what is not a regular file is refused without reading (or blocking on) it."""
+    import socket
+
+    sock_path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+        for path, kind in (("/dev/zero", "a character device"), (str(sock_path), "a socket"),
+                           (str(tmp_path), "a directory")):
+            with pytest.raises(UserError) as e:
+                load_toml(path)
+            assert str(e.value) == f"{path}: is {kind}, not a TOML file"
+
+
+def test_load_toml_refuses_a_huge_file(tmp_path):
+    from vdm.config import MAX_TOML_BYTES
+
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * (MAX_TOML_BYTES // 10 + 1))
+    with pytest.raises(UserError) as e:
+        load_toml(str(big))
+    assert str(e.value) == f"{big}: too large for a TOML file (more than {MAX_TOML_BYTES} bytes)"

@@ -175,25 +175,29 @@ _KINDS = {
 }
 
 
+def _refuse_special(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise UserError(f"{path}: is {kind}, not a TOML file")
+
+
 def _read_regular(path: str) -> bytes:
     """The bytes of the regular file ``path`` (symlinks followed).
 
-    Opened with O_NONBLOCK so that a FIFO never blocks the open; anything but a regular file is
-    refused after an ``fstat`` of the open descriptor (no window between a check and the open).
+    Stat'ed first, so that a device is never opened (opening some has effects) and a FIFO never
+    blocks; then opened with O_NONBLOCK and checked again with ``fstat`` (the path may have been
+    replaced in between).
     """
     try:
+        _refuse_special(path, os.stat(path))
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UserError(f"{path}: no such VM file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a TOML file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot open: {e.strerror}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            raise UserError(f"{path}: is {kind}, not a TOML file")
+        _refuse_special(path, st)
         if st.st_size > MAX_TOML_BYTES:
             raise UserError(f"{path}: too large for a TOML file (more than {MAX_TOML_BYTES} bytes)")
         os.set_blocking(fd, True)
