@@ -172,6 +172,28 @@ def test_written_data_reads_back_and_lands_in_the_image(
     assert data[OFFSET + SIZE :] == bytes(DISK - OFFSET - SIZE), "written after the range"
 
 
+@pytest.mark.parametrize("queue_size", [1024, 32768])
+def test_queue_sizes_above_256_carry_that_many_requests(
+    client: Client, tmp_path: Path, queue_size: int
+) -> None:
+    """libblkio asks for the ring size it is given (QEMU 10 too): up to the split ring's 32768."""
+    image = tmp_path / "disk.raw"
+    make_image(image, "raw")
+    sock = tmp_path / "blk.sock"
+    vdm = VdmProcess(str(sock), "--disk", str(image))
+    try:
+        p = client.run(
+            sock, "--mode", "verify", "--size", "8M", "--bs", "4k", "--qd", "512",
+            "--queue-size", str(queue_size), "--seed", "3",
+        )  # fmt: skip
+    finally:
+        rc = vdm.stop()
+    assert p.returncode == 0 and "VERIFY ok pattern offset=0 size=8388608" in p.stdout, _lines(p) + vdm.output
+    assert vdm.count(f"queue 0 starts: size {queue_size},") == 1, vdm.output
+    assert rc == 0 and vdm.count("closing the connection") == 0, vdm.output
+    assert image.read_bytes()[: 8 * MIB] == pattern(0, 8 * MIB, 3)
+
+
 @pytest.mark.parametrize("mode", ["randread", "randwrite", "read", "write"])
 def test_benchmark_modes_complete_every_request(client: Client, tmp_path: Path, mode: str) -> None:
     """The modes benchmarks/vhost_user_blk_free.py uses: a fixed count completes, with a RESULT line."""
