@@ -330,9 +330,17 @@ int main(int argc, char **argv)
     bool verify = !strcmp(o.mode, "verify"), check = !strcmp(o.mode, "check");
     bool benchmode = !strcmp(o.mode, "randread") || !strcmp(o.mode, "randwrite") || !strcmp(o.mode, "read") ||
                      !strcmp(o.mode, "write");
-    if (!o.path || optind != argc || !(verify || check || benchmode) || o.qd < 1 || o.qd > 1024 || o.bs == 0 ||
-        o.bs % SECTOR || o.offset % SECTOR || o.size % SECTOR)
+    const char *bad = !o.path                             ? "--path SOCK is required"
+                      : optind != argc                      ? "unexpected arguments after the options"
+                      : !(verify || check || benchmode)     ? "--mode must be verify, check, randread, randwrite, read or write"
+                      : o.qd < 1 || o.qd > 1024             ? "--qd must be 1..1024"
+                      : o.bs == 0 || o.bs % SECTOR          ? "--bs must be a non-zero multiple of 512"
+                      : o.offset % SECTOR || o.size % SECTOR ? "--offset and --size must be multiples of 512"
+                                                            : NULL;
+    if (bad) {
+        fprintf(stderr, "blkio_frontend: %s\n", bad);
         usage();
+    }
 
     int ret = blkio_create(o.driver, &b);
     if (ret < 0)
