@@ -51,6 +51,13 @@ class DeviceType:
     help: str = ""
     #: None when usable, else why not (e.g. "not implemented yet")
     check: Optional[Callable[[], Optional[str]]] = None
+    #: the virtio device id the devices of this type have (1 net, 2 blk, 3 console, ...), so that a
+    #: toolstack's generic virtio device (Xen's ``virtio,device<ID>``) finds the plugin serving it;
+    #: None when the type is not a virtio device
+    virtio_id: Optional[int] = None
+    #: options that make this type a virtio device where that is a choice (console's "kind=virtio");
+    #: put before the user's own options when a device is asked for by its virtio id
+    virtio_options: str = ""
 
 
 @dataclass
@@ -116,6 +123,12 @@ def _device_problem(dt: DeviceType) -> Optional[str]:
         return f"toml_key {_text(dt.toml_key)} must be a bare TOML key (letters, digits, - and _)"
     if dt.check is not None and not callable(dt.check):
         return "check must be None or callable"
+    if dt.virtio_id is not None and (
+        type(dt.virtio_id) is not int or not 0 < dt.virtio_id <= 0xFFFF
+    ):
+        return f"virtio_id {_text(dt.virtio_id)} must be None or a virtio device id (1..65535)"
+    if not isinstance(dt.virtio_options, str):
+        return "virtio_options must be a string"
     return None
 
 

@@ -29,5 +29,6 @@ def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
             cli_flag="--rng",
             toml_key="rng",
             help="virtio-rng: random numbers for the guest's /dev/hwrng (from os.urandom)",
+            virtio_id=4,
         )
     )

@@ -39,5 +39,6 @@ def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
             positional="path",
             toml_key="disk",
             help="virtio-blk disk: raw file, block device or qcow2 image",
+            virtio_id=2,
         )
     )

@@ -64,5 +64,7 @@ def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
             positional="kind",
             toml_key="console",
             help="the guest's console: serial (16550A UART, ttyS0) or virtio (virtio-console, hvc0)",
+            virtio_id=3,
+            virtio_options="kind=virtio",
         )
     )

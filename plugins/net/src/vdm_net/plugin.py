@@ -64,5 +64,6 @@ def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
             toml_key="network",
             help="virtio-net on a host tap (offloads, mergeable buffers, multi-queue)",
             check=check,
+            virtio_id=1,
         )
     )

@@ -5,12 +5,24 @@ Devices come from the command line::
     vdm dm-only --domid 5 --device blk,path=disk.img,base=0x02000000,irq=33
 
 (``base``/``irq``: the virtio-mmio window and SPI the guest's device tree names; the other options
-are the device type's own, as for ``vdm run --disk``), or, without ``--device``, from xenstore:
-the disks libxl 4.17 writes for ``disk = [ '..., backendtype=standalone, specification=virtio' ]``
-(start vdm before ``xl create``; without ``--domid`` it serves the next guest that gets one).
+are the device type's own, as for ``vdm run --disk``), or, without ``base``/``irq``, from xenstore
+(start vdm before ``xl create``; without ``--domid`` it serves the next guest that gets devices):
+
+* the disks libxl 4.17+ writes for ``disk = [ '..., backendtype=standalone, specification=virtio' ]``
+  (image and mode from xenstore);
+* Xen 4.18+ libxl's generic devices, ``virtio = [ "type=virtio,device<ID>, transport=mmio" ]``: the
+  virtio device id finds the installed plugin that declares it (``DeviceType.virtio_id``: net 1,
+  blk 2, console 3, any third party's), and since libxl carries no backend configuration (xl refuses
+  unknown keys in a ``virtio`` entry), the n-th ``--device TYPE,OPTIONS`` of a type configures the
+  guest's n-th device of that type (``--device net,tapif=vif1,host_ip=10.0.0.1/24``); a device without
+  one gets the type's defaults. A device vdm cannot serve -- an id no plugin provides, a config it
+  cannot use -- is set Closed with one log line and the others are served; with none left vdm says
+  so and exits 1. libxl does not wait for these devices' backend: create the guest paused
+  (``xl create -p``) and unpause it once vdm has put its devices in InitWait (``state`` 2).
 
 It ends on SIGTERM/SIGINT, when the guest dies, or when the toolstack closes the devices, and then
 releases everything: ranges, event channels, the ioreq server, guest mappings; xenstore state Closed.
+It serves one guest and exits 0 after it; a next guest needs a next ``vdm dm-only``.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from vdm.config import parse_option_string
 from vdm.errors import UserError
 from vdm.registry import DeviceContext, DeviceType
 
-__all__ = ["DeviceSpec", "add_arguments", "parse_device", "run", "serve"]
+__all__ = ["DeviceConfig", "DeviceSpec", "add_arguments", "parse_config", "parse_device", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TYPE,OPTIONS",
-        help="a device, e.g. blk,path=disk.img,base=0x02000000,irq=33 (repeatable); "
-        "without --device the guest's disks are read from xenstore",
+        help="a device, e.g. blk,path=disk.img,base=0x02000000,irq=33 (repeatable); without "
+        "base=/irq= it configures the guest's next xenstore device of its type (net,tapif=vif1); "
+        "without --device every device is read from xenstore",
     )
     p.add_argument(
         "--irq-kind",
@@ -73,8 +86,8 @@ def _number(what: str, text: str) -> int:
         raise UserError(f"--device: {what} wants a number, not {text!r}") from None
 
 
-def parse_device(text: str, devices: dict[str, DeviceType]) -> DeviceSpec:
-    """``blk,path=disk.img,base=0x02000000,irq=33`` -> a :class:`DeviceSpec`."""
+def _split(text: str, devices: dict[str, DeviceType]) -> tuple[DeviceType, int | None, int | None, str]:
+    """``TYPE,OPTIONS`` -> (type, base, irq, the other options)."""
     kind, _, rest = text.partition(",")
     dt = devices.get(kind)
     if dt is None:
@@ -91,14 +104,54 @@ def parse_device(text: str, devices: dict[str, DeviceType]) -> DeviceSpec:
             irq = _number("irq", value)
         elif item:
             keep.append(item)
+    return dt, base, irq, ",".join(keep)
+
+
+def _places(text: str) -> bool:
+    """Whether ``--device TEXT`` says where the guest looks (base= or irq=)."""
+    return any(item.partition("=")[0] in ("base", "irq") for item in text.split(",")[1:])
+
+
+def parse_device(text: str, devices: dict[str, DeviceType]) -> DeviceSpec:
+    """``blk,path=disk.img,base=0x02000000,irq=33`` -> a :class:`DeviceSpec`."""
+    dt, base, irq, options = _split(text, devices)
+    kind = dt.name
     if base is None or irq is None:
         raise UserError(
             f"--device {kind}: base= and irq= are required (where the guest looks for the device)"
         )
     if base < 0 or base % 0x200 or irq < 0:
         raise UserError(f"--device {kind}: base 0x{base:x} must be 0x200-aligned, irq not negative")
-    cfg = parse_option_string(dt.config, ",".join(keep), f"--device {kind}", dt.positional)
+    cfg = parse_option_string(dt.config, options, f"--device {kind}", dt.positional)
     return DeviceSpec(dt, cfg, base, irq)
+
+
+@dataclass
+class DeviceConfig:
+    """A ``--device TYPE,OPTIONS`` without a place: the configuration of a xenstore device of TYPE."""
+
+    type: DeviceType
+    options: str  # the type's ``virtio_options``, then the user's
+    text: str  # as given, for messages
+    used: bool = False
+
+    def config(self) -> Any:
+        return _virtio_config(self.type, self.options, f"--device {self.text}")
+
+
+def _virtio_config(dt: DeviceType, user: str, what: str) -> Any:
+    options = ",".join(o for o in (dt.virtio_options, user) if o)
+    return parse_option_string(dt.config, options, what, None if dt.virtio_options else dt.positional)
+
+
+def parse_config(text: str, devices: dict[str, DeviceType]) -> DeviceConfig:
+    """``net,tapif=vif1`` -> a checked :class:`DeviceConfig` (bad options fail here, before any guest)."""
+    dt, _, _, options = _split(text, devices)
+    if dt.virtio_id is None:
+        raise UserError(f"--device {dt.name}: this device type declares no virtio device id")
+    dc = DeviceConfig(dt, options, text)
+    dc.config()
+    return dc
 
 
 def _stop_pipe() -> tuple[int, int, Callable[[], None]]:
@@ -219,29 +272,104 @@ def serve(
                     log.exception("xenstore disconnect")
 
 
-def _blk_from_xenstore(devices: dict[str, DeviceType], entry: Any) -> DeviceSpec:
-    dt = devices.get("blk")
-    if dt is None:
-        raise UserError("xenstore describes a virtio disk but no blk device plugin (vdm-blk) is installed")
-    from vdm.config import config_from_mapping
-
+def _check_place(entry: Any) -> None:
     if entry.base < 0 or entry.base % 0x200 or not 0 <= entry.irq < 1020:
         raise UserError(
             f"{entry.backend}: base 0x{entry.base:x} / irq {entry.irq} are not a virtio-mmio window"
         )
+
+
+def _blk_from_xenstore(devices: dict[str, DeviceType], entry: Any) -> DeviceSpec:
+    dt = next((d for _, d in sorted(devices.items()) if d.virtio_id == 2), devices.get("blk"))
+    if dt is None:
+        raise UserError("xenstore describes a virtio disk but no blk device plugin (vdm-blk) is installed")
+    from vdm.config import config_from_mapping
+
+    _check_place(entry)
     cfg = config_from_mapping(dt.config, {"path": entry.params, "ro": not entry.writable}, entry.backend)
     return DeviceSpec(dt, cfg, entry.base, entry.irq)
+
+
+def _generic_from_xenstore(
+    devices: dict[str, DeviceType], configs: list[DeviceConfig], entry: Any
+) -> DeviceSpec:
+    """A generic virtio device: the plugin declaring its id, the next unused ``--device`` of that type."""
+    if entry.virtio_id is None:
+        raise UserError(f"type {entry.type!r} names no virtio device id (virtio,device<hex id>)")
+    providers = [dt for _, dt in sorted(devices.items()) if dt.virtio_id == entry.virtio_id]
+    if not providers:
+        known = (
+            ", ".join(f"{n} {dt.virtio_id}" for n, dt in sorted(devices.items()) if dt.virtio_id) or "none"
+        )
+        raise UserError(
+            f"{entry.type}: virtio device id {entry.virtio_id}: no installed plugin provides it "
+            f"(installed: {known})"
+        )
+    _check_place(entry)
+    dt = providers[0]
+    dc = next((c for c in configs if c.type is dt and not c.used), None)
+    if dc is not None:
+        dc.used = True
+        cfg = dc.config()
+    else:
+        try:
+            cfg = _virtio_config(dt, "", entry.backend)
+        except UserError as e:
+            raise UserError(f"{e} (give it with --device {dt.name},...)") from None
+    if entry.grant_usage:
+        log.info("%s: grant_usage=1: the guest's buffers are grant references", entry.backend)
+    return DeviceSpec(dt, cfg, entry.base, entry.irq)
+
+
+def _from_xenstore(
+    xs: Any, entries: list[Any], devices: dict[str, DeviceType], configs: list[DeviceConfig]
+) -> list[DeviceSpec]:
+    """The devices of one guest that vdm can serve; the others are closed with one line each."""
+    from .xenstore import DISK_KIND, XenStoreError, XsDevice
+
+    specs = []
+    for entry in entries:
+        handshake = XsDevice(xs, entry)
+        try:
+            if entry.kind == DISK_KIND:
+                spec = _blk_from_xenstore(devices, entry)
+            else:
+                spec = _generic_from_xenstore(devices, configs, entry)
+        except UserError as e:
+            log.error("dom%d: %s: not served, closed: %s", entry.fe_domid, entry.backend, e)
+            handshake.fail()
+            continue
+        try:
+            handshake.connect()
+        except XenStoreError as e:
+            raise UserError(f"xenstore: {e.strerror}") from None
+        spec.xs = handshake
+        specs.append(spec)
+    for dc in configs:
+        if not dc.used:
+            log.warning("--device %s unused: the guest has no more devices of type %s", dc.text, dc.type.name)
+    return specs
 
 
 def run(args: argparse.Namespace, lib: Any = None) -> int:
     """The command: build the device list, serve, clean up. Returns the exit status."""
     from .bindings import XenLibraryError, load
     from .ioreq import XenError
-    from .xenstore import XenStore, XenStoreError, XsDisk, wait_for_disks
+    from .xenstore import XenStore, XenStoreError, wait_for_devices
 
     plugins = args.plugin_set
     devices = {name: dt for name, (dt, _) in plugins.devices.items()}
-    specs = [parse_device(text, devices) for text in args.device]
+    placed = [_places(text) for text in args.device]
+    if any(placed) and not all(placed):
+        raise UserError(
+            "--device: give base=/irq= for either all or none of the devices (none: they come from xenstore)"
+        )
+    if all(placed):
+        specs = [parse_device(text, devices) for text in args.device]
+        configs: list[DeviceConfig] = []
+    else:
+        specs = []
+        configs = [parse_config(text, devices) for text in args.device]
     if lib is None:
         try:
             lib = load()
@@ -254,24 +382,27 @@ def run(args: argparse.Namespace, lib: Any = None) -> int:
             try:
                 xs = XenStore(lib)
             except XenStoreError as e:
-                raise UserError(f"{e.strerror} (or give the devices with --device)") from None
+                raise UserError(f"{e.strerror} (or give the devices with --device ...,base=,irq=)") from None
             from .xenstore import own_domid
 
             be = own_domid(xs)
             try:
-                entries = wait_for_disks(xs, be, args.domid, stop_r, args.wait_timeout)
-                for entry in entries:
-                    spec = _blk_from_xenstore(devices, entry)
-                    spec.xs = XsDisk(xs, entry)
-                    spec.xs.connect()
-                    specs.append(spec)
+                entries = wait_for_devices(xs, be, args.domid, stop_r, args.wait_timeout)
             except (TimeoutError, InterruptedError) as e:
                 raise UserError(str(e)) from None
             except XenStoreError as e:
                 raise UserError(f"xenstore: {e.strerror}") from None
             domid = entries[0].fe_domid
+            try:
+                specs = _from_xenstore(xs, entries, devices, configs)
+                if not specs:
+                    raise UserError(f"dom{domid}: nothing to serve (every device was closed, see above)")
+            except BaseException:
+                for spec in specs:
+                    spec.xs.disconnect()
+                raise
         elif args.domid is None:
-            raise UserError("--domid is required with --device")
+            raise UserError("--domid is required with --device ...,base=,irq=")
         else:
             domid = args.domid
             try:

@@ -1,12 +1,23 @@
-"""Xenstore: reading what libxl wrote for a standalone virtio disk, and the backend handshake.
+"""Xenstore: reading what libxl wrote for a guest's virtio devices, and the backend handshake.
 
-Xen 4.17's libxl, for ``disk = [ '..., backendtype=standalone, specification=virtio' ]`` on Arm,
-writes a backend directory ``/local/domain/<backend>/backend/virtio_disk/<guest>/<devid>`` with
-(among others) ``frontend`` (the guest-side path), ``state`` = 1 (Initialising), ``mode`` ("w" or
-"r"), ``params`` (the image), ``base`` (the virtio-mmio window, decimal in 4.17, ``0x`` hex later)
-and ``irq`` (the SPI), then waits until the backend says ``state`` = 2 (InitWait). The device model
-must therefore be running before ``xl create``. The guest's driver is plain virtio-mmio and never
-speaks xenbus, so the backend stays in InitWait until it closes (state 6, Closed).
+Two layouts, both under ``/local/domain/<backend>/backend/<kind>/<guest>/<devid>``:
+
+* ``virtio_disk`` -- Xen 4.17+ libxl, for ``disk = [ '..., backendtype=standalone,
+  specification=virtio' ]``: ``frontend`` (the guest-side path), ``state`` = 1 (Initialising),
+  ``mode`` ("w" or "r"), ``params`` (the image), ``base`` (the virtio-mmio window, decimal in 4.17,
+  ``0x`` hex later) and ``irq`` (the SPI). libxl then waits until the backend says ``state`` = 2
+  (InitWait), so the device model must run before ``xl create``.
+* ``virtio`` -- Xen 4.18+ libxl's generic devices, ``virtio = [ "type=virtio,device<ID>,
+  transport=mmio, backend=<dom>, grant_usage=<0|1>" ]``: ``frontend``, ``frontend-id``, ``state`` = 1,
+  ``base`` (``0x`` hex), ``irq``, ``type`` (``virtio,device<ID>``, the virtio device id in hex as in
+  the device-tree binding: ``virtio,device1`` is a network card, ``virtio,device22`` an I2C
+  adapter), ``transport`` ("mmio") and ``grant_usage`` ("0"/"1"). libxl carries no backend
+  configuration for these and does not wait for the backend: the domain must be created paused
+  (``xl create -p``) and unpaused once the backend is in InitWait.
+
+The guest's driver is plain virtio-mmio and never speaks xenbus, so a served device's backend stays
+in InitWait until it closes (state 6, Closed). A device vdm cannot serve (no plugin for its id, a
+type string that names no id) is set to Closed at once.
 """
 
 from __future__ import annotations
@@ -29,11 +40,29 @@ from .abi import (
     XS_WATCH_TOKEN,
 )
 
-__all__ = ["DiskEntry", "XenStore", "XenStoreError", "XsDisk", "find_disks", "wait_for_disks"]
+__all__ = [
+    "DiskEntry",
+    "VirtioEntry",
+    "XenStore",
+    "XenStoreError",
+    "XsDevice",
+    "XsDisk",
+    "find_devices",
+    "find_disks",
+    "wait_for_devices",
+    "wait_for_disks",
+]
 
 log = logging.getLogger(__name__)
 
-KIND = "virtio_disk"
+DISK_KIND = "virtio_disk"  # Xen 4.17+: virtio disks
+GENERIC_KIND = "virtio"  # Xen 4.18+: generic virtio devices
+KINDS = (DISK_KIND, GENERIC_KIND)
+KIND = DISK_KIND  # the 4.17 name, kept for callers
+#: what a generic device's ``type`` starts with; the virtio device id (hex) follows
+TYPE_PREFIX = "virtio,device"
+#: the virtio id of a ``virtio_disk`` device (block)
+VIRTIO_ID_BLOCK = 2
 
 
 class XenStoreError(OSError):
@@ -119,17 +148,36 @@ class XenStore:
 
 
 @dataclass
-class DiskEntry:
-    """One virtio disk libxl described for a guest."""
+class VirtioEntry:
+    """One virtio device libxl described for a guest (either layout)."""
 
     backend: str  # the backend directory
     frontend: str
     fe_domid: int
     devid: int
-    params: str
-    writable: bool
     base: int
     irq: int
+    kind: str = DISK_KIND  # the xenstore kind: "virtio_disk" or "virtio"
+    #: the virtio device id (2 for a virtio_disk); None when the type names none
+    virtio_id: int | None = VIRTIO_ID_BLOCK
+    type: str = "disk"  # the ``type`` node of a generic device
+    params: str | None = None  # virtio_disk: the image
+    writable: bool = True  # virtio_disk: mode "w"
+    grant_usage: bool = False  # generic: the guest gives grant references, not addresses
+
+
+DiskEntry = VirtioEntry  # the 4.17-only name
+
+
+def parse_virtio_type(text: str) -> int | None:
+    """``virtio,device1`` -> 1, ``virtio,device22`` -> 0x22; None when it names no device id."""
+    if not text.startswith(TYPE_PREFIX):
+        return None
+    tail = text[len(TYPE_PREFIX) :]
+    if not tail or len(tail) > 4 or any(c not in "0123456789abcdefABCDEF" for c in tail):
+        return None
+    value = int(tail, 16)
+    return value if value > 0 else None
 
 
 def own_domid(xs: XenStore) -> int:
@@ -138,7 +186,7 @@ def own_domid(xs: XenStore) -> int:
     return 0 if v is None else v
 
 
-def _entry(xs: XenStore, be_path: str, fe_domid: int, devid: int) -> DiskEntry:
+def _entry(xs: XenStore, be_path: str, fe_domid: int, devid: int, kind: str = DISK_KIND) -> VirtioEntry:
     def need(key: str) -> str:
         v = xs.read(f"{be_path}/{key}")
         if v is None:
@@ -146,67 +194,125 @@ def _entry(xs: XenStore, be_path: str, fe_domid: int, devid: int) -> DiskEntry:
         return v
 
     frontend = need("frontend")
-    params = need("params")
-    mode = need("mode")
+    if kind == DISK_KIND:
+        params = need("params")
+        mode = need("mode")
     base = xs.read_int(f"{be_path}/base")
     irq = xs.read_int(f"{be_path}/irq")
     if base is None or irq is None:
         raise XenStoreError(errno.EINVAL, f"{be_path}: base/irq missing or not numbers")
-    return DiskEntry(be_path, frontend, fe_domid, devid, params, mode.startswith("w"), base, irq)
+    if kind == DISK_KIND:
+        return VirtioEntry(
+            be_path, frontend, fe_domid, devid, base, irq, params=params, writable=mode.startswith("w")
+        )
+    vtype = need("type")
+    transport = xs.read(f"{be_path}/transport")
+    if transport not in (None, "mmio"):
+        raise XenStoreError(errno.EINVAL, f"{be_path}: transport {transport!r}, only mmio is served")
+    return VirtioEntry(
+        be_path,
+        frontend,
+        fe_domid,
+        devid,
+        base,
+        irq,
+        kind=GENERIC_KIND,
+        virtio_id=parse_virtio_type(vtype),
+        type=vtype,
+        grant_usage=xs.read_int(f"{be_path}/grant_usage") == 1,
+    )
 
 
-def find_disks(xs: XenStore, be_domid: int, fe_domid: int) -> list[DiskEntry]:
-    """The virtio disks libxl set up for guest ``fe_domid`` (in Initialising state or later)."""
-    root = f"/local/domain/{be_domid}/backend/{KIND}/{fe_domid}"
+def _devids(xs: XenStore, root: str) -> list[int]:
+    return sorted(int(name) for name in xs.directory(root) if name.isdigit())
+
+
+def find_devices(xs: XenStore, be_domid: int, fe_domid: int) -> list[VirtioEntry]:
+    """Every virtio device libxl set up for guest ``fe_domid``, in both layouts: the disks first,
+    then the generic devices, each by devid."""
     out = []
-    for name in sorted(xs.directory(root), key=lambda s: (len(s), s)):
-        if not name.isdigit():
-            continue
-        out.append(_entry(xs, f"{root}/{name}", fe_domid, int(name)))
+    for kind in KINDS:
+        root = f"/local/domain/{be_domid}/backend/{kind}/{fe_domid}"
+        out.extend(_entry(xs, f"{root}/{devid}", fe_domid, devid, kind) for devid in _devids(xs, root))
     return out
 
 
-def wait_for_disks(
-    xs: XenStore, be_domid: int, fe_domid: int | None, stop_fd: int, timeout: float | None = None
-) -> list[DiskEntry]:
-    """Wait until libxl has written the disks of guest ``fe_domid`` and waits for a backend (all in
-    state Initialising). With ``fe_domid`` None: the first such guest (a guest already served is in
-    InitWait or later, so it is never taken twice)."""
-    root = f"/local/domain/{be_domid}/backend/{KIND}"
+def find_disks(xs: XenStore, be_domid: int, fe_domid: int) -> list[VirtioEntry]:
+    """The ``virtio_disk`` devices of guest ``fe_domid`` (the 4.17 layout alone)."""
+    return [e for e in find_devices(xs, be_domid, fe_domid) if e.kind == DISK_KIND]
+
+
+def wait_for_devices(
+    xs: XenStore,
+    be_domid: int,
+    fe_domid: int | None,
+    stop_fd: int,
+    timeout: float | None = None,
+    settle: float = 0.5,
+) -> list[VirtioEntry]:
+    """Wait until libxl has written the virtio devices of guest ``fe_domid`` (either layout) and they
+    wait for a backend (all in state Initialising). With ``fe_domid`` None: the first such guest (a
+    guest already served is in InitWait or later, so it is never taken twice).
+
+    libxl writes one device per transaction: once a guest has devices, its list is taken only after
+    ``settle`` seconds without a change, so a guest's later devices are not left out.
+    """
+    roots = [f"/local/domain/{be_domid}/backend/{kind}" for kind in KINDS]
     token = "vdm-wait"
-    xs.watch(root, token)
+    for root in roots:
+        xs.watch(root, token)
     whose = "a guest's" if fe_domid is None else f"dom{fe_domid}'s"
-    log.info("waiting for %s virtio disk in %s", whose, root)
+    log.info("waiting for %s virtio devices in %s", whose, " and ".join(roots))
     deadline = None if timeout is None else time.monotonic() + timeout
+    seen: tuple[int, list[str]] | None = None  # a candidate and its device list, waiting to settle
     try:
         while True:
             if fe_domid is not None:
                 candidates = [fe_domid]
             else:
-                candidates = sorted(int(d) for d in xs.directory(root) if d.isdigit())
+                candidates = sorted({d for root in roots for d in _devids(xs, root)})
+            found = None
             for fe in candidates:
-                disks = find_disks(xs, be_domid, fe)
-                if disks and all(
-                    xs.read_int(f"{d.backend}/state") == XENBUS_STATE_INITIALISING for d in disks
-                ):
-                    return disks
+                devs = find_devices(xs, be_domid, fe)
+                if devs and all(xs.read_int(f"{d.backend}/state") == XENBUS_STATE_INITIALISING for d in devs):
+                    found = (fe, devs)
+                    break
+            if found is not None:
+                key = (found[0], [d.backend for d in found[1]])
+                if key == seen:
+                    return found[1]
+                seen = key
+            else:
+                seen = None
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if wait == 0.0:
+            if wait == 0.0 and seen is None:
                 raise TimeoutError(
-                    f"no virtio disk for {'a new guest' if fe_domid is None else f'dom{fe_domid}'}"
+                    f"no virtio device for {'a new guest' if fe_domid is None else f'dom{fe_domid}'}"
                 )
+            if seen is not None:
+                wait = settle
             ready, _, _ = select.select([xs.fileno(), stop_fd], [], [], wait)
             if stop_fd in ready:
                 raise InterruptedError("stopped while waiting for the toolstack")
-            xs.events()
+            if ready:
+                xs.events()
+                seen = None if seen is None else (-1, [])  # changed: look again, settle again
     finally:
-        xs.unwatch(root, token)
+        for root in roots:
+            xs.unwatch(root, token)
 
 
-class XsDisk:
-    """The backend side of one disk's xenstore handshake (what virtio-disk does)."""
+def wait_for_disks(
+    xs: XenStore, be_domid: int, fe_domid: int | None, stop_fd: int, timeout: float | None = None
+) -> list[VirtioEntry]:
+    """:func:`wait_for_devices` (kept under its 4.17 name)."""
+    return wait_for_devices(xs, be_domid, fe_domid, stop_fd, timeout)
 
-    def __init__(self, xs: XenStore, entry: DiskEntry) -> None:
+
+class XsDevice:
+    """The backend side of one device's xenstore handshake (what virtio-disk does)."""
+
+    def __init__(self, xs: XenStore, entry: VirtioEntry) -> None:
         self.xs = xs
         self.entry = entry
         self.watching = False
@@ -223,6 +329,10 @@ class XsDisk:
         self.xs.watch(e.backend, e.backend)
         self.xs.watch(e.frontend, e.frontend)
         self.watching = True
+
+    def fail(self) -> None:
+        """This device will not be served: state Closed now, so nothing waits for it."""
+        self.xs.write(f"{self.entry.backend}/state", str(XENBUS_STATE_CLOSED))
 
     def ready(self) -> None:
         """The device is served: tell libxl (state InitWait)."""
@@ -250,3 +360,6 @@ class XsDisk:
             self.xs.unwatch(e.frontend, e.frontend)
             self.xs.unwatch(e.backend, e.backend)
             self.watching = False
+
+
+XsDisk = XsDevice  # the 4.17-only name

@@ -1,5 +1,5 @@
-"""The simulated Xen as the toolstack sees it: the xenstore tree, libxl adding a virtio disk,
-a domain dying.
+"""The simulated Xen as the toolstack sees it: the xenstore tree, libxl adding a virtio disk (4.17)
+or a generic virtio device (4.18+), a domain dying.
 """
 
 from __future__ import annotations
@@ -75,6 +75,37 @@ class Toolstack:
             "irq": str(irq),
             "params": params,
             "state": "1",
+        }.items():
+            self.xs_write(f"{be_path}/{k}", v)
+        return be_path
+
+    def libxl_add_virtio(
+        self,
+        devid: int,
+        vtype: str,
+        *,
+        base: int,
+        irq: int,
+        grant_usage: bool = False,
+        be_domid: int = 0,
+    ) -> str:
+        """Write what Xen 4.18+ libxl writes for ``virtio = [ "type=<vtype>, transport=mmio, ..." ]``
+        (libxl_virtio.c: ``base`` in 0x hex, ``irq`` decimal); returns the backend directory."""
+        fe = self.domid
+        be_path = f"/local/domain/{be_domid}/backend/virtio/{fe}/{devid}"
+        fe_path = f"/local/domain/{fe}/device/virtio/{devid}"
+        for k, v in {"backend-id": str(be_domid), "state": "1", "backend": be_path}.items():
+            self.xs_write(f"{fe_path}/{k}", v)
+        for k, v in {
+            "frontend": fe_path,
+            "frontend-id": str(fe),
+            "online": "1",
+            "state": "1",
+            "irq": str(irq),
+            "base": f"{base:#x}",
+            "type": vtype,
+            "transport": "mmio",
+            "grant_usage": "1" if grant_usage else "0",
         }.items():
             self.xs_write(f"{be_path}/{k}", v)
         return be_path
