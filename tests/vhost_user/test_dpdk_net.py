@@ -74,14 +74,15 @@ class PmdProcess:
     what follows it. :meth:`close` quits it (the port is stopped, the vhost-user connection closed).
     """
 
-    def __init__(self, sock: Path, workdir: Path) -> None:
+    def __init__(self, sock: Path, workdir: Path, queue_size: int = 256) -> None:
+        self.queue_size = queue_size
         self.prefix = f"vdmtest{os.getpid()}x{threading.get_ident() % 10000}"
         # stdbuf: testpmd's printf output would sit in a full stdio buffer on a pipe
         self.args = [
             "stdbuf", "-o0", TESTPMD, "-l", "0-1", "--no-huge", "-m", "1024", "--no-pci",
             "--single-file-segments",
             "--file-prefix", self.prefix, "--log-level", "lib.eal:error",
-            f"--vdev=net_virtio_user0,path={sock},queues=1,queue_size=256,mac={PMD_MAC}",
+            f"--vdev=net_virtio_user0,path={sock},queues=1,queue_size={queue_size},mac={PMD_MAC}",
             "--", "-i", "--nb-cores=1", "--total-num-mbufs=8192", "--rxq=1", "--txq=1",
         ]  # fmt: skip
         self.log = workdir / "testpmd.log"
@@ -169,7 +170,7 @@ class PmdProcess:
 
 
 @pytest.fixture
-def served(tmp_path: Path):
+def served(tmp_path: Path, request: pytest.FixtureRequest):
     """(namespace, vdm, testpmd): vdm-net on a tap in a namespace, testpmd's virtio-user on it."""
     why = _skip_reason()
     if why:
@@ -180,7 +181,7 @@ def served(tmp_path: Path):
         vdm = VdmProcess(str(sock), "--network", f"mode=tap,tapif={TAP}", wrap=ns.argv([]))
         pmd = None
         try:
-            pmd = PmdProcess(sock, tmp_path)
+            pmd = PmdProcess(sock, tmp_path, getattr(request, "param", 256))
             yield ns, vdm, pmd
             assert pmd.close() == 0, pmd.output[-3000:]
             pmd = None
@@ -297,6 +298,7 @@ def _tap_frames(count: int) -> list[bytes]:
     return frames
 
 
+@pytest.mark.parametrize("served", [256, 1024], indirect=True, ids=["ring256", "ring1024"])
 def test_frames_written_into_the_tap_reach_testpmd_and_come_back_unchanged(served) -> None:
     ns, vdm, pmd = served
     count, window = 2048, 64
@@ -330,6 +332,7 @@ def test_frames_written_into_the_tap_reach_testpmd_and_come_back_unchanged(serve
     assert after["tx_bytes"] - before["tx_bytes"] == sent_bytes, (before, after)
     assert after["rx_packets"] - before["rx_packets"] == count, (before, after)
     assert after["rx_bytes"] - before["rx_bytes"] == sent_bytes, (before, after)
+    assert vdm.count(f"queue 0 starts: size {pmd.queue_size},") == 1, vdm.output
     port = pmd.cmd("show port stats 0", r"Tx-bps[^\n]*\n")
     m = re.search(r"RX-packets:\s+(\d+)\s+RX-missed:\s+(\d+)\s+RX-bytes:\s+(\d+)", port)
     assert m and int(m.group(1)) == count and int(m.group(3)) == sent_bytes, port
