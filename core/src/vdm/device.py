@@ -14,9 +14,10 @@ A transport (virtio-mmio, virtio-pci) or a vhost-user backend drives the base th
 :meth:`reset`; it is told about interrupts through the :class:`DeviceInterrupts` it installs.
 The device never learns which transport or hypervisor carries it.
 
-Fairness: a transport whose kicks arrive on an event loop (``vdm run``'s ioeventfds, vhost-user's
-kick fds) hands that loop to :meth:`VirtioDevice.serve_on`. From then on one call of :meth:`kick`
-walks at most ``kick_budget`` descriptors of that queue (:data:`KICK_BUDGET`; see
+Fairness: a transport whose kicks arrive on an event loop hands that loop to
+:meth:`VirtioDevice.serve_on` (:class:`vdm.vmm.Vmm` does for every device it attaches: ``vdm run``,
+``vdm dm-only``; a vhost-user backend should do the same with its loop). From then on one call of
+:meth:`kick` walks at most ``kick_budget`` descriptors of that queue (:data:`KICK_BUDGET`; see
 :mod:`vdm.virtqueue` for how the budget is charged); when the budget is spent the queue reads as
 empty to ``process_queue``, the kick returns, and the rest is served by a later ``kick`` that the
 device's own resume eventfd brings on that loop, after every other callback that was ready. So
