@@ -16,6 +16,16 @@ from tests.vhost_user.frontend import Frontend
 DISK_SIZE = 4 << 20
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed real-guest test says which QEMU it ran against, whatever assertion failed."""
+    outcome = yield
+    report = outcome.get_result()
+    fe = getattr(item, "funcargs", {}).get("qemu_frontend")
+    if report.failed and fe is not None:
+        report.sections.insert(0, ("QEMU under test", str(fe)))
+
+
 @pytest.fixture
 def image(tmp_path) -> str:
     path = str(tmp_path / "disk.img")
