@@ -240,3 +240,18 @@ def test_load_toml_refuses_a_huge_file(tmp_path):
     with pytest.raises(UserError) as e:
         load_toml(str(big))
     assert str(e.value) == f"{big}: too large for a TOML file (more than {MAX_TOML_BYTES} bytes)"
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value", ["a" * 100_000, _nested(400)], ids=["long", "nested"])
+def test_a_huge_wrong_value_makes_a_short_error_line(value):
+    with pytest.raises(UserError) as e:
+        config_from_mapping(DiskConfig, {"path": "d.img", "ro": value}, "[disk]")
+    assert str(e.value).startswith("[disk]: option 'ro' wants on/off, not ")
+    assert len(str(e.value)) < 160

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 import stat
 import sys
 import typing
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 _TRUE = {"1", "on", "yes", "true", "y"}
+#: values in error lines: a 100 kB string or a list nested 500 deep is shown in a few dozen characters
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel = 2
 _FALSE = {"0", "off", "no", "false", "n"}
 
 
@@ -96,9 +101,10 @@ def _convert(what: str, name: str, fld: dataclasses.Field, tp: Any, value: Any) 
             out = str(value)
     except ValueError:
         kind = {bool: "on/off", int: "a number", float: "a number"}.get(tp, "a string")
-        raise UserError(f"{what}: option '{name}' wants {kind}, not {value!r}") from None
+        raise UserError(f"{what}: option '{name}' wants {kind}, not {_SHORT.repr(value)}") from None
     if choices and out not in choices:
-        raise UserError(f"{what}: option '{name}' must be one of {', '.join(map(str, choices))}, not {out!r}")
+        allowed = ", ".join(map(str, choices))
+        raise UserError(f"{what}: option '{name}' must be one of {allowed}, not {_SHORT.repr(out)}")
     return out
 
 
