@@ -176,3 +176,23 @@ def test_honest_images_with_snapshots_and_compressed_clusters_open_read_write(tm
     check_image(comp, allow_leaks=True)
     out = qemu_io(comp, "read -P 0x55 0 8k", "read -P 0x44 1M 64k", f"read -P 0x33 {3 * MiB - 512} 512")
     assert "verification failed" not in out.lower(), out
+
+
+def test_no_data_cluster_is_allocated_on_an_l2_table_even_if_its_refcount_drops(img):
+    """Defence in depth: the allocation guard knows every metadata cluster, not only the header,
+    the L1 table and the refcount table. A refcount that drops to 0 in memory under an L2 table
+    (a bug, not an image) makes the allocator offer that cluster; the guard refuses it."""
+    lay = _layout(img)
+    disk = open_disk(img, format="qcow2")
+    try:
+        block, j = disk.refs._block_for(lay["l2"] // CS)
+        block.entries[j] = 0  # what a refcount bug would do; nothing of it reaches the disk
+        disk.refs.free_hint = 0
+        with pytest.raises(DiskError, match="maps onto metadata"):
+            disk.writev(12 * MiB, [memoryview(bytearray(b"\x77" * CS))])
+        buf = bytearray(CS)
+        disk.readv(0, [memoryview(buf)])
+        assert buf == b"\x11" * CS, "the L2 table was overwritten"
+    finally:
+        disk.refs.cache.tables.clear()  # drop the falsified block unwritten
+        disk.close()
