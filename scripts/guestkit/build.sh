@@ -18,7 +18,7 @@ OUT=$(realpath -m "${1:?usage: $0 OUTDIR}")
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LABDIR=$(cd "$HERE/../kvmlab" && pwd)
 FLAVOUR=amd64
-GUEST_MODS="virtio_pci virtio_mmio virtio_blk virtio_net virtio_console virtio_rng crc32c_generic ext4"
+GUEST_MODS="virtio_pci virtio_mmio virtio_blk virtio_net virtio_console virtio_rng crc32c_generic ext4 9pnet_virtio 9p"
 LAB_MODS="virtio_pci 9pnet_virtio 9p kvm_amd tun"
 mkdir -p "$OUT"
 if [ -w "$OUT" ]; then exec 9>"$OUT/.lock"; flock 9; fi   # read-only (as in the KVM lab): no lock

@@ -17,6 +17,7 @@ for m in $(cat /etc/modules); do insmod /lib/modules/$m.ko || echo "VDMTEST WARN
 WLS=none; P_mib=16; P_time=10; P_addr=10.0.2.15/24; P_ip=10.0.2.2; P_count=5; P_interval=0.2; P_timeout=10
 P_exit=reboot; P_dev=/dev/vda; P_fsdev=; P_fsmib=8; P_fsfiles=64; P_peer=10.0.2.2:5555; P_tcp=recv
 P_tcpmib=4; P_tcptimeout=60; P_rngbytes=4096; P_cpus=
+P_9ptag=hostshare; P_9pmib=64; P_9pro=; P_9psecret=
 for w in $(cat /proc/cmdline); do case $w in
   vdmtest=*) WLS=${w#*=};;
   vdmtest.*=*) k=${w%%=*}; k=${k#vdmtest.}
@@ -136,12 +137,46 @@ wl_blkrand() {  # fio 4k random read, qd32 (needs initrd-fio)
   *) result ok randread_4k_qd32_iops="$iops" runtime_s="$P_time";; esac
 }
 
+wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 1000-entry readdir, P_9pmib MiB
+  mkdir -p /9p; D=/9p/wl; F=; bad() { F="$F,$1"; }
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "$P_9ptag" /9p || { result fail reason=mount; return; }
+  rm -rf $D; mkdir $D || { result fail reason=mkdir; return; }
+  echo hello >$D/a && [ "$(cat $D/a)" = hello ] || bad create
+  mv $D/a $D/b && [ ! -e $D/a ] && [ "$(cat $D/b)" = hello ] || bad rename
+  ln $D/b $D/h && [ "$(stat -c %h $D/b)" = 2 ] && [ "$(cat $D/h)" = hello ] || bad link
+  ln -s b $D/s && [ "$(readlink $D/s)" = b ] && [ "$(cat $D/s)" = hello ] || bad symlink
+  chmod 640 $D/b && [ "$(stat -c %a $D/h)" = 640 ] || bad chmod
+  truncate -s 2 $D/b && [ "$(cat $D/h)" = he ] || bad truncate
+  dd if=/dev/zero of=$D/sync bs=4k count=4 conv=fsync 2>/dev/null && [ "$(stat -c %s $D/sync)" = 16384 ] || bad fsync
+  mkdir $D/big; i=0; while [ $i -lt 1000 ]; do : >$D/big/f$i; i=$((i+1)); done
+  n=$(ls $D/big | wc -l); [ "$n" = 1000 ] || bad "readdir_$n"
+  esc=blocked; [ "$(cat /9p/esc 2>/dev/null)" = "${P_9psecret:-x}" ] && esc=escaped && bad escape
+  t0=$(now); dd if=/dev/urandom of=$D/large bs=1M count="$P_9pmib" conv=fsync 2>/dev/null; t1=$(now)
+  echo 3 >/proc/sys/vm/drop_caches
+  t2=$(now); W=$(md5of $D/large); t3=$(now); H=$(md5of /9p/hostbig 2>/dev/null); t4=$(now)
+  RO=skip
+  if [ -n "$P_9pro" ]; then mkdir -p /9pro
+    if mount -t 9p -o trans=virtio,version=9p2000.L "$P_9pro" /9pro; then
+      RO=refused; { : >/9pro/new || mkdir /9pro/d || rm /9pro/keep || chmod 777 /9pro/keep; } 2>/dev/null && RO=written
+      [ "$(cat /9pro/keep)" = keep ] && [ ! -e /9pro/new ] || RO=written
+      umount /9pro
+    else RO=nomount; fi
+    [ $RO = refused ] || bad "ro_$RO"
+  fi
+  umount /9p || bad umount
+  [ -z "$F" ] && st=ok || st=fail
+  result $st failed="${F#,}" large_md5="$W" hostbig_md5="$H" mib="$P_9pmib" escape=$esc ro=$RO \
+    write_MiBps="$(calc "$P_9pmib" "$t1-$t0")" read_MiBps="$(calc "$P_9pmib" "$t3-$t2")" \
+    hostbig_read_MiBps="$(calc "$P_9pmib" "$t4-$t3")"
+}
+
 for WL in $(echo "$WLS" | tr , ' '); do
   result() { st=$1; shift; echo "VDMTEST RESULT $WL $st $* uptime_s=$(up)"; }
   st=
   case $WL in
     boot|none) result ok;;
     shell) echo "VDMTEST shell: exit the shell to end the guest"; setsid cttyhack sh -l; result ok;;
+    9p) wl_9p;;
     blk|fs|net|nettcp|console|serial|rng|smp|blkrand) "wl_$WL";;
     *) result fail reason=unknown_workload;;
   esac
