@@ -251,6 +251,25 @@ class Frontend:
     def set_inflight_fd(self, fd: int, size: int, num_queues: int, queue_size: int) -> None:
         self.call(Req.SET_INFLIGHT_FD, p.INFLIGHT.pack(size, 0, num_queues, queue_size), [fd])
 
+    # ---- migration: the dirty log --------------------------------------------------------------
+
+    def set_log_base(self, size: int | None = None) -> tuple[int, mmap.mmap]:
+        """Give the backend a dirty log (a memfd, as QEMU's ``vhost_log_alloc`` makes it) covering
+        guest-physical 0 up to the end of RAM; returns (fd, a mapping of it). Waits for the reply."""
+        if size is None:
+            pages = -(-(self.ram.base + self.ram.size) // 4096)
+            size = -(-pages // 8)
+        fd = os.memfd_create("test-vhost-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        self.send(Req.SET_LOG_BASE, p.LOG_BASE.pack(size, 0), [fd])
+        self.recv(Req.SET_LOG_BASE)
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def set_logging(self, on: bool) -> None:
+        """SET_FEATURES with VHOST_F_LOG_ALL set or cleared (what QEMU does as migration starts/ends)."""
+        log_all = 1 << p.F_LOG_ALL if on else 0
+        self.set_features(self._acked | 1 << p.F_PROTOCOL_FEATURES | log_all)
+
     # ---- rings -----------------------------------------------------------------------------------
 
     def layout_queue(self, index: int, size: int) -> Queue:
@@ -305,7 +324,9 @@ class Frontend:
         proto = self.get_protocol_features() if protocol is None else protocol
         self.set_protocol_features(proto)
         self.call(Req.SET_OWNER)
-        acked = (offered if features is None else features) & ~(1 << p.F_PROTOCOL_FEATURES)
+        # like QEMU: VHOST_F_LOG_ALL only while migrating (set_logging)
+        acked = offered & ~(1 << p.F_LOG_ALL) if features is None else features
+        acked &= ~(1 << p.F_PROTOCOL_FEATURES)
         self.set_features(acked | 1 << p.F_PROTOCOL_FEATURES)
         self.set_mem_table()
         sizes = queues or {0: 16}
@@ -350,8 +371,9 @@ class Frontend:
         region = os.pread(fd, 16 + 16 * ring, qi * stride)
         return [i for i in range(ring) if region[16 + 16 * i] == 1]
 
-    def post(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), kick: bool = True) -> int:  # type: ignore[assignment]
-        """Put one chain on the available ring; returns its head."""
+    def post(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), kick: bool = True,  # type: ignore[assignment]
+             in_align: int = 16) -> int:
+        """Put one chain on the available ring; returns its head (writable buffers ``in_align``ed)."""
         q = self.queues[qi]
         ram = self.ram
         bufs = []
@@ -361,7 +383,7 @@ class Frontend:
             bufs.append((a, len(data), 0))
         writable = []
         for n in in_lens:
-            a = ram.alloc(max(1, n))
+            a = ram.alloc(max(1, n), in_align)
             ram.write(a, b"\xee" * n)
             bufs.append((a, n, DESC_F_WRITE))
             writable.append((a, n))

@@ -37,7 +37,9 @@ def test_features_protocol_features_and_queue_count(blk_server, frontends):
     fe = frontends(path)
     features = fe.get_features()
     assert features >> p.F_PROTOCOL_FEATURES & 1, "VHOST_USER_F_PROTOCOL_FEATURES must be offered"
-    assert features & ~(1 << p.F_PROTOCOL_FEATURES) == device.features()
+    # the device's features, and VHOST_F_LOG_ALL (migration; vhost's own bit)
+    assert features & ~(1 << p.F_PROTOCOL_FEATURES | 1 << p.F_LOG_ALL) == device.features()
+    assert features >> p.F_LOG_ALL & 1
     assert features & F_VERSION_1 and features >> F_FLUSH & 1
     proto = fe.get_protocol_features()
     assert proto == OFFERED_PROTOCOL_FEATURES

@@ -33,10 +33,12 @@ from vdm.memory import GuestMemoryError
 from vdm.virtqueue import Virtqueue, VirtqueueError
 
 from . import protocol as p
+from .dirtylog import DirtyLog, atomic_or_available
 from .faultguard import FaultWatch
 from .inflight import InflightRegion, InflightVirtqueue
 from .memory import MemoryTable, RegionSpec, SharedGuestMemory
 from .protocol import Message, ProtocolError, ProtocolFeature, Req
+from .transport import split_features
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBackend"]
 
@@ -51,6 +53,10 @@ OFFERED_PROTOCOL_FEATURES = (
     | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
     | 1 << ProtocolFeature.STATUS
 )
+#: live migration (VHOST_F_LOG_ALL with a shared log, :mod:`.dirtylog`) needs an atomic OR
+LOGGING_OFFERED = atomic_or_available()
+if LOGGING_OFFERED:
+    OFFERED_PROTOCOL_FEATURES |= 1 << ProtocolFeature.LOG_SHMFD
 
 #: requests that carry their own reply (REPLY_ACK adds nothing to them)
 _HAS_REPLY = {
@@ -62,6 +68,7 @@ _HAS_REPLY = {
     Req.GET_INFLIGHT_FD,
     Req.GET_MAX_MEM_SLOTS,
     Req.GET_STATUS,
+    Req.SET_LOG_BASE,
 }
 
 
@@ -153,6 +160,8 @@ class VhostUserBackend:
         self._faults_seen = 0
         loop.add_reader(self._faults.fd, self._on_fault)
         self.sock: socket.socket | None = None
+        #: SET_LOG_FD's eventfd, kept (QEMU does not send one; the log itself is what it reads)
+        self.log_fd: int | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -164,6 +173,10 @@ class VhostUserBackend:
         self.owner = False
         self.inflight: InflightRegion | None = None
         self.memory.replace(MemoryTable())
+        self.memory.logging = False
+        self.memory.set_dirty_log(None)
+        #: transport feature bits acked without being offered (.transport)
+        self.transport_features = 0
 
     # ---- connection life -----------------------------------------------------------------------
 
@@ -189,6 +202,8 @@ class VhostUserBackend:
                 _close(vr.call_fd)
                 _close(vr.err_fd)
                 vr.call_fd = vr.err_fd = None
+            _close(self.log_fd)
+            self.log_fd = None
         self._reset_state()
         self.sock = None
 
@@ -274,17 +289,29 @@ class VhostUserBackend:
         return self.device.features() & ~self.device.control_queue_features
 
     def _get_features(self, msg: Message) -> bytes:
-        return p.U64.pack(self.offered_features() | 1 << p.F_PROTOCOL_FEATURES)
+        log_all = 1 << p.F_LOG_ALL if LOGGING_OFFERED else 0
+        return p.U64.pack(self.offered_features() | 1 << p.F_PROTOCOL_FEATURES | log_all)
 
     def _set_features(self, msg: Message) -> None:
         (value,) = p.U64.unpack(msg.payload)
-        virtio = value & ~(1 << p.F_PROTOCOL_FEATURES)
-        extra = virtio & ~self.offered_features()
-        if extra:
-            raise ProtocolError(f"SET_FEATURES: features 0x{extra:x} were not offered")
-        self.protocol_negotiated = bool(value >> p.F_PROTOCOL_FEATURES & 1)
+        acked = split_features(value, self.offered_features(), LOGGING_OFFERED)
+        virtio = acked.device
+        self.protocol_negotiated = acked.protocol
+        # VHOST_F_LOG_ALL comes and goes while the rings run (migration starts, fails, ends)
         if self.device.activated and self.features is not None and virtio != self.features:
             raise ProtocolError("SET_FEATURES: features changed while the device runs")
+        if acked.transport != self.transport_features:
+            log.info("vhost-user: %s: the frontend acked %s; accepted (the frontend's transport serves "
+                     "it)", self.device.name, acked.names() or "no transport features")
+        self.transport_features = acked.transport
+        if acked.log_all != self.memory.logging:
+            log.info("vhost-user: %s: dirty logging %s", self.device.name,
+                     "on (migration)" if acked.log_all else "off")
+            self.memory.logging = acked.log_all
+            if acked.log_all:
+                for q in self.device.queues:  # flags and avail_event written before logging started
+                    if isinstance(q, InflightVirtqueue) and q.ready:
+                        q.log_used_ring()
         self.features = virtio
         why = self.device.set_driver_features(virtio)
         if why is not None:
@@ -299,6 +326,21 @@ class VhostUserBackend:
         if extra:
             raise ProtocolError(f"SET_PROTOCOL_FEATURES: 0x{extra:x} were not offered")
         self.protocol_features = value
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        if not self.protocol_features & (1 << ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without LOG_SHMFD negotiated")
+        size, offset = p.LOG_BASE.unpack(msg.payload)
+        self.memory.set_dirty_log(DirtyLog(msg.fds[0], size, offset, self._faults))
+        log.info("vhost-user: %s: dirty log of %d bytes", self.device.name, size)
+        return p.U64.pack(0)
+
+    def _set_log_fd(self, msg: Message) -> None:
+        fd = msg.take_fd()
+        fd = _eventfd_or_refuse(fd, "SET_LOG_FD") if fd is not None else None
+        with self._fd_lock:
+            _close(self.log_fd)
+            self.log_fd = fd
 
     def _set_owner(self, msg: Message) -> None:
         self.owner = True
@@ -627,6 +669,7 @@ class VhostUserBackend:
         q = self.device.queues[index]
         vr.live = False
         q.ready = False
+        used, size = q.used_addr, q.size
         if any(v.live for v in self.vrings):
             base = q.last_avail_idx
             with q.lock:
@@ -635,6 +678,8 @@ class VhostUserBackend:
             base = q.last_avail_idx
             self.device.reset()  # waits for requests being served; they complete into the rings
         vr.base = base
+        # the used ring as it is left (flags, avail_event) goes to the destination of a migration
+        self.memory.log_write(used, 6 + 8 * size)
         return base
 
     _handlers: dict[int, Callable] = {
@@ -664,4 +709,6 @@ class VhostUserBackend:
         Req.REM_MEM_REG: _rem_mem_reg,
         Req.SET_STATUS: _set_status,
         Req.GET_STATUS: _get_status,
+        Req.SET_LOG_BASE: _set_log_base,
+        Req.SET_LOG_FD: _set_log_fd,
     }

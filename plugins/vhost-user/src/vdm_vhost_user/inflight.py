@@ -285,6 +285,22 @@ class InflightVirtqueue(Virtqueue):
         self.push_many(((chain, written),))
 
     def push_many(self, items: Iterable[tuple[DescriptorChain, int]]) -> None:
+        try:
+            self._push_tracked(items)
+        finally:
+            self.log_used_ring()
+
+    def log_used_ring(self) -> None:
+        """Mark the used ring in the migration's dirty log, if the memory keeps one and it is on.
+
+        After every used-ring update (and when the ring stops, for the flags and avail_event the
+        device writes between completions). The whole ring is marked: a few pages.
+        """
+        memory = self.memory
+        if memory is not None and getattr(memory, "logging", False) and self.size:
+            memory.log_write(self.used_addr, 6 + 8 * self.size)  # type: ignore[attr-defined]
+
+    def _push_tracked(self, items: Iterable[tuple[DescriptorChain, int]]) -> None:
         region, r16 = self._region, self._r16
         if region is None or r16 is None:
             super().push_many(items)

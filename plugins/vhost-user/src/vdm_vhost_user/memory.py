@@ -6,7 +6,8 @@ the frontend itself sees it at (its *user* address) and an offset into a shared 
 :class:`~vdm.memory.FlatGuestMemory` over them; ring addresses arrive as user addresses and are
 translated through the table. :class:`SharedGuestMemory` is what the device gets: it forwards to
 the current table, so that the frontend may replace or extend the table while queues run (views
-already handed out keep their mapping alive).
+already handed out keep their mapping alive), and marks what the device wrote in the migration's
+dirty log (:mod:`.dirtylog`).
 
 A region's file may not shrink under its mapping: it is sealed against shrinking where the file
 allows it, and otherwise its mapping is guarded against SIGBUS (:mod:`.faultguard`), which turns a
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from vdm.memory import FlatGuestMemory, GuestMemory, GuestMemoryError, MemoryRegion
 
+from .dirtylog import DirtyLog
 from .faultguard import FaultWatch, guard, protect
 from .protocol import ProtocolError
 
@@ -141,10 +143,20 @@ class MemoryTable:
 
 
 class SharedGuestMemory(GuestMemory):
-    """The device's view of guest RAM: the frontend's current :class:`MemoryTable`."""
+    """The device's view of guest RAM: the frontend's current :class:`MemoryTable`.
+
+    It also keeps the migration's dirty log (:mod:`.dirtylog`): every writable view handed out is
+    remembered (guest address and length) until it is given back, and while logging is on the
+    pages of a view given back are marked then -- after the device wrote them. Views handed out
+    before logging started are marked too, since they are remembered from the start.
+    """
 
     def __init__(self, table: MemoryTable | None = None) -> None:
         self._table = table if table is not None else MemoryTable()
+        self._writable: dict[int, tuple[int, int]] = {}
+        self._log: DirtyLog | None = None
+        #: the frontend acked VHOST_F_LOG_ALL: writes are marked in the log (if it gave one)
+        self.logging = False
 
     @property
     def table(self) -> MemoryTable:
@@ -155,7 +167,31 @@ class SharedGuestMemory(GuestMemory):
         self._table = table
 
     def map(self, addr: int, length: int, writable: bool = False) -> memoryview:
-        return self._table.memory.map(addr, length, writable)
+        view = self._table.memory.map(addr, length, writable)
+        if writable:
+            self._writable[id(view)] = (addr, length)
+        return view
+
+    def unmap(self, view: memoryview) -> None:
+        span = self._writable.pop(id(view), None)
+        if span is not None and self.logging:
+            self.log_write(*span)
+
+    def log_write(self, addr: int, length: int) -> None:
+        """Mark ``[addr, addr + length)`` dirty if logging is on (the device wrote it)."""
+        dirty = self._log
+        if dirty is not None and self.logging:
+            dirty.mark(addr, length)
+
+    @property
+    def dirty_log(self) -> DirtyLog | None:
+        return self._log
+
+    def set_dirty_log(self, dirty: DirtyLog | None) -> None:
+        """Use ``dirty`` from now on (SET_LOG_BASE, or None at disconnect); the old one is closed."""
+        old, self._log = self._log, dirty
+        if old is not None:
+            old.close()
 
     def contains(self, addr: int, length: int) -> bool:
         try:

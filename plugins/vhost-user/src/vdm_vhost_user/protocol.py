@@ -35,6 +35,7 @@ MEM_REGION = struct.Struct("<QQQQ")  # guest address, size, user address, mmap o
 MEM_TABLE_HEAD = struct.Struct("<II")  # number of regions, padding
 SINGLE_REGION = struct.Struct("<QQQQQ")  # padding, then a region
 CONFIG_HEAD = struct.Struct("<III")  # offset, size, flags
+LOG_BASE = struct.Struct("<QQ")  # mmap size, mmap offset of the dirty log
 INFLIGHT = struct.Struct("<QQHH")  # mmap size, mmap offset, number of queues, queue size
 #: QEMU sends the inflight description with C struct padding (24 bytes); the spec lists 20
 INFLIGHT_PADDED = 24
@@ -46,7 +47,7 @@ FLAG_NEED_REPLY = 1 << 3
 
 #: VHOST_USER_F_PROTOCOL_FEATURES: the (virtio-reserved) feature bit that says "protocol features"
 F_PROTOCOL_FEATURES = 30
-#: VHOST_F_LOG_ALL: dirty logging for migration (not offered)
+#: VHOST_F_LOG_ALL: dirty logging for migration (offered where :mod:`.dirtylog` can work)
 F_LOG_ALL = 26
 
 #: at most this many regions in SET_MEM_TABLE (VHOST_MEMORY_BASELINE_NREGIONS)
@@ -191,6 +192,8 @@ LAYOUT = {
     # the spec allows (and says to close) one stray fd from older frontends
     Req.REM_MEM_REG: (_exactly(SINGLE_REGION.size), (0, 1)),
     Req.SET_STATUS: (_exactly(U64.size), (0, 0)),
+    Req.SET_LOG_BASE: (_exactly(LOG_BASE.size), (1, 1)),
+    Req.SET_LOG_FD: (lambda s: s in (0, U64.size), (0, 1)),  # the spec: no payload
     Req.GET_STATUS: (_exactly(0), (0, 0)),
 }
 
