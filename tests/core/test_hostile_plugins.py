@@ -290,3 +290,41 @@ def test_a_second_plugin_with_the_same_flag_does_not_break_the_command(site):
     assert "virtio-blk disk: raw file, block device or qcow2 image [vdm-blk]" in " ".join(proc.stdout.split())
     assert "a second --disk [vdmtest-same-flag]; options" not in " ".join(proc.stdout.split())
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def corrupt_site(tmp_path_factory) -> Path:
+    """The good plugin next to distributions whose metadata files are corrupt."""
+    site = tmp_path_factory.mktemp("corrupt-site")
+    write_dist(site, "vdmtest-good", "1.2.3", {"vt-good": "vdmtest_good.plugin"},
+               {"vdmtest_good/__init__.py": "", "vdmtest_good/plugin.py": textwrap.dedent(GOOD)})
+    info = write_dist(site, "vdmtest-badmeta", "0.1", {"vt-badmeta": "vdmtest_badmeta.plugin"},
+                      {"vdmtest_badmeta/__init__.py": "", "vdmtest_badmeta/plugin.py": HEAD})
+    (info / "METADATA").write_bytes(b"Metadata-Version: 2.1\nName: vdmtest-\xff\xfe\nVersion: 0.1\n")
+    info = write_dist(site, "vdmtest-badep", "0.1", {"vt-badep": "vdmtest_badep.plugin"},
+                      {"vdmtest_badep/__init__.py": "", "vdmtest_badep/plugin.py": HEAD})
+    (info / "entry_points.txt").write_text("[vdm.plugins]\nthis line is not an entry point\n")
+    info = write_dist(site, "other-tool", "0.1", {}, {"other_tool/__init__.py": ""})
+    (info / "entry_points.txt").write_text("[console_scripts]\nnot an entry point either\n")
+    return site
+
+
+def test_corrupt_distribution_metadata_fails_that_plugin_alone(corrupt_site):
+    """One corrupt entry_points.txt anywhere used to make importlib's entry_points() -- and so every
+    vdm command -- raise; corrupt METADATA did the same through the distribution's name."""
+    proc = run_vdm(["--plugins", "vt-good,vt-badmeta", "vt-show"], pythonpath=[corrupt_site])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0
+    assert "device vt-gadget from vdmtest-good: a test gadget" in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("vdm: plugin vdmtest-badep (vdmtest-badep ?) failed: its entry_points.txt "
+                               "cannot be read (")
+    assert lines[1].startswith("vdm: plugin vt-badmeta (? ?) failed: its distribution's METADATA cannot be "
+                               "read (UnicodeDecodeError: ")
+    listing = run_vdm(["list-plugins", "--json"], pythonpath=[corrupt_site])
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr
+    status = {r["name"]: r["status"] for r in json.loads(listing.stdout)["plugins"]}
+    assert status["vt-good"] == "available"
+    assert status["vdmtest-badep"].startswith("failed: its entry_points.txt cannot be read")
+    assert "other-tool" not in status and "other_tool" not in status  # not a vdm plugin: not listed

@@ -39,9 +39,9 @@ from .hookspecs import PROJECT, PluginSpec
 from .registry import Command, DeviceType, HypervisorType, registration_problem
 
 if sys.version_info >= (3, 10):
-    from importlib.metadata import EntryPoint, entry_points
+    from importlib.metadata import EntryPoint, distributions, entry_points
 else:  # pragma: no cover - Python 3.9
-    from importlib_metadata import EntryPoint, entry_points
+    from importlib_metadata import EntryPoint, distributions, entry_points
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -151,10 +151,61 @@ class PluginSet:
 
 
 def _dist_of(ep: EntryPoint) -> tuple[str, str]:
+    """(distribution name, version) of an entry point; "?" for what its metadata does not say."""
     dist = getattr(ep, "dist", None)
     if dist is None:
         return "?", "?"
-    return dist.metadata["Name"] or "?", dist.version or "?"
+    try:
+        return dist.metadata["Name"] or "?", dist.version or "?"
+    except Exception:  # METADATA that is not UTF-8 or not parseable: _metadata_problem says so
+        return "?", "?"
+
+
+def _metadata_problem(ep: EntryPoint) -> Optional[str]:
+    dist = getattr(ep, "dist", None)
+    try:
+        if dist is not None:
+            dist.metadata["Name"], dist.version
+    except Exception as e:
+        return f"its distribution's METADATA cannot be read ({_describe(e)})"
+    return None
+
+
+def _installed_entry_points() -> tuple[list[EntryPoint], list[tuple[str, str]]]:
+    """The ``vdm.plugins`` entry points of the installed distributions, and ``(label, why)`` for
+    each distribution whose entry points cannot be read although they name the group.
+
+    ``importlib.metadata.entry_points()`` raises when any one installed distribution's
+    entry_points.txt is corrupt (a vdm plugin's or not); then each distribution is read on its own
+    (the first of a name on sys.path, as entry_points() does) so the others still load.
+    """
+    try:
+        return list(entry_points(group=ENTRY_POINT_GROUP)), []
+    except Exception:
+        pass
+    found: list[EntryPoint] = []
+    broken: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for dist in distributions():
+        key = getattr(dist, "_normalized_name", None)
+        if isinstance(key, str):
+            if key in seen:
+                continue
+            seen.add(key)
+        try:
+            found += [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+        except Exception as e:
+            try:
+                text = dist.read_text("entry_points.txt") or ""
+            except Exception:
+                text = ENTRY_POINT_GROUP  # unreadable: it may be a vdm plugin, so say so
+            if ENTRY_POINT_GROUP in text:
+                try:
+                    label = dist.metadata["Name"] or key or "?"
+                except Exception:
+                    label = key or "?"
+                broken.append((label, f"its entry_points.txt cannot be read ({_describe(e)})"))
+    return found, broken
 
 
 def _preferences() -> dict[str, str]:
@@ -270,7 +321,7 @@ def load_plugins(
     if only is None and os.environ.get("VDM_PLUGINS"):
         only = [n.strip() for n in os.environ["VDM_PLUGINS"].split(",") if n.strip()]
     wanted = set(only) if only is not None else None
-    found = list(eps) if eps is not None else list(entry_points(group=ENTRY_POINT_GROUP))
+    found, broken = (list(eps), []) if eps is not None else _installed_entry_points()
     found.sort(key=lambda ep: (ep.name, _dist_of(ep)[0]))
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PluginSpec)
@@ -283,6 +334,10 @@ def load_plugins(
         result.plugins.append(info)
         if wanted is not None and ep.name not in wanted:
             info.state = "disabled"
+            continue
+        why = _metadata_problem(ep)
+        if why is not None:
+            info.state, info.error = "failed", why
             continue
         module, why = _bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
         if why is not None:
@@ -313,6 +368,9 @@ def load_plugins(
             continue
         info.hooks = sorted(c.name for c in callers)
         _collect(pm, module, info, result, prefs)
+    for label, why in broken:  # listed under the distribution's folder name: no entry point is known
+        result.plugins.append(PluginInfo(label, label, "?", "", state="failed", error=why))
+    result.plugins.sort(key=lambda p: (p.name, p.distribution))
     return result
 
 
