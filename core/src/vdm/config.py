@@ -135,9 +135,12 @@ def parse_option_string(cls: type, text: str, what: str, positional: str | None 
     """Parse ``"disk.img,ro,cache=none"`` into a ``cls`` config.
 
     A bare word sets a boolean option; ``key=value`` sets any option; the first item, if it is not
-    an option name, is the value of the ``positional`` field.
+    an option name, is the value of the ``positional`` field; item ``N`` (from 0), if it is not an
+    option name, is the value of the field whose metadata has ``"position": N`` (kvmtool's
+    ``--9p DIR,TAG``).
     """
     fields = _fields(cls)
+    at = {f.metadata.get("position"): n for n, (f, _) in fields.items() if f.metadata.get("position")}
     values: dict[str, Any] = {}
     for n, item in enumerate(text.split(",")):
         if not item:
@@ -150,6 +153,8 @@ def parse_option_string(cls: type, text: str, what: str, positional: str | None 
             values[key] = True
         elif n == 0 and positional:
             values[positional] = item
+        elif n in at and at[n] not in values:
+            values[at[n]] = item
         else:
             raise UserError(f"{what}: unknown option '{item}' (known: {', '.join(fields)})")
     return config_from_mapping(cls, values, what)
