@@ -1,4 +1,4 @@
-"""The options of a 9p share: ``--9p DIR,tag=TAG[,ro]`` or a ``[[9p]]`` table."""
+"""The options of a 9p share: ``--9p DIR,TAG[,ro]`` (as kvmtool's) or a ``[[9p]]`` table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class NinepConfig:
     #: the host directory the guest sees
     path: str
     #: the mount tag the guest names (mount -t 9p TAG /mnt); default: the directory's last name
-    tag: str = ""
+    tag: str = field(default="", metadata={"position": 1})
     #: refuse every change (EROFS)
     ro: bool = False
     #: requestq entries (a power of two)
