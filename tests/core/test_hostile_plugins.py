@@ -138,6 +138,11 @@ def vdm_register_devices(register):
 def vdm_register_commands(register):
     register(Command(name="vt-pct-cmd", help="50% faster", add_arguments=lambda p: None, run=lambda a: 0))
 ''',
+    "odd-status": '''
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="vt-odd-status", help="x", add_arguments=lambda p: None, run=lambda a: "done"))
+''',
     "same-flag": '''
 @hookimpl
 def vdm_register_devices(register):
@@ -328,3 +333,11 @@ def test_corrupt_distribution_metadata_fails_that_plugin_alone(corrupt_site):
     assert status["vt-good"] == "available"
     assert status["vdmtest-badep"].startswith("failed: its entry_points.txt cannot be read")
     assert "other-tool" not in status and "other_tool" not in status  # not a vdm plugin: not listed
+
+
+def test_command_returning_something_odd_is_one_line(site):
+    proc = _vdm(site, "vt-odd-status", plugins="vt-odd-status")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "vdm: vt-odd-status (vdmtest-odd-status) returned str, not an exit status"
+    ]

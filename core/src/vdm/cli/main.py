@@ -167,7 +167,14 @@ def _main(argv: Sequence[str] | None) -> int:
                 file=sys.stderr,
             )
             return 1
-        return int(cmd.run(args) or 0)
+        status = cmd.run(args)
+        if status is None or isinstance(status, int):
+            return int(status or 0)
+        print(
+            f"vdm: {args.command} ({args._provider}) returned {type(status).__name__}, not an exit status",
+            file=sys.stderr,
+        )
+        return 1
     except UserError as e:
         print(f"vdm: {e}", file=sys.stderr)
         return e.exit_status
