@@ -255,3 +255,18 @@ def test_a_huge_wrong_value_makes_a_short_error_line(value):
         config_from_mapping(DiskConfig, {"path": "d.img", "ro": value}, "[disk]")
     assert str(e.value).startswith("[disk]: option 'ro' wants on/off, not ")
     assert len(str(e.value)) < 160
+
+
+@dataclass
+class Fussy:
+    size: int = 0
+
+    def __post_init__(self):
+        if self.size > 9:
+            raise RuntimeError("too big for this device")
+
+
+def test_any_exception_from_a_config_dataclass_is_one_user_error():
+    with pytest.raises(UserError) as e:
+        config_from_mapping(Fussy, {"size": 10}, "--fussy")
+    assert str(e.value) == "--fussy: RuntimeError: too big for this device"

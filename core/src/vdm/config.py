@@ -129,6 +129,10 @@ def config_from_mapping(cls: type, values: Mapping[str, Any], what: str) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{what}: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:  # a plugin's __post_init__ that raises something else: still one line
+        raise UserError(f"{what}: {type(e).__name__}: {e}") from None
 
 
 def parse_option_string(cls: type, text: str, what: str, positional: str | None = None) -> Any:
