@@ -17,6 +17,11 @@ Typical use in a test::
     lab = harness.run_in_kvm_lab("python3 -c 'import vdm'", timeout=300, kit=kit)
     lab.assert_ok()
 
+Two QEMUs: the host's (Debian 12, 7.2) and Debian 13's (10.0) from the root scripts/debian13/build.sh
+makes (``debian13.py``); ``run_qemu(..., qemu=harness.debian13_qemu(), visible=[tmp_path])`` boots
+the kit under QEMU 10 with the kit and ``visible`` bind-mounted at their own paths. The
+``qemu_frontend`` fixture (conftest.py) runs a test against each, the version in its id.
+
 This module uses the standard library only and doubles as a command line tool
 (``python3 tests/realguest/harness.py --help``); ``scripts/kvmlab/run.sh`` wraps its ``lab`` command.
 """
