@@ -26,6 +26,7 @@ import time
 import tracemalloc
 
 import pytest
+from vdm.device import KICK_BUDGET
 from vdm.eventfd import eventfd_write
 from vdm.eventloop import EventLoop
 from vdm.testing import GuestRam, VirtioTestDriver
@@ -309,7 +310,7 @@ def test_a_ring_of_chains_sharing_one_tail_does_not_starve_another_device():
         assert isinstance(served_before, int)
         walked_before = sum(n - i for i in range(served_before))
         # one slice: the kick budget, plus the one chain that crossed it (a chain is not split)
-        one_slice = 4096 + TAIL_Q
+        one_slice = KICK_BUDGET + TAIL_Q
         assert walked_before <= 2 * one_slice, (
             f"the other device waited for {served_before} of {n} hostile chains "
             f"({walked_before} descriptor reads of {n * (n + 1) // 2})"

@@ -57,7 +57,7 @@ F_ACCESS_PLATFORM = 33
 
 #: descriptors one kick may walk before the rest of the queue waits for the loop's next pass.
 #: A slice costs at most this plus one chain (MAX_CHAIN + MAX_INDIRECT descriptors, see virtqueue).
-KICK_BUDGET = 4096
+KICK_BUDGET = 1024
 
 
 class Status:
