@@ -192,7 +192,7 @@ class Qcow2Disk(DiskBackend):
         # host clusters holding metadata (known after the check); no data is ever written there
         self._meta_clusters: set[int] = set()
         if not self.read_only:  # before anything is written, the autoclear bits below included
-            self._meta_clusters = check_metadata(self.f, h, self.l1, self.refs.rt, self.refs.get, file_size)
+            self._meta_clusters = check_metadata(self.f, h, self.l1, self.refs, file_size)
             self.refs.metadata = self._meta_clusters
         self._pending_free: list[tuple[int, int]] = []
         self._meta = threading.RLock()

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from typing import Callable
+from typing import Sequence
 
 from .base import DiskError
 from .hostfile import HostFile
 from .qcow2_header import MAX_L1_BYTES, OFFSET_MASK, Qcow2Header
+from .qcow2_refcounts import Refcounts
 from .qcow2_tables import decode_u64
 
 __all__ = ["MAX_SNAPSHOTS", "MAX_SNAPSHOT_TABLE_BYTES", "check_metadata"]
@@ -89,25 +90,21 @@ class _Walk:
 
 
 def check_metadata(
-    f: HostFile,
-    h: Qcow2Header,
-    l1: list[int] | object,
-    reftable: list[int] | object,
-    refcount: Callable[[int], int],
-    file_size: int,
+    f: HostFile, h: Qcow2Header, l1: Sequence[int], refs: Refcounts, file_size: int
 ) -> set[int]:
     """Check the image's metadata (see the module documentation); return its metadata clusters.
 
-    ``l1`` and ``reftable`` are the decoded active L1 and refcount tables, ``refcount(cluster)``
-    the on-disk refcount of a host cluster. Raises DiskError on the first problem.
+    ``l1`` is the decoded active L1 table, ``refs`` the image's refcounts (as on disk: nothing
+    allocated yet). Raises DiskError on the first problem.
     """
     try:
-        return _check(f, h, l1, reftable, refcount, file_size)
+        return _check(f, h, l1, refs, file_size)
     except _Corrupt as e:
         raise DiskError(f"{f.path}: the image is corrupt: {e}; {FIX}") from None
 
 
-def _check(f, h, l1, reftable, refcount, file_size) -> set[int]:
+def _check(f: HostFile, h: Qcow2Header, l1: Sequence[int], refs: Refcounts, file_size: int) -> set[int]:
+    reftable = refs.rt
     cs = h.cluster_size
     w = _Walk(cs, file_size)
     w.add(0, cs, HEADER, "the header")
@@ -141,7 +138,7 @@ def _check(f, h, l1, reftable, refcount, file_size) -> set[int]:
     metadata = set(w.kind)  # everything so far is metadata; data comes next
     for off, times in l2_uses.items():
         _count_l2(f, h, w, off, times, off in active_l2)
-    _compare(w, refcount)
+    _compare(w, refs)
     return metadata
 
 
@@ -184,8 +181,27 @@ def _count_l2(f: HostFile, h: Qcow2Header, w: _Walk, off: int, times: int, activ
     csize_mask = (1 << (h.cluster_bits - 8)) - 1
     coffset_mask = (1 << csize_shift) - 1
     add = w.add
+    kinds, counts, copied = w.kind, w.count, w.copied
+    cbits, file_size = h.cluster_bits, w.file_size
+    odd = COMPRESSED | L2_RESERVED | (cs - 1)  # anything but a plain aligned entry
     for i, e in enumerate(decode_u64(raw)):
         if not e:
+            continue
+        host = e & OFFSET_MASK
+        if not e & odd and host < file_size:  # the common case, inline: one data cluster
+            if not host:
+                continue
+            c = host >> cbits
+            k = kinds.get(c)
+            if k is None:
+                kinds[c] = DATA
+                counts[c] = times
+            elif k == DATA:
+                counts[c] += times
+            else:
+                add(host, cs, DATA, f"data cluster (L2 table 0x{off:x} entry {i})", times)  # raises
+            if active:
+                copied[c] = bool(e & COPIED)
             continue
         where = f"data cluster (L2 table 0x{off:x} entry {i})"
         if e & COMPRESSED:
@@ -197,21 +213,25 @@ def _count_l2(f: HostFile, h: Qcow2Header, w: _Walk, off: int, times: int, activ
             continue
         if e & L2_RESERVED:
             raise _Corrupt(f"{where} (0x{e:x}) has reserved bits set")
-        host = e & OFFSET_MASK
         if not host:
             continue
         if host % cs:
             raise _Corrupt(f"{where} at 0x{host:x} is not cluster aligned")
-        add(host, cs, DATA, where, times)
+        add(host, cs, DATA, where, times)  # past the end of the file: raises
         if active:
-            w.copied[host // cs] = bool(e & COPIED)
+            copied[host // cs] = bool(e & COPIED)
 
 
-def _compare(w: _Walk, refcount: Callable[[int], int]) -> None:
+def _compare(w: _Walk, refs: Refcounts) -> None:
     cs = w.cs
     copied = w.copied
+    per_block = refs.per_block
+    block_i, block = -1, None
     for c, n in w.count.items():
-        rc = refcount(c)
+        rti, j = divmod(c, per_block)
+        if rti != block_i:  # clusters come mostly in order: one block lookup per run
+            block_i, block = rti, refs.block_entries(rti)
+        rc = 0 if block is None else block[j]
         name = _NAMES[w.kind[c]]
         if rc < n:
             raise _Corrupt(f"the {name} in cluster 0x{c * cs:x} has refcount {rc} but {n} references")

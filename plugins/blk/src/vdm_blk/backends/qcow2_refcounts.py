@@ -147,6 +147,12 @@ class Refcounts:
             return None, j
         return self._load(self.rt[rti]), j
 
+    def block_entries(self, rti: int):
+        """The entries of refcount block ``rti`` (refcounts of clusters ``rti * per_block`` on),
+        or None where the table has no block (all 0). For reading many refcounts at once."""
+        t, _ = self._block_for(rti * self.per_block)
+        return None if t is None else t.entries
+
     # ---- counts ----------------------------------------------------------------------------------
 
     def get(self, cluster: int) -> int:
