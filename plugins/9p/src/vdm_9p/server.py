@@ -3,8 +3,9 @@
 :meth:`Server.handle` takes one T-message and returns its R-message. It never raises for
 anything a guest sends: a malformed body is ``Rlerror(EINVAL)``, an unknown fid ``EBADF``, an
 unknown message ``EOPNOTSUPP``, a host error its errno; a read-only export answers every
-modifying request with ``EROFS``. Requests are served one at a time, in order, so ``Tflush``
-has nothing left to cancel and is answered at once.
+modifying request with ``EROFS``. Requests are served one at a time, in order (a lock
+also keeps :meth:`Server.reset` from another thread out of a request), so ``Tflush`` has nothing
+left to cancel and is answered at once.
 
 State: the fid table (guest number -> :class:`Fid`: an O_PATH node, maybe an open fd, the
 snapshot of a directory being read). At most ``max_fids`` fids exist (each holds host fds);
@@ -17,6 +18,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from typing import Callable, Optional
 
@@ -94,6 +96,9 @@ class Server:
         self.msize = 8192
         self.fids: dict[int, Fid] = {}
         self._room = 0  # reply bytes the current request's buffers hold, less the header
+        #: held while a request is served and while fids are dropped, so that a reset from another
+        #: thread never closes an fd a request is using (its number could be reused meanwhile)
+        self._lock = threading.RLock()
         self._handlers: dict[int, Callable[[Reader, Reply], None]] = {
             Msg.TSTATFS: self.statfs,
             Msg.TLOPEN: self.lopen,
@@ -126,6 +131,10 @@ class Server:
 
     def handle(self, msg: bytes | memoryview, room: int) -> bytes:
         """Serve one whole T-message; the reply is at most ``room`` bytes (``room`` >= 11)."""
+        with self._lock:
+            return self._handle(msg, room)
+
+    def _handle(self, msg: bytes | memoryview, room: int) -> bytes:
         r = Reader(msg)
         try:
             size, mtype, tag = r.u32(), r.u8(), r.u16()
@@ -156,9 +165,11 @@ class Server:
         return reply
 
     def reset(self) -> None:
-        for f in self.fids.values():
-            f.close()
-        self.fids.clear()
+        """Drop every fid (Tversion, device reset, close)."""
+        with self._lock:
+            for f in self.fids.values():
+                f.close()
+            self.fids.clear()
 
     # ---- fids -----------------------------------------------------------------------------------
 
