@@ -1,10 +1,17 @@
-"""``vdm vhost-user``: serve one device to a vhost-user frontend (tested: QEMU 7.2 and 10.0).
+"""``vdm vhost-user``: serve vdm devices to vhost-user frontends (tested: QEMU 7.2 and 10.0).
 
-The device is given like ``vdm run``'s: ``--disk disk.qcow2``, ``--network mode=tap,tapif=tap0``,
+A device is given like ``vdm run``'s: ``--disk disk.qcow2``, ``--network mode=tap,tapif=tap0``,
 or a TOML file with one device table. vdm listens on ``--socket-path``; the frontend connects
 (QEMU: ``-chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0``). One frontend is
-served at a time and the next one is accepted when it leaves. SIGTERM or SIGINT ends vdm cleanly
-(the socket file is removed).
+served per socket at a time and the next one is accepted when it leaves. SIGTERM or SIGINT ends
+vdm cleanly (the socket files are removed).
+
+Several devices, one process: ``-s`` may be repeated, each followed by its one device --
+``-s a.sock --disk a.img -s b.sock --disk b.qcow2`` (options before the first ``-s`` belong to it,
+so the one-device form is unchanged) -- or the TOML file's device tables name their socket
+(``[[disk]]`` with ``socket = "a.sock"``, or ``[[device]]`` with ``type = "disk"`` and
+``socket``). Every device is served on its own socket and connection, all on one event loop
+thread: a frontend that disconnects, breaks the protocol or crashes loses only its own connection.
 """
 
 from __future__ import annotations
@@ -16,14 +23,21 @@ import signal
 import threading
 from typing import Any
 
-from vdm.cli.devices import add_device_options, close_devices, create_device, device_configs, devices_epilog
+from vdm.cli.devices import (
+    DEST_PREFIX,
+    add_device_options,
+    close_devices,
+    create_device,
+    device_configs,
+    devices_epilog,
+)
 from vdm.config import load_toml
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.plugins import PluginSet
 from vdm.registry import DeviceContext
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "device_groups", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         devices_epilog(plugins)
         + "\n\nexample: vdm vhost-user --socket-path vda.sock --disk disk.qcow2"
+        + "\n         vdm vhost-user -s vda.sock --disk a.qcow2 -s vdb.sock --disk b.img  (two devices)"
         + "\n\ntested frontends (versions: plugins/vhost-user/README.md):"
         + "\n  QEMU 7.2 and 10.0: vhost-user-blk-pci, -netdev vhost-user + virtio-net-pci, vhost-user-rng-pci"
     )
     parser.add_argument(
-        "device_file", nargs="?", metavar="DEVICE.toml", help="a TOML file with one device table"
+        "device_file",
+        nargs="?",
+        metavar="DEVICE.toml",
+        help="a TOML file with one device table, or device tables that each name their socket",
     )
     parser.add_argument(
-        "-s", "--socket-path", required=True, metavar="PATH", help="the Unix socket to listen on"
+        "-s",
+        "--socket-path",
+        action=_SocketAction,
+        metavar="PATH",
+        help="a Unix socket to listen on; repeat it, each followed by its device, to serve several",
     )
     parser.add_argument("--name", default="vdm", help="name for logs and default serial numbers")
     parser.add_argument(
@@ -52,19 +74,122 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_options(parser, plugins)
 
 
-def _one_device(args: argparse.Namespace, plugins: PluginSet) -> tuple[Any, Any]:
+class _SocketAction(argparse.Action):
+    """``-s PATH``, repeatable: notes how many options of each device type came before it, so
+    that the devices after it (up to the next ``-s``) are its own."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        groups = list(getattr(namespace, self.dest, None) or [])
+        before = {k: len(v) for k, v in vars(namespace).items() if k.startswith(DEST_PREFIX) and v}
+        groups.append((values, before))
+        setattr(namespace, self.dest, groups)
+
+
+def _flags(plugins: PluginSet) -> str:
+    return ", ".join(sorted(dt.cli_flag for dt, _ in plugins.devices.values() if dt.cli_flag))
+
+
+def _toml_groups(doc: dict[str, Any], plugins: PluginSet, base: str | None) -> tuple[list, dict[str, Any]]:
+    """Device tables that name their socket -> [(socket, type, config)]; and the rest of ``doc``."""
+    by_key = {dt.toml_key: dt for dt, _ in plugins.devices.values() if dt.toml_key}
+    by_type = {**by_key, **{dt.name: dt for dt, _ in plugins.devices.values()}}
+    out: list[tuple[str, Any, Any]] = []
+    rest: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key != "device" and key not in by_key:
+            rest[key] = value
+            continue
+        tables = [value] if isinstance(value, dict) else value
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise UserError(f"[{key}] must be a table or an array of tables")
+        kept = []
+        for t in tables:
+            t = dict(t)
+            if key == "device":
+                kind = t.pop("type", None)
+                dt = by_type.get(kind) if isinstance(kind, str) else None
+                if dt is None or not dt.toml_key:
+                    known = ", ".join(sorted(by_key))
+                    raise UserError(f"[[device]]: type = {kind!r} is not a device type (one of {known})")
+            else:
+                dt = by_key[key]
+            sock = t.pop("socket", None)
+            if sock is None:
+                if key == "device":
+                    raise UserError('[[device]]: give its socket = "PATH"')
+                kept.append(t)
+                continue
+            if not isinstance(sock, str):
+                raise UserError(f"[{key}] socket = {sock!r}: a path (a string)")
+            if base and not os.path.isabs(sock):
+                sock = os.path.join(base, sock)
+            (found,) = device_configs(argparse.Namespace(), plugins, {dt.toml_key: [t]}, base_dir=base)
+            out.append((sock, *found))
+        if kept:
+            rest[key] = kept
+    return out, rest
+
+
+def device_groups(args: argparse.Namespace, plugins: PluginSet) -> list[tuple[str, Any, Any]]:
+    """Every ``(socket path, device type, config)`` asked for, in the order given.
+
+    One device per socket; a socket given twice, a socket without a device or with two, is a
+    :class:`UserError` saying which.
+    """
     doc: dict[str, Any] = {}
     base = None
     if args.device_file:
         doc = load_toml(args.device_file)
         base = os.path.dirname(os.path.abspath(args.device_file))
-    configs = device_configs(args, plugins, doc, base_dir=base)
-    if len(configs) != 1:
-        flags = ", ".join(sorted(dt.cli_flag for dt, _ in plugins.devices.values() if dt.cli_flag))
+    out, rest = _toml_groups(doc, plugins, base)
+    sockets: list[tuple[str, dict[str, int]]] = list(getattr(args, "socket_path", None) or [])
+    dests = [k for k in vars(args) if k.startswith(DEST_PREFIX)]
+    ends = {k: len(getattr(args, k) or []) for k in dests}
+    if not sockets and (_tables(rest) or any(ends.values())):
+        raise UserError("give -s/--socket-path PATH: the Unix socket to serve the device on")
+    if not sockets and not out:
+        raise UserError(f"no device given (one of {_flags(plugins)} after -s/--socket-path, or a TOML file)")
+    for n, (path, before) in enumerate(sockets):
+        after = sockets[n + 1][1] if n + 1 < len(sockets) else ends
+        part = argparse.Namespace(strict=getattr(args, "strict", False))
+        for k in dests:
+            lo = before.get(k, 0) if n else 0  # options before the first -s are its own
+            hi = after.get(k, 0)
+            setattr(part, k, (getattr(args, k) or [])[lo:hi] or None)
+        table_doc = rest if len(sockets) == 1 else {}
+        configs = device_configs(part, plugins, table_doc, base_dir=base)
+        if len(configs) != 1:
+            raise UserError(
+                f"--socket-path {path}: {len(configs)} devices given; a socket serves exactly one device "
+                f"(put one of {_flags(plugins)} after each -s)"
+            )
+        out.append((path, *configs[0]))
+    if len(sockets) > 1:
+        _unused_tables(rest)
+    seen: set[str] = set()
+    for path, _, _ in out:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise UserError(f"--socket-path {path} is given twice: each device needs its own socket")
+        seen.add(key)
+    return out
+
+
+def _tables(doc: dict[str, Any]) -> list[str]:
+    """The keys of ``doc`` that hold tables (not plain values)."""
+    return [k for k, v in doc.items() if isinstance(v, dict) or (isinstance(v, list) and _all_dicts(v))]
+
+
+def _all_dicts(values: list) -> bool:
+    return bool(values) and all(isinstance(v, dict) for v in values)
+
+
+def _unused_tables(rest: dict[str, Any]) -> None:
+    tables = _tables(rest)
+    if tables:
         raise UserError(
-            f"vhost-user serves exactly one device per socket; {len(configs)} given (use one of {flags})"
+            f"[{tables[0]}] has no socket and there are several -s: give the table its socket = \"PATH\""
         )
-    return configs[0]
 
 
 def _check_socket_path(path: str) -> None:
@@ -79,32 +204,45 @@ def _check_socket_path(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Open the device, listen, serve frontends until SIGTERM/SIGINT."""
+    """Open the devices, listen on their sockets, serve frontends until SIGTERM/SIGINT."""
+    from vdm.eventloop import EventLoop
+
     from .server import VhostUserServer
 
-    _check_socket_path(args.socket_path)
     plugins: PluginSet = args.plugin_set
-    dt, config = _one_device(args, plugins)
-    device = create_device(dt, config, DeviceContext(vm_name=args.name, vmm=None))
-    if not isinstance(device, VirtioDevice):
-        close_devices([device])
-        raise UserError(f"{dt.name}: this device is not a virtio device and cannot be served over vhost-user")
+    groups = device_groups(args, plugins)
+    for path, _, _ in groups:
+        _check_socket_path(path)
+    devices: list[Any] = []
+    servers: list[VhostUserServer] = []
+    loop = EventLoop("vdm-vhost-user")
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    server = VhostUserServer(args.socket_path, device)
     try:
-        server.start()
+        for _path, dt, config in groups:
+            name = args.name if len(groups) == 1 else f"{args.name}-{len(devices)}"
+            device = create_device(dt, config, DeviceContext(vm_name=name, vmm=None))
+            devices.append(device)
+            if not isinstance(device, VirtioDevice):
+                raise UserError(
+                    f"{dt.name}: this device is not a virtio device and cannot be served over vhost-user"
+                )
+        for (path, _, _), device in zip(groups, devices):
+            servers.append(VhostUserServer(path, device, loop).start())
         if getattr(args, "user", None):
             from vdm.privileges import drop_privileges
 
             drop_privileges(args.user)
-        print(f"vdm: serving {device.name} on {args.socket_path}", flush=True)
+        for server in servers:
+            print(f"vdm: serving {server.device.name} on {server.path}", flush=True)
         while not stop.wait(1.0):
             pass
         log.info("vhost-user: signal received, shutting down")
     finally:
-        server.close()
-        close_devices([device])
+        for server in servers:
+            server.close()
+        loop.stop()
+        close_devices(devices)
         for s, h in old.items():
             signal.signal(s, h)
     return 0

@@ -1,0 +1,171 @@
+"""Several devices from one ``vdm vhost-user`` process (issue 16 item 1).
+
+Each device has its own socket and connection on the one event loop; a frontend that breaks the
+protocol, disconnects or dies in the middle of its I/O loses only its own connection.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from vdm.eventloop import EventLoop
+from vdm.registry import DeviceContext
+from vdm_blk.config import BlkConfig
+from vdm_blk.device import S_OK, T_IN, T_OUT
+from vdm_blk.plugin import create as create_blk
+from vdm_vhost_user.protocol import Req
+from vdm_vhost_user.server import VhostUserServer
+
+from tests.vhost_user.frontend import Frontend
+from tests.vhost_user.vdmproc import VdmProcess
+
+VDM = [sys.executable, "-m", "vdm.cli.main"]
+
+
+def hdr(rtype: int, sector: int = 0) -> bytes:
+    return struct.pack("<IIQ", rtype, 0, sector)
+
+
+def make_image(path, fill: int, size: int = 1 << 20) -> str:
+    with open(path, "wb") as f:
+        f.write(bytes([fill]) * 4096)
+        f.truncate(size)
+    return str(path)
+
+
+def read0(fe: Frontend) -> bytes:
+    u = fe.request(0, [hdr(T_IN, 0)], [512, 1])
+    assert u.data[-1] == S_OK
+    return u.data[:512]
+
+
+@pytest.fixture
+def two_servers(tmp_path):
+    """Two blk devices served from one event loop, as ``vdm vhost-user`` with two -s does."""
+    loop = EventLoop("test-two").start()
+    devices, servers = [], []
+    for i, fill in enumerate((0xA1, 0xB2)):
+        dev = create_blk(BlkConfig(path=make_image(tmp_path / f"{i}.img", fill)), DeviceContext(vmm=None))
+        devices.append(dev)
+        servers.append(VhostUserServer(str(tmp_path / f"{i}.sock"), dev, loop).start())
+    yield servers
+    for s in servers:
+        s.close()
+    loop.stop()
+    for d in devices:
+        d.close()
+
+
+def _frontend(path: str) -> Frontend:
+    fe = Frontend(path)
+    fe.start(queues={0: 64})
+    return fe
+
+
+def _close(*fes: Frontend) -> None:
+    for fe in fes:
+        fe.close()
+        fe.ram.close()
+
+
+@pytest.mark.parametrize("misbehave", ["bad message", "disconnect in the middle of I/O", "bad ring address"])
+def test_one_frontend_misbehaving_leaves_the_other_device_serving(two_servers, misbehave):
+    a_srv, b_srv = two_servers
+    a, b = _frontend(a_srv.path), _frontend(b_srv.path)
+    try:
+        assert read0(a) == b"\xa1" * 512 and read0(b) == b"\xb2" * 512
+        # b has requests of its own waiting while a misbehaves
+        for i in range(8):
+            b.post(0, [hdr(T_OUT, 8 + i), bytes([i]) * 512], [1], kick=False)
+        if misbehave == "bad message":
+            a.send(Req.SET_VRING_NUM, b"\x00" * 3)  # wrong payload size
+            assert a.closed_by_backend()
+        elif misbehave == "disconnect in the middle of I/O":
+            for i in range(8):
+                a.post(0, [hdr(T_IN, i)], [4096, 1])
+            a.sock.close()
+        else:
+            a.send(Req.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, 1 << 60, 1 << 60, 1 << 60, 0))
+            assert a.closed_by_backend()
+        assert a_srv.wait_for(lambda s: s.conn is None)
+        b.kick(0)
+        used = b.wait_used(0, 8)
+        assert all(u.data == bytes([S_OK]) for u in used)
+        assert read0(b) == b"\xb2" * 512
+        assert b_srv.rejected == 0 and b_srv.connections == 1
+        # and a's device takes its next frontend
+        a2 = _frontend(a_srv.path)
+        assert read0(a2) == b"\xa1" * 512
+        _close(a2)
+    finally:
+        _close(a, b)
+
+
+def test_the_command_serves_two_disks_each_on_its_socket(tmp_path):
+    a_img, b_img = make_image(tmp_path / "a.img", 0x11), make_image(tmp_path / "b.img", 0x22)
+    a_sock, b_sock = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    vdm = VdmProcess(a_sock, "--disk", a_img, "-s", b_sock, "--disk", f"{b_img},ro")
+    try:
+        assert os.path.exists(b_sock) and vdm.count("vdm: serving") == 2, vdm.output
+        a, b = _frontend(a_sock), _frontend(b_sock)
+        assert read0(a) == b"\x11" * 512 and read0(b) == b"\x22" * 512
+        # b is read-only, a is not: each device has its own options
+        assert b.request(0, [hdr(T_OUT, 0), bytes(512)], [1]).data != bytes([S_OK])
+        assert a.request(0, [hdr(T_OUT, 0), b"\x33" * 512], [1]).data == bytes([S_OK])
+        a.send(Req.SET_VRING_NUM, b"\x00")  # a breaks the protocol
+        assert a.closed_by_backend()
+        assert read0(b) == b"\x22" * 512
+        _close(a, b)
+    finally:
+        assert vdm.stop() == 0, vdm.output
+    assert not os.path.exists(a_sock) and not os.path.exists(b_sock)
+    with open(a_img, "rb") as f:
+        assert f.read(512) == b"\x33" * 512
+
+
+def test_a_toml_file_names_each_devices_socket(tmp_path):
+    a_img, b_img = make_image(tmp_path / "a.img", 0x44), make_image(tmp_path / "b.img", 0x55)
+    conf = tmp_path / "devices.toml"
+    conf.write_text(
+        '[[device]]\ntype = "disk"\nsocket = "a.sock"\npath = "a.img"\n\n'
+        '[[disk]]\nsocket = "b.sock"\npath = "b.img"\nro = true\n'
+    )
+    a_sock, b_sock = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    proc = subprocess.Popen([*VDM, "vhost-user", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        a, b = Frontend(a_sock), Frontend(b_sock)  # (waits for the sockets)
+        a.start(queues={0: 16})
+        b.start(queues={0: 16})
+        assert read0(a) == b"\x44" * 512 and read0(b) == b"\x55" * 512
+        _close(a, b)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode == 0, out
+    assert a_img and b_img
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-s", "{a}", "--disk", "{img}", "-s", "{a}", "--disk", "{img2}"], "given twice"),
+        (["-s", "{a}", "--disk", "{img}", "--disk", "{img2}", "-s", "{b}"], "2 devices given"),
+        (["-s", "{a}", "--disk", "{img}", "-s", "{b}"], "0 devices given"),
+        (["{toml}"], "give its socket"),
+    ],
+)
+def test_wrong_groups_are_one_clear_line(tmp_path, args, message):
+    img, img2 = make_image(tmp_path / "x.img", 0), make_image(tmp_path / "y.img", 0)
+    toml = tmp_path / "d.toml"
+    toml.write_text('[[device]]\ntype = "disk"\npath = "x.img"\n')
+    names = {"a": str(tmp_path / "a.sock"), "b": str(tmp_path / "b.sock"), "img": img, "img2": img2,
+             "toml": str(toml)}
+    r = subprocess.run([*VDM, "vhost-user", *(a.format(**names) for a in args)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(names["a"]) and not os.path.exists(names["b"])
