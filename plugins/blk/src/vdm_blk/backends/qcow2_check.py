@@ -30,16 +30,12 @@ from typing import Sequence
 
 from .base import DiskError
 from .hostfile import HostFile
-from .qcow2_header import MAX_L1_BYTES, OFFSET_MASK, Qcow2Header
+from .qcow2_header import COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, MAX_L1_BYTES, OFFSET_MASK, Qcow2Header
 from .qcow2_refcounts import Refcounts
 from .qcow2_tables import decode_u64
 
 __all__ = ["MAX_SNAPSHOTS", "MAX_SNAPSHOT_TABLE_BYTES", "check_metadata"]
 
-COPIED = 1 << 63
-COMPRESSED = 1 << 62
-L1_RESERVED = 0x7F000000000001FF
-L2_RESERVED = 0x3F000000000001FE
 MAX_SNAPSHOTS = 65536  # QEMU's limits
 MAX_SNAPSHOT_TABLE_BYTES = 1024 * MAX_SNAPSHOTS
 _SNAP = struct.Struct(">QIHHIIQII")  # one snapshot table entry's fixed part (40 bytes)

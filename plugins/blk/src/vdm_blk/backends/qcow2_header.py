@@ -44,6 +44,13 @@ MAX_REFTABLE_BYTES = 8 << 20  # QEMU's limit
 MAX_SNAPSHOTS = 65536  # QEMU's limit
 # L1/L2 entries: bits 9-55 hold an offset
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
+COPIED = 1 << 63  # refcount 1: may be written in place
+COMPRESSED = 1 << 62
+ZERO_FLAG = 1
+L1_RESERVED = 0x7F000000000001FF
+L2_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61 of a standard entry
+# what a guest range maps to (the kinds of L2 entries)
+DATA, UNALLOC, ZERO, COMPRESSED_KIND = range(4)
 
 
 @dataclass
