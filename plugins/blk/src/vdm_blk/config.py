@@ -32,6 +32,9 @@ class BlkConfig:
     allow_backing: Optional[str] = None
     #: I/O worker threads serving requests in flight
     iothreads: int = 4
+    #: open: lock the image when it is opened; start: only while the device runs (live migration
+    #: between two vhost-user backends on one raw image; backends/locking.py)
+    lock: str = field(default="open", metadata={"choices": ("open", "start")})
 
     def __post_init__(self) -> None:
         if not 1 <= self.queues <= 64:

@@ -26,6 +26,7 @@ from .config import BlkConfig
 
 if TYPE_CHECKING:
     from .backends import DiskBackend
+    from .backends.locking import DeferredLocks
 
 __all__ = ["BlkDevice"]
 
@@ -80,10 +81,14 @@ class BlkDevice(VirtioDevice):
     device_id = 2
     name = "virtio-blk"
 
-    def __init__(self, backend: DiskBackend, config: BlkConfig) -> None:
+    def __init__(
+        self, backend: DiskBackend, config: BlkConfig, deferred_locks: DeferredLocks | None = None
+    ) -> None:
         self.queue_max_sizes = (config.queue_size,) * config.queues
         super().__init__()
         self.backend = backend
+        #: lock=start: the image's locks, taken when the device starts and dropped at reset
+        self._deferred_locks = deferred_locks
         self.config = config
         self.read_only = config.ro or backend.read_only
         self.serial = (config.serial if config.serial is not None else default_serial(config.path)).encode()
@@ -157,6 +162,14 @@ class BlkDevice(VirtioDevice):
     # ---- life cycle ------------------------------------------------------------------------------
 
     def on_activate(self) -> None:
+        if self._deferred_locks is not None:
+            from .backends.base import DiskError
+
+            try:
+                self._deferred_locks.take()
+            except DiskError as e:
+                self.fail(str(e))
+                return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.iothreads, thread_name_prefix="vdm-blk-io")
 
@@ -166,6 +179,8 @@ class BlkDevice(VirtioDevice):
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=30)
         self.writeback = self.config.cache != "writethrough"
+        if self._deferred_locks is not None:
+            self._deferred_locks.release()
 
     def close(self) -> None:
         self.reset()

@@ -13,18 +13,29 @@ VDM_API = 1
 
 
 def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported lazily: list-plugins stays fast)
+    from contextlib import nullcontext
+
     from .backends import open_disk
+    from .backends.base import DiskError
+    from .backends.locking import locks_deferred
     from .device import BlkDevice
 
     allowed = tuple(p for p in (config.allow_backing or "").split(":") if p)
-    backend = open_disk(
-        config.path,
-        read_only=config.ro,
-        direct=config.direct or config.cache == "none",
-        format=config.format,
-        allowed_backing=allowed,
-    )
-    return BlkDevice(backend, config)
+    with locks_deferred() if config.lock == "start" else nullcontext() as deferred:
+        backend = open_disk(
+            config.path,
+            read_only=config.ro,
+            direct=config.direct or config.cache == "none",
+            format=config.format,
+            allowed_backing=allowed,
+        )
+    if deferred is not None and type(backend).__name__ != "RawDisk":
+        backend.close()
+        raise DiskError(
+            f"{config.path}: lock=start works with raw images only (a qcow2 image's metadata would be "
+            "read while another process still writes it); drop lock=start or convert the image to raw"
+        )
+    return BlkDevice(backend, config, deferred_locks=deferred)
 
 
 @hookimpl

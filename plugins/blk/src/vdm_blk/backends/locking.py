@@ -11,6 +11,15 @@ read-only one or a backing file) does not share write and resize, as QEMU does b
 QEMU cannot open an image vdm is writing (``Failed to get "write" lock``), ``qemu-img info -U``
 still can, and vdm refuses an image QEMU is writing. Two vdm processes can share a read-only
 image or backing file.
+
+Locks taken at device start (``--disk PATH,lock=start``, for live migration between two vhost-user
+backends on one image): inside :func:`locks_deferred` an image is opened holding only "consistent
+read" and sharing everything (what QEMU's inactive images on a migration destination hold), so it
+opens while another process writes it; the device takes the usual locks when it starts
+(:meth:`DeferredLocks.take`, a conflict fails the device with one line) and drops back to the
+shared lock when it is reset (:meth:`DeferredLocks.release`): the migration source's device is
+reset when the frontend stops it, before the destination's starts. ``qemu-img`` and a vdm opened
+the usual way are kept out while the device runs, as before; while it is stopped they are not.
 """
 
 from __future__ import annotations
@@ -19,10 +28,13 @@ import errno
 import fcntl
 import logging
 import struct
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from .base import DiskError
 
-__all__ = ["lock_image"]
+__all__ = ["DeferredLocks", "lock_image", "locks_deferred"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +64,57 @@ def _held_by_others(fd: int, offset: int) -> bool:
     return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
 
 
+class DeferredLocks:
+    """The images opened inside :func:`locks_deferred`: their locks are taken at device start."""
+
+    def __init__(self) -> None:
+        self.images: list[tuple[int, str, bool]] = []  # (fd, path, writable)
+
+    def take(self) -> None:
+        """The usual locks on every image (DiskError if another process holds a conflicting one)."""
+        for fd, path, writable in self.images:
+            lock_image(fd, path, writable)
+
+    def release(self) -> None:
+        """Back to "consistent read", sharing everything (the device stopped)."""
+        for fd, _, _ in self.images:
+            try:
+                for i in (WRITE, RESIZE):
+                    _setlk(fd, fcntl.F_UNLCK, PERM_BASE + i)
+                    _setlk(fd, fcntl.F_UNLCK, SHARED_BASE + i)
+            except OSError as e:  # closed already, or no OFD locks here
+                log.debug("releasing image locks: %s", e)
+
+
+_deferring = threading.local()
+
+
+@contextmanager
+def locks_deferred() -> Iterator[DeferredLocks]:
+    """Images opened in this block (on this thread) hold only a shared lock until ``take()``."""
+    locks = DeferredLocks()
+    _deferring.locks = locks
+    try:
+        yield locks
+    finally:
+        _deferring.locks = None
+
+
 def lock_image(fd: int, path: str, writable: bool) -> None:
     """Take QEMU-compatible locks on an open image; DiskError if another user conflicts.
 
     The locks belong to ``fd``'s open file description and go away when it is closed. On file
-    systems without OFD locks, nothing is locked (logged once per image).
+    systems without OFD locks, nothing is locked (logged once per image). Inside
+    :func:`locks_deferred` only the shared "consistent read" lock is taken (module doc).
     """
+    deferred = getattr(_deferring, "locks", None)
+    if deferred is not None:
+        try:
+            _setlk(fd, fcntl.F_RDLCK, PERM_BASE + CONSISTENT_READ)
+        except OSError as e:
+            log.debug("%s: shared lock not taken: %s", path, e)
+        deferred.images.append((fd, path, writable))
+        return
     used = {CONSISTENT_READ} | ({WRITE, RESIZE} if writable else set())
     unshared = {WRITE, RESIZE}
     try:
