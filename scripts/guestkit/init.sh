@@ -45,6 +45,21 @@ wl_blk() {  # write P_mib MiB of random data at offset 0 of P_dev (O_DIRECT), re
     seq_write_MiBps="$(calc "$N" "$t1-$t0")" seq_read_MiBps="$(calc "$N" "$t2-$t1")"
 }
 
+wl_blkloop() {  # write+verify rounds of P_mib MiB on P_dev for P_time s (spans a live migration)
+  waitfor "$P_dev" || { result fail reason=no_dev dev="$P_dev"; return; }
+  echo "VDMTEST STARTED blkloop"
+  end=$(( $(cut -d. -f1 /proc/uptime) + P_time )); n=0; bad=0; S0=
+  while [ "$(cut -d. -f1 /proc/uptime)" -lt $end ] || [ $n = 0 ]; do
+    dd if=/dev/urandom of=/tmp/pat bs=1M count="$P_mib" 2>/dev/null; S0=$(md5of /tmp/pat)
+    dd if=/tmp/pat of="$P_dev" bs=1M count="$P_mib" oflag=direct conv=fsync 2>/dev/null || bad=$((bad+1))
+    S1=$(dd if="$P_dev" bs=1M count="$P_mib" iflag=direct 2>/dev/null | md5sum | cut -c1-32)
+    [ "$S0" = "$S1" ] || bad=$((bad+1)); n=$((n+1))
+  done
+  rm -f /tmp/pat
+  [ $bad = 0 ] && st=ok || st=fail
+  result $st dev="$P_dev" mib="$P_mib" rounds=$n errors=$bad md5="$S0"
+}
+
 wl_fs() {  # mke2fs, copy P_fsmib MiB + P_fsfiles small files, umount, e2fsck, remount, verify
   D=$P_fsdev; waitfor "$D" || { result fail reason=no_dev dev="$D"; return; }
   mkdir -p /tmp/src /fs; rm -rf /tmp/src/*
@@ -177,7 +192,7 @@ for WL in $(echo "$WLS" | tr , ' '); do
     boot|none) result ok;;
     shell) echo "VDMTEST shell: exit the shell to end the guest"; setsid cttyhack sh -l; result ok;;
     9p) wl_9p;;
-    blk|fs|net|nettcp|console|serial|rng|smp|blkrand) "wl_$WL";;
+    blk|blkloop|fs|net|nettcp|console|serial|rng|smp|blkrand) "wl_$WL";;
     *) result fail reason=unknown_workload;;
   esac
 done

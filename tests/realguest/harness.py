@@ -521,6 +521,64 @@ def run_qemu(
     return GuestResult(cmd, log, rc, timed_out, elapsed, init, results, done, label)
 
 
+class Qmp:
+    """A small QMP client on a Unix socket (QEMU started with ``-qmp unix:PATH,server=on,wait=off``).
+
+    ``execute`` sends one command and returns its ``return`` value (events in between are kept in
+    ``events``); a QMP error raises :class:`QmpError` with QEMU's description.
+    """
+
+    def __init__(self, path: os.PathLike[str] | str, timeout: float = 30) -> None:
+        import json
+        import socket
+
+        self._json = json
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.sock.settimeout(timeout)
+        self._file = self.sock.makefile("rb")
+        self.events: list[dict] = []
+        self._read()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict:
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("QMP: QEMU closed the monitor")
+        return self._json.loads(line)
+
+    def execute(self, command: str, **arguments: object) -> object:
+        msg: dict[str, object] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(self._json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+            elif "return" in reply:
+                return reply["return"]
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+
+class QmpError(RuntimeError):
+    """QEMU answered a QMP command with an error."""
+
+
 # ---------------------------------------------------------------------------------------------
 # the KVM lab
 

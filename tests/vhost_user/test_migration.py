@@ -1,0 +1,141 @@
+"""Live migration of a guest with a vdm vhost-user disk between two QEMUs (issue 16 item 2).
+
+Two ``vdm vhost-user`` processes serve one raw image with ``lock=start``; the source QEMU boots
+the guest kit, whose ``blkloop`` workload writes fresh random data to the disk and reads it back
+in rounds; in the middle the source is told to ``migrate`` to a destination QEMU started with
+``-incoming``. QEMU must accept the migration (no "vhost lacks VHOST_F_LOG_ALL" blocker), it must
+complete, and the guest must finish its rounds on the destination with zero verify errors; the
+image then holds the last round's data. Both QEMUs run under TCG on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.realguest import harness
+from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
+from tests.vhost_user.vdmproc import VdmProcess
+
+pytestmark = [pytest.mark.realguest, pytest.mark.slow]
+
+MIB = 1 << 20
+
+
+class _Qemu:
+    """One QEMU in the background, its serial output collected line by line."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.cmd = cmd
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_line(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return True
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                return any(text in line for line in self.lines)
+            time.sleep(0.1)
+        return False
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+
+
+def _md5_head(path: Path, length: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read(length)).hexdigest()
+
+
+def test_guest_writes_and_verifies_across_live_migration(kit: harness.GuestKit,  # noqa: F811
+                                                        qemu_frontend: harness.QemuFrontend,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    fe = qemu_frontend
+    mib, seconds = 4, 40
+    image = tmp_path / "vda.img"
+    with open(image, "wb") as f:
+        f.truncate(32 * MIB)
+    src_sock, dst_sock = tmp_path / "src.sock", tmp_path / "dst.sock"
+    mig = tmp_path / "mig.sock"
+    vdms = [VdmProcess(str(s), "--disk", f"{image},lock=start") for s in (src_sock, dst_sock)]
+    qemus: list[_Qemu] = []
+    qmps: list[harness.Qmp] = []
+    try:
+        params = {"mib": mib, "time": seconds, "dev": "/dev/vda", "exit": "poweroff"}
+        prefix = fe.argv([kit.dir, tmp_path])
+        for name, sock, extra in (("src", src_sock, []), ("dst", dst_sock, ["-incoming", f"unix:{mig}"])):
+            cmd = harness.qemu_command(
+                [*harness.vhost_user_blk_args(sock), "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off",
+                 *extra],
+                ["blkloop"], params, kit=kit, qemu=prefix,
+            )
+            qemus.append(_Qemu(cmd))
+        src, dst = qemus
+        qmps = [harness.Qmp(tmp_path / "src.qmp"), harness.Qmp(tmp_path / "dst.qmp")]
+        assert src.wait_line("VDMTEST STARTED blkloop", 120), f"{fe}: the guest did not start\n{src.output}"
+        time.sleep(5)  # a few rounds on the source
+        started = time.monotonic()
+        qmps[0].execute("migrate", uri=f"unix:{mig}")  # a blocker would be a QmpError here
+        status: dict = {}
+        while time.monotonic() - started < 120:
+            status = qmps[0].execute("query-migrate")  # type: ignore[assignment]
+            if status.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.5)
+        took = time.monotonic() - started
+        assert status.get("status") == "completed", f"{fe}: migration {status}\n{src.output}\n{dst.output}"
+        qmps[0].execute("quit")
+        assert dst.wait_line("VDMTEST DONE", seconds + 120), f"{fe}: the guest did not finish\n{dst.output}"
+        dst.proc.wait(30)
+    finally:
+        for q in qmps:
+            try:
+                q.close()
+            except OSError:
+                pass
+        for q in qemus:
+            q.stop()
+        rcs = [v.stop() for v in vdms]
+    _, results, _ = harness.parse_results(dst.output)
+    result = {r.name: r for r in results}.get("blkloop")
+    assert result is not None, f"{fe}: no result from the guest on the destination\n{dst.output}"
+    assert result["errors"] == "0" and result.ok, f"{fe}: {result.line}"
+    assert int(result["rounds"]) >= 2
+    assert _md5_head(image, mib * MIB) == result["md5"], f"{fe}: the image does not hold the last round"
+    assert rcs == [0, 0], "\n".join(v.output for v in vdms)
+    src_vdm, dst_vdm = vdms
+    for v in vdms:
+        assert v.count("closing the connection") == 0, f"{fe}\n{v.output}"
+        assert v.count("device marked broken") == 0, f"{fe}\n{v.output}"
+    assert src_vdm.count("dirty logging on") >= 1, f"{fe}: the source never logged\n{src_vdm.output}"
+    assert dst_vdm.count("queue 0 starts") >= 1, f"{fe}: the destination never started\n{dst_vdm.output}"
+    print(f"vhost-user migration ({fe.name}): completed in {took:.1f} s "
+          f"(QEMU: total {status.get('total-time')} ms, downtime {status.get('downtime')} ms); "
+          f"guest: {result['rounds']} rounds of {mib} MiB, {result['errors']} verify errors")
