@@ -128,8 +128,11 @@ def read_header(f: HostFile, file_size: int) -> Qcow2Header:
         if h.header_length > 104:
             byte = f.pread(1, 104)
             if not byte:
-                raise _fail(path, f"the header is truncated (header_length {h.header_length}, "
-                                  f"the file is {file_size} bytes)")
+                raise _fail(
+                    path,
+                    f"the header is truncated (header_length {h.header_length}, "
+                    f"the file is {file_size} bytes)",
+                )
             h.compression_type = byte[0]
         if h.refcount_order > 6:
             raise _fail(path, f"refcount_order {h.refcount_order} is over 6")
