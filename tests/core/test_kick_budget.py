@@ -140,3 +140,19 @@ def test_a_chain_may_have_at_most_4096_ring_descriptors(virtio_driver, length):
     else:
         assert drv.needs_reset and drv.used_idx(0) == 0
         assert "longer than 4096" in (drv.device.broken or "")
+
+
+def test_stop_serving_after_the_loop_stopped(virtio_driver):
+    """A transport that stops its loop before it lets go of the device (vhost-user's close)."""
+    dev = CountingEcho()
+    dev.kick_budget = 4
+    ev = EventLoop("stopped-first").start()
+    dev.serve_on(ev)
+    ev.stop()
+    dev.stop_serving()  # no error although the loop's fds are gone
+    drv = virtio_driver(dev, ram_size=1 << 20)
+    drv.init()
+    for i in range(10):
+        drv.post(0, [b"%d" % i], [1])
+    drv.kick(0)
+    assert drv.used_idx(0) == 10  # nothing waits for the stopped loop

@@ -329,14 +329,18 @@ class VirtioDevice:
         loop.add_reader(fd, self._resume)
 
     def stop_serving(self) -> None:
-        """Undo :meth:`serve_on`: stop watching and close the resume eventfd; kicks run to the end."""
+        """Undo :meth:`serve_on` (also after the loop was stopped): close the resume eventfd; from
+        now on kicks run to the end."""
         with self._resume_lock:
             fd, loop = self._resume_fd, self._resume_loop
             self._resume_fd = self._resume_loop = None
             if fd is None:
                 return
             if loop is not None:
-                loop.remove_reader(fd)
+                try:
+                    loop.remove_reader(fd)
+                except (OSError, ValueError):
+                    pass  # the loop was stopped (and its selector closed) first: nothing to remove
             os.close(fd)
 
     def _defer(self, index: int) -> None:
