@@ -20,6 +20,7 @@ from vdm_blk.plugin import create as create_blk
 from vdm_vhost_user.protocol import Req
 from vdm_vhost_user.server import VhostUserServer
 
+from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 from tests.vhost_user.frontend import Frontend
 from tests.vhost_user.vdmproc import VdmProcess
 
@@ -169,3 +170,41 @@ def test_wrong_groups_are_one_clear_line(tmp_path, args, message):
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(names["a"]) and not os.path.exists(names["b"])
+
+
+@pytest.mark.realguest
+@pytest.mark.slow
+def test_guest_on_two_disks_served_by_one_vdm(kit, qemu_frontend, tmp_path):  # noqa: F811
+    """A real guest (QEMU 7.2 and 10.0) writes one disk and builds ext2 on the other, both served
+    by one ``vdm vhost-user`` process; the host then checks what landed in each image."""
+    import hashlib
+
+    from tests.realguest import harness
+
+    fe = qemu_frontend
+    vda, vdb = tmp_path / "vda.img", tmp_path / "vdb.img"
+    for img in (vda, vdb):
+        with open(img, "wb") as f:
+            f.truncate(32 << 20)
+    a_sock, b_sock = tmp_path / "vda.sock", tmp_path / "vdb.sock"
+    vdm = VdmProcess(str(a_sock), "--disk", str(vda), "-s", str(b_sock), "--disk", str(vdb))
+    try:
+        r = harness.run_qemu(
+            harness.vhost_user_blk_args(a_sock, 0) + harness.vhost_user_blk_args(b_sock, 1),
+            ["blk", "fs"],
+            {"mib": 8, "dev": "/dev/vda", "fsdev": "/dev/vdb", "fsmib": 4, "fsfiles": 16},
+            timeout=150, kit=kit, qemu=fe, visible=[tmp_path],
+        )
+    finally:
+        rc = vdm.stop()
+    r.assert_ok("blk", "fs")
+    assert rc == 0 and vdm.count("frontend connected") == 2, f"{fe}\n{vdm.output}"
+    assert vdm.count("closing the connection") == 0, f"{fe}\n{vdm.output}"
+    assert r["blk"]["readback"] == "match"
+    with open(vda, "rb") as f:
+        assert hashlib.md5(f.read(8 << 20)).hexdigest() == r["blk"]["md5"], f"{fe}: vda lacks the data"
+    fs = r["fs"]
+    assert fs["fsck_rc"] == "0" and fs["verify_rc"] == "0" and fs["files"] == "17"
+    with open(vdb, "rb") as f:
+        f.seek(1024 + 56)
+        assert f.read(2) == b"\x53\xef", f"{fe}: vdb holds no ext2 file system"
