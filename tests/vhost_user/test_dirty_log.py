@@ -10,11 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 
+import pytest
 from vdm_blk.device import S_OK, T_IN, T_OUT
 from vdm_vhost_user import protocol as p
 from vdm_vhost_user.backend import OFFERED_PROTOCOL_FEATURES
 from vdm_vhost_user.protocol import ProtocolFeature, Req
+
+from tests.vhost_user.frontend import Frontend
+from tests.vhost_user.vdmproc import VdmProcess
 
 PAGE = 4096
 
@@ -150,3 +155,42 @@ def test_a_log_too_small_for_the_guest_marks_what_it_covers_and_nothing_past_it(
     finally:
         log.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["unsealable memfd", "plain file"])
+def test_a_log_shrunk_under_vdm_closes_only_that_connection(tmp_path, kind):
+    """The frontend truncates its dirty log while vdm marks pages in it: a SIGBUS in vdm's atomic
+    OR is caught (faultguard), that connection closes with one line, vdm serves the next one."""
+    image = tmp_path / "d.img"
+    image.write_bytes(b"\x5a" * 512 + bytes(1 << 20))
+    vdm = VdmProcess(str(tmp_path / "vu.sock"), "--disk", str(image))
+    try:
+        fe = Frontend(vdm.socket_path)
+        fe.start(queues={0: 16})
+        pages = -(-(fe.ram.base + fe.ram.size) // PAGE)
+        size = -(-pages // 8)
+        if kind == "plain file":
+            fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+        else:
+            fd = os.memfd_create("unsealable-log", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        fe.send(Req.SET_LOG_BASE, p.LOG_BASE.pack(size, 0), [fd])
+        fe.recv(Req.SET_LOG_BASE)
+        fe.set_logging(True)
+        os.ftruncate(fd, 0)
+        fe.post(0, [hdr(T_IN, 0)], [PAGE, 1])
+        assert fe.closed_by_backend(), vdm.output
+        os.close(fd)
+        fe.close()
+        fe.ram.close()
+        time.sleep(0.5)
+        assert vdm.alive, f"vdm died:\n{vdm.output}"
+        assert vdm.count("shrank a shared memory file") == 1, vdm.output
+        fe2 = Frontend(vdm.socket_path)
+        fe2.start(queues={0: 16})
+        assert fe2.request(0, [hdr(T_IN, 0)], [512, 1]).data == b"\x5a" * 512 + bytes([S_OK])
+        fe2.close()
+        fe2.ram.close()
+    finally:
+        rc = vdm.stop()
+    assert rc == 0, vdm.output
