@@ -139,3 +139,83 @@ def test_guest_writes_and_verifies_across_live_migration(kit: harness.GuestKit, 
     print(f"vhost-user migration ({fe.name}): completed in {took:.1f} s "
           f"(QEMU: total {status.get('total-time')} ms, downtime {status.get('downtime')} ms); "
           f"guest: {result['rounds']} rounds of {mib} MiB, {result['errors']} verify errors")
+
+
+def test_guest_keeps_pinging_across_live_migration(kit: harness.GuestKit,  # noqa: F811
+                                                   qemu_frontend: harness.QemuFrontend,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    """virtio-net: source and destination vdm each on a tap, both taps in one bridge with the host
+    address; the guest pings the host through the migration. A few packets may be lost (the
+    bridge learns the guest's new port from its next packet); the count is printed."""
+    from tests.net.netns import NetNs, netns_unavailable
+    from tests.vhost_user.test_qemu_net import HOST_IP, vhost_user_net_args
+
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    fe = qemu_frontend
+    count, interval = 200, 0.1
+    src_sock, dst_sock, mig = tmp_path / "src.sock", tmp_path / "dst.sock", tmp_path / "mig.sock"
+    with NetNs() as ns:
+        ns.run(["ip", "link", "add", "br0", "type", "bridge"])
+        ns.up("br0", address=f"{HOST_IP}/24")
+        for tap in ("vdmtapS", "vdmtapD"):
+            ns.create_tap(tap)
+            ns.run(["ip", "link", "set", tap, "master", "br0"])
+            ns.up(tap)
+        vdms = [
+            VdmProcess(str(sock), "--network", f"mode=tap,tapif={tap}", wrap=ns.argv([]))
+            for sock, tap in ((src_sock, "vdmtapS"), (dst_sock, "vdmtapD"))
+        ]
+        qemus: list[_Qemu] = []
+        qmps: list[harness.Qmp] = []
+        status: dict = {}
+        try:
+            params = {"count": count, "interval": interval, "ip": HOST_IP, "exit": "poweroff"}
+            prefix = fe.argv([kit.dir, tmp_path])
+            for name, sock, extra in (("src", src_sock, []), ("dst", dst_sock, ["-incoming", f"unix:{mig}"])):
+                cmd = harness.qemu_command(
+                    [*vhost_user_net_args(fe, sock), "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off",
+                     *extra],
+                    ["net"], params, kit=kit, qemu=prefix,
+                )
+                qemus.append(_Qemu(cmd))
+            src, dst = qemus
+            qmps = [harness.Qmp(tmp_path / "src.qmp"), harness.Qmp(tmp_path / "dst.qmp")]
+            assert src.wait_line("VDMTEST INIT", 120), f"{fe}: the guest did not start\n{src.output}"
+            time.sleep(6)  # eth0 up, pings under way on the source
+            qmps[0].execute("migrate", uri=f"unix:{mig}")
+            started = time.monotonic()
+            while time.monotonic() - started < 120:
+                status = qmps[0].execute("query-migrate")  # type: ignore[assignment]
+                if status.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(0.5)
+            assert status.get("status") == "completed", f"{fe}: {status}\n{src.output}\n{dst.output}"
+            qmps[0].execute("quit")
+            completed = time.monotonic()
+            assert dst.wait_line("VDMTEST DONE", count * interval + 120), f"{fe}: no end\n{dst.output}"
+            # the pings (20 s from eth0 up, a few s before migrate) went on well after it completed
+            assert time.monotonic() - completed > 3, f"{fe}: the pings ended before the migration did"
+        finally:
+            for q in qmps:
+                try:
+                    q.close()
+                except OSError:
+                    pass
+            for q in qemus:
+                q.stop()
+            rcs = [v.stop() for v in vdms]
+    _, results, _ = harness.parse_results(dst.output)
+    result = {r.name: r for r in results}.get("net")
+    assert result is not None, f"{fe}: no result from the guest on the destination\n{dst.output}"
+    rx = int(result["rx"].split("/")[0])
+    lost = count - rx
+    assert result.ok and lost <= count // 4, f"{fe}: {result.line}"
+    assert rcs == [0, 0], "\n".join(v.output for v in vdms)
+    for v in vdms:
+        assert v.count("closing the connection") == 0, f"{fe}\n{v.output}"
+    assert vdms[0].count("dirty logging on") >= 1, vdms[0].output
+    assert vdms[1].count("queue 1 starts") >= 1, f"{fe}: the destination never started\n{vdms[1].output}"
+    print(f"vhost-user net migration ({fe.name}): completed (QEMU: total {status.get('total-time')} ms, "
+          f"downtime {status.get('downtime')} ms); guest ping: {rx}/{count} answered, {lost} lost")
