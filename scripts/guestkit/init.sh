@@ -53,7 +53,13 @@ wl_blkloop() {  # write+verify rounds of P_mib MiB on P_dev for P_time s (spans 
     dd if=/dev/urandom of=/tmp/pat bs=1M count="$P_mib" 2>/dev/null; S0=$(md5of /tmp/pat)
     dd if=/tmp/pat of="$P_dev" bs=1M count="$P_mib" oflag=direct conv=fsync 2>/dev/null || bad=$((bad+1))
     S1=$(dd if="$P_dev" bs=1M count="$P_mib" iflag=direct 2>/dev/null | md5sum | cut -c1-32)
-    [ "$S0" = "$S1" ] || bad=$((bad+1)); n=$((n+1))
+    [ "$S0" = "$S1" ] || bad=$((bad+1))
+    # buffered: the page cache is filled by the device alone (no CPU writes), then read again from
+    # the cache a moment later -- a page the device wrote that a migration did not carry shows here
+    echo 3 >/proc/sys/vm/drop_caches
+    S2=$(dd if="$P_dev" bs=1M count="$P_mib" 2>/dev/null | md5sum | cut -c1-32); sleep 0.3
+    S3=$(dd if="$P_dev" bs=1M count="$P_mib" 2>/dev/null | md5sum | cut -c1-32)
+    [ "$S0" = "$S2" ] && [ "$S0" = "$S3" ] || bad=$((bad+1)); n=$((n+1))
   done
   rm -f /tmp/pat
   [ $bad = 0 ] && st=ok || st=fail
@@ -153,9 +159,10 @@ wl_blkrand() {  # fio 4k random read, qd32 (needs initrd-fio)
 }
 
 wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 1000-entry readdir, P_9pmib MiB
-  mkdir -p /9p; D=/9p/wl; F=; bad() { F="$F,$1"; }
+  mkdir -p /9p; D=/9p/wl; F=; bad() { F="$F,$1"; }; step() { echo "VDMTEST STEP 9p $1 uptime_s=$(up)"; }
+  step mount
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "$P_9ptag" /9p || { result fail reason=mount; return; }
-  rm -rf $D; mkdir $D || { result fail reason=mkdir; return; }
+  step files; rm -rf $D; mkdir $D || { result fail reason=mkdir; return; }
   echo hello >$D/a && [ "$(cat $D/a)" = hello ] || bad create
   mv $D/a $D/b && [ ! -e $D/a ] && [ "$(cat $D/b)" = hello ] || bad rename
   ln $D/b $D/h && [ "$(stat -c %h $D/b)" = 2 ] && [ "$(cat $D/h)" = hello ] || bad link
@@ -163,13 +170,15 @@ wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 100
   chmod 640 $D/b && [ "$(stat -c %a $D/h)" = 640 ] || bad chmod
   truncate -s 2 $D/b && [ "$(cat $D/h)" = he ] || bad truncate
   dd if=/dev/zero of=$D/sync bs=4k count=4 conv=fsync 2>/dev/null && [ "$(stat -c %s $D/sync)" = 16384 ] || bad fsync
-  mkdir $D/big; i=0; while [ $i -lt 1000 ]; do : >$D/big/f$i; i=$((i+1)); done
-  n=$(ls $D/big | wc -l); [ "$n" = 1000 ] || bad "readdir_$n"
-  esc=blocked; [ "$(cat /9p/esc 2>/dev/null)" = "${P_9psecret:-x}" ] && esc=escaped && bad escape
+  step bigdir; mkdir $D/big; i=0; while [ $i -lt 1000 ]; do : >$D/big/f$i; i=$((i+1)); done
+  step readdir; n=$(ls $D/big | wc -l); [ "$n" = 1000 ] || bad "readdir_$n"
+  step large; esc=blocked; [ "$(cat /9p/esc 2>/dev/null)" = "${P_9psecret:-x}" ] && esc=escaped && bad escape
   t0=$(now); dd if=/dev/urandom of=$D/large bs=1M count="$P_9pmib" conv=fsync 2>/dev/null; t1=$(now)
-  echo 3 >/proc/sys/vm/drop_caches
-  t2=$(now); W=$(md5of $D/large); t3=$(now); H=$(md5of /9p/hostbig 2>/dev/null); t4=$(now)
-  RO=skip
+  step readback; echo 3 >/proc/sys/vm/drop_caches
+  # 1 MiB reads (md5sum's own are 4 KiB: one 9p round trip each without a page cache)
+  t2=$(now); W=$(dd if=$D/large bs=1M 2>/dev/null | md5sum | cut -c1-32); t3=$(now)
+  H=$(dd if=/9p/hostbig bs=1M 2>/dev/null | md5sum | cut -c1-32); t4=$(now)
+  step ro; RO=skip
   if [ -n "$P_9pro" ]; then mkdir -p /9pro
     if mount -t 9p -o trans=virtio,version=9p2000.L "$P_9pro" /9pro; then
       RO=refused; { : >/9pro/new || mkdir /9pro/d || rm /9pro/keep || chmod 777 /9pro/keep; } 2>/dev/null && RO=written
