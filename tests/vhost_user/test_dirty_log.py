@@ -194,3 +194,23 @@ def test_a_log_shrunk_under_vdm_closes_only_that_connection(tmp_path, kind):
     finally:
         rc = vdm.stop()
     assert rc == 0, vdm.output
+
+
+def test_set_log_fd_takes_an_eventfd_and_refuses_anything_else(blk_server, frontends, caplog):
+    fe, _ = started(blk_server, frontends)
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        fe.call(Req.SET_LOG_FD, b"", [efd])  # (REPLY_ACK negotiated: the ack says it was taken)
+        assert fe.request(0, [hdr(T_IN, 0)], [512, 1]).data[-1] == S_OK
+    finally:
+        os.close(efd)
+    caplog.set_level(logging.ERROR, logger="vdm_vhost_user")
+    r, w = os.pipe()
+    try:
+        fe.send(Req.SET_LOG_FD, b"", [r])
+        assert fe.closed_by_backend()
+    finally:
+        os.close(r)
+        os.close(w)
+    (line,) = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert "SET_LOG_FD" in line and "not an eventfd" in line
