@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from vdm.eventloop import EventLoop
@@ -111,6 +112,9 @@ def test_the_command_serves_two_disks_each_on_its_socket(tmp_path):
     a_sock, b_sock = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
     vdm = VdmProcess(a_sock, "--disk", a_img, "-s", b_sock, "--disk", f"{b_img},ro")
     try:
+        deadline = time.monotonic() + 10  # VdmProcess returns at the first "serving" line
+        while vdm.count("vdm: serving") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert os.path.exists(b_sock) and vdm.count("vdm: serving") == 2, vdm.output
         a, b = _frontend(a_sock), _frontend(b_sock)
         assert read0(a) == b"\x11" * 512 and read0(b) == b"\x22" * 512
