@@ -12,7 +12,7 @@ from vdm.registry import Command, HypervisorType
 
 VDM_API = 1
 
-HELP = "serve one vdm device to a vhost-user frontend (tested: QEMU 7.2 and 10.0)"
+HELP = "serve vdm devices to vhost-user frontends, one socket each (tested: QEMU 7.2 and 10.0)"
 
 
 def check() -> str | None:
