@@ -1,20 +1,26 @@
 #!/bin/sh
-# /init of the Xen lab's dom0 (busybox + Debian's arm64 xen-utils-4.17 + python3 + vdm).
-# Starts xenstored, xenconsoled, `vdm dm-only` (xenstore mode: it waits for the guest's disk), then
-# `xl create` of a domU whose virtio-mmio disk is served by vdm; relays the domU's console lines,
-# then `xl destroy`, waits for vdm to exit and powers off. Every line for the host starts "XENLAB ".
-# Kernel command line: xenlab.disk=/dev/vda (the disk vdm serves: QEMU's, so the host can check
-# it) xenlab.vdmtest=boot,blk xenlab.mib=4 xenlab.timeout=240 xenlab.shell=1 (debug: a shell at the end).
+# /init of the Xen lab's dom0 (busybox + Debian 13's arm64 xen-utils-4.20 + python3.13 + vdm).
+# Starts xenstored and xenconsoled, then, per round: `xl create -p` of a domU with Xen 4.18+'s
+# generic virtio devices (blk, net, console, rng: `virtio = [ "type=virtio,device<ID>, ..." ]`),
+# `vdm dm-only --domid` serving them from xenstore (configs from --device: libxl carries none),
+# `xl unpause` once every device is in InitWait, the dom0 peers (TCP server on vdm's tap, a client
+# typing into vdm's virtio-console socket), the domU's VDMTEST lines relayed, `xl destroy`, vdm's
+# exit status. Round 1 runs every workload; round 2 (a second domU after the first is destroyed)
+# boots, writes the disk and reads the rng through a new vdm. Every line for the host starts
+# "XENLAB ". Kernel command line: xenlab.disk=/dev/vda (the disk vdm serves: QEMU's, so the host can
+# check it) xenlab.vdmtest=boot,blk,rng,net,nettcp xenlab.mib=4 xenlab.tcpmib=16 xenlab.timeout=400
+# xenlab.rounds=2 xenlab.shell=1 (debug: a shell at the end).
 mount -t devtmpfs dev /dev; exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 mkdir -p /var/run/xenstored /var/run/xen /var/log/xen/console /var/lib/xen /var/lib/xenstored /dev/shm
-export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin LD_LIBRARY_PATH=/usr/lib/xen-4.17/lib
+export PATH=/usr/lib/xen-4.20/bin:/usr/sbin:/usr/bin:/sbin:/bin LD_LIBRARY_PATH=/usr/lib/xen-4.20/lib
 up() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "XENLAB $* uptime_s=$(up)"; }
-DISK=/dev/vda; WL=boot,blk; MIB=4; TIMEOUT=240; SHELL_AT_END=
+DISK=/dev/vda; WL=boot,blk,rng,net,nettcp; MIB=4; TCPMIB=16; TIMEOUT=400; ROUNDS=2; SHELL_AT_END=
 for w in $(cat /proc/cmdline); do case $w in
   xenlab.disk=*) DISK=${w#*=};; xenlab.vdmtest=*) WL=${w#*=};; xenlab.mib=*) MIB=${w#*=};;
   xenlab.timeout=*) TIMEOUT=${w#*=};; xenlab.shell=*) SHELL_AT_END=1;;
+  xenlab.tcpmib=*) TCPMIB=${w#*=};; xenlab.rounds=*) ROUNDS=${w#*=};;
 esac; done
 finish() {
   log "END $*"
@@ -37,53 +43,83 @@ xenconsoled --log=guest --log-dir=/var/log/xen/console --pid-file=/var/run/xenco
   || finish fail reason=xenconsoled
 log "XENSTORED-UP"
 
-# vdm, from xenstore: it waits for the disk libxl announces and answers the InitWait handshake
-python3 -X faulthandler -c 'import sys; from vdm.cli.main import main; sys.exit(main())' \
-  -v dm-only --wait-timeout "$TIMEOUT" >/tmp/vdm.log 2>&1 &
-VDM=$!
-log "VDM-STARTED pid=$VDM"
-# xl create only once vdm watches xenstore (libxl gives the backend 10 s to reach InitWait)
-i=0; while ! grep -q "waiting for" /tmp/vdm.log && kill -0 $VDM 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
-grep -q "waiting for" /tmp/vdm.log || { sed 's/^/XENLAB VDM /' /tmp/vdm.log; finish fail reason=vdm_not_waiting; }
-log "VDM-WAITING"
-cat >/tmp/domu.cfg <<CFG
-name = "domu"
+ip link set lo up
+
+VDMPY='import sys; from vdm.cli.main import main; sys.exit(main())'
+# round N NAME WORKLOADS DEVICES: one domU served by one `vdm dm-only`; DEVICES are virtio ids
+round() {
+  n=$1; name=$2; wl=$3; devs=$4; P="XENLAB R$n"
+  v=; for id in $devs; do v="$v${v:+, }\"type=virtio,device$id, transport=mmio, grant_usage=0\""; done
+  cat >/tmp/$name.cfg <<CFG
+name = "$name"
 kernel = "/lab/Image"
 ramdisk = "/lab/domu.cpio.gz"
-extra = "console=hvc0 panic=-1 quiet vdmtest=$WL vdmtest.mib=$MIB vdmtest.exit=none"
+extra = "console=hvc0 panic=-1 quiet vdmtest=$wl vdmtest.mib=$MIB vdmtest.exit=none vdmtest.tcp=both vdmtest.tcpmib=$TCPMIB vdmtest.tcptimeout=$TIMEOUT vdmtest.timeout=30"
 memory = 192
 vcpus = 1
-disk = [ 'vdev=xvda, backendtype=standalone, specification=virtio, target=$DISK' ]
+virtio = [ $v ]
 CFG
-t0=$(up)
-if ! xl -v create /tmp/domu.cfg >/tmp/xl-create.log 2>&1; then
-  grep -v 'domainbuilder: detail' /tmp/xl-create.log | sed 's/^/XENLAB XL /'; sed 's/^/XENLAB VDM /' /tmp/vdm.log
-  ps | sed 's/^/XENLAB PS /'; xenstore-ls -f /local/domain/0/backend | sed 's/^/XENLAB XS /'
-  kill $VDM 2>/dev/null; finish fail reason=xl_create
-fi
-log "DOMU-CREATED create_s=$(awk "BEGIN{print $(up)-$t0}") domid=$(xl domid domu)"
-xenstore-ls /local/domain/0/backend 2>/dev/null | sed 's/^/XENLAB XS /' | head -40
-
-# relay the domU console until its init says DONE (or the time is up)
-CON=/var/log/xen/console/guest-domu.log
-t=0; vl=0
-while [ $t -lt "$TIMEOUT" ]; do
-  grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && break
-  kill -0 $VDM 2>/dev/null || { log "VDM-DIED-EARLY"; break; }
-  if [ $((t % 15)) = 14 ]; then
-    xl list 2>&1 | sed 's/^/XENLAB XL-LIST /'
-    c=$(wc -l </tmp/vdm.log); [ "$c" -gt "$vl" ] && sed -n "$((vl+1)),${c}p" /tmp/vdm.log | sed 's/^/XENLAB VDM /'; vl=$c
+  t0=$(up)
+  # generic virtio devices: libxl does not wait for their backend, so the domain starts paused
+  if ! xl -v create -p /tmp/$name.cfg >/tmp/xl-create-$n.log 2>&1; then
+    grep -v 'domainbuilder: detail' /tmp/xl-create-$n.log | sed "s/^/$P XL /"; return 1
   fi
-  sleep 1; t=$((t+1))
-done
-tr -d '\r' <"$CON" 2>/dev/null | sed 's/^/XENLAB DOMU /'
-grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && log "DOMU-DONE" || log "DOMU-TIMEOUT"
-xl destroy domu 2>&1 | sed 's/^/XENLAB XL /'
-log "DOMU-DESTROYED"
-i=0; while kill -0 $VDM 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
-if kill -0 $VDM 2>/dev/null; then log "VDM-STILL-RUNNING (sending TERM)"; kill $VDM; sleep 2; fi
-wait $VDM; rc=$?
-sed -n "$((vl+1)),\$p" /tmp/vdm.log | sed 's/^/XENLAB VDM /'
-log "VDM-EXIT rc=$rc"
+  domid=$(xl domid $name)
+  log "R$n DOMU-CREATED-PAUSED name=$name domid=$domid create_s=$(awk "BEGIN{print $(up)-$t0}")"
+  dev=; for id in $devs; do case $id in
+    2) dev="$dev --device blk,path=$DISK";;
+    1) dev="$dev --device net,tapif=vdmtap$n,host_ip=10.0.2.2/24";;
+    3) dev="$dev --device console,backend=socket:/tmp/hvc$n.sock";;
+  esac; done
+  # shellcheck disable=SC2086
+  VDM_PLUGIN_TIMEOUT=60 python3 -X faulthandler -c "$VDMPY" -v dm-only --domid "$domid" $dev --wait-timeout 60 >/tmp/vdm$n.log 2>&1 &
+  VDM=$!
+  log "R$n VDM-STARTED pid=$VDM devices=$(echo $dev | tr ' ' ,)"
+  case " $devs " in *" 3 "*) python3 /lab/peer.py console /tmp/hvc$n.sock /tmp/hvc$n.log >/tmp/hvcpeer$n.log 2>&1 & HVCPEER=$!;; *) HVCPEER=;; esac
+  # unpause once vdm has put every device in InitWait (it claimed the MMIO ranges before)
+  i=0; while [ $i -lt 900 ] && kill -0 $VDM 2>/dev/null; do
+    s=$(for d in $(xenstore-list /local/domain/0/backend/virtio/$domid 2>/dev/null); do
+        xenstore-read /local/domain/0/backend/virtio/$domid/$d/state; done | sort -u | tr '\n' ' ')
+    [ "$s" = "2 " ] && break; sleep 0.1; i=$((i+1)); done
+  [ "$s" = "2 " ] || { sed "s/^/$P VDM /" /tmp/vdm$n.log; log "R$n VDM-NOT-READY states=$s"; xl destroy $name; return 1; }
+  log "R$n DEVICES-INITWAIT ready_s=$(awk "BEGIN{print $(up)-$t0}")"
+  case " $devs " in *" 1 "*)
+    ip addr show dev vdmtap$n | sed -n "s/.*inet \([0-9.\/]*\).*/$P TAP vdmtap$n addr=\1/p"
+    python3 /lab/peer.py tcp 10.0.2.2 5555 "$TCPMIB" >/tmp/peer$n.log 2>&1 & PEER=$!;; *) PEER=;; esac
+  xl unpause $name
+  log "R$n DOMU-UNPAUSED"
+  CON=/var/log/xen/console/guest-$name.log
+  t=0; vl=0; cl=0
+  relay() {  # new lines of the domU's console and of vdm's log
+    c=$(tr -d '\r' <"$CON" 2>/dev/null | wc -l); [ "$c" -gt "$cl" ] && tr -d '\r' <"$CON" | sed -n "$((cl+1)),${c}p" | sed "s/^/$P DOMU /"; cl=$c
+    c=$(wc -l </tmp/vdm$n.log); [ "$c" -gt "$vl" ] && sed -n "$((vl+1)),${c}p" /tmp/vdm$n.log | sed "s/^/$P VDM /"; vl=$c
+  }
+  while [ $t -lt "$TIMEOUT" ]; do
+    grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && break
+    kill -0 $VDM 2>/dev/null || { log "R$n VDM-DIED-EARLY"; break; }
+    [ $((t % 10)) = 9 ] && relay
+    [ $((t % 60)) = 59 ] && xl list 2>&1 | sed "s/^/$P XL-LIST /"
+    sleep 1; t=$((t+1))
+  done
+  # the console peer: give its command a few seconds more if the workloads were quicker
+  if [ -n "$HVCPEER" ]; then
+    i=0; while ! grep -q 'cmd-ran' /tmp/hvcpeer$n.log && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done
+  fi
+  relay
+  grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && log "R$n DOMU-DONE" || log "R$n DOMU-TIMEOUT"
+  [ -n "$PEER" ] && { sleep 1; kill $PEER 2>/dev/null; sed "s/^XENLAB /$P /" /tmp/peer$n.log; }
+  [ -n "$HVCPEER" ] && { kill $HVCPEER 2>/dev/null; sed "s/^XENLAB /$P /" /tmp/hvcpeer$n.log;
+    tr -d '\r' </tmp/hvc$n.log | sed "s/^/$P HVCLOG /" | head -20; }
+  xl destroy $name 2>&1 | sed "s/^/$P XL /"
+  log "R$n DOMU-DESTROYED"
+  i=0; while kill -0 $VDM 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
+  if kill -0 $VDM 2>/dev/null; then log "R$n VDM-STILL-RUNNING (sending TERM)"; kill $VDM; sleep 2; fi
+  wait $VDM; rc=$?
+  sed -n "$((vl+1)),\$p" /tmp/vdm$n.log | sed "s/^/$P VDM /"
+  log "R$n VDM-EXIT rc=$rc"
+}
+
+round 1 domu "$WL" "2 1 3 4" || finish fail reason=round1
+[ "$ROUNDS" -ge 2 ] && { round 2 domu2 boot,blk,rng "2 4" || finish fail reason=round2; }
 sync
 finish done

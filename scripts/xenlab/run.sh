@@ -1,7 +1,7 @@
 #!/bin/bash
 # run.sh [--build] DISK.img [dom0 kernel args...] — boot the Xen lab once under QEMU TCG:
-# Xen 4.17 (IOREQ-enabled, ./build.sh) + Debian arm64 dom0 whose /init (dom0-init.sh) runs
-# `vdm dm-only` for a domU disk, `xl create`, relays the domU's VDMTEST lines, `xl destroy`, and
+# Xen 4.20 (IOREQ-enabled, ./build.sh) + Debian 13 arm64 dom0 whose /init (dom0-init.sh) runs
+# `vdm dm-only` for a domU's virtio devices (blk, net, console, rng), relays its VDMTEST lines, and
 # powers off. DISK.img is QEMU's virtio-blk disk of dom0 (/dev/vda there), the one vdm serves to the
 # domU, so the host can check it afterwards. Output: the serial console on stdout ("XENLAB " lines).
 # Env: XENLAB_DIR (default ~/.cache/vdm/xenlab), XENLAB_SMP (2), XENLAB_MEM (2G).
@@ -17,6 +17,6 @@ exec qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu cortex-a57
   -smp "${XENLAB_SMP:-2}" -m "${XENLAB_MEM:-2G}" -nographic -no-reboot -monitor none -serial stdio \
   -kernel "$LAB/xen" \
   -append "dom0_mem=768M,max:768M bootscrub=0 console=dtuart dom0_max_vcpus=${XENLAB_SMP:-2} loglvl=warning guest_loglvl=warning" \
-  -device guest-loader,addr=0x49000000,kernel="$LAB/Image",bootargs="console=hvc0 quiet rdinit=/init $*" \
+  -device guest-loader,addr=0x49000000,kernel="$LAB/Image",bootargs="console=hvc0 quiet nowatchdog rdinit=/init $*" \
   -device guest-loader,addr=0x50000000,initrd="$LAB/dom0.cpio" \
   -drive file="$DISK",if=none,format=raw,id=d0,cache=unsafe -device virtio-blk-device,drive=d0
