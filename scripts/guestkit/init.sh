@@ -159,6 +159,7 @@ wl_blkrand() {  # fio 4k random read, qd32 (needs initrd-fio)
 }
 
 wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 1000-entry readdir, P_9pmib MiB
+  # (never ": >file" where it may fail: a failed redirection on a special builtin ends the shell, here init)
   mkdir -p /9p; D=/9p/wl; F=; bad() { F="$F,$1"; }; step() { echo "VDMTEST STEP 9p $1 uptime_s=$(up)"; }
   step mount
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "$P_9ptag" /9p || { result fail reason=mount; return; }
@@ -170,7 +171,7 @@ wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 100
   chmod 640 $D/b && [ "$(stat -c %a $D/h)" = 640 ] || bad chmod
   truncate -s 2 $D/b && [ "$(cat $D/h)" = he ] || bad truncate
   dd if=/dev/zero of=$D/sync bs=4k count=4 conv=fsync 2>/dev/null && [ "$(stat -c %s $D/sync)" = 16384 ] || bad fsync
-  step bigdir; mkdir $D/big; i=0; while [ $i -lt 1000 ]; do : >$D/big/f$i; i=$((i+1)); done
+  step bigdir; mkdir $D/big; i=0; while [ $i -lt 1000 ]; do echo -n >$D/big/f$i; i=$((i+1)); done
   step readdir; n=$(ls $D/big | wc -l); [ "$n" = 1000 ] || bad "readdir_$n"
   step large; esc=blocked; [ "$(cat /9p/esc 2>/dev/null)" = "${P_9psecret:-x}" ] && esc=escaped && bad escape
   t0=$(now); dd if=/dev/urandom of=$D/large bs=1M count="$P_9pmib" conv=fsync 2>/dev/null; t1=$(now)
@@ -181,7 +182,7 @@ wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 100
   step ro; RO=skip
   if [ -n "$P_9pro" ]; then mkdir -p /9pro
     if mount -t 9p -o trans=virtio,version=9p2000.L "$P_9pro" /9pro; then
-      RO=refused; { : >/9pro/new || mkdir /9pro/d || rm /9pro/keep || chmod 777 /9pro/keep; } 2>/dev/null && RO=written
+      RO=refused; { touch /9pro/new || mkdir /9pro/d || rm /9pro/keep || chmod 777 /9pro/keep; } 2>/dev/null && RO=written
       [ "$(cat /9pro/keep)" = keep ] && [ ! -e /9pro/new ] || RO=written
       umount /9pro
     else RO=nomount; fi
