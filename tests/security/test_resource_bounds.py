@@ -328,11 +328,6 @@ def test_a_ring_of_chains_sharing_one_tail_does_not_starve_another_device():
     ram.check_guards()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the vhost-user plugin does not yet hand its loop to VirtioDevice.serve_on (a hook for its "
-    "owner: serve_on(loop) in VhostUserServer.__init__, stop_serving() in close); remove this mark then",
-)
 def test_a_ring_sharing_one_tail_does_not_starve_another_vhost_user_device(tmp_path):
     """The same hostile ring, as ``vdm vhost-user`` with two devices serves it: one event loop,
     one socket and connection per device, kick eventfds from the frontend."""

@@ -83,6 +83,9 @@ class VhostUserServer:
         listener.listen(4)
         listener.setblocking(False)
         self.listener = listener
+        # kicks arrive on this loop: each is bounded by the core's budget and the rest resumed
+        # there, so a device with a long (or hostile) ring cannot starve the others on the loop
+        self.device.serve_on(self.loop)
         self.loop.start()
         self._started = True
         self.loop.add_reader(listener.fileno(), self._accept)
@@ -199,6 +202,7 @@ class VhostUserServer:
             self.listener.close()
             self.listener = None
         self._unlink()
+        self.device.stop_serving()
         if self._own_loop:
             self.loop.stop()
 
