@@ -54,8 +54,7 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
         'echo "=== END 9p rc=$rc"',
         f'echo "=== LARGE md5=$(md5sum {w}/large | cut -c1-32) size=$(stat -c %s {w}/large)"',
         f'echo "=== BIGDIR n=$(ls {w}/big | wc -l)"',
-        f'echo "=== LINKS $(stat -c %h {w}/b) $(readlink {w}/s) $(stat -c %a {w}/b) '
-        f'$(stat -c %s {w}/b)"',
+        f'echo "=== LINKS $(stat -c %h {w}/b) $(readlink {w}/s) $(stat -c %a {w}/b) $(stat -c %s {w}/b)"',
         f'echo "=== RO $(ls {t}/ro | tr "\\n" " ")$(cat {t}/ro/keep)"',
         f'echo "=== OUTSIDE $(ls {t}/outside | tr "\\n" " ")$(cat {t}/outside/secret)"',
     ]
@@ -91,7 +90,10 @@ def test_guest_works_on_the_share(lab_run: harness.LabResult) -> None:
     assert r["escape"] == "blocked" and r["ro"] == "refused", r.line
     assert _field(out, "RO") == "keep keep"  # nothing was created in the read-only share
     assert _field(out, "OUTSIDE") == "secret outside-secret"
+    steps = re.findall(r"VDMTEST STEP 9p (\w+) uptime_s=([\d.]+)", log)
+    ends = [*steps[1:], ("end", r["uptime_s"])]
+    took = ", ".join(f"{a} {float(t2) - float(t1):.0f} s" for (a, t1), (_, t2) in zip(steps, ends))
     print(
         f"\nvdm run --9p, {MIB} MiB: guest write {r['write_MiBps']} MiB/s, "
-        f"read back {r['read_MiBps']} MiB/s, host file {r['hostbig_read_MiBps']} MiB/s"
+        f"read back {r['read_MiBps']} MiB/s, host file {r['hostbig_read_MiBps']} MiB/s; steps: {took}"
     )
