@@ -22,6 +22,7 @@ T = {
     "getattr": 24,
     "setattr": 26,
     "xattrwalk": 30,
+    "xattrcreate": 32,
     "readdir": 40,
     "fsync": 50,
     "lock": 52,
