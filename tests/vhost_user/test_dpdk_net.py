@@ -341,10 +341,9 @@ def test_frames_written_into_the_tap_reach_testpmd_and_come_back_unchanged(serve
 
 
 @pytest.mark.xfail(
-    reason="vdm segfaults in libpython within 16-33 SIGUSR1 under traffic: faulthandler.register(SIGUSR1, "
-    "all_threads=True) (core/src/vdm/cli/main.py) walks the other threads' frames from the signal handler "
-    "while they run; the dump stops at 'File \"<string>\", line 9 in __init__' and dmesg shows "
-    "'segfault at 3b9aca76 ... in libpython3.11.so.1.0' (4 of 4 tries, same instruction)",
+    reason="with testpmd's default 64-byte txonly frames the tap ends 11-378 frames short of what testpmd "
+    "counted as sent, with or without SIGUSR1 (the 264-byte two-segment frames of the test above all arrive): "
+    "being found; vdm itself now survives the signals (a Python-level handler, no faulthandler)",
     strict=False,
 )
 def test_kill_usr1_under_traffic_dumps_stacks_and_vdm_carries_on(served) -> None:
@@ -361,7 +360,7 @@ def test_kill_usr1_under_traffic_dumps_stacks_and_vdm_carries_on(served) -> None
     stats = pmd.stop()
     got = _wait_counter(ns, "rx_packets", before + stats["tx_packets"]) - before
     assert vdm.alive, f"vdm died (exit {vdm.proc.returncode}):\n{vdm.output[-1500:]}"
-    assert got == stats["tx_packets"], (got, stats)
+    assert got == stats["tx_packets"], (got, stats, ns.link_stats(TAP))
     deadline = time.monotonic() + 10
     while vdm.count("Current thread") < signals and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import faulthandler
 import functools
 import logging
 import os
 import signal
 import sys
+import threading
 from typing import Iterator, Sequence
 
 from .. import __version__
@@ -112,14 +112,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _dump_stacks(signum: int, frame: object) -> None:
+    """SIGUSR1: print every thread's Python stack (faulthandler's layout) and carry on.
+
+    A Python-level handler, not ``faulthandler.register(all_threads=True)``: faulthandler walks the
+    other threads' frames from inside the C signal handler while those threads run, and under
+    traffic that crashed vdm in libpython (16-33 signals, tests/vhost_user/test_dpdk_net.py). Here
+    the handler runs in the main thread between bytecodes, holding the GIL, so every other thread
+    is parked at a consistent point. The main thread must therefore come back to Python now and then
+    (every command waits in slices or on a wakeup fd for that reason).
+    """
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    out = []
+    for ident, top in sys._current_frames().items():
+        head = "Current thread" if ident == me else "Thread"
+        out.append(f"{head} 0x{ident:016x} ({names.get(ident, '?')}) (most recent call first):")
+        f = top
+        while f is not None:
+            out.append(f'  File "{f.f_code.co_filename}", line {f.f_lineno} in {f.f_code.co_name}')
+            f = f.f_back
+        out.append("")
+    try:
+        sys.stderr.write("\n".join(out) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: nothing to say it on
+        pass
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # kill -USR1 <pid>: every thread's Python stack on stderr, for reports of a stuck vdm
-    if hasattr(signal, "SIGUSR1"):
-        try:
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
-        except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded)
-            pass
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, _dump_stacks)
     pre = argparse.ArgumentParser(add_help=False)
     _global_options(pre)
     early, _ = pre.parse_known_args(argv)
