@@ -76,6 +76,9 @@ class _Terminated(Exception):
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # Once is enough: `timeout` sends SIGTERM to vdm and again to its process group, and a second
+    # raise inside machine.stop() would end vdm with a traceback instead of a clean stop.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Terminated()
 
 
