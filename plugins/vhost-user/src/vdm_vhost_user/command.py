@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + "\n         vdm vhost-user -s vda.sock --disk a.qcow2 -s vdb.sock --disk b.img  (two devices)"
         + "\n\ntested frontends (versions: plugins/vhost-user/README.md):"
         + "\n  QEMU 7.2 and 10.0: vhost-user-blk-pci, -netdev vhost-user + virtio-net-pci, vhost-user-rng-pci"
+        + "\n  libblkio 1.5 (virtio-blk-vhost-user driver): blk"
+        + "\n  DPDK 22.11 virtio-user (dpdk-testpmd --vdev net_virtio_user0,path=SOCK): net"
     )
     parser.add_argument(
         "device_file",
