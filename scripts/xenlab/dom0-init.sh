@@ -107,7 +107,10 @@ CFG
   fi
   relay
   grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && log "R$n DOMU-DONE" || log "R$n DOMU-TIMEOUT"
-  [ -n "$PEER" ] && { sleep 1; kill $PEER 2>/dev/null; sed "s/^XENLAB /$P /" /tmp/peer$n.log; }
+  if [ -n "$PEER" ]; then  # it still drains and checksums what the domU sent last
+    i=0; while kill -0 $PEER 2>/dev/null && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
+    kill $PEER 2>/dev/null; sed "s/^XENLAB /$P /" /tmp/peer$n.log
+  fi
   [ -n "$HVCPEER" ] && { kill $HVCPEER 2>/dev/null; sed "s/^XENLAB /$P /" /tmp/hvcpeer$n.log;
     tr -d '\r' </tmp/hvc$n.log | sed "s/^/$P HVCLOG /" | head -20; }
   xl destroy $name 2>&1 | sed "s/^/$P XL /"
