@@ -312,7 +312,13 @@ def one_input(data: bytes) -> None:
         reply = s2.recv(HEADER.size + 8, socket.MSG_WAITALL)
         req, flags, size = HEADER.unpack_from(reply)
         (features,) = struct.unpack_from("<Q", reply, HEADER.size)
-        assert req == 1 and size == 8 and features & ~(1 << 30) == device.features(), reply
+        # what the backend offers: the device's features, PROTOCOL_FEATURES (bit 30) and, where
+        # vdm can mark a dirty log, LOG_ALL
+        from vdm_vhost_user.backend import LOGGING_OFFERED
+        from vdm_vhost_user.protocol import F_LOG_ALL
+
+        log_all = 1 << F_LOG_ALL if LOGGING_OFFERED else 0
+        assert req == 1 and size == 8 and features & ~(1 << 30) == device.features() | log_all, reply
     finally:
         s2.close()
     if not server.wait_for(lambda s: s.conn is None, 5.0):
