@@ -19,8 +19,8 @@ def test_part_sizes_match_the_spec_table(size: int) -> None:
 
 def test_descriptor_and_used_element_bytes() -> None:
     raw = rl.DESC.pack(0x1122334455667788, 0x99AABBCC, rl.VIRTQ_DESC_F_NEXT | rl.VIRTQ_DESC_F_WRITE, 7)
-    assert raw == bytes.fromhex("8877665544332211" "ccbbaa99" "0300" "0700")
-    assert rl.USED_ELEM.pack(5, 512) == bytes.fromhex("05000000" "00020000")
+    assert raw == bytes.fromhex("8877665544332211ccbbaa9903000700")
+    assert rl.USED_ELEM.pack(5, 512) == bytes.fromhex("0500000000020000")
     assert rl.used_elem_offset(3) == 4 + 24 and rl.avail_slot_offset(3) == 4 + 6
     assert rl.VIRTQ_DESC_F_INDIRECT == 4
 
@@ -28,6 +28,11 @@ def test_descriptor_and_used_element_bytes() -> None:
 def test_virtqueue_names_are_the_layout_module_names() -> None:
     from vdm import virtqueue
 
-    for name in ("VIRTQ_DESC_F_NEXT", "VIRTQ_DESC_F_WRITE", "VIRTQ_DESC_F_INDIRECT",
-                 "VIRTQ_USED_F_NO_NOTIFY", "VIRTQ_AVAIL_F_NO_INTERRUPT"):
+    for name in (
+        "VIRTQ_DESC_F_NEXT",
+        "VIRTQ_DESC_F_WRITE",
+        "VIRTQ_DESC_F_INDIRECT",
+        "VIRTQ_USED_F_NO_NOTIFY",
+        "VIRTQ_AVAIL_F_NO_INTERRUPT",
+    ):
         assert getattr(virtqueue, name) == getattr(rl, name)
