@@ -58,11 +58,11 @@ class Checking:
 def _setup():
     if _state:
         return _state
-    from vdm_xen.backend import XenBackend
     from vdm_xen.sim import SimXen
+    from vdm_xen.vmm import XenVmm
 
     sim = SimXen(nr_vcpus=2, ram_size=RAM_SIZE, ram_base=RAM_BASE)
-    backend = XenBackend(sim.lib(), sim.domid)
+    backend = XenVmm(sim.lib(), sim.domid)
     backend.start()
     server = backend.server
     violations: list[str] = []
@@ -157,5 +157,5 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run(one_input, ("vdm_xen.ioreq", "vdm_xen.memory", "vdm_xen.sim", "vdm_xen.backend"))
+    common.run(one_input, ("vdm_xen.ioreq", "vdm_xen.memory", "vdm_xen.sim", "vdm_xen.vmm"))
     sys.exit(0)

@@ -61,7 +61,7 @@ if __name__ == "__main__":
         (
             "vdm.transport.mmio",
             "vdm.transport.pci",
-            "vdm.pci",
+            "vdm_kvm.pci_bus",
             "vdm.device",
             "vdm.testing",
             "tests.core.echo_device",

@@ -51,7 +51,7 @@ def _server():
 
     path = os.path.join(tempfile.mkdtemp(prefix="vdm-fuzz-vu-"), "vu.sock")
     server = VhostUserServer(path, EchoDevice()).start()
-    backend = server.backend
+    backend = server.handler
     original = backend.handle
     violations: list[str] = []
 
@@ -294,7 +294,7 @@ def one_input(data: bytes) -> None:
             os.close(fd)
     if not server.wait_for(lambda s: s.conn is None, 5.0):
         raise Violation(f"the server still holds the connection 5 s after it closed (open={open_conn})")
-    backend = server.backend
+    backend = server.handler
     assert len(backend.memory.table) == 0, "a mapping outlived the connection"
     assert not any(q.ready for q in device.queues), "a ring outlived the connection"
     assert all(vr.kick_fd is None and vr.call_fd is None and vr.err_fd is None for vr in backend.vrings)
@@ -314,7 +314,7 @@ def one_input(data: bytes) -> None:
         (features,) = struct.unpack_from("<Q", reply, HEADER.size)
         # what the backend offers: the device's features, PROTOCOL_FEATURES (bit 30) and, where
         # vdm can mark a dirty log, LOG_ALL
-        from vdm_vhost_user.backend import LOGGING_OFFERED
+        from vdm_vhost_user.handler import LOGGING_OFFERED
         from vdm_vhost_user.protocol import F_LOG_ALL
 
         log_all = 1 << F_LOG_ALL if LOGGING_OFFERED else 0
@@ -333,7 +333,7 @@ if __name__ == "__main__":
         one_input,
         (
             "vdm_vhost_user.protocol",
-            "vdm_vhost_user.backend",
+            "vdm_vhost_user.handler",
             "vdm_vhost_user.memory",
             "vdm_vhost_user.inflight",
             "vdm_vhost_user.server",

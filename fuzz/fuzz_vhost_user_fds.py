@@ -47,7 +47,7 @@ def one_input(data: bytes) -> None:
     import atheris
 
     server = base._server()
-    backend = server.backend
+    backend = server.handler
     opened = common.watch_files()
     opened.clear()
     path, violations, device = base._state["path"], base._state["violations"], base._state["device"]
@@ -278,7 +278,7 @@ if __name__ == "__main__":
         one_input,
         (
             "vdm_vhost_user.protocol",
-            "vdm_vhost_user.backend",
+            "vdm_vhost_user.handler",
             "vdm_vhost_user.memory",
             "vdm_vhost_user.faultguard",
             "vdm_vhost_user.inflight",

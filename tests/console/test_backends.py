@@ -15,7 +15,7 @@ import time
 
 import pytest
 from vdm.errors import UserError
-from vdm.hypervisor import RecordingIrqLine
+from vdm.interrupts import RecordingIrqLine
 from vdm_console.backends import (
     FileBackend,
     NullBackend,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from vdm.hypervisor import RecordingIrqLine
+from vdm.interrupts import RecordingIrqLine
 from vdm_console.backends import MemoryBackend
 from vdm_console.uart import COM_PORTS, Uart16550
 

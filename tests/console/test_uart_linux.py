@@ -7,7 +7,7 @@ interrupt-driven session mimics serial8250_handle_irq.
 
 from __future__ import annotations
 
-from vdm.hypervisor import RecordingIrqLine
+from vdm.interrupts import RecordingIrqLine
 from vdm_console.backends import MemoryBackend
 from vdm_console.uart import Uart16550
 

@@ -24,11 +24,11 @@ from vdm.cli.new_plugin import all_hooks, hook_reference, update_docs
 from vdm.eventfd import eventfd_write
 from vdm.hookspecs import PluginSpec, VmmSpec
 from vdm.memory import PAGE_SIZE, GuestMemoryError, OnDemandGuestMemory
-from vdm.pci import PciBus
 from vdm.plugins import load_plugins
 from vdm.testing import GuestRam, VirtioPciTestDriver, VirtioTestDriver
 from vdm.transport.mmio import Reg
 from vdm.vmm import Vmm
+from vdm_kvm.pci_bus import PciBus
 
 from tests.core import sample_plugin
 from tests.core.echo_device import EchoDevice

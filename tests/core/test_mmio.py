@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Status
-from vdm.hypervisor import RecordingIrqLine
+from vdm.interrupts import RecordingIrqLine
 from vdm.testing import FeaturesRefused, GuestRam, VirtioTestDriver
 from vdm.transport.mmio import MmioTransport, Reg
 

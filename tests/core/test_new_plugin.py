@@ -28,9 +28,9 @@ HYPERVISOR_FILES = [
     "README.md",
     "pyproject.toml",
     "src/vdm_demo_hv/__init__.py",
-    "src/vdm_demo_hv/backend.py",
     "src/vdm_demo_hv/plugin.py",
-    "tests/test_backend.py",
+    "src/vdm_demo_hv/vmm.py",
+    "tests/test_vmm.py",
 ]
 
 

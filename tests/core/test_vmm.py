@@ -6,10 +6,10 @@ import threading
 
 from vdm import vmmimpl
 from vdm.eventfd import eventfd_write
-from vdm.pci import PciBus
 from vdm.testing import GuestRam
 from vdm.transport.mmio import Reg
 from vdm.vmm import Vmm
+from vdm_kvm.pci_bus import PciBus
 
 from tests.core.echo_device import EchoDevice
 

@@ -18,7 +18,7 @@ LSR_THRE_TEMT = 0x60
 
 
 class SerialCapture:
-    """An :class:`vdm.hypervisor.IoHandler` for 8 ports at 0x3f8; ``irq(level)`` drives IRQ 4."""
+    """An :class:`vdm.iorange.IoHandler` for 8 ports at 0x3f8; ``irq(level)`` drives IRQ 4."""
 
     def __init__(self, irq: Callable[[bool], None] | None = None, echo: Callable[[str], None] | None = None):
         self.irq = irq

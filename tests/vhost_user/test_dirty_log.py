@@ -15,7 +15,7 @@ import time
 import pytest
 from vdm_blk.device import S_OK, T_IN, T_OUT
 from vdm_vhost_user import protocol as p
-from vdm_vhost_user.backend import OFFERED_PROTOCOL_FEATURES
+from vdm_vhost_user.handler import OFFERED_PROTOCOL_FEATURES
 from vdm_vhost_user.protocol import ProtocolFeature, Req
 
 from tests.vhost_user.frontend import Frontend

@@ -220,7 +220,7 @@ def test_a_kick_fd_whose_reads_fail_closes_the_connection_once(blk_server, front
     _read_sector(fe)
     a, b = socket.socketpair()
     b.close()
-    kick = server.backend.vrings[0].kick_fd
+    kick = server.handler.vrings[0].kick_fd
     with caplog.at_level(logging.INFO):
         os.dup2(a.fileno(), kick)  # the kick fd now reads EOF: what a broken fd looks like
         a.close()

@@ -8,7 +8,7 @@ import struct
 import pytest
 from vdm_blk.device import F_FLUSH, S_OK, T_FLUSH, T_GET_ID, T_IN, T_OUT
 from vdm_vhost_user import protocol as p
-from vdm_vhost_user.backend import OFFERED_PROTOCOL_FEATURES
+from vdm_vhost_user.handler import OFFERED_PROTOCOL_FEATURES
 from vdm_vhost_user.protocol import ProtocolFeature, Req
 
 from tests.vhost_user.conftest import DISK_SIZE

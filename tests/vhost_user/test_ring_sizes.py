@@ -20,7 +20,7 @@ from vdm_blk.config import BlkConfig
 from vdm_blk.device import S_OK, T_IN, T_OUT
 from vdm_blk.plugin import create as create_blk
 from vdm_vhost_user import protocol as p
-from vdm_vhost_user.backend import OFFERED_PROTOCOL_FEATURES
+from vdm_vhost_user.handler import OFFERED_PROTOCOL_FEATURES
 from vdm_vhost_user.inflight import queue_region_size
 from vdm_vhost_user.protocol import ProtocolFeature, Req
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from vdm_xen.backend import XenBackend
 from vdm_xen.sim import SimXen
+from vdm_xen.vmm import XenVmm
 
 
 class Recorder:
@@ -35,12 +35,12 @@ class Recorder:
 
 
 class Served:
-    """A XenBackend started against ``sim`` and served from a thread until :meth:`stop`."""
+    """A XenVmm started against ``sim`` and served from a thread until :meth:`stop`."""
 
     def __init__(self, sim: SimXen, irq_kind: str = "spi") -> None:
         self.sim = sim
         self.lib = sim.lib()
-        self.backend = XenBackend(self.lib, sim.domid, irq_kind=irq_kind)
+        self.backend = XenVmm(self.lib, sim.domid, irq_kind=irq_kind)
         self.backend.start()
         self._r, self._w = os.pipe()
         self.errors: list[BaseException] = []

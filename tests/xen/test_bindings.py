@@ -175,13 +175,13 @@ def test_probe_does_not_parse_cffi_declarations() -> None:
 def test_real_handles_fail_cleanly_and_silently(capfd: pytest.CaptureFixture[str]) -> None:
     import errno
 
-    from vdm_xen.backend import XenBackend
     from vdm_xen.ioreq import XenError
+    from vdm_xen.vmm import XenVmm
     from vdm_xen.xenstore import XenStore, XenStoreError
 
     lib = bindings.load()
     with pytest.raises(XenError) as e:
-        XenBackend(lib, 1)
+        XenVmm(lib, 1)
     assert e.value.errno == errno.ENOENT
     with pytest.raises(XenStoreError) as e2:
         XenStore(lib)

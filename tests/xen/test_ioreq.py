@@ -19,9 +19,9 @@ from vdm_xen.abi import (
     ffi,
     with_state,
 )
-from vdm_xen.backend import XenBackend
 from vdm_xen.ioreq import IoreqServer, XenError
 from vdm_xen.sim import GuestCrashed, SimXen, UnclaimedAccess
+from vdm_xen.vmm import XenVmm
 
 from .conftest import Recorder, Served
 
@@ -173,7 +173,7 @@ def test_legacy_gfn_mapping_on_x86_when_resource_mapping_is_missing() -> None:
 def test_arm_without_resource_mapping_fails_and_leaves_nothing() -> None:
     sim = SimXen(arch="arm", resource_mapping=False)
     try:
-        b = XenBackend(sim.lib(), sim.domid)
+        b = XenVmm(sim.lib(), sim.domid)
         with pytest.raises(XenError) as e:
             b.start()
         assert e.value.errno == errno.EOPNOTSUPP

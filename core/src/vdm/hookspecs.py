@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .hypervisor import IoHandler, IrqLine
+    from .interrupts import IrqLine
+    from .iorange import IoHandler
     from .memory import GuestMemory
     from .registry import Command, DeviceType, HypervisorType
 
@@ -153,7 +154,7 @@ class VmmSpec:
     def vmm_register_mmio(self, base: int, size: int, handler: IoHandler, owner: str) -> bool | None:
         """Route guest MMIO accesses to ``[base, base + size)`` to ``handler``.
 
-        :param handler: an :class:`vdm.hypervisor.IoHandler`; it gets offsets relative to ``base``.
+        :param handler: an :class:`vdm.iorange.IoHandler`; it gets offsets relative to ``base``.
         :returns: True once routed. Raise ``ValueError`` if the range overlaps another.
 
         Called at attach time; accesses may arrive from any vCPU or I/O thread afterwards.
@@ -175,7 +176,7 @@ class VmmSpec:
 
     @vmmspec(firstresult=True)
     def vmm_irq_line(self, irq: int) -> IrqLine | None:
-        """Return an :class:`vdm.hypervisor.IrqLine` for ``irq``.
+        """Return an :class:`vdm.interrupts.IrqLine` for ``irq``.
 
         Optional: vdm-core provides a default built on :meth:`vmm_set_irq_level`. Implement it to
         give devices a faster line (for example one backed by an irqfd).

@@ -1,105 +1,23 @@
-"""The small objects that stand between devices and a hypervisor.
+"""Deprecated (plugin API 1): use :mod:`vdm.interrupts` and :mod:`vdm.iorange`.
 
-Devices and transports get these at setup time from the hypervisor plugin (through the
-:class:`~vdm.hookspecs.VmmSpec` hooks) and then use them directly on hot paths:
-
-* :class:`IoHandler` -- what an MMIO or PIO range's owner implements (a transport, a UART);
-* :class:`IrqLine` -- an interrupt line a device raises;
-* :class:`MsiSink` -- an MSI doorbell (virtio-pci MSI-X).
+API 2 split this module by what it holds: :class:`~vdm.iorange.IoHandler` lives in
+:mod:`vdm.iorange`; :class:`~vdm.interrupts.IrqLine`, its implementations and
+:class:`~vdm.interrupts.MsiSink` in :mod:`vdm.interrupts`. Importing this module still works and
+warns once.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from typing import Callable, Protocol, runtime_checkable
+import warnings
 
-from .eventfd import eventfd_write
+from .interrupts import CallbackIrqLine, EventfdIrqLine, IrqLine, MsiSink, RecordingIrqLine
+from .iorange import IoHandler
 
 __all__ = ["CallbackIrqLine", "EventfdIrqLine", "IoHandler", "IrqLine", "MsiSink", "RecordingIrqLine"]
 
-log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class IoHandler(Protocol):
-    """The owner of a registered MMIO or PIO range.
-
-    ``offset`` is relative to the start of the range and ``size`` is 1, 2, 4 or 8 bytes. A handler
-    never raises for a bad offset or size: it answers the way hardware would (reads return 0 or all
-    ones, writes are ignored) because the guest chose the access.
-    """
-
-    def read(self, offset: int, size: int) -> int: ...
-
-    def write(self, offset: int, size: int, value: int) -> None: ...
-
-
-class IrqLine:
-    """An interrupt line. ``set_level`` for level-triggered use, ``trigger`` for an edge."""
-
-    def set_level(self, level: bool) -> None:
-        raise NotImplementedError
-
-    def trigger(self) -> None:
-        self.set_level(True)
-        self.set_level(False)
-
-
-class CallbackIrqLine(IrqLine):
-    """An interrupt line implemented by a function ``set_level(level)``."""
-
-    def __init__(self, set_level: Callable[[bool], None]) -> None:
-        self._set = set_level
-
-    def set_level(self, level: bool) -> None:
-        self._set(level)
-
-
-class EventfdIrqLine(IrqLine):
-    """An edge-signalled line backed by an eventfd (KVM irqfd, vhost-user call fd).
-
-    A rising level writes the eventfd; a falling level does nothing (the consumer resamples).
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._level = False
-
-    def set_level(self, level: bool) -> None:
-        if level and not self._level:
-            self.trigger()
-        self._level = level
-
-    def trigger(self) -> None:
-        try:
-            eventfd_write(self.fd, 1)
-        except OSError as e:  # a frontend that closed its call fd must not kill the device
-            log.warning("cannot signal interrupt eventfd %d: %s", self.fd, e)
-
-
-class RecordingIrqLine(IrqLine):
-    """A line that records its level and counts rising edges (for tests and simulators)."""
-
-    def __init__(self) -> None:
-        self.level = False
-        self.edges = 0
-        self.cond = threading.Condition()
-
-    def set_level(self, level: bool) -> None:
-        with self.cond:
-            if level and not self.level:
-                self.edges += 1
-            self.level = bool(level)
-            self.cond.notify_all()
-
-    def trigger(self) -> None:
-        with self.cond:
-            self.edges += 1
-            self.cond.notify_all()
-
-
-class MsiSink(Protocol):
-    """Delivers a message-signalled interrupt (address/data pair as the guest programmed it)."""
-
-    def send_msi(self, address: int, data: int) -> None: ...
+warnings.warn(
+    "vdm.hypervisor is deprecated (plugin API 2): import IoHandler from vdm.iorange and "
+    "IrqLine, CallbackIrqLine, EventfdIrqLine, RecordingIrqLine, MsiSink from vdm.interrupts",
+    DeprecationWarning,
+    stacklevel=2,
+)

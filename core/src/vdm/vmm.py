@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pluggy
 
@@ -18,13 +18,19 @@ from .device import VirtioDevice
 from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd
 from .eventloop import EventLoop, drain_eventfd
 from .hookspecs import VMM_PROJECT, VmmSpec, vmmimpl
-from .hypervisor import CallbackIrqLine, IoHandler, IrqLine
+from .interrupts import CallbackIrqLine, IrqLine
+from .iorange import IoHandler
 from .memory import GuestMemory, GuestMemoryError, OnDemandGuestMemory
 from .transport.mmio import MMIO_WINDOW_SIZE, MmioTransport, Reg
 from .transport.pci import BAR_SIZE, NOTIFY_OFFSET, VirtioPciTransport
 
-if TYPE_CHECKING:
-    from .pci import PciBus
+
+class PciBus(Protocol):
+    """The part of a PCI bus :meth:`Vmm.attach_pci` uses (vdm-kvm's ``vdm_kvm.pci_bus.PciBus``)."""
+
+    def add(self, function: VirtioPciTransport, slot: int | None = None) -> int:
+        """Put ``function`` in a free slot (or ``slot``) and return the slot number."""
+        ...
 
 __all__ = ["Vmm", "VmmError"]
 

@@ -2,7 +2,7 @@
 
 It writes a new folder ``vdm-NAME/`` with a ``pyproject.toml`` declaring the ``vdm.plugins`` entry
 point, a package ``vdm_NAME`` (a one-queue :class:`~vdm.device.VirtioDevice` skeleton, or a
-hypervisor backend implementing the VMM hooks) and tests that use :mod:`vdm.testing`. The tests
+hypervisor's VMM-hooks object) and tests that use :mod:`vdm.testing`. The tests
 pass as generated once the project is installed (``pip install -e .``).
 
 This module also renders the hook reference of ``docs/plugins.md`` from the docstrings in

@@ -1,4 +1,4 @@
-"""A hypervisor plugin: a backend object implementing the VMM hooks, its availability check, tests."""
+"""A hypervisor plugin: a VMM-hooks object (as vdm_kvm.vmm, vdm_xen.vmm), its availability check, tests."""
 
 FILES = {
     "src/$pkg/plugin.py": '''\
@@ -29,13 +29,13 @@ def check() -> str | None:
 def vdm_register_hypervisors(register: Callable[[HypervisorType], None]) -> None:
     register(HypervisorType(name="$name", check=check, help="$name: a hypervisor made by vdm new-plugin"))
 ''',
-    "src/$pkg/backend.py": '''\
-"""The $name hypervisor backend: the VMM hooks vdm-core calls to attach devices to one VM.
+    "src/$pkg/vmm.py": '''\
+"""The $name hypervisor's VMM hooks: what vdm-core calls to attach devices to one VM.
 
-One :class:`${cls}Backend` per running VM. ``vdm.vmm.Vmm(backend)`` uses it to allocate MMIO
+One :class:`${cls}Vmm` per running VM. ``vdm.vmm.Vmm(backend)`` uses it to allocate MMIO
 space and interrupt lines, register MMIO handlers and raise interrupts; devices only ever see the
 guest memory and the transport. This skeleton keeps everything in the process -- MMIO accesses are
-routed by :meth:`${cls}Backend.mmio_access` (what a vCPU exit loop or an I/O request handler
+routed by :meth:`${cls}Vmm.mmio_access` (what a vCPU exit loop or an I/O request handler
 calls) and interrupt levels are recorded. Replace each hook's body with the real hypervisor call.
 Hooks not implemented here (ioeventfd, irqfd, MSI, port I/O) answer None: vdm falls back.
 """
@@ -45,13 +45,13 @@ from __future__ import annotations
 import threading
 
 from vdm import vmmimpl
-from vdm.hypervisor import IoHandler
+from vdm.iorange import IoHandler
 from vdm.memory import FlatGuestMemory, GuestMemory, MemoryRegion
 
 PAGE = 4096
 
 
-class ${cls}Backend:
+class ${cls}Vmm:
     def __init__(
         self,
         memory: GuestMemory | None = None,
@@ -117,11 +117,11 @@ class ${cls}Backend:
                 return handler.read(addr - base, size)
         return 0 if write else (1 << (8 * size)) - 1
 ''',
-    "tests/test_backend.py": '''\
+    "tests/test_vmm.py": '''\
 """Tests for the $name backend: a device attached through vdm's Vmm, driven by vdm.testing.
 
 The test driver (:class:`vdm.testing.VirtioTestDriver`, what the ``virtio_driver`` fixture makes)
-sends its register accesses through :meth:`${cls}Backend.mmio_access`, the way guest MMIO exits
+sends its register accesses through :meth:`${cls}Vmm.mmio_access`, the way guest MMIO exits
 would, so the MMIO routing and the interrupt line are exercised for real.
 """
 
@@ -133,7 +133,7 @@ from vdm.plugins import load_plugins
 from vdm.testing import GuestRam, VirtioTestDriver
 from vdm.vmm import Vmm
 
-from $pkg.backend import ${cls}Backend
+from $pkg.vmm import ${cls}Vmm
 
 
 class Echo(VirtioDevice):
@@ -155,7 +155,7 @@ class Echo(VirtioDevice):
 class Routed:
     """The driver's view of an MMIO window that lives behind the backend."""
 
-    def __init__(self, backend: ${cls}Backend, base: int) -> None:
+    def __init__(self, backend: ${cls}Vmm, base: int) -> None:
         self.backend, self.base = backend, base
 
     def read(self, offset: int, size: int) -> int:
@@ -168,7 +168,7 @@ class Routed:
 @pytest.fixture
 def vm():
     ram = GuestRam(4 << 20)
-    backend = ${cls}Backend(ram.memory)
+    backend = ${cls}Vmm(ram.memory)
     vmm = Vmm(backend, name="test")
     yield ram, backend, vmm
     vmm.close()

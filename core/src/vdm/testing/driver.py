@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..device import F_EVENT_IDX, F_INDIRECT_DESC, Status, VirtioDevice
-from ..hypervisor import RecordingIrqLine
+from ..interrupts import RecordingIrqLine
 from ..transport.mmio import MmioTransport, Reg
 from ..virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from .memory import GuestRam

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..device import VirtioDevice
-from ..hypervisor import RecordingIrqLine
+from ..interrupts import RecordingIrqLine
 from ..transport.pci import (
     CAP_MSIX,
     CAP_VENDOR,

@@ -1,8 +1,8 @@
 """virtio-mmio, modern (version 2) register interface (virtio 1.2, section 4.2.2).
 
-:class:`MmioTransport` is an :class:`~vdm.hypervisor.IoHandler` for a 0x200-byte window: the
+:class:`MmioTransport` is an :class:`~vdm.iorange.IoHandler` for a 0x200-byte window: the
 hypervisor routes guest accesses to it, it drives the device base. Interrupts go out through an
-:class:`~vdm.hypervisor.IrqLine` held high while InterruptStatus is not zero (level semantics; an
+:class:`~vdm.interrupts.IrqLine` held high while InterruptStatus is not zero (level semantics; an
 edge-only line sees the rising edges).
 """
 
@@ -12,7 +12,7 @@ import logging
 import threading
 
 from ..device import Status, VirtioDevice
-from ..hypervisor import IrqLine
+from ..interrupts import IrqLine
 from ..memory import GuestMemory
 from ..virtqueue import Virtqueue, VirtqueueError
 

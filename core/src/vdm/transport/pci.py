@@ -14,7 +14,7 @@ BAR0 offset what
 0x5000      MSI-X pending bit array
 ==========  =====================================================
 
-Interrupts go out as MSI-X messages through an :class:`~vdm.hypervisor.MsiSink` when the guest
+Interrupts go out as MSI-X messages through an :class:`~vdm.interrupts.MsiSink` when the guest
 enables MSI-X, else on the INTx line with the ISR.
 """
 
@@ -25,9 +25,10 @@ import struct
 import threading
 
 from ..device import Status, VirtioDevice
-from ..hypervisor import IrqLine, MsiSink
+from ..interrupts import IrqLine, MsiSink
 from ..memory import GuestMemory
-from ..pci import (
+from ..virtqueue import Virtqueue, VirtqueueError
+from .pci_config import (
     BAR0,
     CAP_PTR,
     CLASS_PROG,
@@ -45,7 +46,6 @@ from ..pci import (
     VENDOR_ID,
     ConfigSpace,
 )
-from ..virtqueue import Virtqueue, VirtqueueError
 
 __all__ = ["BAR_SIZE", "NOTIFY_OFFSET", "VirtioPciTransport"]
 

@@ -53,7 +53,7 @@ import threading
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from vdm.hypervisor import IrqLine
+    from vdm.interrupts import IrqLine
 
     from .backend import ConsoleBackend
 
@@ -99,7 +99,7 @@ MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 
 
 class Uart16550:
-    """A 16550A UART behind 8 I/O ports; an :class:`vdm.hypervisor.IoHandler`.
+    """A 16550A UART behind 8 I/O ports; an :class:`vdm.iorange.IoHandler`.
 
     :param irq: the interrupt line (``set_level(bool)``); driven only when its level changes.
     :param backend: where transmitted bytes go and received bytes come from (None: nowhere).

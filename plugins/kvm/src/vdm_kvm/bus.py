@@ -1,4 +1,4 @@
-"""An I/O bus: guest address ranges (ports or MMIO addresses) to :class:`vdm.hypervisor.IoHandler`.
+"""An I/O bus: guest address ranges (ports or MMIO addresses) to :class:`vdm.iorange.IoHandler`.
 
 vCPU threads dispatch every PIO or MMIO exit through a bus. Accesses nobody registered behave as an
 empty bus on real hardware does: reads return all ones, writes are dropped; each such address is
@@ -15,7 +15,7 @@ import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from vdm.hypervisor import IoHandler
+    from vdm.iorange import IoHandler
 
 __all__ = ["IoBus", "IoRange"]
 

@@ -131,18 +131,18 @@ def run(args: argparse.Namespace) -> int:
     configs = device_configs(args, plugins, doc, base_dir=base_dir)
     params = " ".join(p for p in (doc.get("params"), args.params) if p)
 
-    from vdm.pci import CONF1_PORT, CONF1_PORTS, PciBus
     from vdm.vmm import Vmm
 
     from .kvm import KvmError
     from .machine import Machine, MachineConfig, MachineError
-    from .vmm import KvmBackend
+    from .pci_bus import CONF1_PORT, CONF1_PORTS, PciBus
+    from .vmm import KvmVmm
 
     try:
         machine = Machine(MachineConfig(mem_mib=mem, cpus=cpus))
     except (KvmError, MachineError, OSError) as e:
         raise UserError(f"cannot create the VM: {e}") from None
-    vmm = Vmm(KvmBackend(machine), name=name)
+    vmm = Vmm(KvmVmm(machine), name=name)
     bus = PciBus()
     vmm.register_pio(CONF1_PORT, CONF1_PORTS, bus, "pci-conf1")
     devices: list[Any] = []

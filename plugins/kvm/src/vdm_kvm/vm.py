@@ -3,7 +3,7 @@
 * :class:`Vm` -- guest RAM slots (anonymous or memfd ``mmap``), the in-kernel irqchip and PIT,
   ``KVM_IRQ_LINE``, MSIs (``KVM_SIGNAL_MSI`` and GSI routes), ioeventfds, irqfds, the PIO and MMIO
   buses, and the vCPUs' lifetime (:meth:`Vm.start`, :meth:`Vm.wait`, :meth:`Vm.stop`);
-* :class:`KvmIrqLine` -- one GSI of the in-kernel irqchip as a :class:`vdm.hypervisor.IrqLine`.
+* :class:`KvmIrqLine` -- one GSI of the in-kernel irqchip as a :class:`vdm.interrupts.IrqLine`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd
-from vdm.hypervisor import EventfdIrqLine, IrqLine
+from vdm.interrupts import EventfdIrqLine, IrqLine
 from vdm.memory import FlatGuestMemory, MemoryRegion
 
 from . import kvm_abi as abi

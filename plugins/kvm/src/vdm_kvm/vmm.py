@@ -10,17 +10,18 @@ from __future__ import annotations
 import logging
 
 from vdm import vmmimpl
-from vdm.hypervisor import IoHandler, IrqLine
+from vdm.interrupts import IrqLine
+from vdm.iorange import IoHandler
 from vdm.memory import GuestMemory
 
 from .machine import Machine
 
-__all__ = ["KvmBackend"]
+__all__ = ["KvmVmm"]
 
 log = logging.getLogger(__name__)
 
 
-class KvmBackend:
+class KvmVmm:
     """Implements :class:`vdm.hookspecs.VmmSpec` for one KVM VM."""
 
     def __init__(self, machine: Machine) -> None:

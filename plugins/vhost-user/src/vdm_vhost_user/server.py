@@ -17,7 +17,7 @@ from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.eventloop import EventLoop
 
-from .backend import VhostUserBackend
+from .handler import VhostUserHandler
 from .protocol import ProtocolError, recv_message
 
 __all__ = ["VhostUserServer"]
@@ -58,8 +58,8 @@ class VhostUserServer:
         self.device = device
         self._own_loop = loop is None
         self.loop = loop if loop is not None else EventLoop("vdm-vhost-user")
-        self.backend = VhostUserBackend(device, self.loop)
-        self.backend.on_failure = self._fail
+        self.handler = VhostUserHandler(device, self.loop)
+        self.handler.on_failure = self._fail
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
@@ -107,7 +107,7 @@ class VhostUserServer:
         conn.settimeout(MESSAGE_TIMEOUT)
         self.conn = conn
         self.connections += 1
-        self.backend.attach(conn)
+        self.handler.attach(conn)
         self.loop.remove_reader(self.listener.fileno())
         self.loop.add_reader(conn.fileno(), self._readable)
         log.info("vhost-user: frontend connected (%d)", self.connections)
@@ -122,7 +122,7 @@ class VhostUserServer:
             if msg is None:
                 self._disconnect("the frontend closed the connection")
                 return
-            self.backend.handle(msg)
+            self.handler.handle(msg)
         except ProtocolError as e:
             self.rejected += 1
             log.error("vhost-user: %s; closing the connection", e)
@@ -150,7 +150,7 @@ class VhostUserServer:
             log.info("vhost-user: %s", why)
         self.loop.remove_reader(conn.fileno())
         try:
-            self.backend.detach()
+            self.handler.detach()
         finally:
             conn.close()
             self.conn = None

@@ -9,7 +9,7 @@ Modules, bottom up:
 * :mod:`vdm_xen.ioreq` -- the IOREQ server and its state machine;
 * :mod:`vdm_xen.memory`, :mod:`vdm_xen.irq` -- guest memory (foreign and grant mappings) and
   interrupt lines;
-* :mod:`vdm_xen.backend` -- the :class:`vdm.hookspecs.VmmSpec` hooks for one guest;
+* :mod:`vdm_xen.vmm` -- the :class:`vdm.hookspecs.VmmSpec` hooks for one guest;
 * :mod:`vdm_xen.xenstore` -- what libxl 4.17 writes for a standalone virtio disk, and the handshake;
 * :mod:`vdm_xen.dm_only` -- the command; :mod:`vdm_xen.plugin` -- the plugin hooks;
 * :mod:`vdm_xen.sim` -- a simulated Xen at the binding boundary, for tests and fuzzing.

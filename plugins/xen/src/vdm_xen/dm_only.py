@@ -206,9 +206,9 @@ def serve(
     from vdm.device import VirtioDevice
     from vdm.vmm import Vmm
 
-    from .backend import XenBackend
+    from .vmm import XenVmm
 
-    backend = XenBackend(lib, domid, irq_kind=irq_kind)
+    backend = XenVmm(lib, domid, irq_kind=irq_kind)
     vmm = None
     devices: list[Any] = []
     reason = "stopped"

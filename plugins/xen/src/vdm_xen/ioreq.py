@@ -10,7 +10,7 @@ Life cycle (Xen 4.17's rules, see /work/shared/xen-notes.md section 1):
 5. bind one event channel per vCPU to that ``vp_eport``;
 6. claim each device's range (``map_io_range_to_ioreq_server``, *end inclusive*);
 7. serve: on an event, a slot in state READY is read (after a read barrier), set INPROCESS,
-   dispatched to the range's :class:`vdm.hypervisor.IoHandler`, answered (data for reads), a write
+   dispatched to the range's :class:`vdm.iorange.IoHandler`, answered (data for reads), a write
    barrier, IORESP_READY, and the vCPU's port notified. INVALIDATE drops the guest-memory cache.
 8. :meth:`IoreqServer.close` undoes it all in reverse order.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vdm.barrier import rmb, wmb
-from vdm.hypervisor import IoHandler
+from vdm.iorange import IoHandler
 from vdm.memory import GuestMemory, GuestMemoryError
 
 from .abi import (

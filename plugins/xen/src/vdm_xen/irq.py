@@ -6,7 +6,7 @@ import logging
 import platform
 from typing import Any
 
-from vdm.hypervisor import IrqLine
+from vdm.interrupts import IrqLine
 
 __all__ = ["XenIrqLine", "default_irq_kind"]
 

@@ -1,6 +1,6 @@
 """vdm-xen's hypervisor backend: the :class:`vdm.hookspecs.VmmSpec` hooks for one Xen guest.
 
-:class:`XenBackend` opens the library handles (quietly), owns the :class:`~vdm_xen.ioreq.IoreqServer`
+:class:`XenVmm` opens the library handles (quietly), owns the :class:`~vdm_xen.ioreq.IoreqServer`
 and the guest memory, and answers the hooks a :class:`vdm.vmm.Vmm` calls when devices attach:
 MMIO/PIO ranges become claimed ioreq ranges, interrupt lines become ``set_irq_level`` calls,
 guest memory is :class:`~vdm_xen.memory.XenGuestMemory`. Xen has no ioeventfd or irqfd for a
@@ -15,19 +15,20 @@ import logging
 from typing import Any
 
 from vdm import vmmimpl
-from vdm.hypervisor import IoHandler, IrqLine
+from vdm.interrupts import IrqLine
+from vdm.iorange import IoHandler
 from vdm.memory import GuestMemory
 
 from .ioreq import IS_X86, IoreqServer, XenError
 from .irq import XenIrqLine
 from .memory import ForeignPages, GrantPages, XenGuestMemory
 
-__all__ = ["XenBackend"]
+__all__ = ["XenVmm"]
 
 log = logging.getLogger(__name__)
 
 
-class XenBackend:
+class XenVmm:
     """Serves devices to Xen domain ``domid`` as an IOREQ server."""
 
     def __init__(self, lib: Any, domid: int, *, irq_kind: str | None = None) -> None:

@@ -40,7 +40,7 @@ from .memory import MemoryTable, RegionSpec, SharedGuestMemory
 from .protocol import Message, ProtocolError, ProtocolFeature, Req
 from .transport import split_features
 
-__all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBackend"]
+__all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserHandler"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _signal(fd: int) -> None:
         pass
 
 
-class VhostUserBackend:
+class VhostUserHandler:
     """Serves ``device`` to the frontend on one connection at a time."""
 
     def __init__(self, device: VirtioDevice, loop: EventLoop) -> None:

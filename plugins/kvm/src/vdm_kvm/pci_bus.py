@@ -1,6 +1,6 @@
 """A PCI bus behind the x86 configuration mechanism #1 (ports 0xcf8-0xcff), with a host bridge.
 
-The bus is an :class:`~vdm.hypervisor.IoHandler` for the eight ports; devices are
+The bus is an :class:`~vdm.iorange.IoHandler` for the eight ports; devices are
 :class:`PciFunction` objects in slots of bus 0 (function 0 only). Absent devices read as all ones,
 as on real hardware, so the guest's scan finds exactly what is there.
 """
@@ -9,74 +9,25 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol
 
-__all__ = ["CONF1_PORT", "ConfigSpace", "HostBridge", "PciBus", "PciFunction"]
+from vdm.transport.pci_config import (
+    CLASS_PROG,
+    COMMAND,
+    COMMAND_MEMORY,
+    DEVICE_ID,
+    SUBSYSTEM_ID,
+    SUBSYSTEM_VENDOR,
+    VENDOR_ID,
+    ConfigSpace,
+    PciFunction,
+)
+
+__all__ = ["CONF1_PORT", "CONF1_PORTS", "HostBridge", "PciBus"]
 
 log = logging.getLogger(__name__)
 
 CONF1_PORT = 0xCF8
 CONF1_PORTS = 8
-
-# config space offsets
-VENDOR_ID = 0x00
-DEVICE_ID = 0x02
-COMMAND = 0x04
-STATUS = 0x06
-REVISION = 0x08
-CLASS_PROG = 0x09
-HEADER_TYPE = 0x0E
-BAR0 = 0x10
-SUBSYSTEM_VENDOR = 0x2C
-SUBSYSTEM_ID = 0x2E
-CAP_PTR = 0x34
-INTERRUPT_LINE = 0x3C
-INTERRUPT_PIN = 0x3D
-
-STATUS_CAP_LIST = 1 << 4
-COMMAND_MEMORY = 1 << 1
-COMMAND_MASTER = 1 << 2
-COMMAND_INTX_DISABLE = 1 << 10
-
-
-class PciFunction(Protocol):
-    """One PCI function as the bus sees it."""
-
-    def config_read(self, offset: int, size: int) -> int: ...
-
-    def config_write(self, offset: int, size: int, value: int) -> None: ...
-
-
-class ConfigSpace:
-    """256 bytes of type-0 configuration space with per-byte write masks."""
-
-    def __init__(self) -> None:
-        self.data = bytearray(256)
-        self.wmask = bytearray(256)
-        self.lock = threading.Lock()
-
-    def set(self, offset: int, size: int, value: int, writable_mask: int = 0) -> None:
-        self.data[offset : offset + size] = value.to_bytes(size, "little")
-        self.wmask[offset : offset + size] = writable_mask.to_bytes(size, "little")
-
-    def get(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.data[offset : offset + size], "little")
-
-    def read(self, offset: int, size: int) -> int:
-        if offset < 0 or offset + size > 256:
-            return (1 << (8 * size)) - 1
-        with self.lock:
-            return int.from_bytes(self.data[offset : offset + size], "little")
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset < 0 or offset + size > 256:
-            return
-        with self.lock:
-            for i in range(size):
-                m = self.wmask[offset + i]
-                b = (value >> (8 * i)) & 0xFF
-                self.data[offset + i] = (self.data[offset + i] & ~m) | (b & m)
-
 
 class HostBridge:
     """Bus 0, slot 0: a host bridge with nothing to configure."""
