@@ -15,51 +15,23 @@ tests build hostile rings by hand.
 
 from __future__ import annotations
 
-import struct
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..device import F_EVENT_IDX, F_INDIRECT_DESC, Status, VirtioDevice
 from ..interrupts import RecordingIrqLine
 from ..transport.mmio import MmioTransport, Reg
-from ..virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from .memory import GuestRam
+from .ring import DriverRing, Used
 
 __all__ = ["DriverQueue", "FeaturesRefused", "Used", "VirtioTestDriver"]
 
-_DESC = struct.Struct("<QIHH")
+#: one queue as the driver sees it (kept under its old name: it is a :class:`DriverRing`)
+DriverQueue = DriverRing
 
 
 class FeaturesRefused(Exception):
     """The device cleared FEATURES_OK after the driver's feature selection."""
-
-
-@dataclass
-class Used:
-    """A used buffer as the driver sees it."""
-
-    head: int
-    written: int
-    #: the device-writable buffers' whole contents, concatenated (bytes the device did not write
-    #: keep the driver's 0xee poison)
-    data: bytes
-
-
-@dataclass
-class DriverQueue:
-    index: int
-    size: int
-    desc: int
-    avail: int
-    used: int
-    avail_idx: int = 0
-    last_used: int = 0
-    free_desc: list[int] = field(default_factory=list)
-    #: head -> (descriptor indexes, [(addr, len)] allocations, [(addr, len)] writable buffers)
-    inflight: dict[int, tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]] = field(
-        default_factory=dict
-    )
 
 
 class VirtioTestDriver:
@@ -189,23 +161,16 @@ class VirtioTestDriver:
     def setup_queue(self, qi: int, size: int | None = None) -> DriverQueue:
         max_size = self.queue_max_size(qi)
         assert max_size, f"queue {qi} does not exist"
-        size = min(size or max_size, max_size)
-        ram = self.ram
-        q = DriverQueue(
-            qi,
-            size,
-            desc=ram.alloc(16 * size, 16),
-            avail=ram.alloc(6 + 2 * size, 2),
-            used=ram.alloc(6 + 8 * size, 4),
-            free_desc=list(range(size)),
-        )
-        for addr, length in ((q.desc, 16 * size), (q.avail, 6 + 2 * size), (q.used, 6 + 8 * size)):
-            ram.write(addr, bytes(length))
+        q = DriverRing.allocate(self.ram, qi, min(size or max_size, max_size))
         self.enable_queue(q)
         self.queues[qi] = q
         return q
 
     # ---- posting requests ----------------------------------------------------------------------
+
+    @property
+    def _event_idx(self) -> bool:
+        return bool(self.features >> F_EVENT_IDX & 1)
 
     def post(
         self,
@@ -217,61 +182,18 @@ class VirtioTestDriver:
     ) -> int:
         """Put a chain of device-readable ``out`` buffers and device-writable buffers of
         ``in_lens`` bytes on the available ring (no kick). Returns the head index."""
-        q = self.queues[qi]
-        ram = self.ram
-        allocs: list[tuple[int, int]] = []
-        bufs: list[tuple[int, int, int]] = []
-        writable: list[tuple[int, int]] = []
-        for data in out:
-            addr = ram.alloc(len(data), 8)
-            ram.write(addr, data)
-            allocs.append((addr, len(data)))
-            bufs.append((addr, len(data), 0))
-        for n in in_lens:
-            addr = ram.alloc(n, 8)
-            ram.write(addr, b"\xee" * n)  # poison: tests see what the device did not write
-            allocs.append((addr, n))
-            bufs.append((addr, n, VIRTQ_DESC_F_WRITE))
-            writable.append((addr, n))
-        if not bufs:
-            raise ValueError("a descriptor chain needs at least one buffer")
         if indirect:
             assert self.features >> F_INDIRECT_DESC & 1, "INDIRECT_DESC not negotiated"
-            table = ram.alloc(16 * len(bufs), 16)
-            allocs.append((table, 16 * len(bufs)))
-            for i, (addr, n, flags) in enumerate(bufs):
-                nxt = i + 1 if i + 1 < len(bufs) else 0
-                more = VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0
-                ram.write(table + 16 * i, _DESC.pack(addr, n, flags | more, nxt))
-            bufs = [(table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT)]
-        if len(bufs) > len(q.free_desc):
-            for a in allocs:
-                ram.free(*a)
-            raise RuntimeError(f"queue {qi}: no free descriptors")
-        idxs = [q.free_desc.pop(0) for _ in bufs]
-        for n, (addr, length, flags) in enumerate(bufs):
-            nxt = idxs[n + 1] if n + 1 < len(idxs) else 0
-            more = VIRTQ_DESC_F_NEXT if n + 1 < len(idxs) else 0
-            self.write_desc(qi, idxs[n], addr, length, flags | more, nxt)
-        head = idxs[0]
-        q.inflight[head] = (idxs, allocs, writable)
-        self.publish(qi, head)
-        return head
+        return self.queues[qi].add(out, in_lens, indirect=indirect, used_event=self._event_idx)
 
     def write_desc(self, qi: int, index: int, addr: int, length: int, flags: int, next_: int) -> None:
         """Write descriptor ``index`` of queue ``qi`` directly (for hand-made, hostile rings)."""
-        q = self.queues[qi]
-        self.ram.write(q.desc + 16 * index, _DESC.pack(addr, length, flags, next_))
+        self.queues[qi].write_desc(index, addr, length, flags, next_)
 
     def publish(self, qi: int, head: int, *, bump: int = 1) -> None:
-        """Add ``head`` to the available ring and move its index on by ``bump``."""
-        q = self.queues[qi]
-        self.ram.write(q.avail + 4 + 2 * (q.avail_idx % q.size), struct.pack("<H", head))
-        q.avail_idx = (q.avail_idx + bump) & 0xFFFF
-        if self.features >> F_EVENT_IDX & 1:
-            # used_event: interrupt me for every used buffer
-            self.ram.write(q.avail + 4 + 2 * q.size, struct.pack("<H", q.last_used))
-        self.ram.write(q.avail + 2, struct.pack("<H", q.avail_idx))
+        """Add ``head`` to the available ring and move its index on by ``bump`` (with EVENT_IDX,
+        ``used_event`` asks for an interrupt for every used buffer)."""
+        self.queues[qi].publish(head, bump=bump, used_event=self._event_idx)
 
     def kick(self, qi: int) -> None:
         self.reg_write(Reg.QUEUE_NOTIFY, qi)
@@ -284,31 +206,14 @@ class VirtioTestDriver:
     # ---- completions ---------------------------------------------------------------------------
 
     def used_idx(self, qi: int) -> int:
-        q = self.queues[qi]
-        return struct.unpack("<H", self.ram.read(q.used + 2, 2))[0]
+        return self.queues[qi].used_idx()
 
     def avail_event(self, qi: int) -> int:
-        q = self.queues[qi]
-        return struct.unpack("<H", self.ram.read(q.used + 4 + 8 * q.size, 2))[0]
+        return self.queues[qi].avail_event()
 
     def collect(self, qi: int) -> list[Used]:
         """Every used buffer the device returned since the last call (and free their resources)."""
-        q = self.queues[qi]
-        out: list[Used] = []
-        idx = self.used_idx(qi)
-        while q.last_used != idx:
-            head, written = struct.unpack("<II", self.ram.read(q.used + 4 + 8 * (q.last_used % q.size), 8))
-            q.last_used = (q.last_used + 1) & 0xFFFF
-            entry = q.inflight.pop(head, None)
-            if entry is None:
-                raise AssertionError(f"queue {qi}: device returned head {head} that was not in flight")
-            idxs, allocs, writable = entry
-            data = b"".join(self.ram.read(a, n) for a, n in writable)
-            for a in allocs:
-                self.ram.free(*a)
-            q.free_desc.extend(idxs)
-            out.append(Used(head, written, data))
-        return out
+        return self.queues[qi].collect()
 
     def wait(self, qi: int, count: int = 1, timeout: float = 5.0) -> list[Used]:
         """Collect until ``count`` used buffers arrived (the device may complete from threads)."""
