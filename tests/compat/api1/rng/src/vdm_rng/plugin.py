@@ -1,0 +1,34 @@
+"""vdm-rng-example's plugin module: registers the ``rng`` device type (``--rng``, ``[[rng]]``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vdm import hookimpl
+from vdm.registry import DeviceContext, DeviceType
+
+from .config import RngConfig
+
+#: The vdm-core plugin API this plugin was written for.
+VDM_API = 1
+
+
+def create(config: RngConfig, ctx: DeviceContext):  # -> RngDevice
+    from .device import RngDevice  # imported when a device is made: ``vdm list-plugins`` stays fast
+
+    return RngDevice(config)
+
+
+@hookimpl
+def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
+    register(
+        DeviceType(
+            name="rng",
+            config=RngConfig,
+            create=create,
+            cli_flag="--rng",
+            toml_key="rng",
+            help="virtio-rng: random numbers for the guest's /dev/hwrng (from os.urandom)",
+            virtio_id=4,
+        )
+    )
