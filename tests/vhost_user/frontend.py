@@ -2,7 +2,8 @@
 
 Guest RAM is a memfd shared with the backend (SCM_RIGHTS), seen by the backend at a guest-physical
 base and by this "frontend" at a different user address, so that ring address translation is
-exercised. Rings are laid out in that RAM the way a virtio driver does; kick and call are eventfds.
+exercised. Rings are laid out in that RAM by :class:`vdm.testing.ring.DriverRing` (the one driver-side ring
+of the project); kick and call are eventfds.
 Raw helpers (:meth:`Frontend.send`, :meth:`Frontend.send_raw`) let tests send malformed messages.
 """
 
@@ -13,11 +14,10 @@ import mmap
 import os
 import select
 import socket
-import struct
 import time
-from dataclasses import dataclass, field
 
 from vdm.memory import FlatGuestMemory, MemoryRegion
+from vdm.testing.ring import DriverRing, RingMemory, Used
 from vdm_vhost_user import protocol as p
 from vdm_vhost_user.protocol import Req
 
@@ -26,9 +26,6 @@ USER_BASE = 0x7F12_3400_0000  # where the "frontend process" has it mapped
 F_VERSION_1 = 1 << 32
 F_EVENT_IDX = 1 << 29
 F_INDIRECT = 1 << 28
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-_DESC = struct.Struct("<QIHH")
 
 
 class SharedRam:
@@ -64,6 +61,9 @@ class SharedRam:
         self._next = addr + size
         return addr
 
+    def free(self, addr: int, size: int) -> None:
+        """A bump allocator: freed space is not reused (a test's RAM outlives its requests)."""
+
     def to_user(self, gpa: int) -> int:
         return gpa - self.base + self.user
 
@@ -85,27 +85,13 @@ class SharedRam:
         self.fd = -1
 
 
-@dataclass
-class Used:
-    head: int
-    written: int
-    data: bytes
+class Queue(DriverRing):
+    """One ring in the frontend's RAM, with its kick and call eventfds."""
 
-
-@dataclass
-class Queue:
-    index: int
-    size: int
-    desc: int
-    avail: int
-    used: int
-    kick: int
-    call: int
-    avail_idx: int = 0
-    last_used: int = 0
-    free: list[int] = field(default_factory=list)
-    #: head -> (descriptor indexes, writable (addr, len) buffers)
-    pending: dict[int, tuple[list[int], list[tuple[int, int]]]] = field(default_factory=dict)
+    def __init__(self, ram: RingMemory, index: int, size: int, desc: int, avail: int, used: int) -> None:
+        super().__init__(ram, index, size, desc, avail, used)
+        self.kick = os.eventfd(0, os.EFD_CLOEXEC)
+        self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
 class Frontend:
@@ -274,22 +260,7 @@ class Frontend:
 
     def layout_queue(self, index: int, size: int) -> Queue:
         """Rings in guest RAM, zeroed, and fresh kick/call eventfds (not yet sent)."""
-        ram = self.ram
-        desc = ram.alloc(16 * size, 16)
-        avail = ram.alloc(6 + 2 * size, 2)
-        used = ram.alloc(6 + 8 * size, 4)
-        for a, n in ((desc, 16 * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)):
-            ram.write(a, bytes(n))
-        q = Queue(
-            index,
-            size,
-            desc,
-            avail,
-            used,
-            os.eventfd(0, os.EFD_CLOEXEC),
-            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
-        )
-        q.free = list(range(size))
+        q = Queue.allocate(self.ram, index, size)
         self.queues[index] = q
         return q
 
@@ -373,36 +344,9 @@ class Frontend:
 
     def post(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), kick: bool = True,  # type: ignore[assignment]
              in_align: int = 16) -> int:
-        """Put one chain on the available ring; returns its head (writable buffers ``in_align``ed)."""
-        q = self.queues[qi]
-        ram = self.ram
-        bufs = []
-        for data in out:
-            a = ram.alloc(max(1, len(data)))
-            ram.write(a, data)
-            bufs.append((a, len(data), 0))
-        writable = []
-        for n in in_lens:
-            a = ram.alloc(max(1, n), in_align)
-            ram.write(a, b"\xee" * n)
-            bufs.append((a, n, DESC_F_WRITE))
-            writable.append((a, n))
-        if len(bufs) > len(q.free):
-            raise RuntimeError("no free descriptors")
-        idxs = [q.free.pop(0) for _ in bufs]
-        for k, (a, n, flags) in enumerate(bufs):
-            last = k == len(bufs) - 1
-            ram.write(
-                q.desc + 16 * idxs[k],
-                _DESC.pack(a, n, flags | (0 if last else DESC_F_NEXT), 0 if last else idxs[k + 1]),
-            )
-        head = idxs[0]
-        q.pending[head] = (idxs, writable)
-        ram.write(q.avail + 4 + 2 * (q.avail_idx % q.size), struct.pack("<H", head))
-        q.avail_idx = (q.avail_idx + 1) & 0xFFFF
-        ram.write(q.avail + 2, struct.pack("<H", q.avail_idx))
-        # used_event: interrupt for every completion
-        ram.write(q.avail + 4 + 2 * q.size, struct.pack("<H", q.last_used))
+        """Put one chain on the available ring; returns its head (writable buffers ``in_align``ed).
+        ``used_event`` is kept at the last used index seen: an interrupt for every completion."""
+        head = self.queues[qi].add(out, in_lens, out_align=16, in_align=in_align, used_event=True)
         if kick:
             self.kick(qi)
         return head
@@ -411,24 +355,11 @@ class Frontend:
         os.eventfd_write(self.queues[qi].kick, 1)
 
     def used_idx(self, qi: int) -> int:
-        q = self.queues[qi]
-        return struct.unpack("<H", self.ram.read(q.used + 2, 2))[0]
+        return self.queues[qi].used_idx()
 
     def collect(self, qi: int) -> list[Used]:
         """Every used element published since the last call (no waiting)."""
-        q = self.queues[qi]
-        out = []
-        idx = self.used_idx(qi)
-        while q.last_used != idx:
-            head, written = struct.unpack("<II", self.ram.read(q.used + 4 + 8 * (q.last_used % q.size), 8))
-            q.last_used = (q.last_used + 1) & 0xFFFF
-            assert head in q.pending, f"head {head} completed but not pending (completed twice?)"
-            idxs, writable = q.pending.pop(head)
-            q.free.extend(idxs)
-            data = b"".join(self.ram.read(a, n) for a, n in writable)
-            out.append(Used(head, written, data))
-        self.ram.write(q.avail + 4 + 2 * q.size, struct.pack("<H", q.last_used))
-        return out
+        return self.queues[qi].collect(used_event=True)
 
     def wait_used(self, qi: int, count: int = 1, timeout: float = 10.0) -> list[Used]:
         """Wait (on the call eventfd) until ``count`` more chains are used."""

@@ -170,7 +170,7 @@ def test_sigkill_with_writes_in_flight_loses_nothing_and_completes_nothing_twice
             done_after = fe.wait_used(0, len(chunks) - len(done_before), timeout=30)
             assert all(u.data[-1] == S_OK for u in done_before + done_after)
             assert len(done_before) + len(done_after) == len(chunks)
-            assert not fe.queues[0].pending
+            assert not fe.queues[0].inflight
             # every write is in the image, those acknowledged before the kill included
             for i, data in chunks.items():
                 u = fe.request(0, [struct.pack("<IIQ", T_IN, 0, 32 * i)], [len(data), 1])

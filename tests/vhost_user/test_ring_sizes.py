@@ -73,7 +73,7 @@ def test_qemu_10s_inflight_geometry_ring_of_1024_region_asked_for_128(serve):
         assert size >= queue_region_size(32768), "each queue's slot has room for the largest ring"
         fe.inflight = (fd, size, 1, 128)
         q = fe.layout_queue(0, 1024)
-        q.free.reverse()  # heads 1023, 1022, ...: far beyond the 128 asked for
+        q.free_desc.reverse()  # heads 1023, 1022, ...: far beyond the 128 asked for
         fe.start(queues={0: 1024}, inflight=True)
         heads = dict(zip((b"A", b"B", b"C"), (fe.post(0, [name], [1]) for name in (b"A", b"B", b"C"))))
         assert min(heads.values()) > 1000
