@@ -150,5 +150,7 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run(one_input, ("vdm_console.virtio", "vdm_console.uart", "vdm_console.backend", "vdm.virtqueue"))
+    common.run(
+        one_input, ("vdm_console.virtio", "vdm_console.uart", "vdm_console.backends.base", "vdm.virtqueue")
+    )
     sys.exit(0)

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:
     from vdm.interrupts import IrqLine
 
-    from .backend import ConsoleBackend
+    from .backends.base import ConsoleBackend
 
 __all__ = ["COM_PORTS", "FIFO_SIZE", "Uart16550", "attach_uart"]
 

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 from vdm.device import VirtioDevice
 from vdm.virtqueue import Virtqueue, slice_views
 
-from .backend import ConsoleBackend
+from .backends.base import ConsoleBackend
 
 __all__ = ["ConsolePort", "VirtioConsole"]
 

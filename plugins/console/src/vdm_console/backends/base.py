@@ -28,12 +28,32 @@ import select
 import threading
 from typing import Callable, Optional
 
-__all__ = ["DEFAULT_INPUT_BUFFER", "ConsoleBackend", "WakePipe"]
+__all__ = ["DEFAULT_INPUT_BUFFER", "ConsoleBackend", "WakePipe", "write_all"]
 
 log = logging.getLogger(__name__)
 
 #: bytes of input a backend holds for a consumer that has no room (then it stops reading)
 DEFAULT_INPUT_BUFFER = 4096
+
+
+def write_all(fd: int, data: bytes, timeout: Optional[float]) -> int:
+    """Write ``data`` to ``fd`` (blocking or not); give up after ``timeout`` seconds without
+    progress. Returns the number of bytes written."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        try:
+            done += os.write(fd, view[done:])
+            continue
+        except BlockingIOError:
+            pass
+        except InterruptedError:
+            continue
+        p = select.poll()
+        p.register(fd, select.POLLOUT)
+        if not p.poll(None if timeout is None else int(timeout * 1000)):
+            break
+    return done
 
 
 class WakePipe:
