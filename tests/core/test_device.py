@@ -218,7 +218,6 @@ def test_interrupts_from_threads_keep_the_line_consistent(virtio_driver):
     assert not drv.irq.level
 
 
-
 def test_buffers_of_a_request_completed_after_reset_are_released():
     """On-demand (Xen-style) memory: a late completion still gives its guest mappings back."""
     ram = GuestRam(1 << 20, base=0)
@@ -241,3 +240,39 @@ def test_buffers_of_a_request_completed_after_reset_are_released():
     drv.reg_write(Reg.STATUS, 0)  # reset while the backend still holds the request
     dev.complete_all()
     assert od.outstanding_views == 0, "a late completion kept its guest mappings forever"
+
+
+class OwnStateEcho(EchoDevice):
+    """A plugin that happens to use the names the base once kept for itself (issue 19 item 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stop = threading.Event()
+        self._state_lock = "mine"
+        self._kick_locks = {"a": 1}
+        self._rekick = None
+        self._deferred = "also mine"
+        self._resume = 7
+        self._resume_fd = -1
+
+    def on_reset(self) -> None:
+        self._stop.set()
+
+
+def test_a_subclass_may_use_the_bases_private_names(virtio_driver):
+    """A device's own ``_stop``, ``_state_lock``... must not break init, kicks, reset or fail."""
+    dev = OwnStateEcho()
+    drv = virtio_driver(dev, ram_size=1 << 20)
+    drv.init()
+    head = drv.post(0, [b"hello"], [5])
+    drv.kick(0)
+    (used,) = drv.collect(0)
+    assert (used.head, used.data) == (head, b"hello")
+    drv.reg_write(Reg.STATUS, 0)  # reset runs on_reset, which sets the device's own event
+    assert dev._stop.is_set() and dev.status == 0
+    assert (dev._state_lock, dev._kick_locks, dev._rekick) == ("mine", {"a": 1}, None)
+    dev._stop.clear()
+    drv.queues.clear()
+    drv.init()
+    dev.fail("test")
+    assert dev.broken == "test" and dev._stop.is_set()

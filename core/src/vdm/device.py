@@ -101,6 +101,26 @@ def bit(n: int) -> int:
     return 1 << n
 
 
+class _CoreState:
+    """What :class:`VirtioDevice` keeps for itself, out of the subclass's attribute namespace.
+
+    Invariants: ``kick_locks``, ``rekick`` and ``deferred`` have one entry per queue; ``resume_fd``
+    and ``resume_loop`` are both set (by ``serve_on``) or both None, changed under ``resume_lock``.
+    """
+
+    __slots__ = ("deferred", "kick_locks", "rekick", "resume_fd", "resume_lock", "resume_loop", "state_lock")
+
+    def __init__(self, nqueues: int) -> None:
+        self.state_lock = threading.RLock()
+        self.kick_locks = [threading.Lock() for _ in range(nqueues)]
+        self.rekick = [False] * nqueues
+        #: queues whose last kick spent its budget with work left: the resume fd brings them back
+        self.deferred = [False] * nqueues
+        self.resume_lock = threading.Lock()
+        self.resume_fd: int | None = None
+        self.resume_loop: KickLoop | None = None
+
+
 class VirtioDevice:
     """Base of every virtio device."""
 
@@ -128,14 +148,9 @@ class VirtioDevice:
         self.config_generation = 0
         self.broken: str | None = None
         self.activated = False
-        self._state_lock = threading.RLock()
-        self._kick_locks = [threading.Lock() for _ in self.queues]
-        self._rekick = [False for _ in self.queues]
-        #: queues whose last kick spent its budget with work left: the resume fd brings them back
-        self._deferred = [False for _ in self.queues]
-        self._resume_lock = threading.Lock()
-        self._resume_fd: int | None = None
-        self._resume_loop: KickLoop | None = None
+        # The base's own state lives in one name-mangled holder (and its helpers are name-mangled
+        # methods), so a subclass's ``self._stop``, ``self._state_lock``... cannot collide with it.
+        self.__core = _CoreState(len(self.queues))
 
     # ---- what a device implements --------------------------------------------------------------
 
@@ -202,7 +217,7 @@ class VirtioDevice:
 
     def set_status(self, value: int) -> None:
         """The driver wrote the device status register."""
-        with self._state_lock:
+        with self.__core.state_lock:
             value &= 0xFF
             if value == 0:
                 self.reset()
@@ -214,7 +229,7 @@ class VirtioDevice:
             if value & Status.FAILED:
                 self.status = value | (old & Status.DEVICE_NEEDS_RESET)
                 log.info("%s: driver gave up on the device (status FAILED)", self.name)
-                self._stop()
+                self.__stop_backend()
                 return
             if value & Status.FEATURES_OK and not old & Status.FEATURES_OK:
                 why = self.set_driver_features(self.driver_features)
@@ -235,7 +250,7 @@ class VirtioDevice:
 
     def activate(self, memory: GuestMemory) -> None:
         """Start serving: map every ready queue with the negotiated ring features."""
-        with self._state_lock:
+        with self.__core.state_lock:
             self.memory = memory
             try:
                 for q in self.queues:
@@ -275,12 +290,13 @@ class VirtioDevice:
         q = self.queues[index]
         if not q.active:
             return
-        lock = self._kick_locks[index]
-        limited = self._resume_fd is not None
+        core = self.__core
+        lock = core.kick_locks[index]
+        limited = core.resume_fd is not None
         left = self.kick_budget  # one budget for the whole call, however many kicks arrive meanwhile
         # One thread processes a queue at a time; a kick that arrives meanwhile makes it look again.
-        self._rekick[index] = True
-        while self._rekick[index]:
+        core.rekick[index] = True
+        while core.rekick[index]:
             if not lock.acquire(blocking=False):
                 return
             more = False
@@ -288,8 +304,8 @@ class VirtioDevice:
                 if limited:
                     q.limit_walk(left)
                 try:
-                    while self._rekick[index] and self.broken is None:
-                        self._rekick[index] = False
+                    while core.rekick[index] and self.broken is None:
+                        core.rekick[index] = False
                         if limited:
                             q.charge(1)  # a call that takes nothing still costs something
                         self.process_queue(q)
@@ -309,7 +325,7 @@ class VirtioDevice:
             if self.broken is not None:
                 return
             if more:
-                self._defer(index)
+                self.__defer(index)
                 return
 
     # ---- yielding to the event loop (see the module doc) ----------------------------------------
@@ -321,19 +337,21 @@ class VirtioDevice:
         Call :meth:`stop_serving` before the loop or the device goes away. Calling it again with a
         loop already set does nothing.
         """
-        with self._resume_lock:
-            if self._resume_fd is not None:
+        core = self.__core
+        with core.resume_lock:
+            if core.resume_fd is not None:
                 return
             fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-            self._resume_fd, self._resume_loop = fd, loop
-        loop.add_reader(fd, self._resume)
+            core.resume_fd, core.resume_loop = fd, loop
+        loop.add_reader(fd, self.__resume)
 
     def stop_serving(self) -> None:
         """Undo :meth:`serve_on` (also after the loop was stopped): close the resume eventfd; from
         now on kicks run to the end."""
-        with self._resume_lock:
-            fd, loop = self._resume_fd, self._resume_loop
-            self._resume_fd = self._resume_loop = None
+        core = self.__core
+        with core.resume_lock:
+            fd, loop = core.resume_fd, core.resume_loop
+            core.resume_fd = core.resume_loop = None
             if fd is None:
                 return
             if loop is not None:
@@ -343,10 +361,11 @@ class VirtioDevice:
                     pass  # the loop was stopped (and its selector closed) first: nothing to remove
             os.close(fd)
 
-    def _defer(self, index: int) -> None:
-        self._deferred[index] = True
-        with self._resume_lock:
-            fd = self._resume_fd
+    def __defer(self, index: int) -> None:
+        core = self.__core
+        core.deferred[index] = True
+        with core.resume_lock:
+            fd = core.resume_fd
             if fd is None:  # stop_serving() meanwhile: nobody would come back, finish here
                 deferred_here = True
             else:
@@ -356,21 +375,22 @@ class VirtioDevice:
                 except BlockingIOError:
                     pass  # the counter is full: a resume is due anyway
         if deferred_here:
-            self._deferred[index] = False
+            core.deferred[index] = False
             self.kick(index)
 
-    def _resume(self) -> None:
+    def __resume(self) -> None:
         """On the loop: serve another slice of every queue whose last kick left work."""
-        fd = self._resume_fd
+        core = self.__core
+        fd = core.resume_fd
         if fd is None:
             return
         try:
             eventfd_read(fd)
         except BlockingIOError:
             pass
-        for index, deferred in enumerate(self._deferred):
+        for index, deferred in enumerate(core.deferred):
             if deferred:
-                self._deferred[index] = False
+                core.deferred[index] = False
                 self.kick(index)
 
     def signal_used(self, queue: Virtqueue) -> None:
@@ -380,16 +400,16 @@ class VirtioDevice:
 
     def fail(self, reason: str) -> None:
         """The guest broke the rules: log it, set DEVICE_NEEDS_RESET, stop serving."""
-        with self._state_lock:
+        with self.__core.state_lock:
             if self.broken is None:
                 log.error("%s: device marked broken (DEVICE_NEEDS_RESET): %s", self.name, reason)
             self.broken = reason
             self.status |= Status.DEVICE_NEEDS_RESET
-            self._stop()
+            self.__stop_backend()
         if self.status & Status.DRIVER_OK:
             self.interrupts.config_interrupt()
 
-    def _stop(self) -> None:
+    def __stop_backend(self) -> None:
         if self.activated:
             self.activated = False
             try:
@@ -399,8 +419,8 @@ class VirtioDevice:
 
     def reset(self) -> None:
         """Back to the initial state (the driver wrote 0 to status, or the frontend went away)."""
-        with self._state_lock:
-            self._stop()
+        with self.__core.state_lock:
+            self.__stop_backend()
             for q in self.queues:
                 with q.lock:
                     q.deactivate()
