@@ -131,3 +131,79 @@ def test_attach_pci_uses_msi_and_a_bar():
         assert hv.msis and hv.msis[-1] == (0xFEE0_0000, 0x41)  # queue 0's vector, delivered by the VMM
     finally:
         vmm.close()
+
+
+class _Counting:
+    """Every call that goes through the Vmm's pluggy dispatch, by hook name (pluggy's own tracing)."""
+
+    def __init__(self, vmm: Vmm) -> None:
+        self.calls: list[str] = []
+        self._undo = vmm.pm.add_hookcall_monitoring(self._before, lambda *a: None)
+
+    def _before(self, hook_name, hook_impls, kwargs) -> None:
+        self.calls.append(hook_name)
+
+    def stop(self) -> None:
+        self._undo()
+
+
+def test_interrupts_do_not_go_through_pluggy_dispatch():
+    """Issue 19 item 4: the hooks stay the contract, but MSIs and IRQ levels call the backend
+    directly -- resolved when the Vmm is made -- so N interrupts make no pluggy hook call."""
+    ram = GuestRam(1 << 20)
+    hv = FakeHypervisor(ram, ioeventfd=False)
+    vmm = Vmm(hv, name="t")
+    try:
+        bus = PciBus()
+        dev, dev2 = EchoDevice(), EchoDevice()
+        pt = vmm.attach_pci(dev, bus, intx=False)
+        mt = vmm.attach_mmio(dev2)
+        from vdm.testing import VirtioPciTestDriver, VirtioTestDriver
+
+        pdrv = VirtioPciTestDriver(dev, ram=ram, transport=pt)
+        mdrv = VirtioTestDriver(dev2, ram=ram, transport=mt)
+        pdrv.init()
+        mdrv.init()
+        counting = _Counting(vmm)
+        n = 50
+        for i in range(n):
+            assert pdrv.request(0, [b"msi%d" % i], [8]).data.startswith(b"msi")
+            assert mdrv.request(0, [b"int%d" % i], [8]).data.startswith(b"int")
+            mdrv.ack_interrupts()
+        counting.stop()
+        assert len(hv.msis) >= n  # every request interrupted, by MSI-X ...
+        assert hv.irq_levels[mt.irq_number].count(True) >= n  # ... and on the wired line
+        assert counting.calls == []
+    finally:
+        vmm.close()
+
+
+def test_resolved_hooks_keep_firstresult_order():
+    """Two backends: the later-registered answers first; ``None`` passes to the next; no
+    implementation at all is ``None`` (send_msi then returns False)."""
+
+    class NoMsi:
+        @vmmimpl
+        def vmm_send_msi(self, address, data):
+            return None
+
+    class Msi:
+        def __init__(self) -> None:
+            self.got: list[int] = []
+
+        @vmmimpl
+        def vmm_send_msi(self, data):  # pluggy lets an implementation take fewer arguments
+            self.got.append(data)
+            return True
+
+    msi = Msi()
+    vmm = Vmm(msi, NoMsi(), name="t")
+    try:
+        assert vmm.send_msi(0xFEE0_0000, 7) is True and msi.got == [7]
+    finally:
+        vmm.close()
+    vmm = Vmm(NoMsi(), name="t")
+    try:
+        assert vmm.send_msi(0xFEE0_0000, 7) is False
+    finally:
+        vmm.close()

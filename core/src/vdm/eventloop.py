@@ -43,6 +43,11 @@ class EventLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = False
 
+    @property
+    def started(self) -> bool:
+        """True once :meth:`start` ran (also after :meth:`stop`): the loop thread was started."""
+        return self._started
+
     def start(self) -> EventLoop:
         if not self._started:
             self._started = True

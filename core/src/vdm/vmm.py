@@ -4,13 +4,19 @@ A hypervisor plugin builds a backend object implementing the :class:`~vdm.hooksp
 hooks and hands it to :class:`Vmm`. Setup code (``vdm run``, ``vdm dm-only``) then attaches
 devices with :meth:`Vmm.attach_mmio`; the device itself only ever sees guest memory and its
 transport.
+
+Invariant: nothing per interrupt or per mapping goes through pluggy's dispatch. The hook
+implementations are resolved once, when the :class:`Vmm` is made (:class:`ResolvedHooks`), to
+plain calls of the backends' bound methods in pluggy's order with its ``firstresult`` meaning;
+``Vmm.hook`` (pluggy's relay) stays for setup-time calls. Backends are therefore given to the
+constructor; one registered on ``Vmm.pm`` later needs :meth:`Vmm.resolve_hooks`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import pluggy
 
@@ -32,7 +38,7 @@ class PciBus(Protocol):
         """Put ``function`` in a free slot (or ``slot``) and return the slot number."""
         ...
 
-__all__ = ["Vmm", "VmmError"]
+__all__ = ["ResolvedHooks", "Vmm", "VmmError"]
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +47,65 @@ class VmmError(RuntimeError):
     """The hypervisor backend cannot do what device setup asked for."""
 
 
-class _HookMapper:
-    """A PageMapper over the vmm_map_guest / vmm_unmap_guest hooks."""
+def _first_result(caller: pluggy.HookCaller) -> Callable[..., Any]:
+    """``caller``'s implementations as one plain function (keyword arguments, as pluggy takes them).
 
-    def __init__(self, hook: Any) -> None:
-        self._hook = hook
+    Same answer as ``caller(**kwargs)`` for a ``firstresult`` hook: the implementations in pluggy's
+    call order (last registered first, ``tryfirst``/``trylast`` honoured), each given only the
+    arguments it names, the first non-``None`` result wins, none is ``None``. A hook with a wrapper
+    implementation keeps pluggy's dispatch (a wrapper's semantics are pluggy's to keep).
+    """
+    impls = list(reversed(caller.get_hookimpls()))
+    if any(i.hookwrapper or getattr(i, "wrapper", False) for i in impls):
+        return lambda **kwargs: caller(**kwargs)
+    spec = caller.spec
+    spec_args = tuple(spec.argnames) if spec is not None else ()
+    calls = [(i.function, tuple(i.argnames)) for i in impls]
+    if not calls:
+        return lambda **kwargs: None
+    if len(calls) == 1 and calls[0][1] == spec_args:
+        return calls[0][0]  # the backend's bound method itself
+
+    def first(**kwargs: Any) -> Any:
+        for fn, names in calls:
+            result = fn(*[kwargs[n] for n in names])
+            if result is not None:
+                return result
+        return None
+
+    return first
+
+
+class ResolvedHooks:
+    """Every :class:`~vdm.hookspecs.VmmSpec` hook of one plugin manager as a plain callable.
+
+    ``ResolvedHooks(pm).vmm_send_msi(address=a, data=d)`` answers as ``pm.hook.vmm_send_msi(...)``
+    would at the time it was made, without pluggy's dispatch.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        for name in dir(VmmSpec):
+            if name.startswith("vmm_"):
+                setattr(self, name, _first_result(getattr(pm.hook, name)))
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:  # for type checkers: set in __init__
+        raise AttributeError(name)
+
+
+class _HookMapper:
+    """A PageMapper over the vmm_map_guest / vmm_unmap_guest hooks (resolved when used first)."""
+
+    def __init__(self, vmm: Vmm) -> None:
+        self._vmm = vmm
 
     def map_pages(self, first_page: int, count: int, writable: bool) -> memoryview:
-        view = self._hook.vmm_map_guest(first_page=first_page, count=count, writable=writable)
+        view = self._vmm.ops.vmm_map_guest(first_page=first_page, count=count, writable=writable)
         if view is None:
             raise GuestMemoryError("the hypervisor backend cannot map guest memory")
         return view
 
     def unmap_pages(self, view: memoryview, count: int) -> None:
-        self._hook.vmm_unmap_guest(view=view, count=count)
+        self._vmm.ops.vmm_unmap_guest(view=view, count=count)
 
 
 class _CoreDefaults:
@@ -65,12 +116,12 @@ class _CoreDefaults:
 
     @vmmimpl(trylast=True)
     def vmm_irq_line(self, irq: int) -> IrqLine:
-        hook = self._vmm.hook
-        return CallbackIrqLine(lambda level: hook.vmm_set_irq_level(irq=irq, level=level))
+        set_irq_level = self._vmm.ops.vmm_set_irq_level  # resolved: no pluggy call per interrupt
+        return CallbackIrqLine(lambda level: set_irq_level(irq=irq, level=level))
 
     @vmmimpl(trylast=True)
     def vmm_guest_memory(self) -> GuestMemory:
-        return OnDemandGuestMemory(_HookMapper(self._vmm.hook))
+        return OnDemandGuestMemory(_HookMapper(self._vmm))
 
 
 class Vmm:
@@ -84,7 +135,9 @@ class Vmm:
         for backend in backends:
             self.pm.register(backend)
         self.pm.check_pending()
+        #: pluggy's relay, for setup-time calls; per-event paths use :attr:`ops`
         self.hook = self.pm.hook
+        self.ops = ResolvedHooks(self.pm)
         self.events = EventLoop(f"{name}-events")
         self._memory: GuestMemory | None = None
         self._fds: list[int] = []
@@ -123,7 +176,16 @@ class Vmm:
         return self.hook.vmm_irq_line(irq=irq)
 
     def send_msi(self, address: int, data: int) -> bool:
-        return bool(self.hook.vmm_send_msi(address=address, data=data))
+        """Deliver an MSI (per interrupt: the resolved implementation, not pluggy's dispatch)."""
+        return bool(self.ops.vmm_send_msi(address=address, data=data))
+
+    def resolve_hooks(self) -> None:
+        """Resolve the hooks again, after a backend was registered on :attr:`pm` directly.
+
+        Interrupt lines and memory handed out before keep the implementations they were made with.
+        """
+        self.pm.check_pending()
+        self.ops = ResolvedHooks(self.pm)
 
     # ---- devices ---------------------------------------------------------------------------------
 
@@ -193,7 +255,7 @@ class Vmm:
         for t in self.transports:
             t.device.reset()
             t.device.stop_serving()
-        if self.events._started:
+        if self.events.started:
             self.events.stop()
         for fd in self._fds:
             os.close(fd)
