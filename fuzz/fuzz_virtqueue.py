@@ -10,12 +10,9 @@ exception escapes.
 
 from __future__ import annotations
 
-import struct
 import sys
 
 import common
-
-DESC = struct.Struct("<QIHH")
 
 
 def make_device():
@@ -36,6 +33,7 @@ def make_device():
 
 def one_input(data: bytes) -> None:
     import atheris
+    from vdm.ring_layout import DESC
     from vdm.testing import VirtioTestDriver
 
     fdp = atheris.FuzzedDataProvider(data)

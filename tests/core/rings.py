@@ -1,41 +1,44 @@
-"""Helpers for virtqueue tests: raw ring access through a :class:`VirtioTestDriver`.
+"""Helpers for virtqueue tests: raw ring fields a hostile or unusual driver touches.
 
-The test driver keeps its own copy of the ring layout (:class:`vdm.testing.driver.DriverQueue`);
-these helpers read and write the ring fields a hostile or unusual driver would touch.
+Thin names over :class:`vdm.testing.ring.DriverRing` (the one driver-side ring, which each
+:class:`VirtioTestDriver` queue is) and :mod:`vdm.ring_layout`; no layout is declared here.
 """
 
 from __future__ import annotations
 
-import struct
+from vdm.ring_layout import VIRTQ_DESC_F_INDIRECT as INDIRECT
+from vdm.ring_layout import VIRTQ_DESC_F_NEXT as NEXT
+from vdm.ring_layout import VIRTQ_DESC_F_WRITE as WRITE
+from vdm.testing import VirtioTestDriver, ring
 
-from vdm.testing import VirtioTestDriver
-
-DESC = struct.Struct("<QIHH")
-NEXT, WRITE, INDIRECT = 1, 2, 4
-
-
-def used_event_addr(drv: VirtioTestDriver, qi: int) -> int:
-    q = drv.queues[qi]
-    return q.avail + 4 + 2 * q.size
+__all__ = [
+    "INDIRECT",
+    "NEXT",
+    "WRITE",
+    "set_avail_flags",
+    "set_used_event",
+    "used_elem",
+    "used_flags",
+    "write_table",
+]
 
 
 def set_used_event(drv: VirtioTestDriver, qi: int, value: int) -> None:
-    drv.ram.write(used_event_addr(drv, qi), struct.pack("<H", value & 0xFFFF))
+    drv.queues[qi].set_used_event(value)
 
 
 def set_avail_flags(drv: VirtioTestDriver, qi: int, flags: int) -> None:
-    drv.ram.write(drv.queues[qi].avail, struct.pack("<H", flags))
+    drv.queues[qi].set_avail_flags(flags)
 
 
 def used_flags(drv: VirtioTestDriver, qi: int) -> int:
-    return struct.unpack("<H", drv.ram.read(drv.queues[qi].used, 2))[0]
+    return drv.queues[qi].used_flags()
 
 
 def used_elem(drv: VirtioTestDriver, qi: int, slot: int) -> tuple[int, int]:
-    q = drv.queues[qi]
-    return struct.unpack("<II", drv.ram.read(q.used + 4 + 8 * (slot % q.size), 8))
+    return drv.queues[qi].used_elem(slot)
 
 
 def write_table(drv: VirtioTestDriver, addr: int, descs: list[tuple[int, int, int, int]]) -> None:
     """Write an indirect descriptor table of (addr, len, flags, next) at guest ``addr``."""
-    drv.ram.write(addr, b"".join(DESC.pack(*d) for d in descs))
+    ring.write_table(drv.ram, addr, descs)

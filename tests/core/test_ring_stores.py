@@ -20,6 +20,7 @@ import struct
 import time
 
 import pytest
+from vdm import ring_layout as rl
 from vdm.memory import FlatGuestMemory, MemoryRegion
 from vdm.virtqueue import VIRTQ_DESC_F_WRITE, Virtqueue
 
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 def _ring(event_idx: bool) -> tuple[mmap.mmap, Virtqueue]:
     mm = mmap.mmap(-1, 1 << 20)  # MAP_SHARED | MAP_ANONYMOUS: the forked watcher sees our stores
     for i in range(SIZE):
-        struct.pack_into("<QIHH", mm, DESC + 16 * i, BASE + BUFS + 64 * i, 64, VIRTQ_DESC_F_WRITE, 0)
+        rl.DESC.pack_into(mm, DESC + rl.desc_offset(i), BASE + BUFS + 64 * i, 64, VIRTQ_DESC_F_WRITE, 0)
     q = Virtqueue(0, SIZE)
     q.desc_addr, q.avail_addr, q.used_addr = BASE + DESC, BASE + AVAIL, BASE + USED
     q.ready = True
@@ -60,8 +61,8 @@ def _watch(mm: mmap.mmap, report_fd: int, batch: int) -> None:
     watcher was descheduled for a long time) becomes the new reference instead.
     """
     u16 = struct.Struct("<H")
-    elem = struct.Struct("<II")
-    used_at, event_at = USED + 2, USED + 4 + 8 * SIZE
+    elem = rl.USED_ELEM
+    used_at, event_at = USED + rl.USED_IDX, USED + rl.avail_event_offset(SIZE)
     last = {used_at: u16.unpack_from(mm, used_at)[0], event_at: u16.unpack_from(mm, event_at)[0]}
     steps_back = {used_at: 0, event_at: 0}
     reads = early = partial = 0
@@ -84,7 +85,7 @@ def _watch(mm: mmap.mmap, report_fd: int, batch: int) -> None:
                     if len(first) < 6:
                         first.append(f"used.idx {value}: not a multiple of the batch ({batch})")
                 if at == used_at and value != last[at]:
-                    head, _ = elem.unpack_from(mm, USED + 4 + 8 * ((value - 1) % SIZE))
+                    head, _ = elem.unpack_from(mm, USED + rl.used_elem_offset((value - 1) % SIZE))
                     again = u16.unpack_from(mm, used_at)[0]
                     # (skip the check if the device lapped the ring while we looked)
                     if head != (value - 1) * STRIDE % SIZE and (again - value) & 0xFFFF < SIZE - 1:
@@ -104,9 +105,10 @@ def _drive(mm: mmap.mmap, q: Virtqueue, seconds: float, batch: int) -> int:
     while time.monotonic() < deadline:
         for _ in range(50):
             for _ in range(batch):
-                struct.pack_into("<H", mm, AVAIL + 4 + 2 * (avail % SIZE), (avail * STRIDE) % SIZE)
+                slot = AVAIL + rl.avail_slot_offset(avail % SIZE)
+                struct.pack_into("<H", mm, slot, (avail * STRIDE) % SIZE)
                 avail = (avail + 1) & 0xFFFF
-            struct.pack_into("<H", mm, AVAIL + 2, avail)
+            struct.pack_into("<H", mm, AVAIL + rl.AVAIL_IDX, avail)
             chains = [q.pop() for _ in range(batch)]
             assert all(c is not None for c in chains)
             if batch == 1:

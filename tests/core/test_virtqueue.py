@@ -12,6 +12,7 @@ import struct
 
 import pytest
 from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC, Status
+from vdm.ring_layout import avail_event_offset
 from vdm.testing import VirtioTestDriver
 from vdm.transport.mmio import Reg
 
@@ -48,9 +49,7 @@ def test_indirect_chain_uses_one_ring_descriptor(echo):
     drv = echo()
     head = drv.post(0, [b"abc", b"def"], [2, 2, 2], indirect=True)
     # the whole chain sits in one ring descriptor, flagged INDIRECT, 5 entries long
-    _, length, flags, _ = struct.unpack(
-        "<QIHH", drv.ram.read(drv.queues[0].desc + 16 * head, 16)
-    )
+    _, length, flags, _ = drv.queues[0].read_desc(head)
     assert flags == rings.INDIRECT and length == 5 * 16
     drv.kick(0)
     (used,) = drv.wait(0)
@@ -161,7 +160,7 @@ def test_event_idx_device_publishes_avail_event(echo):
         drv.collect(0)
     q = drv.device.queues[0]
     # enabling notifications re-publishes avail_event; disabling has no EVENT_IDX representation
-    drv.ram.write(drv.queues[0].used + 4 + 8 * drv.queues[0].size, b"\0\0")
+    drv.ram.write(drv.queues[0].used + avail_event_offset(drv.queues[0].size), b"\0\0")
     assert q.set_notification(True) is False
     assert drv.avail_event(0) == 5
     assert q.set_notification(False) is False
@@ -218,7 +217,7 @@ class Hostile:
         assert drv.used_idx(0) == self.used_before  # nothing returned
         after = bytearray(drv.ram.read(drv.ram.base, drv.ram.size))
         # the only field the device may have touched is avail_event (written when it pops)
-        ev = self.q.used + 4 + 8 * self.q.size - drv.ram.base
+        ev = self.q.used + avail_event_offset(self.q.size) - drv.ram.base
         after[ev : ev + 2] = self.before[ev : ev + 2]
         assert after == self.before, "the device wrote guest memory while serving a bad chain"
         drv.ram.check_guards()

@@ -10,12 +10,11 @@ exception may escape and nothing outside guest RAM may change.
 
 from __future__ import annotations
 
-import struct
-
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC
 from vdm.memory import PAGE_SIZE, GuestMemoryError, OnDemandGuestMemory
+from vdm.ring_layout import DESC, desc_offset, used_ring_size
 from vdm.testing import GuestRam, VirtioTestDriver
 
 from tests.core import rings
@@ -125,7 +124,7 @@ def expected_buffers(read, desc_addr: int, size: int, head: int, indirect_ok: bo
         visited += 1
         if visited > table_len:  # a chain can visit each entry at most once
             return None
-        addr, length, flags, nxt = struct.unpack("<QIHH", read(table + 16 * i, 16))
+        addr, length, flags, nxt = DESC.unpack(read(table + desc_offset(i), DESC.size))
         if flags & rings.INDIRECT:
             if nested or not indirect_ok or flags & rings.NEXT or length == 0 or length % 16:
                 return None
@@ -219,7 +218,7 @@ def run_scenario(sc: dict, drv: VirtioTestDriver) -> None:
     drv.kick(0)  # must not raise
     after = bytearray(ram.read(ram.base, ram.size))
     used_off = q.used - ram.base
-    used_len = 6 + 8 * q.size
+    used_len = used_ring_size(q.size)
     # the used ring is checked on its own; everything else must be exactly as predicted
     after[used_off : used_off + used_len] = before[used_off : used_off + used_len]
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 
 from vdm.device import VirtioDevice
 from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_write
 from vdm.eventloop import EventLoop, drain_eventfd
+from vdm.ring_layout import VIRTQ_DESC_F_NEXT as F_NEXT
+from vdm.ring_layout import VIRTQ_DESC_F_WRITE as F_WRITE
 from vdm.testing import VirtioTestDriver
 
-_DESC = struct.Struct("<QIHH")
-F_NEXT, F_WRITE = 1, 2
+__all__ = ["F_NEXT", "F_WRITE", "Flooder", "KickStorm", "attach_kicks", "publish_shared_tail"]
 
 
 def attach_kicks(loop: EventLoop, device: VirtioDevice) -> list[int]:
@@ -58,19 +58,19 @@ class Flooder(threading.Thread):
         self.served = 0
 
     def run(self) -> None:
-        drv, q, ram = self.drv, self.q, self.drv.ram
+        drv, q = self.drv, self.q
         for h in self.heads:
             drv.publish(self.qi, h)
         eventfd_write(self.kick_fd, 1)
         last = 0
         while not self.stop.is_set():
-            idx = struct.unpack("<H", ram.read(q.used + 2, 2))[0]
+            idx = q.used_idx()
             if idx == last:
                 eventfd_write(self.kick_fd, 1)
                 time.sleep(0)
                 continue
             while last != idx:
-                head = struct.unpack_from("<I", ram.read(q.used + 4 + 8 * (last % q.size), 4))[0]
+                head, _ = q.used_elem(last)
                 drv.publish(self.qi, head)
                 last = (last + 1) & 0xFFFF
                 self.served += 1

@@ -39,7 +39,7 @@ from vdm_blk.device import BlkDevice
 from tests.blk.memdisk import MemoryDisk
 from tests.core.echo_device import EchoDevice
 from tests.core.test_vmm import FakeHypervisor
-from tests.security.guest import F_WRITE, Flooder, KickStorm, attach_kicks, publish_shared_tail
+from tests.security.guest import F_NEXT, F_WRITE, Flooder, KickStorm, attach_kicks, publish_shared_tail
 
 #: the longest another device may wait for a request while one queue is flooded or stormed
 BOUND_S = 0.5
@@ -350,10 +350,10 @@ def test_a_ring_sharing_one_tail_does_not_starve_another_vhost_user_device(tmp_p
         q = h.queues[0]
         buf = h.ram.alloc(8, 8)
         for i in range(TAIL_Q):  # the ring of publish_shared_tail, written by the frontend
-            more = 1 if i + 1 < TAIL_Q else 0
-            h.ram.write(q.desc + 16 * i, struct.pack("<QIHH", buf, 8, more, i + 1 if more else 0))
-            h.ram.write(q.avail + 4 + 2 * i, struct.pack("<H", i))
-        h.ram.write(q.avail + 2, struct.pack("<H", TAIL_Q & 0xFFFF))
+            more = F_NEXT if i + 1 < TAIL_Q else 0
+            q.write_desc(i, buf, 8, more, i + 1 if more else 0)
+        for i in range(TAIL_Q):
+            q.publish(i)
 
         def kick_the_other_device():
             hostile.on_process = None
