@@ -48,7 +48,7 @@ from ..ring_layout import (
     used_ring_size,
 )
 
-__all__ = ["DriverRing", "RingMemory", "Used"]
+__all__ = ["DriverRing", "RingMemory", "Used", "write_table"]
 
 _U16 = struct.Struct("<H")
 #: the byte writable buffers are filled with before the device sees them
@@ -122,7 +122,7 @@ class DriverRing:
 
     def write_table(self, addr: int, descs: Sequence[tuple[int, int, int, int]]) -> None:
         """Write an indirect table of (addr, len, flags, next) descriptors at guest ``addr``."""
-        self.ram.write(addr, b"".join(DESC.pack(*d) for d in descs))
+        write_table(self.ram, addr, descs)
 
     def publish(self, head: int, *, bump: int = 1, used_event: bool = False) -> None:
         """Put ``head`` in the next available slot and move ``avail.idx`` on by ``bump``.
@@ -228,6 +228,11 @@ class DriverRing:
         if used_event:
             self.set_used_event(self.last_used)
         return out
+
+
+def write_table(ram: RingMemory, addr: int, descs: Sequence[tuple[int, int, int, int]]) -> None:
+    """Write a table of (addr, len, flags, next) descriptors at guest ``addr`` (indirect, or hostile)."""
+    ram.write(addr, b"".join(DESC.pack(*d) for d in descs))
 
 
 def _linked(bufs: Sequence[tuple[int, int, int]], idxs: Sequence[int]) -> list[tuple[int, int, int, int]]:
