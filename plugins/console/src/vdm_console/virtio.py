@@ -32,7 +32,8 @@ import threading
 from typing import Optional, Sequence
 
 from vdm.device import VirtioDevice
-from vdm.virtqueue import Virtqueue, slice_views
+from vdm.sg import slice_views
+from vdm.virtqueue import Virtqueue
 
 from .backends.base import ConsoleBackend
 
