@@ -5,12 +5,17 @@ value is parsed (``bool``, ``int`` -- decimal or 0x hex --, ``str``, ``Optional[
 ``field(metadata={"choices": (...), "help": "..."})`` limits and documents them. The same dataclass
 is filled from a command-line string and from a TOML table, and a wrong option is one clear
 :class:`~vdm.errors.UserError` line naming the option and what is accepted.
+
+In an option string a comma inside a value is written twice, as in QEMU (``keys=a,,b``), or
+escaped with a backslash (``keys=a\\,b``; ``\\\\`` is one backslash): :func:`split_options`
+reads them and :func:`quote_option` writes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import reprlib
 import stat
 import sys
@@ -25,11 +30,14 @@ else:  # pragma: no cover - Python < 3.11
     import tomli as tomllib
 
 __all__ = [
+    "OPTION_SYNTAX_HELP",
     "config_class_problem",
     "config_from_mapping",
     "describe_options",
     "load_toml",
     "parse_option_string",
+    "quote_option",
+    "split_options",
 ]
 
 _TRUE = {"1", "on", "yes", "true", "y"}
@@ -135,30 +143,93 @@ def config_from_mapping(cls: type, values: Mapping[str, Any], what: str) -> Any:
         raise UserError(f"{what}: {type(e).__name__}: {e}") from None
 
 
+#: what ``--help`` says about writing option strings (commands put it in their epilog)
+OPTION_SYNTAX_HELP = (
+    "device options are VALUE,key=value,flag,...: a comma inside a value is written twice, as in "
+    "QEMU (keys=a,,b is a,b), or as \\, (and a backslash as \\\\)"
+)
+
+#: what can be an option's name; a first item whose text before ``=`` is not one (a URI such as
+#: ``nbd+unix:///?socket=/x.sock``) is the positional value, not ``key=value``
+_OPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+
+
+def _flag_names(cls: type | None) -> frozenset[str]:
+    if cls is None:
+        return frozenset()
+    return frozenset(n for n, (_, tp) in _fields(cls).items() if tp is bool)
+
+
+def split_options(text: str, cls: type | None = None) -> list[str]:
+    """Split an option string at its commas; the items come back unescaped, empty ones kept.
+
+    Inside a value a doubled comma is one comma, as in QEMU (``keys=a,,b`` -> ``keys=a,b``); a
+    backslash escapes a comma or a backslash anywhere (``keys=a\\,b``, ``\\\\``) and any other
+    backslash is kept as it is. A value is an item with ``=``, or a bare word that is not the name
+    of one of ``cls``'s boolean options (after ``ro`` two commas are an empty item). Item ``N`` of
+    the result is item ``N`` of the text, so positions (``positional``, ``"position": N``) hold.
+    """
+    flags = _flag_names(cls)
+    items: list[str] = []
+    buf: list[str] = []
+    is_value = False  # an '=' was seen in this item
+    i, end = 0, len(text)
+    while i < end:
+        c = text[i]
+        if c == "\\" and i + 1 < end and text[i + 1] in ",\\":
+            buf.append(text[i + 1])
+            i += 2
+            continue
+        if c == ",":
+            word = "".join(buf)
+            doubled = i + 1 < end and text[i + 1] == ","
+            if doubled and word and (is_value or word.replace("-", "_") not in flags):
+                buf.append(",")
+                i += 2
+                continue
+            items.append(word)
+            buf, is_value = [], False
+            i += 1
+            continue
+        if c == "=":
+            is_value = True
+        buf.append(c)
+        i += 1
+    items.append("".join(buf))
+    return items
+
+
+def quote_option(value: str) -> str:
+    """``value`` escaped for an option string: :func:`split_options` gives it back unchanged."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def parse_option_string(cls: type, text: str, what: str, positional: str | None = None) -> Any:
     """Parse ``"disk.img,ro,cache=none"`` into a ``cls`` config.
 
     A bare word sets a boolean option; ``key=value`` sets any option; the first item, if it is not
     an option name, is the value of the ``positional`` field; item ``N`` (from 0), if it is not an
     option name, is the value of the field whose metadata has ``"position": N`` (kvmtool's
-    ``--9p DIR,TAG``).
+    ``--9p DIR,TAG``). Such a positional item may hold ``=`` when the text before it cannot be an
+    option name (``nbd+unix:///?socket=/x.sock``). Commas inside values: :func:`split_options`.
     """
     fields = _fields(cls)
     at = {f.metadata.get("position"): n for n, (f, _) in fields.items() if f.metadata.get("position")}
     values: dict[str, Any] = {}
-    for n, item in enumerate(text.split(",")):
+    for n, item in enumerate(split_options(text, cls)):
         if not item:
             continue
         key, sep, value = item.partition("=")
         name = key.replace("-", "_")
-        if sep:
-            values[key] = value
-        elif name in fields and fields[name][1] is bool:
+        slot = positional if n == 0 else at.get(n)
+        if slot is not None and slot in values and n != 0:
+            slot = None  # already given as key=value
+        if sep and (name in fields or slot is None or _OPTION_NAME.match(key)):
+            values[key] = value  # an unknown key is reported by config_from_mapping
+        elif not sep and name in fields and fields[name][1] is bool:
             values[key] = True
-        elif n == 0 and positional:
-            values[positional] = item
-        elif n in at and at[n] not in values:
-            values[at[n]] = item
+        elif slot is not None:
+            values[slot] = item
         else:
             raise UserError(f"{what}: unknown option '{item}' (known: {', '.join(fields)})")
     return config_from_mapping(cls, values, what)
