@@ -31,12 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.realguest import harness  # noqa: E402
+import vdm_lab  # noqa: E402
 
 SETUPS = ("vdm run", "qemu -accel kvm", "lkvm run")
 
 
-def vmm_command(setup: str, kit: harness.GuestKit, img: str, params: str,
+def vmm_command(setup: str, kit: vdm_lab.GuestKit, img: str, params: str,
                 lkvm: str) -> tuple[list[str], dict]:
     k, i = str(kit.vmlinuz), str(kit.initrd)
     env = dict(os.environ)
@@ -47,7 +47,7 @@ def vmm_command(setup: str, kit: harness.GuestKit, img: str, params: str,
         env["HOME"] = "/mnt/tmp"  # lkvm keeps its sockets in ~/.lkvm; the host root is read-only
         return [lkvm, "run", "-k", k, "-i", i, "-m", "256", "-c", "1", "-d", img, "--console", "serial",
                 "--network", "mode=none", "-p", "console=ttyS0 panic=-1 " + params], env
-    cmd = harness.qemu_command(harness.virtio_blk_args(img, cache="writeback"), [], None, kit=kit,
+    cmd = vdm_lab.qemu_command(vdm_lab.virtio_blk_args(img, cache="writeback"), [], None, kit=kit,
                                memory_mib=256, cpus=1, kernel=kit.vmlinuz, accel="kvm")
     # qemu_command puts its own cmdline after -append; replace it with ours
     cmd[cmd.index("-append") + 1] = "console=ttyS0 panic=-1 " + params
@@ -72,7 +72,7 @@ def timed_boot(cmd: list[str], env: dict, timeout: float) -> dict:
     rc = p.wait()
     t_end = time.monotonic() - t0
     log = "\n".join(out)
-    _, results, _ = harness.parse_results(log)
+    _, results, _ = vdm_lab.parse_results(log)
     blk = next((r for r in results if r.name == "blk"), None)
     ok = blk is not None and blk.ok
     return {"rc": rc, "init_s": t_init, "exit_s": t_end, "ok": ok,
@@ -82,10 +82,10 @@ def timed_boot(cmd: list[str], env: dict, timeout: float) -> dict:
 
 
 def inside(a: argparse.Namespace) -> int:
-    kit = harness.guestkit()
+    kit = vdm_lab.guestkit()
     os.makedirs("/mnt/tmp", exist_ok=True)
     img = "/mnt/tmp/bench.img"
-    params = harness.kernel_cmdline(["boot", "blk"], {"mib": a.mib, "exit": "reboot"})
+    params = vdm_lab.kernel_cmdline(["boot", "blk"], {"mib": a.mib, "exit": "reboot"})
     params = params.replace("console=ttyS0 panic=-1 ", "")
     for rnd in range(a.runs):
         for setup in a.setups.split(","):
@@ -136,7 +136,7 @@ def main() -> int:
               f"--runs {a.runs} --mib {a.mib} --lkvm {shlex.quote(a.lkvm)} --setups {shlex.quote(a.setups)} "
               f"--timeout {a.timeout}")
     load0 = os.getloadavg()
-    r = harness.run_in_kvm_lab(script, timeout=600 + a.runs * 3 * a.timeout, cwd=str(REPO),
+    r = vdm_lab.run_in_kvm_lab(script, timeout=600 + a.runs * 3 * a.timeout, cwd=str(REPO),
                                echo=lambda s: print(s, end="", file=sys.stderr, flush=True))
     load1 = os.getloadavg()
     rows = [json.loads(ln[len("BENCHJSON "):]) for ln in r.output.splitlines() if ln.startswith("BENCHJSON ")]

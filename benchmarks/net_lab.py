@@ -50,8 +50,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import vdm_lab  # noqa: E402
+
 from tests.net.tcp_peer import TcpPeer, listen  # noqa: E402
-from tests.realguest import harness  # noqa: E402
 
 SETUPS = ("vdm-pci", "vdm-mmio", "qemu", "qemu-vhost")
 DEFAULT_SETUPS = "vdm-pci,vdm-mmio,qemu,qemu-vhost"
@@ -82,7 +83,7 @@ def tap_counters() -> dict[str, int]:
     return {f"{d}_{k}": v for d in ("rx", "tx") for k, v in st.get(d, {}).items() if isinstance(v, int)}
 
 
-def vmm_command(setup: str, kit: harness.GuestKit, params: str, cpus: int = 1) -> list[str]:
+def vmm_command(setup: str, kit: vdm_lab.GuestKit, params: str, cpus: int = 1) -> list[str]:
     """The command line of ``setup``; ``params`` is the kit's cmdline without console/panic."""
     k, i = str(kit.vmlinuz), str(kit.initrd)
     if setup.startswith("vdm-"):
@@ -94,7 +95,7 @@ def vmm_command(setup: str, kit: harness.GuestKit, params: str, cpus: int = 1) -
     vhost = "on" if setup == "qemu-vhost" else "off"
     net = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}",
            "-device", "virtio-net-pci,netdev=n0"]
-    cmd = harness.qemu_command(net, [], None, kit=kit, memory_mib=MEM_MIB, cpus=cpus, kernel=kit.vmlinuz,
+    cmd = vdm_lab.qemu_command(net, [], None, kit=kit, memory_mib=MEM_MIB, cpus=cpus, kernel=kit.vmlinuz,
                                accel="kvm")
     cmd[cmd.index("-append") + 1] = "console=ttyS0 panic=-1 " + params
     return cmd
@@ -118,7 +119,7 @@ def stop_stalled(p: subprocess.Popen, setup: str, row: dict) -> None:
     p.kill()
 
 
-def one_run(setup: str, rnd: int, kit: harness.GuestKit, params: str, payload: bytes, payload_md5: str,
+def one_run(setup: str, rnd: int, kit: vdm_lab.GuestKit, params: str, payload: bytes, payload_md5: str,
             a: argparse.Namespace) -> dict:
     cmd = vmm_command(setup, kit, params, a.cpus)
     shown = ["vdm", *cmd[3:]] if setup.startswith("vdm-") else cmd
@@ -149,7 +150,7 @@ def one_run(setup: str, rnd: int, kit: harness.GuestKit, params: str, payload: b
     row.update(peer.result)
     keys = [f"{d}_{k}" for d in ("rx", "tx") for k in ("packets", "bytes", "dropped", "errors")]
     row["tap"] = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
-    _, results, done = harness.parse_results(log)
+    _, results, done = vdm_lab.parse_results(log)
     tcp = next((r for r in results if r.name == "nettcp"), None)
     size = len(payload)
     row["guest_done"] = done
@@ -178,7 +179,7 @@ def one_run(setup: str, rnd: int, kit: harness.GuestKit, params: str, payload: b
 
 
 def inside(a: argparse.Namespace) -> int:
-    kit = harness.guestkit()
+    kit = vdm_lab.guestkit()
     setups = a.setups.split(",")
     vhost = os.path.exists("/dev/vhost-net")
     print(f"BENCHINFO vhost_net={'yes' if vhost else 'no'} nproc={os.cpu_count()} "
@@ -190,7 +191,7 @@ def inside(a: argparse.Namespace) -> int:
     subprocess.run(["ip", "link", "set", TAP, "up"], check=True)
     payload = os.urandom(a.mib << 20)
     payload_md5 = hashlib.md5(payload).hexdigest()
-    params = harness.kernel_cmdline(
+    params = vdm_lab.kernel_cmdline(
         ["nettcp"], {"tcp": "both", "tcpmib": a.mib, "tcptimeout": int(a.timeout) - 60, "exit": "reboot"},
         extra="loglevel=5")
     params = params.replace("console=ttyS0 panic=-1 ", "")
@@ -255,7 +256,7 @@ def main() -> int:
     load0 = os.getloadavg()
     t0 = time.monotonic()
     n_setups = len(a.setups.split(","))
-    r = harness.run_in_kvm_lab(script, timeout=300 + a.runs * n_setups * a.timeout, cwd=str(REPO),
+    r = vdm_lab.run_in_kvm_lab(script, timeout=300 + a.runs * n_setups * a.timeout, cwd=str(REPO),
                                outdir=logdir, echo=lambda s: print(s, end="", file=sys.stderr, flush=True))
     load1 = os.getloadavg()
     rows = [json.loads(ln[len("BENCHJSON "):]) for ln in r.output.splitlines() if ln.startswith("BENCHJSON ")]

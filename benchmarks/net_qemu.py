@@ -41,9 +41,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import vdm_lab  # noqa: E402
+
 from tests.net.netns import NetNs, netns_unavailable  # noqa: E402
 from tests.net.tcp_peer import TcpPeer, listen  # noqa: E402
-from tests.realguest import harness  # noqa: E402
 from tests.vhost_user.vdmproc import VdmProcess  # noqa: E402
 
 SETUPS = ("vdm-vu", "qemu-intx", "qemu")
@@ -62,11 +63,11 @@ def qemu_args(setup: str, sock: Path) -> list[str]:
             "-device", f"virtio-net-pci,netdev=n0,mac={MAC}{vectors}"]
 
 
-def one_run(setup: str, rnd: int, ns: NetNs, sock: Path, kit: harness.GuestKit, payload: bytes,
+def one_run(setup: str, rnd: int, ns: NetNs, sock: Path, kit: vdm_lab.GuestKit, payload: bytes,
             payload_md5: str, a: argparse.Namespace) -> dict:
     params = {"addr": "10.0.2.15/24", "peer": f"{HOST_ADDR}:{PORT}", "tcp": "both", "tcpmib": a.mib,
               "tcptimeout": int(a.timeout), "exit": "poweroff"}
-    cmd = harness.qemu_command(qemu_args(setup, sock), ["nettcp"], params, kit=kit, memory_mib=a.mem,
+    cmd = vdm_lab.qemu_command(qemu_args(setup, sock), ["nettcp"], params, kit=kit, memory_mib=a.mem,
                                shared_memory=True)
     if setup != "vdm-vu":
         cmd = ns.argv(cmd)  # QEMU opens the tap by name: it must run inside the namespace
@@ -83,7 +84,7 @@ def one_run(setup: str, rnd: int, ns: NetNs, sock: Path, kit: harness.GuestKit, 
     row["tap"] = {k: after.get(k, 0) - before.get(k, 0) for k in ("rx_dropped", "tx_dropped")}
     log = p.stdout.decode("utf-8", "replace")
     row.update(peer.result)
-    _, results, _ = harness.parse_results(log)
+    _, results, _ = vdm_lab.parse_results(log)
     tcp = next((r for r in results if r.name == "nettcp"), None)
     size = len(payload)
     row["rx_ok"] = bool(tcp and tcp.get("rx_rc") == "0" and tcp.get("rx_bytes") == str(size)
@@ -109,7 +110,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    qemu = subprocess.run([harness.QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()
+    qemu = subprocess.run([vdm_lab.QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()
     return (f"nproc {os.cpu_count()}, {model}, kernel {platform.release()}, "
             f"Python {platform.python_version()}, {qemu[0] if qemu else 'QEMU ?'}")
 
@@ -130,7 +131,7 @@ def main() -> int:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
-    kit = harness.guestkit()
+    kit = vdm_lab.guestkit()
     payload = os.urandom(a.mib << 20)
     payload_md5 = hashlib.md5(payload).hexdigest()
     print(machine())

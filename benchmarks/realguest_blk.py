@@ -25,9 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import vdm_lab
 from guest_fio import fio_initrd
-
-from tests.realguest import harness
 
 JOBS = ["read:1m:8", "write:1m:8", "randread:4k:1", "randread:4k:32", "randwrite:4k:1", "randwrite:4k:32"]
 SETUPS = ["vdm raw", "qsd raw", "qemu virtio-blk raw", "vdm qcow2", "qsd qcow2"]
@@ -52,7 +51,7 @@ def backend_cmd(setup: str, image: Path, sock: Path) -> list[str] | None:
 
 
 def run_one(setup: str, images: dict[str, Path], tmp: Path, initrd: Path, seconds: int,
-            kit: harness.GuestKit) -> dict[str, float]:
+            kit: vdm_lab.GuestKit) -> dict[str, float]:
     image = images[setup.split()[-1]]
     sock = tmp / "b.sock"
     if sock.exists():
@@ -61,7 +60,7 @@ def run_one(setup: str, images: dict[str, Path], tmp: Path, initrd: Path, second
     proc = None
     if cmd is None:
         # same host caching as the vhost-user backends (page cache, no O_DIRECT)
-        extra = harness.virtio_blk_args(image, 0, fmt="raw", cache="writeback")
+        extra = vdm_lab.virtio_blk_args(image, 0, fmt="raw", cache="writeback")
     else:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "backend.log", "ab"))
         deadline = time.monotonic() + 30
@@ -70,9 +69,9 @@ def run_one(setup: str, images: dict[str, Path], tmp: Path, initrd: Path, second
         if not sock.exists():
             log = (tmp / "backend.log").read_text()[-2000:]
             raise RuntimeError(f"{setup}: backend did not listen: {log}")
-        extra = harness.vhost_user_blk_args(sock)
+        extra = vdm_lab.vhost_user_blk_args(sock)
     try:
-        r = harness.run_qemu(extra, ["fio"], {"jobs": "+".join(JOBS), "time": seconds},
+        r = vdm_lab.run_qemu(extra, ["fio"], {"jobs": "+".join(JOBS), "time": seconds},
                              timeout=120 + 10 * seconds * len(JOBS), kit=kit, initrd=initrd, memory_mib=512)
     finally:
         if proc is not None:
@@ -108,7 +107,7 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--setups", default=",".join(SETUPS))
     a = ap.parse_args()
-    kit = harness.guestkit()
+    kit = vdm_lab.guestkit()
     setups = a.setups.split(",")
     res: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.realguest import debian13  # noqa: E402
+from vdm_lab import debian13  # noqa: E402
 
 BUILD = REPO / "scripts" / "frontends" / "build.sh"
 #: (client mode, block size, queue depth)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything vdm needs on a Debian machine: the system packages its tests and demo use
-# (QEMU, the guest kit's tools, Xen's libraries, ...) and the seven vdm distributions in editable
-# mode with the test tools. Idempotent; needs root (or sudo) for apt.
+# (QEMU, the guest kit's tools, Xen's libraries, ...) and the vdm distributions in editable mode
+# with the test tools, and vdm-lab (lab/: the real-guest harness the tests, benchmarks and fuzz
+# use). Idempotent; needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,5 +33,5 @@ fi
 PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check \
   -e core -e plugins/blk -e plugins/console -e plugins/net \
-  -e plugins/kvm -e plugins/xen -e plugins/vhost-user -e plugins/9p -e ".[test]"
+  -e plugins/kvm -e plugins/xen -e plugins/vhost-user -e plugins/9p -e lab -e ".[test]"
 echo "install.sh: vdm installed: $($PY -m vdm.cli.main --version)"

@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from tests.realguest import harness
+import vdm_lab
 
 pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow]
 
@@ -33,18 +32,18 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> dict[str, str]:
-    if harness.qemu_binary() is None:
+    if vdm_lab.qemu_binary() is None:
         _unavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     try:
-        kit = harness.guestkit()
-    except harness.GuestKitError as e:
+        kit = vdm_lab.guestkit()
+    except vdm_lab.GuestKitError as e:
         _unavailable(f"the guest kit cannot be built: {str(e).strip().splitlines()[-1:]}")
         raise
     if not kit.lab_initrd.exists():
         _unavailable(f"{kit.lab_initrd} is missing")
-    r = harness.run_in_kvm_lab(f"python3 {SCRIPT} serial virtio", timeout=3000, kit=kit)
+    r = vdm_lab.run_in_kvm_lab(f"python3 {SCRIPT} serial virtio", timeout=3000, kit=kit)
     r.assert_ok()
-    values = harness.parse_keyvalues(r.output)
+    values = vdm_lab.parse_keyvalues(r.output)
     values["_describe"] = r.describe()
     return values
 

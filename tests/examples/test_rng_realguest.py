@@ -8,37 +8,18 @@ needed: the device is reached over vhost-user.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import vdm_lab
 
 from tests.core.installed import clean_env
 from tests.examples.rng_install import install_rng_example
-from tests.realguest.conftest import qemu, qemu_frontend  # noqa: F401 - the session fixtures
+from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 
 pytestmark = [pytest.mark.realguest, pytest.mark.slow]
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("VDM_REALGUEST_REQUIRED") or os.environ.get("CI"):
-        pytest.fail(f"{reason} (required here: CI or VDM_REALGUEST_REQUIRED is set)", pytrace=False)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from tests.realguest import harness
-
-    if harness.qemu_binary() is None:
-        _unavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    try:
-        harness.guestkit()
-    except harness.GuestKitError as e:
-        _unavailable(f"the guest kit cannot be built: {str(e).strip().splitlines()[-1:]}")
-    return harness
 
 
 @pytest.fixture
@@ -68,15 +49,16 @@ def rng_backend(tmp_path):
         log.close()
 
 
-def test_guest_reads_hwrng_from_the_example_device(harness, qemu_frontend, rng_backend):  # noqa: F811
+def test_guest_reads_hwrng_from_the_example_device(kit, qemu_frontend, rng_backend):  # noqa: F811
     """Under QEMU 7.2 (the host's) and 10.0 (Debian 13's); the id and the messages name which."""
     fe = qemu_frontend
     sock, proc, log = rng_backend
-    r = harness.run_qemu(
+    r = vdm_lab.run_qemu(
         ["-chardev", f"socket,id=rng0,path={sock}", "-device", "vhost-user-rng-pci,chardev=rng0"],
         ["rng"],
         {"rngbytes": 4096},
         timeout=300,
+        kit=kit,
         qemu=fe,
         visible=[sock.parent],
     )

@@ -14,8 +14,7 @@ import re
 import shlex
 
 import pytest
-
-from tests.realguest import harness
+import vdm_lab
 
 pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow]
 
@@ -23,7 +22,7 @@ MIB = 64
 
 
 @pytest.fixture(scope="module")
-def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
+def lab_run(kit: vdm_lab.GuestKit, kvm_lab) -> vdm_lab.LabResult:
     k = shlex.quote(str(kit.dir))
     t = "/mnt/tmp"
     w = f"{t}/share/wl"  # where the guest's workload works
@@ -69,14 +68,14 @@ def _field(out: str, name: str) -> str:
     return m.group(1).strip()
 
 
-def test_guest_works_on_the_share(lab_run: harness.LabResult) -> None:
+def test_guest_works_on_the_share(lab_run: vdm_lab.LabResult) -> None:
     out = lab_run.output
     m = re.search("=== BEGIN 9p\n(.*?)=== END 9p rc=(\\d+)", out, re.S)
     assert m, lab_run.describe()
     log, rc = m.group(1), int(m.group(2))
     for retry in re.findall("^=== RETRY 9p: .*$", out, re.M):
         print(f"\nKVM lab: {retry}")
-    _, results, done = harness.parse_results(log)
+    _, results, done = vdm_lab.parse_results(log)
     assert rc == 0 and done, log[-3000:]
     r = {x.name: x for x in results}["9p"]
     assert r.ok, r.line

@@ -72,7 +72,7 @@ def test_parse_rejects(image: bytes, message: str) -> None:
 def test_parse_real_kernel() -> None:
     path = kit_kernel()
     if path is None:
-        pytest.skip("guest kit not built (python3 tests/realguest/harness.py kit)")
+        pytest.skip("guest kit not built (python3 -m vdm_lab kit)")
     h = bootparams.parse_bzimage(path.read_bytes())
     assert h.version >= 0x020F  # Debian 6.1: protocol 2.15
     assert h.xloadflags & bootparams.XLF_KERNEL_64
@@ -314,7 +314,7 @@ def test_machine_load_linux_lays_out_memory() -> None:
 
     kernel = kit_kernel()
     if kernel is None:
-        pytest.skip("guest kit not built (python3 tests/realguest/harness.py kit)")
+        pytest.skip("guest kit not built (python3 -m vdm_lab kit)")
     kvm_or_skip()
     initrd = b"\x07" * 300000
     m = Machine(MachineConfig(mem_mib=128, cpus=2))
@@ -428,7 +428,7 @@ def test_machine_loads_the_kit_vmlinux(tmp_path: Path) -> None:
 
     kernel = kit_kernel()
     if kernel is None or not (kernel.parent / "vmlinux").exists():
-        pytest.skip("guest kit not built (python3 tests/realguest/harness.py kit)")
+        pytest.skip("guest kit not built (python3 -m vdm_lab kit)")
     kvm_or_skip()
     vmlinux = kernel.parent / "vmlinux"
     with open(vmlinux, "rb") as f:

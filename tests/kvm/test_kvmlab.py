@@ -14,14 +14,13 @@ import json
 import shlex
 
 import pytest
-
-from tests.realguest import harness
+import vdm_lab
 
 pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
+def lab_run(kit: vdm_lab.GuestKit, kvm_lab) -> vdm_lab.LabResult:
     script = "\n".join([
         "set -x",
         "python3 -m pytest -q -p no:cacheprovider tests/kvm/test_kvm.py 2>&1 | tail -15",
@@ -38,7 +37,7 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
     return r
 
 
-def _boots(r: harness.LabResult) -> list[dict]:
+def _boots(r: vdm_lab.LabResult) -> list[dict]:
     prefix = "LABBOOT "
     return [json.loads(line[len(prefix) :]) for line in r.output.splitlines() if line.startswith(prefix)]
 
@@ -50,7 +49,7 @@ def _say_retries(b: dict) -> None:
               f"{e['exit']} ({e['detail']}) after {e['run_s']} s; serial ended with:\n{e['serial_tail']}")
 
 
-def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: harness.LabResult) -> None:
+def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: vdm_lab.LabResult) -> None:
     summary = [line for line in lab_run.output.splitlines() if " passed" in line and " in " in line]
     assert summary, lab_run.describe()
     assert "failed" not in summary[-1] and "error" not in summary[-1], lab_run.describe()
@@ -58,12 +57,12 @@ def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: harness.LabResult) -> 
 
 @pytest.mark.parametrize("kernel", ["vmlinuz", "vmlinux"])
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int, kernel: str) -> None:
+def test_linux_boots_and_powers_off(lab_run: vdm_lab.LabResult, cpus: int, kernel: str) -> None:
     boots = [b for b in _boots(lab_run) if (b["kernel"], b["cpus"], b["how"]) == (kernel, cpus, "poweroff")]
     assert boots, lab_run.describe()
     b = boots[0]
     _say_retries(b)
-    init, results, done = harness.parse_results(b["serial"])
+    init, results, done = vdm_lab.parse_results(b["serial"])
     assert b["exit"] == "poweroff", f"{b['exit']}: {b['detail']}\n{b['serial'][-3000:]}"
     assert init is not None and done, b["serial"][-3000:]
     by_name = {r.name: r for r in results}
@@ -74,12 +73,12 @@ def test_linux_boots_and_powers_off(lab_run: harness.LabResult, cpus: int, kerne
 
 
 @pytest.mark.parametrize("params", ["", "reboot=k"])
-def test_guest_reboot_ends_the_vm_as_a_reset(lab_run: harness.LabResult, params: str) -> None:
+def test_guest_reboot_ends_the_vm_as_a_reset(lab_run: vdm_lab.LabResult, params: str) -> None:
     boots = [b for b in _boots(lab_run) if (b["how"], b["params"]) == ("reboot", params)]
     assert boots, lab_run.describe()
     b = boots[-1]
     _say_retries(b)
     assert b["exit"] == "reset", f"{b['exit']}: {b['detail']}\n{b['serial'][-2000:]}"
-    _, results, done = harness.parse_results(b["serial"])
+    _, results, done = vdm_lab.parse_results(b["serial"])
     assert done and results[0].ok
     print(f"\nKVM lab reboot ({params or 'ACPI reset register'}): {b['detail']}, run {b['run_s']} s")

@@ -9,8 +9,7 @@ import re
 import shlex
 
 import pytest
-
-from tests.realguest import harness
+import vdm_lab
 
 pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow]
 
@@ -18,7 +17,7 @@ MIB = 8
 
 
 @pytest.fixture(scope="module")
-def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
+def lab_run(kit: vdm_lab.GuestKit, kvm_lab) -> vdm_lab.LabResult:
     k = shlex.quote(str(kit.dir))
     lines = ["mkdir -p /mnt/tmp"]
     for transport in ("mmio", "pci"):
@@ -68,14 +67,14 @@ def lab_run(kit: harness.GuestKit, kvm_lab) -> harness.LabResult:
 
 
 @pytest.mark.parametrize("transport", ["mmio", "pci"])
-def test_vdm_run_boots_with_a_disk(lab_run: harness.LabResult, transport: str) -> None:
+def test_vdm_run_boots_with_a_disk(lab_run: vdm_lab.LabResult, transport: str) -> None:
     out = lab_run.output
     m = re.search(f"=== BEGIN {transport}\n(.*?)=== END {transport} rc=(\\d+)", out, re.S)
     assert m, lab_run.describe()
     log, rc = m.group(1), int(m.group(2))
     for retry in re.findall(f"^=== RETRY {transport}: .*$", out, re.M):
         print(f"\nKVM lab: {retry}")
-    init, results, done = harness.parse_results(log)
+    init, results, done = vdm_lab.parse_results(log)
     assert rc == 0 and done, log[-3000:]
     by = {r.name: r for r in results}
     assert by["boot"].ok and by["smp"].ok and by["smp"]["cpus"] == "2", log[-3000:]
@@ -86,7 +85,7 @@ def test_vdm_run_boots_with_a_disk(lab_run: harness.LabResult, transport: str) -
           f"blk write {by['blk'].get('seq_write_MiBps')} MiB/s, read {by['blk'].get('seq_read_MiBps')} MiB/s")
 
 
-def test_vdm_run_ends_cleanly_on_sigterm(lab_run: harness.LabResult) -> None:
+def test_vdm_run_ends_cleanly_on_sigterm(lab_run: vdm_lab.LabResult) -> None:
     m = re.search("=== BEGIN sigterm\n(.*?)=== END sigterm rc=(\\w+)", lab_run.output, re.S)
     assert m, lab_run.describe()
     assert m.group(2) != "hung", m.group(1)[-6000:]

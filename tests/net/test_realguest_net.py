@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 
 import pytest
+import vdm_lab
+from vdm_lab.pytest_support import LAB_GUEST_RERUN
 
-from tests.realguest import harness
 from tests.realguest.conftest import kit, kvm_lab, qemu  # noqa: F401  (session fixtures)
-from tests.realguest.marks import LAB_GUEST_RERUN
 
 pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow, LAB_GUEST_RERUN]
 
@@ -54,7 +54,7 @@ def lab_script() -> str:
 
 
 def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab):  # noqa: F811
-    r: harness.LabResult = kvm_lab(lab_script(), timeout=1800)
+    r: vdm_lab.LabResult = kvm_lab(lab_script(), timeout=1800)
     r.assert_ok()
     out = r.output
     # Linux's virtio_ring reports a broken ring as "<queue>:<what>" (e.g. "output.0:id 7 is not a
@@ -63,7 +63,7 @@ def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab):  # noqa
     assert not bad_ring, f"the guest found the rings broken: {bad_ring}"
     for tag, _, _ in RUNS:
         results = {
-            m.group(1): (m.group(2), harness.parse_keyvalues(m.group(3)))
+            m.group(1): (m.group(2), vdm_lab.parse_keyvalues(m.group(3)))
             for m in re.finditer(rf"^{tag}: VDMTEST RESULT (\S+) (ok|fail|skip)\b(.*)$", out, re.M)
         }
         assert set(results) == {"net", "nettcp"}, f"{tag}: results missing\n{r.describe()}"

@@ -7,42 +7,31 @@ Where QEMU or the kit is missing the tests skip with the reason; in CI (``CI`` o
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
-
-from tests.realguest import harness
-
-
-def _required() -> bool:
-    return bool(os.environ.get("VDM_REALGUEST_REQUIRED") or os.environ.get("CI"))
-
-
-def _unavailable(reason: str) -> None:
-    if _required():
-        pytest.fail(f"{reason} (required here: CI or VDM_REALGUEST_REQUIRED is set)", pytrace=False)
-    pytest.skip(reason)
+import vdm_lab
+from vdm_lab.pytest_support import unavailable as _unavailable
 
 
 @pytest.fixture(scope="session")
 def qemu() -> str:
     """The path of qemu-system-x86_64."""
-    path = harness.qemu_binary()
+    path = vdm_lab.qemu_binary()
     if path is None:
         _unavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     return path
 
 
 @functools.cache
-def _host_frontend() -> harness.QemuFrontend | None:
-    return harness.host_qemu()
+def _host_frontend() -> vdm_lab.QemuFrontend | None:
+    return vdm_lab.host_qemu()
 
 
 @functools.cache
-def _debian13_frontend() -> harness.QemuFrontend | str:
+def _debian13_frontend() -> vdm_lab.QemuFrontend | str:
     try:
-        return harness.debian13_qemu()
-    except harness.debian13.Debian13Error as e:
+        return vdm_lab.debian13_qemu()
+    except vdm_lab.debian13.Debian13Error as e:
         return f"QEMU 10 (Debian 13 root) cannot be built here: {e}"
 
 
@@ -54,7 +43,7 @@ def _frontend_id(which: str) -> str:
 
 
 @pytest.fixture(scope="session", params=["host", "debian13"], ids=_frontend_id)
-def qemu_frontend(request: pytest.FixtureRequest, qemu: str) -> harness.QemuFrontend:
+def qemu_frontend(request: pytest.FixtureRequest, qemu: str) -> vdm_lab.QemuFrontend:
     """Each QEMU the real-guest vhost-user tests run against: the host's 7.2, Debian 13's 10.0.
 
     The Debian 13 root is built on first use (scripts/debian13/build.sh, cached); where it cannot be
@@ -71,23 +60,23 @@ def qemu_frontend(request: pytest.FixtureRequest, qemu: str) -> harness.QemuFron
 
 
 @pytest.fixture(scope="session")
-def kit(qemu: str) -> harness.GuestKit:
+def kit(qemu: str) -> vdm_lab.GuestKit:
     """The guest kit, built once per machine (scripts/guestkit/build.sh, cached)."""
     try:
-        return harness.guestkit()
-    except harness.GuestKitError as e:
+        return vdm_lab.guestkit()
+    except vdm_lab.GuestKitError as e:
         first = str(e).strip().splitlines()
         _unavailable(f"the guest kit cannot be built: {first[-1] if first else e}")
         raise  # not reached
 
 
 @pytest.fixture(scope="session")
-def kvm_lab(kit: harness.GuestKit):
+def kvm_lab(kit: vdm_lab.GuestKit):
     """``run(script_text, timeout=...) -> LabResult``: run_in_kvm_lab bound to the session's kit."""
     if not kit.lab_initrd.exists():
         _unavailable(f"{kit.lab_initrd} is missing")
 
-    def run(script_text: str, timeout: float = 600, **kw) -> harness.LabResult:
-        return harness.run_in_kvm_lab(script_text, timeout, kit=kit, **kw)
+    def run(script_text: str, timeout: float = 600, **kw) -> vdm_lab.LabResult:
+        return vdm_lab.run_in_kvm_lab(script_text, timeout, kit=kit, **kw)
 
     return run

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.realguest import debian13
+from vdm_lab import debian13
 
 
 @pytest.fixture(scope="module")

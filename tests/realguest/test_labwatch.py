@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.realguest import labwatch
+from vdm_lab import labwatch
 
 
 class Clock:

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.realguest import harness
+import vdm_lab
 
 LOG = "\r\n".join(
     [
@@ -25,8 +24,8 @@ LOG = "\r\n".join(
 )
 
 
-def _fake_kit(tmp_path: Path) -> harness.GuestKit:
-    return harness.GuestKit(
+def _fake_kit(tmp_path: Path) -> vdm_lab.GuestKit:
+    return vdm_lab.GuestKit(
         dir=tmp_path,
         vmlinuz=tmp_path / "vmlinuz",
         vmlinux=tmp_path / "vmlinux",
@@ -38,7 +37,7 @@ def _fake_kit(tmp_path: Path) -> harness.GuestKit:
 
 
 def test_parse_results_reads_init_results_and_done_through_noise() -> None:
-    init, results, done = harness.parse_results(LOG)
+    init, results, done = vdm_lab.parse_results(LOG)
     assert init is not None and init["kernel"] == "6.1.0-56-amd64" and init["init_uptime_s"] == "2.81"
     assert [(r.name, r.status) for r in results] == [("boot", "ok"), ("blk", "fail")]
     assert results[1]["md5"] == "abc" and results[1]["readback"] == "mismatch"
@@ -47,8 +46,8 @@ def test_parse_results_reads_init_results_and_done_through_noise() -> None:
 
 
 def test_guest_result_assert_ok_names_the_failure_and_shows_the_log() -> None:
-    init, results, done = harness.parse_results(LOG)
-    r = harness.GuestResult(["qemu"], LOG, 0, False, 1.0, init, results, done)
+    init, results, done = vdm_lab.parse_results(LOG)
+    r = vdm_lab.GuestResult(["qemu"], LOG, 0, False, 1.0, init, results, done)
     r.assert_ok("boot")
     with pytest.raises(AssertionError, match="blk: VDMTEST RESULT blk fail") as e:
         r.assert_ok("boot", "blk")
@@ -59,7 +58,7 @@ def test_guest_result_assert_ok_names_the_failure_and_shows_the_log() -> None:
         r.assert_ok()  # all printed results: blk failed
     with pytest.raises(KeyError, match="no RESULT line for 'fs'"):
         r["fs"]
-    empty = harness.GuestResult(["qemu"], "", None, True, 9.0, None, [], False)
+    empty = vdm_lab.GuestResult(["qemu"], "", None, True, 9.0, None, [], False)
     with pytest.raises(AssertionError, match="timed out"):
         empty.assert_ok()
 
@@ -70,23 +69,23 @@ def test_guest_result_assert_ok_names_the_failure_and_shows_the_log() -> None:
 )
 def test_kernel_cmdline_rejects_values_that_would_split_or_inject(params: dict[str, str]) -> None:
     with pytest.raises(ValueError):
-        harness.kernel_cmdline(["blk"], params)
+        vdm_lab.kernel_cmdline(["blk"], params)
 
 
 def test_kernel_cmdline_format() -> None:
     mmio = "virtio_mmio.device=4K@0xd0000000:5"
-    line = harness.kernel_cmdline(["blk", "fs"], {"mib": 8, "peer": "10.0.2.2:5555"}, mmio)
+    line = vdm_lab.kernel_cmdline(["blk", "fs"], {"mib": 8, "peer": "10.0.2.2:5555"}, mmio)
     assert line.split() == [
         "console=ttyS0", "panic=-1", "quiet", "vdmtest=blk,fs", "vdmtest.mib=8", "vdmtest.peer=10.0.2.2:5555",
         mmio,
     ]
     with pytest.raises(ValueError):
-        harness.kernel_cmdline(["blk;reboot"])
+        vdm_lab.kernel_cmdline(["blk;reboot"])
 
 
 def test_qemu_command_shares_guest_ram_for_vhost_user(tmp_path: Path) -> None:
     kit = _fake_kit(tmp_path)
-    cmd = harness.qemu_command(harness.vhost_user_blk_args("/s.sock"), ["blk"], kit=kit, memory_mib=384)
+    cmd = vdm_lab.qemu_command(vdm_lab.vhost_user_blk_args("/s.sock"), ["blk"], kit=kit, memory_mib=384)
     joined = " ".join(cmd)
     assert "memory-backend-memfd,id=mem,size=384M,share=on" in joined
     assert cmd[cmd.index("-M") + 1] == "q35,memory-backend=mem"
@@ -94,36 +93,36 @@ def test_qemu_command_shares_guest_ram_for_vhost_user(tmp_path: Path) -> None:
     assert "socket,id=vub0,path=/s.sock" in cmd and "vhost-user-blk-pci,chardev=vub0" in cmd
     assert cmd[cmd.index("-kernel") + 1] == str(kit.vmlinux)
 
-    net = harness.qemu_command(harness.vhost_user_net_args("/n.sock", mac="52:54:00:12:34:56"), kit=kit)
+    net = vdm_lab.qemu_command(vdm_lab.vhost_user_net_args("/n.sock", mac="52:54:00:12:34:56"), kit=kit)
     assert "vhost-user,id=vun0,chardev=vunc0" in net and "memory-backend=mem" in " ".join(net)
     assert "virtio-net-pci,netdev=vun0,mac=52:54:00:12:34:56" in net
 
-    plain = harness.qemu_command(harness.virtio_blk_args("/d.img"), kit=kit)
+    plain = vdm_lab.qemu_command(vdm_lab.virtio_blk_args("/d.img"), kit=kit)
     assert "memory-backend" not in " ".join(plain) and plain[plain.index("-M") + 1] == "q35"
     assert plain[plain.index("-m") + 1] == "256M"
 
-    fio = harness.qemu_command(["-M", "pc"], initrd="fio", kit=kit)
+    fio = vdm_lab.qemu_command(["-M", "pc"], initrd="fio", kit=kit)
     assert fio.count("-M") == 1 and fio[fio.index("-M") + 1] == "pc"  # the caller's machine wins
     assert fio[fio.index("-initrd") + 1] == str(kit.initrd_fio) and fio[fio.index("-m") + 1] == "512M"
 
-    kvm = harness.qemu_command(kit=kit, accel="kvm")
+    kvm = vdm_lab.qemu_command(kit=kit, accel="kvm")
     assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
 
 
 def test_lab_command_and_out_share(tmp_path: Path) -> None:
     kit = _fake_kit(tmp_path)
-    cmd = harness.lab_command(tmp_path / "run", tmp_path / "out.txt", kit=kit, outdir=tmp_path / "share")
+    cmd = vdm_lab.lab_command(tmp_path / "run", tmp_path / "out.txt", kit=kit, outdir=tmp_path / "share")
     append = cmd[cmd.index("-append") + 1]
     assert f"vdmlab.cmd={tmp_path / 'run'}" in append.split() and "vdmlab.out=1" in append.split()
     assert f"local,path={tmp_path / 'share'},mount_tag=labout,security_model=none,multidevs=remap" in cmd
     assert any("mount_tag=hostroot" in a and "readonly=on" in a for a in cmd)
     assert cmd[cmd.index("-serial") + 1] == "stdio" and f"file:{tmp_path / 'out.txt'}" in cmd
     with pytest.raises(ValueError):
-        harness.lab_command(tmp_path / "a,b", tmp_path / "o", kit=kit)
+        vdm_lab.lab_command(tmp_path / "a,b", tmp_path / "o", kit=kit)
     # L2's init runs kvmhold.py with this very interpreter; the HMP monitor is there when asked for
     assert f"vdmlab.py={os.path.realpath(sys.executable)}" in append.split()
     assert "-monitor" not in cmd
-    mon = harness.lab_command(tmp_path / "run", tmp_path / "out.txt", kit=kit, monitor=tmp_path / "m")
+    mon = vdm_lab.lab_command(tmp_path / "run", tmp_path / "out.txt", kit=kit, monitor=tmp_path / "m")
     assert mon[mon.index("-monitor") + 1] == f"unix:{tmp_path / 'm'},server=on,wait=off"
 
 
@@ -136,12 +135,12 @@ def test_parse_lab_console_markers_and_garbage() -> None:
             "VDMLAB RC=3 uptime_s=18.45",
         ]
     )
-    init, start, end, rc = harness.parse_lab_console(console)
+    init, start, end, rc = vdm_lab.parse_lab_console(console)
     assert init is not None and init["kvm_amd"] == "yes" and init["devkvm"] == "yes"
     assert (start, end, rc) == (5.41, 18.45, 3)
     nothing = (None, None, None, None)
-    assert harness.parse_lab_console("VDMLAB START uptime_s=x\nVDMLAB RC=zz uptime_s=") == nothing
-    assert harness.parse_lab_console("[ 2.0] Kernel panic") == nothing
+    assert vdm_lab.parse_lab_console("VDMLAB START uptime_s=x\nVDMLAB RC=zz uptime_s=") == nothing
+    assert vdm_lab.parse_lab_console("[ 2.0] Kernel panic") == nothing
 
 
 @pytest.mark.parametrize("shebang", [False, True])
@@ -151,17 +150,17 @@ def test_lab_wrapper_runs_the_script_with_env_cwd_and_exit_code(tmp_path: Path, 
     script = ("#!/bin/sh\n" + body) if shebang else body
     work = tmp_path / "w"
     work.mkdir()
-    wrapper = harness._lab_wrapper(script, work, str(tmp_path), {"X": "it's quoted"})
+    wrapper = vdm_lab.kvmlab._lab_wrapper(script, work, str(tmp_path), {"X": "it's quoted"})
     p = subprocess.run([str(wrapper)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
     assert p.returncode == 7, p.stderr
     assert p.stdout.strip() == f"cwd={tmp_path} tmp=/mnt/tmp lab=1 x=it's quoted"
     with pytest.raises(ValueError):
-        harness.lab_command(wrapper, tmp_path / "bad out", kit=_fake_kit(tmp_path))
+        vdm_lab.lab_command(wrapper, tmp_path / "bad out", kit=_fake_kit(tmp_path))
 
 
 @pytest.mark.realguest
-def test_run_qemu_kills_the_guest_on_timeout(kit: harness.GuestKit) -> None:
-    r = harness.run_qemu([], ["boot"], timeout=1.5, kit=kit)
+def test_run_qemu_kills_the_guest_on_timeout(kit: vdm_lab.GuestKit) -> None:
+    r = vdm_lab.run_qemu([], ["boot"], timeout=1.5, kit=kit)
     assert r.timed_out and r.returncode is None
     assert r.elapsed_s < 10
     with pytest.raises(AssertionError, match="timed out"):

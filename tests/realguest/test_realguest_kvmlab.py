@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.realguest import harness
-from tests.realguest.marks import LAB_GUEST_RERUN
+import vdm_lab
+from vdm_lab.pytest_support import LAB_GUEST_RERUN
 
 pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow]
 
@@ -37,12 +36,12 @@ PY
 
 def test_kvm_lab_has_kvm_amd_and_runs_host_python(kvm_lab) -> None:
     """L2 boots, its /dev/kvm is kvm_amd (not kvm_pvm), and the host's Python imports vdm."""
-    r: harness.LabResult = kvm_lab(PROBE, timeout=600)
+    r: vdm_lab.LabResult = kvm_lab(PROBE, timeout=600)
     r.assert_ok()
     assert r.init is not None, r.describe()
     assert r.init["kvm_amd"] == "yes" and r.init["devkvm"] == "yes", r.describe()
     assert int(r.init["svm"]) >= 1, r.describe()
-    values = harness.parse_keyvalues(r.output)
+    values = vdm_lab.parse_keyvalues(r.output)
     assert values.get("kvm_amd_module") == "yes" and values.get("kvm_pvm_module") == "no", r.describe()
     assert values.get("scratch") == "scratch", r.describe()
     assert values.get("vdm_file") == str(REPO / "core" / "src" / "vdm" / "__init__.py"), r.describe()
@@ -52,13 +51,12 @@ def test_kvm_lab_has_kvm_amd_and_runs_host_python(kvm_lab) -> None:
 
 
 L3_SCRIPT = """#!/usr/bin/env python3
-import hashlib, json, sys
-sys.path.insert(0, %(repo)r)
-from tests.realguest import harness
+import hashlib, json
+import vdm_lab
 img = "/mnt/l3.img"
 with open(img, "wb") as f:
     f.truncate(16 << 20)
-r = harness.run_qemu(harness.virtio_blk_args(img, cache="writeback"), ["smp", "blk"], {"mib": 2},
+r = vdm_lab.run_qemu(vdm_lab.virtio_blk_args(img, cache="writeback"), ["smp", "blk"], {"mib": 2},
                      timeout=240, accel="kvm")
 with open(img, "rb") as f:
     host_md5 = hashlib.md5(f.read(2 << 20)).hexdigest()
@@ -71,7 +69,7 @@ print("L3JSON " + json.dumps({"rc": r.returncode, "wall_s": r.elapsed_s, "init":
 @LAB_GUEST_RERUN  # QEMU's own guest: when it dies in the nested lab, the lab is at fault
 def test_kvm_lab_l3_peer_baseline_qemu_kvm_boots_the_kit(kvm_lab) -> None:
     """QEMU -accel kvm inside the lab boots the kit at L3 (the peer baseline for vdm's KVM VMM)."""
-    r: harness.LabResult = kvm_lab(L3_SCRIPT % {"repo": str(REPO)}, timeout=600)
+    r: vdm_lab.LabResult = kvm_lab(L3_SCRIPT % {"repo": str(REPO)}, timeout=600)
     r.assert_ok()
     lines = [ln for ln in r.output.splitlines() if ln.startswith("L3JSON ")]
     assert lines, r.describe()

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.realguest import harness
+import vdm_lab
 
 pytestmark = [pytest.mark.realguest, pytest.mark.slow]
 
@@ -39,12 +38,12 @@ def _image(path: Path, mib: int) -> Path:
     return path
 
 
-def test_peer_baseline_virtio_blk_pci_blk_and_fs(kit: harness.GuestKit, tmp_path: Path) -> None:
+def test_peer_baseline_virtio_blk_pci_blk_and_fs(kit: vdm_lab.GuestKit, tmp_path: Path) -> None:
     """blk writes random data that the host finds in its image; fs builds a checked ext2."""
     raw = _image(tmp_path / "raw.img", 32)
     fsimg = _image(tmp_path / "fs.img", 32)
-    r = harness.run_qemu(
-        harness.virtio_blk_args(raw, 0) + harness.virtio_blk_args(fsimg, 1),
+    r = vdm_lab.run_qemu(
+        vdm_lab.virtio_blk_args(raw, 0) + vdm_lab.virtio_blk_args(fsimg, 1),
         ["blk", "fs"],
         {"mib": 8, "dev": "/dev/vda", "fsdev": "/dev/vdb", "fsmib": 4, "fsfiles": 32},
         timeout=180,
@@ -68,7 +67,7 @@ def test_peer_baseline_virtio_blk_pci_blk_and_fs(kit: harness.GuestKit, tmp_path
         assert p.returncode == 0, p.stdout + p.stderr
 
 
-def test_peer_baseline_vhost_user_blk(kit: harness.GuestKit, tmp_path: Path) -> None:
+def test_peer_baseline_vhost_user_blk(kit: vdm_lab.GuestKit, tmp_path: Path) -> None:
     """vhost-user-blk with qemu-storage-daemon (the C backend vdm-vhost-user is compared with)."""
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
@@ -87,7 +86,7 @@ def test_peer_baseline_vhost_user_blk(kit: harness.GuestKit, tmp_path: Path) -> 
         while not sock.exists() and daemon.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert sock.exists(), f"qemu-storage-daemon did not listen: {daemon.poll()}"
-        r = harness.run_qemu(harness.vhost_user_blk_args(sock), ["blk"], {"mib": 8}, timeout=180, kit=kit)
+        r = vdm_lab.run_qemu(vdm_lab.vhost_user_blk_args(sock), ["blk"], {"mib": 8}, timeout=180, kit=kit)
     finally:
         daemon.terminate()
         daemon.wait(10)
@@ -162,20 +161,20 @@ class _ConsoleEcho:
                 s.sendall(d)
 
 
-def test_peer_baseline_net_console_rng_smp_serial(kit: harness.GuestKit, tmp_path: Path) -> None:
+def test_peer_baseline_net_console_rng_smp_serial(kit: vdm_lab.GuestKit, tmp_path: Path) -> None:
     """virtio-net (user net: ping + TCP both ways), virtio-console echo, virtio-rng, 2 CPUs, ttyS0."""
     payload = os.urandom(1 << 20)
     peer = _TcpPeer(payload)
     hvc = tmp_path / "hvc.sock"
     _ConsoleEcho(hvc)
     extra = [
-        *harness.user_net_args(),
+        *vdm_lab.user_net_args(),
         "-device", "virtio-rng-pci",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=hvc0,path={hvc},server=on,wait=off",
         "-device", "virtconsole,chardev=hvc0",
     ]
-    r = harness.run_qemu(
+    r = vdm_lab.run_qemu(
         extra,
         ["smp", "serial", "rng", "console", "net", "nettcp"],
         {"cpus": 2, "peer": f"10.0.2.2:{peer.port}", "tcp": "both", "tcpmib": 1, "count": 3},

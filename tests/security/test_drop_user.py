@@ -106,9 +106,9 @@ def test_vhost_user_unknown_user_is_one_clear_error(tmp_path):
 
 
 def _kit() -> Path:
-    from tests.realguest import harness
+    import vdm_lab
 
-    d = harness.kit_dir()
+    d = vdm_lab.kit_dir()
     if not all((d / f).is_file() for f in ("vmlinuz", "initrd.cpio.gz")):
         pytest.skip(f"no guest kit in {d} (tests/realguest builds it)")
     return d

@@ -9,14 +9,13 @@ import re
 import shlex
 
 import pytest
-
-from tests.realguest import harness
-from tests.realguest.marks import LAB_GUEST_RERUN
+import vdm_lab
+from vdm_lab.pytest_support import LAB_GUEST_RERUN
 
 pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow, LAB_GUEST_RERUN]
 
 
-def test_vdm_run_as_nobody_in_the_kvm_lab(kit: harness.GuestKit, kvm_lab) -> None:
+def test_vdm_run_as_nobody_in_the_kvm_lab(kit: vdm_lab.GuestKit, kvm_lab) -> None:
     k = shlex.quote(str(kit.dir))
     script = f"""
 img=/mnt/tmp/root-only.img
@@ -48,6 +47,6 @@ cat /mnt/tmp/vdm.log
     assert f"Uid: {uid} {uid} {uid} {uid}" in creds, creds or out[-3000:]
     assert f"Gid: {gid} {gid} {gid} {gid}" in creds and "Groups: NoNewPrivs: 1" in creds, creds
     assert int(rc.group(1)) == 0, out[-3000:]
-    _init, results, done = harness.parse_results(out)
+    _init, results, done = vdm_lab.parse_results(out)
     by = {x.name: x for x in results}
     assert done and by["boot"].ok and by["blk"].ok and by["blk"]["readback"] == "match", out[-3000:]

@@ -15,21 +15,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.realguest import harness
+import vdm_lab
+
 from tests.vhost_user.vdmproc import VdmProcess
 
 
-def run(kind: str, image: Path, tmp: Path, mib: int, seconds: int, kit: harness.GuestKit) -> dict[str, str]:
+def run(kind: str, image: Path, tmp: Path, mib: int, seconds: int, kit: vdm_lab.GuestKit) -> dict[str, str]:
     vdm = None
     if kind == "qemu virtio-blk (cache=none,aio=native)":
-        extra = harness.virtio_blk_args(image, 0, cache="none")
+        extra = vdm_lab.virtio_blk_args(image, 0, cache="none")
     else:
         opts = str(image) + (",direct" if "direct" in kind else "")
         sock = tmp / "b.sock"
         vdm = VdmProcess(str(sock), "--disk", opts)
-        extra = harness.vhost_user_blk_args(sock)
+        extra = vdm_lab.vhost_user_blk_args(sock)
     try:
-        r = harness.run_qemu(
+        r = vdm_lab.run_qemu(
             extra,
             ["blk", "blkrand"],
             {"mib": mib, "time": seconds},
@@ -50,7 +51,7 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--time", type=int, default=10)
     a = ap.parse_args()
-    kit = harness.guestkit()
+    kit = vdm_lab.guestkit()
     kinds = ["vdm vhost-user", "vdm vhost-user (direct)", "qemu virtio-blk (cache=none,aio=native)"]
     rows = []
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.realguest import debian13, harness
+import vdm_lab
+from vdm_lab import debian13
 
 REPO = Path(__file__).resolve().parents[2]
 UNTESTED = ("cloud-hypervisor", "crosvm")
@@ -29,7 +30,7 @@ def test_the_plugin_readme_lists_the_versions_the_tests_run():
     """The versions in the table are the ones installed here (the host's, the Debian 13 root's)."""
     text = (REPO / "plugins" / "vhost-user" / "README.md").read_text()
     table = text[text.index("## Tested frontends"):]
-    host = harness.host_qemu()
+    host = vdm_lab.host_qemu()
     if host is not None:
         assert f"| QEMU | {host.version} |" in table and f"[{host.name}]" in table
     root = debian13.root_dir()

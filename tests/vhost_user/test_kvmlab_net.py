@@ -19,10 +19,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import vdm_lab
+from vdm_lab.pytest_support import LAB_GUEST_RERUN
 
-from tests.realguest import harness
 from tests.realguest.conftest import kit, kvm_lab, qemu  # noqa: F401  (session fixtures)
-from tests.realguest.marks import LAB_GUEST_RERUN
 
 pytestmark = [pytest.mark.realguest, pytest.mark.kvmlab, pytest.mark.slow, LAB_GUEST_RERUN]
 
@@ -32,8 +32,8 @@ SCRIPT = r'''
 import hashlib, os, re, subprocess, sys, time
 sys.path.insert(0, {repo!r})
 from tests.net.tcp_peer import TcpPeer, listen
-from tests.realguest import harness
-kit = harness.guestkit()
+import vdm_lab
+kit = vdm_lab.guestkit()
 subprocess.run("ip tuntap add dev vdmtap0 mode tap vnet_hdr && ip addr add 10.0.2.2/24 dev vdmtap0 "
                "&& ip link set vdmtap0 up", shell=True, check=True)
 os.makedirs("/mnt/tmp", exist_ok=True)
@@ -52,7 +52,7 @@ args = ["-chardev", "socket,id=c0,path=" + sock, "-netdev", "vhost-user,id=n0,ch
         "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]
 for boot in (1, 2):
     peer = TcpPeer(payload, 200, listen("10.0.2.2", 5555, 200))
-    r = harness.run_qemu(args, ["net", "nettcp"], {{"ip": "10.0.2.2", "peer": "10.0.2.2:5555", "tcp": "both",
+    r = vdm_lab.run_qemu(args, ["net", "nettcp"], {{"ip": "10.0.2.2", "peer": "10.0.2.2:5555", "tcp": "both",
                          "tcpmib": {mib}, "exit": "poweroff"}}, timeout=200, kit=kit, accel="kvm")
     peer.close(30)
     for w in ("net", "nettcp"):
@@ -78,7 +78,7 @@ def test_msix_guest_under_kvm_twice_on_one_vdm(kvm_lab, tmp_path: Path) -> None:
     repo = str(Path(__file__).resolve().parents[2])
     script.write_text(textwrap.dedent(SCRIPT.format(repo=repo, mib=MIB)))
     script.chmod(0o644)
-    r: harness.LabResult = kvm_lab(f"python3 {script}\n", timeout=600)
+    r: vdm_lab.LabResult = kvm_lab(f"python3 {script}\n", timeout=600)
     r.assert_ok()
     out = r.output
     sent = re.search(r"^PEER sent_md5=(\w+)", out, re.M)
@@ -87,8 +87,8 @@ def test_msix_guest_under_kvm_twice_on_one_vdm(kvm_lab, tmp_path: Path) -> None:
         lines = {m.group(1): m.group(0) for m in re.finditer(rf"^BOOT {boot} rc=0 VDMTEST RESULT (\w+) ok.*$",
                                                              out, re.M)}
         assert set(lines) == {"net", "nettcp"}, r.describe()
-        net = harness.parse_keyvalues(lines["net"])
-        tcp = harness.parse_keyvalues(lines["nettcp"])
+        net = vdm_lab.parse_keyvalues(lines["net"])
+        tcp = vdm_lab.parse_keyvalues(lines["nettcp"])
         assert net["rx"] == "5/5", lines["net"]
         assert tcp["rx_bytes"] == str(MIB << 20) and tcp["rx_md5"] == sent.group(1), lines["nettcp"]
         got = re.search(rf"^BOOT {boot} PEER recv_bytes=(\d+) recv_md5=(\w+)", out, re.M)

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+from vdm_lab import debian13
 
-from tests.realguest import debian13
 from tests.vhost_user.vdmproc import VdmProcess
 
 pytestmark = [pytest.mark.slow]

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+import vdm_lab
 
-from tests.realguest import harness
 from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 from tests.vhost_user.vdmproc import VdmProcess
 
@@ -74,8 +74,8 @@ def _md5_head(path: Path, length: int) -> str:
         return hashlib.md5(f.read(length)).hexdigest()
 
 
-def test_guest_writes_and_verifies_across_live_migration(kit: harness.GuestKit,  # noqa: F811
-                                                        qemu_frontend: harness.QemuFrontend,  # noqa: F811
+def test_guest_writes_and_verifies_across_live_migration(kit: vdm_lab.GuestKit,  # noqa: F811
+                                                        qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                                         tmp_path: Path) -> None:
     fe = qemu_frontend
     mib, seconds = 4, 40
@@ -86,19 +86,19 @@ def test_guest_writes_and_verifies_across_live_migration(kit: harness.GuestKit, 
     mig = tmp_path / "mig.sock"
     vdms = [VdmProcess(str(s), "--disk", f"{image},lock=start") for s in (src_sock, dst_sock)]
     qemus: list[_Qemu] = []
-    qmps: list[harness.Qmp] = []
+    qmps: list[vdm_lab.Qmp] = []
     try:
         params = {"mib": mib, "time": seconds, "dev": "/dev/vda", "exit": "poweroff"}
         prefix = fe.argv([kit.dir, tmp_path])
         for name, sock, extra in (("src", src_sock, []), ("dst", dst_sock, ["-incoming", f"unix:{mig}"])):
-            cmd = harness.qemu_command(
-                [*harness.vhost_user_blk_args(sock), "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off",
+            cmd = vdm_lab.qemu_command(
+                [*vdm_lab.vhost_user_blk_args(sock), "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off",
                  *extra],
                 ["blkloop"], params, kit=kit, qemu=prefix,
             )
             qemus.append(_Qemu(cmd))
         src, dst = qemus
-        qmps = [harness.Qmp(tmp_path / "src.qmp"), harness.Qmp(tmp_path / "dst.qmp")]
+        qmps = [vdm_lab.Qmp(tmp_path / "src.qmp"), vdm_lab.Qmp(tmp_path / "dst.qmp")]
         assert src.wait_line("VDMTEST STARTED blkloop", 120), f"{fe}: the guest did not start\n{src.output}"
         time.sleep(5)  # a few rounds on the source
         # (uncapped: QEMU 7.2's own TCG migration corrupted guest memory in 1 of 3 runs capped at
@@ -126,7 +126,7 @@ def test_guest_writes_and_verifies_across_live_migration(kit: harness.GuestKit, 
         for q in qemus:
             q.stop()
         rcs = [v.stop() for v in vdms]
-    _, results, _ = harness.parse_results(dst.output)
+    _, results, _ = vdm_lab.parse_results(dst.output)
     result = {r.name: r for r in results}.get("blkloop")
     assert result is not None, f"{fe}: no result from the guest on the destination\n{dst.output}"
     assert result["errors"] == "0" and result.ok, f"{fe}: {result.line}"
@@ -144,8 +144,8 @@ def test_guest_writes_and_verifies_across_live_migration(kit: harness.GuestKit, 
           f"guest: {result['rounds']} rounds of {mib} MiB, {result['errors']} verify errors")
 
 
-def test_guest_keeps_pinging_across_live_migration(kit: harness.GuestKit,  # noqa: F811
-                                                   qemu_frontend: harness.QemuFrontend,  # noqa: F811
+def test_guest_keeps_pinging_across_live_migration(kit: vdm_lab.GuestKit,  # noqa: F811
+                                                   qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                                    tmp_path: Path) -> None:
     """virtio-net: source and destination vdm each on a tap, both taps in one bridge with the host
     address; the guest pings the host through the migration. A few packets may be lost (the
@@ -171,20 +171,20 @@ def test_guest_keeps_pinging_across_live_migration(kit: harness.GuestKit,  # noq
             for sock, tap in ((src_sock, "vdmtapS"), (dst_sock, "vdmtapD"))
         ]
         qemus: list[_Qemu] = []
-        qmps: list[harness.Qmp] = []
+        qmps: list[vdm_lab.Qmp] = []
         status: dict = {}
         try:
             params = {"count": count, "interval": interval, "ip": HOST_IP, "exit": "poweroff"}
             prefix = fe.argv([kit.dir, tmp_path])
             for name, sock, extra in (("src", src_sock, []), ("dst", dst_sock, ["-incoming", f"unix:{mig}"])):
-                cmd = harness.qemu_command(
+                cmd = vdm_lab.qemu_command(
                     [*vhost_user_net_args(fe, sock), "-qmp", f"unix:{tmp_path / name}.qmp,server=on,wait=off",
                      *extra],
                     ["net"], params, kit=kit, qemu=prefix,
                 )
                 qemus.append(_Qemu(cmd))
             src, dst = qemus
-            qmps = [harness.Qmp(tmp_path / "src.qmp"), harness.Qmp(tmp_path / "dst.qmp")]
+            qmps = [vdm_lab.Qmp(tmp_path / "src.qmp"), vdm_lab.Qmp(tmp_path / "dst.qmp")]
             assert src.wait_line("VDMTEST INIT", 120), f"{fe}: the guest did not start\n{src.output}"
             time.sleep(6)  # eth0 up, pings under way on the source
             qmps[0].execute("migrate", uri=f"unix:{mig}")
@@ -209,7 +209,7 @@ def test_guest_keeps_pinging_across_live_migration(kit: harness.GuestKit,  # noq
             for q in qemus:
                 q.stop()
             rcs = [v.stop() for v in vdms]
-    _, results, _ = harness.parse_results(dst.output)
+    _, results, _ = vdm_lab.parse_results(dst.output)
     result = {r.name: r for r in results}.get("net")
     assert result is not None, f"{fe}: no result from the guest on the destination\n{dst.output}"
     rx = int(result["rx"].split("/")[0])

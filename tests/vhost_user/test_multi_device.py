@@ -183,7 +183,7 @@ def test_guest_on_two_disks_served_by_one_vdm(kit, qemu_frontend, tmp_path):  # 
     by one ``vdm vhost-user`` process; the host then checks what landed in each image."""
     import hashlib
 
-    from tests.realguest import harness
+    import vdm_lab
 
     fe = qemu_frontend
     vda, vdb = tmp_path / "vda.img", tmp_path / "vdb.img"
@@ -193,8 +193,8 @@ def test_guest_on_two_disks_served_by_one_vdm(kit, qemu_frontend, tmp_path):  # 
     a_sock, b_sock = tmp_path / "vda.sock", tmp_path / "vdb.sock"
     vdm = VdmProcess(str(a_sock), "--disk", str(vda), "-s", str(b_sock), "--disk", str(vdb))
     try:
-        r = harness.run_qemu(
-            harness.vhost_user_blk_args(a_sock, 0) + harness.vhost_user_blk_args(b_sock, 1),
+        r = vdm_lab.run_qemu(
+            vdm_lab.vhost_user_blk_args(a_sock, 0) + vdm_lab.vhost_user_blk_args(b_sock, 1),
             ["blk", "fs"],
             {"mib": 8, "dev": "/dev/vda", "fsdev": "/dev/vdb", "fsmib": 4, "fsfiles": 16},
             timeout=150, kit=kit, qemu=fe, visible=[tmp_path],

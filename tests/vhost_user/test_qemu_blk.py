@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
+import vdm_lab
 
-from tests.realguest import harness
 from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 from tests.vhost_user.vdmproc import VdmProcess, wait_allocated
 
@@ -60,14 +60,14 @@ def _e2fsck_ok(image: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def _boot_blk_and_fs(kit: harness.GuestKit, fe: harness.QemuFrontend, tmp: Path, vda: Path,  # noqa: F811
-                     vdb: Path) -> harness.GuestResult:
+def _boot_blk_and_fs(kit: vdm_lab.GuestKit, fe: vdm_lab.QemuFrontend, tmp: Path, vda: Path,  # noqa: F811
+                     vdb: Path) -> vdm_lab.GuestResult:
     procs = [
         VdmProcess(str(tmp / "vda.sock"), "--disk", str(vda)),
         VdmProcess(str(tmp / "vdb.sock"), "--disk", str(vdb)),
     ]
     try:
-        r = harness.run_qemu(
+        r = vdm_lab.run_qemu(
             _chardev_args(tmp / "vda.sock", 0) + _chardev_args(tmp / "vdb.sock", 1),
             ["blk", "fs"],
             {"mib": 8, "dev": "/dev/vda", "fsdev": "/dev/vdb", "fsmib": 4, "fsfiles": 16},
@@ -90,7 +90,7 @@ def _boot_blk_and_fs(kit: harness.GuestKit, fe: harness.QemuFrontend, tmp: Path,
     return r
 
 
-def test_guest_blk_and_fs_on_raw_images(kit: harness.GuestKit, qemu_frontend: harness.QemuFrontend,  # noqa: F811
+def test_guest_blk_and_fs_on_raw_images(kit: vdm_lab.GuestKit, qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                         tmp_path: Path) -> None:
     vda, vdb = _raw(tmp_path / "vda.img", 32), _raw(tmp_path / "vdb.img", 32)
     r = _boot_blk_and_fs(kit, qemu_frontend, tmp_path, vda, vdb)
@@ -99,7 +99,7 @@ def test_guest_blk_and_fs_on_raw_images(kit: harness.GuestKit, qemu_frontend: ha
     _e2fsck_ok(vdb)
 
 
-def test_guest_blk_and_fs_on_qcow2_images(kit: harness.GuestKit, qemu_frontend: harness.QemuFrontend,  # noqa: F811
+def test_guest_blk_and_fs_on_qcow2_images(kit: vdm_lab.GuestKit, qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                           tmp_path: Path) -> None:
     vda, vdb = _qcow2(tmp_path / "vda.qcow2", 32), _qcow2(tmp_path / "vdb.qcow2", 32)
     r = _boot_blk_and_fs(kit, qemu_frontend, tmp_path, vda, vdb)
@@ -115,7 +115,7 @@ def test_guest_blk_and_fs_on_qcow2_images(kit: harness.GuestKit, qemu_frontend: 
     _e2fsck_ok(fsflat)
 
 
-def test_sigkill_and_restart_during_guest_writes(kit: harness.GuestKit, qemu_frontend: harness.QemuFrontend,  # noqa: F811
+def test_sigkill_and_restart_during_guest_writes(kit: vdm_lab.GuestKit, qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                                  tmp_path: Path) -> None:
     fe = qemu_frontend
     mib, kills = 32, 2
@@ -137,7 +137,7 @@ def test_sigkill_and_restart_during_guest_writes(kit: harness.GuestKit, qemu_fro
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     try:
-        r = harness.run_qemu(
+        r = vdm_lab.run_qemu(
             _chardev_args(sock, 0, reconnect=True), ["blk"], {"mib": mib}, timeout=150, kit=kit,
             qemu=fe, visible=[tmp_path],
         )

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+import vdm_lab
 
 from tests.net.netns import NetNs, netns_unavailable
-from tests.realguest import harness
 from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 from tests.vhost_user.vdmproc import VdmProcess
 
@@ -37,12 +37,12 @@ MAC = "52:54:00:12:34:56"
 TCP_PEER = Path(__file__).resolve().parents[1] / "net" / "tcp_peer.py"
 
 
-def needs_intx(fe: harness.QemuFrontend) -> bool:
+def needs_intx(fe: vdm_lab.QemuFrontend) -> bool:
     """QEMU 7.2 under TCG crashes on MSI-X with a vhost-user netdev (see the module doc)."""
     return fe.version.startswith("7.")
 
 
-def vhost_user_net_args(fe: harness.QemuFrontend, sock: Path, index: int = 0) -> list[str]:
+def vhost_user_net_args(fe: vdm_lab.QemuFrontend, sock: Path, index: int = 0) -> list[str]:
     """A virtio-net-pci on a vhost-user netdev; without MSI-X on QEMU 7.2 (TCG crashes with it)."""
     vectors = ",vectors=0" if needs_intx(fe) else ""
     return [
@@ -83,10 +83,10 @@ def _start_peer(ns: NetNs) -> tuple[subprocess.Popen, str]:
     return peer, m.group(1)
 
 
-def _boot(kit: harness.GuestKit, fe: harness.QemuFrontend, sock: Path, workloads: list[str],  # noqa: F811
-          **params: object) -> harness.GuestResult:
+def _boot(kit: vdm_lab.GuestKit, fe: vdm_lab.QemuFrontend, sock: Path, workloads: list[str],  # noqa: F811
+          **params: object) -> vdm_lab.GuestResult:
     p = {"addr": "10.0.2.15/24", "ip": HOST_IP, "peer": f"{HOST_IP}:{PORT}", "exit": "poweroff", **params}
-    return harness.run_qemu(vhost_user_net_args(fe, sock), workloads, p, timeout=90, kit=kit, qemu=fe,
+    return vdm_lab.run_qemu(vhost_user_net_args(fe, sock), workloads, p, timeout=90, kit=kit, qemu=fe,
                             visible=[sock.parent])
 
 
@@ -95,7 +95,7 @@ def _ring_complaints(log: str) -> list[str]:
     return re.findall(r"^.*\b(?:input|output)\.\d+:.*$", log, re.M)
 
 
-def _transfer(kit: harness.GuestKit, fe: harness.QemuFrontend, ns: NetNs, sock: Path) -> harness.GuestResult:  # noqa: F811
+def _transfer(kit: vdm_lab.GuestKit, fe: vdm_lab.QemuFrontend, ns: NetNs, sock: Path) -> vdm_lab.GuestResult:  # noqa: F811
     """Boot a guest that pings and moves a file each way; check both ends' MD5s."""
     peer, sent_md5 = _start_peer(ns)
     r = _boot(kit, fe, sock, ["net", "nettcp"], tcp="both", tcpmib=MIB, tcptimeout=40)
@@ -117,8 +117,8 @@ def _transfer(kit: harness.GuestKit, fe: harness.QemuFrontend, ns: NetNs, sock: 
     return r
 
 
-def test_guest_pings_and_transfers_files_both_ways(kit: harness.GuestKit,  # noqa: F811
-                                                   qemu_frontend: harness.QemuFrontend, served) -> None:  # noqa: F811
+def test_guest_pings_and_transfers_files_both_ways(kit: vdm_lab.GuestKit,  # noqa: F811
+                                                   qemu_frontend: vdm_lab.QemuFrontend, served) -> None:  # noqa: F811
     fe = qemu_frontend
     ns, vdm, sock = served
     r = _transfer(kit, fe, ns, sock)
@@ -134,8 +134,8 @@ def test_guest_pings_and_transfers_files_both_ways(kit: harness.GuestKit,  # noq
           f"{tcp['tx_MiBps']} MiB/s out")
 
 
-def test_vdm_survives_poweroff_and_serves_the_next_guest(kit: harness.GuestKit,  # noqa: F811
-                                                         qemu_frontend: harness.QemuFrontend, served) -> None:  # noqa: F811
+def test_vdm_survives_poweroff_and_serves_the_next_guest(kit: vdm_lab.GuestKit,  # noqa: F811
+                                                         qemu_frontend: vdm_lab.QemuFrontend, served) -> None:  # noqa: F811
     fe = qemu_frontend
     ns, vdm, sock = served
     first = _boot(kit, fe, sock, ["net"])
@@ -154,8 +154,8 @@ def test_vdm_survives_poweroff_and_serves_the_next_guest(kit: harness.GuestKit, 
     assert vdm.count("closing the connection") == 0, f"{fe}\n{vdm.output}"
 
 
-def test_two_queue_pairs_asked_for_serve_the_guest_with_one(kit: harness.GuestKit,  # noqa: F811
-                                                            qemu_frontend: harness.QemuFrontend,  # noqa: F811
+def test_two_queue_pairs_asked_for_serve_the_guest_with_one(kit: vdm_lab.GuestKit,  # noqa: F811
+                                                            qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                                             tmp_path: Path) -> None:
     """``queues=2`` on both sides: QEMU serves the control queue, so vdm offers no MQ (one pair)."""
     fe = qemu_frontend
@@ -174,7 +174,7 @@ def test_two_queue_pairs_asked_for_serve_the_guest_with_one(kit: harness.GuestKi
                 "-device", f"virtio-net-pci,netdev=n0,mac={MAC},mq=on{intx}",
             ]  # fmt: skip
             p = {"addr": "10.0.2.15/24", "ip": HOST_IP, "count": 10, "exit": "poweroff", "cpus": 2}
-            r = harness.run_qemu(args, ["smp", "net"], p, timeout=90, kit=kit, cpus=2, qemu=fe,
+            r = vdm_lab.run_qemu(args, ["smp", "net"], p, timeout=90, kit=kit, cpus=2, qemu=fe,
                                  visible=[tmp_path])
         finally:
             rc = vdm.stop()

@@ -8,7 +8,7 @@ KVM flipped a static key; scripts/kvmlab/kvmhold.py now prevents that one); the 
 forever, and so did the whole test until its timeout (15 min in CI). ``Heartbeat`` notices in
 under a minute.
 
-Standard library only, like harness.py.
+Standard library only, like the rest of vdm_lab.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ is the one Popen returns. Needs root (it is how the tests run here).
 
 Typical use::
 
-    from tests.realguest import debian13
+    from vdm_lab import debian13
 
     root = debian13.build()                      # Debian13Error when it cannot be built
     cmd = root.command(["qemu-system-x86_64", "--version"], visible=[tmp_path])
@@ -28,12 +28,12 @@ import threading
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO / "scripts" / "debian13" / "build.sh"
+SCRIPTS = Path(__file__).resolve().parent / "scripts" / "debian13"  # scripts/debian13 in the repository
+BUILD_SCRIPT = SCRIPTS / "build.sh"
 SUITE = "trixie"
 PACKAGES = "qemu-system-x86,libblkio1,libblkio-dev,gcc,libc6-dev"  # must match build.sh
 
-ENTER_SCRIPT = REPO / "scripts" / "debian13" / "enter.sh"  # makes its own private mount namespace
+ENTER_SCRIPT = SCRIPTS / "enter.sh"  # makes its own private mount namespace
 
 
 class Debian13Error(RuntimeError):

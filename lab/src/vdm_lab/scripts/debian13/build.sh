@@ -1,0 +1,1 @@
+../../../../../scripts/debian13/build.sh

@@ -1,0 +1,1 @@
+../../../../../scripts/debian13/enter.sh

@@ -1,0 +1,1 @@
+../../../../../scripts/guestkit/init.sh

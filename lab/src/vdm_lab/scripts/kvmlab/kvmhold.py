@@ -1,0 +1,1 @@
+../../../../../scripts/kvmlab/kvmhold.py

@@ -1,0 +1,1 @@
+../../../../../scripts/kvmlab/l2-init.sh
