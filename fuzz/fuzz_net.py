@@ -129,5 +129,8 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run(one_input, ("vdm_net.device", "vdm_net.vnet_hdr", "vdm_net.poller", "vdm.virtqueue"))
+    common.run(
+        one_input,
+        ("vdm_net.device", "vdm_net.control", "vdm_net.vnet_hdr", "vdm_net.backends.poller", "vdm.virtqueue"),
+    )
     sys.exit(0)

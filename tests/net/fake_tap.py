@@ -1,4 +1,4 @@
-"""A stand-in for :class:`vdm_net.tap.Tap` over socketpairs, for tests that need back-pressure.
+"""A stand-in for :class:`vdm_net.backends.tap.Tap` over socketpairs, for tests that need back-pressure.
 
 A SOCK_SEQPACKET socketpair keeps message boundaries like a tap fd and, unlike a tap, pushes
 back (EAGAIN) when its peer does not read. The ``fake`` fixture (tests/net/conftest.py) builds a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 
-from vdm_net import tun
+from vdm_net.backends import tun
 
 
 class FakeTap:

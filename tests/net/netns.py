@@ -3,7 +3,7 @@
 ::
 
     with NetNs() as ns:                       # ip netns add vdmtest-<random>
-        tap = ns.open_tap("vdmtap0")          # vdm_net.tap.open_tap, run inside the namespace
+        tap = ns.open_tap("vdmtap0")          # vdm_net.backends.tap.open_tap, run inside the namespace
         ns.up("vdmtap0", address="10.0.2.2/24")
         sock = ns.packet_socket("vdmtap0")    # AF_PACKET, bound to the tap, in the namespace
         ns.run(["nc", "-l", "-p", "5555"])    # ip netns exec vdmtest-... nc ...
@@ -135,8 +135,8 @@ class NetNs:
     # ---- what tests need -------------------------------------------------------------------------------
 
     def open_tap(self, name: str = "vdmtap0", queues: int = 1, **kw: Any):
-        """:func:`vdm_net.tap.open_tap` inside the namespace; closed by :meth:`close`."""
-        from vdm_net.tap import open_tap
+        """:func:`vdm_net.backends.tap.open_tap` inside the namespace; closed by :meth:`close`."""
+        from vdm_net.backends.tap import open_tap
 
         tap = self.call(open_tap, name, queues, **kw)
         self._closers.append(tap.close)
@@ -163,7 +163,7 @@ class NetNs:
     def tap_fd(self, name: str = "vdmtap0", *, multi_queue: bool = False) -> int:
         """An fd attached to tap ``name`` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), opened inside the
         namespace, for ``fd=N`` (give it to the child with ``pass_fds``); closed by :meth:`close`."""
-        from vdm_net import tun
+        from vdm_net.backends import tun
 
         def attach() -> int:
             fd = os.open("/dev/net/tun", os.O_RDWR)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pytest
 from vdm.testing import FeaturesRefused, VirtioTestDriver
 from vdm_net import features as nf
-from vdm_net import tun
+from vdm_net.backends import tun
+from vdm_net.backends.tap import Tap
 from vdm_net.config import NetConfig
 from vdm_net.device import CTRL_ERR, CTRL_OK, VirtioNet
-from vdm_net.tap import Tap
 from vdm_net.vnet_hdr import (
     F_DATA_VALID,
     F_NEEDS_CSUM,

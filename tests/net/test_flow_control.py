@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from vdm_net import tun
+from vdm_net.backends import tun
 from vdm_net.config import NetConfig
 from vdm_net.device import CTRL_OK, VirtioNet
 from vdm_net.vnet_hdr import F_NEEDS_CSUM, GSO_TCPV4, HDR_LEN, VnetHdr

@@ -27,7 +27,7 @@ def test_prepared_tap_and_fd_for_a_vmm(netns):
     out = netns.run(["ip", "-4", "addr", "show", "vdmtap0"]).stdout
     assert "10.0.2.2/24" in out
     fd = netns.tap_fd("vdmtap0")
-    from vdm_net.tap import open_tap
+    from vdm_net.backends.tap import open_tap
 
     tap = open_tap(fd=fd)  # what a VMM given fd=N does
     assert tap.name == "vdmtap0"

@@ -9,8 +9,8 @@ import struct
 import subprocess
 
 import pytest
-from vdm_net import tun
-from vdm_net.tap import TapError, open_tap
+from vdm_net.backends import tun
+from vdm_net.backends.tap import TapError, open_tap
 from vdm_net.vnet_hdr import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HDR_LEN, VnetHdr
 
 from tests.net.frames import (
@@ -259,7 +259,7 @@ def test_host_ip_addresses_the_tap_and_brings_it_up(netns):
 
 @pytest.mark.parametrize("bad", ["10.0.2.2/33", "10.0.2/24", "fe80::1/64", "host/24"])
 def test_bad_host_ip_is_refused(bad):
-    from vdm_net.tap import parse_cidr
+    from vdm_net.backends.tap import parse_cidr
 
     with pytest.raises(ValueError, match="IPv4 address"):
         parse_cidr(bad)

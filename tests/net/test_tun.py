@@ -1,4 +1,4 @@
-"""The ioctl numbers and flags in vdm_net.tun equal the ones in the installed Linux headers."""
+"""The ioctl numbers and flags in vdm_net.backends.tun equal the ones in the installed Linux headers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from vdm_net import tun
+from vdm_net.backends import tun
 
 NAMES = [
     "TUNSETIFF", "TUNGETFEATURES", "TUNSETOFFLOAD", "TUNGETIFF", "TUNGETVNETHDRSZ", "TUNSETVNETHDRSZ",

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from vdm_net import device, features, vnet_hdr
+from vdm_net import control, device, features, vnet_hdr
 
 # (our module, our name, the header's name)
 PAIRS = [
@@ -19,22 +19,22 @@ PAIRS = [
         "F_NEEDS_CSUM", "F_DATA_VALID", "F_RSC_INFO", "GSO_NONE", "GSO_TCPV4", "GSO_UDP", "GSO_TCPV6",
         "GSO_ECN")],
     (vnet_hdr, "HDR_LEN", "sizeof(struct virtio_net_hdr_mrg_rxbuf)"),
-    (device, "CTRL_OK", "VIRTIO_NET_OK"),
-    (device, "CTRL_ERR", "VIRTIO_NET_ERR"),
+    (control, "CTRL_OK", "VIRTIO_NET_OK"),
+    (control, "CTRL_ERR", "VIRTIO_NET_ERR"),
     (device, "S_LINK_UP", "VIRTIO_NET_S_LINK_UP"),
-    (device, "CLASS_RX", "VIRTIO_NET_CTRL_RX"),
-    (device, "RX_PROMISC", "VIRTIO_NET_CTRL_RX_PROMISC"),
-    (device, "RX_NOBCAST", "VIRTIO_NET_CTRL_RX_NOBCAST"),
-    (device, "CLASS_MAC", "VIRTIO_NET_CTRL_MAC"),
-    (device, "MAC_TABLE_SET", "VIRTIO_NET_CTRL_MAC_TABLE_SET"),
-    (device, "MAC_ADDR_SET", "VIRTIO_NET_CTRL_MAC_ADDR_SET"),
-    (device, "CLASS_VLAN", "VIRTIO_NET_CTRL_VLAN"),
-    (device, "VLAN_ADD", "VIRTIO_NET_CTRL_VLAN_ADD"),
-    (device, "VLAN_DEL", "VIRTIO_NET_CTRL_VLAN_DEL"),
-    (device, "CLASS_MQ", "VIRTIO_NET_CTRL_MQ"),
-    (device, "MQ_VQ_PAIRS_SET", "VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET"),
-    (device, "CLASS_GUEST_OFFLOADS", "VIRTIO_NET_CTRL_GUEST_OFFLOADS"),
-    (device, "GUEST_OFFLOADS_SET", "VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET"),
+    (control, "CLASS_RX", "VIRTIO_NET_CTRL_RX"),
+    (control, "RX_PROMISC", "VIRTIO_NET_CTRL_RX_PROMISC"),
+    (control, "RX_NOBCAST", "VIRTIO_NET_CTRL_RX_NOBCAST"),
+    (control, "CLASS_MAC", "VIRTIO_NET_CTRL_MAC"),
+    (control, "MAC_TABLE_SET", "VIRTIO_NET_CTRL_MAC_TABLE_SET"),
+    (control, "MAC_ADDR_SET", "VIRTIO_NET_CTRL_MAC_ADDR_SET"),
+    (control, "CLASS_VLAN", "VIRTIO_NET_CTRL_VLAN"),
+    (control, "VLAN_ADD", "VIRTIO_NET_CTRL_VLAN_ADD"),
+    (control, "VLAN_DEL", "VIRTIO_NET_CTRL_VLAN_DEL"),
+    (control, "CLASS_MQ", "VIRTIO_NET_CTRL_MQ"),
+    (control, "MQ_VQ_PAIRS_SET", "VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET"),
+    (control, "CLASS_GUEST_OFFLOADS", "VIRTIO_NET_CTRL_GUEST_OFFLOADS"),
+    (control, "GUEST_OFFLOADS_SET", "VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET"),
     (device, "DEVICE_ID_NET", "VIRTIO_ID_NET"),
 ]
 

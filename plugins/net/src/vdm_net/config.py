@@ -99,7 +99,7 @@ class NetConfig:
         if self.tapif is not None and not 0 < len(self.tapif.encode()) < 16:
             raise ValueError(f"tapif must be 1 to 15 bytes, not {self.tapif!r}")
         if self.host_ip is not None:
-            from .tap import parse_cidr
+            from .backends.tap import parse_cidr
 
             parse_cidr(self.host_ip)
         for name in ("guest_mac", "host_mac"):

@@ -4,7 +4,11 @@ Queues: receiveq1, transmitq1, ..., receiveqN, transmitqN, controlq (virtio 1.2,
 the tap's queue count when the driver negotiates VIRTIO_NET_F_MQ, else 1 -- then the control queue
 is queue 2 whatever N is.
 
-Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.poller` for the thread):
+The file reads top to bottom: features and config space, queue roles, life cycle, statistics,
+then the data paths; the control queue's commands are :mod:`vdm_net.control`, the tap and the
+thread that watches it :mod:`vdm_net.backends`.
+
+Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` for the thread):
 
 * transmit: a kick (or the poller, once a blocked tap is writable again) runs
   :meth:`VirtioNet.process_queue` for the transmit queue. Each chain's header and frame are checked
@@ -17,10 +21,11 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.poller` for the t
   behind it), and the driver's next kick of the receive queue resumes it. Nothing is dropped for
   lack of buffers on our side.
 
-Control queue: rx-mode, MAC-table and VLAN-filter commands are checked, remembered and answered
-OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes the MAC in the config
-space until the next reset; VQ_PAIRS_SET attaches and detaches the tap's queues (the kernel only
-steers frames to attached ones); GUEST_OFFLOADS_SET re-sets TUNSETOFFLOAD.
+Control queue (:mod:`vdm_net.control`): rx-mode, MAC-table and VLAN-filter commands are checked,
+remembered and answered OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes
+the MAC in the config space until the next reset (:meth:`VirtioNet.set_mac`); VQ_PAIRS_SET attaches
+and detaches the tap's queues (:meth:`VirtioNet.set_active_pairs`; the kernel only steers frames to
+attached ones); GUEST_OFFLOADS_SET re-sets TUNSETOFFLOAD (:meth:`VirtioNet.set_guest_offloads`).
 
 Statistics: :meth:`VirtioNet.stats` -- packets and bytes each way, every drop by reason, and how
 often the tap pushed back (``tx_tap_full``);
@@ -40,11 +45,13 @@ from vdm.device import VirtioDevice
 from vdm.virtqueue import DescriptorChain, Virtqueue, slice_views
 
 from . import features as nf
-from . import tun
+from .backends.offloads import offered_features, tun_offload_flags
+from .backends.poller import TapPoller
+from .backends.tap import Tap
 from .config import NetConfig
-from .poller import TapPoller
-from .tap import Tap
-from .vnet_hdr import HDR_LEN, MAX_FRAME_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx, check_tx
+from .control import CTRL_ERR, CTRL_OK, ControlQueue
+from .queue_pair import QueuePair
+from .vnet_hdr import HDR_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx, check_tx
 
 __all__ = ["CTRL_ERR", "CTRL_OK", "VirtioNet"]
 
@@ -52,26 +59,6 @@ log = logging.getLogger(__name__)
 
 DEVICE_ID_NET = 1
 S_LINK_UP = 1
-
-# ---- control queue (5.1.6.5) ---------------------------------------------------------------------
-
-CTRL_OK = 0
-CTRL_ERR = 1
-CLASS_RX = 0
-CLASS_MAC = 1
-CLASS_VLAN = 2
-CLASS_ANNOUNCE = 3
-CLASS_MQ = 4
-CLASS_GUEST_OFFLOADS = 5
-RX_PROMISC, RX_ALLMULTI, RX_ALLUNI, RX_NOMULTI, RX_NOUNI, RX_NOBCAST = range(6)
-MAC_TABLE_SET = 0
-MAC_ADDR_SET = 1
-VLAN_ADD = 0
-VLAN_DEL = 1
-MQ_VQ_PAIRS_SET = 0
-GUEST_OFFLOADS_SET = 0
-#: the largest command accepted (a MAC table of a few thousand entries)
-MAX_CTRL_LEN = 64 * 1024
 
 #: frames moved per call before other work gets a turn
 RX_BUDGET = 64
@@ -82,82 +69,8 @@ RESET_WAIT = 5.0
 MAX_IOV = 1000
 
 _CONFIG = struct.Struct("<6sHHH")
-_GUEST_OFFLOAD_MASK = sum(1 << b for b in nf.GUEST_OFFLOAD_BITS)
-#: negotiated receive feature -> the TUN_F_* flag telling the tap the guest takes it
-_GUEST_TO_TUN = (
-    (nf.F_GUEST_CSUM, tun.TUN_F_CSUM),
-    (nf.F_GUEST_TSO4, tun.TUN_F_TSO4),
-    (nf.F_GUEST_TSO6, tun.TUN_F_TSO6),
-    (nf.F_GUEST_ECN, tun.TUN_F_TSO_ECN),
-    (nf.F_GUEST_UFO, tun.TUN_F_UFO),
-)
-#: TUN_F_* flag the tap accepted -> the features it lets us offer (both directions)
-_TUN_TO_FEATURES = (
-    (tun.TUN_F_CSUM, (nf.F_CSUM, nf.F_GUEST_CSUM, nf.F_CTRL_GUEST_OFFLOADS)),
-    (tun.TUN_F_TSO4, (nf.F_HOST_TSO4, nf.F_GUEST_TSO4)),
-    (tun.TUN_F_TSO6, (nf.F_HOST_TSO6, nf.F_GUEST_TSO6)),
-    (tun.TUN_F_TSO_ECN, (nf.F_HOST_ECN, nf.F_GUEST_ECN)),
-    (tun.TUN_F_UFO, (nf.F_HOST_UFO, nf.F_GUEST_UFO)),
-)
-
 # results of delivering one received frame
 _DELIVERED, _NO_BUFFERS, _DROPPED = range(3)
-
-
-def tun_offload_flags(features: int) -> int:
-    """The TUNSETOFFLOAD flags for the receive offloads in ``features``."""
-    flags = 0
-    for feature, flag in _GUEST_TO_TUN:
-        if features >> feature & 1:
-            flags |= flag
-    # the tap refuses segmentation without checksum offload
-    return flags if flags & tun.TUN_F_CSUM else 0
-
-
-class _Pair:
-    """One receive/transmit queue pair and its tap fd."""
-
-    def __init__(self, index: int, fd: int | None) -> None:
-        self.index = index
-        self.fd = fd
-        self.rx_buf = bytearray(HDR_LEN + MAX_FRAME_LEN)
-        #: bytes in rx_buf of a frame read from the tap but not yet delivered (0: none)
-        self.rx_len = 0
-        #: chains popped for that frame that are not enough for it yet
-        self.rx_held: list[DescriptorChain] = []
-        #: out of receive buffers: not reading the tap until the driver kicks the receive queue
-        self.rx_stalled = False
-        #: a chain whose write the tap pushed back (EAGAIN); retried when the fd is writable
-        self.tx_chain: DescriptorChain | None = None
-        self.tx_blocked = False
-        #: this pair is in use (VQ_PAIRS_SET)
-        self.enabled = False
-        #: per-direction counters (each touched only by its own queue's serialized processing)
-        self.rx_stats: Counter[str] = Counter()
-        self.tx_stats: Counter[str] = Counter()
-
-    @property
-    def rx_queue(self) -> int:
-        return 2 * self.index
-
-    @property
-    def tx_queue(self) -> int:
-        return 2 * self.index + 1
-
-    def clear(self, rx: Virtqueue, tx: Virtqueue) -> None:
-        for chain in self.rx_held:
-            rx.discard(chain)
-        self.rx_held = []
-        if self.tx_chain is not None:
-            tx.discard(self.tx_chain)
-            self.tx_chain = None
-        if self.rx_len:
-            self.rx_stats["rx_dropped"] += 1
-            self.rx_stats["rx_dropped_reset"] += 1
-        self.rx_len = 0
-        self.rx_stalled = False
-        self.tx_blocked = False
-        self.enabled = False
 
 
 class VirtioNet(VirtioDevice):
@@ -177,13 +90,10 @@ class VirtioNet(VirtioDevice):
         #: the MAC the device starts with; MAC_ADDR_SET changes :attr:`mac` until the next reset
         self.default_mac = config.guest_mac_bytes(mac_seed or (tap.name if tap is not None else "vdm-net"))
         self.mac = self.default_mac
-        self.pairs = [_Pair(i, tap.fds[i] if tap is not None else None) for i in range(npairs)]
+        self.pairs = [QueuePair(i, tap.fds[i] if tap is not None else None) for i in range(npairs)]
         self.active_pairs = 1
         self.mtu = config.mtu
-        self.rx_mode: dict[int, bool] = {}
-        self.mac_table: tuple[list[bytes], list[bytes]] = ([], [])
-        self.vlans: set[int] = set()
-        self._ctrl_stats: Counter[str] = Counter()
+        self.control = ControlQueue(self)
         self._tx_policy = HeaderPolicy()
         self._rx_policy = HeaderPolicy()
         self._guest_offloads = 0
@@ -208,11 +118,7 @@ class VirtioNet(VirtioDevice):
         if self.mtu is not None:
             f |= b(nf.F_MTU)
         if self.tap is not None and self.config.offload:
-            accepted = self.tap.accepted_offloads
-            for flag, feats in _TUN_TO_FEATURES:
-                if accepted & flag:
-                    for n in feats:
-                        f |= b(n)
+            f |= offered_features(self.tap.accepted_offloads)
         return nf.close_offer(f)
 
     def validate_features(self, features: int) -> str | None:
@@ -224,7 +130,7 @@ class VirtioNet(VirtioDevice):
 
     # ---- queue roles -------------------------------------------------------------------------------
 
-    def _role(self, index: int) -> tuple[str, _Pair | None] | None:
+    def _role(self, index: int) -> tuple[str, QueuePair | None] | None:
         n = len(self.pairs) if self.has_feature(nf.F_MQ) else 1
         if index < 2 * n:
             return ("tx" if index & 1 else "rx", self.pairs[index // 2])
@@ -237,12 +143,10 @@ class VirtioNet(VirtioDevice):
     def on_activate(self) -> None:
         f = self.driver_features
         self._tx_policy = HeaderPolicy.for_tx(f, self.mtu)
-        self._set_guest_offloads(f & _GUEST_OFFLOAD_MASK)
-        self.rx_mode = {}
-        self.mac_table = ([], [])
-        self.vlans = set()
+        self.set_guest_offloads(f & nf.GUEST_OFFLOAD_MASK)
+        self.control.reset()
         # only the first pair is used until the driver asks for more (5.1.5)
-        self._set_active_pairs(1)
+        self.set_active_pairs(1)
         if self.tap is not None:
             with self._poller_lock:
                 self._poller = TapPoller(self, self.pairs)
@@ -290,7 +194,34 @@ class VirtioNet(VirtioDevice):
         if poller is not None:
             poller.wake()
 
-    def _set_active_pairs(self, n: int) -> None:
+    # ---- what the control queue changes (vdm_net.control.NetControlTarget) -------------------------
+
+    @property
+    def queue_pairs(self) -> int:
+        """How many queue pairs the device has (the tap's queue count)."""
+        return len(self.pairs)
+
+    @property
+    def rx_mode(self) -> dict[int, bool]:
+        """RX_* mode -> on/off, as the driver last set it (filters nothing: see the module doc)."""
+        return self.control.rx_mode
+
+    @property
+    def mac_table(self) -> tuple[list[bytes], list[bytes]]:
+        """(unicast, multicast) MAC tables the driver set."""
+        return self.control.mac_table
+
+    @property
+    def vlans(self) -> set[int]:
+        """VLAN ids the driver added."""
+        return self.control.vlans
+
+    def set_mac(self, mac: bytes) -> None:
+        """The MAC in the config space, until the next reset."""
+        self.mac = mac
+
+    def set_active_pairs(self, n: int) -> None:
+        """Use queue pairs 0..n-1; attach/detach the tap's queues to match."""
         self.active_pairs = n
         for pair in self.pairs:
             pair.enabled = pair.index < n
@@ -302,9 +233,10 @@ class VirtioNet(VirtioDevice):
                                 "attach" if pair.enabled else "detach", e)
         self._wake()
 
-    def _set_guest_offloads(self, offloads: int) -> None:
+    def set_guest_offloads(self, offloads: int) -> None:
+        """The receive offloads the driver takes now; tells the tap (may raise OSError)."""
         self._guest_offloads = offloads
-        rx_features = (self.driver_features & ~_GUEST_OFFLOAD_MASK) | offloads
+        rx_features = (self.driver_features & ~nf.GUEST_OFFLOAD_MASK) | offloads
         self._rx_policy = HeaderPolicy.for_rx(rx_features, self.mtu)
         if self.tap is not None:
             self.tap.set_offload(tun_offload_flags(offloads))
@@ -314,7 +246,7 @@ class VirtioNet(VirtioDevice):
     def stats(self) -> dict[str, int]:
         """Counters: rx/tx packets and bytes, ``*_dropped`` totals and ``*_dropped_<reason>``."""
         total: Counter[str] = Counter()
-        for counters in [c for p in self.pairs for c in (p.rx_stats, p.tx_stats)] + [self._ctrl_stats]:
+        for counters in [c for p in self.pairs for c in (p.rx_stats, p.tx_stats)] + [self.control.stats]:
             for _ in range(100):  # another thread may add a key meanwhile: read it again
                 try:
                     snapshot = dict(counters)
@@ -351,7 +283,7 @@ class VirtioNet(VirtioDevice):
                 assert pair is not None
                 self._transmit(pair, queue)
             else:
-                self._control(queue)
+                self.control.process(queue)
         finally:
             with self._idle:
                 left = self._inflight[me] - 1
@@ -370,7 +302,7 @@ class VirtioNet(VirtioDevice):
 
     # ---- transmit ------------------------------------------------------------------------------------
 
-    def _transmit(self, pair: _Pair, q: Virtqueue) -> None:
+    def _transmit(self, pair: QueuePair, q: Virtqueue) -> None:
         if pair.tx_blocked:
             return  # the poller kicks this queue again once the tap is writable
         done = 0
@@ -403,12 +335,12 @@ class VirtioNet(VirtioDevice):
         if done:
             self.signal_used(q)
 
-    def _drop_tx(self, pair: _Pair, reason: str) -> bool:
+    def _drop_tx(self, pair: QueuePair, reason: str) -> bool:
         pair.tx_stats["tx_dropped"] += 1
         pair.tx_stats[f"tx_dropped_{reason}"] += 1
         return True
 
-    def _send(self, pair: _Pair, chain: DescriptorChain) -> bool:
+    def _send(self, pair: QueuePair, chain: DescriptorChain) -> bool:
         """Write one transmitted frame to the tap; False if the tap pushed back (try again later)."""
         total = chain.readable_len
         if total < HDR_LEN:
@@ -442,7 +374,7 @@ class VirtioNet(VirtioDevice):
 
     # ---- receive ------------------------------------------------------------------------------------
 
-    def _receive(self, pair: _Pair, q: Virtqueue) -> None:
+    def _receive(self, pair: QueuePair, q: Virtqueue) -> None:
         if pair.fd is None or not pair.enabled:
             return
         if pair.rx_stalled and q.has_available():
@@ -469,7 +401,7 @@ class VirtioNet(VirtioDevice):
         if moved:
             self.signal_used(q)
 
-    def _stall(self, pair: _Pair, q: Virtqueue) -> bool:
+    def _stall(self, pair: QueuePair, q: Virtqueue) -> bool:
         """Out of buffers: ask for a kick and stop reading; False if buffers arrived meanwhile."""
         if q.set_notification(True):
             return False
@@ -479,7 +411,7 @@ class VirtioNet(VirtioDevice):
             self._wake()
         return True
 
-    def _read(self, pair: _Pair) -> bool:
+    def _read(self, pair: QueuePair) -> bool:
         """Read one frame from the tap into the bounce buffer; False if there is none."""
         assert pair.fd is not None
         try:
@@ -499,12 +431,12 @@ class VirtioNet(VirtioDevice):
         pair.rx_len = n
         return True
 
-    def _drop_rx(self, pair: _Pair, reason: str) -> int:
+    def _drop_rx(self, pair: QueuePair, reason: str) -> int:
         pair.rx_stats["rx_dropped"] += 1
         pair.rx_stats[f"rx_dropped_{reason}"] += 1
         return _DROPPED
 
-    def _deliver(self, pair: _Pair, q: Virtqueue) -> int:
+    def _deliver(self, pair: QueuePair, q: Virtqueue) -> int:
         buf = pair.rx_buf
         total = pair.rx_len
         frame_len = total - HDR_LEN
@@ -546,107 +478,3 @@ class VirtioNet(VirtioDevice):
         pair.rx_stats["rx_packets"] += 1
         pair.rx_stats["rx_bytes"] += frame_len
         return _DELIVERED
-
-    # ---- control queue ---------------------------------------------------------------------------
-
-    def _control(self, q: Virtqueue) -> None:
-        done = False
-        while (chain := q.pop()) is not None:
-            ack = self._command(chain)
-            self._ctrl_stats["ctrl_ok" if ack == CTRL_OK else "ctrl_err"] += 1
-            if chain.writable_len >= 1:
-                chain.write(bytes([ack]), chain.writable_len - 1)
-                q.push(chain, 1)
-            else:
-                self._ctrl_stats["ctrl_malformed"] += 1
-                q.push(chain, 0)
-            done = True
-        if done:
-            self.signal_used(q)
-
-    def _command(self, chain: DescriptorChain) -> int:
-        length = chain.readable_len
-        if length < 2 or length > MAX_CTRL_LEN:
-            return CTRL_ERR
-        data = chain.read(0, length)
-        cls, cmd, body = data[0], data[1], data[2:]
-        handler = {
-            CLASS_RX: self._cmd_rx,
-            CLASS_MAC: self._cmd_mac,
-            CLASS_VLAN: self._cmd_vlan,
-            CLASS_MQ: self._cmd_mq,
-            CLASS_GUEST_OFFLOADS: self._cmd_guest_offloads,
-        }.get(cls)
-        if handler is None:
-            return CTRL_ERR
-        try:
-            return handler(cmd, body)
-        except OSError as e:
-            log.warning("%s: control command %d/%d failed: %s", self.name, cls, cmd, e)
-            return CTRL_ERR
-
-    def _cmd_rx(self, cmd: int, body: bytes) -> int:
-        # the tap delivers every frame anyway; the modes are remembered and answered OK
-        needed = nf.F_CTRL_RX if cmd in (RX_PROMISC, RX_ALLMULTI) else nf.F_CTRL_RX_EXTRA
-        if cmd > RX_NOBCAST or not self.has_feature(needed) or len(body) != 1:
-            return CTRL_ERR
-        self.rx_mode[cmd] = bool(body[0])
-        return CTRL_OK
-
-    def _cmd_mac(self, cmd: int, body: bytes) -> int:
-        if cmd == MAC_ADDR_SET:
-            if not self.has_feature(nf.F_CTRL_MAC_ADDR) or len(body) != 6:
-                return CTRL_ERR
-            self.mac = bytes(body)
-            return CTRL_OK
-        if cmd != MAC_TABLE_SET or not self.has_feature(nf.F_CTRL_RX):
-            return CTRL_ERR
-        tables: list[list[bytes]] = []
-        off = 0
-        for _ in range(2):
-            if off + 4 > len(body):
-                return CTRL_ERR
-            (entries,) = struct.unpack_from("<I", body, off)
-            off += 4
-            if entries > (len(body) - off) // 6:
-                return CTRL_ERR
-            tables.append([bytes(body[off + 6 * i : off + 6 * i + 6]) for i in range(entries)])
-            off += 6 * entries
-        if off != len(body):
-            return CTRL_ERR
-        self.mac_table = (tables[0], tables[1])
-        return CTRL_OK
-
-    def _cmd_vlan(self, cmd: int, body: bytes) -> int:
-        if not self.has_feature(nf.F_CTRL_VLAN) or cmd not in (VLAN_ADD, VLAN_DEL) or len(body) != 2:
-            return CTRL_ERR
-        (vid,) = struct.unpack("<H", body)
-        if vid >= 4096:
-            return CTRL_ERR
-        if cmd == VLAN_ADD:
-            self.vlans.add(vid)
-        else:
-            self.vlans.discard(vid)
-        return CTRL_OK
-
-    def _cmd_mq(self, cmd: int, body: bytes) -> int:
-        if not self.has_feature(nf.F_MQ) or cmd != MQ_VQ_PAIRS_SET or len(body) != 2:
-            return CTRL_ERR
-        (n,) = struct.unpack("<H", body)
-        if not 1 <= n <= len(self.pairs):
-            return CTRL_ERR
-        self._set_active_pairs(n)
-        log.info("%s: driver uses %d of %d queue pairs", self.name, n, len(self.pairs))
-        return CTRL_OK
-
-    def _cmd_guest_offloads(self, cmd: int, body: bytes) -> int:
-        if not self.has_feature(nf.F_CTRL_GUEST_OFFLOADS) or cmd != GUEST_OFFLOADS_SET or len(body) != 8:
-            return CTRL_ERR
-        (offloads,) = struct.unpack("<Q", body)
-        if offloads & ~(self.driver_features & _GUEST_OFFLOAD_MASK):
-            return CTRL_ERR
-        if nf.dependency_violation(offloads) is not None:
-            return CTRL_ERR
-        self._set_guest_offloads(offloads)
-        return CTRL_OK
-

@@ -37,6 +37,7 @@ __all__ = [
     "F_MTU",
     "F_STATUS",
     "GUEST_OFFLOAD_BITS",
+    "GUEST_OFFLOAD_MASK",
     "bit",
     "close_offer",
     "dependency_violation",
@@ -98,6 +99,8 @@ DEPENDENCIES: Mapping[int, tuple[int, ...]] = {
 #: the receive offloads VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET may switch on and off
 GUEST_OFFLOAD_BITS = (F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO,
                       F_GUEST_USO4, F_GUEST_USO6)
+#: the receive offloads as one mask (GUEST_OFFLOADS_SET may change only these)
+GUEST_OFFLOAD_MASK = sum(1 << b for b in GUEST_OFFLOAD_BITS)
 
 
 def bit(n: int) -> int:

@@ -20,9 +20,9 @@ VDM_API = 1
 
 def create(config: NetConfig, ctx: DeviceContext) -> Any:
     """Open the tap (running the up-script) and build the VirtioNet device on it."""
+    from .backends.tap import open_tap
     from .config import parse_mac
     from .device import VirtioNet
-    from .tap import open_tap
 
     if config.mode == "none":
         return VirtioNet(config, None, mac_seed=f"{ctx.vm_name}-net")

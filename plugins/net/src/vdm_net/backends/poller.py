@@ -13,29 +13,53 @@ import logging
 import os
 import selectors
 import threading
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+
+from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_write
 
 if TYPE_CHECKING:
     from vdm.device import VirtioDevice
 
-__all__ = ["TapPoller"]
+__all__ = ["PolledPair", "TapPoller"]
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT = 5.0
 
 
-class TapPoller:
-    """One thread per device; pairs are objects with ``fd``, ``enabled``, ``rx_stalled``,
-    ``tx_blocked``, ``rx_queue`` and ``tx_queue`` (see ``vdm_net.device._Pair``)."""
+class PolledPair(Protocol):
+    """What the poller reads (and, for ``tx_blocked``, clears) on a queue pair.
 
-    def __init__(self, device: VirtioDevice, pairs: Sequence[object], name: str = "vdm-net-io") -> None:
+    ``vdm_net.queue_pair.QueuePair`` is the one implementation; the device changes these fields and
+    then calls :meth:`TapPoller.wake` so the poller re-reads them.
+    """
+
+    #: the pair's tap fd (None: no backend, never watched)
+    fd: Optional[int]
+    #: the driver uses this pair (VQ_PAIRS_SET)
+    enabled: bool
+    #: out of receive buffers: the tap is not read until the driver kicks the receive queue
+    rx_stalled: bool
+    #: the tap pushed back a write: watched for writability, cleared by the poller when writable
+    tx_blocked: bool
+
+    @property
+    def rx_queue(self) -> int: ...
+
+    @property
+    def tx_queue(self) -> int: ...
+
+
+class TapPoller:
+    """One thread per device watching its pairs' tap fds (see :class:`PolledPair`)."""
+
+    def __init__(self, device: VirtioDevice, pairs: Sequence[PolledPair], name: str = "vdm-net-io") -> None:
         self._device = device
         self._pairs = list(pairs)
         self._sel = selectors.DefaultSelector()
-        # a pipe rather than an eventfd: os.eventfd needs Python 3.10
-        self._wake_r, self._wake_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        #: wake-ups from other threads (vdm.eventfd: os.eventfd, or libc's on Python 3.9)
+        self._wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
         self._interest: dict[int, int] = {}
         self._scheduled: set[int] = set()
         self._lock = threading.Lock()
@@ -59,9 +83,9 @@ class TapPoller:
     def _poke(self) -> None:
         if self._wake_fd >= 0:
             try:
-                os.write(self._wake_fd, b"\1")
+                eventfd_write(self._wake_fd)
             except BlockingIOError:
-                pass  # the pipe is full of wake-ups already
+                pass  # the counter is at its maximum: a wake-up is pending anyway
 
     def stop(self) -> None:
         """Stop the thread and wait for it (unless called from it)."""
@@ -78,14 +102,14 @@ class TapPoller:
         dev = self._device
         running = dev.activated and dev.broken is None
         for pair in self._pairs:
-            fd = pair.fd  # type: ignore[attr-defined]
+            fd = pair.fd
             if fd is None:
                 continue
             mask = 0
-            if running and pair.enabled:  # type: ignore[attr-defined]
-                if not pair.rx_stalled and dev.queues[pair.rx_queue].active:  # type: ignore[attr-defined]
+            if running and pair.enabled:
+                if not pair.rx_stalled and dev.queues[pair.rx_queue].active:
                     mask |= selectors.EVENT_READ
-                if pair.tx_blocked:  # type: ignore[attr-defined]
+                if pair.tx_blocked:
                     mask |= selectors.EVENT_WRITE
             old = self._interest.get(fd, 0)
             if mask == old:
@@ -109,11 +133,11 @@ class TapPoller:
                 for key, events in self._sel.select():
                     if key.data is None:
                         try:
-                            os.read(self._wake_r, 4096)
+                            eventfd_read(self._wake_fd)
                         except BlockingIOError:
                             pass
                         continue
-                    pair = key.data
+                    pair: PolledPair = key.data
                     if events & selectors.EVENT_WRITE:
                         pair.tx_blocked = False
                         kicks.append(pair.tx_queue)
@@ -132,5 +156,4 @@ class TapPoller:
             self._sel.close()
             with self._lock:
                 os.close(self._wake_fd)
-                os.close(self._wake_r)
                 self._wake_fd = -1

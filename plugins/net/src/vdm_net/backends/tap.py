@@ -21,8 +21,8 @@ import subprocess
 import threading
 from typing import Sequence
 
+from ..vnet_hdr import HDR_LEN
 from . import tun
-from .vnet_hdr import HDR_LEN
 
 __all__ = ["OFFLOAD_PROBES", "Tap", "TapError", "open_tap"]
 
