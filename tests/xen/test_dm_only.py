@@ -384,3 +384,14 @@ def test_command_line_options() -> None:
     assert p.parse_args(["--irq-kind", "isa"]).irq_kind == "isa"
     with pytest.raises(SystemExit):
         p.parse_args(["--irq-kind", "msi"])
+
+
+def test_device_options_keep_commas_inside_values(plugins: Any, tmp_path: Path) -> None:
+    """``--device`` is split by dm-only itself (base=, irq=): a doubled or escaped comma stays in its value."""
+    devices = {n: dt for n, (dt, _) in plugins.devices.items()}
+    text = f"blk,path={tmp_path}/a,,b.img,base=0x02000000,irq=33,ro"
+    assert dm_only._places(text)
+    spec = dm_only.parse_device(text, devices)
+    assert (spec.config.path, spec.config.ro, spec.base, spec.irq) == (f"{tmp_path}/a,b.img", True, BASE, 33)
+    spec = dm_only.parse_device(f"blk,path={tmp_path}/c\\,d.img,irq=33,base=0x02000000", devices)
+    assert spec.config.path == f"{tmp_path}/c,d.img"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vdm.cli.devices import close_devices, create_device
-from vdm.config import parse_option_string
+from vdm.config import parse_option_string, quote_option, split_options
 from vdm.errors import UserError
 from vdm.registry import DeviceContext, DeviceType
 
@@ -96,20 +96,20 @@ def _split(text: str, devices: dict[str, DeviceType]) -> tuple[DeviceType, int |
         )
     base = irq = None
     keep = []
-    for item in rest.split(","):
+    for item in split_options(rest, dt.config):  # unescaped: a value may hold a comma (a,,b)
         key, sep, value = item.partition("=")
         if sep and key == "base":
             base = _number("base", value)
         elif sep and key == "irq":
             irq = _number("irq", value)
         elif item:
-            keep.append(item)
+            keep.append(quote_option(item))
     return dt, base, irq, ",".join(keep)
 
 
 def _places(text: str) -> bool:
     """Whether ``--device TEXT`` says where the guest looks (base= or irq=)."""
-    return any(item.partition("=")[0] in ("base", "irq") for item in text.split(",")[1:])
+    return any(item.partition("=")[0] in ("base", "irq") for item in split_options(text)[1:])
 
 
 def parse_device(text: str, devices: dict[str, DeviceType]) -> DeviceSpec:
