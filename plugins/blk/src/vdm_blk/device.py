@@ -96,10 +96,9 @@ class BlkDevice(VirtioDevice):
         self.capacity = backend.size // SECTOR
         self.discard_enabled = config.discard == "unmap" and backend.supports_discard and not self.read_only
         self._pool: ThreadPoolExecutor | None = None
-        #: a backend may offer readv_nowait(offset, buffers) -> bytes read, or None if it would block
-        self._readv_nowait = getattr(backend, "readv_nowait", None)
-        #: and writev_inline(offset, buffers) -> bytes written, or None for "use a worker"
-        self._writev_inline = getattr(backend, "writev_inline", None)
+        #: the backend's fast paths (DiskBackend declares them; the defaults answer None, "use a worker")
+        self._readv_nowait = backend.readv_nowait
+        self._writev_inline = backend.writev_inline
         self._inflight = 0
         self._idle = threading.Condition()
         #: counters a user (or a test) can read: requests served per type, errors
@@ -223,7 +222,7 @@ class BlkDevice(VirtioDevice):
             self._complete(queue, chain, status, r.status, 0)
             return
         fn, data_written, data = work
-        if rtype == T_IN and self._readv_nowait is not None:
+        if rtype == T_IN:
             # Fast path: data already in the host's page cache is read right here, without a
             # thread handoff; only a read that would block goes to a worker.
             try:
@@ -233,7 +232,7 @@ class BlkDevice(VirtioDevice):
             if done == data_written:
                 self._complete(queue, chain, status, S_OK, data_written, signal=False)
                 return
-        elif rtype == T_OUT and self.writeback and self._writev_inline is not None:
+        elif rtype == T_OUT and self.writeback:
             # Small buffered writes: a copy into the page cache, served here as well.
             try:
                 done = self._writev_inline(sector * SECTOR, data)
@@ -276,14 +275,10 @@ class BlkDevice(VirtioDevice):
         if rtype == T_GET_ID:
             n = min(ID_BYTES, wlen - 1)
             ident = self.serial.ljust(ID_BYTES, b"\0")[:n]
-            chain_views = slice_views(chain.writable, 0, n)
             self.stats["get_id"] += 1
 
             def get_id() -> None:
-                done = 0
-                for v in chain_views:
-                    v[:] = ident[done : done + len(v)]
-                    done += len(v)
+                chain.write(ident, 0)  # n <= wlen - 1: the status byte is not touched
 
             return get_id, n, None
         if rtype in (T_DISCARD, T_WRITE_ZEROES):

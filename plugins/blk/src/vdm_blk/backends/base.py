@@ -15,6 +15,10 @@ Contract for callers (the virtio-blk device):
 * ``discard`` tells the backend the range is unused. Afterwards the range reads as zeros unless
   the backend documents otherwise (qcow2 v2 images with a backing file read the backing data).
 * ``write_zeroes`` makes the range read as zeros; with ``unmap`` it may also free the space.
+* ``readv_nowait``/``writev_inline`` (optional) serve a request on the device's own thread when
+  that needs no waiting; the default returns None ("use a worker"), which is always correct.
+* A format reads and writes its image through a :class:`~vdm_blk.backends.protocol.Protocol`
+  (a local file, an NBD export, ...), never through a path of its own.
 
 To add a format, subclass :class:`DiskBackend`, fill in the attributes in ``__init__`` and
 implement the abstract methods; :func:`vdm_blk.backends.open_disk` shows how formats are chosen.
@@ -102,6 +106,19 @@ class DiskBackend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Flush what must be flushed and release the image. Further calls raise DiskError."""
+
+    # ---- non-blocking fast paths (optional) ------------------------------------------------------
+
+    def readv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
+        """Serve a read on the caller's thread only if it needs no waiting (page-cache hits);
+        return the bytes read, or None for "not now / not supported: use a worker thread".
+        The default never serves: a backend overrides it only if it has such a path."""
+        return None
+
+    def writev_inline(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
+        """Serve a small write on the caller's thread (a buffered copy into the page cache);
+        return the bytes written, or None for "use a worker thread". The default never serves."""
+        return None
 
     # ---- helpers for implementations -------------------------------------------------------------
 

@@ -14,6 +14,9 @@
   the caller's thread (page-cache hits, small buffered writes), so a device can skip the
   handoff to a worker; they return None for "use a worker".
 * The image is locked the way QEMU locks images (:mod:`.locking`).
+* It is the ``file`` :class:`~.protocol.Protocol` (the one every format uses for a local path):
+  discard punches a hole (block devices: BLKDISCARD), write-zeroes uses FALLOC_FL_ZERO_RANGE
+  (BLKZEROOUT), falling back to written zeros where the file system has neither.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ import stat
 from typing import Sequence
 
 from .base import SECTOR, DiskError, split_views, total_length
-from .linux import block_device_info
+from .linux import (
+    BLKDISCARD,
+    BLKZEROOUT,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    blk_range_ioctl,
+    block_device_info,
+    fallocate,
+)
 from .locking import lock_image
+from .protocol import Protocol
 
 __all__ = ["HostFile"]
 
@@ -58,7 +71,10 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return views
 
 
-class HostFile:
+ZERO_CHUNK = 1 << 20
+
+
+class HostFile(Protocol):
     """An open image file or block device, with optional O_DIRECT and O_DSYNC."""
 
     def __init__(
@@ -109,6 +125,8 @@ class HostFile:
             os.close(self.fd)
             raise
         self.align = max(SECTOR, self.logical_block_size)
+        self.supports_discard = self.supports_write_zeroes = not read_only
+        self.can_grow = not self.is_block
         self.dfd: int | None = None
         if direct:
             try:
@@ -308,6 +326,59 @@ class HostFile:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole (files: reads zeros afterwards) or BLKDISCARD (block devices: what a
+        discarded range reads is up to the device). Devices without discard ignore it."""
+        if not length:
+            return
+        if self.is_block:
+            try:
+                blk_range_ioctl(self.fd, BLKDISCARD, offset, length)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                    raise
+            return
+        self._zero_file(offset, length, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """BLKZEROOUT, or for files a hole (unmap) or FALLOC_FL_ZERO_RANGE; else written zeros."""
+        if not length:
+            return
+        if self.is_block:
+            try:
+                blk_range_ioctl(self.fd, BLKZEROOUT, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                    raise
+            self._write_zero_bytes(offset, length)
+            return
+        mode = FALLOC_FL_PUNCH_HOLE if unmap else FALLOC_FL_ZERO_RANGE
+        self._zero_file(offset, length, mode | FALLOC_FL_KEEP_SIZE)
+
+    def _zero_file(self, offset: int, length: int, mode: int) -> None:
+        try:
+            fallocate(self.fd, mode, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._write_zero_bytes(offset, length)
+            return
+        if self.writethrough:
+            self.sync()
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        with mmap.mmap(-1, min(length, ZERO_CHUNK)) as zeros:
+            zview = memoryview(zeros)
+            try:
+                done = 0
+                while done < length:
+                    n = min(len(zview), length - done)
+                    self.pwritev([zview[:n]], offset + done)
+                    done += n
+            finally:
+                zview.release()
 
     def truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)

@@ -29,7 +29,7 @@ from collections import Counter
 from typing import Sequence
 
 from .base import DiskError
-from .hostfile import HostFile
+from .protocol import Protocol
 from .qcow2_header import COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, MAX_L1_BYTES, OFFSET_MASK, Qcow2Header
 from .qcow2_refcounts import Refcounts
 from .qcow2_tables import decode_u64
@@ -86,7 +86,7 @@ class _Walk:
 
 
 def check_metadata(
-    f: HostFile, h: Qcow2Header, l1: Sequence[int], refs: Refcounts, file_size: int
+    f: Protocol, h: Qcow2Header, l1: Sequence[int], refs: Refcounts, file_size: int
 ) -> set[int]:
     """Check the image's metadata (see the module documentation); return its metadata clusters.
 
@@ -99,7 +99,7 @@ def check_metadata(
         raise DiskError(f"{f.path}: the image is corrupt: {e}; {FIX}") from None
 
 
-def _check(f: HostFile, h: Qcow2Header, l1: Sequence[int], refs: Refcounts, file_size: int) -> set[int]:
+def _check(f: Protocol, h: Qcow2Header, l1: Sequence[int], refs: Refcounts, file_size: int) -> set[int]:
     reftable = refs.rt
     cs = h.cluster_size
     w = _Walk(cs, file_size)
@@ -138,7 +138,7 @@ def _check(f: HostFile, h: Qcow2Header, l1: Sequence[int], refs: Refcounts, file
     return metadata
 
 
-def _snapshot_l1s(f: HostFile, h: Qcow2Header, w: _Walk):
+def _snapshot_l1s(f: Protocol, h: Qcow2Header, w: _Walk):
     """Count the snapshot table and each snapshot's L1 table; yield each decoded L1 table."""
     n = h.nb_snapshots
     if not n:
@@ -167,7 +167,7 @@ def _snapshot_l1s(f: HostFile, h: Qcow2Header, w: _Walk):
         yield decode_u64(f.pread(l1_size * 8, l1_off))
 
 
-def _count_l2(f: HostFile, h: Qcow2Header, w: _Walk, off: int, times: int, active: bool) -> None:
+def _count_l2(f: Protocol, h: Qcow2Header, w: _Walk, off: int, times: int, active: bool) -> None:
     """Count what one L2 table references, ``times`` over (once per L1 table that reaches it)."""
     cs = h.cluster_size
     raw = f.pread(cs, off)

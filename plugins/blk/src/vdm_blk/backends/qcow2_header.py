@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .base import DiskError
-from .hostfile import HostFile
+from .protocol import Protocol
 
 __all__ = ["MAGIC", "Qcow2Header", "read_header"]
 
@@ -89,7 +89,7 @@ def _fail(path: str, what: str, fix: str = "") -> DiskError:
     return DiskError(f"{path}: not a usable qcow2 image: {what}" + (f"; {fix}" if fix else ""))
 
 
-def read_header(f: HostFile, file_size: int) -> Qcow2Header:
+def read_header(f: Protocol, file_size: int) -> Qcow2Header:
     """Parse and validate the header of the qcow2 image open in ``f``."""
     path = f.path
     raw = f.pread(_V2.size, 0)
@@ -213,7 +213,7 @@ def _check_table(path: str, what: str, offset: int, length: int, cs: int, file_s
         )
 
 
-def _read_extensions(f: HostFile, h: Qcow2Header, path: str) -> None:
+def _read_extensions(f: Protocol, h: Qcow2Header, path: str) -> None:
     cs = h.cluster_size
     first = f.pread(cs, 0)
     if h.backing_file_offset:

@@ -17,7 +17,7 @@ from array import array
 from typing import Callable
 
 from .base import DiskError
-from .hostfile import HostFile
+from .protocol import Protocol
 from .qcow2_header import Qcow2Header
 from .qcow2_tables import CHUNK, PackedCounts, Table, TableCache, decode_u64, encode_u64, find_zero
 
@@ -40,7 +40,7 @@ class Refcounts:
 
     def __init__(
         self,
-        f: HostFile,
+        f: Protocol,
         h: Qcow2Header,
         cache_tables: int,
         guard: Callable[[int, int], None],

@@ -1,50 +1,48 @@
-"""Raw disks: a regular file or a block device, byte for byte (I/O in :mod:`.hostfile`).
+"""Raw disks: the protocol's bytes, byte for byte (a host file or block device, an NBD export, ...).
 
-Files: discard punches a hole, write-zeroes uses FALLOC_FL_ZERO_RANGE (or a hole with unmap),
-falling back to written zeros where the file system has neither. Block devices: size and block
-sizes from BLKGETSIZE64/BLKSSZGET/BLKPBSZGET/BLKIOOPT, discard by BLKDISCARD, write-zeroes by
-BLKZEROOUT.
+The I/O is the protocol's (:mod:`.hostfile` for local paths: preadv/pwritev straight into guest
+memory; discard as a hole or BLKDISCARD; write-zeroes as FALLOC_FL_ZERO_RANGE or BLKZEROOUT).
+A raw disk adds only the range check, so the local-file fast path costs one call more than a
+bare ``os.preadv``, as it did before protocols were split out.
 """
 
 from __future__ import annotations
 
-import errno
-import mmap
 from typing import Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, total_length
 from .hostfile import HostFile
-from .linux import (
-    BLKDISCARD,
-    BLKZEROOUT,
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE,
-    blk_range_ioctl,
-    fallocate,
-)
+from .protocol import Protocol
 
 __all__ = ["RawDisk"]
 
-ZERO_CHUNK = 1 << 20
-
 
 class RawDisk(DiskBackend):
-    """A raw image file or a block device (whole device or partition)."""
+    """A raw image over a protocol (a local path opens the ``file`` protocol, :class:`HostFile`)."""
 
     def __init__(
-        self, path: str, *, read_only: bool = False, direct: bool = False, writethrough: bool = False
+        self,
+        path: str,
+        *,
+        read_only: bool = False,
+        direct: bool = False,
+        writethrough: bool = False,
+        file: Protocol | None = None,
     ) -> None:
         self.path = path
-        self.file = HostFile(path, read_only=read_only, direct=direct, writethrough=writethrough)
-        self.read_only = read_only
+        self.file = (
+            file
+            if file is not None
+            else HostFile(path, read_only=read_only, direct=direct, writethrough=writethrough)
+        )
+        self.read_only = read_only or self.file.read_only
         self.writethrough = writethrough
         self.size = self.file.size()
         self.logical_block_size = max(SECTOR, self.file.logical_block_size)
         self.physical_block_size = max(self.logical_block_size, self.file.physical_block_size)
         self.optimal_io_size = self.file.optimal_io_size
-        self.supports_discard = not read_only
-        self.supports_write_zeroes = not read_only
+        self.supports_discard = not self.read_only and self.file.supports_discard
+        self.supports_write_zeroes = not self.read_only
         self._closed = False
 
     def __str__(self) -> str:
@@ -91,61 +89,19 @@ class RawDisk(DiskBackend):
             self.file.sync()
 
     def discard(self, offset: int, length: int) -> None:
-        """Punch a hole (files: reads zeros afterwards) or BLKDISCARD (block devices: what a
-        discarded range reads is up to the device). Devices without discard ignore it."""
+        """The protocol's discard (a file: a hole, reads zeros; a block device or an NBD export:
+        what a discarded range reads is up to it)."""
         self._live()
         self.check_range(offset, length, write=True)
-        if not length:
-            return
-        if self.file.is_block:
-            try:
-                blk_range_ioctl(self.file.fd, BLKDISCARD, offset, length)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
-                    raise
-            return
-        self._zero_file(offset, length, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        if length:
+            self.file.discard(offset, length)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        """BLKZEROOUT, or for files a hole (unmap) or FALLOC_FL_ZERO_RANGE; else written zeros."""
+        """The protocol's write-zeroes (it writes zeros itself where it has nothing cheaper)."""
         self._live()
         self.check_range(offset, length, write=True)
-        if not length:
-            return
-        if self.file.is_block:
-            try:
-                blk_range_ioctl(self.file.fd, BLKZEROOUT, offset, length)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
-                    raise
-            self._write_zero_bytes(offset, length)
-            return
-        mode = FALLOC_FL_PUNCH_HOLE if unmap else FALLOC_FL_ZERO_RANGE
-        self._zero_file(offset, length, mode | FALLOC_FL_KEEP_SIZE)
-
-    def _zero_file(self, offset: int, length: int, mode: int) -> None:
-        try:
-            fallocate(self.file.fd, mode, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            self._write_zero_bytes(offset, length)
-            return
-        if self.writethrough:
-            self.file.sync()
-
-    def _write_zero_bytes(self, offset: int, length: int) -> None:
-        with mmap.mmap(-1, min(length, ZERO_CHUNK)) as zeros:
-            zview = memoryview(zeros)
-            try:
-                done = 0
-                while done < length:
-                    n = min(len(zview), length - done)
-                    self.file.pwritev([zview[:n]], offset + done)
-                    done += n
-            finally:
-                zview.release()
+        if length:
+            self.file.write_zeroes(offset, length, unmap)
 
     def close(self) -> None:
         if not self._closed:
