@@ -122,6 +122,16 @@ def test_get_id_default_serial_and_configured(virtio_driver, disk):
     assert drv2.request(0, [hdr(T_GET_ID)], [20, 1]).data[:6] == b"SN-42\0"
 
 
+def test_get_id_scattered_over_buffers_and_short_buffers(virtio_driver, disk):
+    """The id lands across several buffers, a short buffer gets its head, the status stays last."""
+    drv = virtio_driver(BlkDevice(disk, BlkConfig(path="x", serial="ABCDEFGHIJKLMNOPQRST")))
+    drv.init()
+    assert drv.request(0, [hdr(T_GET_ID)], [3, 7, 10, 1]).data == b"ABCDEFGHIJKLMNOPQRST" + bytes([S_OK])
+    assert drv.request(0, [hdr(T_GET_ID)], [2, 3, 1]).data == b"ABCDE" + bytes([S_OK])
+    # the status byte shares the id's last buffer: 20 id bytes + status in one 21-byte buffer
+    assert drv.request(0, [hdr(T_GET_ID)], [4, 21]).data == b"ABCDEFGHIJKLMNOPQRST" + bytes(4) + bytes([S_OK])
+
+
 def test_discard_and_write_zeroes(blk, disk):
     drv = blk()
     write(drv, 0, b"\xff" * 8192)
