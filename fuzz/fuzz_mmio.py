@@ -17,8 +17,7 @@ import common
 def one_input(data: bytes) -> None:
     import atheris
     from vdm.testing import VirtioPciTestDriver, VirtioTestDriver
-
-    from tests.core.echo_device import EchoDevice
+    from vdm.testing.devices import EchoDevice
 
     fdp = atheris.FuzzedDataProvider(data)
     pci = fdp.ConsumeBool()
@@ -64,7 +63,7 @@ if __name__ == "__main__":
             "vdm_kvm.pci_bus",
             "vdm.device",
             "vdm.testing",
-            "tests.core.echo_device",
+            "vdm.testing.devices",
         ),
     )
     sys.exit(0)

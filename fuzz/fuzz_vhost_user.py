@@ -44,10 +44,9 @@ def _server():
     """The server, started once; its backend's handle() is wrapped to check invariants."""
     if _state:
         return _state["server"]
+    from vdm.testing.devices import EchoDevice
     from vdm_vhost_user.protocol import ProtocolError
     from vdm_vhost_user.server import VhostUserServer
-
-    from tests.core.echo_device import EchoDevice
 
     path = os.path.join(tempfile.mkdtemp(prefix="vdm-fuzz-vu-"), "vu.sock")
     server = VhostUserServer(path, EchoDevice()).start()
@@ -339,7 +338,7 @@ if __name__ == "__main__":
             "vdm_vhost_user.server",
             "vdm.virtqueue",
             "vdm.memory",
-            "tests.core.echo_device",
+            "vdm.testing.devices",
         ),
     )
     sys.exit(0)

@@ -285,7 +285,7 @@ if __name__ == "__main__":
             "vdm_vhost_user.server",
             "vdm.virtqueue",
             "vdm.memory",
-            "tests.core.echo_device",
+            "vdm.testing.devices",
         ),
     )
     sys.exit(0)

@@ -15,29 +15,13 @@ import sys
 import common
 
 
-def make_device():
-    from vdm.device import VirtioDevice
-
-    class Copy(VirtioDevice):
-        device_id = 0x7E
-        queue_max_sizes = (16,)
-
-        def process_queue(self, queue):
-            while (chain := queue.pop()) is not None:
-                data = chain.read(0, 4096)
-                queue.push(chain, chain.write(data))
-            self.signal_used(queue)
-
-    return Copy()
-
-
 def one_input(data: bytes) -> None:
     import atheris
     from vdm.ring_layout import DESC
-    from vdm.testing import VirtioTestDriver
+    from vdm.testing import EchoDevice, VirtioTestDriver
 
     fdp = atheris.FuzzedDataProvider(data)
-    dev = make_device()
+    dev = EchoDevice(limit=4096)  # copies each chain's readable bytes (up to 4 KiB) into its writable
     drv = VirtioTestDriver(dev, ram_size=64 << 10)
     exclude = 0
     if fdp.ConsumeBool():
@@ -94,5 +78,8 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run(one_input, ("vdm.virtqueue", "vdm.device", "vdm.memory", "vdm.transport.mmio", "vdm.testing"))
+    common.run(
+        one_input,
+        ("vdm.virtqueue", "vdm.device", "vdm.memory", "vdm.transport.mmio", "vdm.testing", "vdm.ring_layout"),
+    )
     sys.exit(0)

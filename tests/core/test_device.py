@@ -11,37 +11,20 @@ import pytest
 from vdm.device import Status, VirtioDevice
 from vdm.memory import OnDemandGuestMemory
 from vdm.testing import GuestRam, VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 from vdm.transport.mmio import Reg
 from vdm.virtqueue import DescriptorChain, Virtqueue
 
-from tests.core.echo_device import EchoDevice
 
-
-class HeldEcho(EchoDevice):
-    """Takes requests but completes them only when the test says so (a slow backend)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[tuple[Virtqueue, DescriptorChain]] = []
-        self.resets = 0
-
-    def process_queue(self, queue: Virtqueue) -> None:
-        while (chain := queue.pop()) is not None:
-            self.held.append((queue, chain))
-
-    def complete_all(self) -> None:
-        for queue, chain in self.held:
-            queue.push(chain, chain.write(chain.read()))
-            self.signal_used(queue)
-        self.held.clear()
-
-    def on_reset(self) -> None:
-        self.resets += 1  # a real backend cannot always stop its workers at once: they finish later
+def held_echo() -> EchoDevice:
+    """Takes requests but completes them only when the test says so (a slow backend); a reset does
+    not drop them: a real backend cannot always stop its workers at once, they finish later."""
+    return EchoDevice(hold=True, keep_held_on_reset=True)
 
 
 def test_completion_after_reset_is_dropped(virtio_driver):
     """A request completed after the driver reset the device must not land in the new rings."""
-    dev = HeldEcho()
+    dev = held_echo()
     drv = virtio_driver(dev, ram_size=1 << 20)
     drv.init()
     drv.post(0, [b"old-1"], [5])
@@ -62,7 +45,7 @@ def test_completion_after_reset_is_dropped(virtio_driver):
 
 
 def test_completion_after_queue_reset_is_dropped(virtio_driver):
-    dev = HeldEcho()
+    dev = held_echo()
     drv = virtio_driver(dev, ram_size=1 << 20)
     drv.init()
     drv.post(0, [b"old"], [3])
@@ -163,7 +146,7 @@ def test_activation_failure_marks_it_broken(virtio_driver):
 
 
 def test_reset_stops_the_backend_once(virtio_driver):
-    dev = HeldEcho()
+    dev = held_echo()
     drv = virtio_driver(dev, ram_size=1 << 20)
     drv.init()
     drv.reg_write(Reg.STATUS, 0)
@@ -229,7 +212,7 @@ def test_buffers_of_a_request_completed_after_reset_are_released():
         def unmap_pages(self, view: memoryview, count: int) -> None:
             pass
 
-    dev = HeldEcho()
+    dev = held_echo()
     drv = VirtioTestDriver(dev, ram=ram)
     od = OnDemandGuestMemory(RamMapper(), limit=ram.size)
     dev.memory = drv.transport.memory = od

@@ -26,12 +26,12 @@ from vdm.hookspecs import PluginSpec, VmmSpec
 from vdm.memory import PAGE_SIZE, GuestMemoryError, OnDemandGuestMemory
 from vdm.plugins import load_plugins
 from vdm.testing import GuestRam, VirtioPciTestDriver, VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 from vdm.transport.mmio import Reg
 from vdm.vmm import Vmm
 from vdm_kvm.pci_bus import PciBus
 
 from tests.core import sample_plugin
-from tests.core.echo_device import EchoDevice
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 CORE_SRC = Path(vdm.__file__).resolve().parent
@@ -97,7 +97,9 @@ def test_every_plugin_hook_is_called(monkeypatch):
     assert info.state == "loaded", info.error
     assert sorted(sample_plugin.called) == sorted(all_hooks()["PluginSpec"])
     assert info.hooks == sorted(all_hooks()["PluginSpec"])
-    assert (info.devices, info.hypervisors, info.commands) == (["sample-dev"], ["sample-hv"], ["sample-cmd"])
+    assert (info.devices, info.hypervisors, info.servers, info.commands) == (
+        ["sample-dev"], ["sample-hv"], ["sample-server"], ["sample-cmd"]
+    )
 
 
 # ---- VMM hooks ----------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 from vdm.eventloop import EventLoop
+from vdm.testing.devices import EchoDevice
 from vdm.virtqueue import Virtqueue
-
-from tests.core.echo_device import EchoDevice
 
 
 class CountingEcho(EchoDevice):

@@ -6,9 +6,8 @@ import pytest
 from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Status
 from vdm.interrupts import RecordingIrqLine
 from vdm.testing import FeaturesRefused, GuestRam, VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 from vdm.transport.mmio import MmioTransport, Reg
-
-from tests.core.echo_device import EchoDevice
 
 ACK, DRV, FEAT_OK, DRV_OK = Status.ACKNOWLEDGE, Status.DRIVER, Status.FEATURES_OK, Status.DRIVER_OK
 INT_VRING, INT_CONFIG = 1, 2

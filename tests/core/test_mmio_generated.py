@@ -7,9 +7,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vdm.testing import VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 from vdm.transport.mmio import Reg
-
-from tests.core.echo_device import EchoDevice
 
 REGS = [v for k, v in vars(Reg).items() if k.isupper()]
 RAM = 1 << 20

@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vdm.testing import VirtioPciTestDriver
+from vdm.testing.devices import EchoDevice
 from vdm.transport.pci import (
     BAR_SIZE,
     DEVICE_OFFSET,
@@ -15,8 +16,6 @@ from vdm.transport.pci import (
     MSIX_TABLE_OFFSET,
     NOTIFY_OFFSET,
 )
-
-from tests.core.echo_device import EchoDevice
 
 RAM = 1 << 20
 TABLE_LEN = 16 * 2  # EchoDevice: one queue + the config vector

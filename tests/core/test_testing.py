@@ -9,8 +9,8 @@ import pytest
 from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1
 from vdm.memory import GuestMemoryError
 from vdm.testing import FeaturesRefused, GuestRam, VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 
-from tests.core.echo_device import EchoDevice
 from tests.core.installed import clean_env
 
 

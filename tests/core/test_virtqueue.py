@@ -14,10 +14,10 @@ import pytest
 from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC, Status
 from vdm.ring_layout import avail_event_offset
 from vdm.testing import VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 from vdm.transport.mmio import Reg
 
 from tests.core import rings
-from tests.core.echo_device import EchoDevice
 
 RAM = 1 << 20
 INT_VRING, INT_CONFIG = 1, 2

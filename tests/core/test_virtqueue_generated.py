@@ -16,9 +16,9 @@ from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC
 from vdm.memory import PAGE_SIZE, GuestMemoryError, OnDemandGuestMemory
 from vdm.ring_layout import DESC, desc_offset, used_ring_size
 from vdm.testing import GuestRam, VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 
 from tests.core import rings
-from tests.core.echo_device import EchoDevice
 
 RAM = 1 << 20
 DATA_SIZE = 64 << 10  # the last 64 KiB of RAM hold buffers and indirect tables

@@ -1,8 +1,8 @@
 """Virtqueue.push_many, Virtqueue.chain_at and in-flight head tracking, driven by hand.
 
-The device here serves nothing on a kick: each test takes chains and completes them itself, as a
-device with its own threads (vdm-net's merged receive buffers, a vhost-user backend resubmitting
-requests after a reconnect) does. The driver's view is vdm.testing's, which refuses any used
+The device (vdm.testing's EchoDevice, holding) is never kicked: each test takes chains and
+completes them itself, as a device with its own threads (vdm-net's merged receive buffers, a
+vhost-user backend resubmitting requests after a reconnect) does. The driver's view is vdm.testing's, which refuses any used
 element whose head it does not have outstanding -- what Linux reports as "id N is not a head!".
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-from vdm.device import F_EVENT_IDX, VirtioDevice
-from vdm.testing import VirtioTestDriver
+from vdm.device import F_EVENT_IDX
+from vdm.testing import EchoDevice, VirtioTestDriver
 from vdm.virtqueue import DescriptorChain, Virtqueue, VirtqueueError
 
 from tests.core import rings
@@ -20,21 +20,10 @@ from tests.core import rings
 SIZE = 16
 
 
-class HoldDevice(VirtioDevice):
-    """Queue 0, served only by the test."""
-
-    device_id = 0x7E
-    name = "hold"
-    queue_max_sizes = (SIZE,)
-
-    def process_queue(self, queue: Virtqueue) -> None:
-        pass
-
-
 @pytest.fixture
 def hold(virtio_driver):
     def make(*, exclude: int = 0) -> tuple[VirtioTestDriver, Virtqueue]:
-        drv = virtio_driver(HoldDevice(), ram_size=1 << 20)
+        drv = virtio_driver(EchoDevice(hold=True, queue_size=SIZE), ram_size=1 << 20)
         drv.init(exclude=exclude)
         return drv, drv.device.queues[0]
 

@@ -7,11 +7,10 @@ import threading
 from vdm import vmmimpl
 from vdm.eventfd import eventfd_write
 from vdm.testing import GuestRam
+from vdm.testing.devices import EchoDevice
 from vdm.transport.mmio import Reg
 from vdm.vmm import Vmm
 from vdm_kvm.pci_bus import PciBus
-
-from tests.core.echo_device import EchoDevice
 
 
 class FakeHypervisor:

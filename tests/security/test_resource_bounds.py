@@ -30,6 +30,7 @@ from vdm.device import KICK_BUDGET
 from vdm.eventfd import eventfd_write
 from vdm.eventloop import EventLoop
 from vdm.testing import GuestRam, VirtioTestDriver
+from vdm.testing.devices import EchoDevice
 from vdm.transport.mmio import Reg
 from vdm.virtqueue import Virtqueue
 from vdm.vmm import Vmm
@@ -37,7 +38,6 @@ from vdm_blk.config import BlkConfig
 from vdm_blk.device import BlkDevice
 
 from tests.blk.memdisk import MemoryDisk
-from tests.core.echo_device import EchoDevice
 from tests.core.test_vmm import FakeHypervisor
 from tests.security.guest import F_NEXT, F_WRITE, Flooder, KickStorm, attach_kicks, publish_shared_tail
 

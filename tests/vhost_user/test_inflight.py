@@ -10,10 +10,10 @@ import sys
 import time
 
 import pytest
+from vdm.testing.devices import EchoDevice
 from vdm_blk.device import S_OK, T_IN, T_OUT
 
 from tests.vhost_user.frontend import Frontend
-from tests.vhost_user.hold_device import HoldDevice
 
 SECTOR = 512
 
@@ -25,12 +25,12 @@ def _start_with_inflight(path: str) -> Frontend:
 
 
 def test_requests_in_flight_at_a_disconnect_are_resubmitted_in_order(serve):
-    device = HoldDevice()
+    device = EchoDevice(hold=True)
     server, path = serve(device)
     fe = _start_with_inflight(path)
     try:
         heads = {name: fe.post(0, [name], [len(name)]) for name in (b"A", b"B", b"C", b"D")}
-        device.wait_taken(4)
+        device.wait_seen(4)
         device.complete(b"D")
         device.complete(b"B")  # out of order
         done = fe.wait_used(0, 2)
@@ -40,11 +40,11 @@ def test_requests_in_flight_at_a_disconnect_are_resubmitted_in_order(serve):
         fe.sock.close()
         assert server.wait_for(lambda s: s.conn is None)
         fe.reconnect()
-        device.wait_taken(6)
-        assert device.taken[4:] == [b"A", b"C"], "in-flight requests must be served again, oldest first"
+        device.wait_seen(6)
+        assert device.seen[4:] == [b"A", b"C"], "in-flight requests must be served again, oldest first"
         fe.post(0, [b"E"], [1])
-        device.wait_taken(7)
-        assert device.taken[6] == b"E", "the first new request follows the resubmitted ones"
+        device.wait_seen(7)
+        assert device.seen[6] == b"E", "the first new request follows the resubmitted ones"
         for name in (b"C", b"E", b"A"):
             device.complete(name)
         rest = fe.wait_used(0, 3)  # the frontend asserts every head completes exactly once
@@ -58,13 +58,13 @@ def test_requests_in_flight_at_a_disconnect_are_resubmitted_in_order(serve):
 
 def test_a_completion_published_just_before_the_crash_is_not_served_again(serve):
     """The crash window between writing the used index and clearing the inflight flag."""
-    device = HoldDevice()
+    device = EchoDevice(hold=True)
     server, path = serve(device)
     fe = _start_with_inflight(path)
     try:
         head_a = fe.post(0, [b"A"], [1])
         head_b = fe.post(0, [b"B"], [1])
-        device.wait_taken(2)
+        device.wait_seen(2)
         device.complete(b"B")
         fe.wait_used(0, 1)
         # make the region look like the backend died right after publishing B's used entry
@@ -76,8 +76,8 @@ def test_a_completion_published_just_before_the_crash_is_not_served_again(serve)
         fe.sock.close()
         assert server.wait_for(lambda s: s.conn is None)
         fe.reconnect()
-        device.wait_taken(3)
-        assert device.taken[2:] == [b"A"], "B was completed already; only A is in flight"
+        device.wait_seen(3)
+        assert device.seen[2:] == [b"A"], "B was completed already; only A is in flight"
         device.complete(b"A")
         assert [u.data for u in fe.wait_used(0, 1)] == [b"A"]
     finally:
@@ -88,12 +88,12 @@ def test_a_completion_published_just_before_the_crash_is_not_served_again(serve)
 def test_a_batch_completed_together_is_tracked_and_recovered_as_one(serve):
     """push_many: all of a batch leave the region together; a crash after publishing the batch
     but before clearing its flags serves none of it again (the list from last_batch_head)."""
-    device = HoldDevice()
+    device = EchoDevice(hold=True)
     server, path = serve(device)
     fe = _start_with_inflight(path)
     try:
         heads = {name: fe.post(0, [name], [1]) for name in (b"A", b"B", b"C", b"D")}
-        device.wait_taken(4)
+        device.wait_seen(4)
         device.complete_together(b"B", b"C", b"D")
         assert sorted(u.data for u in fe.wait_used(0, 3)) == [b"B", b"C", b"D"]
         assert fe.inflight_heads() == [heads[b"A"]]
@@ -106,9 +106,9 @@ def test_a_batch_completed_together_is_tracked_and_recovered_as_one(serve):
         fe.sock.close()
         assert server.wait_for(lambda s: s.conn is None)
         fe.reconnect()
-        device.wait_taken(5)
+        device.wait_seen(5)
         time.sleep(0.2)
-        assert device.taken[4:] == [b"A"], "the batch B, C, D was completed already"
+        assert device.seen[4:] == [b"A"], "the batch B, C, D was completed already"
         device.complete(b"A")
         assert [u.data for u in fe.wait_used(0, 1)] == [b"A"]
         assert fe.inflight_heads() == []

@@ -16,6 +16,7 @@ import struct
 
 import pytest
 from vdm.registry import DeviceContext
+from vdm.testing.devices import EchoDevice
 from vdm_blk.config import BlkConfig
 from vdm_blk.device import S_OK, T_IN, T_OUT
 from vdm_blk.plugin import create as create_blk
@@ -25,7 +26,6 @@ from vdm_vhost_user.inflight import queue_region_size
 from vdm_vhost_user.protocol import ProtocolFeature, Req
 
 from tests.vhost_user.frontend import Frontend, SharedRam
-from tests.vhost_user.hold_device import HoldDevice
 
 SECTOR = 512
 
@@ -64,7 +64,7 @@ def test_a_blk_ring_larger_than_the_devices_queue_size_is_served(serve, tmp_path
 def test_qemu_10s_inflight_geometry_ring_of_1024_region_asked_for_128(serve):
     """GET_INFLIGHT_FD says 128 (QEMU's queue-size), the guest's ring is 1024: heads above 128 are
     tracked, and after a reconnect (the same region handed back) served again."""
-    device = HoldDevice()
+    device = EchoDevice(hold=True)
     _, path = serve(device)
     fe = Frontend(path)
     try:
@@ -77,7 +77,7 @@ def test_qemu_10s_inflight_geometry_ring_of_1024_region_asked_for_128(serve):
         fe.start(queues={0: 1024}, inflight=True)
         heads = dict(zip((b"A", b"B", b"C"), (fe.post(0, [name], [1]) for name in (b"A", b"B", b"C"))))
         assert min(heads.values()) > 1000
-        device.wait_taken(3)
+        device.wait_seen(3)
         device.complete(b"B")
         fe.wait_used(0, 1)
         region = os.pread(fd, 16 + 16 * 1024, 0)
@@ -86,8 +86,8 @@ def test_qemu_10s_inflight_geometry_ring_of_1024_region_asked_for_128(serve):
         assert struct.unpack_from("<H", region, 10)[0] == 1024  # desc_num: the ring's size
         fe.sock.close()
         fe.reconnect()
-        device.wait_taken(5)
-        assert device.taken[3:] == [b"A", b"C"], "in-flight requests above head 128 are served again"
+        device.wait_seen(5)
+        assert device.seen[3:] == [b"A", b"C"], "in-flight requests above head 128 are served again"
         device.complete(b"A")
         device.complete(b"C")
         assert sorted(u.data for u in fe.wait_used(0, 2)) == [b"A", b"C"]
@@ -98,7 +98,7 @@ def test_qemu_10s_inflight_geometry_ring_of_1024_region_asked_for_128(serve):
 
 def test_a_ring_larger_than_a_handed_over_region_has_room_for_closes_the_connection(serve, caplog):
     """A region sized the libvhost-user way (by the queue size, 128) cannot track a ring of 256."""
-    device = HoldDevice()
+    device = EchoDevice(hold=True)
     server, path = serve(device)
     fe = Frontend(path)
     fd = os.memfd_create("other-backends-inflight", os.MFD_CLOEXEC)
@@ -120,7 +120,7 @@ def test_a_ring_larger_than_a_handed_over_region_has_room_for_closes_the_connect
 
 def test_the_inflight_queue_size_may_exceed_the_devices_queue_size(serve):
     """QEMU's vhost-user-blk queue-size goes up to 1024; the device's own maximum is not the limit."""
-    device = HoldDevice()  # queue_max_sizes (16,)
+    device = EchoDevice(hold=True)  # queue_max_sizes (16,)
     _, path = serve(device)
     fe = Frontend(path)
     try:
@@ -129,7 +129,7 @@ def test_the_inflight_queue_size_may_exceed_the_devices_queue_size(serve):
         fe.inflight = (fd, size, 1, 1024)
         fe.start(queues={0: 1024}, inflight=True)
         fe.post(0, [b"X"], [1])
-        device.wait_taken(1)
+        device.wait_seen(1)
         device.complete(b"X")
         assert [u.data for u in fe.wait_used(0, 1)] == [b"X"]
     finally:
@@ -151,7 +151,7 @@ def test_newer_protocol_features_are_declined():
                                              (43, "CHECK_DEVICE_STATE")])
 def test_requests_of_features_not_negotiated_close_the_connection_with_their_name(
         serve, caplog, request_no, name):
-    device = HoldDevice()
+    device = EchoDevice(hold=True)
     server, path = serve(device)
     fe = Frontend(path)
     try:
