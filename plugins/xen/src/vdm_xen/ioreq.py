@@ -1,6 +1,10 @@
 """The IOREQ server: Xen forwards a guest's accesses to claimed MMIO/PIO ranges to us.
 
-Life cycle (Xen 4.17's rules, see /work/shared/xen-notes.md section 1):
+Life cycle (Xen 4.17's rules, from Xen's public headers: ``struct ioreq`` / ``shared_iopage_t`` in
+``xen/include/public/hvm/ioreq.h``, the ``XEN_DMOP_*_ioreq_server*`` operations and
+``struct xen_dm_op_ioreq_server_range`` in ``xen/include/public/hvm/dm_op.h``,
+``XENMEM_resource_ioreq_server`` in ``xen/include/public/memory.h``, and libxendevicemodel's
+``xendevicemodel.h``; the same order as QEMU's ``hw/xen/xen-hvm-common.c``):
 
 1. ``xendevicemodel_nr_vcpus`` -- one ``ioreq_t`` slot per vCPU;
 2. ``create_ioreq_server`` (buffered ioreqs off: a virtio-mmio device model needs none);

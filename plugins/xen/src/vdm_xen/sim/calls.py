@@ -9,8 +9,8 @@ import errno
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..abi import ffi
-from .signatures import _check_arg
-from .state import _Evtchn, _XsConn
+from .signatures import check_arg
+from .state import SimEvtchn, SimXsConn
 
 if TYPE_CHECKING:
     import threading
@@ -34,7 +34,7 @@ class LibCalls:
         def call(*a: Any) -> Any:
             if len(a) != len(args):
                 raise TypeError(f"{name} expects {len(args)} arguments, got {len(a)}")
-            conv = [_check_arg(name, i, t, v) for i, (t, v) in enumerate(zip(args, a))]
+            conv = [check_arg(name, i, t, v) for i, (t, v) in enumerate(zip(args, a))]
             self.xen.calls.append(name)
             rv = impl(*conv)
             if result.kind == "pointer":
@@ -83,8 +83,8 @@ class LibCalls:
         if obj is None:
             self.xen.violation(f"closing a {kind} handle that is not open")
             return self._fail(errno.EBADF)
-        if isinstance(obj, (_Evtchn, _XsConn)):
-            if isinstance(obj, _Evtchn) and obj.bound:
+        if isinstance(obj, (SimEvtchn, SimXsConn)):
+            if isinstance(obj, SimEvtchn) and obj.bound:
                 self.xen.violation(f"evtchn handle closed with ports still bound: {sorted(obj.bound)}")
             obj.close()
         return 0

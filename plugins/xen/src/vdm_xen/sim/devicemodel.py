@@ -7,7 +7,7 @@ from typing import Any
 
 from ..abi import ffi
 from .calls import LibCalls
-from .state import _Domain, _Server
+from .state import SimDomain, SimServer
 
 
 class DeviceModelCalls(LibCalls):
@@ -21,7 +21,7 @@ class DeviceModelCalls(LibCalls):
     def _xendevicemodel_close(self, dmod: Any) -> int:
         return self._close("dmod", dmod)
 
-    def _dm(self, dmod: Any, domid: int) -> tuple[int, _Domain | None]:
+    def _dm(self, dmod: Any, domid: int) -> tuple[int, SimDomain | None]:
         if self._get("dmod", dmod) is None:
             return errno.EBADF, None
         if not self.xen.ioreq_support:
@@ -33,7 +33,7 @@ class DeviceModelCalls(LibCalls):
             return errno.EPERM, None
         return 0, d
 
-    def _server(self, dmod: Any, domid: int, sid: int) -> tuple[int, _Server | None]:
+    def _server(self, dmod: Any, domid: int, sid: int) -> tuple[int, SimServer | None]:
         err, _d = self._dm(dmod, domid)
         if err:
             return err, None

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from .calls import LibCalls
-from .state import _Evtchn
+from .state import SimEvtchn
 
 
 class EvtchnCalls(LibCalls):
@@ -18,7 +18,7 @@ class EvtchnCalls(LibCalls):
     def _xenevtchn_open(self, logger: Any, flags: int) -> int:
         if not self.xen.privcmd:
             return self._fail(errno.ENOENT, 0)
-        return self._handle("xce", _Evtchn())
+        return self._handle("xce", SimEvtchn())
 
     def _xenevtchn_close(self, xce: Any) -> int:
         return self._close("xce", xce)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..abi import PAGE_SIZE, XENMEM_resource_ioreq_server, ffi
 from .calls import LibCalls
-from .libc import _MAP_FIXED, _PROT_NONE, _mmap, _munmap
+from .libc import MAP_FIXED, PROT_NONE, libc_mmap, libc_munmap
 
 
 class ForeignMemoryCalls(LibCalls):
@@ -42,12 +42,12 @@ class ForeignMemoryCalls(LibCalls):
                 sources.append((legacy[0].page_fd, 0) if legacy else None)
         if err == ffi.NULL and any(s is None for s in sources):
             return self._fail(errno.EINVAL, 0)
-        base = _mmap(pages * PAGE_SIZE, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        base = libc_mmap(pages * PAGE_SIZE, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         for i, src in enumerate(sources):
             if src is None:
                 err[i] = -errno.EINVAL
                 continue
-            _mmap(PAGE_SIZE, prot, mmap.MAP_SHARED | _MAP_FIXED, src[0], src[1], base + i * PAGE_SIZE)
+            libc_mmap(PAGE_SIZE, prot, mmap.MAP_SHARED | MAP_FIXED, src[0], src[1], base + i * PAGE_SIZE)
             if err != ffi.NULL:
                 err[i] = 0
         with x.lock:
@@ -64,7 +64,7 @@ class ForeignMemoryCalls(LibCalls):
                 )
                 return self._fail(errno.EINVAL)
             del self.xen.foreign_maps[a]
-        _munmap(a, pages * PAGE_SIZE)
+        libc_munmap(a, pages * PAGE_SIZE)
         return 0
 
     def _xenforeignmemory_map_resource(
@@ -101,7 +101,7 @@ class ForeignMemoryCalls(LibCalls):
             return self._fail(errno.EINVAL, 0)
         if paddr[0] != ffi.NULL:
             return self._fail(errno.EINVAL, 0)
-        addr = _mmap(PAGE_SIZE, prot, mmap.MAP_SHARED, s.page_fd, 0)
+        addr = libc_mmap(PAGE_SIZE, prot, mmap.MAP_SHARED, s.page_fd, 0)
         paddr[0] = ffi.cast("void *", addr)
         with x.lock:
             h = next(x._ids)
@@ -115,5 +115,5 @@ class ForeignMemoryCalls(LibCalls):
         if addr is None:
             self.xen.violation("unmap_resource of a handle that is not mapped")
             return self._fail(errno.EINVAL)
-        _munmap(addr, PAGE_SIZE)
+        libc_munmap(addr, PAGE_SIZE)
         return 0

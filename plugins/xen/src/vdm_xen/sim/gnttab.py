@@ -8,7 +8,7 @@ from typing import Any
 
 from ..abi import PAGE_SIZE, ffi
 from .calls import LibCalls
-from .libc import _MAP_FIXED, _PROT_NONE, _mmap, _munmap
+from .libc import MAP_FIXED, PROT_NONE, libc_mmap, libc_munmap
 
 
 class GnttabCalls(LibCalls):
@@ -38,9 +38,9 @@ class GnttabCalls(LibCalls):
                 if g is None or (g[1] and prot & mmap.PROT_WRITE):
                     return self._fail(errno.EINVAL, 0)
                 offs.append(x.ram.file_offset(g[0]))
-            base = _mmap(count * PAGE_SIZE, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            base = libc_mmap(count * PAGE_SIZE, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
             for i, off in enumerate(offs):
-                _mmap(PAGE_SIZE, prot, mmap.MAP_SHARED | _MAP_FIXED, x.ram.fd, off, base + i * PAGE_SIZE)
+                libc_mmap(PAGE_SIZE, prot, mmap.MAP_SHARED | MAP_FIXED, x.ram.fd, off, base + i * PAGE_SIZE)
                 d.grant_maps[int(refs[i])] = d.grant_maps.get(int(refs[i]), 0) + 1
             x.grant_maps_live[base] = (domid, [int(refs[i]) for i in range(count)])
         return base
@@ -56,5 +56,5 @@ class GnttabCalls(LibCalls):
             d = self.xen.domains[entry[0]]
             for ref in entry[1]:
                 d.grant_maps[ref] -= 1
-        _munmap(a, count * PAGE_SIZE)
+        libc_munmap(a, count * PAGE_SIZE)
         return 0

@@ -23,7 +23,7 @@ from ..abi import (
     make_flags,
 )
 from .errors import GuestCrashed, UnclaimedAccess
-from .state import _Server
+from .state import SimServer
 
 
 class GuestSide:
@@ -56,7 +56,7 @@ class GuestSide:
                 d.grants.pop(g, None)
         return True
 
-    def _route(self, rtype: int, addr: int, size: int) -> list[_Server]:
+    def _route(self, rtype: int, addr: int, size: int) -> list[SimServer]:
         d = self.domid
         with self.lock:
             servers = [s for s in self.servers.values() if s.domid == d and s.enabled]
@@ -90,7 +90,7 @@ class GuestSide:
             value = self._one(s, vcpu, rtype, addr, size, data, read, count, data_is_ptr, df)
         return value
 
-    def _one(self, s: _Server, vcpu: int, rtype: int, addr: int, size: int, data: int, read: bool,
+    def _one(self, s: SimServer, vcpu: int, rtype: int, addr: int, size: int, data: int, read: bool,
              count: int, data_is_ptr: int, df: int) -> int:  # fmt: skip
         slot = ffi.cast("ioreq_t *", ffi.from_buffer(s.page)) + vcpu
         port = s.ports[vcpu]

@@ -14,12 +14,12 @@ _libc_ffi.cdef(
     "int munmap(void *addr, size_t length);"
 )
 _libc = _libc_ffi.dlopen(None)
-_MAP_FIXED = 0x10
-_PROT_NONE = 0
+MAP_FIXED = 0x10
+PROT_NONE = 0
 _MAP_FAILED = 2**64 - 1 if _libc_ffi.sizeof("void *") == 8 else 2**32 - 1
 
 
-def _mmap(length: int, prot: int, flags: int, fd: int, offset: int, addr: int = 0) -> int:
+def libc_mmap(length: int, prot: int, flags: int, fd: int, offset: int, addr: int = 0) -> int:
     p = _libc.mmap(_libc_ffi.cast("void *", addr), length, prot, flags, fd, offset)
     a = int(_libc_ffi.cast("uintptr_t", p))
     if a == _MAP_FAILED:
@@ -27,5 +27,5 @@ def _mmap(length: int, prot: int, flags: int, fd: int, offset: int, addr: int = 
     return a
 
 
-def _munmap(addr: int, length: int) -> None:
+def libc_munmap(addr: int, length: int) -> None:
     _libc.munmap(_libc_ffi.cast("void *", addr), length)

@@ -31,7 +31,7 @@ def _signatures() -> dict[str, Any]:
 SIGNATURES = _signatures()
 
 
-def _check_arg(name: str, i: int, ctype: Any, value: Any) -> Any:
+def check_arg(name: str, i: int, ctype: Any, value: Any) -> Any:
     """Convert/check one argument the way cffi would for the real function."""
     if ctype.kind == "primitive" or ctype.kind == "enum":
         if ctype.cname == "_Bool":

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class _Server:
+class SimServer:
     id: int
     domid: int
     emulator: int  # the domain that created it
@@ -22,7 +22,7 @@ class _Server:
 
 
 @dataclass
-class _Domain:
+class SimDomain:
     domid: int
     nr_vcpus: int
     alive: bool = True
@@ -30,7 +30,7 @@ class _Domain:
     grant_maps: dict[int, int] = field(default_factory=dict)  # gref -> times mapped
 
 
-class _Evtchn:
+class SimEvtchn:
     """One /dev/xen/evtchn open: a pipe of 4-byte port numbers."""
 
     def __init__(self) -> None:
@@ -45,7 +45,7 @@ class _Evtchn:
         os.close(self.w)
 
 
-class _XsConn:
+class SimXsConn:
     """One xenstore connection: its watches and the pipe its watch events come through."""
 
     def __init__(self, domid: int) -> None:

@@ -16,7 +16,7 @@ from ..abi import PAGE_SIZE, ffi
 from .guest import GuestSide
 from .lib import SimLib
 from .memory import SimGuestRam
-from .state import _Domain, _Evtchn, _Server, _XsConn
+from .state import SimDomain, SimEvtchn, SimServer, SimXsConn
 from .toolstack import Toolstack
 
 
@@ -52,10 +52,10 @@ class SimXen(Toolstack, GuestSide):
         self.timeout = timeout
         self.lock = threading.RLock()
         self.ram = SimGuestRam(ram_size, ram_base)
-        self.domains = {0: _Domain(0, 1), domid: _Domain(domid, nr_vcpus)}
-        self.servers: dict[int, _Server] = {}
-        self.xen_ports: dict[tuple[int, int], tuple[_Server, int]] = {}  # (domid, port) -> server, vcpu
-        self.port_binding: dict[tuple[int, int], tuple[_Evtchn, int]] = {}
+        self.domains = {0: SimDomain(0, 1), domid: SimDomain(domid, nr_vcpus)}
+        self.servers: dict[int, SimServer] = {}
+        self.xen_ports: dict[tuple[int, int], tuple[SimServer, int]] = {}  # (domid, port) -> server, vcpu
+        self.port_binding: dict[tuple[int, int], tuple[SimEvtchn, int]] = {}
         self.foreign_maps: dict[int, int] = {}
         self.grant_maps_live: dict[int, tuple[int, list[int]]] = {}
         self.resources: dict[int, int] = {}
@@ -112,13 +112,13 @@ class SimXen(Toolstack, GuestSide):
             self._allocs[int(ffi.cast("uintptr_t", vec))] = (vec, strs)
         return vec
 
-    def _create_server(self, d: _Domain, emulator: int) -> _Server:
+    def _create_server(self, d: SimDomain, emulator: int) -> SimServer:
         with self.lock:
             fd = os.memfd_create("sim-ioreq-page", os.MFD_CLOEXEC)
             os.ftruncate(fd, PAGE_SIZE)
             page = mmap.mmap(fd, PAGE_SIZE)
             ports = []
-            s = _Server(self._server_next, d.domid, emulator, ports, fd, page)
+            s = SimServer(self._server_next, d.domid, emulator, ports, fd, page)
             self._server_next += 1
             for vcpu in range(d.nr_vcpus):
                 port = self._xen_port_next
@@ -135,7 +135,7 @@ class SimXen(Toolstack, GuestSide):
         if ev is not None:
             ev.set()
 
-    def _deliver(self, e: _Evtchn, local: int) -> None:
+    def _deliver(self, e: SimEvtchn, local: int) -> None:
         with self.lock:
             if local in e.masked:
                 e.pending.add(local)
@@ -143,12 +143,12 @@ class SimXen(Toolstack, GuestSide):
             e.masked.add(local)  # the evtchn driver masks a port until user space unmasks it
         os.write(e.w, local.to_bytes(4, "little"))
 
-    def _fire(self, conn: _XsConn, path: str, token: str) -> None:
+    def _fire(self, conn: SimXsConn, path: str, token: str) -> None:
         with self.lock:
             conn.queue.append((path, token))
         os.write(conn.w, b"w")
 
-    def _watchers(self, path: str) -> list[tuple[_XsConn, str, str]]:
+    def _watchers(self, path: str) -> list[tuple[SimXsConn, str, str]]:
         out = []
         for (kind, _), c in list(self._handles.items()):
             if kind != "xs":

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..abi import ffi
 from .calls import LibCalls
-from .state import _XsConn
+from .state import SimXsConn
 
 
 class XenstoreCalls(LibCalls):
@@ -19,7 +19,7 @@ class XenstoreCalls(LibCalls):
     def _xs_open(self, flags: int) -> int:
         if not self.xen.xenstore:
             return self._fail(errno.ENOENT, 0)
-        conn = _XsConn(self.domid)
+        conn = SimXsConn(self.domid)
         return self._handle("xs", conn)
 
     def _xs_close(self, h: Any) -> None:
