@@ -34,9 +34,24 @@ from .process import run_logged
 from .results import GuestResult, kernel_cmdline, parse_results
 
 __all__ = [
-    "QEMU", "QemuFrontend", "Qmp", "QmpError", "debian13_qemu", "host_qemu", "qemu_binary", "qemu_command",
-    "run_qemu", "shared_memory_args", "user_net_args", "vhost_user_blk_args", "vhost_user_device_args",
-    "vhost_user_net_args", "virtio_blk_args",
+    "NEEDS_KVM",
+    "QEMU",
+    "VHOST_USER_DEVICES",
+    "QemuFrontend",
+    "Qmp",
+    "QmpError",
+    "debian13_qemu",
+    "host_qemu",
+    "qemu_binary",
+    "qemu_command",
+    "run_qemu",
+    "shared_memory_args",
+    "user_net_args",
+    "vhost_user_blk_args",
+    "vhost_user_device_args",
+    "vhost_user_device_for",
+    "vhost_user_net_args",
+    "virtio_blk_args",
 ]
 
 QEMU = "qemu-system-x86_64"
@@ -135,6 +150,23 @@ def user_net_args(index: int = 0, mac: str | None = None) -> list[str]:
     if mac:
         dev += f",mac={mac}"
     return ["-netdev", f"user,id=unet{index}", "-device", dev]
+
+
+#: QEMU's vhost-user device types by virtio device id (virtio 1.2 section 5); net (1) is a
+#: netdev instead (vhost_user_net_args). QEMU has no generic vhost-user PCI device in 7.2 or 10.0.
+VHOST_USER_DEVICES = {
+    2: "vhost-user-blk-pci", 4: "vhost-user-rng-pci", 8: "vhost-user-scsi-pci", 16: "vhost-user-gpu-pci",
+    18: "vhost-user-input-pci", 19: "vhost-user-vsock-pci", 25: "vhost-user-snd-pci", 26: "vhost-user-fs-pci",
+    34: "vhost-user-i2c-pci", 41: "vhost-user-gpio-pci",
+}
+#: Types QEMU refuses under TCG (QEMU 7.2: "vhost initialization failed: requires kvm"): boot them
+#: with ``accel="kvm"`` in the KVM lab.
+NEEDS_KVM = frozenset({"vhost-user-input-pci"})
+
+
+def vhost_user_device_for(virtio_id: int) -> str | None:
+    """QEMU's vhost-user PCI device type for a virtio device id, or None when QEMU has none."""
+    return VHOST_USER_DEVICES.get(virtio_id)
 
 
 def vhost_user_device_args(device: str, socket_path: os.PathLike[str] | str, index: int = 0,

@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"created {names['dist']} ({args.kind} plugin) in {target}")
     for path in sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file()):
         print(f"  {path}")
-    print(f"next: cd {target} && pip install -e . && python -m pytest && vdm list-plugins")
+    print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest && vdm list-plugins")
     return 0
 
 
@@ -131,7 +131,8 @@ def generate(name: str, kind: str, parent: Path, *, device_id: int = 0) -> Path:
         )
     if not parent.is_dir():
         raise UserError(f"new-plugin: {parent} is not a directory")
-    values = dict(names, kind=kind, api=str(API_VERSION), core_version=__version__, device_id=str(device_id))
+    values = dict(names, kind=kind, api=str(API_VERSION), core_version=__version__, device_id=str(device_id),
+                  **device_id_values(device_id))
     tmp = Path(tempfile.mkdtemp(prefix=f".{names['dist']}-", dir=parent))
     try:
         for module in KINDS[kind]:
@@ -147,6 +148,28 @@ def generate(name: str, kind: str, parent: Path, *, device_id: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+#: virtio device ids (virtio 1.2 section 5) named in the generated skeleton's comments
+VIRTIO_DEVICE_NAMES = {
+    1: "network card", 2: "block device", 3: "console", 4: "entropy source", 5: "memory balloon",
+    8: "SCSI host", 9: "9P transport", 16: "GPU device", 18: "input device", 19: "socket device",
+    20: "crypto device", 24: "memory device", 25: "sound device", 26: "file system device",
+    34: "I2C adapter", 41: "GPIO device",
+}
+
+
+def device_id_values(device_id: int) -> dict[str, str]:
+    """The template values that follow ``--device-id``: the skeleton's comment and ``virtio_id``."""
+    if device_id == 0:
+        comment = ('0 is "no device": a guest driver ignores it, which is right until the device\n'
+                   "    #: does something real; then set its id here and as virtio_id in plugin.py.")
+        return {"device_id_comment": comment, "virtio_id": "None"}
+    what = VIRTIO_DEVICE_NAMES.get(device_id)
+    kind = f"{device_id} is the {what}" if what else f"{device_id} is your device type's id"
+    comment = (f"{kind}: the guest's driver for that id binds this device and must find\n"
+               "    #: the features and configuration it expects.")
+    return {"device_id_comment": comment, "virtio_id": str(device_id)}
 
 
 def _umask() -> int:
