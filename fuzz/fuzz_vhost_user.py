@@ -71,6 +71,8 @@ def _server():
 
 
 def _check_mappings(backend, violations: list[str]) -> None:
+    from vdm.ring_layout import avail_ring_size, desc_table_size, used_ring_size
+
     table = backend.memory.table
     for m in table._mapped:
         s = m.spec
@@ -80,9 +82,9 @@ def _check_mappings(backend, violations: list[str]) -> None:
         if not q.ready:
             continue
         for what, addr, n in (
-            ("descriptor table", q.desc_addr, 16 * q.size),
-            ("available ring", q.avail_addr, 6 + 2 * q.size),
-            ("used ring", q.used_addr, 6 + 8 * q.size),
+            ("descriptor table", q.desc_addr, desc_table_size(q.size)),
+            ("available ring", q.avail_addr, avail_ring_size(q.size)),
+            ("used ring", q.used_addr, used_ring_size(q.size)),
         ):
             if not backend.memory.contains(addr, n):
                 violations.append(f"queue {q.index} {what} 0x{addr:x}+{n} outside the shared memory")
@@ -127,6 +129,7 @@ def _recv_replies(sock: socket.socket, until: int, timeout: float) -> bool:
 
 def one_input(data: bytes) -> None:
     import atheris
+    from vdm.ring_layout import AVAIL_RING, desc_table_size
 
     server = _server()
     opened = common.watch_files()
@@ -174,9 +177,9 @@ def one_input(data: bytes) -> None:
     try:
         if fdp.ConsumeBool():  # a well-behaved start, so that rings run and kicks walk fuzzed chains
             size = 1 << fdp.ConsumeIntInRange(0, 4)
-            os.pwrite(ram, fdp.ConsumeBytes(16 * size), 0)  # descriptor table
+            os.pwrite(ram, fdp.ConsumeBytes(desc_table_size(size)), 0)  # descriptor table
             os.pwrite(ram, struct.pack("<HH", 0, fdp.ConsumeIntInRange(0, 0xFFFF)), 0x1000)  # avail idx
-            os.pwrite(ram, fdp.ConsumeBytes(2 * size), 0x1004)  # avail ring
+            os.pwrite(ram, fdp.ConsumeBytes(2 * size), 0x1000 + AVAIL_RING)  # avail ring
             kick = efd()
             kicks.append(kick)
             setup = [

@@ -45,6 +45,7 @@ def _check_protected(backend, violations: list[str]) -> None:
 
 def one_input(data: bytes) -> None:
     import atheris
+    from vdm.ring_layout import AVAIL_RING, desc_table_size
 
     server = base._server()
     backend = server.handler
@@ -149,9 +150,9 @@ def one_input(data: bytes) -> None:
         ram = memory_file(ram_size())
         files.append(ram)
         try:  # rings, when the file takes writes
-            os.pwrite(ram, fdp.ConsumeBytes(16 * size), 0)
+            os.pwrite(ram, fdp.ConsumeBytes(desc_table_size(size)), 0)
             os.pwrite(ram, struct.pack("<HH", 0, fdp.ConsumeIntInRange(0, 0xFFFF)), 0x1000)
-            os.pwrite(ram, fdp.ConsumeBytes(2 * size), 0x1004)
+            os.pwrite(ram, fdp.ConsumeBytes(2 * size), 0x1000 + AVAIL_RING)
         except OSError:
             pass
         kick = notify_fd()
