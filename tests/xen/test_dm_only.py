@@ -6,17 +6,20 @@ ends on SIGTERM and on the domain's death with everything released."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import struct
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 from vdm.errors import UserError
 from vdm.plugins import load_plugins
+from vdm.registry import DeviceType
 from vdm.testing.driver import VirtioTestDriver
 from vdm_xen import dm_only
 from vdm_xen.sim import SimXen
@@ -395,3 +398,49 @@ def test_device_options_keep_commas_inside_values(plugins: Any, tmp_path: Path) 
     assert (spec.config.path, spec.config.ro, spec.base, spec.irq) == (f"{tmp_path}/a,b.img", True, BASE, 33)
     spec = dm_only.parse_device(f"blk,path={tmp_path}/c\\,d.img,irq=33,base=0x02000000", devices)
     assert spec.config.path == f"{tmp_path}/c,d.img"
+
+
+@dataclasses.dataclass
+class OtherDiskConfig:
+    """A third party's disk device whose options are not vdm-blk's ``path``/``ro``."""
+
+    image: str = dataclasses.field(default="", metadata={"help": "the image"})
+    readonly: bool = dataclasses.field(default=False, metadata={"help": "read-only"})
+
+
+def test_xenstore_disk_served_by_a_plugin_with_its_own_option_names(plugins: Any, image: Path) -> None:
+    """dm-only knows no disk plugin's field names: the device type maps a toolstack disk itself."""
+    blk, _ = plugins.devices["blk"]
+    seen: list[OtherDiskConfig] = []
+
+    def create(config: OtherDiskConfig, ctx: Any) -> Any:
+        seen.append(config)
+        return blk.create(blk.config(path=config.image, ro=config.readonly), ctx)
+
+    other = DeviceType(
+        name="otherdisk", config=OtherDiskConfig, create=create, positional="image", virtio_id=2,
+        from_toolstack_disk=lambda params, writable: {"image": params, "readonly": not writable},
+    )
+    only_other = types.SimpleNamespace(devices={"otherdisk": (other, "a third-party plugin")})
+    sim = SimXen(nr_vcpus=1)
+    try:
+        sim.libxl_add_virtio_disk(51712, str(image), base=BASE, irq=33, mode="r")
+        before = image.read_bytes()
+
+        def work() -> None:
+            sim.wait_xs(f"/local/domain/0/backend/virtio_disk/{sim.domid}/51712/state", "2")
+            drv = VirtioTestDriver(None, ram=sim.ram, transport=GuestMmio(sim, BASE))  # type: ignore[arg-type]
+            drv.init(queues=[0])
+            assert drv.features >> 5 & 1  # VIRTIO_BLK_F_RO
+            assert drv.request(0, [hdr(T_OUT, 0), bytes(512)], [1], timeout=20).data == b"\x01"
+            sim.destroy_domain()
+
+        t, errors = _guest(sim, work)
+        assert dm_only.run(_args(only_other, domid=sim.domid), lib=sim.lib()) == 0
+        t.join(20)
+        assert not errors, errors
+        assert [(c.image, c.readonly) for c in seen] == [(str(image), True)]
+        assert image.read_bytes() == before
+        assert sim.leaks() == []
+    finally:
+        sim.close()

@@ -58,6 +58,11 @@ class DeviceType:
     #: options that make this type a virtio device where that is a choice (console's "kind=virtio");
     #: put before the user's own options when a device is asked for by its virtio id
     virtio_options: str = ""
+    #: how a toolstack's disk becomes this type's options: called with the disk's ``params`` (the
+    #: image or device path, as Xen's xenstore gives it) and whether it is writable, returns the
+    #: option mapping for :attr:`config` (vdm-blk: ``{"path": params, "ro": not writable}``); None
+    #: when the type serves no toolstack disks. ``vdm dm-only`` uses it, so it knows no field names
+    from_toolstack_disk: Optional[Callable[[str, bool], dict[str, Any]]] = None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from vdm import hookimpl
 from vdm.registry import DeviceContext, DeviceType
@@ -38,6 +38,11 @@ def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported laz
     return BlkDevice(backend, config, deferred_locks=deferred)
 
 
+def toolstack_disk_options(params: str, writable: bool) -> dict[str, Any]:
+    """A toolstack's disk (Xen's xenstore ``params`` and mode) as ``--disk`` options."""
+    return {"path": params, "ro": not writable}
+
+
 @hookimpl
 def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
     register(
@@ -51,5 +56,6 @@ def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
             toml_key="disk",
             help="virtio-blk disk: raw file, block device or qcow2 image",
             virtio_id=2,
+            from_toolstack_disk=toolstack_disk_options,
         )
     )

@@ -280,13 +280,22 @@ def _check_place(entry: Any) -> None:
 
 
 def _blk_from_xenstore(devices: dict[str, DeviceType], entry: Any) -> DeviceSpec:
-    dt = next((d for _, d in sorted(devices.items()) if d.virtio_id == 2), devices.get("blk"))
-    if dt is None:
-        raise UserError("xenstore describes a virtio disk but no blk device plugin (vdm-blk) is installed")
+    """A libxl virtio disk: served by the device type with that virtio id that maps a toolstack disk
+    to its own options (``DeviceType.from_toolstack_disk``; dm-only knows no plugin's field names)."""
+    dt = next(
+        (d for _, d in sorted(devices.items()) if d.virtio_id == entry.virtio_id and d.from_toolstack_disk),
+        None,
+    )
+    if dt is None or dt.from_toolstack_disk is None:
+        raise UserError("xenstore describes a virtio disk but no installed plugin serves it: install vdm-blk")
     from vdm.config import config_from_mapping
 
     _check_place(entry)
-    cfg = config_from_mapping(dt.config, {"path": entry.params, "ro": not entry.writable}, entry.backend)
+    try:  # a plugin's callable: whatever it does wrong costs this device only
+        options = dict(dt.from_toolstack_disk(entry.params, entry.writable))
+    except Exception as e:
+        raise UserError(f"{dt.name}: from_toolstack_disk failed: {type(e).__name__}: {e}") from None
+    cfg = config_from_mapping(dt.config, options, entry.backend)
     return DeviceSpec(dt, cfg, entry.base, entry.irq)
 
 
