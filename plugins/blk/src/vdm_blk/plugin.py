@@ -9,7 +9,7 @@ from vdm.registry import DeviceContext, DeviceType
 
 from .config import BlkConfig
 
-VDM_API = 1
+VDM_API = 2
 
 
 def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported lazily: list-plugins stays fast)
@@ -28,6 +28,11 @@ def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported laz
             direct=config.direct or config.cache == "none",
             format=config.format,
             allowed_backing=allowed,
+            options={
+                "reconnect_timeout": config.reconnect_timeout,
+                "request_timeout": config.request_timeout,
+                "connections": config.connections,
+            },
         )
     if deferred is not None and type(backend).__name__ != "RawDisk":
         backend.close()

@@ -41,6 +41,7 @@ import stat
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from . import libnbd
 from .base import SECTOR, DiskBackend, DiskError
 from .hostfile import HostFile
 from .protocol import Protocol
@@ -169,6 +170,13 @@ def _open_qcow2(
     )
 
 
+def _open_nbd(uri: str, *, read_only: bool, options: Mapping[str, Any]) -> Protocol:
+    from .nbd import open_nbd
+
+    return open_nbd(uri, read_only=read_only, options=options)
+
+
+register_protocol("nbd", _open_nbd, ("nbd", "nbd+unix", "nbds", "nbds+unix"), available=libnbd.probe)
 register_format("raw", _open_raw)
 register_format("qcow2", _open_qcow2, probe=lambda head: head[:4] == MAGIC)
 
@@ -205,7 +213,7 @@ def open_protocol(
         raise DiskError(f"{name}: the {proto} protocol is unavailable here: {why}")
     if direct:
         raise DiskError(f"{name}: direct/cache=none is for local files; drop it for {proto}")
-    p = opener(name, read_only=read_only, options=dict(options or {}))
+    p = opener(name, read_only=read_only, options={"writethrough": writethrough, **(options or {})})
     if not isinstance(p, Protocol):
         raise DiskError(f"{name}: the {proto} protocol's opener returned {type(p).__name__}, not a Protocol")
     return p
@@ -263,7 +271,9 @@ def open_disk(
         return _open(path, read_only, direct, format, writethrough, tuple(allowed_backing), ())
     if format != "auto" and format not in _openers:
         raise DiskError(f"{path}: unknown format {format!r}; use one of auto, {', '.join(_openers)}")
-    proto = open_protocol(path, read_only=read_only, writethrough=writethrough, options=options)
+    proto = open_protocol(
+        path, read_only=read_only, direct=direct, writethrough=writethrough, options=options
+    )
     try:
         fmt = _probe_head(proto.pread(512, 0)) if format == "auto" else format
         if not _takes_file[fmt]:
