@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vdm import hookimpl
-from vdm.registry import Command, DeviceType, HypervisorType
+from vdm.registry import Command, DeviceType, HypervisorType, ServerType
 
-VDM_API = 1
+VDM_API = 2
 
 #: the hooks vdm called, in order
 called: list[str] = []
@@ -28,6 +28,12 @@ def vdm_register_devices(register):
 def vdm_register_hypervisors(register):
     called.append("vdm_register_hypervisors")
     register(HypervisorType(name="sample-hv", check=lambda: None))
+
+
+@hookimpl
+def vdm_register_servers(register):
+    called.append("vdm_register_servers")
+    register(ServerType(name="sample-server", check=lambda: None))
 
 
 @hookimpl

@@ -224,7 +224,7 @@ def test_list_plugins_with_every_hostile_plugin(site):
             assert r["status"].startswith("unavailable: ")
         else:
             assert r["status"].startswith("failed: ")
-            assert r["provides"] == {"devices": [], "hypervisors": [], "commands": []}
+            assert r["provides"] == {"devices": [], "hypervisors": [], "servers": [], "commands": []}
 
 
 def test_device_plugins_with_bad_options_do_not_disable_vhost_user(site):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from vdm import hookimpl
 from vdm.registry import Command, DeviceType, HypervisorType
 
-VDM_API = 1
+VDM_API = 2
 
 
 @dataclass
@@ -116,6 +116,83 @@ def _explode():
 def vdm_register_hypervisors(register):
     register(HypervisorType(name="vt-hv-missing", check=lambda: "needs /dev/vt-nothing"))
     register(HypervisorType(name="vt-hv-broken", check=_explode))
+'''
+
+SPECNAME = '''
+"""Hook implementations under names of their own (pluggy's specname): found through pluggy."""
+from dataclasses import dataclass
+
+from vdm import hookimpl
+from vdm.registry import DeviceType, ServerType
+
+VDM_API = 2
+
+
+@dataclass
+class Cfg:
+    x: int = 0
+
+
+@hookimpl(specname="vdm_register_devices")
+def my_devices(register):
+    register(DeviceType(name="vt-spec-dev", config=Cfg, create=lambda c, ctx: None))
+
+
+@hookimpl(specname="vdm_register_servers")
+def my_servers(register):
+    register(ServerType(name="vt-spec-server", check=lambda: None, help="serves over a socket"))
+'''
+
+API1_SERVER = '''
+"""An API-1 plugin that lists a way of serving devices as a hypervisor (what vhost-user did)."""
+from vdm import hookimpl
+from vdm.registry import HypervisorType
+
+VDM_API = 1
+
+
+@hookimpl
+def vdm_register_hypervisors(register):
+    register(HypervisorType(name="vt-old-server", check=lambda: None, help="no VMM hooks"))
+'''
+
+COMMANDS = '''
+"""Two commands with options: one that cannot run here, one that reads the plugin set."""
+import warnings
+
+from vdm import hookimpl
+from vdm.registry import Command
+
+VDM_API = 2
+
+
+def _away_options(parser):
+    parser.add_argument("--speed", type=int, help="how fast to go")
+    parser.add_argument("target", help="where to go")
+
+
+def _here_options(parser):
+    plugins = parser.get_default("plugin_set")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = parser.vdm_plugins  # the API-1 way: still works, and warns
+    assert old is plugins and plugins is not None
+    (w,) = caught
+    seen = f"{len(plugins.devices)} device types; {w.category.__name__}: {w.message}"
+    parser.add_argument("--seen", default=seen)
+
+
+def _here_run(args):
+    print(args.seen)
+    print("plugin_set" if args.plugin_set.commands["vt-here"] else "")
+    return 0
+
+
+@hookimpl
+def vdm_register_commands(register):
+    register(Command(name="vt-away", help="go away", add_arguments=_away_options, run=lambda a: 0,
+                     available=lambda: "needs /dev/vt-away"))
+    register(Command(name="vt-here", help="stay", add_arguments=_here_options, run=_here_run))
 '''
 
 PARTIAL = '''
@@ -213,6 +290,9 @@ PLUGINS = {
     "vt-clash": ("vdmtest-clash", "0.1", "vdmtest_clash", CLASHING_COMMAND),
     "vt-fragile": ("vdmtest-fragile", "0.1", "vdmtest_fragile", FRAGILE_COMMANDS),
     "vt-dup-a": ("vdmtest-dup-a", "0.1", "vdmtest_dup_a", _dup("a")),
+    "vt-specname": ("vdmtest-specname", "0.1", "vdmtest_specname", SPECNAME),
+    "vt-api1": ("vdmtest-api1", "0.1", "vdmtest_api1", API1_SERVER),
+    "vt-commands": ("vdmtest-commands", "0.1", "vdmtest_commands", COMMANDS),
 }
 
 OUR_NAMES = sorted(PLUGINS)
@@ -270,8 +350,48 @@ def test_good_plugin_fields(listing, site):
     assert r["hooks"] == ["vdm_register_commands", "vdm_register_devices", "vdm_register_hypervisors"]
     assert r["module"] == "vdmtest_good.plugin"
     assert r["path"] == str(site / "vdmtest_good" / "plugin.py")
-    assert r["provides"] == {"devices": ["vt-gadget"], "hypervisors": ["vt-hv"], "commands": ["vt-show"]}
+    assert r["provides"] == {
+        "devices": ["vt-gadget"], "hypervisors": ["vt-hv"], "servers": [], "commands": ["vt-show"]
+    }
     assert r["availability"] == {"vt-gadget": "available", "vt-hv": "available"}
+    assert (r["api"], r["deprecations"]) == (2, [])
+
+
+def test_hooks_are_found_through_pluggy_not_by_attribute_name(listing, table):
+    """Issue 19 item 4: registrations are attributed through pluggy's hook implementations, so a
+    plugin whose functions carry other names (``specname``) provides what it registers."""
+    r = ours(listing["plugins"])["vt-specname"]
+    assert r["status"] == "available"
+    assert r["hooks"] == ["vdm_register_devices", "vdm_register_servers"]
+    assert r["provides"] == {
+        "devices": ["vt-spec-dev"], "hypervisors": [], "servers": ["vt-spec-server"], "commands": []
+    }
+    assert r["kind"] == "server/device"
+    assert parse_table(table.stdout)["vt-specname"]["kind"] == "server/device"
+
+
+def test_api1_plugin_loads_with_deprecations_naming_the_change(listing):
+    r = ours(listing["plugins"])["vt-api1"]
+    assert r["status"] == "available" and r["api"] == 1
+    assert r["kind"] == "hypervisor"  # an API-1 registration keeps working as it did
+    (text,) = r["deprecations"]
+    assert "written for vdm-core API 1" in text and "set VDM_API = 2" in text
+    assert "ServerType from vdm_register_servers" in text
+
+
+def test_api1_deprecation_is_a_python_warning_too(site, monkeypatch):
+    from importlib.metadata import distributions
+
+    from vdm.plugins import load_plugins
+
+    monkeypatch.syspath_prepend(str(site))
+    eps = [ep for d in distributions(path=[str(site)]) for ep in d.entry_points if ep.name == "vt-api1"]
+    expected = r"vdm plugin vt-api1 \(vdmtest-api1\): written for vdm-core API 1"
+    with pytest.warns(DeprecationWarning, match=expected):
+        ps = load_plugins(eps=eps)
+    assert "vt-old-server" in ps.hypervisors
+    for mod in [m for m in sys.modules if m.startswith("vdmtest_")]:
+        del sys.modules[mod]
 
 
 @pytest.mark.parametrize(
@@ -283,14 +403,16 @@ def test_good_plugin_fields(listing, site):
          "failed: unknown hook vdm_register_gizmos (is the plugin written for another vdm-core?)"),
         ("vt-raises", "vdmtest-raises", "0.1", "failed: vdm_register_hypervisors raised RuntimeError: boom"),
         ("vt-oldapi", "vdmtest-oldapi", "2.0",
-         f"failed: plugin vt-oldapi (dist vdmtest-oldapi) needs vdm-core API 99, this is {vdm.API_VERSION}"),
+         f"failed: plugin vt-oldapi (dist vdmtest-oldapi) needs vdm-core API 99, this is {vdm.API_VERSION} "
+         "(it also loads API 1): install a vdm-core that provides API 99 or a release of the plugin "
+         "for API 2"),
     ],
 )
 def test_failed_plugins_are_reported_by_name(listing, name, dist, version, status):
     r = ours(listing["plugins"])[name]
     assert (r["distribution"], r["version"], r["status"]) == (dist, version, status)
     assert r["kind"] == "-"
-    assert r["provides"] == {"devices": [], "hypervisors": [], "commands": []}
+    assert r["provides"] == {"devices": [], "hypervisors": [], "servers": [], "commands": []}
     assert r["module"] == PLUGINS[name][2] + ".plugin"
 
 
@@ -386,7 +508,8 @@ def test_failures_go_to_stderr_for_other_commands(site):
     ) in err
     assert (
         "vdm: plugin vt-oldapi (vdmtest-oldapi 2.0) failed: plugin vt-oldapi (dist vdmtest-oldapi) "
-        f"needs vdm-core API 99, this is {vdm.API_VERSION}"
+        f"needs vdm-core API 99, this is {vdm.API_VERSION} (it also loads API 1): install a vdm-core that "
+        "provides API 99 or a release of the plugin for API 2"
     ) in err
 
 
@@ -499,9 +622,10 @@ def test_commands_whose_check_or_options_raise(site):
     assert proc.returncode == 1
     assert "vdm: vt-opts is provided by vdmtest-fragile, which is unavailable here: its options are broken " \
            "(ArgumentError: argument --x: conflicting option string: --x)" in proc.stderr.splitlines()
-    # the help still works, shows the good plugin's command and hides the broken one
+    # the help still works, shows the good plugin's command and marks the broken one unavailable
     proc = run_vdm(["--help"], pythonpath=[site])
-    assert proc.returncode == 0 and "vt-show" in proc.stdout and "vt-probe" not in proc.stdout
+    assert proc.returncode == 0 and "vt-show" in proc.stdout
+    assert "vt-probe            (unavailable here) check raises" in proc.stdout
 
 
 def test_plugins_option_tolerates_spaces(site):
@@ -519,3 +643,44 @@ def test_partly_available_plugin(listing):
         "vt-partial-dev": "unavailable: needs a licence",
         "vt-partial-hv": "available",
     }
+
+
+# ---- commands that cannot run here still explain themselves (issue 19 item 12) ---------------------------
+
+
+def test_unavailable_command_help_shows_its_options_and_the_reason(site):
+    proc = run_vdm(["vt-away", "--help"], pythonpath=[site], env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: vdm vt-away [-h] [--speed SPEED] target")
+    assert "--speed SPEED  how fast to go" in proc.stdout
+    assert "Unavailable here: needs /dev/vt-away" in proc.stdout
+
+
+def test_unavailable_command_is_listed_as_such_in_vdm_help(site):
+    proc = run_vdm(["--help"], pythonpath=[site], env={"COLUMNS": "200"})
+    assert proc.returncode == 0
+    lines = [ln.strip() for ln in proc.stdout.splitlines()]
+    assert "vt-away             (unavailable here) go away" in lines
+    assert "vt-here             stay [vdmtest-commands]" in lines
+
+
+@pytest.mark.parametrize(
+    "argv", [["vt-away"], ["vt-away", "x", "--speed", "fast"], ["vt-away", "x", "y", "--what"]]
+)
+def test_unavailable_command_says_why_whatever_its_arguments(site, argv):
+    """Missing or wrong arguments of a command that cannot run here: the reason, not a usage error."""
+    proc = run_vdm(["--plugins", "vt-commands", *argv], pythonpath=[site])
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "vdm: vt-away is provided by vdmtest-commands, which is unavailable here: needs /dev/vt-away"
+    ]
+
+
+def test_command_gets_the_plugin_set_and_the_api1_attribute_warns(site):
+    proc = run_vdm(["--plugins", "vt-commands,vt-good", "vt-here"], pythonpath=[site])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "1 device types; DeprecationWarning: parser.vdm_plugins is deprecated (plugin API 2): "
+        "use parser.get_default('plugin_set')",
+        "plugin_set",
+    ]

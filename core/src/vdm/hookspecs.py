@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .interrupts import IrqLine
     from .iorange import IoHandler
     from .memory import GuestMemory
-    from .registry import Command, DeviceType, HypervisorType
+    from .registry import Command, DeviceType, HypervisorType, ServerType
 
 __all__ = ["PluginSpec", "VmmSpec", "hookimpl", "hookspec", "vmmimpl", "vmmspec"]
 
@@ -77,9 +77,11 @@ class PluginSpec:
 
     @hookspec
     def vdm_register_hypervisors(self, register: Callable[[HypervisorType], None]) -> None:
-        """Contribute hypervisors (``kvm``, ``xen``, ``vhost-user``, ...).
+        """Contribute hypervisors (``kvm``, ``xen``, ...): VMs driven through the VMM hooks.
 
         :param register: call it with one :class:`vdm.registry.HypervisorType` per hypervisor.
+            A way of serving devices that implements no VMM hook (vhost-user) is a server:
+            see :meth:`vdm_register_servers`.
             Its ``check`` callable says whether the hypervisor is usable here: it returns ``None``
             when available, or a one-line reason ("Xen libraries not installed (...)"). ``check``
             runs when ``vdm list-plugins`` shows the plugin and before a command uses it; it must
@@ -92,12 +94,30 @@ class PluginSpec:
         """
 
     @hookspec
+    def vdm_register_servers(self, register: Callable[[ServerType], None]) -> None:
+        """Contribute servers (``vhost-user``, ...): ways of serving devices that are no hypervisor.
+
+        :param register: call it with one :class:`vdm.registry.ServerType` per server. A server
+            owns its transport (a vhost-user frontend drives the rings over a socket) and
+            implements no VMM hook. Its ``check`` works as a hypervisor's: ``None`` when usable
+            here, else a one-line reason. The command that runs it is registered separately
+            (:meth:`vdm_register_commands`).
+        :returns: nothing.
+
+        Called when vdm loads plugins (plugin API 2; an API-1 plugin that registered such a
+        server as a ``HypervisorType`` is still listed as a hypervisor, with a deprecation).
+        """
+
+    @hookspec
     def vdm_register_commands(self, register: Callable[[Command], None]) -> None:
         """Contribute subcommands of ``vdm`` (``run``, ``vhost-user``, ``dm-only``, ...).
 
         :param register: call it with one :class:`vdm.registry.Command` per subcommand. A command
-            may carry an ``available`` check: while it returns a reason, the command is hidden
-            from ``vdm --help`` and invoking it prints that reason instead of running. The name
+            may carry an ``available`` check: while it returns a reason, ``vdm --help`` lists
+            the command as unavailable, ``vdm COMMAND --help`` shows its options and that
+            reason, and invoking it prints the reason instead of running. ``add_arguments`` gets
+            the command's parser, whose default ``plugin_set`` is the loaded
+            :class:`vdm.plugins.PluginSet` (``parser.get_default("plugin_set")``). The name
             must be short (letters, digits, ``_.-``, not starting with ``-``); ``add_arguments``
             and ``run`` must be callable.
         :returns: nothing.

@@ -15,7 +15,16 @@ registered object is checked (:func:`vdm.registry.registration_problem`) before 
 one fails its plugin, which then provides nothing. A check must return None or a reason string;
 anything else is reported as a broken check.
 
-Conflicts: when two plugins register the same device or hypervisor name, plugins are taken in a
+API versions: a plugin module's ``VDM_API`` must be one of :data:`vdm.SUPPORTED_API_VERSIONS`; a
+plugin for an older one loads, and its :attr:`PluginInfo.deprecations` (also issued as
+DeprecationWarnings) name what to change. DeprecationWarnings the plugin's own import and register
+hooks raise (an API-1 module it imports) are recorded there too.
+
+What a plugin registered is attributed through pluggy: each register hook is called through the
+hook implementation pluggy holds for that plugin (``get_hookimpls()``, ``plugin_name``), never
+looked up on the module by name.
+
+Conflicts: when two plugins register the same device, hypervisor or server name, plugins are taken in a
 fixed order -- by entry-point name, then distribution name -- and the first one wins, unless
 ``VDM_PREFER`` (``name=distribution,...``) names the distribution that should provide it. Every
 conflict is reported by ``vdm list-plugins``.
@@ -27,16 +36,17 @@ import contextlib
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Iterable, Optional
 
 import pluggy
 
-from . import API_VERSION
+from . import API_VERSION, SUPPORTED_API_VERSIONS
 from .errors import UserError
 from .hookspecs import PROJECT, PluginSpec
-from .registry import Command, DeviceType, HypervisorType, registration_problem
+from .registry import Command, DeviceType, HypervisorType, ServerType, registration_problem
 
 if sys.version_info >= (3, 10):
     from importlib.metadata import EntryPoint, distributions, entry_points
@@ -75,15 +85,22 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     hypervisors: list[str] = field(default_factory=list)
+    servers: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     #: per provided name: None (available) or the reason it is not
     availability: dict[str, Optional[str]] = field(default_factory=dict)
+    #: the module's ``VDM_API`` (None: not declared)
+    api: Optional[int] = None
+    #: what this plugin uses that is deprecated, each naming its replacement
+    deprecations: list[str] = field(default_factory=list)
 
     @property
     def kinds(self) -> list[str]:
         kinds = []
         if self.hypervisors:
             kinds.append("hypervisor")
+        if self.servers:
+            kinds.append("server")
         if self.devices:
             kinds.append("device")
         if self.commands and not kinds:
@@ -116,6 +133,7 @@ class PluginSet:
     plugins: list[PluginInfo] = field(default_factory=list)
     devices: dict[str, tuple[DeviceType, PluginInfo]] = field(default_factory=dict)
     hypervisors: dict[str, tuple[HypervisorType, PluginInfo]] = field(default_factory=dict)
+    servers: dict[str, tuple[ServerType, PluginInfo]] = field(default_factory=dict)
     commands: dict[str, tuple[Command, PluginInfo]] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
     manager: Optional[pluggy.PluginManager] = None
@@ -291,19 +309,53 @@ def _check(fn: Callable[[], Optional[str]] | None, timeout: float | None = DEFAU
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
 
 
+#: what a plugin written for API 1 changes to be an API-2 plugin (docs/plugins.md, "Changes in API 2")
+API1_CHANGES = (
+    "written for vdm-core API 1, which still loads but is deprecated: follow docs/plugins.md "
+    "'Changes in API 2' and set VDM_API = 2 (vdm.hypervisor -> vdm.interrupts/vdm.iorange; a "
+    "HypervisorType that implements no VMM hook -> ServerType from vdm_register_servers; "
+    "parser.vdm_plugins -> parser.get_default('plugin_set'))"
+)
+
+
 def _api_error(module: ModuleType, info: PluginInfo) -> str | None:
+    """Why the module's ``VDM_API`` is refused, or None (it is then kept in ``info.api``)."""
     try:
         needed = getattr(module, "VDM_API", None)
     except Exception as e:  # a module __getattr__ that raises
         return f"reading VDM_API raised {_describe(e)}"
     if needed is None:
         return None
-    if not isinstance(needed, int) or needed != API_VERSION:
+    if type(needed) is not int or needed not in SUPPORTED_API_VERSIONS:
         return (
-            f"plugin {info.name} (dist {info.distribution}) needs vdm-core API {needed}, "
-            f"this is {API_VERSION}"
+            f"plugin {info.name} (dist {info.distribution}) needs vdm-core API {_printable(repr(needed))}, "
+            f"this is {API_VERSION} (it also loads API {', '.join(map(str, SUPPORTED_API_VERSIONS[:-1]))}): "
+            f"install a vdm-core that provides API {_printable(repr(needed))} or a release of the plugin "
+            f"for API {API_VERSION}"
         )
+    info.api = needed
+    if needed < API_VERSION:
+        info.deprecations.append(API1_CHANGES)
     return None
+
+
+@contextlib.contextmanager
+def _deprecations_of(info: PluginInfo) -> Any:
+    """Record the DeprecationWarnings raised while plugin code runs as ``info.deprecations``.
+
+    Other warnings are issued again as they were. (The warnings filter is process-wide: a call
+    left running after its time bound reports to whoever runs next; it is a failed plugin anyway.)
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning):
+            text = _printable(str(w.message))
+            if text and text not in info.deprecations:
+                info.deprecations.append(text)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def load_plugins(
@@ -339,7 +391,8 @@ def load_plugins(
         if why is not None:
             info.state, info.error = "failed", why
             continue
-        module, why = _bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
+        with _deprecations_of(info):
+            module, why = _bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
         if why is not None:
             info.state, info.error = "failed", f"import failed: {why}"
             continue
@@ -348,8 +401,9 @@ def load_plugins(
         if why:
             info.state, info.error = "failed", why
             continue
+        plugin_name = f"{dist}:{ep.name}"
         try:
-            pm.register(module, name=f"{dist}:{ep.name}")
+            pm.register(module, name=plugin_name)
         except pluggy.PluginValidationError as e:
             info.state, info.error = "failed", f"invalid plugin: {e}"
             continue
@@ -367,25 +421,49 @@ def load_plugins(
             info.error = f"unknown hook {', '.join(unknown)} (is the plugin written for another vdm-core?)"
             continue
         info.hooks = sorted(c.name for c in callers)
-        _collect(pm, module, info, result, prefs)
+        with _deprecations_of(info):
+            _collect(pm, plugin_name, info, result, prefs)
+        for text in info.deprecations if info.state == "loaded" else []:
+            # attributed to this module: shown to plugin authors (pytest, -W default), not on every vdm run
+            warnings.warn(f"vdm plugin {info.name} ({info.distribution}): {text}", DeprecationWarning, 1)
     for label, why in broken:  # listed under the distribution's folder name: no entry point is known
         result.plugins.append(PluginInfo(label, label, "?", "", state="failed", error=why))
     result.plugins.sort(key=lambda p: (p.name, p.distribution))
     return result
 
 
+#: the register hooks (called in name order) and what each registers
+_REGISTER_HOOKS = {
+    "vdm_register_devices": "devices",
+    "vdm_register_hypervisors": "hypervisors",
+    "vdm_register_servers": "servers",
+    "vdm_register_commands": "commands",
+}
+
+
 def _collect(
-    pm: pluggy.PluginManager, module: ModuleType, info: PluginInfo, result: PluginSet, prefs: dict[str, str]
+    pm: pluggy.PluginManager, plugin_name: str, info: PluginInfo, result: PluginSet, prefs: dict[str, str]
 ) -> None:
-    """Call the plugin's register hooks; keep what they register only if all of it is valid."""
+    """Call the plugin's register hooks; keep what they register only if all of it is valid.
+
+    Each hook is called through the implementation pluggy registered for ``plugin_name``, so what
+    is registered is attributed to the plugin pluggy says implements the hook.
+    """
     provided: list[tuple[str, Any]] = []
     problems: list[str] = []
+    module = pm.get_plugin(plugin_name)
+    impls = {
+        caller.name: impl
+        for caller in pm.get_hookcallers(module) or []
+        for impl in caller.get_hookimpls()
+        if impl.plugin_name == plugin_name
+    }
 
-    def call(hook_name: str) -> None:
-        impl = getattr(module, hook_name, None)
-        if impl is None:
+    def call(hook_name: str, kind: str) -> None:
+        hook_impl = impls.get(hook_name)
+        if hook_impl is None:
             return
-        kind = hook_name[len("vdm_register_") :]
+        fn, argnames = hook_impl.function, tuple(hook_impl.argnames)
 
         def register(obj: Any) -> None:
             why = registration_problem(kind, obj)
@@ -394,17 +472,18 @@ def _collect(
             else:
                 provided.append((kind, obj))
 
-        _, why = _bounded(lambda: impl(register=register), result.timeout)
+        kwargs = {"register": register}
+        _, why = _bounded(lambda: fn(*[kwargs[n] for n in argnames]), result.timeout)
         if why is not None:
             timed_out = why.startswith(_NO_ANSWER)
             problems.append(f"{hook_name} {why}" if timed_out else f"{hook_name} raised {why}")
 
-    for hook_name in info.hooks:
+    for hook_name, kind in sorted(_REGISTER_HOOKS.items()):
         if not problems:
-            call(hook_name)
+            call(hook_name, kind)
     if problems:
         info.state, info.error = "failed", problems[0]
-        pm.unregister(module)
+        pm.unregister(name=plugin_name)
         return
     for kind, obj in provided:
         if kind == "devices":
@@ -415,6 +494,10 @@ def _collect(
             _add(result.hypervisors, obj.name, obj, info, "hypervisor", result, prefs)
             info.hypervisors.append(obj.name)
             info.availability[obj.name] = result.check(obj.check)
+        elif kind == "servers":
+            _add(result.servers, obj.name, obj, info, "server", result, prefs)
+            info.servers.append(obj.name)
+            info.availability[obj.name] = result.check(obj.check)
         elif kind == "commands":
             _add(result.commands, obj.name, obj, info, "command", result, prefs)
             info.commands.append(obj.name)
@@ -423,17 +506,16 @@ def _collect(
 def _add(
     table: dict, name: str, obj: Any, info: PluginInfo, what: str, result: PluginSet, prefs: dict
 ) -> None:
+    """Put ``obj`` in ``table`` unless an earlier plugin has ``name`` and is not the preferred one."""
     if name in table:
         other = table[name][1]
-        if prefs.get(name) == info.distribution:
-            winner, loser = info, other
+        preferred = prefs.get(name) == info.distribution
+        if preferred:
             table[name] = (obj, info)
-        else:
-            winner, loser = other, info
+        winner = info if preferred else other
         result.conflicts.append(
             f"{what} '{name}' is provided by {other.distribution} and {info.distribution}; "
             f"using {winner.distribution} (set VDM_PREFER={name}=<distribution> to choose)"
         )
-        del loser
         return
     table[name] = (obj, info)

@@ -1,4 +1,8 @@
-"""What plugins register: device types, hypervisors and commands (plain data).
+"""What plugins register: device types, hypervisors, servers and commands (plain data).
+
+A *hypervisor* (:class:`HypervisorType`) is one whose VMs a plugin drives through the VMM hooks
+(KVM, Xen); a *server* (:class:`ServerType`, plugin API 2) is a way of serving devices that owns
+the transport itself and implements no VMM hook (vhost-user: the frontend is the VMM).
 
 :func:`registration_problem` is the check at the boundary: every object a plugin hands to a
 ``register`` callable is checked before vdm keeps it, so that a wrong one (``register(42)``, a
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 if TYPE_CHECKING:
     from .vmm import Vmm
 
-__all__ = ["Command", "DeviceContext", "DeviceType", "HypervisorType", "registration_problem"]
+__all__ = ["Command", "DeviceContext", "DeviceType", "HypervisorType", "ServerType", "registration_problem"]
 
 
 @dataclass
@@ -76,17 +80,35 @@ class HypervisorType:
 
 
 @dataclass
+class ServerType:
+    """A way of serving devices that is not a hypervisor (API 2): it implements no VMM hook.
+
+    vhost-user is one: the frontend (QEMU, ...) owns the VM and its transport; vdm serves the
+    device's queues over a socket. Registered through ``vdm_register_servers``; ``vdm list-plugins``
+    lists it as kind ``server``.
+    """
+
+    name: str
+    #: returns None when usable here, else a one-line reason
+    check: Callable[[], Optional[str]]
+    help: str = ""
+
+
+@dataclass
 class Command:
     """A ``vdm`` subcommand."""
 
     name: str
     help: str
-    #: adds the command's options to its argparse subparser; the parser carries the loaded
-    #: :class:`vdm.plugins.PluginSet` as ``parser.vdm_plugins`` (for one option per device type)
+    #: adds the command's options to its argparse subparser; the loaded
+    #: :class:`vdm.plugins.PluginSet` is the parser's default ``plugin_set``
+    #: (``parser.get_default("plugin_set")``, for one option per device type; API 1's
+    #: ``parser.vdm_plugins`` still works and warns) and ``args.plugin_set`` when ``run`` runs
     add_arguments: Callable[[argparse.ArgumentParser], None]
     #: runs the command; returns the exit status
     run: Callable[[argparse.Namespace], int]
-    #: None when the command can work here, else the reason it cannot (the command is then hidden)
+    #: None when the command can work here, else the reason it cannot (``vdm --help`` then marks it
+    #: unavailable, ``vdm NAME --help`` shows its options and the reason, running it prints the reason)
     available: Optional[Callable[[], Optional[str]]] = None
 
 
@@ -94,7 +116,12 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _LONG_FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
 _SHORT_FLAG = re.compile(r"-[A-Za-z0-9]\Z")
 _TOML_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_KINDS: dict[str, type] = {"devices": DeviceType, "hypervisors": HypervisorType, "commands": Command}
+_KINDS: dict[str, type] = {
+    "devices": DeviceType,
+    "hypervisors": HypervisorType,
+    "servers": ServerType,
+    "commands": Command,
+}
 
 
 def _text(value: Any, limit: int = 60) -> str:
@@ -140,7 +167,7 @@ def _device_problem(dt: DeviceType) -> Optional[str]:
 def registration_problem(kind: str, obj: Any) -> Optional[str]:
     """Why ``obj``, handed to the ``register`` of hook ``vdm_register_<kind>``, is unusable, or None.
 
-    ``kind`` is "devices", "hypervisors" or "commands". The object must be an instance of the
+    ``kind`` is "devices", "hypervisors", "servers" or "commands". The object must be an instance of the
     matching class here, with a usable name (letters, digits, ``_.-``, not starting with ``-``),
     string help and callables where callables belong; a device type's configuration must be a
     dataclass and its options must look like options.
@@ -155,7 +182,7 @@ def registration_problem(kind: str, obj: Any) -> Optional[str]:
         return f"{cls.__name__} {name}: help must be a string"
     if isinstance(obj, DeviceType):
         why = _device_problem(obj)
-    elif isinstance(obj, HypervisorType):
+    elif isinstance(obj, (HypervisorType, ServerType)):
         why = None if callable(obj.check) else "check must be callable"
     else:
         why = next(

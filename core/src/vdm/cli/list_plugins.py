@@ -1,4 +1,10 @@
-"""``vdm list-plugins``: what is installed, what is usable here, and why not."""
+"""``vdm list-plugins``: what is installed, what is usable here, and why not.
+
+KIND says what a plugin provides: ``device``, ``hypervisor`` (VMs driven through the VMM hooks),
+``server`` (a way of serving devices that is no hypervisor: vhost-user) or ``command``. The
+``--json`` form adds, per plugin, what it provides by kind, the availability of each name, its
+hooks, its ``VDM_API`` and what it uses that is deprecated (each naming the replacement).
+"""
 
 from __future__ import annotations
 
@@ -27,11 +33,18 @@ def as_records(plugins: PluginSet) -> list[dict[str, Any]]:
             "version": p.version,
             "kind": "/".join(p.kinds) or "-",
             "status": p.status,
-            "provides": {"devices": p.devices, "hypervisors": p.hypervisors, "commands": p.commands},
+            "provides": {
+                "devices": p.devices,
+                "hypervisors": p.hypervisors,
+                "servers": p.servers,
+                "commands": p.commands,
+            },
             "availability": {
                 k: ("available" if v is None else f"unavailable: {v}") for k, v in p.availability.items()
             },
             "hooks": p.hooks,
+            "api": p.api,
+            "deprecations": p.deprecations,
             "module": p.module,
             "path": p.path,
         }

@@ -1,4 +1,11 @@
-"""``vdm``: load plugins, build the command line from what they provide, run a subcommand."""
+"""``vdm``: load plugins, build the command line from what they provide, run a subcommand.
+
+A plugin command's parser has the loaded :class:`~vdm.plugins.PluginSet` as its default
+``plugin_set`` (``parser.get_default("plugin_set")`` in ``add_arguments``, ``args.plugin_set`` in
+``run``). A command whose ``available`` check gives a reason still gets its options, so that
+``vdm COMMAND --help`` shows them with the reason; ``vdm --help`` lists it as unavailable, and
+invoking it prints the reason (exit 1) whatever its arguments are.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator, Sequence
+import warnings
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..errors import UserError
@@ -77,12 +85,41 @@ def _stdout_to_stderr() -> Iterator[None]:
             os.close(saved)
 
 
+class _Unavailable(Exception):
+    """A command that cannot run here was given arguments its parser (``args[0]``) refuses."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of one ``vdm`` subcommand.
+
+    :attr:`unavailable` is the reason the command cannot run here (None when it can); then a
+    parse error is not reported (the reason is, by :func:`main`).
+    """
+
+    unavailable: Optional[str] = None
+
+    @property
+    def vdm_plugins(self) -> Any:
+        """Deprecated (plugin API 1): use ``parser.get_default("plugin_set")``."""
+        warnings.warn(
+            "parser.vdm_plugins is deprecated (plugin API 2): use parser.get_default('plugin_set')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.get_default("plugin_set")
+
+    def error(self, message: str) -> NoReturn:
+        if self.unavailable is not None:
+            raise _Unavailable(self, message)
+        super().error(message)
+
+
 def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdm", description="virtio devices for KVM, Xen and vhost-user frontends"
     )
     _global_options(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     list_plugins.add_parser(sub)
     new_plugin.add_parser(sub)
     for name, (cmd, info) in sorted(plugins.commands.items()):
@@ -91,18 +128,33 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
             continue
         why = plugins.check(cmd.available)  # a check that raises or hangs is a reason, not a crash
         # argparse %-formats help: a plugin's "50% faster" is text, not a format
-        kw = {"help": f"{cmd.help} [{info.distribution}]".replace("%", "%%")} if why is None else {}
-        p = sub.add_parser(name, description=cmd.help, **kw)
-        p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution)
-        if why is None:
-            p.vdm_plugins = plugins  # type: ignore[attr-defined]  # for options per device type
-            _, broken = plugins.call(functools.partial(cmd.add_arguments, p))  # bounded, any exception
-            if broken is not None:
-                why = f"its options are broken ({broken})"
-                p.set_defaults(_unavailable=why)
-        if why is not None:
+        line = f"{cmd.help} [{info.distribution}]" if why is None else f"(unavailable here) {cmd.help}"
+        description = cmd.help if why is None else f"{cmd.help}\n\nUnavailable here: {why}"
+        p = sub.add_parser(name, description=description.replace("%", "%%"), help=line.replace("%", "%%"))
+        assert isinstance(p, CommandParser)
+        p.unavailable = why
+        p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution, plugin_set=plugins)
+        _, broken = plugins.call(functools.partial(cmd.add_arguments, p))  # bounded, any exception
+        if broken is not None:
+            why = f"its options are broken ({broken})"
+            p.unavailable = why
+            p.set_defaults(_unavailable=why)
             p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+        if why is not None and p.epilog and "Unavailable here" not in p.epilog:
+            p.epilog += f"\n\nUnavailable here: {why}"  # the command's own epilog may be long
     return parser
+
+
+def _unavailable_command(command: CommandParser, argv: Sequence[str]) -> argparse.Namespace:
+    """The namespace of an unavailable command whose arguments did not parse: what ``main`` needs
+    to say why it cannot run (the global options are parsed, the command's are ignored)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    _global_options(pre)
+    args, _ = pre.parse_known_args(argv)
+    args.command = command.prog.split()[-1]  # "vdm run"
+    for key in ("_command", "_unavailable", "_provider", "plugin_set"):
+        setattr(args, key, command.get_default(key))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,9 +211,12 @@ def _main(argv: Sequence[str] | None) -> int:
     with _stdout_to_stderr():  # plugin code runs here: imports, hooks, checks, add_arguments
         plugins = load_plugins(only=only, timeout=timeout)
         parser = build_parser(plugins)
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "_unavailable", None):
-        parser.parse_args(argv)  # an unavailable command ignores its options; others report them
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "_unavailable", None):
+            parser.parse_args(argv)  # an unavailable command ignores its options; others report them
+    except _Unavailable as e:
+        args = _unavailable_command(e.args[0], argv)
     listing = getattr(args, "_list_plugins", False)
     for p in plugins.errors if not listing else []:
         print(f"vdm: plugin {p.name} ({p.distribution} {p.version}) {p.status}", file=sys.stderr)

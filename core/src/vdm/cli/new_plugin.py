@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     names = project_names(args.name)
     installed = getattr(args, "plugin_set", None)
     for p in installed.plugins if installed is not None else []:
-        if args.name in (p.name, *p.devices, *p.hypervisors):
+        if args.name in (p.name, *p.devices, *p.hypervisors, *p.servers):
             print(f"note: {p.distribution} already provides '{args.name}'; installing both is a conflict "
                   "(see VDM_PREFER)", file=sys.stderr)
     print(f"created {names['dist']} ({args.kind} plugin) in {target}")

@@ -17,7 +17,7 @@ from vdm.registry import DeviceContext, DeviceType
 
 from .config import NinepConfig
 
-VDM_API = 1
+VDM_API = 2
 
 
 def _check() -> Optional[str]:

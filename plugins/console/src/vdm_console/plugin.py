@@ -16,7 +16,7 @@ from vdm.registry import DeviceContext, DeviceType
 
 from .config import ConsoleConfig, parse_extra_ports
 
-VDM_API = 1
+VDM_API = 2
 
 
 def create(config: ConsoleConfig, ctx: DeviceContext) -> Any:

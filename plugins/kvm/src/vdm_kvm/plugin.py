@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from vdm import hookimpl
 from vdm.registry import Command, HypervisorType
 
-VDM_API = 1
+VDM_API = 2
 
 
 def check() -> Optional[str]:
@@ -33,7 +33,7 @@ def check() -> Optional[str]:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     from .run import add_arguments
 
-    add_arguments(p, getattr(p, "vdm_plugins", None))
+    add_arguments(p, p.get_default("plugin_set"))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from vdm.registry import DeviceContext, DeviceType
 
 from .config import NetConfig
 
-VDM_API = 1
+VDM_API = 2
 
 
 def create(config: NetConfig, ctx: DeviceContext) -> Any:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    plugins: PluginSet | None = getattr(parser, "vdm_plugins", None)
+    plugins: PluginSet | None = parser.get_default("plugin_set")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         devices_epilog(plugins)

@@ -1,4 +1,8 @@
-"""vdm-vhost-user's plugin module: the ``vhost-user`` hypervisor and the ``vdm vhost-user`` command."""
+"""vdm-vhost-user's plugin module: the ``vhost-user`` server and the ``vdm vhost-user`` command.
+
+vhost-user is a way of serving devices, not a hypervisor: the frontend (QEMU, ...) owns the VM and
+vdm implements no VMM hook, so it registers a :class:`~vdm.registry.ServerType` (plugin API 2).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import sys
 from typing import Callable
 
 from vdm import hookimpl
-from vdm.registry import Command, HypervisorType
+from vdm.registry import Command, ServerType
 
-VDM_API = 1
+VDM_API = 2
 
 HELP = "serve vdm devices to vhost-user frontends, one socket each (tested: QEMU 7.2 and 10.0)"
 
@@ -37,8 +41,8 @@ def _run(args) -> int:
 
 
 @hookimpl
-def vdm_register_hypervisors(register: Callable[[HypervisorType], None]) -> None:
-    register(HypervisorType(name="vhost-user", check=check, help=HELP))
+def vdm_register_servers(register: Callable[[ServerType], None]) -> None:
+    register(ServerType(name="vhost-user", check=check, help=HELP))
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 from vdm import hookimpl
 from vdm.registry import Command, HypervisorType
 
-VDM_API = 1
+VDM_API = 2
 
 
 def check() -> Optional[str]:
