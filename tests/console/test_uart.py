@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+from vdm import vmmimpl
 from vdm.interrupts import RecordingIrqLine
+from vdm.vmm import Vmm
 from vdm_console.backends import MemoryBackend
-from vdm_console.uart import COM_PORTS, Uart16550
+from vdm_console.uart import COM_PORTS, Uart16550, attach_uart
 
 RBR = THR = DLL = 0
 IER = DLM = 1
@@ -373,3 +375,37 @@ def test_concurrent_input_and_guest_reads_lose_nothing():
     assert bytes(got) == data
     assert p.inb(LSR) & OE == 0
     p.uart.close()
+
+
+class PortBus:
+    """A hypervisor backend with only port I/O and IRQ levels (what ``attach_uart`` uses)."""
+
+    def __init__(self) -> None:
+        self.pio: dict[int, tuple[int, object, str]] = {}
+        self.levels: list[tuple[int, bool]] = []
+
+    @vmmimpl
+    def vmm_register_pio(self, port, count, handler, owner):
+        self.pio[port] = (count, handler, owner)
+        return True
+
+    @vmmimpl
+    def vmm_set_irq_level(self, irq, level):
+        self.levels.append((irq, level))
+        return True
+
+
+def test_attach_uart_places_it_on_its_com_port_and_says_where():
+    bus = PortBus()
+    vmm = Vmm(bus, name="t")
+    backend = MemoryBackend()
+    try:
+        uart = attach_uart(vmm, backend, "com2")
+        assert (uart.name, uart.port, uart.irq_number) == ("ttyS1", 0x2F8, 3)
+        assert bus.pio[0x2F8][:2] == (8, uart)
+        uart.write(MCR, 1, OUT2)
+        uart.write(IER, 1, 0x02)  # THR-empty interrupt on: the line the UART names is the one raised
+        assert (uart.irq_number, True) in bus.levels
+    finally:
+        uart.close()
+        vmm.close()

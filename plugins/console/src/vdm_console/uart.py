@@ -106,6 +106,8 @@ class Uart16550:
     :param modem_inputs: MSR bits 7..4 outside loopback (default: DCD, DSR and CTS asserted --
         a terminal is attached and ready).
     :param pc_out2_gate: gate the interrupt output with MCR OUT2, as PC boards do.
+    :param port: the first of its 8 I/O ports and ``irq_number`` its interrupt line's number, as
+        placed by :func:`attach_uart` (None for a UART not placed on a bus, as in tests).
     """
 
     def __init__(
@@ -116,8 +118,12 @@ class Uart16550:
         name: str = "ttyS0",
         modem_inputs: int = MSR_DCD | MSR_DSR | MSR_CTS,
         pc_out2_gate: bool = True,
+        port: Optional[int] = None,
+        irq_number: Optional[int] = None,
     ) -> None:
         self.irq = irq
+        self.port = port
+        self.irq_number = irq_number
         self.backend = backend
         self.name = name
         self.modem_inputs = modem_inputs & 0xF0
@@ -366,7 +372,8 @@ def attach_uart(vmm, backend: Optional[ConsoleBackend], port: str = "com1",  # t
     """Create a UART on legacy port ``port`` (com1..com4) of ``vmm`` (a :class:`vdm.vmm.Vmm`)."""
     base, default_irq = COM_PORTS[port]
     line = irq if irq is not None else default_irq
-    uart = Uart16550(vmm.irq_line(line), backend, name=f"ttyS{int(port[3:]) - 1}")
+    uart = Uart16550(
+        vmm.irq_line(line), backend, name=f"ttyS{int(port[3:]) - 1}", port=base, irq_number=line
+    )
     vmm.register_pio(base, 8, uart, f"uart-{port}")
-    uart.port, uart.irq_number = base, line  # type: ignore[attr-defined]
     return uart
