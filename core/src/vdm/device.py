@@ -138,6 +138,9 @@ class VirtioDevice:
     control_queue_features: int = 0
     #: descriptors one kick walks before it yields (only once :meth:`serve_on` gave it a loop)
     kick_budget: int = KICK_BUDGET
+    #: the console a Linux guest gets from this device (``"hvc0"`` for virtio-console), or None;
+    #: ``vdm run`` puts the first one on the kernel command line (``console=``), else ``ttyS0``
+    guest_console: str | None = None
 
     def __init__(self) -> None:
         self.queues = [Virtqueue(i, n) for i, n in enumerate(self.queue_max_sizes)]

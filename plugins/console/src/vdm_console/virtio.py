@@ -96,6 +96,7 @@ class VirtioConsole(VirtioDevice):
 
     device_id = 3
     name = "virtio-console"
+    guest_console = "hvc0"  # port 0 is the guest's console
 
     def __init__(
         self,
