@@ -16,6 +16,7 @@ APT_PACKAGES=(
   acpica-tools                      # iasl decompiles vdm-kvm's ACPI tables in its tests
   tmux strace                       # console tests drive a terminal; security tests trace file opens
   dpdk-dev                          # dpdk-testpmd (DPDK 22.11 virtio-user): a second vhost-user frontend for net
+  libnbd0 nbdkit                    # vdm-blk's nbd protocol (libnbd, found at run time) and a second NBD server for its tests
 )
 
 SUDO=

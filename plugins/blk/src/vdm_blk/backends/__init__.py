@@ -9,7 +9,7 @@ file's first 512 bytes (qcow2: its magic) and falls back to raw. A backing file 
 it is opened in the format its image's header names (and an image that names none is refused).
 
 Adding a format: implement :class:`DiskBackend` over a protocol and call :func:`register_format`
-(third-party distributions do it from the ``vdm_blk_register_protocols`` hook, :mod:`.extend`)::
+(third-party distributions do it from the ``vdm_blk_register_protocols`` hook: :mod:`.extend`)::
 
     def open_mine(path, *, read_only, direct, writethrough, open_backing, file):
         return MyDisk(file, read_only=read_only, ...)   # file: the Protocol to read the image through
@@ -142,6 +142,9 @@ def protocols() -> tuple[str, ...]:
 
 def catalog() -> dict[str, dict[str, Optional[str]]]:
     """``{"protocols": {name: None or why unavailable}, "formats": {name: None}}`` for list-plugins."""
+    from .extend import load_extensions
+
+    load_extensions()
     prots: dict[str, Optional[str]] = {"file": None}
     for name, (_, available, _s) in _protocols.items():
         try:
@@ -267,6 +270,9 @@ def open_disk(
     opened although they are not beside the image; ``options`` go to the protocol's opener.
     Raises :class:`DiskError` with a message that says what is wrong and how to fix it.
     """
+    from .extend import load_extensions
+
+    load_extensions()
     if protocol_of(path) == "file":
         return _open(path, read_only, direct, format, writethrough, tuple(allowed_backing), ())
     if format != "auto" and format not in _openers:
