@@ -2,8 +2,10 @@
 
 It writes a new folder ``vdm-NAME/`` with a ``pyproject.toml`` declaring the ``vdm.plugins`` entry
 point, a package ``vdm_NAME`` (a one-queue :class:`~vdm.device.VirtioDevice` skeleton, or a
-hypervisor's VMM-hooks object) and tests that use :mod:`vdm.testing`. The tests
-pass as generated once the project is installed (``pip install -e .``).
+hypervisor's VMM-hooks object) and tests that use :mod:`vdm.testing`; a device project also gets
+a real-guest test on ``vdm_lab`` (it skips, saying why, without QEMU or the guest kit). The tests
+pass as generated once the project is installed with its test extra (``pip install -e '.[test]'``).
+The skeleton's comments and its ``DeviceType.virtio_id`` follow ``--device-id``.
 
 This module also renders the hook reference of ``docs/plugins.md`` from the docstrings in
 :mod:`vdm.hookspecs`: ``python -m vdm.cli.new_plugin --hook-reference`` prints it and
