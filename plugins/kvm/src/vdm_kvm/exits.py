@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from . import kvm_abi as abi
 
-# kvm_run as the exit loop reads it: exit_reason at 8, the exit union at 32
-_IO_EXIT = struct.Struct("<8xI20xBBHIQ")  # reason, io.direction, io.size, io.port, io.count, io.data_offset
-_MMIO_EXIT = struct.Struct("<8xI20xQ8sIB")  # reason, mmio.phys_addr, mmio.data, mmio.len, mmio.is_write
-_MMIO_DATA = 40
+# kvm_run as the exit loop (vdm_kvm.vcpu) reads it: exit_reason at 8, the exit union at 32
+IO_EXIT = struct.Struct("<8xI20xBBHIQ")  # reason, io.direction, io.size, io.port, io.count, io.data_offset
+MMIO_EXIT = struct.Struct("<8xI20xQ8sIB")  # reason, mmio.phys_addr, mmio.data, mmio.len, mmio.is_write
+MMIO_DATA = 40
 
 EXIT_NAMES = {
     v: k[len("KVM_EXIT_"):] for k, v in vars(abi).items() if k.startswith("KVM_EXIT_") and k.count("_") >= 2

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import kvm_abi as abi
 from .exits import EXIT_NAMES, VmExit
-from .ioctl import KvmError, _ioctl
+from .ioctl import KvmError, kvm_ioctl
 from .kvm_abi import ffi
 from .vcpu import KICK_SIGNAL, CpuidEntry, Vcpu
 from .vm import KvmIrqLine, Vm
@@ -32,17 +32,17 @@ class Kvm:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            self.api_version = _ioctl(self.fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+            self.api_version = kvm_ioctl(self.fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
             if self.api_version != abi.KVM_API_VERSION:
                 raise KvmError(errno.ENOTSUP, f"{path}: KVM API version {self.api_version}, need 12")
-            self.vcpu_mmap_size = _ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+            self.vcpu_mmap_size = kvm_ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         except BaseException:
             os.close(self.fd)
             raise
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 if unsupported, else a positive capability value."""
-        return _ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+        return kvm_ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         """``KVM_GET_SUPPORTED_CPUID``: every leaf this KVM can expose to a guest."""
@@ -50,7 +50,7 @@ class Kvm:
         while True:
             buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
             try:
-                _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+                kvm_ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
             except KvmError as e:
                 if e.errno == errno.E2BIG and n < 4096:
                     n *= 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import cffi
 
-__all__ = ["C_FIXED", "C", "ffi", "ioctl_numbers"]
+__all__ = ["C_FIXED", "FFI_FIXED", "C", "ffi", "ioctl_numbers"]
 
 CDEF = r"""
 typedef unsigned char __u8;
@@ -276,9 +276,10 @@ C = ffi.dlopen(None)
 # The KVM_RUN hot path: libc's ioctl with a fixed (int, unsigned long, unsigned long) prototype.
 # Calling a variadic function through a non-variadic prototype with integer arguments only is the
 # same call on x86-64 (SysV), and cffi's fixed-signature calls are about twice as fast.
-_ffi_fixed = cffi.FFI()
-_ffi_fixed.cdef("int ioctl(int fd, unsigned long request, unsigned long arg);")
-C_FIXED = _ffi_fixed.dlopen(None)
+#: its errno is read by :func:`vdm_kvm.ioctl.fixed_errno`
+FFI_FIXED = cffi.FFI()
+FFI_FIXED.cdef("int ioctl(int fd, unsigned long request, unsigned long arg);")
+C_FIXED = FFI_FIXED.dlopen(None)
 
 # ---- ioctl request encoding (include/uapi/asm-generic/ioctl.h; x86 uses the generic layout) -----
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import kvm_abi as abi
-from .exits import _IO_EXIT, _MMIO_DATA, _MMIO_EXIT, EXIT_NAMES, VmExit
-from .ioctl import KvmError, _ffi_errno, _ioctl
+from .exits import EXIT_NAMES, IO_EXIT, MMIO_DATA, MMIO_EXIT, VmExit
+from .ioctl import KvmError, fixed_errno, kvm_ioctl
 from .kvm_abi import C_FIXED, ffi
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class Vcpu:
     def __init__(self, vm: Vm, index: int) -> None:
         self.vm = vm
         self.index = index
-        self.fd = _ioctl(vm.fd, abi.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        self.fd = kvm_ioctl(vm.fd, abi.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         self._run_mm = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buf = ffi.from_buffer(self._run_mm)
@@ -67,61 +67,61 @@ class Vcpu:
 
     def get_regs(self) -> Any:
         regs = ffi.new("struct kvm_regs *")
-        _ioctl(self.fd, abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        kvm_ioctl(self.fd, abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
         return regs
 
     def set_regs(self, regs: Any = None, **fields: int) -> None:
         """``KVM_SET_REGS`` from a ``struct kvm_regs *`` or from the given fields (others zero)."""
         if regs is None:
             regs = ffi.new("struct kvm_regs *", fields)
-        _ioctl(self.fd, abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
+        kvm_ioctl(self.fd, abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
 
     def get_sregs(self) -> Any:
         sregs = ffi.new("struct kvm_sregs *")
-        _ioctl(self.fd, abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        kvm_ioctl(self.fd, abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
         return sregs
 
     def set_sregs(self, sregs: Any) -> None:
-        _ioctl(self.fd, abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+        kvm_ioctl(self.fd, abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
     def get_fpu(self) -> Any:
         fpu = ffi.new("struct kvm_fpu *")
-        _ioctl(self.fd, abi.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        kvm_ioctl(self.fd, abi.KVM_GET_FPU, fpu, "KVM_GET_FPU")
         return fpu
 
     def set_fpu(self, fpu: Any) -> None:
-        _ioctl(self.fd, abi.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+        kvm_ioctl(self.fd, abi.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
     def get_lapic(self) -> Any:
         lapic = ffi.new("struct kvm_lapic_state *")
-        _ioctl(self.fd, abi.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
+        kvm_ioctl(self.fd, abi.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
         return lapic
 
     def set_lapic(self, lapic: Any) -> None:
-        _ioctl(self.fd, abi.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
+        kvm_ioctl(self.fd, abi.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
 
     def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         """``KVM_SET_CPUID2``."""
         items = [{"function": e.function, "index": e.index, "flags": e.flags, "eax": e.eax,
                   "ebx": e.ebx, "ecx": e.ecx, "edx": e.edx} for e in entries]
         buf = ffi.new("struct kvm_cpuid2 *", {"nent": len(items), "entries": items})
-        _ioctl(self.fd, abi.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+        kvm_ioctl(self.fd, abi.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         idx = list(indices)
         buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(idx), "entries": [{"index": i} for i in idx]})
-        n = _ioctl(self.fd, abi.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        n = kvm_ioctl(self.fd, abi.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
         return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """``KVM_SET_MSRS``; returns how many were set (KVM stops at the first it refuses)."""
         items = [{"index": k, "data": v} for k, v in values.items()]
         buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": items})
-        return _ioctl(self.fd, abi.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        return kvm_ioctl(self.fd, abi.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
 
     def get_mp_state(self) -> int:
         st = ffi.new("struct kvm_mp_state *")
-        _ioctl(self.fd, abi.KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
+        kvm_ioctl(self.fd, abi.KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
         return st.mp_state
 
     # ---- running ---------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class Vcpu:
         """
         r = C_FIXED.ioctl(self.fd, abi.KVM_RUN, 0)
         if r < 0:
-            e = _ffi_errno()
+            e = fixed_errno()
             if e in (errno.EINTR, errno.EAGAIN):
                 return abi.KVM_EXIT_INTR
             raise KvmError(e, f"KVM_RUN: {os.strerror(e)}")
@@ -146,7 +146,7 @@ class Vcpu:
         return reason
 
     def _handle_io(self) -> None:
-        _, direction, size, port, count, off = _IO_EXIT.unpack_from(self._run_mm, 0)
+        _, direction, size, port, count, off = IO_EXIT.unpack_from(self._run_mm, 0)
         self._do_io(direction, size, port, count, off)
 
     def _do_io(self, direction: int, size: int, port: int, count: int, off: int) -> None:
@@ -165,13 +165,13 @@ class Vcpu:
 
     def _handle_mmio(self) -> None:
         mm = self._run_mm
-        _, addr, data, size, is_write = _MMIO_EXIT.unpack_from(mm, 0)
+        _, addr, data, size, is_write = MMIO_EXIT.unpack_from(mm, 0)
         if size not in (1, 2, 4, 8):
             return
         if is_write:
             self.vm.mmio_bus.write(addr, size, int.from_bytes(data[:size], "little"))
         else:
-            mm[_MMIO_DATA : _MMIO_DATA + size] = self.vm.mmio_bus.read(addr, size).to_bytes(size, "little")
+            mm[MMIO_DATA : MMIO_DATA + size] = self.vm.mmio_bus.read(addr, size).to_bytes(size, "little")
 
     def start(self) -> None:
         """Run this vCPU on its own thread until the VM stops."""
@@ -209,7 +209,7 @@ class Vcpu:
             if s != KICK_SIGNAL:
                 mask |= 1 << (int(s) - 1)
         sm = ffi.new("struct kvm_signal_mask *", {"len": 8, "sigset": list(mask.to_bytes(8, "little"))})
-        _ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, sm, "KVM_SET_SIGNAL_MASK")
+        kvm_ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, sm, "KVM_SET_SIGNAL_MASK")
 
     def _drain_kick(self) -> None:
         try:
@@ -243,7 +243,7 @@ class Vcpu:
         mm = self._run_mm
         counts = self.exit_counts
         ioctl = C_FIXED.ioctl
-        unpack_io = _IO_EXIT.unpack_from
+        unpack_io = IO_EXIT.unpack_from
         mm_len = len(mm)
         pio_read, pio_write = vm.pio_bus.read, vm.pio_bus.write
         handle_mmio, do_io = self._handle_mmio, self._do_io
@@ -251,7 +251,7 @@ class Vcpu:
         EXIT_IO, EXIT_MMIO = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO
         while not vm._stopping:
             if ioctl(fd, KVM_RUN, 0) < 0:
-                e = _ffi_errno()
+                e = fixed_errno()
                 if e in (errno.EINTR, errno.EAGAIN):
                     self._drain_kick()
                     if not vm._stopping:

@@ -22,7 +22,7 @@ from vdm.memory import FlatGuestMemory, MemoryRegion
 from . import kvm_abi as abi
 from .bus import IoBus
 from .exits import VmExit
-from .ioctl import _ioctl
+from .ioctl import kvm_ioctl
 from .kvm_abi import ffi
 from .vcpu import Vcpu
 
@@ -59,7 +59,7 @@ class KvmIrqLine(IrqLine):
     def _set(self, level: bool) -> None:
         self._req.irq = self.gsi
         self._req.level = 1 if level else 0
-        _ioctl(self._fd, abi.KVM_IRQ_LINE, self._req, "KVM_IRQ_LINE")
+        kvm_ioctl(self._fd, abi.KVM_IRQ_LINE, self._req, "KVM_IRQ_LINE")
 
     def set_level(self, level: bool) -> None:
         level = bool(level)
@@ -95,7 +95,7 @@ class Vm:
 
     def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
-        self.fd = _ioctl(kvm.fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        self.fd = kvm_ioctl(kvm.fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         self.pio_bus = IoBus("pio", 0x10000)
         self.mmio_bus = IoBus("mmio", 1 << 64)
         self.vcpus: list[Vcpu] = []
@@ -154,7 +154,7 @@ class Vm:
             "slot": slot.slot, "flags": slot.flags, "guest_phys_addr": slot.guest_addr,
             "memory_size": slot.size if size is None else size, "userspace_addr": slot.host_addr,
         })
-        _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+        kvm_ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
     @property
     def memory_regions(self) -> tuple[MemoryRegion, ...]:
@@ -174,11 +174,11 @@ class Vm:
 
     def set_tss_addr(self, addr: int = 0xFFFBD000) -> None:
         """``KVM_SET_TSS_ADDR``: three pages Intel VMX needs for real mode (harmless elsewhere)."""
-        _ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+        kvm_ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
 
     def set_identity_map_addr(self, addr: int = 0xFFFBC000) -> None:
         p = ffi.new("__u64 *", addr)
-        _ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, p, "KVM_SET_IDENTITY_MAP_ADDR")
+        kvm_ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, p, "KVM_SET_IDENTITY_MAP_ADDR")
 
     def create_irqchip(self) -> None:
         """``KVM_CREATE_IRQCHIP``: in-kernel PIC pair, IOAPIC (at 0xfec00000) and LAPICs.
@@ -188,20 +188,20 @@ class Vm:
         """
         if self.vcpus:
             raise RuntimeError("create the irqchip before the vCPUs")
-        _ioctl(self.fd, abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+        kvm_ioctl(self.fd, abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
         self.has_irqchip = True
 
     def create_pit2(self, speaker_dummy: bool = True) -> None:
         """``KVM_CREATE_PIT2``: the in-kernel i8254 timer (ports 0x40-0x43, and 0x61 if dummy)."""
         cfg = ffi.new("struct kvm_pit_config *", {"flags": abi.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0})
-        _ioctl(self.fd, abi.KVM_CREATE_PIT2, cfg, "KVM_CREATE_PIT2")
+        kvm_ioctl(self.fd, abi.KVM_CREATE_PIT2, cfg, "KVM_CREATE_PIT2")
 
     def irq_line(self, gsi: int, level: bool) -> None:
         """``KVM_IRQ_LINE``: drive GSI ``gsi`` to ``level`` (needs the in-kernel irqchip)."""
         lvl = ffi.new("struct kvm_irq_level *")
         lvl.irq = gsi
         lvl.level = 1 if level else 0
-        _ioctl(self.fd, abi.KVM_IRQ_LINE, lvl, "KVM_IRQ_LINE")
+        kvm_ioctl(self.fd, abi.KVM_IRQ_LINE, lvl, "KVM_IRQ_LINE")
 
     def line(self, gsi: int) -> KvmIrqLine:
         """The :class:`KvmIrqLine` for ``gsi`` (the same object on every call)."""
@@ -226,7 +226,7 @@ class Vm:
     def get_irqchip(self, chip_id: int) -> Any:
         """``KVM_GET_IRQCHIP``: the state of PIC master (0), PIC slave (1) or the IOAPIC (2)."""
         chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        _ioctl(self.fd, abi.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
+        kvm_ioctl(self.fd, abi.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
         return chip
 
     def signal_msi(self, address: int, data: int) -> int:
@@ -234,7 +234,7 @@ class Vm:
         msi = ffi.new("struct kvm_msi *", {
             "address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32, "data": data & 0xFFFFFFFF,
         })
-        return _ioctl(self.fd, abi.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
+        return kvm_ioctl(self.fd, abi.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
 
     def set_msi_route(self, gsi: int, address: int, data: int) -> None:
         """Route GSI ``gsi`` to an MSI, so an irqfd on ``gsi`` sends it (:meth:`remove_msi_route` undoes).
@@ -267,7 +267,7 @@ class Vm:
             entries.append({"gsi": gsi, "type": abi.KVM_IRQ_ROUTING_MSI, "u": {"msi": {
                 "address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32, "data": data}}})
         table = ffi.new("struct kvm_irq_routing *", {"nr": len(entries), "entries": entries})
-        _ioctl(self.fd, abi.KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
+        kvm_ioctl(self.fd, abi.KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
 
     def ioeventfd(self, addr: int, size: int, fd: int, datamatch: int | None = None, *, pio: bool = False,
                   deassign: bool = False) -> None:
@@ -284,7 +284,7 @@ class Vm:
             flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
         ev = ffi.new("struct kvm_ioeventfd *", {
             "datamatch": datamatch or 0, "addr": addr, "len": size, "fd": fd, "flags": flags})
-        _ioctl(self.fd, abi.KVM_IOEVENTFD, ev, "KVM_IOEVENTFD")
+        kvm_ioctl(self.fd, abi.KVM_IOEVENTFD, ev, "KVM_IOEVENTFD")
 
     def irqfd(self, gsi: int, fd: int, resample_fd: int | None = None, *, deassign: bool = False) -> None:
         """``KVM_IRQFD``: a write to eventfd ``fd`` raises GSI ``gsi`` inside the kernel.
@@ -300,7 +300,7 @@ class Vm:
             "fd": fd, "gsi": gsi, "flags": flags,
             "resamplefd": resample_fd if resample_fd is not None else 0,
         })
-        _ioctl(self.fd, abi.KVM_IRQFD, req, "KVM_IRQFD")
+        kvm_ioctl(self.fd, abi.KVM_IRQFD, req, "KVM_IRQFD")
 
     # ---- vCPUs and running ---------------------------------------------------------------------
 
