@@ -165,3 +165,24 @@ def test_run_qemu_kills_the_guest_on_timeout(kit: vdm_lab.GuestKit) -> None:
     assert r.elapsed_s < 10
     with pytest.raises(AssertionError, match="timed out"):
         r.assert_ok("boot")
+
+
+@pytest.mark.skipif(not __import__("shutil").which("cpio"), reason="GNU cpio is not installed")
+def test_the_layer_archive_is_a_newc_cpio_that_cpio_unpacks(tmp_path: Path) -> None:
+    archive = vdm_lab.layer.cpio_newc({"workloads/mine": (b"result ok\n", 0o755), "etc/x": (b"", 0o644)})
+    out = tmp_path / "x"
+    out.mkdir()
+    proc = subprocess.run(["cpio", "-idm", "--quiet"], input=archive, cwd=out, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "workloads" / "mine").read_bytes() == b"result ok\n"
+    assert os.access(out / "workloads" / "mine", os.X_OK) and (out / "etc" / "x").read_bytes() == b""
+
+
+def test_the_harness_module_is_a_deprecated_alias_and_still_a_command() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c",
+                           "import tests.realguest.harness"], cwd=repo, capture_output=True, text=True)
+    assert "tests.realguest.harness moved: import vdm_lab" in proc.stderr
+    proc = subprocess.run([sys.executable, "tests/realguest/harness.py", "--help"], cwd=repo,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: vdm-lab" in proc.stdout, proc.stderr
