@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from vdm.interrupts import IrqLine
+    from vdm.vmm import Vmm
 
     from .backends.base import ConsoleBackend
 
@@ -367,8 +368,9 @@ class Uart16550:
             self.backend.close()
 
 
-def attach_uart(vmm, backend: Optional[ConsoleBackend], port: str = "com1",  # type: ignore[no-untyped-def]
-                irq: Optional[int] = None) -> Uart16550:
+def attach_uart(
+    vmm: Vmm, backend: Optional[ConsoleBackend], port: str = "com1", irq: Optional[int] = None
+) -> Uart16550:
     """Create a UART on legacy port ``port`` (com1..com4) of ``vmm`` (a :class:`vdm.vmm.Vmm`)."""
     base, default_irq = COM_PORTS[port]
     line = irq if irq is not None else default_irq

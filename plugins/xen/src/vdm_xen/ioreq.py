@@ -32,7 +32,7 @@ import os
 import platform
 import select
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from vdm.barrier import rmb, wmb
 from vdm.iorange import IoHandler
@@ -121,7 +121,7 @@ class IoBus:
                 return r
         return None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[_Range]:
         return iter(list(self._ranges))
 
 

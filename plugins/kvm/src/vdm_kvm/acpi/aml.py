@@ -10,7 +10,7 @@ IRQNoFlags and Extended Interrupt descriptors, closed by an End Tag.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Union
+from typing import Iterable, Protocol, Union
 
 __all__ = [
     "Device", "EisaId", "ExtendedInterrupt", "IoPort", "IrqNoFlags", "Memory32Fixed", "Name", "Package",
@@ -186,6 +186,12 @@ class Device(_Container):
 # ---- resource descriptors (ACPI 6.4) ------------------------------------------------------------
 
 
+class ResourceDescriptor(Protocol):
+    """A resource descriptor a :class:`ResourceTemplate` holds (Memory32Fixed, IoPort, ...)."""
+
+    def encode(self) -> bytes: ...
+
+
 class Memory32Fixed:
     """Large descriptor 0x86: a fixed 32-bit memory range."""
 
@@ -266,6 +272,6 @@ class AddressSpace:
 class ResourceTemplate(Buffer):
     """A Buffer of resource descriptors ended by an End Tag (0x79, checksum 0 = "not computed")."""
 
-    def __init__(self, descriptors: Iterable[object]) -> None:
-        body = b"".join(d.encode() for d in descriptors)  # type: ignore[attr-defined]
+    def __init__(self, descriptors: Iterable[ResourceDescriptor]) -> None:
+        body = b"".join(d.encode() for d in descriptors)
         super().__init__(body + bytes([0x79, 0x00]))
