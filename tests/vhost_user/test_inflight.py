@@ -50,7 +50,7 @@ def test_requests_in_flight_at_a_disconnect_are_resubmitted_in_order(serve):
         rest = fe.wait_used(0, 3)  # the frontend asserts every head completes exactly once
         assert sorted(u.data for u in rest) == [b"A", b"C", b"E"]
         assert fe.inflight_heads() == []
-        assert device.queues[0].resubmitted == 2
+        assert device.queues[0].tracker.resubmitted == 2
     finally:
         fe.close()
         fe.ram.close()

@@ -1,8 +1,24 @@
 """The split virtqueue (virtio 1.2, section 2.7), device side.
 
-A :class:`Virtqueue` holds what the transport configured (size, ring addresses, ready) and, once
-activated with a :class:`~vdm.memory.GuestMemory`, pops descriptor chains from the available ring
-and pushes them to the used ring.
+A :class:`Virtqueue` holds what the transport configured and, once activated with a
+:class:`~vdm.memory.GuestMemory`, pops descriptor chains (:class:`~vdm.chain.DescriptorChain`)
+from the available ring and pushes them to the used ring.
+
+Configuration (plugin API 2): every transport -- virtio-mmio, virtio-pci, a vhost-user frontend --
+sets a queue through the same methods: :meth:`Virtqueue.set_size`, :meth:`Virtqueue.set_addresses`
+(or one ring at a time: :meth:`~Virtqueue.set_desc_addr`, :meth:`~Virtqueue.set_avail_addr`,
+:meth:`~Virtqueue.set_used_addr`), :meth:`Virtqueue.set_ready` and, to resume a ring another
+backend ran (vhost-user SET_VRING_BASE, inflight recovery), :meth:`Virtqueue.restore`. What they
+set reads back through read-only properties (``size``, ``desc_addr``, ``ready``,
+``last_avail_idx``, ``used_idx``...). The configuration changes only while the rings are not mapped
+(:attr:`Virtqueue.active` False): a setter called on an active queue is a host bug
+(``RuntimeError``); the transports' rules (:mod:`vdm.transport.common`) ignore the guest's writes
+then. Values are checked when the queue is activated (size a power of two up to ``max_size``, ring
+alignment, rings inside guest RAM), not when they are set.
+
+Tracking: a :class:`QueueTracker` given with :meth:`Virtqueue.set_tracker` (vhost-user's shared
+in-flight region) is told of each head taken from the available ring, of each batch of completions
+just before and just after the used index moves, and of resets. Without one nothing is called.
 
 Everything the guest wrote is checked when it is read: descriptor indexes against the queue size,
 buffer addresses and lengths against guest RAM, chain length against the queue size (which also
@@ -10,11 +26,11 @@ catches loops), indirect tables (negotiated, not nested, a multiple of 16 bytes)
 buffers only after device-readable ones, and the available index never more than ``size`` ahead.
 A violation raises :class:`VirtqueueError`; the device base turns that into DEVICE_NEEDS_RESET.
 
-The driver gets back only what it gave: a head is *in flight* from the moment it is taken
+The driver gets back only what it gave: a head is *held* by the device from the moment it is taken
 (:meth:`Virtqueue.pop`, :meth:`Virtqueue.chain_at`) until it is completed
 (:meth:`Virtqueue.push`, :meth:`Virtqueue.push_many`) or given up (:meth:`Virtqueue.discard`),
-or the queue is reset. A driver making a head available that is still in flight breaks the
-rules (:class:`VirtqueueError`); a device completing a head that is not in flight (twice, or one
+or the queue is reset. A driver making a head available that the device still holds breaks the
+rules (:class:`VirtqueueError`); a device completing a head it does not hold (twice, or one
 it never took) is a host bug: the completion is dropped, logged and counted in
 :attr:`Virtqueue.duplicate_completions`, so the driver never sees a used element it does not
 expect.
@@ -42,23 +58,42 @@ and walks into used slots the device never filled (Linux: ``id N is not a head!`
 from __future__ import annotations
 
 import logging
-import struct
 import sys
 import threading
 from typing import Iterable, Sequence
 
 from .barrier import mb, rmb, wmb
+from .chain import DescriptorChain
 from .memory import GuestMemory, GuestMemoryError
+from .queue_config import MAX_QUEUE_SIZE, QueueConfig, QueueTracker
+from .ring_layout import (
+    DESC,
+    DESC_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+from .sg import slice_views
 
-__all__ = ["DescriptorChain", "Virtqueue", "VirtqueueError"]
+__all__ = [  # (flags, DescriptorChain and slice_views stay importable from here, as in plugin API 1)
+    "MAX_QUEUE_SIZE",
+    "VIRTQ_AVAIL_F_NO_INTERRUPT",
+    "VIRTQ_DESC_F_INDIRECT",
+    "VIRTQ_DESC_F_NEXT",
+    "VIRTQ_DESC_F_WRITE",
+    "VIRTQ_USED_F_NO_NOTIFY",
+    "DescriptorChain",
+    "QueueTracker",
+    "Virtqueue",
+    "VirtqueueError",
+    "slice_views",
+]
 
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_USED_F_NO_NOTIFY = 1
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-
-MAX_QUEUE_SIZE = 32768
 #: Upper bound on the entries of one indirect table (Linux uses at most the queue size).
 MAX_INDIRECT = 4096
 #: Upper bound on the descriptors of one chain in the descriptor table, whatever the queue size
@@ -69,7 +104,7 @@ MAX_CHAIN_BYTES = 1 << 32
 #: the walk limit of a queue that is not inside a budgeted kick (never reached)
 UNLIMITED = 1 << 62
 
-_DESC = struct.Struct("<QIHH")
+_unpack_desc = DESC.unpack_from
 
 log = logging.getLogger(__name__)
 
@@ -86,77 +121,16 @@ def _need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-class DescriptorChain:
-    """One request: the buffers of a descriptor chain, split into device-readable and -writable."""
+class Virtqueue(QueueConfig):
+    """One split virtqueue of a device.
 
-    __slots__ = ("epoch", "head", "memory", "readable", "writable")
+    Invariants: ``size``, the ring addresses and the restored indexes change only through the
+    setters, and only while the queue is not :attr:`active`; ``_held`` has one byte per head
+    below ``max_size`` (1 while the device holds the head, module doc); ``epoch`` only grows.
+    """
 
-    def __init__(
-        self,
-        head: int,
-        readable: list[memoryview],
-        writable: list[memoryview],
-        epoch: int = 0,
-        memory: GuestMemory | None = None,
-    ) -> None:
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        #: the queue's :attr:`Virtqueue.epoch` when the chain was popped
-        self.epoch = epoch
-        #: the memory its buffers were mapped from (released there even after a queue reset)
-        self.memory = memory
-
-    @property
-    def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
-
-    def read(self, offset: int = 0, length: int | None = None) -> bytes:
-        """Gather ``length`` bytes of the readable buffers starting at ``offset`` (short if fewer)."""
-        return b"".join(bytes(v) for v in slice_views(self.readable, offset, length))
-
-    def write(self, data: bytes, offset: int = 0) -> int:
-        """Scatter ``data`` into the writable buffers at ``offset``; return how many bytes fit."""
-        done = 0
-        for v in slice_views(self.writable, offset, len(data)):
-            n = len(v)
-            v[:] = data[done : done + n]
-            done += n
-        return done
-
-
-def slice_views(views: Sequence[memoryview], offset: int, length: int | None) -> list[memoryview]:
-    """The sub-views covering ``length`` bytes from ``offset`` of the concatenated ``views``."""
-    out: list[memoryview] = []
-    remaining = length if length is not None else 1 << 62
-    for v in views:
-        n = len(v)
-        if offset >= n:
-            offset -= n
-            continue
-        take = min(n - offset, remaining)
-        if take <= 0:
-            break
-        out.append(v[offset : offset + take])
-        remaining -= take
-        offset = 0
-        if remaining == 0:
-            break
-    return out
-
-
-class Virtqueue:
-    """One split virtqueue of a device."""
-
-    def __init__(self, index: int, max_size: int) -> None:
-        if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
-            raise ValueError("queue size must be a power of two up to 32768")
+    def __init__(self, index: int, max_size: int, *, tracker: QueueTracker | None = None) -> None:
         self.index = index
-        self.max_size = max_size
         self.lock = threading.Lock()
         #: bumped by every reset: a chain popped before it is never pushed into the new rings
         self.epoch = 0
@@ -164,33 +138,30 @@ class Virtqueue:
         self.descriptors_walked = 0
         #: the value of descriptors_walked at which the current kick's budget is spent (module doc)
         self._walk_limit = UNLIMITED
-        self.reset()
+        self._desc: memoryview | None = None
+        self._tracker: QueueTracker | None = None
+        self.set_max_size(max_size)
+        self._tracker = tracker
 
     def reset(self) -> None:
         """Back to the state after device reset (transport-visible fields included)."""
         self.epoch += 1
-        self.size = self.max_size
-        self.ready = False
-        self.desc_addr = 0
-        self.avail_addr = 0
-        self.used_addr = 0
-        self.event_idx = False
-        self.indirect = False
-        self.last_avail_idx = 0
-        self.used_idx = 0
+        self._reset_config()
         self.signalled_used = 0
         self.signalled_valid = False
-        #: completions dropped because their head was not in flight (a device bug; see the module doc)
+        #: completions dropped because their head was not held (a device bug; see the module doc)
         self.duplicate_completions = 0
         self._pushed = False
         self.memory: GuestMemory | None = None
-        self._desc: memoryview | None = None
+        self._desc = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
         self._drop_typed_views()
         #: one byte per head: 1 while the device holds it. Like the indexes, kept while the rings are
         #: unmapped and mapped again (a vhost-user ring stopped and restarted); cleared only here.
-        self._inflight = bytearray(self.max_size)
+        self._held = bytearray(self._max_size)
+        if self._tracker is not None:
+            self._tracker.reset()
 
     def _drop_typed_views(self) -> None:
         # u16 views: avail ring [flags, idx, ring..., used_event]; used ring [flags, idx, ..., avail_event]
@@ -199,23 +170,19 @@ class Virtqueue:
         #: u32 view of the used elements: element i is [2 * i] (id), [2 * i + 1] (len)
         self._used_elems: memoryview | None = None
 
-    @property
-    def active(self) -> bool:
-        return self._desc is not None
-
     # ---- setup -------------------------------------------------------------------------------
 
     def activate(self, memory: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
         """Map the rings (kept mapped for the queue's life) after checking the transport's values."""
-        size = self.size
-        if not 0 < size <= self.max_size or size & (size - 1):
-            raise VirtqueueError(f"queue {self.index}: bad size {size} (max {self.max_size})")
-        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+        size = self._size
+        if not 0 < size <= self._max_size or size & (size - 1):
+            raise VirtqueueError(f"queue {self.index}: bad size {size} (max {self._max_size})")
+        if self._desc_addr % 16 or self._avail_addr % 2 or self._used_addr % 4:
             raise VirtqueueError(f"queue {self.index}: misaligned ring address")
         try:
-            self._desc = memory.map(self.desc_addr, 16 * size)
-            self._avail = memory.map(self.avail_addr, 6 + 2 * size, writable=True)
-            self._used = memory.map(self.used_addr, 6 + 8 * size, writable=True)
+            self._desc = memory.map(self._desc_addr, desc_table_size(size))
+            self._avail = memory.map(self._avail_addr, avail_ring_size(size), writable=True)
+            self._used = memory.map(self._used_addr, used_ring_size(size), writable=True)
         except GuestMemoryError as e:
             self.deactivate()
             raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from e
@@ -223,8 +190,8 @@ class Virtqueue:
         self._used16 = self._used.cast("H")
         self._used_elems = self._used[4 : 4 + 8 * size].cast("I")
         self.memory = memory
-        self.event_idx = event_idx
-        self.indirect = indirect
+        self._event_idx = event_idx
+        self._indirect = indirect
 
     def deactivate(self) -> None:
         """Release the ring mappings (device reset or teardown)."""
@@ -247,7 +214,7 @@ class Virtqueue:
         avail16 = self._avail16
         return (
             avail16 is not None
-            and avail16[1] != self.last_avail_idx
+            and (avail16[1] != self._last_avail_idx or bool(self._resubmit))
             and self.descriptors_walked < self._walk_limit
         )
 
@@ -273,38 +240,44 @@ class Virtqueue:
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain, or None (none there, or the walk budget is spent).
 
-        Raises :class:`VirtqueueError` on a guest error.
+        Heads given to :meth:`restore` to serve again come first. Raises :class:`VirtqueueError`
+        on a guest error.
         """
         avail16, used16 = self._avail16, self._used16
         if avail16 is None or used16 is None or self.descriptors_walked >= self._walk_limit:
             return None
+        if self._resubmit:
+            return self._walk(self._resubmit.pop(0))
+        last = self._last_avail_idx
         idx = avail16[1]
-        pending = (idx - self.last_avail_idx) & 0xFFFF
+        pending = (idx - last) & 0xFFFF
         if pending == 0:
             return None
-        if pending > self.size:
-            raise VirtqueueError(
-                f"queue {self.index}: available index {idx} is {pending} ahead of {self.last_avail_idx}"
-            )
+        size = self._size
+        if pending > size:
+            raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} ahead of {last}")
         rmb()
-        head = avail16[2 + self.last_avail_idx % self.size]
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if self.event_idx:
+        head = avail16[2 + last % size]
+        self._last_avail_idx = last = (last + 1) & 0xFFFF
+        if self._event_idx:
             # avail_event: ask for a kick when the driver adds anything past what we have taken.
-            used16[2 + 4 * self.size] = self.last_avail_idx
-        if head < len(self._inflight) and self._inflight[head]:
+            used16[2 + 4 * size] = last
+        if head < len(self._held) and self._held[head]:
             raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
-        return self._walk(head)
+        chain = self._walk(head)
+        if self._tracker is not None:
+            self._tracker.taken(head)
+        return chain
 
     def chain_at(self, head: int) -> DescriptorChain:
         """The chain starting at descriptor ``head``, walked and checked exactly as :meth:`pop` does.
 
         For a backend that serves again the requests a previous instance left in flight (vhost-user
         inflight tracking): the head comes from the backend's records, not from the available ring,
-        and the available index is left alone. The head becomes in flight like a popped one; if
-        this queue already holds it (the ring was stopped and started again while a request was
-        being served), it stays in flight once: whichever of the two chains completes first
-        returns it, the other completion is dropped as a duplicate.
+        and the available index is left alone. The head becomes held like a popped one; if this
+        queue already holds it (the ring was stopped and started again while a request was being
+        served), it stays held once: whichever of the two chains completes first returns it, the
+        other completion is dropped as a duplicate.
         Raises :class:`VirtqueueError` if the queue is not active, ``head`` is not below the queue
         size, or the chain breaks a rule (loop, out of guest RAM, bad indirect table...).
         """
@@ -313,70 +286,62 @@ class Virtqueue:
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
-        size = self.size
-        inflight = self._inflight
-        if not 0 <= head < size or head >= len(inflight):
+        """Walk one chain: ring descriptors, and the indirect table one of them may point to, in
+        one loop (an indirect descriptor swaps the table walked and ends the ring part)."""
+        size = self._size
+        held = self._held
+        if not 0 <= head < size or head >= len(held):
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
         memory = self.memory
         assert memory is not None and self._desc is not None
         table = self._desc
         table_len = size
+        indirect_table: memoryview | None = None
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         i = head
         steps = 0
+        ring_steps = 0  # the ring descriptors walked before the indirect table
         limit = size if size <= MAX_CHAIN else MAX_CHAIN
         total = 0
-        in_indirect = False
         try:
             while True:
-                addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+                addr, length, flags, nxt = _unpack_desc(table, DESC_SIZE * i)
                 steps += 1
                 if steps > limit:
+                    if indirect_table is not None:
+                        raise VirtqueueError(f"queue {self.index}: indirect chain loops")
                     raise VirtqueueError(f"queue {self.index}: chain longer than {limit} descriptors (loop?)")
                 if flags & VIRTQ_DESC_F_INDIRECT:
-                    if in_indirect:
+                    if indirect_table is not None:
                         raise VirtqueueError(f"queue {self.index}: indirect descriptor inside indirect table")
-                    if not self.indirect:
+                    if not self._indirect:
                         raise VirtqueueError(f"queue {self.index}: indirect descriptor not negotiated")
                     if flags & VIRTQ_DESC_F_NEXT:
                         raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT")
-                    if length == 0 or length % 16 or length // 16 > MAX_INDIRECT:
+                    if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
                         raise VirtqueueError(f"queue {self.index}: bad indirect table length {length}")
-                    table = memory.map(addr, length)
-                    readable_tables = [table]
-                    try:
-                        table_len = length // 16
-                        in_indirect = True
-                        limit = table_len
-                        direct = steps
-                        steps = 0
-                        i = 0
-                        # walk the indirect table, then stop: an indirect descriptor ends the chain
-                        while True:
-                            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
-                            steps += 1
-                            if steps > limit:
-                                raise VirtqueueError(f"queue {self.index}: indirect chain loops")
-                            if flags & VIRTQ_DESC_F_INDIRECT:
-                                raise VirtqueueError(
-                                    f"queue {self.index}: indirect descriptor inside indirect table"
-                                )
-                            total = self._add(memory, addr, length, flags, readable, writable, total)
-                            if not flags & VIRTQ_DESC_F_NEXT:
-                                break
-                            if nxt >= table_len:
-                                raise VirtqueueError(f"queue {self.index}: next {nxt} >= table {table_len}")
-                            i = nxt
-                    finally:
-                        for t in readable_tables:
-                            memory.unmap(t)
-                    steps += direct
-                    break
-                total = self._add(memory, addr, length, flags, readable, writable, total)
+                    # from here on the table is walked instead; its last entry ends the chain
+                    table = indirect_table = memory.map(addr, length)
+                    table_len = limit = length // DESC_SIZE
+                    ring_steps, steps, i = steps, 0, 0
+                    continue
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise VirtqueueError(f"queue {self.index}: chain describes more than 4 GiB")
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append(memory.map(addr, length, writable=True))
+                else:
+                    if writable:
+                        raise VirtqueueError(
+                            f"queue {self.index}: device-readable buffer after a writable one"
+                        )
+                    readable.append(memory.map(addr, length))
                 if not flags & VIRTQ_DESC_F_NEXT:
                     break
                 if nxt >= table_len:
+                    if indirect_table is not None:
+                        raise VirtqueueError(f"queue {self.index}: next {nxt} >= table {table_len}")
                     raise VirtqueueError(f"queue {self.index}: next index {nxt} >= size {table_len}")
                 i = nxt
         except (VirtqueueError, GuestMemoryError) as e:
@@ -385,30 +350,12 @@ class Virtqueue:
             if isinstance(e, GuestMemoryError):
                 raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
-        self.descriptors_walked += steps
-        inflight[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
+        finally:
+            if indirect_table is not None:
+                memory.unmap(indirect_table)
+        self.descriptors_walked += steps + ring_steps
+        held[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
         return DescriptorChain(head, readable, writable, self.epoch, memory)
-
-    def _add(
-        self,
-        memory: GuestMemory,
-        addr: int,
-        length: int,
-        flags: int,
-        readable: list[memoryview],
-        writable: list[memoryview],
-        total: int,
-    ) -> int:
-        total += length
-        if total > MAX_CHAIN_BYTES:
-            raise VirtqueueError(f"queue {self.index}: chain describes more than 4 GiB")
-        if flags & VIRTQ_DESC_F_WRITE:
-            writable.append(memory.map(addr, length, writable=True))
-        else:
-            if writable:
-                raise VirtqueueError(f"queue {self.index}: device-readable buffer after a writable one")
-            readable.append(memory.map(addr, length))
-        return total
 
     # ---- the used ring -------------------------------------------------------------------------
 
@@ -417,8 +364,8 @@ class Virtqueue:
 
         Safe to call from several threads (completions of a thread pool). A chain popped before a
         reset of the queue is released but not returned (the driver forgot it); one whose head is
-        not in flight is dropped and counted (see the module doc). Raises ValueError if
-        ``written`` does not fit the used element's 32-bit length.
+        not held is dropped and counted (see the module doc). Raises ValueError if ``written``
+        does not fit the used element's 32-bit length.
         """
         self._publish(((chain, written),))
 
@@ -442,29 +389,41 @@ class Virtqueue:
             used16, elems = self._used16, self._used_elems
             if used16 is None or elems is None:
                 return  # reset (or never activated) while these were in flight: drop them
-            inflight = self._inflight
-            size = self.size
-            idx = self.used_idx
+            held = self._held
+            size = self._size
+            idx = start = self._used_idx
+            tracker = self._tracker
+            heads: list[int] = []
             for chain, written in items:
                 if chain.epoch != self.epoch:
                     continue  # popped before a reset: the driver forgot it
                 head = chain.head
-                if not 0 <= head < min(size, len(inflight)) or not inflight[head]:
+                if not 0 <= head < min(size, len(held)) or not held[head]:
                     self.duplicate_completions += 1
-                    log.error("queue %d: completion of head %d dropped: the device does not hold it "
-                              "(completed twice?)", self.index, head)
+                    log.error(
+                        "queue %d: completion of head %d dropped: the device does not hold it "
+                        "(completed twice?)",
+                        self.index,
+                        head,
+                    )
                     continue
-                inflight[head] = 0
+                held[head] = 0
                 slot = 2 * (idx % size)
                 elems[slot] = head
                 elems[slot + 1] = written
                 idx = (idx + 1) & 0xFFFF
-            if idx == self.used_idx:
+                if tracker is not None:
+                    heads.append(head)
+            if idx == start:
                 return
+            if tracker is not None:
+                tracker.completing(heads)
             wmb()
             used16[1] = idx
-            self.used_idx = idx
+            self._used_idx = idx
             self._pushed = True
+            if tracker is not None:
+                tracker.completed(heads, idx)
 
     def _release(self, chain: DescriptorChain) -> None:
         memory = chain.memory if chain.memory is not None else self.memory
@@ -482,8 +441,8 @@ class Virtqueue:
         """
         self._release(chain)
         with self.lock:
-            if chain.epoch == self.epoch and 0 <= chain.head < len(self._inflight):
-                self._inflight[chain.head] = 0
+            if chain.epoch == self.epoch and 0 <= chain.head < len(self._held):
+                self._held[chain.head] = 0
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one.
@@ -492,20 +451,20 @@ class Virtqueue:
         Nothing pushed since the last call: no interrupt.
         """
         with self.lock:
-            if self._avail16 is None or not self._pushed:
+            avail16 = self._avail16
+            if avail16 is None or not self._pushed:
                 return False
             self._pushed = False
             mb()
-            new = self.used_idx
-            if self.event_idx:
+            new = self._used_idx
+            if self._event_idx:
                 old = self.signalled_used
                 valid = self.signalled_valid
                 self.signalled_used = new
                 self.signalled_valid = True
-                used_event = self._avail16[2 + self.size]  # type: ignore[index]
+                used_event = avail16[2 + self._size]
                 return not valid or _need_event(used_event, new, old)
-            flags = self._avail16[0]  # type: ignore[index]
-            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def set_notification(self, enabled: bool) -> bool:
         """Ask the driver to kick (or not) on new buffers. Returns True if buffers are already there.
@@ -517,9 +476,9 @@ class Virtqueue:
         used16 = self._used16
         if used16 is None:
             return False
-        if self.event_idx:
+        if self._event_idx:
             if enabled:
-                used16[2 + 4 * self.size] = self.last_avail_idx
+                used16[2 + 4 * self._size] = self._last_avail_idx
         else:
             used16[0] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
         if not enabled:
@@ -528,4 +487,4 @@ class Virtqueue:
         return self.has_available()
 
     def __repr__(self) -> str:
-        return f"Virtqueue({self.index}, size={self.size}, ready={self.ready})"
+        return f"Virtqueue({self.index}, size={self._size}, ready={self._ready})"

@@ -35,7 +35,7 @@ from vdm.virtqueue import Virtqueue, VirtqueueError
 from . import protocol as p
 from .dirtylog import DirtyLog, atomic_or_available
 from .faultguard import FaultWatch
-from .inflight import InflightRegion, InflightVirtqueue
+from .inflight import InflightRegion, InflightTracker
 from .memory import MemoryTable, RegionSpec, SharedGuestMemory
 from .protocol import Message, ProtocolError, ProtocolFeature, Req
 from .transport import split_features
@@ -134,13 +134,16 @@ class VhostUserHandler:
     def __init__(self, device: VirtioDevice, loop: EventLoop) -> None:
         self.device = device
         self.loop = loop
-        # The device keeps its queues; only their class changes so that pop/push note in-flight
-        # heads in the shared inflight region, and their limit: the frontend picks the ring's size
+        # The device keeps its queues; each gets a tracker that notes in-flight heads in the
+        # shared inflight region, and a new limit: the frontend picks the ring's size
         # (SET_VRING_NUM), any a split ring may have, so the queue's maximum is the spec's.
         # Nothing else of the device is touched.
-        for i, q in enumerate(device.queues):
-            if not isinstance(q, InflightVirtqueue):
-                device.queues[i] = InflightVirtqueue(q.index, p.MAX_RING_SIZE)
+        self.trackers: list[InflightTracker] = []
+        for q in device.queues:
+            q.set_max_size(p.MAX_RING_SIZE)
+            tracker = InflightTracker(q)
+            q.set_tracker(tracker)
+            self.trackers.append(tracker)
         device.interrupts = self
         kept = device.features() & device.control_queue_features
         if kept:
@@ -211,7 +214,7 @@ class VhostUserHandler:
         for i, vr in enumerate(self.vrings):
             self._drop_kick(i, vr)
             vr.live = False
-            self.device.queues[i].ready = False
+            self.device.queues[i].set_ready(False)
         self.device.reset()
 
     # ---- interrupts: what the device calls (DeviceInterrupts) ----------------------------------
@@ -309,9 +312,9 @@ class VhostUserHandler:
                      "on (migration)" if acked.log_all else "off")
             self.memory.logging = acked.log_all
             if acked.log_all:
-                for q in self.device.queues:  # flags and avail_event written before logging started
-                    if isinstance(q, InflightVirtqueue) and q.ready:
-                        q.log_used_ring()
+                for q, tracker in zip(self.device.queues, self.trackers):
+                    if q.ready:  # flags and avail_event written before logging started
+                        tracker.log_used_ring()
         self.features = virtio
         why = self.device.set_driver_features(virtio)
         if why is not None:
@@ -600,13 +603,13 @@ class VhostUserHandler:
             used_idx = self.memory.read_u16(used + 2)
         except GuestMemoryError as e:
             raise ProtocolError(f"queue {index}: {e}") from None
-        q.size = vr.num
-        q.desc_addr, q.avail_addr, q.used_addr = desc, avail, used
-        q.last_avail_idx = vr.base
-        q.used_idx = used_idx
-        if isinstance(q, InflightVirtqueue):
-            q.inflight = self.inflight.queue(index) if self.inflight is not None else None
-        q.ready = True
+        tracker = self.trackers[index]
+        tracker.set_region(self.inflight.queue(index) if self.inflight is not None else None)
+        next_avail, resubmit = tracker.start(vr.num, used_idx, vr.base)
+        q.set_size(vr.num)
+        q.set_addresses(desc, avail, used)
+        q.restore(next_avail, used_idx, resubmit)
+        q.set_ready(True)
         vr.live = True
         self.loop.add_reader(vr.kick_fd, self._kick_handler(index, vr.kick_fd))
         device = self.device
@@ -631,11 +634,11 @@ class VhostUserHandler:
                 device.fail(str(e))
                 return
             device.kick(index)
-        if isinstance(q, InflightVirtqueue) and q.resubmitted:
+        if resubmit:
             log.info(
                 "vhost-user: queue %d: %d request(s) in flight before the reconnect served again",
                 index,
-                q.resubmitted,
+                len(resubmit),
             )
 
     def _kick_handler(self, index: int, fd: int) -> Callable[[], None]:
@@ -668,7 +671,7 @@ class VhostUserHandler:
             return vr.base
         q = self.device.queues[index]
         vr.live = False
-        q.ready = False
+        q.set_ready(False)
         used, size = q.used_addr, q.size
         if any(v.live for v in self.vrings):
             base = q.last_avail_idx

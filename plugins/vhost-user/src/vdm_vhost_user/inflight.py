@@ -21,9 +21,11 @@ that is vdm's slot for a region vdm made and the queue size's part for a libvhos
 ring larger than its slot has room for is refused before it starts. ``desc_num`` records the
 ring's size when tracking starts; a region handed back must match the ring.
 
-:class:`InflightVirtqueue` is the core's :class:`~vdm.virtqueue.Virtqueue` with that bookkeeping
-around :meth:`pop` and :meth:`push`; devices use it without knowing. After a reconnect its
-:meth:`pop` first returns the requests that were in flight, oldest first, then new ones.
+:class:`InflightTracker` keeps that bookkeeping for one queue: the core's
+:class:`~vdm.virtqueue.Virtqueue` tells it what it takes and returns (a
+:class:`~vdm.virtqueue.QueueTracker`); devices use their queues without knowing. After a
+reconnect the tracker finds the requests that were in flight and the queue's :meth:`pop` returns
+them first, oldest first (:meth:`~vdm.virtqueue.Virtqueue.restore`), then new ones.
 """
 
 from __future__ import annotations
@@ -34,15 +36,14 @@ import os
 import stat
 import struct
 import threading
-from typing import Iterable
 
-from vdm.memory import GuestMemory
-from vdm.virtqueue import DescriptorChain, Virtqueue
+from vdm.ring_layout import used_ring_size
+from vdm.virtqueue import Virtqueue
 
 from .faultguard import FaultWatch, guard, protect
 from .protocol import MAX_RING_SIZE, ProtocolError
 
-__all__ = ["InflightRegion", "InflightVirtqueue", "queue_region_size"]
+__all__ = ["InflightRegion", "InflightTracker", "queue_region_size"]
 
 _HEAD = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 _DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
@@ -179,151 +180,138 @@ class InflightRegion:
                 )
 
 
-class InflightVirtqueue(Virtqueue):
-    """A :class:`Virtqueue` that records taken and returned heads in an inflight region.
+class InflightTracker:
+    """Records one queue's taken and returned heads in its part of the inflight region.
 
-    Set :attr:`inflight` (a queue's region, or None for no tracking) and :attr:`used_idx` (the used
-    ring's index as the guest sees it) before the device activates the queue.
+    A :class:`~vdm.virtqueue.QueueTracker`: the handler gives one to each of the device's queues
+    (:meth:`~vdm.virtqueue.Virtqueue.set_tracker`); the queue calls :meth:`taken`,
+    :meth:`completing`, :meth:`completed` and :meth:`reset`. Before a ring starts the handler
+    hands it the queue's region (:meth:`set_region`, None for no tracking) and asks :meth:`start`
+    where the ring resumes; the device's queue class and its code do not change.
 
     The frontend keeps the region when this process dies, at any instruction: every field is
     written with one store of its final value (typed views, never ``struct.pack_into``, which
     zeroes its target first), and the order is the one recovery relies on -- a head is marked in
     flight after it is taken; on completion the batch list (``next``, ``last_batch_head``) is
-    written first, then the used ring, then the flags are cleared and ``used_idx`` recorded.
+    written before the used index moves, then the flags are cleared and ``used_idx`` recorded.
+    Every used-ring update is also marked in the migration's dirty log when one is on.
     """
 
-    def __init__(self, index: int, max_size: int) -> None:
+    def __init__(self, queue: Virtqueue) -> None:
+        self.queue = queue
         self._region: memoryview | None = None
         self._r16: memoryview | None = None
         self._r64: memoryview | None = None
-        self._resubmit: list[int] = []
+        self._size = 0
         self._counter = 0
-        self._track_lock = threading.Lock()
-        super().__init__(index, max_size)
-
-    #: heads served again after a reconnect (for logs and tests)
-    resubmitted = 0
+        self._lock = threading.Lock()
+        #: heads served again after reconnects (for logs and tests)
+        self.resubmitted = 0
 
     @property
-    def inflight(self) -> memoryview | None:
+    def region(self) -> memoryview | None:
         """This queue's inflight region, or None for no tracking."""
         return self._region
 
-    @inflight.setter
-    def inflight(self, region: memoryview | None) -> None:
-        self._region = region
-        # u16 view: [_OFF_X // 2] for header fields, desc i's next at (_HEAD.size + 16 * i + 6) // 2;
-        # u64 view: desc i's counter at (_HEAD.size + 16 * i + 8) // 8
-        self._r16 = region.cast("H") if region is not None else None
-        self._r64 = region.cast("Q") if region is not None else None
+    def set_region(self, region: memoryview | None) -> None:
+        with self._lock:
+            self._region = region
+            # u16 view: [_OFF_X // 2] for header fields, desc i's next at (_HEAD.size + 16 * i + 6) // 2;
+            # u64 view: desc i's counter at (_HEAD.size + 16 * i + 8) // 8
+            self._r16 = region.cast("H") if region is not None else None
+            self._r64 = region.cast("Q") if region is not None else None
+
+    def start(self, size: int, used_idx: int, next_avail: int) -> tuple[int, list[int]]:
+        """The ring of ``size`` starts with the driver's ``used_idx`` and the frontend's base
+        ``next_avail``: initialise a fresh region, or find the requests a previous backend left in
+        flight. Returns the available index to resume at and those heads, oldest first."""
+        with self._lock:
+            self._size = size
+            self._counter = 0
+            region, r16 = self._region, self._r16
+            if region is None or r16 is None:
+                return next_avail, []
+            if r16[_OFF_VERSION // 2] == 0:
+                region[: _HEAD.size + _DESC.size * size] = bytes(_HEAD.size + _DESC.size * size)
+                _HEAD.pack_into(region, 0, 0, VERSION, size, 0, used_idx)  # nothing in flight yet
+                return next_avail, []
+            done = (used_idx - r16[_OFF_USED_IDX // 2]) & 0xFFFF
+            if done:
+                # The previous backend died between publishing used entries and clearing their
+                # inflight flags: that last batch (a list from last_batch_head through next) was
+                # completed after all.
+                head = r16[_OFF_LAST_BATCH // 2]
+                for _ in range(min(done, size)):
+                    if head >= size:
+                        break
+                    region[_HEAD.size + _DESC.size * head] = 0
+                    head = r16[(_HEAD.size + _DESC.size * head + 6) // 2]
+                r16[_OFF_USED_IDX // 2] = used_idx
+            pending = []
+            top = 0
+            for i in range(size):
+                flag, _, counter = _DESC.unpack_from(region, _HEAD.size + _DESC.size * i)
+                if flag == 1:
+                    pending.append((counter, i))
+                top = max(top, counter)
+            pending.sort()
+            self._counter = top + 1
+            self.resubmitted += len(pending)
+            # Everything taken from the available ring was either completed (used_idx) or is in flight.
+            return (used_idx + len(pending)) & 0xFFFF, [i for _, i in pending]
+
+    # ---- QueueTracker ----------------------------------------------------------------------------
+
+    def taken(self, head: int) -> None:
+        with self._lock:
+            region, r64 = self._region, self._r64
+            if region is None or r64 is None or not 0 <= head < self._size:
+                return
+            off = _HEAD.size + _DESC.size * head
+            r64[(off + 8) // 8] = self._counter
+            self._counter += 1
+            region[off] = 1
+
+    def completing(self, heads: list[int]) -> None:
+        r16 = self._r16
+        if r16 is None:
+            return
+        last = r16[_OFF_LAST_BATCH // 2]
+        for head in heads:
+            if head < self._size:
+                r16[(_HEAD.size + _DESC.size * head + 6) // 2] = last
+                last = head
+        r16[_OFF_LAST_BATCH // 2] = last
+
+    def completed(self, heads: list[int], used_idx: int) -> None:
+        region, r16 = self._region, self._r16
+        if region is not None and r16 is not None:
+            for head in heads:
+                if head < self._size:
+                    region[_HEAD.size + _DESC.size * head] = 0
+            r16[_OFF_USED_IDX // 2] = used_idx
+        self.log_used_ring()
 
     def reset(self) -> None:
-        super().reset()
-        self.inflight = None
-        self._resubmit = []
+        self.set_region(None)
         self._counter = 0
 
-    def activate(self, memory: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
-        super().activate(memory, event_idx=event_idx, indirect=indirect)
-        if self.inflight is not None:
-            self._recover(self.inflight)
-
-    def _recover(self, region: memoryview) -> None:
-        """Initialise a fresh region, or find the requests a previous backend left in flight."""
-        size = self.size
-        r16 = self._r16
-        assert r16 is not None
-        if r16[_OFF_VERSION // 2] == 0:
-            region[: _HEAD.size + _DESC.size * size] = bytes(_HEAD.size + _DESC.size * size)
-            _HEAD.pack_into(region, 0, 0, VERSION, size, 0, self.used_idx)  # nothing in flight yet
-            self._resubmit = []
-            self._counter = 0
-            return
-        done = (self.used_idx - r16[_OFF_USED_IDX // 2]) & 0xFFFF
-        if done:
-            # The previous backend died between publishing used entries and clearing their
-            # inflight flags: that last batch (a list from last_batch_head through next) was
-            # completed after all.
-            head = r16[_OFF_LAST_BATCH // 2]
-            for _ in range(min(done, size)):
-                if head >= size:
-                    break
-                region[_HEAD.size + _DESC.size * head] = 0
-                head = r16[(_HEAD.size + _DESC.size * head + 6) // 2]
-            r16[_OFF_USED_IDX // 2] = self.used_idx
-        pending = []
-        top = 0
-        for i in range(size):
-            flag, _, counter = _DESC.unpack_from(region, _HEAD.size + _DESC.size * i)
-            if flag == 1:
-                pending.append((counter, i))
-            top = max(top, counter)
-        pending.sort()
-        self._resubmit = [i for _, i in pending]
-        self._counter = top + 1
-        # Everything taken from the available ring was either completed (used_idx) or is in flight.
-        self.last_avail_idx = (self.used_idx + len(pending)) & 0xFFFF
-        self.resubmitted += len(pending)
-
-    def has_available(self) -> bool:
-        return bool(self._resubmit) or super().has_available()
-
-    def pop(self) -> DescriptorChain | None:
-        if self._resubmit:
-            return self.chain_at(self._resubmit.pop(0))
-        chain = super().pop()
-        region, r64 = self._region, self._r64
-        if chain is not None and region is not None and r64 is not None:
-            with self._track_lock:
-                off = _HEAD.size + _DESC.size * chain.head
-                r64[(off + 8) // 8] = self._counter
-                self._counter += 1
-                region[off] = 1
-        return chain
-
-    def push(self, chain: DescriptorChain, written: int) -> None:
-        self.push_many(((chain, written),))
-
-    def push_many(self, items: Iterable[tuple[DescriptorChain, int]]) -> None:
-        try:
-            self._push_tracked(items)
-        finally:
-            self.log_used_ring()
+    # ---------------------------------------------------------------------------------------------
 
     def log_used_ring(self) -> None:
         """Mark the used ring in the migration's dirty log, if the memory keeps one and it is on.
 
-        After every used-ring update (and when the ring stops, for the flags and avail_event the
+        After every used-ring update (and when logging starts, for the flags and avail_event the
         device writes between completions). The whole ring is marked: a few pages.
         """
-        memory = self.memory
-        if memory is not None and getattr(memory, "logging", False) and self.size:
-            memory.log_write(self.used_addr, 6 + 8 * self.size)  # type: ignore[attr-defined]
-
-    def _push_tracked(self, items: Iterable[tuple[DescriptorChain, int]]) -> None:
-        region, r16 = self._region, self._r16
-        if region is None or r16 is None:
-            super().push_many(items)
-            return
-        items = tuple(items)
-        with self._track_lock:
-            last = r16[_OFF_LAST_BATCH // 2]
-            for chain, _ in items:
-                if 0 <= chain.head < self.size:
-                    r16[(_HEAD.size + _DESC.size * chain.head + 6) // 2] = last
-                    last = chain.head
-            r16[_OFF_LAST_BATCH // 2] = last
-            before = self.used_idx
-            super().push_many(items)
-            if self.used_idx != before:
-                for chain, _ in items:
-                    if 0 <= chain.head < self.size:
-                        region[_HEAD.size + _DESC.size * chain.head] = 0
-                r16[_OFF_USED_IDX // 2] = self.used_idx
+        q = self.queue
+        memory = q.memory
+        if memory is not None and getattr(memory, "logging", False) and q.size:
+            memory.log_write(q.used_addr, used_ring_size(q.size))  # type: ignore[attr-defined]
 
     def inflight_heads(self) -> list[int]:
         """Heads currently marked in flight (for tests and diagnostics)."""
-        region = self.inflight
+        region = self._region
         if region is None:
             return []
-        return [i for i in range(self.size) if region[_HEAD.size + _DESC.size * i] == 1]
+        return [i for i in range(self._size) if region[_HEAD.size + _DESC.size * i] == 1]
