@@ -39,6 +39,7 @@ from vdm.cli.devices import close_devices, create_device
 from vdm.config import parse_option_string, quote_option, split_options
 from vdm.errors import UserError
 from vdm.registry import DeviceContext, DeviceType
+from vdm.transport.mmio import MMIO_WINDOW_SIZE
 
 __all__ = ["DeviceConfig", "DeviceSpec", "add_arguments", "parse_config", "parse_device", "run", "serve"]
 
@@ -120,8 +121,10 @@ def parse_device(text: str, devices: dict[str, DeviceType]) -> DeviceSpec:
         raise UserError(
             f"--device {kind}: base= and irq= are required (where the guest looks for the device)"
         )
-    if base < 0 or base % 0x200 or irq < 0:
-        raise UserError(f"--device {kind}: base 0x{base:x} must be 0x200-aligned, irq not negative")
+    if base < 0 or base % MMIO_WINDOW_SIZE or irq < 0:
+        raise UserError(
+            f"--device {kind}: base 0x{base:x} must be 0x{MMIO_WINDOW_SIZE:x}-aligned, irq not negative"
+        )
     cfg = parse_option_string(dt.config, options, f"--device {kind}", dt.positional)
     return DeviceSpec(dt, cfg, base, irq)
 
@@ -273,7 +276,7 @@ def serve(
 
 
 def _check_place(entry: Any) -> None:
-    if entry.base < 0 or entry.base % 0x200 or not 0 <= entry.irq < 1020:
+    if entry.base < 0 or entry.base % MMIO_WINDOW_SIZE or not 0 <= entry.irq < 1020:
         raise UserError(
             f"{entry.backend}: base 0x{entry.base:x} / irq {entry.irq} are not a virtio-mmio window"
         )
