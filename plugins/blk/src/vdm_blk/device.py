@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from vdm.device import VirtioDevice
-from vdm.virtqueue import DescriptorChain, Virtqueue, slice_views
+from vdm.sg import slice_views
+from vdm.virtqueue import DescriptorChain, Virtqueue
 
 from .config import BlkConfig
 

@@ -42,7 +42,8 @@ import threading
 from collections import Counter
 
 from vdm.device import VirtioDevice
-from vdm.virtqueue import DescriptorChain, Virtqueue, slice_views
+from vdm.sg import slice_views
+from vdm.virtqueue import DescriptorChain, Virtqueue
 
 from . import features as nf
 from .backends.offloads import offered_features, tun_offload_flags

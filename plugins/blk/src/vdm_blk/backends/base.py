@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import Iterator, Sequence
+from typing import Sequence
+
+from vdm.sg import split_views, total_length  # re-exported: blk's backends have always had them here
 
 __all__ = ["SECTOR", "DiskBackend", "DiskError", "RWLock", "split_views", "total_length"]
 
@@ -40,29 +42,6 @@ class DiskError(Exception):
 
     The message says what is wrong and, where there is one, how to fix it.
     """
-
-
-def total_length(buffers: Sequence[memoryview]) -> int:
-    """The number of bytes in ``buffers``."""
-    return sum(len(b) for b in buffers)
-
-
-def split_views(buffers: Sequence[memoryview], lengths: Sequence[int]) -> Iterator[list[memoryview]]:
-    """Cut ``buffers`` (in order) into consecutive groups of ``lengths`` bytes, without copying."""
-    i = 0
-    pos = 0  # position inside buffers[i]
-    for want in lengths:
-        group: list[memoryview] = []
-        while want > 0:
-            b = buffers[i]
-            take = min(want, len(b) - pos)
-            group.append(b[pos : pos + take])
-            want -= take
-            pos += take
-            if pos == len(b):
-                i += 1
-                pos = 0
-        yield group
 
 
 class DiskBackend(ABC):

@@ -28,7 +28,9 @@ import os
 import stat
 from typing import Sequence
 
-from .base import SECTOR, DiskError, split_views, total_length
+from vdm.sg import advance, fill_zero, gather_into, scatter, split_views, total_length
+
+from .base import SECTOR, DiskError
 from .linux import (
     BLKDISCARD,
     BLKZEROOUT,
@@ -57,18 +59,6 @@ def _address(view: memoryview) -> int | None:
         return ctypes.addressof(ctypes.c_char.from_buffer(view))
     except (TypeError, ValueError):
         return None
-
-
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """Drop the first ``n`` bytes from ``views``."""
-    while n and views:
-        if n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        else:
-            views = [views[0][n:], *views[1:]]
-            n = 0
-    return views
 
 
 ZERO_CHUNK = 1 << 20
@@ -221,7 +211,7 @@ class HostFile(Protocol):
             n = os.preadv(self.fd, views, offset)
             if n == sum(len(v) for v in views):
                 return n
-            return n + self._loop(os.preadv, self.fd, _advance(list(views), n), offset + n, True)
+            return n + self._loop(os.preadv, self.fd, advance(views, n), offset + n, True)
         return self._transfer(views, offset, True)
 
     def pwritev(self, views: Sequence[memoryview], offset: int) -> int:
@@ -230,7 +220,7 @@ class HostFile(Protocol):
             n = os.pwritev(self.fd, views, offset)
             if n == sum(len(v) for v in views):
                 return n
-            return n + self._loop(os.pwritev, self.fd, _advance(list(views), n), offset + n, False)
+            return n + self._loop(os.pwritev, self.fd, advance(views, n), offset + n, False)
         return self._transfer(views, offset, False)
 
     def _transfer(self, views: Sequence[memoryview], offset: int, reading: bool) -> int:
@@ -264,12 +254,11 @@ class HostFile(Protocol):
             if n == 0:
                 if not reading:
                     raise OSError(errno.EIO, "write made no progress")
-                for v in views:  # past the end of the file: zeros
-                    v[:] = bytes(len(v))
-                    done += len(v)
+                fill_zero(views)  # past the end of the file: zeros
+                done += total_length(views)
                 break
             done += n
-            views = _advance(views, n)
+            views = advance(views, n)
         return done
 
     def _bounce_read(self, views: Sequence[memoryview], offset: int) -> int:
@@ -281,10 +270,7 @@ class HostFile(Protocol):
                 pos = offset
                 for n, group in zip(chunks, split_views(views, chunks)):
                     self._loop(os.preadv, self.dfd, [bview[:n]], pos, True)  # type: ignore[arg-type]
-                    got = 0
-                    for v in group:
-                        v[:] = bview[got : got + len(v)]
-                        got += len(v)
+                    scatter(bview[:n], group)
                     pos += n
                 return total
             finally:
@@ -298,10 +284,7 @@ class HostFile(Protocol):
                 chunks = [min(len(bview), total - p) for p in range(0, total, len(bview))]
                 pos = offset
                 for n, group in zip(chunks, split_views(views, chunks)):
-                    got = 0
-                    for v in group:
-                        bview[got : got + len(v)] = v
-                        got += len(v)
+                    gather_into(bview, group)
                     self._loop(os.pwritev, self.dfd, [bview[:n]], pos, False)  # type: ignore[arg-type]
                     pos += n
                 return total

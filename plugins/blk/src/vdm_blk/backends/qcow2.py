@@ -78,7 +78,9 @@ import threading
 import zlib
 from typing import Callable, Optional, Sequence
 
-from .base import SECTOR, DiskBackend, DiskError, RWLock, split_views, total_length
+from vdm.sg import fill_zero, gather_into, scatter, split_views, total_length
+
+from .base import SECTOR, DiskBackend, DiskError, RWLock
 from .hostfile import HostFile
 from .protocol import Protocol
 from .qcow2_check import check_metadata
@@ -107,14 +109,6 @@ AUTOCLEAR_BITMAPS = 1 << 0
 L2_CACHE_BYTES = 32 << 20
 REFBLOCK_CACHE_BYTES = 8 << 20
 MIN_CACHE_TABLES = 16
-_ZEROS = bytes(1 << 16)
-
-
-def _fill_zero(views: Sequence[memoryview]) -> None:
-    for v in views:
-        for pos in range(0, len(v), len(_ZEROS)):
-            n = min(len(_ZEROS), len(v) - pos)
-            v[pos : pos + n] = _ZEROS[:n]
 
 
 BackingOpener = Callable[[str, Optional[str]], DiskBackend]
@@ -281,30 +275,23 @@ class Qcow2Disk(ClusterMap, Zeroing, DiskBackend):
         if ext.kind == DATA:
             self.f.preadv(views, ext.host)
         elif ext.kind == ZERO:
-            _fill_zero(views)
+            fill_zero(views)
         elif ext.kind == UNALLOC:
             self._read_backing(pos, views)
         else:
-            data = self._decompress(ext.entry)
-            within = pos & (self.cs - 1)
-            for v in views:
-                v[:] = data[within : within + len(v)]
-                within += len(v)
+            scatter(memoryview(self._decompress(ext.entry))[pos & (self.cs - 1) :], views)
 
     def _read_backing(self, pos: int, views: Sequence[memoryview]) -> None:
         b = self.backing
         n = total_length(views)
         if b is None or pos >= b.size:
-            _fill_zero(views)
+            fill_zero(views)
         elif pos + n <= b.size - b.size % SECTOR:
             b.readv(pos, views)
         else:
             tmp = bytearray(n)
             b.read_clipped(pos, memoryview(tmp))
-            done = 0
-            for v in views:
-                v[:] = tmp[done : done + len(v)]
-                done += len(v)
+            scatter(tmp, views)
 
     def _decompress(self, entry: int) -> bytes:
         z = self._zcache
@@ -424,10 +411,7 @@ class Qcow2Disk(ClusterMap, Zeroing, DiskBackend):
                 self.f.truncate(new + cs)
         else:
             buf = self._cluster_content(gc, entry) if not reads_zero else bytearray(cs)
-            p = within
-            for v in views:
-                buf[p : p + len(v)] = v
-                p += len(v)
+            gather_into(buf, views, within)
             self.f.pwritev([memoryview(buf)], new)
         table.entries[idx] = new | COPIED
         table.touch(idx)
