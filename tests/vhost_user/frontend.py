@@ -364,15 +364,8 @@ class Frontend:
     def wait_used(self, qi: int, count: int = 1, timeout: float = 10.0) -> list[Used]:
         """Wait (on the call eventfd) until ``count`` more chains are used."""
         q = self.queues[qi]
-        got: list[Used] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            got += self.collect(qi)
-            if len(got) >= count:
-                return got
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"queue {qi}: {len(got)} of {count} used after {timeout} s")
+
+        def on_call(left: float) -> None:
             r, _, _ = select.select([q.call], [], [], min(left, 0.5))
             if r:
                 try:
@@ -380,17 +373,11 @@ class Frontend:
                 except BlockingIOError:
                     pass
 
+        return q.wait(count, timeout, on_call, used_event=True)
+
     def poll_used(self, qi: int, count: int = 1, timeout: float = 10.0) -> list[Used]:
         """Like :meth:`wait_used`, but never reads the call fd (for tests that leave it unread)."""
-        got: list[Used] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            got += self.collect(qi)
-            if len(got) >= count:
-                return got
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"queue {qi}: {len(got)} of {count} used after {timeout} s")
-            time.sleep(0.01)
+        return self.queues[qi].wait(count, timeout, lambda left: time.sleep(min(left, 0.01)), used_event=True)
 
     def request(self, qi: int, out: list[bytes] = (), in_lens: list[int] = (), timeout: float = 10.0) -> Used:  # type: ignore[assignment]
         head = self.post(qi, out, in_lens)

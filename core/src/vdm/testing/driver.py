@@ -217,18 +217,9 @@ class VirtioTestDriver:
 
     def wait(self, qi: int, count: int = 1, timeout: float = 5.0) -> list[Used]:
         """Collect until ``count`` used buffers arrived (the device may complete from threads)."""
-        got: list[Used] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            got += self.collect(qi)
-            if len(got) >= count:
-                return got
-            if self.needs_reset or time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"queue {qi}: {len(got)}/{count} used buffers"
-                    + (" (device needs reset)" if self.needs_reset else "")
-                )
-            time.sleep(0.0005)
+        return self.queues[qi].wait(
+            count, timeout, broken=lambda: "device needs reset" if self.needs_reset else None
+        )
 
     def request(
         self,

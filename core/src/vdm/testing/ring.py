@@ -22,8 +22,9 @@ which bytes the device did not write.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from ..ring_layout import (
     AVAIL_ALIGN,
@@ -228,6 +229,34 @@ class DriverRing:
         if used_event:
             self.set_used_event(self.last_used)
         return out
+
+    def wait(
+        self,
+        count: int,
+        timeout: float,
+        idle: Callable[[float], object] = lambda left: time.sleep(min(left, 0.0005)),
+        *,
+        used_event: bool = False,
+        broken: Callable[[], str | None] = lambda: None,
+    ) -> list[Used]:
+        """:meth:`collect` until ``count`` used buffers arrived (a device may complete from its
+        threads). Between looks ``idle(seconds left)`` waits (default: a short sleep; a frontend
+        waits on its call eventfd). TimeoutError after ``timeout`` s, or at once when ``broken()``
+        names a reason (a device that needs a reset will not complete anything)."""
+        got: list[Used] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            got += self.collect(used_event=used_event)
+            if len(got) >= count:
+                return got
+            left = deadline - time.monotonic()
+            why = broken()
+            if why or left <= 0:
+                raise TimeoutError(
+                    f"queue {self.index}: {len(got)} of {count} used buffers "
+                    + (f"({why})" if why else f"after {timeout} s")
+                )
+            idle(left)
 
 
 def write_table(ram: RingMemory, addr: int, descs: Sequence[tuple[int, int, int, int]]) -> None:
