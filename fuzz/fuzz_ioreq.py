@@ -120,7 +120,7 @@ def one_input(data: bytes) -> None:
         is_read = bool(flag_bits & 2)
         snapshot = bytes(ram.region.view) if ptr and is_read else None
         port = xs.ports[vcpu]
-        woken = sim._woken[(sim.domid, port)]
+        woken = sim.vcpu_notified(sim.domid, port)
         woken.clear()
         t0 = time.monotonic()
         served = server.serve_slot(vcpu)

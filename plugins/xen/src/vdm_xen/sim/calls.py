@@ -61,10 +61,10 @@ class LibCalls:
         return ffi.cast("struct xentoollog_logger *", 0x7106)
 
     def _handle(self, kind: str, obj: Any) -> int:
-        return self.xen._new_handle(kind, obj, self)
+        return self.xen.new_handle(kind, obj, self)
 
     def _get(self, kind: str, h: Any) -> Any:
-        return self.xen._handles.get((kind, int(ffi.cast("uintptr_t", h))))
+        return self.xen.handle(kind, int(ffi.cast("uintptr_t", h)))
 
     # ---- opening and closing handles ------------------------------------------------------------
 
@@ -77,9 +77,7 @@ class LibCalls:
         return self._handle(kind, object())
 
     def _close(self, kind: str, h: Any) -> int:
-        with self.xen.lock:
-            key = (kind, int(ffi.cast("uintptr_t", h)))
-            obj = self.xen._handles.pop(key, None)
+        obj = self.xen.take_handle(kind, int(ffi.cast("uintptr_t", h)))
         if obj is None:
             self.xen.violation(f"closing a {kind} handle that is not open")
             return self._fail(errno.EBADF)

@@ -59,7 +59,7 @@ class DeviceModelCalls(LibCalls):
         if bufioreq != 0:
             return self._fail(errno.EINVAL)  # non-x86 Xen refuses buffered ioreqs; we model none
         assert d is not None
-        out[0] = self.xen._create_server(d, self.domid).id
+        out[0] = self.xen.create_server(d, self.domid).id
         return 0
 
     def _xendevicemodel_get_ioreq_server_info(
@@ -73,8 +73,7 @@ class DeviceModelCalls(LibCalls):
         assert s is not None
         if ioreq_gfn != ffi.NULL:
             if s.legacy_gfn is None:
-                s.legacy_gfn = self.xen._legacy_gfn_next
-                self.xen._legacy_gfn_next += 1
+                s.legacy_gfn = self.xen.next_legacy_gfn()
             ioreq_gfn[0] = s.legacy_gfn
         if bufioreq_gfn != ffi.NULL:
             return self._fail(errno.ENOENT)

@@ -42,7 +42,7 @@ class EvtchnCalls(LibCalls):
                 return self._fail(errno.EINVAL)
             if (domid, remote) in x.port_binding:
                 return self._fail(errno.EINVAL)
-            local = next(x._ports)
+            local = x.next_port()
             e.bound[local] = (domid, remote)
             x.port_binding[(domid, remote)] = (e, local)
         return local
@@ -68,7 +68,7 @@ class EvtchnCalls(LibCalls):
             peer = e.bound.get(port)
         if peer is None:
             return self._fail(errno.EINVAL)
-        self.xen._notify_xen(peer)
+        self.xen.notify_xen(peer)
         return 0
 
     def _xenevtchn_pending(self, xce: Any) -> int:
@@ -93,5 +93,5 @@ class EvtchnCalls(LibCalls):
             again = port in e.pending
             e.pending.discard(port)
         if again:
-            self.xen._deliver(e, port)
+            self.xen.deliver_event(e, port)
         return 0

@@ -104,7 +104,7 @@ class ForeignMemoryCalls(LibCalls):
         addr = libc_mmap(PAGE_SIZE, prot, mmap.MAP_SHARED, s.page_fd, 0)
         paddr[0] = ffi.cast("void *", addr)
         with x.lock:
-            h = next(x._ids)
+            h = x.next_id()
             x.resources[h] = addr
         return h
 

@@ -106,7 +106,7 @@ class GuestSide:
                 binding = self.port_binding.get((s.domid, port))
             if binding is None:
                 self._crash(f"vCPU {vcpu}: no device model bound event channel {port}; the vCPU hangs")
-            self._deliver(*binding)
+            self.deliver_event(*binding)
             seen = STATE_IOREQ_READY
             deadline = time.monotonic() + self.timeout
             while True:

@@ -52,6 +52,5 @@ class SimLib(DeviceModelCalls, ForeignMemoryCalls, EvtchnCalls, GnttabCalls, Xen
         if p == ffi.NULL:
             return
         addr = int(ffi.cast("uintptr_t", p))
-        with self.xen.lock:
-            if self.xen._allocs.pop(addr, None) is None:
-                self.xen.violation(f"free() of 0x{addr:x}, which the library did not return")
+        if not self.xen.free(addr):
+            self.xen.violation(f"free() of 0x{addr:x}, which the library did not return")

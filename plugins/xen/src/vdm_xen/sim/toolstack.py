@@ -24,7 +24,7 @@ class Toolstack:
         for hook in hooks:
             hook(path, value)
         for c, p, t in fire:
-            self._fire(c, p, t)
+            self.fire_watch(c, p, t)
 
     def xs_rm(self, path: str) -> bool:
         with self.lock:
@@ -33,7 +33,7 @@ class Toolstack:
                 del self.store[k]
             fire = self._watchers(path)
         for c, p, t in fire:
-            self._fire(c, p, t)
+            self.fire_watch(c, p, t)
         return bool(gone)
 
     def xs_children(self, path: str) -> list[str] | None:
@@ -125,4 +125,4 @@ class Toolstack:
             self.domains[domid].alive = False
             fire = self._watchers("@releaseDomain")
         for c, p, t in fire:
-            self._fire(c, p, t)
+            self.fire_watch(c, p, t)

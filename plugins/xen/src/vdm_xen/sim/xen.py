@@ -91,28 +91,58 @@ class SimXen(Toolstack, GuestSide):
         with self.lock:
             self.violations.append(what)
 
-    # ---- internals ------------------------------------------------------------------------------
+    # ---- what the library parts (calls, evtchn, xenstore, ...) and the mixins share ---------------
 
-    def _new_handle(self, kind: str, obj: Any, lib: SimLib) -> int:
+    def new_handle(self, kind: str, obj: Any, lib: SimLib) -> int:
+        """Open a handle of ``kind`` on ``obj``; its number."""
         with self.lock:
             h = next(self._ids)
             self._handles[(kind, h)] = obj
         return h
 
-    def _malloc(self, data: bytes) -> Any:
+    def handle(self, kind: str, h: int) -> Any:
+        """The object behind an open handle, or None."""
+        return self._handles.get((kind, h))
+
+    def take_handle(self, kind: str, h: int) -> Any:
+        """Forget an open handle (it is being closed); its object, or None if it was not open."""
+        with self.lock:
+            return self._handles.pop((kind, h), None)
+
+    def next_id(self) -> int:
+        """A fresh number for a handle or a mapped resource (call with :attr:`lock` held)."""
+        return next(self._ids)
+
+    def next_port(self) -> int:
+        """A fresh local event-channel port (call with :attr:`lock` held)."""
+        return next(self._ports)
+
+    def next_legacy_gfn(self) -> int:
+        """The guest frame of the next ioreq page mapped the legacy (x86) way."""
+        with self.lock:
+            gfn = self._legacy_gfn_next
+            self._legacy_gfn_next += 1
+            return gfn
+
+    def free(self, addr: int) -> bool:
+        """Release what :meth:`malloc`/:meth:`malloc_vector` returned at ``addr``; False if nothing was."""
+        with self.lock:
+            return self._allocs.pop(addr, None) is not None
+
+    def malloc(self, data: bytes) -> Any:
         buf = ffi.new("char[]", data)
         with self.lock:
             self._allocs[int(ffi.cast("uintptr_t", buf))] = buf
         return buf
 
-    def _malloc_vector(self, items: list[str]) -> Any:
+    def malloc_vector(self, items: list[str]) -> Any:
         strs = [ffi.new("char[]", s.encode()) for s in items]
         vec = ffi.new("char *[]", [*strs, ffi.NULL])
         with self.lock:
             self._allocs[int(ffi.cast("uintptr_t", vec))] = (vec, strs)
         return vec
 
-    def _create_server(self, d: SimDomain, emulator: int) -> SimServer:
+    def create_server(self, d: SimDomain, emulator: int) -> SimServer:
         with self.lock:
             fd = os.memfd_create("sim-ioreq-page", os.MFD_CLOEXEC)
             os.ftruncate(fd, PAGE_SIZE)
@@ -130,12 +160,16 @@ class SimXen(Toolstack, GuestSide):
             self._pages.append((fd, page))
             return s
 
-    def _notify_xen(self, peer: tuple[int, int]) -> None:
+    def vcpu_notified(self, domid: int, port: int) -> threading.Event:
+        """Set whenever the device model notifies Xen-side ``port`` of ``domid`` (an ioreq answered)."""
+        return self._woken[(domid, port)]
+
+    def notify_xen(self, peer: tuple[int, int]) -> None:
         ev = self._woken.get(peer)
         if ev is not None:
             ev.set()
 
-    def _deliver(self, e: SimEvtchn, local: int) -> None:
+    def deliver_event(self, e: SimEvtchn, local: int) -> None:
         with self.lock:
             if local in e.masked:
                 e.pending.add(local)
@@ -143,7 +177,7 @@ class SimXen(Toolstack, GuestSide):
             e.masked.add(local)  # the evtchn driver masks a port until user space unmasks it
         os.write(e.w, local.to_bytes(4, "little"))
 
-    def _fire(self, conn: SimXsConn, path: str, token: str) -> None:
+    def fire_watch(self, conn: SimXsConn, path: str, token: str) -> None:
         with self.lock:
             conn.queue.append((path, token))
         os.write(conn.w, b"w")

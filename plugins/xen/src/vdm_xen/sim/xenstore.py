@@ -38,7 +38,7 @@ class XenstoreCalls(LibCalls):
             return self._fail(errno.ENOENT, 0)
         if length != ffi.NULL:
             length[0] = len(v)
-        return self.xen._malloc(v.encode() + b"\0")
+        return self.xen.malloc(v.encode() + b"\0")
 
     def _xs_write(self, h: Any, t: int, path: bytes, data: bytes, length: int) -> bool:
         if self._get("xs", h) is None:
@@ -61,7 +61,7 @@ class XenstoreCalls(LibCalls):
         if kids is None:
             return self._fail(errno.ENOENT, 0)
         num[0] = len(kids)
-        return self.xen._malloc_vector(kids)
+        return self.xen.malloc_vector(kids)
 
     def _xs_watch(self, h: Any, path: bytes, token: bytes) -> bool:
         c = self._get("xs", h)
@@ -70,7 +70,7 @@ class XenstoreCalls(LibCalls):
         w = (self._path(path), token.decode())
         with self.xen.lock:
             c.watches.append(w)
-        self.xen._fire(c, w[0], w[1])  # xenstored fires every new watch once
+        self.xen.fire_watch(c, w[0], w[1])  # xenstored fires every new watch once
         return True
 
     def _xs_unwatch(self, h: Any, path: bytes, token: bytes) -> bool:
@@ -100,4 +100,4 @@ class XenstoreCalls(LibCalls):
                 os.read(c.r, 1)
             except BlockingIOError:
                 pass
-        return self.xen._malloc_vector([path, token])
+        return self.xen.malloc_vector([path, token])
