@@ -13,6 +13,7 @@ import struct
 import time
 
 import pytest
+from vdm.ring_layout import used_ring_size
 from vdm_blk.device import S_OK, T_IN, T_OUT
 from vdm_vhost_user import protocol as p
 from vdm_vhost_user.handler import OFFERED_PROTOCOL_FEATURES
@@ -70,7 +71,7 @@ def test_pages_a_read_request_writes_and_the_used_ring_are_marked(blk_server, fr
         got = all_marked(log)
         want = set(range(data_start // PAGE, status // PAGE + 1))  # 3 data pages, the status byte's
         assert want <= got, f"pages {sorted(want)} not all marked: {sorted(got)}"
-        used_pages = marked(log, q.used, q.used + 6 + 8 * q.size)
+        used_pages = marked(log, q.used, q.used + used_ring_size(q.size))
         assert used_pages, "the used ring's page is not marked"
         # the request header (device-readable) is not written: its page is not marked
         assert header // PAGE not in got
@@ -96,7 +97,7 @@ def test_a_write_request_marks_only_the_status_byte_and_used_ring(blk_server, fr
         assert status // PAGE in got
         # the guest's data the device only read: not marked
         assert not got & set(range(out_start // PAGE, status // PAGE)), sorted(got)
-        assert got <= {status // PAGE} | marked(log, q.used, q.used + 6 + 8 * q.size)
+        assert got <= {status // PAGE} | marked(log, q.used, q.used + used_ring_size(q.size))
     finally:
         log.close()
         os.close(fd)
