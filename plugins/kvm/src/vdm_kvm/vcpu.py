@@ -232,7 +232,7 @@ class Vcpu:
         finally:
             self.running = False
             self._tid = None
-            vm._vcpu_ended()
+            vm.vcpu_ended()
 
     def _loop(self) -> None:
         # The hot path: every guest port/MMIO access to a device handled in Python comes through
@@ -249,12 +249,12 @@ class Vcpu:
         handle_mmio, do_io = self._handle_mmio, self._do_io
         KVM_RUN = abi.KVM_RUN
         EXIT_IO, EXIT_MMIO = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO
-        while not vm._stopping:
+        while not vm.stopping:
             if ioctl(fd, KVM_RUN, 0) < 0:
                 e = fixed_errno()
                 if e in (errno.EINTR, errno.EAGAIN):
                     self._drain_kick()
-                    if not vm._stopping:
+                    if not vm.stopping:
                         run.immediate_exit = 0
                     continue
                 vm.request_exit(VmExit("error", f"KVM_RUN: {os.strerror(e)}", self.index))

@@ -108,7 +108,9 @@ class Vm:
         self._lock = threading.Lock()
         self._exit: VmExit | None = None
         self._exited = threading.Event()
-        self._stopping = False
+        #: set once by :meth:`request_exit`; vCPU threads read it on every exit (a plain attribute:
+        #: no property call on that path); nothing else writes it
+        self.stopping = False
         #: called once, with the :class:`VmExit`, when the VM stops for any reason
         self.on_exit: list[Callable[[VmExit], None]] = []
 
@@ -325,7 +327,7 @@ class Vm:
             first = self._exit is None
             if first:
                 self._exit = reason
-            self._stopping = True
+            self.stopping = True
         if first:
             log.info("VM exit: %s %s (vcpu %d)", reason.reason, reason.detail, reason.vcpu)
         for v in self.vcpus:
@@ -336,10 +338,6 @@ class Vm:
                     cb(reason)
                 except Exception:
                     log.exception("VM exit callback failed")
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     def stop(self, timeout: float = 5.0) -> VmExit:
         """Stop every vCPU and wait for its thread (the reason is ``stopped`` unless one came first)."""
@@ -364,7 +362,8 @@ class Vm:
         self.join(5.0)
         return self._exit
 
-    def _vcpu_ended(self) -> None:
+    def vcpu_ended(self) -> None:
+        """Called by each vCPU thread as it ends; the last one wakes :meth:`wait`."""
         if all(not v.running for v in self.vcpus):
             self._exited.set()
 
