@@ -10,7 +10,7 @@ from vdm.registry import DeviceContext, DeviceType
 from .config import RngConfig
 
 #: The vdm-core plugin API this plugin was written for.
-VDM_API = 1
+VDM_API = 2
 
 
 def create(config: RngConfig, ctx: DeviceContext):  # -> RngDevice
