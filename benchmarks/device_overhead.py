@@ -64,8 +64,8 @@ def make_backend(kind: str, tmp: str):
             f.write(os.urandom(64 << 20))
     disk = open_disk(path, format="raw")
     if kind == "raw-worker":
-        disk.readv_nowait = None  # the device looks these up once; None = always a worker
-        disk.writev_inline = None
+        # the DiskBackend defaults: None = "use a worker" for every request
+        disk.readv_nowait = disk.writev_inline = lambda offset, buffers: None
     return disk
 
 

@@ -190,7 +190,11 @@ class NbdProtocol(Protocol):
             try:
                 if h is None:
                     h = self._connect()
-                cookie = submit(h)
+                try:
+                    cookie = submit(h)
+                except BaseException:  # not libnbd's answer (a Python error): the handle is not kept
+                    self._drop(h)
+                    raise
                 if cookie == -1:
                     if lib.nbd_aio_is_dead(h) == 1 or lib.nbd_aio_is_closed(h) == 1:
                         raise _Down(self._error())
