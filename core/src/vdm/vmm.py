@@ -198,8 +198,7 @@ class Vmm:
             base = self.allocate_mmio(MMIO_WINDOW_SIZE, owner)
         if irq is None:
             irq = self.allocate_irq(owner)
-        transport = MmioTransport(device, self.memory, self.irq_line(irq))
-        transport.base, transport.irq_number = base, irq  # type: ignore[attr-defined]
+        transport = MmioTransport(device, self.memory, self.irq_line(irq), base=base, irq_number=irq)
         self.register_mmio(base, MMIO_WINDOW_SIZE, transport, owner)
         for q in device.queues:
             self._kick_eventfd(device, q.index, base + Reg.QUEUE_NOTIFY, pio=False)
@@ -220,7 +219,7 @@ class Vmm:
             bar_address=bar,
             irq_line=irq or 0,
         )
-        transport.slot = bus.add(transport)  # type: ignore[attr-defined]
+        transport.slot = bus.add(transport)
         self.register_mmio(bar, BAR_SIZE, transport, owner)
         for q in device.queues:
             # the driver writes the queue index as 16 bits at the queue's own notify address

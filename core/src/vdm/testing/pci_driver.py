@@ -11,6 +11,7 @@ from ..transport.pci import (
     CFG_DEVICE,
     CFG_ISR,
     CFG_NOTIFY,
+    CommonCfg,
     VirtioPciTransport,
 )
 from .driver import DriverQueue, VirtioTestDriver
@@ -126,43 +127,47 @@ class VirtioPciTestDriver(VirtioTestDriver):
 
     @property
     def status(self) -> int:
-        return self.common_read(0x14, 1)
+        return self.common_read(CommonCfg.DEVICE_STATUS, 1)
 
     def set_status(self, value: int) -> None:
-        self.common_write(0x14, 1, value)
+        self.common_write(CommonCfg.DEVICE_STATUS, 1, value)
         if value == 0 and self.use_msix:
-            self.common_write(0x10, 2, 0)  # config changes on vector 0
+            self.common_write(CommonCfg.CONFIG_MSIX_VECTOR, 2, 0)  # config changes on vector 0
 
     def device_features(self) -> int:
-        self.common_write(0x00, 4, 0)
-        low = self.common_read(0x04, 4)
-        self.common_write(0x00, 4, 1)
-        return low | self.common_read(0x04, 4) << 32
+        self.common_write(CommonCfg.DEVICE_FEATURE_SELECT, 4, 0)
+        low = self.common_read(CommonCfg.DEVICE_FEATURE, 4)
+        self.common_write(CommonCfg.DEVICE_FEATURE_SELECT, 4, 1)
+        return low | self.common_read(CommonCfg.DEVICE_FEATURE, 4) << 32
 
     def write_driver_features(self, features: int) -> None:
         for sel in (0, 1):
-            self.common_write(0x08, 4, sel)
-            self.common_write(0x0C, 4, (features >> (32 * sel)) & 0xFFFFFFFF)
+            self.common_write(CommonCfg.DRIVER_FEATURE_SELECT, 4, sel)
+            self.common_write(CommonCfg.DRIVER_FEATURE, 4, (features >> (32 * sel)) & 0xFFFFFFFF)
 
     def queue_max_size(self, qi: int) -> int:
-        if qi >= self.common_read(0x12, 2):
+        if qi >= self.common_read(CommonCfg.NUM_QUEUES, 2):
             return 0
-        self.common_write(0x16, 2, qi)
-        return self.common_read(0x18, 2)
+        self.common_write(CommonCfg.QUEUE_SELECT, 2, qi)
+        return self.common_read(CommonCfg.QUEUE_SIZE, 2)
 
     def enable_queue(self, q: DriverQueue) -> None:
-        self.common_write(0x16, 2, q.index)
-        self.common_write(0x18, 2, q.size)
+        self.common_write(CommonCfg.QUEUE_SELECT, 2, q.index)
+        self.common_write(CommonCfg.QUEUE_SIZE, 2, q.size)
         if self.use_msix:
-            self.common_write(0x1A, 2, q.index + 1)
-        for off, value in ((0x20, q.desc), (0x28, q.avail), (0x30, q.used)):
+            self.common_write(CommonCfg.QUEUE_MSIX_VECTOR, 2, q.index + 1)
+        for off, value in (
+            (CommonCfg.QUEUE_DESC, q.desc),
+            (CommonCfg.QUEUE_DRIVER, q.avail),
+            (CommonCfg.QUEUE_DEVICE, q.used),
+        ):
             self.common_write(off, 4, value & 0xFFFFFFFF)
             self.common_write(off + 4, 4, value >> 32)
-        self.common_write(0x1C, 2, 1)
+        self.common_write(CommonCfg.QUEUE_ENABLE, 2, 1)
 
     def kick(self, qi: int) -> None:
-        self.common_write(0x16, 2, qi)
-        notify_off = self.common_read(0x1E, 2)
+        self.common_write(CommonCfg.QUEUE_SELECT, 2, qi)
+        notify_off = self.common_read(CommonCfg.QUEUE_NOTIFY_OFF, 2)
         self.transport.write(self._bar_offset(CFG_NOTIFY) + notify_off * self.notify_multiplier, 2, qi)
 
     def config_read(self, offset: int, size: int) -> int:

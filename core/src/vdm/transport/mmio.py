@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from ..device import Status, VirtioDevice
+from ..device import VirtioDevice
 from ..interrupts import IrqLine
 from ..memory import GuestMemory
-from ..virtqueue import Virtqueue, VirtqueueError
+from ..virtqueue import Virtqueue
+from .common import RING_DESC, RING_DEVICE, RING_DRIVER, CommonConfig
 
 __all__ = ["MMIO_WINDOW_SIZE", "MmioTransport", "Reg"]
 
@@ -64,27 +65,24 @@ class Reg:
     CONFIG = 0x100
 
 
-def _set_low(value: int, low: int) -> int:
-    return (value & ~0xFFFFFFFF) | (low & 0xFFFFFFFF)
-
-
-def _set_high(value: int, high: int) -> int:
-    return (value & 0xFFFFFFFF) | ((high & 0xFFFFFFFF) << 32)
-
-
 class MmioTransport:
     """One virtio-mmio window in front of one device."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: IrqLine) -> None:
+    def __init__(
+        self, device: VirtioDevice, memory: GuestMemory, irq: IrqLine, *, base: int = 0, irq_number: int = 0
+    ) -> None:
         self.device = device
         self.memory = memory
         self.irq = irq
+        #: guest-physical address of the window and the interrupt line's number (set by the Vmm
+        #: that places the device, for the kernel command line / device tree; 0 if nobody did)
+        self.base = base
+        self.irq_number = irq_number
         self.device.memory = memory
         self.device.interrupts = self
         self.interrupt_status = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.queue_sel = 0
+        #: feature, status and queue registers (the rules every transport shares)
+        self.common = CommonConfig(device)
         self._lock = threading.RLock()
         self._warned: set[tuple[str, int]] = set()
 
@@ -102,11 +100,6 @@ class MmioTransport:
 
     # ---- IoHandler -------------------------------------------------------------------------------
 
-    def _queue(self) -> Virtqueue | None:
-        if 0 <= self.queue_sel < len(self.device.queues):
-            return self.device.queues[self.queue_sel]
-        return None
-
     def _warn_once(self, what: str, offset: int) -> None:
         if (what, offset) not in self._warned:
             self._warned.add((what, offset))
@@ -121,8 +114,9 @@ class MmioTransport:
         if size != 4 or offset % 4:
             self._warn_once(f"{size}-byte read", offset)
             return 0
+        common = self.common
         with self._lock:
-            q = self._queue()
+            q = common.queue()
             if offset == Reg.MAGIC:
                 return MAGIC
             if offset == Reg.VERSION:
@@ -132,9 +126,7 @@ class MmioTransport:
             if offset == Reg.VENDOR_ID:
                 return VENDOR_ID
             if offset == Reg.DEVICE_FEATURES:
-                if self.device_features_sel > 1:
-                    return 0
-                return (dev.features() >> (32 * self.device_features_sel)) & 0xFFFFFFFF
+                return common.device_features_word()
             if offset == Reg.QUEUE_NUM_MAX:
                 return q.max_size if q else 0
             if offset == Reg.QUEUE_READY:
@@ -150,9 +142,8 @@ class MmioTransport:
             if offset == Reg.QUEUE_RESET:
                 return 0
             if q is not None and offset in _QUEUE_ADDR_REGS:
-                attr, high = _QUEUE_ADDR_REGS[offset]
-                value = getattr(q, attr)
-                return (value >> 32) & 0xFFFFFFFF if high else value & 0xFFFFFFFF
+                ring, half = _QUEUE_ADDR_REGS[offset]
+                return (common.ring_address(q, ring) >> (32 * half)) & 0xFFFFFFFF
             if offset == Reg.QUEUE_NUM:
                 return q.size if q else 0
             return 0
@@ -172,27 +163,25 @@ class MmioTransport:
             # Without ioeventfd the kick arrives here, on the vCPU (or ioreq) thread.
             dev.kick(value & 0xFFFF)
             return
+        common = self.common
         if offset == Reg.STATUS:
             # Not under the transport lock: a reset waits for in-flight requests, whose completions
             # raise interrupts through this transport.
-            dev.set_status(value)
-            if value == 0:
+            if common.write_status(value):
                 with self._lock:
                     self.interrupt_status = 0
                     self.irq.set_level(False)
             return
         with self._lock:
-            q = self._queue()
+            q = common.queue()
             if offset == Reg.DEVICE_FEATURES_SEL:
-                self.device_features_sel = value
+                common.device_features_sel = value
             elif offset == Reg.DRIVER_FEATURES:
-                if self.driver_features_sel <= 1 and not dev.status & Status.FEATURES_OK:
-                    shift = 32 * self.driver_features_sel
-                    dev.driver_features = (dev.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+                common.write_driver_features_word(value)
             elif offset == Reg.DRIVER_FEATURES_SEL:
-                self.driver_features_sel = value
+                common.driver_features_sel = value
             elif offset == Reg.QUEUE_SEL:
-                self.queue_sel = value
+                common.queue_sel = value
             elif offset == Reg.INTERRUPT_ACK:
                 self.interrupt_status &= ~value
                 if not self.interrupt_status:
@@ -200,48 +189,29 @@ class MmioTransport:
             elif q is None:
                 self._warn_once("queue register write with no such queue", offset)
             elif offset == Reg.QUEUE_NUM:
-                if not q.ready:
-                    q.size = value
+                common.write_queue_size(q, value)
             elif offset == Reg.QUEUE_READY:
-                self._set_queue_ready(q, bool(value & 1))
+                if value & 1:
+                    common.enable_queue(q)  # also after DRIVER_OK (virtio 1.2, with queue reset)
+                else:
+                    common.disable_queue(q)
             elif offset == Reg.QUEUE_RESET:
                 if value & 1:
-                    with q.lock:
-                        q.deactivate()
-                        q.reset()
+                    common.reset_queue(q)
             elif offset in _QUEUE_ADDR_REGS:
-                if q.ready:
+                ring, half = _QUEUE_ADDR_REGS[offset]
+                if not common.write_ring_address(q, ring, value, half=half):
                     self._warn_once("queue address write while ready", offset)
-                    return
-                attr, high = _QUEUE_ADDR_REGS[offset]
-                cur = getattr(q, attr)
-                setattr(q, attr, _set_high(cur, value) if high else _set_low(cur, value))
             else:
                 self._warn_once("write to read-only or unknown register", offset)
 
-    def _set_queue_ready(self, q: Virtqueue, ready: bool) -> None:
-        dev = self.device
-        if not ready:
-            with q.lock:
-                q.deactivate()
-                q.ready = False
-            return
-        if q.ready:
-            return
-        q.ready = True
-        if dev.status & Status.DRIVER_OK and dev.activated:
-            # A queue enabled after DRIVER_OK (virtio 1.2 allows it with queue reset).
-            try:
-                dev.start_queue(q)
-            except VirtqueueError as e:
-                dev.fail(str(e))
 
-
+#: ring address registers: which ring, which 32-bit half
 _QUEUE_ADDR_REGS = {
-    Reg.QUEUE_DESC_LOW: ("desc_addr", False),
-    Reg.QUEUE_DESC_HIGH: ("desc_addr", True),
-    Reg.QUEUE_DRIVER_LOW: ("avail_addr", False),
-    Reg.QUEUE_DRIVER_HIGH: ("avail_addr", True),
-    Reg.QUEUE_DEVICE_LOW: ("used_addr", False),
-    Reg.QUEUE_DEVICE_HIGH: ("used_addr", True),
+    Reg.QUEUE_DESC_LOW: (RING_DESC, 0),
+    Reg.QUEUE_DESC_HIGH: (RING_DESC, 1),
+    Reg.QUEUE_DRIVER_LOW: (RING_DRIVER, 0),
+    Reg.QUEUE_DRIVER_HIGH: (RING_DRIVER, 1),
+    Reg.QUEUE_DEVICE_LOW: (RING_DEVICE, 0),
+    Reg.QUEUE_DEVICE_HIGH: (RING_DEVICE, 1),
 }

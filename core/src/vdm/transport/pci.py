@@ -24,10 +24,11 @@ import logging
 import struct
 import threading
 
-from ..device import Status, VirtioDevice
+from ..device import VirtioDevice
 from ..interrupts import IrqLine, MsiSink
 from ..memory import GuestMemory
-from ..virtqueue import Virtqueue, VirtqueueError
+from ..virtqueue import Virtqueue
+from .common import RING_DESC, RING_DEVICE, RING_DRIVER, CommonConfig
 from .pci_config import (
     BAR0,
     CAP_PTR,
@@ -47,7 +48,7 @@ from .pci_config import (
     ConfigSpace,
 )
 
-__all__ = ["BAR_SIZE", "NOTIFY_OFFSET", "VirtioPciTransport"]
+__all__ = ["BAR_SIZE", "NOTIFY_OFFSET", "CommonCfg", "VirtioPciTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,61 @@ MSIX_ENABLE = 1 << 15
 MSIX_MASKALL = 1 << 14
 
 
+class CommonCfg:
+    """Offsets in ``struct virtio_pci_common_cfg`` (virtio 1.2, 4.1.4.3), the one table the
+    transport and :mod:`vdm.testing`'s PCI driver use; ``WIDTH`` gives each field's bytes."""
+
+    DEVICE_FEATURE_SELECT = 0x00
+    DEVICE_FEATURE = 0x04
+    DRIVER_FEATURE_SELECT = 0x08
+    DRIVER_FEATURE = 0x0C
+    CONFIG_MSIX_VECTOR = 0x10
+    NUM_QUEUES = 0x12
+    DEVICE_STATUS = 0x14
+    CONFIG_GENERATION = 0x15
+    QUEUE_SELECT = 0x16
+    QUEUE_SIZE = 0x18
+    QUEUE_MSIX_VECTOR = 0x1A
+    QUEUE_ENABLE = 0x1C
+    QUEUE_NOTIFY_OFF = 0x1E
+    QUEUE_DESC = 0x20
+    QUEUE_DRIVER = 0x28
+    QUEUE_DEVICE = 0x30
+    QUEUE_NOTIFY_DATA = 0x38
+    QUEUE_RESET = 0x3A
+    #: bytes of the structure
+    SIZE = 0x3C
+
+    WIDTH = {
+        DEVICE_FEATURE_SELECT: 4,
+        DEVICE_FEATURE: 4,
+        DRIVER_FEATURE_SELECT: 4,
+        DRIVER_FEATURE: 4,
+        CONFIG_MSIX_VECTOR: 2,
+        NUM_QUEUES: 2,
+        DEVICE_STATUS: 1,
+        CONFIG_GENERATION: 1,
+        QUEUE_SELECT: 2,
+        QUEUE_SIZE: 2,
+        QUEUE_MSIX_VECTOR: 2,
+        QUEUE_ENABLE: 2,
+        QUEUE_NOTIFY_OFF: 2,
+        QUEUE_DESC: 8,
+        QUEUE_DRIVER: 8,
+        QUEUE_DEVICE: 8,
+        QUEUE_NOTIFY_DATA: 2,
+        QUEUE_RESET: 2,
+    }
+
+
+#: the 64-bit ring address fields: which ring
+_RING_FIELDS = {
+    CommonCfg.QUEUE_DESC: RING_DESC,
+    CommonCfg.QUEUE_DRIVER: RING_DRIVER,
+    CommonCfg.QUEUE_DEVICE: RING_DEVICE,
+}
+
+
 class VirtioPciTransport:
     """A virtio device on PCI: its configuration space and its BAR0 handler."""
 
@@ -86,13 +142,18 @@ class VirtioPciTransport:
         intx: IrqLine | None = None,
         bar_address: int = 0,
         irq_line: int = 0,
+        slot: int = 0,
     ) -> None:
         self.device = device
         self.memory = memory
         self.msi = msi
         self.intx = intx
+        #: the PCI slot the Vmm put the function in (0 if nobody did)
+        self.slot = slot
         device.memory = memory
         device.interrupts = self
+        #: feature, status and queue registers (the rules every transport shares)
+        self.common = CommonConfig(device)
         self.num_vectors = len(device.queues) + 1
         self.bar_address = bar_address
         self._lock = threading.RLock()
@@ -105,9 +166,7 @@ class VirtioPciTransport:
         self.cfg = self._build_config_space(irq_line)
 
     def _reset_transport_state(self) -> None:
-        self.device_feature_select = 0
-        self.driver_feature_select = 0
-        self.queue_select = 0
+        self.common.reset_selectors()
         self.config_vector = NO_VECTOR
         self.queue_vectors = [NO_VECTOR] * len(self.device.queues)
         self.isr = 0
@@ -130,7 +189,7 @@ class VirtioPciTransport:
         cfg.set(INTERRUPT_LINE, 1, irq_line, 0xFF)
         cfg.set(INTERRUPT_PIN, 1, 1 if self.intx is not None else 0)
         caps = [
-            (CFG_COMMON, COMMON_OFFSET, 0x3C, b""),
+            (CFG_COMMON, COMMON_OFFSET, CommonCfg.SIZE, b""),
             (
                 CFG_NOTIFY,
                 NOTIFY_OFFSET,
@@ -253,7 +312,7 @@ class VirtioPciTransport:
 
     def read(self, offset: int, size: int) -> int:
         ones = (1 << (8 * size)) - 1 if size in (1, 2, 4, 8) else 0
-        if COMMON_OFFSET <= offset < COMMON_OFFSET + 0x3C:
+        if COMMON_OFFSET <= offset < COMMON_OFFSET + CommonCfg.SIZE:
             return self._common_read(offset - COMMON_OFFSET, size)
         if offset == ISR_OFFSET:
             with self._lock:
@@ -276,7 +335,7 @@ class VirtioPciTransport:
             # Without ioeventfd the kick arrives here.
             self.device.kick((offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER)
             return
-        if COMMON_OFFSET <= offset < COMMON_OFFSET + 0x3C:
+        if COMMON_OFFSET <= offset < COMMON_OFFSET + CommonCfg.SIZE:
             self._common_write(offset - COMMON_OFFSET, size, value)
         elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + 0x1000 and size in (1, 2, 4, 8):
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
@@ -299,111 +358,76 @@ class VirtioPciTransport:
 
     # ---- common configuration ----------------------------------------------------------------
 
-    def _queue(self) -> Virtqueue | None:
-        qs = self.device.queues
-        return qs[self.queue_select] if 0 <= self.queue_select < len(qs) else None
-
     def _common_read(self, off: int, size: int) -> int:
         dev = self.device
+        common = self.common
+        R = CommonCfg
         with self._lock:
-            q = self._queue()
-            qi = self.queue_select
+            q = common.queue()
+            qi = common.queue_sel
             fields = {
-                0x00: (4, self.device_feature_select),
-                0x04: (
-                    4,
-                    (dev.features() >> (32 * self.device_feature_select)) & 0xFFFFFFFF
-                    if self.device_feature_select <= 1
-                    else 0,
-                ),
-                0x08: (4, self.driver_feature_select),
-                0x0C: (
-                    4,
-                    (dev.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
-                    if self.driver_feature_select <= 1
-                    else 0,
-                ),
-                0x10: (2, self.config_vector),
-                0x12: (2, len(dev.queues)),
-                0x14: (1, dev.status),
-                0x15: (1, dev.config_generation & 0xFF),
-                0x16: (2, self.queue_select),
-                0x18: (2, q.size if q else 0),
-                0x1A: (2, self.queue_vectors[qi] if q else NO_VECTOR),
-                0x1C: (2, int(q.ready) if q else 0),
-                0x1E: (2, qi if q else 0),
-                0x20: (8, q.desc_addr if q else 0),
-                0x28: (8, q.avail_addr if q else 0),
-                0x30: (8, q.used_addr if q else 0),
-                0x38: (2, qi if q else 0),
-                0x3A: (2, 0),
+                R.DEVICE_FEATURE_SELECT: common.device_features_sel,
+                R.DEVICE_FEATURE: common.device_features_word(),
+                R.DRIVER_FEATURE_SELECT: common.driver_features_sel,
+                R.DRIVER_FEATURE: common.driver_features_word(),
+                R.CONFIG_MSIX_VECTOR: self.config_vector,
+                R.NUM_QUEUES: len(dev.queues),
+                R.DEVICE_STATUS: dev.status,
+                R.CONFIG_GENERATION: dev.config_generation & 0xFF,
+                R.QUEUE_SELECT: qi,
+                R.QUEUE_SIZE: q.size if q else 0,
+                R.QUEUE_MSIX_VECTOR: self.queue_vectors[qi] if q else NO_VECTOR,
+                R.QUEUE_ENABLE: int(q.ready) if q else 0,
+                R.QUEUE_NOTIFY_OFF: qi if q else 0,
+                R.QUEUE_DESC: q.desc_addr if q else 0,
+                R.QUEUE_DRIVER: q.avail_addr if q else 0,
+                R.QUEUE_DEVICE: q.used_addr if q else 0,
+                R.QUEUE_NOTIFY_DATA: qi if q else 0,
+                R.QUEUE_RESET: 0,
             }
-        for base, (width, value) in fields.items():
+        for base, value in fields.items():
+            width = R.WIDTH[base]
             if base <= off < base + width and off + size <= base + width:
                 return (value >> (8 * (off - base))) & ((1 << (8 * size)) - 1)
         return 0
 
     def _common_write(self, off: int, size: int, value: int) -> None:
-        dev = self.device
-        if off == 0x14 and size == 1:
-            dev.set_status(value)  # not under our lock: a reset waits for in-flight completions
-            if value == 0:
+        common = self.common
+        R = CommonCfg
+        if off == R.DEVICE_STATUS and size == 1:
+            if common.write_status(value):  # not under our lock: a reset waits for in-flight completions
                 with self._lock:
                     self._reset_transport_state()
                     if self.intx is not None:
                         self.intx.set_level(False)
             return
-        start = False
         with self._lock:
-            q = self._queue()
-            if off == 0x00 and size == 4:
-                self.device_feature_select = value
-            elif off == 0x08 and size == 4:
-                self.driver_feature_select = value
-            elif off == 0x0C and size == 4:
-                if self.driver_feature_select <= 1 and not dev.status & Status.FEATURES_OK:
-                    shift = 32 * self.driver_feature_select
-                    dev.driver_features = (dev.driver_features & ~(0xFFFFFFFF << shift)) | (
-                        (value & 0xFFFFFFFF) << shift
-                    )
-            elif off == 0x10 and size == 2:
+            q = common.queue()
+            if off == R.DEVICE_FEATURE_SELECT and size == 4:
+                common.device_features_sel = value
+            elif off == R.DRIVER_FEATURE_SELECT and size == 4:
+                common.driver_features_sel = value
+            elif off == R.DRIVER_FEATURE and size == 4:
+                common.write_driver_features_word(value)
+            elif off == R.CONFIG_MSIX_VECTOR and size == 2:
                 self.config_vector = value if value < self.num_vectors else NO_VECTOR
-            elif off == 0x16 and size == 2:
-                self.queue_select = value
+            elif off == R.QUEUE_SELECT and size == 2:
+                common.queue_sel = value
             elif q is None:
                 return
-            elif off == 0x18 and size == 2:
-                if not q.ready:
-                    q.size = value
-            elif off == 0x1A and size == 2:
+            elif off == R.QUEUE_SIZE and size == 2:
+                common.write_queue_size(q, value)
+            elif off == R.QUEUE_MSIX_VECTOR and size == 2:
                 self.queue_vectors[q.index] = value if value < self.num_vectors else NO_VECTOR
-            elif off == 0x1C and size == 2:
-                if value & 1 and not q.ready:
-                    q.ready = True
-                    start = dev.activated
-                else:
-                    return
-            elif off == 0x3A and size == 2:
+            elif off == R.QUEUE_ENABLE and size == 2:
+                if value & 1:  # (0 is not a request: a driver disables a queue by resetting it)
+                    common.enable_queue(q)
+            elif off == R.QUEUE_RESET and size == 2:
                 if value & 1:
-                    with q.lock:
-                        q.deactivate()
-                        q.reset()
-                return
-            elif off in (0x20, 0x28, 0x30) or off in (0x24, 0x2C, 0x34):
-                if q.ready:
-                    return
-                attr = {0x20: "desc_addr", 0x28: "avail_addr", 0x30: "used_addr"}[off & ~7]
-                cur = getattr(q, attr)
+                    common.reset_queue(q)
+            elif off & ~7 in _RING_FIELDS:
+                ring = _RING_FIELDS[off & ~7]
                 if size == 8 and off % 8 == 0:
-                    setattr(q, attr, value & 0xFFFFFFFFFFFFFFFF)
+                    common.write_ring_address(q, ring, value)
                 elif size == 4:
-                    shift = 32 if off % 8 else 0
-                    setattr(q, attr, (cur & ~(0xFFFFFFFF << shift)) | ((value & 0xFFFFFFFF) << shift))
-                return
-            else:
-                return
-        if start and q is not None:  # a queue enabled after DRIVER_OK
-            try:
-                dev.start_queue(q)
-            except VirtqueueError as e:
-                dev.fail(str(e))
+                    common.write_ring_address(q, ring, value, half=(off % 8) // 4)
