@@ -240,9 +240,11 @@ applets() { local a; for a in $BB_APPLETS; do ln -sf busybox "$1/bin/$a"; done; 
 # ---- 3. the domU initramfs: the guest kit's init behind a shell on the virtio console ---------
 DU=$W/domu; rm -rf "$DU"; mkdir -p "$DU"/{dev,proc,sys,tmp,etc,mnt}; usrmerge "$DU"; mkdir -p "$DU/lib/modules"
 cp "$X/usr/bin/busybox" "$DU/bin/busybox"; applets "$DU"
-addmods "$DU" virtio_mmio virtio_blk virtio_net virtio_rng
+# + Xen's PV block and net frontends: benchmarks/xenlab_pv.py compares vdm with blkback/netback
+addmods "$DU" virtio_mmio virtio_blk virtio_net virtio_rng xen_blkfront xen_netfront
 install -m 755 "$REPO/scripts/guestkit/init.sh" "$DU/init.kit"
 install -m 755 "$HERE/domu-init.sh" "$DU/init"
+install -m 755 "$HERE/domu-bench.sh" "$DU/bench.sh"
 pack "$DU" | gzip -6n >"$OUT/domu.cpio.gz"
 
 # ---- 4. the dom0 initramfs -----------------------------------------------------------------------
@@ -257,12 +259,13 @@ D=$W/dom0; rm -rf "$D"; mkdir -p "$D"
 mkdir -p "$D"/{dev,proc,sys,tmp,run,mnt,var/run,var/log/xen,var/lib/xen,var/lib/xenstored,lab,etc} "$D/lib/modules"
 rm -f "$D/bin/sh"; applets "$D"
 ln -sf python3.13 "$D/usr/bin/python3"
-addmods "$D" xen_evtchn xen_privcmd xen_gntdev xen_gntalloc xenfs virtio_mmio virtio_blk tun
+addmods "$D" xen_evtchn xen_privcmd xen_gntdev xen_gntalloc xenfs virtio_mmio virtio_blk tun xen_blkback xen_netback
 # this checkout's vdm, pure Python, into the dom0 python's dist-packages (no deps: Debian's above)
 VP=$W/vdm-pkgs; build_vdm_pkgs "$VP"
 cp -a "$VP"/. "$D/usr/lib/python3/dist-packages/"
 install -m 755 "$HERE/dom0-init.sh" "$D/init"
 install -m 755 "$HERE/dom0-peer.py" "$D/lab/peer.py"
+install -m 755 "$HERE/pv-hotplug.sh" "$D/lab/pv-hotplug"
 # byte-compile (the .debs ship no .pyc; compiling at import costs seconds per module under TCG)
 # with Debian 13's amd64 python3.13: the same version as dom0's, so the same .pyc files
 pyc_python -m compileall -q -s "$D" -p / "$D/usr/lib/python3.13" "$D/usr/lib/python3/dist-packages" \

@@ -10,6 +10,11 @@
 # "XENLAB ". Kernel command line: xenlab.disk=/dev/vda (the disk vdm serves: QEMU's, so the host can
 # check it) xenlab.vdmtest=boot,blk,rng,net,nettcp xenlab.mib=4 xenlab.tcpmib=16 xenlab.timeout=400
 # xenlab.rounds=2 xenlab.shell=1 (debug: a shell at the end).
+# xenlab.bench=ROUNDS [xenlab.benchmib=16 xenlab.benchops=256 xenlab.benchnet=MIB] (benchmarks/
+# xenlab_pv.py): one domU instead, with vdm's virtio-blk (cache=none) on the QEMU disk with serial
+# xenlab0 and Xen's PV block (xen-blkback, hotplug by /lab/pv-hotplug) on the one with serial
+# xenlab1; with benchnet also vdm's virtio-net (tap 10.0.2.2/24) and a PV vif (xen-netback, vif
+# 10.0.3.2/24) and `peer.py serve` on both; the domU runs domu-bench.sh.
 mount -t devtmpfs dev /dev; exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 mkdir -p /var/run/xenstored /var/run/xen /var/log/xen/console /var/lib/xen /var/lib/xenstored /dev/shm
@@ -17,10 +22,13 @@ export PATH=/usr/lib/xen-4.20/bin:/usr/sbin:/usr/bin:/sbin:/bin LD_LIBRARY_PATH=
 up() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "XENLAB $* uptime_s=$(up)"; }
 DISK=/dev/vda; WL=boot,blk,rng,net,nettcp; MIB=4; TCPMIB=16; TIMEOUT=400; ROUNDS=2; SHELL_AT_END=
+BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; DOMU_EXTRA=; CFG_EXTRA=; BLKOPTS=
 for w in $(cat /proc/cmdline); do case $w in
   xenlab.disk=*) DISK=${w#*=};; xenlab.vdmtest=*) WL=${w#*=};; xenlab.mib=*) MIB=${w#*=};;
   xenlab.timeout=*) TIMEOUT=${w#*=};; xenlab.shell=*) SHELL_AT_END=1;;
   xenlab.tcpmib=*) TCPMIB=${w#*=};; xenlab.rounds=*) ROUNDS=${w#*=};;
+  xenlab.bench=*) BENCH=${w#*=};; xenlab.benchmib=*) BENCHMIB=${w#*=};; xenlab.benchops=*) BENCHOPS=${w#*=};;
+  xenlab.benchnet=*) BENCHNET=${w#*=};;
 esac; done
 finish() {
   log "END $*"
@@ -54,10 +62,11 @@ round() {
 name = "$name"
 kernel = "/lab/Image"
 ramdisk = "/lab/domu.cpio.gz"
-extra = "console=hvc0 panic=-1 quiet vdmtest=$wl vdmtest.mib=$MIB vdmtest.exit=none vdmtest.tcp=both vdmtest.tcpmib=$TCPMIB vdmtest.tcptimeout=$TIMEOUT vdmtest.timeout=30"
+extra = "console=hvc0 panic=-1 quiet vdmtest=$wl vdmtest.mib=$MIB vdmtest.exit=none vdmtest.tcp=both vdmtest.tcpmib=$TCPMIB vdmtest.tcptimeout=$TIMEOUT vdmtest.timeout=30$DOMU_EXTRA"
 memory = 192
 vcpus = 1
 virtio = [ $v ]
+$CFG_EXTRA
 CFG
   t0=$(up)
   # generic virtio devices: libxl does not wait for their backend, so the domain starts paused
@@ -67,7 +76,7 @@ CFG
   domid=$(xl domid $name)
   log "R$n DOMU-CREATED-PAUSED name=$name domid=$domid create_s=$(awk "BEGIN{print $(up)-$t0}")"
   dev=; for id in $devs; do case $id in
-    2) dev="$dev --device blk,path=$DISK";;
+    2) dev="$dev --device blk,path=$DISK$BLKOPTS";;
     1) dev="$dev --device net,tapif=vdmtap$n,host_ip=10.0.2.2/24";;
     3) dev="$dev --device console,backend=socket:/tmp/hvc$n.sock";;
   esac; done
@@ -85,7 +94,8 @@ CFG
   log "R$n DEVICES-INITWAIT ready_s=$(awk "BEGIN{print $(up)-$t0}")"
   case " $devs " in *" 1 "*)
     ip addr show dev vdmtap$n | sed -n "s/.*inet \([0-9.\/]*\).*/$P TAP vdmtap$n addr=\1/p"
-    python3 /lab/peer.py tcp 10.0.2.2 5555 "$TCPMIB" >/tmp/peer$n.log 2>&1 & PEER=$!;; *) PEER=;; esac
+    if [ -n "$BENCH" ]; then python3 /lab/peer.py serve "$BENCHNET" >/tmp/peer$n.log 2>&1 & PEER=$!
+    else python3 /lab/peer.py tcp 10.0.2.2 5555 "$TCPMIB" >/tmp/peer$n.log 2>&1 & PEER=$!; fi;; *) PEER=;; esac
   xl unpause $name
   log "R$n DOMU-UNPAUSED"
   CON=/var/log/xen/console/guest-$name.log
@@ -107,6 +117,7 @@ CFG
   fi
   relay
   grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && log "R$n DOMU-DONE" || log "R$n DOMU-TIMEOUT"
+  [ -n "$BENCH" ] && [ -n "$PEER" ] && kill $PEER 2>/dev/null  # serve runs until killed
   if [ -n "$PEER" ]; then  # it still drains and checksums what the domU sent last
     i=0; while kill -0 $PEER 2>/dev/null && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
     kill $PEER 2>/dev/null; sed "s/^XENLAB /$P /" /tmp/peer$n.log
@@ -122,6 +133,20 @@ CFG
   log "R$n VDM-EXIT rc=$rc"
 }
 
+if [ -n "$BENCH" ]; then
+  byserial() { for b in /sys/block/vd*; do [ "$(cat "$b/serial" 2>/dev/null)" = "$1" ] && echo "/dev/${b##*/}"; done; }
+  DISK=$(byserial xenlab0); PVDISK=$(byserial xenlab1)
+  [ -b "$DISK" ] && [ -b "$PVDISK" ] || finish fail reason=bench_disks vdm=$DISK pv=$PVDISK
+  log "BENCH vdm_disk=$DISK pv_disk=$PVDISK rounds=$BENCH mib=$BENCHMIB ops=$BENCHOPS net=$BENCHNET"
+  DOMU_EXTRA=" xenlab.bench=$BENCH xenlab.benchmib=$BENCHMIB xenlab.benchops=$BENCHOPS xenlab.benchnet=$BENCHNET"
+  CFG_EXTRA="disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=phy, script=/lab/pv-hotplug, target=$PVDISK' ]"
+  devs=2
+  [ "$BENCHNET" -gt 0 ] && { devs="2 1"; CFG_EXTRA="$CFG_EXTRA
+vif = [ 'mac=00:16:3e:5e:00:02, script=/lab/pv-hotplug' ]"; }
+  BLKOPTS=,cache=none  # xen-blkback bypasses dom0's page cache too
+  round 1 domu bench "$devs" || finish fail reason=bench
+  sync; finish done
+fi
 round 1 domu "$WL" "2 1 3 4" || finish fail reason=round1
 [ "$ROUNDS" -ge 2 ] && { round 2 domu2 boot,blk,rng "2 4" || finish fail reason=round2; }
 sync

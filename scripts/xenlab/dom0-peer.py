@@ -5,6 +5,10 @@
 connection gets MIB MiB of random bytes, the second is read to its end; prints
 ``XENLAB PEER sent bytes=N md5=M`` and ``XENLAB PEER recv bytes=N md5=M``.
 
+``peer.py serve MIB``: benchmarks/xenlab_pv.py's TCP peer, on every address, until killed: each
+connection to port 5601 gets MIB MiB of random bytes, each one to 5602 is read to its end
+(``XENLAB PEER served``/``drained bytes=N from=IP`` per connection).
+
 ``peer.py console SOCKET LOG``: a client of vdm's virtio-console socket backend; everything the
 domU writes to its virtio console goes to LOG; once the domU's shell there says ``VDMHVC READY``,
 types a command into it whose output only the domU can produce (``HVC-CMD-42-<its kernel>``)
@@ -15,6 +19,7 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 
 
@@ -41,6 +46,35 @@ def tcp(host: str, port: int, mib: int) -> None:
             h.update(d)
             n += len(d)
     print(f"XENLAB PEER recv bytes={n} md5={h.hexdigest()}", flush=True)
+
+
+def serve(mib: int) -> None:
+    payload = os.urandom(mib << 20)
+
+    def source(conn: socket.socket, addr: tuple) -> None:
+        with conn:
+            conn.sendall(payload)
+        print(f"XENLAB PEER served bytes={len(payload)} to={addr[0]}", flush=True)
+
+    def sink(conn: socket.socket, addr: tuple) -> None:
+        n = 0
+        with conn:
+            while d := conn.recv(1 << 16):
+                n += len(d)
+        print(f"XENLAB PEER drained bytes={n} from={addr[0]}", flush=True)
+
+    def loop(port: int, handle) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", port))
+        srv.listen(4)
+        while True:
+            conn, addr = srv.accept()
+            threading.Thread(target=handle, args=(conn, addr), daemon=True).start()
+
+    threading.Thread(target=loop, args=(5601, source), daemon=True).start()
+    print("XENLAB PEER serving ports=5601,5602", flush=True)
+    loop(5602, sink)
 
 
 def console(path: str, log: str) -> None:
@@ -80,5 +114,7 @@ def console(path: str, log: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "tcp":
         tcp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "serve":
+        serve(int(sys.argv[2]))
     else:
         console(sys.argv[2], sys.argv[3])
