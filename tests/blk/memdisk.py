@@ -25,6 +25,12 @@ class MemoryDisk:
         self.gate: threading.Event | None = None  # when set, I/O waits for it (slow disk)
         self.closed = False
 
+    def readv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
+        return None  # no inline path: every request goes through the device's worker, as before
+
+    def writev_inline(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
+        return None
+
     def _io(self, what: str, offset: int, length: int) -> None:
         if self.gate is not None:
             self.gate.wait(10)
