@@ -55,22 +55,7 @@ def test_console_backend_without_the_console_plugin_says_what_to_install() -> No
         _default_console(args, plugins, {})
 
 
-def test_a_second_sigterm_does_not_interrupt_the_clean_stop():
-    """coreutils ``timeout`` sends SIGTERM to vdm and again to its process group: the second one
-    used to land inside machine.stop() and end ``vdm run`` with a ``_Terminated`` traceback."""
-    import os
-    import signal
-
-    from vdm_kvm.run import _terminate, _Terminated
-
-    old = signal.signal(signal.SIGTERM, _terminate)
-    stopped_cleanly = False
-    try:
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-        except _Terminated:
-            os.kill(os.getpid(), signal.SIGTERM)  # the second one, while vdm stops the VM
-            stopped_cleanly = True
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    assert stopped_cleanly
+# A second SIGTERM during the clean stop (coreutils timeout signals vdm, then its process group):
+# vdm run waits through vdm.session.StopSignal, held by tests/core/test_session.py
+# (test_a_second_sigterm_during_shutdown_is_ignored,
+# test_a_process_signalled_twice_from_outside_stops_cleanly).

@@ -5,7 +5,8 @@ Options follow kvmtool: ``-k/--kernel``, ``-i/--initrd``, ``-p/--params``, ``-m/
 ``-n/--network``, ...), ``--console serial|virtio``, ``--virtio-transport pci|mmio``, ``--name``;
 or a TOML VM file (``vdm run vm.toml``) with the same keys. The exit status is 0 when the guest
 powers off or reboots, or vdm is ended by SIGTERM/SIGINT (devices closed, as QEMU does); 1 with a
-message on anything else.
+message on anything else. Signals, the wait for the VM's end and the devices' lifecycle are
+:mod:`vdm.session`'s (the same as ``vdm dm-only`` and ``vdm vhost-user``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import argparse
 import logging
 import os
 import platform
-import signal
 import sys
 from typing import Any
 
-from vdm.cli.devices import add_device_options, close_devices, create_device, device_configs
-from vdm.config import load_toml
+from vdm.cli.devices import add_device_options, device_configs
+from vdm.config import OPTION_SYNTAX_HELP, load_toml
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.plugins import PluginSet
 from vdm.registry import DeviceContext
+from vdm.session import DeviceSet, StopSignal
+from vdm.transport.mmio import MMIO_WINDOW_SIZE
 
 __all__ = ["add_arguments", "run"]
 
@@ -60,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser, plugins: PluginSet | None = None) 
         help="once the VM, its devices and the kernel are set up, become this user (vdm started as root)",
     )
     add_device_options(p, plugins)
+    p.epilog = OPTION_SYNTAX_HELP
 
 
 def _resolve(doc: dict[str, Any], base: str) -> dict[str, Any]:
@@ -69,17 +72,6 @@ def _resolve(doc: dict[str, Any], base: str) -> dict[str, Any]:
         if isinstance(out.get(key), str):
             out[key] = os.path.join(base, os.path.expanduser(out[key]))
     return out
-
-
-class _Terminated(Exception):
-    """SIGTERM arrived: stop the VM and clean up as for Ctrl-C."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    # Once is enough: `timeout` sends SIGTERM to vdm and again to its process group, and a second
-    # raise inside machine.stop() would end vdm with a traceback instead of a clean stop.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _Terminated()
 
 
 def _default_console(args: argparse.Namespace, plugins: PluginSet, doc: dict[str, Any]) -> dict[str, Any]:
@@ -138,58 +130,50 @@ def run(args: argparse.Namespace) -> int:
     from .pci_bus import CONF1_PORT, CONF1_PORTS, PciBus
     from .vmm import KvmVmm
 
-    try:
-        machine = Machine(MachineConfig(mem_mib=mem, cpus=cpus))
-    except (KvmError, MachineError, OSError) as e:
-        raise UserError(f"cannot create the VM: {e}") from None
-    vmm = Vmm(KvmVmm(machine), name=name)
-    bus = PciBus()
-    vmm.register_pio(CONF1_PORT, CONF1_PORTS, bus, "pci-conf1")
-    devices: list[Any] = []
-    console = "ttyS0"
-    stopped_by = None
-    try:
+    # SIGTERM/SIGINT from here on stop the VM cleanly, whichever thread they land on (a vCPU's,
+    # a device's); a second one during the shutdown (``timeout`` signals vdm, then its process
+    # group) is ignored. Closing: the VMM's transports, the devices, then the VM.
+    with StopSignal() as stop, DeviceSet() as devices:
+        try:
+            machine = Machine(MachineConfig(mem_mib=mem, cpus=cpus))
+        except (KvmError, MachineError, OSError) as e:
+            raise UserError(f"cannot create the VM: {e}") from None
+        devices.hold(machine.close, "the VM")
+        vmm = Vmm(KvmVmm(machine), name=name)
+        devices.using(vmm.close, "the VMM")
+        bus = PciBus()
+        vmm.register_pio(CONF1_PORT, CONF1_PORTS, bus, "pci-conf1")
+        console = None
         ctx = DeviceContext(vm_name=name, vmm=vmm)
         for dt, cfg in configs:
-            dev = create_device(dt, cfg, ctx)
-            devices.append(dev)
+            dev = devices.create(dt, cfg, ctx)
             if isinstance(dev, VirtioDevice):
                 if transport == "pci":
                     vmm.attach_pci(dev, bus)
                 else:
-                    t = vmm.attach_mmio(dev)
-                    machine.add_virtio_mmio(t.base, 0x200, t.irq_number, dev.name)  # type: ignore[attr-defined]
-                if dev.device_id == 3:
-                    console = "hvc0"
-        cmdline = f"console={console} {BASE_PARAMS} {params}".strip()
+                    t: Any = vmm.attach_mmio(dev)  # Any: base/irq_number are not declared on transports yet
+                    machine.add_virtio_mmio(t.base, MMIO_WINDOW_SIZE, t.irq_number, dev.name)
+                console = console or getattr(dev, "guest_console", None)
+        cmdline = f"console={console or 'ttyS0'} {BASE_PARAMS} {params}".strip()
         try:
             machine.load_linux(kernel, initrd, cmdline)
         except (MachineError, ValueError, OSError) as e:
             raise UserError(f"cannot load {kernel}: {e}") from None
-        log.info("%s: %d MiB, %d vCPU(s), %d device(s), %s", name, mem, cpus, len(devices), cmdline)
+        log.info("%s: %d MiB, %d vCPU(s), %d device(s), %s", name, mem, cpus, len(devices.devices), cmdline)
         user = getattr(args, "user", None) or doc.get("user")
-        if user:
-            from vdm.privileges import drop_privileges
+        devices.ready(str(user) if user else None)
+        exits: list[Any] = []
 
-            drop_privileges(str(user))
-        machine.start()
-        old_term = signal.signal(signal.SIGTERM, _terminate)
-        try:
-            # Wait in slices: Python runs signal handlers only in the main thread, between
-            # bytecodes. With one endless wait here, the KVM lab showed the main thread still
-            # asleep in it 60 s after SIGTERM (about one run in ten; likely the signal landed
-            # on another thread and nothing woke this one).
-            while (end := machine.wait(0.25)) is None:
-                pass
-        except (KeyboardInterrupt, _Terminated) as e:
-            stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
-            end = machine.stop()
-        finally:
-            signal.signal(signal.SIGTERM, old_term)
-    finally:
-        vmm.close()
-        close_devices(devices)
-        machine.close()
+        def on_exit(end: Any) -> None:  # on a vCPU thread
+            exits.append(end)
+            stop.wake()
+
+        machine.on_exit.append(on_exit)
+        if not stop.stopped:
+            machine.start()
+        stop.wait(until=lambda: bool(exits))
+        stopped_by = stop.stopped_by  # a signal during the shutdown below changes nothing
+        end = machine.stop()  # joins the vCPUs; the first reason the VM ended for
     if stopped_by:  # as QEMU does: a VM ended from outside is not an error
         print(f"vdm: {name}: terminating on {stopped_by}", file=sys.stderr)
         return 0
