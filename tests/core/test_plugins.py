@@ -195,6 +195,19 @@ def vdm_register_commands(register):
     register(Command(name="vt-here", help="stay", add_arguments=_here_options, run=_here_run))
 '''
 
+BAD_SERVER = '''
+from vdm import hookimpl
+from vdm.registry import ServerType
+
+VDM_API = 2
+
+
+@hookimpl
+def vdm_register_servers(register):
+    register(ServerType(name="vt-good-server", check=lambda: None))
+    register(ServerType(name="vt-bad-server", check=42))
+'''
+
 PARTIAL = '''
 from dataclasses import dataclass
 
@@ -293,6 +306,7 @@ PLUGINS = {
     "vt-specname": ("vdmtest-specname", "0.1", "vdmtest_specname", SPECNAME),
     "vt-api1": ("vdmtest-api1", "0.1", "vdmtest_api1", API1_SERVER),
     "vt-commands": ("vdmtest-commands", "0.1", "vdmtest_commands", COMMANDS),
+    "vt-badserver": ("vdmtest-badserver", "0.1", "vdmtest_badserver", BAD_SERVER),
 }
 
 OUR_NAMES = sorted(PLUGINS)
@@ -684,3 +698,10 @@ def test_command_gets_the_plugin_set_and_the_api1_attribute_warns(site):
         "use parser.get_default('plugin_set')",
         "plugin_set",
     ]
+
+
+def test_a_bad_server_registration_fails_that_plugin_alone(listing):
+    r = ours(listing["plugins"])["vt-badserver"]
+    assert r["status"] == "failed: vdm_register_servers ServerType vt-bad-server: check must be callable"
+    assert r["provides"] == {"devices": [], "hypervisors": [], "servers": [], "commands": []}
+    assert ours(listing["plugins"])["vt-good"]["status"] == "available"
