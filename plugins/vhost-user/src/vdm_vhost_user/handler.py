@@ -30,7 +30,8 @@ from typing import Callable
 from vdm.device import Status, VirtioDevice
 from vdm.eventloop import EventLoop, drain_eventfd
 from vdm.memory import GuestMemoryError
-from vdm.virtqueue import Virtqueue, VirtqueueError
+from vdm.transport.common import CommonConfig
+from vdm.virtqueue import Virtqueue
 
 from . import protocol as p
 from .dirtylog import DirtyLog, atomic_or_available
@@ -145,6 +146,8 @@ class VhostUserHandler:
             q.set_tracker(tracker)
             self.trackers.append(tracker)
         device.interrupts = self
+        #: the transport rules shared with virtio-mmio/pci (a ring enabled while the device runs)
+        self.common = CommonConfig(device)
         kept = device.features() & device.control_queue_features
         if kept:
             log.warning(
@@ -609,7 +612,7 @@ class VhostUserHandler:
         q.set_size(vr.num)
         q.set_addresses(desc, avail, used)
         q.restore(next_avail, used_idx, resubmit)
-        q.set_ready(True)
+        started = self.common.enable_queue(q)  # mapped at once if the device already runs
         vr.live = True
         self.loop.add_reader(vr.kick_fd, self._kick_handler(index, vr.kick_fd))
         device = self.device
@@ -621,19 +624,15 @@ class VhostUserHandler:
             used_idx,
             ", inflight tracked" if self.inflight is not None else "",
         )
-        if not device.activated and device.broken is None:
+        if started:
+            device.kick(index)
+        elif not device.activated and device.broken is None:
+            # the first live ring activates the device (a transport's DRIVER_OK)
             assert self.features is not None
             why = device.set_driver_features(self.features)
             if why is not None:
                 raise ProtocolError(why)
             device.activate(self.memory)
-        elif device.activated:
-            try:
-                device.start_queue(q)
-            except VirtqueueError as e:
-                device.fail(str(e))
-                return
-            device.kick(index)
         if resubmit:
             log.info(
                 "vhost-user: queue %d: %d request(s) in flight before the reconnect served again",
@@ -671,14 +670,13 @@ class VhostUserHandler:
             return vr.base
         q = self.device.queues[index]
         vr.live = False
-        q.set_ready(False)
         used, size = q.used_addr, q.size
+        base = q.last_avail_idx
         if any(v.live for v in self.vrings):
-            base = q.last_avail_idx
-            with q.lock:
-                q.deactivate()
+            self.common.disable_queue(q)
         else:
-            base = q.last_avail_idx
+            # the rings stay mapped until the reset: requests still being served complete into them
+            q.set_ready(False)
             self.device.reset()  # waits for requests being served; they complete into the rings
         vr.base = base
         # the used ring as it is left (flags, avail_event) goes to the destination of a migration
