@@ -3,7 +3,7 @@
 The public API for plugin authors:
 
 * :mod:`vdm.hookspecs` -- the hooks (``hookimpl`` for plugin hooks, ``vmmimpl`` for VMM hooks);
-* :mod:`vdm.registry` -- ``DeviceType``, ``HypervisorType``, ``Command``;
+* :mod:`vdm.registry` -- ``DeviceType``, ``HypervisorType``, ``ServerType``, ``Command``;
 * :mod:`vdm.device`, :mod:`vdm.virtqueue`, :mod:`vdm.memory` -- writing a virtio device;
 * :mod:`vdm.testing` -- an in-process driver for device tests.
 
