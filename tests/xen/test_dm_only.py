@@ -243,6 +243,39 @@ def test_sigterm_ends_it_cleanly(plugins: Any, image: Path, capsys: Any) -> None
         sim.close()
 
 
+def test_sigusr1_runs_its_handler_and_dm_only_keeps_serving(plugins: Any, image: Path, capsys: Any) -> None:
+    """``kill -USR1`` (vdm's stack dump) is not a stop: every signal with a Python handler writes
+    the wakeup fd, which used to be dm-only's stop pipe, so the dump ended the guest's devices."""
+    seen: list[int] = []
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    sim = SimXen(nr_vcpus=2, xenstore=False)
+    try:
+
+        def work() -> None:
+            deadline = time.monotonic() + 10
+            while not any(s.mmio for s in list(sim.servers.values())):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            while not seen:
+                assert time.monotonic() < deadline + 10
+                time.sleep(0.01)
+            exercise_disk(sim, image)  # still served after the signal's handler ran
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        t, errors = _guest(sim, work)
+        spec = f"blk,path={image},base={BASE},irq=33"
+        assert dm_only.run(_args(plugins, domid=sim.domid, device=[spec]), lib=sim.lib()) == 0
+        t.join(20)
+        assert not errors, errors
+        assert seen == [signal.SIGUSR1]
+        assert "stopped by signal" in capsys.readouterr().err
+        assert sim.leaks() == [] and sim.violations == []
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        sim.close()
+
+
 def test_domain_death_noticed_without_xenstore(plugins: Any, image: Path, capsys: Any) -> None:
     sim = SimXen(nr_vcpus=1, xenstore=False)
     try:
@@ -390,7 +423,8 @@ def test_command_line_options() -> None:
 
 
 def test_device_options_keep_commas_inside_values(plugins: Any, tmp_path: Path) -> None:
-    """``--device`` is split by dm-only itself (base=, irq=): a doubled or escaped comma stays in its value."""
+    """``--device`` is split by dm-only itself (base=, irq=): a doubled or escaped comma stays in
+    its value."""
     devices = {n: dt for n, (dt, _) in plugins.devices.items()}
     text = f"blk,path={tmp_path}/a,,b.img,base=0x02000000,irq=33,ro"
     assert dm_only._places(text)

@@ -22,23 +22,22 @@ are the device type's own, as for ``vdm run --disk``), or, without ``base``/``ir
 
 It ends on SIGTERM/SIGINT, when the guest dies, or when the toolstack closes the devices, and then
 releases everything: ranges, event channels, the ioreq server, guest mappings; xenstore state Closed.
-It serves one guest and exits 0 after it; a next guest needs a next ``vdm dm-only``.
+It serves one guest and exits 0 after it; a next guest needs a next ``vdm dm-only``. Signals and
+the devices' lifecycle are :mod:`vdm.session`'s (the same as ``vdm run`` and ``vdm vhost-user``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from vdm.cli.devices import close_devices, create_device
 from vdm.config import parse_option_string, quote_option, split_options
 from vdm.errors import UserError
 from vdm.registry import DeviceContext, DeviceType
+from vdm.session import DeviceSet, StopSignal
 from vdm.transport.mmio import MMIO_WINDOW_SIZE
 
 __all__ = ["DeviceConfig", "DeviceSpec", "add_arguments", "parse_config", "parse_device", "run", "serve"]
@@ -157,39 +156,6 @@ def parse_config(text: str, devices: dict[str, DeviceType]) -> DeviceConfig:
     return dc
 
 
-def _stop_pipe() -> tuple[int, int, Callable[[], None]]:
-    """A pipe written by SIGTERM/SIGINT; returns (read fd, write fd, restore)."""
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    old = {}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        try:
-            os.write(w, b"s")
-        except OSError:
-            pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        old[sig] = signal.signal(sig, on_signal)
-    # The Python-level handler runs only in the main thread, and only once something wakes it;
-    # the wakeup fd is written by the C handler in whichever thread the kernel picked, so the
-    # main thread's poll on ``r`` wakes even when the signal landed on a device thread.
-    try:
-        old_wakeup: int | None = signal.set_wakeup_fd(w)
-    except ValueError:  # not the main thread (embedded use): the handler alone must do
-        old_wakeup = None
-
-    def restore() -> None:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        if old_wakeup is not None:
-            signal.set_wakeup_fd(old_wakeup)
-        os.close(r)
-        os.close(w)
-
-    return r, w, restore
-
-
 def serve(
     lib: Any,
     domid: int,
@@ -212,16 +178,19 @@ def serve(
     from .vmm import XenVmm
 
     backend = XenVmm(lib, domid, irq_kind=irq_kind)
-    vmm = None
-    devices: list[Any] = []
-    reason = "stopped"
-    try:
+    # closed in this order: the VMM's transports, the devices (newest first), the ioreq server,
+    # then each xenstore handshake (state Closed once everything is released)
+    with DeviceSet() as devices:
+        for spec in reversed(specs):
+            if spec.xs is not None:
+                devices.hold(spec.xs.disconnect, f"{spec.type.name}'s xenstore handshake")
+        devices.hold(backend.close, f"dom{domid}'s ioreq server")
         backend.start()
         vmm = Vmm(backend, name=f"dom{domid}")
+        devices.using(vmm.close, "the VMM")
         ctx = DeviceContext(vm_name=f"dom{domid}", vmm=vmm)
         for spec in specs:
-            dev = create_device(spec.type, spec.config, ctx)
-            devices.append(dev)
+            dev = devices.create(spec.type, spec.config, ctx)
             if not isinstance(dev, VirtioDevice):
                 raise UserError(f"{spec.type.name}: dm-only serves virtio devices only")
             vmm.attach_mmio(dev, base=spec.base, irq=spec.irq)
@@ -262,17 +231,6 @@ def serve(
         if xs is not None:
             xs.unwatch("@releaseDomain", "vdm-release")
         return reason
-    finally:
-        if vmm is not None:
-            vmm.close()
-        close_devices(devices)
-        backend.close()
-        for spec in specs:
-            if spec.xs is not None:
-                try:
-                    spec.xs.disconnect()
-                except Exception:
-                    log.exception("xenstore disconnect")
 
 
 def _check_place(entry: Any) -> None:
@@ -387,47 +345,49 @@ def run(args: argparse.Namespace, lib: Any = None) -> int:
             lib = load()
         except XenLibraryError as e:
             raise UserError(str(e)) from None
-    stop_r, _stop_w, restore = _stop_pipe()
     xs = None
-    try:
-        if not specs:
-            try:
-                xs = XenStore(lib)
-            except XenStoreError as e:
-                raise UserError(f"{e.strerror} (or give the devices with --device ...,base=,irq=)") from None
-            from .xenstore import own_domid
-
-            be = own_domid(xs)
-            try:
-                entries = wait_for_devices(xs, be, args.domid, stop_r, args.wait_timeout)
-            except (TimeoutError, InterruptedError) as e:
-                raise UserError(str(e)) from None
-            except XenStoreError as e:
-                raise UserError(f"xenstore: {e.strerror}") from None
-            domid = entries[0].fe_domid
-            try:
-                specs = _from_xenstore(xs, entries, devices, configs)
-                if not specs:
-                    raise UserError(f"dom{domid}: nothing to serve (every device was closed, see above)")
-            except BaseException:
-                for spec in specs:
-                    spec.xs.disconnect()
-                raise
-        elif args.domid is None:
-            raise UserError("--domid is required with --device ...,base=,irq=")
-        else:
-            domid = args.domid
-            try:
-                xs = XenStore(lib)  # only to hear about the domain's death sooner
-            except XenStoreError:
-                xs = None
+    # SIGTERM/SIGINT make stop.fileno() readable, whichever thread the signal lands on; the
+    # xenstore wait and the IOREQ loop poll it
+    with StopSignal() as stop:
         try:
-            why = serve(lib, domid, specs, stop_r, xs=xs, irq_kind=args.irq_kind)
-        except XenError as e:
-            raise UserError(f"dom{domid}: {e.strerror}") from None
-        print(f"vdm: dm-only for dom{domid} ended: {why}", file=sys.stderr)
-        return 0
-    finally:
-        if xs is not None:
-            xs.close()
-        restore()
+            if not specs:
+                try:
+                    xs = XenStore(lib)
+                except XenStoreError as e:
+                    msg = f"{e.strerror} (or give the devices with --device ...,base=,irq=)"
+                    raise UserError(msg) from None
+                from .xenstore import own_domid
+
+                be = own_domid(xs)
+                try:
+                    entries = wait_for_devices(xs, be, args.domid, stop.fileno(), args.wait_timeout)
+                except (TimeoutError, InterruptedError) as e:
+                    raise UserError(str(e)) from None
+                except XenStoreError as e:
+                    raise UserError(f"xenstore: {e.strerror}") from None
+                domid = entries[0].fe_domid
+                try:
+                    specs = _from_xenstore(xs, entries, devices, configs)
+                    if not specs:
+                        raise UserError(f"dom{domid}: nothing to serve (every device was closed, see above)")
+                except BaseException:
+                    for spec in specs:
+                        spec.xs.disconnect()
+                    raise
+            elif args.domid is None:
+                raise UserError("--domid is required with --device ...,base=,irq=")
+            else:
+                domid = args.domid
+                try:
+                    xs = XenStore(lib)  # only to hear about the domain's death sooner
+                except XenStoreError:
+                    xs = None
+            try:
+                why = serve(lib, domid, specs, stop.fileno(), xs=xs, irq_kind=args.irq_kind)
+            except XenError as e:
+                raise UserError(f"dom{domid}: {e.strerror}") from None
+        finally:
+            if xs is not None:
+                xs.close()
+    print(f"vdm: dm-only for dom{domid} ended: {why}", file=sys.stderr)
+    return 0
