@@ -41,8 +41,10 @@ def _ring(event_idx: bool) -> tuple[mmap.mmap, Virtqueue]:
     for i in range(SIZE):
         rl.DESC.pack_into(mm, DESC + rl.desc_offset(i), BASE + BUFS + 64 * i, 64, VIRTQ_DESC_F_WRITE, 0)
     q = Virtqueue(0, SIZE)
-    q.desc_addr, q.avail_addr, q.used_addr = BASE + DESC, BASE + AVAIL, BASE + USED
-    q.ready = True
+    q.set_desc_addr(BASE + DESC)
+    q.set_avail_addr(BASE + AVAIL)
+    q.set_used_addr(BASE + USED)
+    q.set_ready(True)
     q.activate(FlatGuestMemory([MemoryRegion(BASE, mm)]), event_idx=event_idx, indirect=False)
     return mm, q
 
