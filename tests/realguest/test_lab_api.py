@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 
 import pytest
 import vdm_lab
@@ -65,3 +66,22 @@ def test_run_vdm_in_the_kvm_lab_boots_the_kit_with_an_authors_disk_and_workload(
     r.assert_ok("boot", "disk")
     assert r["disk"]["size"] == str(8 << 11), r.describe()  # 512-byte sectors
     assert r.returncode == 0 and r.runner == "vdm run in the KVM lab", r.describe()
+
+
+@pytest.mark.realguest
+@pytest.mark.kvmlab
+@pytest.mark.slow
+@LAB_GUEST_RERUN
+def test_qemu_with_kvm_in_the_lab_boots_against_a_backend_started_next_to_it(kit):  # noqa: F811
+    """The way to test a QEMU device type that refuses TCG (vdm_lab.NEEDS_KVM): shown with
+    vhost-user-blk, which this project has a backend for, and an author's workload."""
+    sock = "/mnt/tmp/vu.sock"
+    vdm = f"{sys.executable} -m vdm.cli.main vhost-user -s {sock} -d /mnt/tmp/d.img"
+    spec = vdm_lab.GuestSpec(workloads={"size": "result ok sectors=$(cat /sys/block/vda/size)"})
+    r = vdm_lab.run_qemu_in_kvm_lab(vdm_lab.vhost_user_device_args("vhost-user-blk-pci", sock),
+                                    ["size", "blk"], {"mib": 2}, backend=["sh", "-c", f"truncate -s 16M "
+                                                                          f"/mnt/tmp/d.img && exec {vdm}"],
+                                    wait_for=sock, kit=kit, guest=spec, timeout=900)
+    r.assert_ok("size", "blk")
+    assert r["size"]["sectors"] == str(16 << 11) and r["blk"]["readback"] == "match", r.describe()
+    assert r.returncode == 0 and "serving" in r.log, r.describe()  # QEMU ended, vdm's log came back

@@ -26,6 +26,7 @@ from __future__ import annotations
 from . import debian13, labwatch
 from .kit import GuestKit, GuestKitError, guestkit, kit_dir
 from .kvmlab import LabResult, lab_command, parse_lab_console, run_in_kvm_lab
+from .labqemu import run_qemu_in_kvm_lab
 from .layer import GuestSpec, LayerError, initrd_with, layer_bytes, resolve_modules
 from .qemu import (
     NEEDS_KVM,
@@ -86,6 +87,7 @@ __all__ = [
     "resolve_modules",
     "run_in_kvm_lab",
     "run_qemu",
+    "run_qemu_in_kvm_lab",
     "run_vdm",
     "shared_memory_args",
     "user_net_args",

@@ -167,7 +167,7 @@ The guest kit is a Debian kernel and a busybox initramfs (built from Debian pack
 cached in ~/.cache/vdm/guestkit). The workload below runs in the guest and reports one
 ``VDMTEST RESULT`` line; vdm_lab parses it. The test skips, saying why, where QEMU or the guest
 kit is missing (in CI, with ``CI`` set, it fails instead), and where QEMU has no vhost-user
-device type for virtio id $device_id or needs KVM for it (then use vdm_lab.run_in_kvm_lab).
+device type for virtio id $device_id or needs KVM for it (then see vdm_lab.run_qemu_in_kvm_lab).
 \"\"\"
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ def qemu_device() -> str:
         pytest.skip(f"QEMU has no vhost-user device type for virtio id {DEVICE_ID} "
                     "(vdm new-plugin --device-id sets it; see vdm_lab.VHOST_USER_DEVICES)")
     if device in vdm_lab.NEEDS_KVM:
-        pytest.skip(f"QEMU's {device} needs KVM: boot it in the KVM lab (vdm_lab.run_in_kvm_lab)")
+        pytest.skip(f"QEMU's {device} refuses TCG: boot it with KVM, or in the KVM lab with "
+                    "vdm_lab.run_qemu_in_kvm_lab (see vdm's docs/plugins.md)")
     assert kit.vmlinux.exists()
     return device
 
