@@ -4,7 +4,8 @@ A device is given like ``vdm run``'s: ``--disk disk.qcow2``, ``--network mode=ta
 or a TOML file with one device table. vdm listens on ``--socket-path``; the frontend connects
 (QEMU: ``-chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0``). One frontend is
 served per socket at a time and the next one is accepted when it leaves. SIGTERM or SIGINT ends
-vdm cleanly (the socket files are removed).
+vdm cleanly (the socket files are removed); signals and the devices' lifecycle are
+:mod:`vdm.session`'s (the same as ``vdm run`` and ``vdm dm-only``).
 
 Several devices, one process: ``-s`` may be repeated, each followed by its one device --
 ``-s a.sock --disk a.img -s b.sock --disk b.qcow2`` (options before the first ``-s`` belong to it,
@@ -19,23 +20,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
-from vdm.cli.devices import (
-    DEST_PREFIX,
-    add_device_options,
-    close_devices,
-    create_device,
-    device_configs,
-    devices_epilog,
-)
-from vdm.config import load_toml
+from vdm.cli.devices import DEST_PREFIX, add_device_options, device_configs, devices_epilog
+from vdm.config import OPTION_SYNTAX_HELP, load_toml
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.plugins import PluginSet
 from vdm.registry import DeviceContext
+from vdm.session import DeviceSet, StopSignal
 
 __all__ = ["add_arguments", "device_groups", "run"]
 
@@ -47,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         devices_epilog(plugins)
+        + "\n\n"
+        + OPTION_SYNTAX_HELP
         + "\n\nexample: vdm vhost-user --socket-path vda.sock --disk disk.qcow2"
         + "\n         vdm vhost-user -s vda.sock --disk a.qcow2 -s vdb.sock --disk b.img  (two devices)"
         + "\n\ntested frontends (versions: plugins/vhost-user/README.md):"
@@ -190,7 +185,7 @@ def _unused_tables(rest: dict[str, Any]) -> None:
     tables = _tables(rest)
     if tables:
         raise UserError(
-            f"[{tables[0]}] has no socket and there are several -s: give the table its socket = \"PATH\""
+            f'[{tables[0]}] has no socket and there are several -s: give the table its socket = "PATH"'
         )
 
 
@@ -215,36 +210,25 @@ def run(args: argparse.Namespace) -> int:
     groups = device_groups(args, plugins)
     for path, _, _ in groups:
         _check_socket_path(path)
-    devices: list[Any] = []
-    servers: list[VhostUserServer] = []
-    loop = EventLoop("vdm-vhost-user")
-    stop = threading.Event()
-    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    # closed in this order: the servers (newest first: frontends dropped, sockets removed), the
+    # event loop, then the devices (newest first)
+    with StopSignal() as stop, DeviceSet() as devices:
         for _path, dt, config in groups:
-            name = args.name if len(groups) == 1 else f"{args.name}-{len(devices)}"
-            device = create_device(dt, config, DeviceContext(vm_name=name, vmm=None))
-            devices.append(device)
+            name = args.name if len(groups) == 1 else f"{args.name}-{len(devices.devices)}"
+            device = devices.create(dt, config, DeviceContext(vm_name=name, vmm=None))
             if not isinstance(device, VirtioDevice):
                 raise UserError(
                     f"{dt.name}: this device is not a virtio device and cannot be served over vhost-user"
                 )
-        for (path, _, _), device in zip(groups, devices):
+        loop = EventLoop("vdm-vhost-user")
+        devices.using(loop.stop, "the event loop")
+        servers: list[VhostUserServer] = []
+        for (path, _, _), device in zip(groups, devices.devices):
             servers.append(VhostUserServer(path, device, loop).start())
-        if getattr(args, "user", None):
-            from vdm.privileges import drop_privileges
-
-            drop_privileges(args.user)
+            devices.using(servers[-1].close, f"the server on {path}")
+        devices.ready(getattr(args, "user", None))
         for server in servers:
             print(f"vdm: serving {server.device.name} on {server.path}", flush=True)
-        while not stop.wait(1.0):
-            pass
-        log.info("vhost-user: signal received, shutting down")
-    finally:
-        for server in servers:
-            server.close()
-        loop.stop()
-        close_devices(devices)
-        for s, h in old.items():
-            signal.signal(s, h)
+        stop.wait()
+        log.info("vhost-user: %s received, shutting down", stop.stopped_by)
     return 0
