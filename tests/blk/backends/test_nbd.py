@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -210,6 +211,24 @@ def test_a_server_gone_for_good_fails_requests_with_eio_and_close_ends_waits(
     t.join(30)
     assert not t.is_alive()
     assert isinstance(result[0], OSError) and result[0].errno == errno.EIO, result
+
+
+def test_a_server_that_stops_answering_fails_requests_after_the_timeouts(tmp_path, servers):
+    """SIGSTOP: the socket stays open and nothing answers, neither requests nor new handshakes."""
+    image = str(tmp_path / "disk.raw")
+    with open(image, "wb") as f:
+        f.truncate(MiB)
+    srv = servers(qemu_nbd(tmp_path, image))
+    disk = open_disk(srv.uri, options={"reconnect_timeout": 1, "request_timeout": 1})
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        got = _read(disk)
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    assert isinstance(got, OSError) and got.errno == errno.EIO, got
+    assert "no reply in 1 s" in str(got) or "no answer to the handshake" in str(got), got
+    assert _read(disk) == 4096  # the server answers again: so does the disk
+    disk.close()
 
 
 def _read(disk) -> BaseException | int:

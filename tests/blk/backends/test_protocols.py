@@ -7,7 +7,16 @@ import types
 import warnings
 
 import pytest
-from vdm_blk.backends import DiskError, Protocol, Qcow2Disk, RawDisk, catalog, open_disk, register_format
+from vdm_blk.backends import (
+    DiskError,
+    Protocol,
+    Qcow2Disk,
+    RawDisk,
+    catalog,
+    open_disk,
+    register_format,
+    unregister_format,
+)
 from vdm_blk.backends.extend import hookimpl, register_extension
 
 from .helpers import check_image, create_qcow2, make_raw
@@ -118,10 +127,13 @@ def test_a_format_written_before_protocols_opens_files_and_is_refused_over_other
         warnings.simplefilter("always")
         register_format("plaintest", open_plain)
     assert any(issubclass(x.category, DeprecationWarning) and "accept file=" in str(x.message) for x in w)
-    path = make_raw(str(tmp_path / "p.img"), MiB)
-    disk = open_disk(path, format="plaintest")
-    assert isinstance(disk, Plain)
-    disk.close()
-    memtest["p"] = bytearray(MiB)
-    with pytest.raises(DiskError, match="the plaintest format opens local files only"):
-        open_disk("memtest:p", format="plaintest")
+    try:
+        path = make_raw(str(tmp_path / "p.img"), MiB)
+        disk = open_disk(path, format="plaintest")
+        assert isinstance(disk, Plain)
+        disk.close()
+        memtest["p"] = bytearray(MiB)
+        with pytest.raises(DiskError, match="the plaintest format opens local files only"):
+            open_disk("memtest:p", format="plaintest")
+    finally:
+        unregister_format("plaintest")

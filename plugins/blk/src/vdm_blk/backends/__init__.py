@@ -65,6 +65,7 @@ __all__ = [
     "register_format",
     "register_protocol",
     "resolve_backing",
+    "unregister_format",
 ]
 
 MAX_BACKING_DEPTH = 16
@@ -128,6 +129,13 @@ def register_protocol(
     _protocols[name] = (opener, available or (lambda: None), tuple(s.lower() for s in schemes))
     for sc in schemes:
         _schemes[sc.lower()] = name
+
+
+def unregister_format(name: str) -> None:
+    """Forget format ``name`` (tests, an extension being unloaded); unknown names are ignored."""
+    _openers.pop(name, None)
+    _takes_file.pop(name, None)
+    _probes.pop(name, None)
 
 
 def formats() -> tuple[str, ...]:

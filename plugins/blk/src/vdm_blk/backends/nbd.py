@@ -249,19 +249,24 @@ class NbdProtocol(Protocol):
         """One aligned read of at most max_transfer bytes straight into ``buf``."""
         ffi, lib = self._ffi, self._lib
         cbuf = ffi.from_buffer(buf, require_writable=True)
-        null = self._null
-        self._run(
-            lambda h: lib.nbd_aio_pread(h, cbuf, len(buf), offset, null, 0), f"read {len(buf)}@{offset}"
-        )
+        null, n = self._null, len(buf)
+        try:
+            self._run(lambda h: lib.nbd_aio_pread(h, cbuf, n, offset, null, 0), f"read {n}@{offset}")
+        finally:
+            # _run returns or raises only when libnbd no longer holds the buffer (the command
+            # completed or its handle is closed): let go of guest memory now, not whenever the
+            # garbage collector gets to a traceback that still references it
+            ffi.release(cbuf)
 
     def _write_from(self, buf: memoryview, offset: int) -> None:
         ffi, lib = self._ffi, self._lib
         cbuf = ffi.from_buffer(buf)
-        null = self._null
+        null, n = self._null, len(buf)
         flags = CMD_FLAG_FUA if self.writethrough and self.can_fua else 0
-        self._run(
-            lambda h: lib.nbd_aio_pwrite(h, cbuf, len(buf), offset, null, flags), f"write {len(buf)}@{offset}"
-        )
+        try:
+            self._run(lambda h: lib.nbd_aio_pwrite(h, cbuf, n, offset, null, flags), f"write {n}@{offset}")
+        finally:
+            ffi.release(cbuf)
         if self.writethrough and not self.can_fua:
             self.sync()
 
