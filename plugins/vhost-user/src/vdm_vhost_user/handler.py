@@ -5,31 +5,25 @@ would: the negotiated features, where the rings are, their sizes and start index
 over eventfds -- *kick* (the driver notified a queue: the notify path) and *call* (interrupt the
 driver). Guest RAM arrives as shared file descriptors (:mod:`.memory`).
 
-In vdm's terms this module is one more hypervisor interface: it fills the device's
-:class:`~vdm.virtqueue.Virtqueue` fields, activates the device through
+In vdm's terms this module is one more way of serving devices: it configures the device's
+:class:`~vdm.virtqueue.Virtqueue` objects (through their configuration methods, with an
+:class:`~.inflight.InflightTracker` each), activates the device through
 :meth:`~vdm.device.VirtioDevice.activate`, turns kick eventfds (read on the core
 :class:`~vdm.eventloop.EventLoop`) into :meth:`~vdm.device.VirtioDevice.kick` and the device's
 interrupts into writes to call eventfds. The device code is the same as under KVM or Xen.
 
-A ring is *live* once it has a size, addresses inside the shared memory, a kick eventfd and is
-enabled; the first live ring activates the device. GET_VRING_BASE stops a ring; when no ring is
-live any more the device is reset (which waits for requests still being served), so the index
-handed back covers every request taken.
+The ring messages and when a ring starts and stops are :mod:`.rings` (a mixin of the handler).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import struct
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 from vdm.device import Status, VirtioDevice
 from vdm.eventloop import EventLoop, drain_eventfd
-from vdm.memory import GuestMemoryError
 from vdm.transport.common import CommonConfig
 from vdm.virtqueue import Virtqueue
 
@@ -39,6 +33,7 @@ from .faultguard import FaultWatch
 from .inflight import InflightRegion, InflightTracker
 from .memory import MemoryTable, RegionSpec, SharedGuestMemory
 from .protocol import Message, ProtocolError, ProtocolFeature, Req
+from .rings import RingMessages, Vring, close_fd, eventfd_or_refuse, signal_eventfd
 from .transport import split_features
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserHandler"]
@@ -77,59 +72,7 @@ class Refused(Exception):
     """A request that is well-formed but cannot be done: answered with a failure, not fatal."""
 
 
-@dataclass
-class Vring:
-    """What the frontend told us about one ring (kept apart from the device's Virtqueue)."""
-
-    num: int | None = None
-    desc_user: int | None = None
-    avail_user: int = 0
-    used_user: int = 0
-    base: int = 0
-    kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
-    enabled: bool = False
-    #: the ring is mapped and the device serves it
-    live: bool = False
-
-
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _eventfd_or_refuse(fd: int, what: str) -> int:
-    """``fd`` if it is an eventfd, made non-blocking; otherwise close it and raise ProtocolError.
-
-    A pipe or socket as a call fd blocks vdm once nobody reads it, and a kick fd that is not an
-    eventfd does not read as one. Non-blocking: a write to a saturated counter fails at once.
-    """
-    try:
-        kind = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError as e:
-        _close(fd)
-        raise ProtocolError(f"{what}: cannot check the file descriptor: {e}") from None
-    if kind != "anon_inode:[eventfd]":
-        _close(fd)
-        raise ProtocolError(f"{what}: the file descriptor is not an eventfd ({kind})")
-    os.set_blocking(fd, False)
-    return fd
-
-
-def _signal(fd: int) -> None:
-    """Add 1 to a (non-blocking) eventfd. A counter at its maximum is signalled already: the
-    reader wakes anyway, so a write that would block is simply dropped."""
-    try:
-        os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass
-
-
-class VhostUserHandler:
+class VhostUserHandler(RingMessages):
     """Serves ``device`` to the frontend on one connection at a time."""
 
     def __init__(self, device: VirtioDevice, loop: EventLoop) -> None:
@@ -153,7 +96,8 @@ class VhostUserHandler:
             log.warning(
                 "vhost-user: %s features 0x%x are not offered: they work through the control queue, "
                 "which the frontend serves itself (a virtio-net guest uses one queue pair)",
-                device.name, kept,
+                device.name,
+                kept,
             )
         self.memory = SharedGuestMemory()
         self._fd_lock = threading.Lock()
@@ -205,10 +149,10 @@ class VhostUserHandler:
         self._stop_all()
         with self._fd_lock:
             for vr in self.vrings:
-                _close(vr.call_fd)
-                _close(vr.err_fd)
+                close_fd(vr.call_fd)
+                close_fd(vr.err_fd)
                 vr.call_fd = vr.err_fd = None
-            _close(self.log_fd)
+            close_fd(self.log_fd)
             self.log_fd = None
         self._reset_state()
         self.sock = None
@@ -228,7 +172,7 @@ class VhostUserHandler:
                 fd = self.vrings[queue.index].call_fd
                 if fd is not None:
                     try:
-                        _signal(fd)
+                        signal_eventfd(fd)
                     except OSError as e:
                         log.warning("vhost-user: cannot signal call eventfd of queue %d: %s", queue.index, e)
 
@@ -241,7 +185,7 @@ class VhostUserHandler:
             for i, vr in enumerate(self.vrings):
                 if vr.err_fd is not None and vr.live:
                     try:
-                        _signal(vr.err_fd)
+                        signal_eventfd(vr.err_fd)
                     except OSError as e:
                         log.warning("vhost-user: cannot signal error eventfd of queue %d: %s", i, e)
 
@@ -265,7 +209,7 @@ class VhostUserHandler:
                 self._send(msg.request, payload, fds)
             finally:
                 for fd in fds:
-                    _close(fd)
+                    close_fd(fd)
         elif msg.need_reply and self.protocol_features & (1 << ProtocolFeature.REPLY_ACK):
             self._send(msg.request, p.U64.pack(0 if ok else 1))
 
@@ -277,11 +221,6 @@ class VhostUserHandler:
             p.send_message(self.sock, request, payload, fds)
         except OSError as e:
             raise ProtocolError(f"cannot send the reply to {Req.name(request)}: {e}") from None
-
-    def _ring(self, index: int, what: str) -> Vring:
-        if not 0 <= index < len(self.vrings):
-            raise ProtocolError(f"{what}: queue index {index}, the device has {len(self.vrings)} queues")
-        return self.vrings[index]
 
     # features
 
@@ -307,12 +246,18 @@ class VhostUserHandler:
         if self.device.activated and self.features is not None and virtio != self.features:
             raise ProtocolError("SET_FEATURES: features changed while the device runs")
         if acked.transport != self.transport_features:
-            log.info("vhost-user: %s: the frontend acked %s; accepted (the frontend's transport serves "
-                     "it)", self.device.name, acked.names() or "no transport features")
+            log.info(
+                "vhost-user: %s: the frontend acked %s; accepted (the frontend's transport serves it)",
+                self.device.name,
+                acked.names() or "no transport features",
+            )
         self.transport_features = acked.transport
         if acked.log_all != self.memory.logging:
-            log.info("vhost-user: %s: dirty logging %s", self.device.name,
-                     "on (migration)" if acked.log_all else "off")
+            log.info(
+                "vhost-user: %s: dirty logging %s",
+                self.device.name,
+                "on (migration)" if acked.log_all else "off",
+            )
             self.memory.logging = acked.log_all
             if acked.log_all:
                 for q, tracker in zip(self.device.queues, self.trackers):
@@ -343,9 +288,9 @@ class VhostUserHandler:
 
     def _set_log_fd(self, msg: Message) -> None:
         fd = msg.take_fd()
-        fd = _eventfd_or_refuse(fd, "SET_LOG_FD") if fd is not None else None
+        fd = eventfd_or_refuse(fd, "SET_LOG_FD") if fd is not None else None
         with self._fd_lock:
-            _close(self.log_fd)
+            close_fd(self.log_fd)
             self.log_fd = fd
 
     def _set_owner(self, msg: Message) -> None:
@@ -355,8 +300,8 @@ class VhostUserHandler:
         self._stop_all()
         with self._fd_lock:
             for vr in self.vrings:
-                _close(vr.call_fd)
-                _close(vr.err_fd)
+                close_fd(vr.call_fd)
+                close_fd(vr.err_fd)
         memory = self.memory.table
         owner, proto = self.owner, self.protocol_features
         self._reset_state()
@@ -422,112 +367,6 @@ class VhostUserHandler:
             if vr.live:
                 self._translate(i, vr, table)
 
-    # rings
-
-    def _set_vring_num(self, msg: Message) -> None:
-        index, num = p.VRING_STATE.unpack(msg.payload)
-        vr = self._ring(index, "SET_VRING_NUM")
-        # a split ring: a power of two up to 32768, whatever the device's own queue size (the
-        # largest ring vdm's KVM/Xen transports offer); work per kick is bounded by the core's budget
-        if not 1 <= num <= p.MAX_RING_SIZE or num & (num - 1):
-            raise ProtocolError(
-                f"SET_VRING_NUM: queue {index} size {num} (a split ring's is a power of two up to "
-                f"{p.MAX_RING_SIZE})"
-            )
-        if vr.live and num != vr.num:
-            raise ProtocolError(f"SET_VRING_NUM: queue {index} is running")
-        vr.num = num
-
-    def _set_vring_addr(self, msg: Message) -> None:
-        index, _flags, desc, used, avail, _log = p.VRING_ADDR.unpack(msg.payload)
-        vr = self._ring(index, "SET_VRING_ADDR")
-        if vr.live and (desc, avail, used) != (vr.desc_user, vr.avail_user, vr.used_user):
-            raise ProtocolError(f"SET_VRING_ADDR: queue {index} is running")
-        if desc % 16 or avail % 2 or used % 4:
-            raise ProtocolError(f"SET_VRING_ADDR: queue {index}: misaligned ring address")
-        # Checked now against the ring size known so far, and again when the ring starts.
-        num = vr.num or 1
-        table = self.memory.table
-        for what, addr, length in (
-            ("descriptor table", desc, 16 * num),
-            ("available ring", avail, 6 + 2 * num),
-            ("used ring", used, 6 + 8 * num),
-        ):
-            try:
-                table.user_to_guest(addr, length)
-            except ProtocolError as e:
-                raise ProtocolError(f"SET_VRING_ADDR: queue {index} {what}: {e}") from None
-        vr.desc_user, vr.avail_user, vr.used_user = desc, avail, used
-        self._update_rings()
-
-    def _set_vring_base(self, msg: Message) -> None:
-        index, num = p.VRING_STATE.unpack(msg.payload)
-        vr = self._ring(index, "SET_VRING_BASE")
-        if num > 0xFFFF:
-            raise ProtocolError(f"SET_VRING_BASE: queue {index} base {num} (split rings only)")
-        if vr.live:
-            raise ProtocolError(f"SET_VRING_BASE: queue {index} is running")
-        vr.base = num
-
-    def _get_vring_base(self, msg: Message) -> bytes:
-        index, _ = p.VRING_STATE.unpack(msg.payload)
-        vr = self._ring(index, "GET_VRING_BASE")
-        base = self._stop_ring(index, vr)
-        return p.VRING_STATE.pack(index, base)
-
-    def _vring_fd(self, msg: Message, what: str) -> tuple[int, Vring, int | None]:
-        (value,) = p.U64.unpack(msg.payload)
-        if value & ~(p.VRING_IDX_MASK | p.VRING_NOFD):
-            raise ProtocolError(f"{what}: unknown bits in 0x{value:x}")
-        index = value & p.VRING_IDX_MASK
-        vr = self._ring(index, what)
-        if value & p.VRING_NOFD:
-            if msg.fds:
-                raise ProtocolError(f"{what}: queue {index} says 'no fd' but sent one")
-            return index, vr, None
-        if not msg.fds:
-            raise ProtocolError(f"{what}: queue {index} without a file descriptor")
-        fd = msg.take_fd()
-        assert fd is not None
-        return index, vr, _eventfd_or_refuse(fd, f"{what}: queue {index}")
-
-    def _set_vring_kick(self, msg: Message) -> None:
-        index, vr, fd = self._vring_fd(msg, "SET_VRING_KICK")
-        if fd is None:
-            raise ProtocolError(f"SET_VRING_KICK: queue {index}: polling (no kick eventfd) is not supported")
-        self._drop_kick(index, vr)
-        vr.kick_fd = fd
-        if vr.live:
-            self.loop.add_reader(fd, self._kick_handler(index, fd))
-            self.device.kick(index)
-        else:
-            self._update_rings()
-
-    def _set_vring_call(self, msg: Message) -> None:
-        _, vr, fd = self._vring_fd(msg, "SET_VRING_CALL")
-        with self._fd_lock:
-            old, vr.call_fd = vr.call_fd, fd
-            _close(old)
-            if fd is not None and vr.live:
-                # an interrupt may have gone to the old eventfd meanwhile: a spurious one is harmless
-                _signal(fd)
-
-    def _set_vring_err(self, msg: Message) -> None:
-        _, vr, fd = self._vring_fd(msg, "SET_VRING_ERR")
-        with self._fd_lock:
-            old, vr.err_fd = vr.err_fd, fd
-            _close(old)
-
-    def _set_vring_enable(self, msg: Message) -> None:
-        index, num = p.VRING_STATE.unpack(msg.payload)
-        vr = self._ring(index, "SET_VRING_ENABLE")
-        if num not in (0, 1):
-            raise ProtocolError(f"SET_VRING_ENABLE: queue {index} value {num}")
-        vr.enabled = bool(num)
-        if vr.live and vr.enabled:
-            self.device.kick(index)
-        self._update_rings()
-
     # config space
 
     def _config_args(self, msg: Message, what: str) -> tuple[int, int, int]:
@@ -570,119 +409,6 @@ class VhostUserHandler:
             raise ProtocolError("SET_INFLIGHT_FD while rings run")
         self.inflight = InflightRegion.open(msg.fds[0], size, offset, nq, qs, self._faults)
 
-    # ---- rings: start and stop -----------------------------------------------------------------
-
-    def _translate(self, index: int, vr: Vring, table: MemoryTable) -> tuple[int, int, int]:
-        num = vr.num or 0
-        try:
-            return (
-                table.user_to_guest(vr.desc_user or 0, 16 * num),
-                table.user_to_guest(vr.avail_user, 6 + 2 * num),
-                table.user_to_guest(vr.used_user, 6 + 8 * num),
-            )
-        except ProtocolError as e:
-            raise ProtocolError(f"queue {index}: ring not inside the shared memory: {e}") from None
-
-    def _update_rings(self) -> None:
-        for i, vr in enumerate(self.vrings):
-            if (
-                not vr.live
-                and vr.kick_fd is not None
-                and (vr.enabled or not self.protocol_negotiated)
-                and vr.num is not None
-                and vr.desc_user is not None
-                and self.features is not None
-                and len(self.memory.table)
-            ):
-                self._start_ring(i, vr)
-
-    def _start_ring(self, index: int, vr: Vring) -> None:
-        desc, avail, used = self._translate(index, vr, self.memory.table)
-        assert vr.num is not None and vr.kick_fd is not None
-        q = self.device.queues[index]
-        if self.inflight is not None:
-            self.inflight.check_queue(index, vr.num)
-        try:
-            used_idx = self.memory.read_u16(used + 2)
-        except GuestMemoryError as e:
-            raise ProtocolError(f"queue {index}: {e}") from None
-        tracker = self.trackers[index]
-        tracker.set_region(self.inflight.queue(index) if self.inflight is not None else None)
-        next_avail, resubmit = tracker.start(vr.num, used_idx, vr.base)
-        q.set_size(vr.num)
-        q.set_addresses(desc, avail, used)
-        q.restore(next_avail, used_idx, resubmit)
-        started = self.common.enable_queue(q)  # mapped at once if the device already runs
-        vr.live = True
-        self.loop.add_reader(vr.kick_fd, self._kick_handler(index, vr.kick_fd))
-        device = self.device
-        log.info(
-            "vhost-user: queue %d starts: size %d, avail index %d, used index %d%s",
-            index,
-            vr.num,
-            vr.base,
-            used_idx,
-            ", inflight tracked" if self.inflight is not None else "",
-        )
-        if started:
-            device.kick(index)
-        elif not device.activated and device.broken is None:
-            # the first live ring activates the device (a transport's DRIVER_OK)
-            assert self.features is not None
-            why = device.set_driver_features(self.features)
-            if why is not None:
-                raise ProtocolError(why)
-            device.activate(self.memory)
-        if resubmit:
-            log.info(
-                "vhost-user: queue %d: %d request(s) in flight before the reconnect served again",
-                index,
-                len(resubmit),
-            )
-
-    def _kick_handler(self, index: int, fd: int) -> Callable[[], None]:
-        device = self.device
-        vr = self.vrings[index]
-
-        def on_kick() -> None:
-            try:
-                drain_eventfd(fd)
-            except (OSError, ValueError, struct.error) as e:
-                # not readable as an eventfd any more: stop watching it, end the connection once
-                self._drop_kick(index, vr)
-                self.on_failure(f"queue {index}: cannot read the kick eventfd ({e or type(e).__name__})")
-                return
-            if vr.enabled or not self.protocol_negotiated:
-                device.kick(index)
-
-        return on_kick
-
-    def _drop_kick(self, index: int, vr: Vring) -> None:
-        if vr.kick_fd is not None:
-            self.loop.remove_reader(vr.kick_fd)
-            _close(vr.kick_fd)
-            vr.kick_fd = None
-
-    def _stop_ring(self, index: int, vr: Vring) -> int:
-        """GET_VRING_BASE: stop serving the ring; return the next available index to take."""
-        self._drop_kick(index, vr)
-        if not vr.live:
-            return vr.base
-        q = self.device.queues[index]
-        vr.live = False
-        used, size = q.used_addr, q.size
-        base = q.last_avail_idx
-        if any(v.live for v in self.vrings):
-            self.common.disable_queue(q)
-        else:
-            # the rings stay mapped until the reset: requests still being served complete into them
-            q.set_ready(False)
-            self.device.reset()  # waits for requests being served; they complete into the rings
-        vr.base = base
-        # the used ring as it is left (flags, avail_event) goes to the destination of a migration
-        self.memory.log_write(used, 6 + 8 * size)
-        return base
-
     _handlers: dict[int, Callable] = {
         Req.GET_FEATURES: _get_features,
         Req.SET_FEATURES: _set_features,
@@ -690,17 +416,17 @@ class VhostUserHandler:
         Req.RESET_OWNER: _reset_device,
         Req.RESET_DEVICE: _reset_device,
         Req.SET_MEM_TABLE: _set_mem_table,
-        Req.SET_VRING_NUM: _set_vring_num,
-        Req.SET_VRING_ADDR: _set_vring_addr,
-        Req.SET_VRING_BASE: _set_vring_base,
-        Req.GET_VRING_BASE: _get_vring_base,
-        Req.SET_VRING_KICK: _set_vring_kick,
-        Req.SET_VRING_CALL: _set_vring_call,
-        Req.SET_VRING_ERR: _set_vring_err,
+        Req.SET_VRING_NUM: RingMessages._set_vring_num,
+        Req.SET_VRING_ADDR: RingMessages._set_vring_addr,
+        Req.SET_VRING_BASE: RingMessages._set_vring_base,
+        Req.GET_VRING_BASE: RingMessages._get_vring_base,
+        Req.SET_VRING_KICK: RingMessages._set_vring_kick,
+        Req.SET_VRING_CALL: RingMessages._set_vring_call,
+        Req.SET_VRING_ERR: RingMessages._set_vring_err,
         Req.GET_PROTOCOL_FEATURES: _get_protocol_features,
         Req.SET_PROTOCOL_FEATURES: _set_protocol_features,
         Req.GET_QUEUE_NUM: _get_queue_num,
-        Req.SET_VRING_ENABLE: _set_vring_enable,
+        Req.SET_VRING_ENABLE: RingMessages._set_vring_enable,
         Req.GET_CONFIG: _get_config,
         Req.SET_CONFIG: _set_config,
         Req.GET_INFLIGHT_FD: _get_inflight_fd,

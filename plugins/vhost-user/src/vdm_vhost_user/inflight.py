@@ -68,8 +68,9 @@ def queue_region_size(queue_size: int) -> int:
 class InflightRegion:
     """The shared in-flight file, mapped: one region per queue."""
 
-    def __init__(self, mapping: mmap.mmap, offset: int, size: int, num_queues: int, queue_size: int,
-                 stride: int) -> None:
+    def __init__(
+        self, mapping: mmap.mmap, offset: int, size: int, num_queues: int, queue_size: int, stride: int
+    ) -> None:
         self.mapping = mapping
         self.view = memoryview(mapping)[offset : offset + size]
         self.size = size
