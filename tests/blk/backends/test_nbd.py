@@ -151,6 +151,41 @@ def test_qcow2_over_an_export_with_block_size_constraints(tmp_path, servers):
     qemu_io(image, "read -P 0 512k 4k", f"read -P 3 {512 * 1024 + 4096} 4k")
 
 
+@pytest.mark.parametrize("mode, most", [("emulate", 4), ("disable", 1)])
+def test_several_connections_only_where_the_server_allows_multi_conn(tmp_path, servers, mode, most):
+    image = str(tmp_path / "disk.raw")
+    with open(image, "wb") as f:
+        f.write(bytes(pattern(MiB, 9)))
+    srv = servers(
+        nbdkit(
+            tmp_path,
+            image,
+            "--filter=multi-conn",
+            "--filter=delay",
+            f"multi-conn-mode={mode}",
+            "rdelay=200ms",
+        )
+    )
+    disk = open_disk(srv.uri, options={"connections": 4})
+    proto = disk.file
+    assert proto.connections == most
+    outs = [bytearray(4096) for _ in range(8)]
+    threads = [
+        threading.Thread(target=disk.readv, args=(i * 4096, [memoryview(o)])) for i, o in enumerate(outs)
+    ]
+    for t in threads:
+        t.start()
+    seen = 0
+    while any(t.is_alive() for t in threads):
+        seen = max(seen, proto.connections_open)
+        threads[0].join(0.01)
+    for t in threads:
+        t.join()
+    assert seen == most
+    assert b"".join(outs) == bytes(pattern(MiB, 9))[: 8 * 4096]
+    disk.close()
+
+
 def test_a_server_killed_and_restarted_mid_io_loses_no_write(tmp_path, virtio_driver, servers, caplog):
     image = str(tmp_path / "disk.raw")
     with open(image, "wb") as f:

@@ -119,6 +119,12 @@ class NbdProtocol(Protocol):
     def __str__(self) -> str:
         return self.path
 
+    @property
+    def connections_open(self) -> int:
+        """Connections to the server now (idle or serving a request); at most ``connections``."""
+        with self._cond:
+            return self._open
+
     # ---- connections -----------------------------------------------------------------------------
 
     def _error(self) -> str:
