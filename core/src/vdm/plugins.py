@@ -7,8 +7,9 @@ distribution, version and error, and the rest keep working. ``VDM_PLUGINS`` (a c
 plugin names) or ``--plugins`` restricts what is loaded.
 
 Every call into a plugin while loading -- its import, its register hooks, the ``check`` of what
-it registers -- runs in a worker thread with a time bound (``--plugin-timeout`` or
-``VDM_PLUGIN_TIMEOUT``, default 10 s) and with ``sys.stdout`` sent to stderr: a plugin that hangs
+it registers -- runs through :mod:`vdm.plugin_calls`: in a worker thread with a time bound
+(``--plugin-timeout`` or ``VDM_PLUGIN_TIMEOUT``, default 10 s) and with ``sys.stdout`` sent to
+stderr: a plugin that hangs
 is reported as such and left behind, one that prints cannot corrupt ``list-plugins --json``, and
 any exception (``KeyboardInterrupt`` and ``SystemExit`` included) is that plugin's failure. Each
 registered object is checked (:func:`vdm.registry.registration_problem`) before it is kept; a bad
@@ -32,10 +33,8 @@ conflict is reported by ``vdm list-plugins``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -46,6 +45,16 @@ import pluggy
 from . import API_VERSION, SUPPORTED_API_VERSIONS
 from .errors import UserError
 from .hookspecs import PROJECT, PluginSpec
+from .plugin_calls import (  # noqa: F401  (MAX_REASON: this module's name for it before the split)
+    DEFAULT_TIMEOUT,
+    MAX_REASON,
+    NO_ANSWER,
+    bounded,
+    check_availability,
+    deprecations_of,
+    describe,
+    printable,
+)
 from .registry import Command, DeviceType, HypervisorType, ServerType, registration_problem
 
 if sys.version_info >= (3, 10):
@@ -63,11 +72,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "vdm.plugins"
-#: seconds a plugin's import, register hook or check may take (``VDM_PLUGIN_TIMEOUT``)
-DEFAULT_TIMEOUT = 10.0
-_NO_ANSWER = "did not answer"
-#: longest availability reason kept (a reason is one line of ``vdm list-plugins``)
-MAX_REASON = 300
 
 
 @dataclass
@@ -157,7 +161,7 @@ class PluginSet:
 
     def check(self, fn: Callable[[], Optional[str]] | None) -> Optional[str]:
         """Run a plugin's availability check within this set's time bound: None or one reason line."""
-        return _check(fn, self.timeout)
+        return check_availability(fn, self.timeout)
 
     def call(self, fn: Callable[[], Any]) -> tuple[Any, Optional[str]]:
         """Run other plugin code (a command's ``add_arguments``) within this set's time bound.
@@ -165,7 +169,7 @@ class PluginSet:
         :returns: ``(result, None)``, or ``(None, reason)`` when it raised anything or did not
             answer in time (it is then left running in a daemon thread).
         """
-        return _bounded(fn, self.timeout)
+        return bounded(fn, self.timeout)
 
 
 def _dist_of(ep: EntryPoint) -> tuple[str, str]:
@@ -185,7 +189,7 @@ def _metadata_problem(ep: EntryPoint) -> Optional[str]:
         if dist is not None:
             dist.metadata["Name"], dist.version
     except Exception as e:
-        return f"its distribution's METADATA cannot be read ({_describe(e)})"
+        return f"its distribution's METADATA cannot be read ({describe(e)})"
     return None
 
 
@@ -222,7 +226,7 @@ def _installed_entry_points() -> tuple[list[EntryPoint], list[tuple[str, str]]]:
                     label = dist.metadata["Name"] or key or "?"
                 except Exception:
                     label = key or "?"
-                broken.append((label, f"its entry_points.txt cannot be read ({_describe(e)})"))
+                broken.append((label, f"its entry_points.txt cannot be read ({describe(e)})"))
     return found, broken
 
 
@@ -249,66 +253,6 @@ def timeout_from_env() -> float:
     return value
 
 
-def _describe(e: BaseException) -> str:
-    """``Type: message`` of an exception from a plugin; a ``__str__`` that raises does not escape."""
-    try:
-        text = _printable(str(e))
-    except Exception:
-        text = "(its message cannot be shown)"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _printable(text: str) -> str:
-    """``text`` as one line of printable characters (a terminal escape from a plugin shows as ?)."""
-    line = "; ".join(ln.strip() for ln in text.splitlines() if ln.strip())
-    return "".join(c if c.isprintable() else "?" for c in line)
-
-
-def _bounded(fn: Callable[[], Any], timeout: float | None) -> tuple[Any, Optional[str]]:
-    """Call plugin code ``fn()`` in a daemon thread: ``(result, None)`` or ``(None, why it failed)``.
-
-    Whatever it raises, BaseException included, is a reason; after ``timeout`` seconds it is
-    abandoned (the thread is left behind, a daemon) and the reason says so. Its writes to
-    ``sys.stdout`` go to stderr. The caller's KeyboardInterrupt (Ctrl-C) still stops the wait.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # plugin code: everything is its failure
-            box["error"] = _describe(e)
-
-    worker = threading.Thread(target=target, name="vdm-plugin", daemon=True)
-    with contextlib.redirect_stdout(sys.stderr):
-        worker.start()
-        worker.join(timeout)
-    if worker.is_alive():
-        return None, f"{_NO_ANSWER} within {timeout:g} s (see --plugin-timeout)"
-    if "error" in box:
-        return None, box["error"]
-    return box.get("value"), None
-
-
-def _check(fn: Callable[[], Optional[str]] | None, timeout: float | None = DEFAULT_TIMEOUT) -> Optional[str]:
-    """A plugin's availability check: None (available) or one line saying why not.
-
-    A check that raises, hangs past ``timeout`` or returns something other than None or a string
-    is a reason too, never a crash.
-    """
-    if fn is None:
-        return None
-    value, why = _bounded(fn, timeout)
-    if why is not None:
-        return f"availability check failed: {why}"
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        return f"availability check returned {type(value).__name__}, not None or a reason"
-    line = _printable(value) or "unavailable (no reason given)"
-    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
-
-
 #: what a plugin written for API 1 changes to be an API-2 plugin (docs/plugins.md, "Changes in API 2")
 API1_CHANGES = (
     "written for vdm-core API 1, which still loads but is deprecated: follow docs/plugins.md "
@@ -323,39 +267,20 @@ def _api_error(module: ModuleType, info: PluginInfo) -> str | None:
     try:
         needed = getattr(module, "VDM_API", None)
     except Exception as e:  # a module __getattr__ that raises
-        return f"reading VDM_API raised {_describe(e)}"
+        return f"reading VDM_API raised {describe(e)}"
     if needed is None:
         return None
     if type(needed) is not int or needed not in SUPPORTED_API_VERSIONS:
         return (
-            f"plugin {info.name} (dist {info.distribution}) needs vdm-core API {_printable(repr(needed))}, "
+            f"plugin {info.name} (dist {info.distribution}) needs vdm-core API {printable(repr(needed))}, "
             f"this is {API_VERSION} (it also loads API {', '.join(map(str, SUPPORTED_API_VERSIONS[:-1]))}): "
-            f"install a vdm-core that provides API {_printable(repr(needed))} or a release of the plugin "
+            f"install a vdm-core that provides API {printable(repr(needed))} or a release of the plugin "
             f"for API {API_VERSION}"
         )
     info.api = needed
     if needed < API_VERSION:
         info.deprecations.append(API1_CHANGES)
     return None
-
-
-@contextlib.contextmanager
-def _deprecations_of(info: PluginInfo) -> Any:
-    """Record the DeprecationWarnings raised while plugin code runs as ``info.deprecations``.
-
-    Other warnings are issued again as they were. (The warnings filter is process-wide: a call
-    left running after its time bound reports to whoever runs next; it is a failed plugin anyway.)
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        if issubclass(w.category, DeprecationWarning):
-            text = _printable(str(w.message))
-            if text and text not in info.deprecations:
-                info.deprecations.append(text)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def load_plugins(
@@ -391,8 +316,8 @@ def load_plugins(
         if why is not None:
             info.state, info.error = "failed", why
             continue
-        with _deprecations_of(info):
-            module, why = _bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
+        with deprecations_of(info):
+            module, why = bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
         if why is not None:
             info.state, info.error = "failed", f"import failed: {why}"
             continue
@@ -411,7 +336,7 @@ def load_plugins(
             info.state, info.error = "failed", str(e)
             continue
         except Exception as e:  # what pluggy's inspection of an odd module object raises
-            info.state, info.error = "failed", f"invalid plugin: {_describe(e)}"
+            info.state, info.error = "failed", f"invalid plugin: {describe(e)}"
             continue
         callers = pm.get_hookcallers(module) or []
         unknown = sorted(c.name for c in callers if not c.has_spec())
@@ -421,7 +346,7 @@ def load_plugins(
             info.error = f"unknown hook {', '.join(unknown)} (is the plugin written for another vdm-core?)"
             continue
         info.hooks = sorted(c.name for c in callers)
-        with _deprecations_of(info):
+        with deprecations_of(info):
             _collect(pm, plugin_name, info, result, prefs)
         for text in info.deprecations if info.state == "loaded" else []:
             # attributed to this module: shown to plugin authors (pytest, -W default), not on every vdm run
@@ -473,9 +398,9 @@ def _collect(
                 provided.append((kind, obj))
 
         kwargs = {"register": register}
-        _, why = _bounded(lambda: fn(*[kwargs[n] for n in argnames]), result.timeout)
+        _, why = bounded(lambda: fn(*[kwargs[n] for n in argnames]), result.timeout)
         if why is not None:
-            timed_out = why.startswith(_NO_ANSWER)
+            timed_out = why.startswith(NO_ANSWER)
             problems.append(f"{hook_name} {why}" if timed_out else f"{hook_name} raised {why}")
 
     for hook_name, kind in sorted(_REGISTER_HOOKS.items()):
