@@ -206,3 +206,30 @@ def test_resolved_hooks_keep_firstresult_order():
         assert vmm.send_msi(0xFEE0_0000, 7) is False
     finally:
         vmm.close()
+
+
+def test_a_wrapper_implementation_keeps_pluggy_semantics():
+    """A backend that wraps a hook (pluggy ``wrapper=True``) is honoured: that hook keeps pluggy's
+    dispatch, so the wrapper sees every call and may change the answer."""
+
+    class Msi:
+        @vmmimpl
+        def vmm_send_msi(self, address, data):
+            return None  # "no MSI here" ...
+
+    class Wrapper:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        @vmmimpl(wrapper=True)
+        def vmm_send_msi(self, address, data):
+            result = yield
+            self.seen.append(data)
+            return True if result is None else result  # ... delivered another way
+
+    wrapper = Wrapper()
+    vmm = Vmm(Msi(), wrapper, name="t")
+    try:
+        assert vmm.send_msi(0xFEE0_0000, 3) is True and wrapper.seen == [3]
+    finally:
+        vmm.close()
