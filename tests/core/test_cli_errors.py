@@ -133,3 +133,22 @@ def test_good_toml_still_works(disk, tmp_path):
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="vdm vhost-user runs on Linux only")
+
+
+def test_unavailable_dm_only_still_explains_itself(tmp_path: Path):
+    """Issue 19 item 12, with the real vdm-xen made unavailable (its libraries looked for in an
+    empty directory, ``VDM_XEN_LIBDIR``): ``vdm --help`` marks it, ``vdm dm-only --help`` shows
+    every option and the reason, and running it says why in one line whatever its arguments."""
+    env = {"VDM_PLUGINS": "xen,blk", "VDM_XEN_LIBDIR": str(tmp_path), "COLUMNS": "200"}
+    top = run_vdm(["--help"], env=env)
+    assert top.returncode == 0
+    assert "dm-only             (unavailable here) serve virtio-mmio devices" in top.stdout
+    usage = run_vdm(["dm-only", "--help"], env=env)
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.startswith("usage: vdm dm-only [-h]")
+    for option in ("--domid", "--irq-kind", "--wait-timeout"):
+        assert option in usage.stdout
+    assert "Unavailable here: Xen libraries not installed" in usage.stdout
+    for argv in (["dm-only"], ["dm-only", "--domid", "nonsense", "--what"]):
+        line = _one_line(run_vdm(argv, env=env), "dm-only is provided by vdm-xen", "unavailable here")
+        assert "Xen libraries not installed" in line
