@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 if transport == "pci":
                     vmm.attach_pci(dev, bus)
                 else:
-                    t: Any = vmm.attach_mmio(dev)  # Any: base/irq_number are not declared on transports yet
+                    t = vmm.attach_mmio(dev)
                     machine.add_virtio_mmio(t.base, MMIO_WINDOW_SIZE, t.irq_number, dev.name)
                 console = console or getattr(dev, "guest_console", None)
         cmdline = f"console={console or 'ttyS0'} {BASE_PARAMS} {params}".strip()
