@@ -202,6 +202,16 @@ class VirtioDevice:
             return "driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"
         return self.validate_features(features)
 
+    def accept_features(self, features: int) -> bool:
+        """The driver sets FEATURES_OK with ``features``: record them; False if they are refused
+        (one log line saying why; FEATURES_OK must then read back clear). The one rule for every
+        transport: virtio-mmio/pci status writes here, vhost-user's SET_STATUS."""
+        why = self.set_driver_features(features)
+        if why is not None:
+            log.warning("%s: refusing features: %s", self.name, why)
+            return False
+        return True
+
     # ---- configuration space -------------------------------------------------------------------
 
     def read_config(self, offset: int, size: int) -> bytes:
@@ -235,9 +245,7 @@ class VirtioDevice:
                 self.__stop_backend()
                 return
             if value & Status.FEATURES_OK and not old & Status.FEATURES_OK:
-                why = self.set_driver_features(self.driver_features)
-                if why is not None:
-                    log.warning("%s: refusing features: %s", self.name, why)
+                if not self.accept_features(self.driver_features):
                     value &= ~Status.FEATURES_OK
             self.status = value | (old & Status.DEVICE_NEEDS_RESET)
             if value & Status.DRIVER_OK and not old & Status.DRIVER_OK:

@@ -324,7 +324,7 @@ class VhostUserHandler(RingMessages):
         # Recorded only: rings start and stop through the ring messages (QEMU sends status 0
         # before it asks for the ring indexes, which must survive it).
         if value & Status.FEATURES_OK and not self.status & Status.FEATURES_OK:
-            if self.features is None or self.device.set_driver_features(self.features) is not None:
+            if self.features is None or not self.device.accept_features(self.features):
                 value &= ~Status.FEATURES_OK
         self.status = value
 
