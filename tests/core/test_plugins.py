@@ -193,6 +193,12 @@ def vdm_register_commands(register):
     register(Command(name="vt-away", help="go away", add_arguments=_away_options, run=lambda a: 0,
                      available=lambda: "needs /dev/vt-away"))
     register(Command(name="vt-here", help="stay", add_arguments=_here_options, run=_here_run))
+    register(Command(name="vt-gone", help="needs a library", add_arguments=_needs_library, run=lambda a: 0,
+                     available=lambda: "libgone not installed"))
+
+
+def _needs_library(parser):
+    import vdmtest_libgone  # noqa: F401  (not installed here: what the check already said)
 '''
 
 BAD_SERVER = '''
@@ -705,3 +711,13 @@ def test_a_bad_server_registration_fails_that_plugin_alone(listing):
     assert r["status"] == "failed: vdm_register_servers ServerType vt-bad-server: check must be callable"
     assert r["provides"] == {"devices": [], "hypervisors": [], "servers": [], "commands": []}
     assert ours(listing["plugins"])["vt-good"]["status"] == "available"
+
+
+def test_unavailable_command_whose_options_need_what_is_missing_keeps_its_reason(site):
+    proc = run_vdm(["--plugins", "vt-commands", "vt-gone", "x"], pythonpath=[site])
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "vdm: vt-gone is provided by vdmtest-commands, which is unavailable here: libgone not installed"
+    ]
+    proc = run_vdm(["--plugins", "vt-commands", "vt-gone", "--help"], pythonpath=[site])
+    assert proc.returncode == 0 and "Unavailable here: libgone not installed" in proc.stdout

@@ -136,7 +136,8 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution, plugin_set=plugins)
         _, broken = plugins.call(functools.partial(cmd.add_arguments, p))  # bounded, any exception
         if broken is not None:
-            why = f"its options are broken ({broken})"
+            # a command that cannot run here anyway keeps that reason (its options may need what is missing)
+            why = why if why is not None else f"its options are broken ({broken})"
             p.unavailable = why
             p.set_defaults(_unavailable=why)
             p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
