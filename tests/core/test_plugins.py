@@ -313,6 +313,7 @@ PLUGINS = {
     "vt-api1": ("vdmtest-api1", "0.1", "vdmtest_api1", API1_SERVER),
     "vt-commands": ("vdmtest-commands", "0.1", "vdmtest_commands", COMMANDS),
     "vt-badserver": ("vdmtest-badserver", "0.1", "vdmtest_badserver", BAD_SERVER),
+    "vt-oldpci": ("vdmtest-oldpci", "0.1", "vdmtest_oldpci", "VDM_API = 1\nfrom vdm.pci import PciBus\n"),
 }
 
 OUR_NAMES = sorted(PLUGINS)
@@ -721,3 +722,12 @@ def test_unavailable_command_whose_options_need_what_is_missing_keeps_its_reason
     ]
     proc = run_vdm(["--plugins", "vt-commands", "vt-gone", "--help"], pythonpath=[site])
     assert proc.returncode == 0 and "Unavailable here: libgone not installed" in proc.stdout
+
+
+def test_api1_plugin_importing_a_removed_module_is_told_what_to_change(listing):
+    r = ours(listing["plugins"])["vt-oldpci"]
+    assert r["status"] == (
+        "failed: import failed: ModuleNotFoundError: No module named 'vdm.pci' (removed in vdm-core plugin "
+        "API 2: the x86 PCI bus moved to vdm-kvm (vdm_kvm.pci_bus.PciBus), the type-0 configuration space "
+        "to vdm.transport.pci_config; see docs/plugins.md 'Changes in API 2')"
+    )

@@ -261,6 +261,21 @@ API1_CHANGES = (
     "parser.vdm_plugins -> parser.get_default('plugin_set'))"
 )
 
+#: core modules API 2 removed without an alias, and where their contents went
+REMOVED_IN_API2 = {
+    "vdm.pci": "the x86 PCI bus moved to vdm-kvm (vdm_kvm.pci_bus.PciBus), the type-0 configuration "
+    "space to vdm.transport.pci_config",
+}
+
+
+def _import_hint(why: str) -> str:
+    """``why`` (an import failure), with what to change when it names a module API 2 removed."""
+    for name, moved in REMOVED_IN_API2.items():
+        if why.endswith(f"No module named '{name}'"):
+            see = "see docs/plugins.md 'Changes in API 2'"
+            return f"{why} (removed in vdm-core plugin API 2: {moved}; {see})"
+    return why
+
 
 def _api_error(module: ModuleType, info: PluginInfo) -> str | None:
     """Why the module's ``VDM_API`` is refused, or None (it is then kept in ``info.api``)."""
@@ -319,7 +334,7 @@ def load_plugins(
         with deprecations_of(info):
             module, why = bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
         if why is not None:
-            info.state, info.error = "failed", f"import failed: {why}"
+            info.state, info.error = "failed", f"import failed: {_import_hint(why)}"
             continue
         info.path = str(getattr(module, "__file__", "") or "")
         why = _api_error(module, info)
