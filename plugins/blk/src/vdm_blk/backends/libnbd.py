@@ -61,6 +61,11 @@ int64_t nbd_aio_trim (struct nbd_handle *h, uint64_t count, uint64_t offset,
 int64_t nbd_aio_zero (struct nbd_handle *h, uint64_t count, uint64_t offset,
                       nbd_completion_callback completion_callback, uint32_t flags);
 int nbd_aio_command_completed (struct nbd_handle *h, uint64_t cookie);
+int64_t nbd_aio_peek_command_completed (struct nbd_handle *h);
+int nbd_aio_get_fd (struct nbd_handle *h);
+unsigned nbd_aio_get_direction (struct nbd_handle *h);
+int nbd_aio_notify_read (struct nbd_handle *h);
+int nbd_aio_notify_write (struct nbd_handle *h);
 """
 
 SIZE_MINIMUM = 0
