@@ -78,6 +78,8 @@ class VirtioTestDriver:
             self.reg_write(Reg.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
 
     def queue_max_size(self, qi: int) -> int:
+        """The device's maximum size of queue ``qi`` (0: no such queue). Call :meth:`check_transport`
+        first (:meth:`init` does): the PCI driver finds its registers there."""
         self.reg_write(Reg.QUEUE_SEL, qi)
         return self.reg_read(Reg.QUEUE_NUM_MAX)
 
@@ -95,6 +97,8 @@ class VirtioTestDriver:
         self.reg_write(Reg.QUEUE_READY, 1)
 
     def check_transport(self) -> None:
+        """Check the transport's identification registers (the PCI driver also walks its
+        capabilities and sets up MSI-X here); :meth:`init` starts with it."""
         assert self.reg_read(Reg.MAGIC) == 0x74726976
         assert self.reg_read(Reg.VERSION) == 2
 
@@ -109,12 +113,19 @@ class VirtioTestDriver:
         return low | self.reg_read(Reg.DEVICE_FEATURES) << 32
 
     def config_read(self, offset: int, size: int) -> int:
+        """``size`` bytes (1, 2 or 4) of the device's config space at ``offset``, as an int (LE)."""
         return self.reg_read(Reg.CONFIG + offset, size)
 
     def config_bytes(self, offset: int, length: int) -> bytes:
         return b"".join(bytes([self.config_read(offset + i, 1)]) for i in range(length))
 
     def config_write(self, offset: int, value: int, size: int) -> None:
+        """Write ``value`` as ``size`` bytes (1, 2 or 4, LE) at ``offset`` of the config space.
+
+        The positional order (offset, value, size) is plugin API 1's and differs from
+        :meth:`config_read`'s (offset, size); keywords read the same way for both:
+        ``config_write(offset, size=2, value=v)``.
+        """
         self.reg_write(Reg.CONFIG + offset, value, size)
 
     def ack_interrupts(self) -> int:

@@ -73,7 +73,13 @@ class VirtioPciTestDriver(VirtioTestDriver):
         self.transport.config_write(offset, size, value)  # type: ignore[attr-defined]
 
     def _bar_offset(self, cfg_type: int) -> int:
-        return self.caps[cfg_type][1]
+        cap = self.caps.get(cfg_type)
+        if cap is None:
+            raise RuntimeError(
+                f"virtio-pci capability {cfg_type} not known yet: call check_transport() first "
+                "(init() does), which walks the capability list and sets up MSI-X"
+            )
+        return cap[1]
 
     def common_read(self, off: int, size: int) -> int:
         return self.transport.read(self._bar_offset(CFG_COMMON) + off, size)
@@ -174,6 +180,7 @@ class VirtioPciTestDriver(VirtioTestDriver):
         return self.transport.read(self._bar_offset(CFG_DEVICE) + offset, size)
 
     def config_write(self, offset: int, value: int, size: int) -> None:
+        """See :meth:`VirtioTestDriver.config_write` (``config_write(offset, size=2, value=v)``)."""
         self.transport.write(self._bar_offset(CFG_DEVICE) + offset, size, value)
 
     def ack_interrupts(self) -> int:
