@@ -25,6 +25,14 @@ from typing import Callable
 from vdm.device import VirtioDevice
 from vdm.eventloop import EventLoop, drain_eventfd
 from vdm.memory import GuestMemoryError
+from vdm.ring_layout import (
+    AVAIL_ALIGN,
+    DESC_ALIGN,
+    USED_ALIGN,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
 from vdm.transport.common import CommonConfig
 
 from . import protocol as p
@@ -131,15 +139,15 @@ class RingMessages:
         vr = self._ring(index, "SET_VRING_ADDR")
         if vr.live and (desc, avail, used) != (vr.desc_user, vr.avail_user, vr.used_user):
             raise ProtocolError(f"SET_VRING_ADDR: queue {index} is running")
-        if desc % 16 or avail % 2 or used % 4:
+        if desc % DESC_ALIGN or avail % AVAIL_ALIGN or used % USED_ALIGN:
             raise ProtocolError(f"SET_VRING_ADDR: queue {index}: misaligned ring address")
         # Checked now against the ring size known so far, and again when the ring starts.
         num = vr.num or 1
         table = self.memory.table
         for what, addr, length in (
-            ("descriptor table", desc, 16 * num),
-            ("available ring", avail, 6 + 2 * num),
-            ("used ring", used, 6 + 8 * num),
+            ("descriptor table", desc, desc_table_size(num)),
+            ("available ring", avail, avail_ring_size(num)),
+            ("used ring", used, used_ring_size(num)),
         ):
             try:
                 table.user_to_guest(addr, length)
@@ -222,9 +230,9 @@ class RingMessages:
         num = vr.num or 0
         try:
             return (
-                table.user_to_guest(vr.desc_user or 0, 16 * num),
-                table.user_to_guest(vr.avail_user, 6 + 2 * num),
-                table.user_to_guest(vr.used_user, 6 + 8 * num),
+                table.user_to_guest(vr.desc_user or 0, desc_table_size(num)),
+                table.user_to_guest(vr.avail_user, avail_ring_size(num)),
+                table.user_to_guest(vr.used_user, used_ring_size(num)),
             )
         except ProtocolError as e:
             raise ProtocolError(f"queue {index}: ring not inside the shared memory: {e}") from None
@@ -326,5 +334,5 @@ class RingMessages:
             self.device.reset()  # waits for requests being served; they complete into the rings
         vr.base = base
         # the used ring as it is left (flags, avail_event) goes to the destination of a migration
-        self.memory.log_write(used, 6 + 8 * size)
+        self.memory.log_write(used, used_ring_size(size))
         return base
