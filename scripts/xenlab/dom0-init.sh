@@ -11,10 +11,11 @@
 # check it) xenlab.vdmtest=boot,blk,rng,net,nettcp xenlab.mib=4 xenlab.tcpmib=16 xenlab.timeout=400
 # xenlab.rounds=2 xenlab.shell=1 (debug: a shell at the end).
 # xenlab.bench=ROUNDS [xenlab.benchmib=16 xenlab.benchops=256 xenlab.benchnet=MIB] (benchmarks/
-# xenlab_pv.py): one domU instead, with vdm's virtio-blk (cache=none) on the QEMU disk with serial
+# xenlab_pv.py): one domU instead, with vdm's virtio-blk on the QEMU disk with serial
 # xenlab0 and Xen's PV block (xen-blkback, hotplug by /lab/pv-hotplug) on the one with serial
 # xenlab1; with benchnet also vdm's virtio-net (tap 10.0.2.2/24) and a PV vif (xen-netback, vif
-# 10.0.3.2/24) and `peer.py serve` on both; the domU runs domu-bench.sh.
+# 10.0.3.2/24) and `peer.py serve` on both; the domU runs domu-bench.sh. xenlab.benchblk=OPTS: vdm's
+# disk options.
 mount -t devtmpfs dev /dev; exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 mkdir -p /var/run/xenstored /var/run/xen /var/log/xen/console /var/lib/xen /var/lib/xenstored /dev/shm
@@ -22,13 +23,13 @@ export PATH=/usr/lib/xen-4.20/bin:/usr/sbin:/usr/bin:/sbin:/bin LD_LIBRARY_PATH=
 up() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "XENLAB $* uptime_s=$(up)"; }
 DISK=/dev/vda; WL=boot,blk,rng,net,nettcp; MIB=4; TCPMIB=16; TIMEOUT=400; ROUNDS=2; SHELL_AT_END=
-BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; DOMU_EXTRA=; CFG_EXTRA=; BLKOPTS=
+BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; BENCHBLK=; DOMU_EXTRA=; CFG_EXTRA=; BLKOPTS=
 for w in $(cat /proc/cmdline); do case $w in
   xenlab.disk=*) DISK=${w#*=};; xenlab.vdmtest=*) WL=${w#*=};; xenlab.mib=*) MIB=${w#*=};;
   xenlab.timeout=*) TIMEOUT=${w#*=};; xenlab.shell=*) SHELL_AT_END=1;;
   xenlab.tcpmib=*) TCPMIB=${w#*=};; xenlab.rounds=*) ROUNDS=${w#*=};;
   xenlab.bench=*) BENCH=${w#*=};; xenlab.benchmib=*) BENCHMIB=${w#*=};; xenlab.benchops=*) BENCHOPS=${w#*=};;
-  xenlab.benchnet=*) BENCHNET=${w#*=};;
+  xenlab.benchnet=*) BENCHNET=${w#*=};; xenlab.benchblk=*) BENCHBLK=${w#*=};;
 esac; done
 finish() {
   log "END $*"
@@ -143,7 +144,10 @@ if [ -n "$BENCH" ]; then
   devs=2
   [ "$BENCHNET" -gt 0 ] && { devs="2 1"; CFG_EXTRA="$CFG_EXTRA
 vif = [ 'mac=00:16:3e:5e:00:02, script=/lab/pv-hotplug' ]"; }
-  BLKOPTS=,cache=none  # xen-blkback bypasses dom0's page cache too
+  # vdm's disk options (xenlab.benchblk=cache=none,...); its default goes through dom0's page cache,
+  # which xen-blkback bypasses. cache=none (O_DIRECT) fails every request on Xen: EFAULT, the kernel
+  # cannot pin the privcmd-mapped guest pages for direct I/O (README)
+  BLKOPTS=${BENCHBLK:+,$BENCHBLK}
   round 1 domu bench "$devs" || finish fail reason=bench
   sync; finish done
 fi
