@@ -43,6 +43,14 @@ the base lifts it. A chain is never split: it may have at most ``MAX_CHAIN`` des
 ring (and the queue size; more is a loop or too long: a guest error) and ``MAX_INDIRECT`` in its
 indirect table, so a slice costs at most the budget plus 8,192 reads, whatever the queue size.
 
+Counters (``vdm ctl stats``), plain integers kept for the queue's life (not cleared by resets):
+:attr:`~Virtqueue.requests` chains taken, :attr:`~Virtqueue.bytes_read` their device-readable
+bytes, :attr:`~Virtqueue.bytes_written` the lengths completed, :attr:`~Virtqueue.errors` guest
+errors raised plus what the device reports with :meth:`~Virtqueue.count_error`, and
+:attr:`~Virtqueue.latency` completions by take-to-complete time (bucket ``i``: times of ``i``
+bits in ns, below ``2**i`` ns; :attr:`~Virtqueue.latency_sum_ns` their sum). Updated by the taker
+(pop) and under ``lock`` (push), one clock read per chain taken and per batch completed.
+
 Memory ordering: the used element is written before the used index, and the available index is
 read before the ring entries it covers. Each of these is a separate store/load from Python, in
 program order; on x86 (TSO) that is the order other CPUs see. See :mod:`vdm.barrier`.
@@ -60,6 +68,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from time import perf_counter_ns as _now
 from typing import Iterable, Sequence
 
 from .barrier import mb, rmb, wmb
@@ -138,6 +147,9 @@ class Virtqueue(QueueConfig):
         self.descriptors_walked = 0
         #: the value of descriptors_walked at which the current kick's budget is spent (module doc)
         self._walk_limit = UNLIMITED
+        #: counters (module doc)
+        self.requests = self.bytes_read = self.bytes_written = self.errors = self.latency_sum_ns = 0
+        self.latency = [0] * 65
         self._desc: memoryview | None = None
         self._tracker: QueueTracker | None = None
         self.set_max_size(max_size)
@@ -160,6 +172,7 @@ class Virtqueue(QueueConfig):
         #: one byte per head: 1 while the device holds it. Like the indexes, kept while the rings are
         #: unmapped and mapped again (a vhost-user ring stopped and restarted); cleared only here.
         self._held = bytearray(self._max_size)
+        self._taken_at = [0] * self._max_size
         if self._tracker is not None:
             self._tracker.reset()
 
@@ -255,6 +268,7 @@ class Virtqueue(QueueConfig):
             return None
         size = self._size
         if pending > size:
+            self.errors += 1
             raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} ahead of {last}")
         rmb()
         head = avail16[2 + last % size]
@@ -263,6 +277,7 @@ class Virtqueue(QueueConfig):
             # avail_event: ask for a kick when the driver adds anything past what we have taken.
             used16[2 + 4 * size] = last
         if head < len(self._held) and self._held[head]:
+            self.errors += 1
             raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
         chain = self._walk(head)
         if self._tracker is not None:
@@ -303,7 +318,7 @@ class Virtqueue(QueueConfig):
         steps = 0
         ring_steps = 0  # the ring descriptors walked before the indirect table
         limit = size if size <= MAX_CHAIN else MAX_CHAIN
-        total = 0
+        total = rbytes = 0
         try:
             while True:
                 addr, length, flags, nxt = _unpack_desc(table, DESC_SIZE * i)
@@ -337,6 +352,7 @@ class Virtqueue(QueueConfig):
                             f"queue {self.index}: device-readable buffer after a writable one"
                         )
                     readable.append(memory.map(addr, length))
+                    rbytes += length
                 if not flags & VIRTQ_DESC_F_NEXT:
                     break
                 if nxt >= table_len:
@@ -345,6 +361,7 @@ class Virtqueue(QueueConfig):
                     raise VirtqueueError(f"queue {self.index}: next index {nxt} >= size {table_len}")
                 i = nxt
         except (VirtqueueError, GuestMemoryError) as e:
+            self.errors += 1
             for v in readable + writable:
                 memory.unmap(v)
             if isinstance(e, GuestMemoryError):
@@ -354,7 +371,10 @@ class Virtqueue(QueueConfig):
             if indirect_table is not None:
                 memory.unmap(indirect_table)
         self.descriptors_walked += steps + ring_steps
+        self.requests += 1
+        self.bytes_read += rbytes
         held[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
+        self._taken_at[head] = _now()
         return DescriptorChain(head, readable, writable, self.epoch, memory)
 
     # ---- the used ring -------------------------------------------------------------------------
@@ -393,6 +413,7 @@ class Virtqueue(QueueConfig):
             size = self._size
             idx = start = self._used_idx
             tracker = self._tracker
+            taken_at, latency, now = self._taken_at, self.latency, _now()
             heads: list[int] = []
             for chain, written in items:
                 if chain.epoch != self.epoch:
@@ -408,6 +429,10 @@ class Virtqueue(QueueConfig):
                     )
                     continue
                 held[head] = 0
+                took = now - taken_at[head]
+                latency[took.bit_length()] += 1
+                self.latency_sum_ns += took
+                self.bytes_written += written
                 slot = 2 * (idx % size)
                 elems[slot] = head
                 elems[slot + 1] = written
@@ -432,6 +457,15 @@ class Virtqueue(QueueConfig):
                 memory.unmap(v)
             for v in chain.writable:
                 memory.unmap(v)
+
+    def count_error(self) -> None:
+        """The device completed (or gave up) a request with an error status: count it."""
+        self.errors += 1
+
+    @property
+    def in_flight(self) -> int:
+        """Heads the device holds now (taken, not yet completed or discarded)."""
+        return sum(self._held)
 
     def discard(self, chain: DescriptorChain) -> None:
         """Release a chain's buffers without completing it (device reset or failure).
