@@ -10,9 +10,8 @@ if it takes it (else written zeros), writethrough as FUA writes (or a flush afte
 Block-size constraints: requests are split at the server's maximum (32 MiB when it names none)
 and a request not aligned to its minimum is read (or read-modify-written) over the aligned span.
 
-Connections: each carries many requests at once (:mod:`.nbd_conn`: a poller thread per libnbd
-handle, submissions from the worker threads); where the server advertises multi-conn, a request
-finding every connection busy opens another, up to ``connections``.
+Connections: one libnbd handle serves one request at a time; several requests run on several
+connections only where the server advertises multi-conn (``connections`` of them at most).
 
 A server that goes away: a request whose connection fails, or that has no reply after
 ``request_timeout`` seconds, drops that connection and waits while vdm reconnects (backing off
@@ -34,8 +33,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .base import SECTOR, DiskError, total_length
 from .libnbd import CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, SIZE_MAXIMUM, SIZE_MINIMUM, SIZE_PREFERRED, load
-from .nbd_conn import Conn
-from .nbd_conn import Down as _Down
 from .protocol import Protocol
 
 __all__ = ["SCHEMES", "NbdProtocol", "open_nbd"]
@@ -46,6 +43,10 @@ SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
 DEFAULT_MAX = 32 << 20
 ZERO_MAX = 1 << 30
 POLL_MS = 200
+
+
+class _Down(Exception):
+    """The connection is unusable (the message says why); reconnect."""
 
 
 class NbdProtocol(Protocol):
@@ -70,8 +71,8 @@ class NbdProtocol(Protocol):
         self.request_timeout = max(0.1, request_timeout)
         self._closing = threading.Event()
         self._cond = threading.Condition()
-        self._conns: list[Conn] = []
-        self._opening = 0  # connections being opened
+        self._idle: list[Any] = []
+        self._open = 0  # handles in existence (idle or in use)
         self._outage = False
         self._rmw = threading.Lock()
         self._null_owner = self._ffi.new("nbd_completion_callback *")
@@ -112,7 +113,8 @@ class NbdProtocol(Protocol):
         self.writethrough = writethrough and not read_only
         self.can_grow = False
         self.connections = max(1, connections) if multi else 1
-        self._conns.append(Conn(self._ffi, lib, h, uri, self._lost))
+        self._open = 1
+        self._idle.append(h)
 
     def __str__(self) -> str:
         return self.path
@@ -121,7 +123,7 @@ class NbdProtocol(Protocol):
     def connections_open(self) -> int:
         """Connections to the server now (idle or serving a request); at most ``connections``."""
         with self._cond:
-            return sum(c.dead is None for c in self._conns)
+            return self._open
 
     # ---- connections -----------------------------------------------------------------------------
 
@@ -155,77 +157,90 @@ class NbdProtocol(Protocol):
             raise
         return h
 
-    def _lost(self, why: str) -> None:
-        """A connection died: one log line per outage (until a request succeeds again)."""
+    def _take(self) -> Any | None:
+        """An idle handle, or None when the caller may open a new one; waits when at the limit."""
         with self._cond:
-            if self._outage or self._closing.is_set():
-                return
-            self._outage = True
-        log.warning(
-            "%s: NBD connection lost (%s); reconnecting for up to %g s",
-            self.path,
-            why,
-            self.reconnect_timeout,
-        )
+            while True:
+                if self._closing.is_set():
+                    raise OSError(errno.EIO, f"{self.path}: the disk is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._open < self.connections:
+                    self._open += 1
+                    return None
+                self._cond.wait(POLL_MS / 1000)
 
-    def _pick(self) -> Conn:
-        """The live connection with the fewest requests in flight, or a new one where that one is
-        busy and ``connections`` allows another; _Down if a new one cannot be opened."""
+    def _give(self, h: Any) -> None:
         with self._cond:
             if self._closing.is_set():
-                raise OSError(errno.EIO, f"{self.path}: the disk is closed")
-            self._conns = [c for c in self._conns if c.dead is None]
-            best = min(self._conns, key=lambda c: c.in_flight, default=None)
-            if best is not None and (
-                best.in_flight == 0 or len(self._conns) + self._opening >= self.connections
-            ):
-                return best
-            if best is None and self._opening:  # another thread is connecting: use its result
-                while self._opening and not self._conns:
-                    self._cond.wait(POLL_MS / 1000)
-                if self._conns:
-                    return self._conns[0]
-            self._opening += 1
-        try:
-            conn = Conn(self._ffi, self._lib, self._connect(), self.path, self._lost)
-        finally:
-            with self._cond:
-                self._opening -= 1
-                self._cond.notify_all()
+                self._lib.nbd_close(h)
+                self._open -= 1
+            else:
+                self._idle.append(h)
+            self._cond.notify()
+
+    def _drop(self, h: Any | None) -> None:
+        if h is not None:
+            self._lib.nbd_close(h)
         with self._cond:
-            self._conns.append(conn)
-            if self._closing.is_set():
-                conn.kill("the disk is closing")
-        return conn
+            self._open -= 1
+            self._cond.notify()
 
     def _run(self, submit: Callable[[Any], int], what: str) -> None:
-        """Run one command (``submit(handle) -> cookie``) to completion, reconnecting as documented.
-        Returns or raises only when libnbd no longer references the command's buffer."""
+        """Run one command (``submit(handle) -> cookie``) to completion, reconnecting as documented."""
+        lib = self._lib
         deadline: float | None = None
         backoff = 0.05
         while True:
+            h = self._take()
             try:
-                conn = self._pick()
-                w = conn.submit(submit)
+                if h is None:
+                    h = self._connect()
+                try:
+                    cookie = submit(h)
+                except BaseException:  # not libnbd's answer (a Python error): the handle is not kept
+                    self._drop(h)
+                    raise
+                if cookie == -1:
+                    if lib.nbd_aio_is_dead(h) == 1 or lib.nbd_aio_is_closed(h) == 1:
+                        raise _Down(self._error())
+                    err, msg = lib.nbd_get_errno() or errno.EIO, self._error()
+                    self._give(h)
+                    raise OSError(err, f"{self.path}: {what}: {msg}")
                 give_up = time.monotonic() + self.request_timeout
-                while not w.event.wait(POLL_MS / 1000):
+                while True:
+                    r = lib.nbd_aio_command_completed(h, cookie)
+                    if r == 1:
+                        self._give(h)
+                        if self._outage:
+                            self._outage = False
+                            log.warning("%s: the NBD server answers again", self.path)
+                        return
+                    if r == -1:
+                        if lib.nbd_aio_is_dead(h) == 1 or lib.nbd_aio_is_closed(h) == 1:
+                            raise _Down(self._error())
+                        err, msg = lib.nbd_get_errno() or errno.EIO, self._error()
+                        self._give(h)
+                        raise OSError(err, f"{self.path}: {what}: the server answered {msg}")
                     if self._closing.is_set():
-                        conn.kill("the disk is closing")
-                    elif time.monotonic() > give_up:
-                        conn.kill(f"no reply in {self.request_timeout:g} s")
-                if w.down is not None:
-                    raise _Down(w.down)
-                if w.rc == -1:
-                    raise OSError(w.err, f"{self.path}: {what}: the server answered {w.msg}")
-                if self._outage:
-                    self._outage = False
-                    log.warning("%s: the NBD server answers again", self.path)
-                return
+                        raise _Down("the disk is closing")
+                    if time.monotonic() > give_up:
+                        raise _Down(f"no reply in {self.request_timeout:g} s")
+                    if lib.nbd_poll(h, POLL_MS) == -1:
+                        raise _Down(self._error())
             except _Down as e:
+                self._drop(h)
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.reconnect_timeout
-                self._lost(str(e))
+                if not self._outage:
+                    self._outage = True
+                    log.warning(
+                        "%s: NBD connection lost (%s); reconnecting for up to %g s",
+                        self.path,
+                        e,
+                        self.reconnect_timeout,
+                    )
                 if self._closing.is_set() or now >= deadline:
                     raise OSError(errno.EIO, f"{self.path}: {what}: NBD server unreachable: {e}") from None
                 self._closing.wait(min(backoff, deadline - now))
@@ -358,12 +373,11 @@ class NbdProtocol(Protocol):
         """Stop every wait (in-flight requests fail with EIO within 0.2 s) and disconnect."""
         self._closing.set()
         with self._cond:
-            conns = list(self._conns)
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
             self._cond.notify_all()
-        for c in conns:
-            c.kill("the disk is closing")
-        for c in conns:
-            c.join(5)
+        for h in idle:
+            self._lib.nbd_close(h)
 
 
 def open_nbd(uri: str, *, read_only: bool, options: Mapping[str, Any]) -> NbdProtocol:
