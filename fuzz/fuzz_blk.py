@@ -105,5 +105,16 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    common.run(one_input, ("vdm.virtqueue", "vdm.device", "vdm.testing", "vdm_blk.device"))
+    common.run(
+        one_input,
+        (
+            "vdm.virtqueue",
+            "vdm.chain",
+            "vdm.sg",
+            "vdm.queue_config",
+            "vdm.device",
+            "vdm.testing",
+            "vdm_blk.device",
+        ),
+    )
     sys.exit(0)

@@ -151,6 +151,14 @@ def one_input(data: bytes) -> None:
 
 if __name__ == "__main__":
     common.run(
-        one_input, ("vdm_console.virtio", "vdm_console.uart", "vdm_console.backends.base", "vdm.virtqueue")
+        one_input,
+        (
+            "vdm_console.virtio",
+            "vdm_console.uart",
+            "vdm_console.backends.base",
+            "vdm.virtqueue",
+            "vdm.chain",
+            "vdm.sg",
+        ),
     )
     sys.exit(0)

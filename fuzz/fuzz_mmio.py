@@ -60,6 +60,9 @@ if __name__ == "__main__":
         (
             "vdm.transport.mmio",
             "vdm.transport.pci",
+            "vdm.transport.common",
+            "vdm.transport.pci_config",
+            "vdm.queue_config",
             "vdm_kvm.pci_bus",
             "vdm.device",
             "vdm.testing",

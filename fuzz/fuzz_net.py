@@ -131,6 +131,14 @@ def one_input(data: bytes) -> None:
 if __name__ == "__main__":
     common.run(
         one_input,
-        ("vdm_net.device", "vdm_net.control", "vdm_net.vnet_hdr", "vdm_net.backends.poller", "vdm.virtqueue"),
+        (
+            "vdm_net.device",
+            "vdm_net.control",
+            "vdm_net.vnet_hdr",
+            "vdm_net.backends.poller",
+            "vdm.virtqueue",
+            "vdm.chain",
+            "vdm.sg",
+        ),
     )
     sys.exit(0)

@@ -80,6 +80,17 @@ def one_input(data: bytes) -> None:
 if __name__ == "__main__":
     common.run(
         one_input,
-        ("vdm.virtqueue", "vdm.device", "vdm.memory", "vdm.transport.mmio", "vdm.testing", "vdm.ring_layout"),
+        (
+            "vdm.virtqueue",
+            "vdm.chain",
+            "vdm.sg",
+            "vdm.queue_config",
+            "vdm.device",
+            "vdm.memory",
+            "vdm.transport.mmio",
+            "vdm.transport.common",
+            "vdm.testing",
+            "vdm.ring_layout",
+        ),
     )
     sys.exit(0)
