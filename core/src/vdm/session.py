@@ -33,7 +33,8 @@ installed and only :meth:`StopSignal.stop` ends the wait.
 line naming the option), privileges dropped once everything is open, and on exit everything
 closed exactly once: first what uses the devices (newest first), then the devices (newest
 first), then what they need (newest first). A close that fails is one log line and the rest still
-close.
+close. Each device gets an id, its type's name and a number per type (``blk0``, ``blk1``, ``net0``),
+by which :meth:`DeviceSet.serve_control` (``--control PATH``, :mod:`vdm.control`) names it.
 """
 
 from __future__ import annotations
@@ -253,6 +254,8 @@ class DeviceSet:
 
     def __init__(self) -> None:
         self.devices: list[Any] = []
+        #: ``(id, type name)`` of each device, in the order of :attr:`devices`
+        self.ids: list[tuple[str, str]] = []
         self._users: list[tuple[str, Callable[[], Any]]] = []
         self._held: list[tuple[str, Callable[[], Any]]] = []
         self.user: str | None = None
@@ -274,7 +277,24 @@ class DeviceSet:
         except Exception as e:
             raise UserError(f"{dtype.cli_flag or dtype.name}: {e}") from None
         self.devices.append(device)
+        n = sum(1 for _, kind in self.ids if kind == dtype.name)
+        self.ids.append((f"{dtype.name}{n}", dtype.name))
         return device
+
+    def entries(self) -> list[tuple[str, str, Any]]:
+        """``(id, type name, device)`` of every device (what the control socket serves)."""
+        return [(ident, kind, dev) for (ident, kind), dev in zip(self.ids, self.devices)]
+
+    def serve_control(self, path: str | None) -> Any:
+        """Serve the control socket at ``path`` (None: nothing) for these devices; it is closed
+        before them. Returns the :class:`~vdm.control.ControlServer` (or None)."""
+        if not path:
+            return None
+        from .control import ControlServer
+
+        server = ControlServer(path, self.entries).start()
+        self.using(server.close, f"the control socket {path}")
+        return server
 
     def using(self, close: Callable[[], Any], what: str) -> None:
         """``close`` ends something that uses the devices (a server, the transports, an event loop):

@@ -23,7 +23,7 @@ from typing import Any, Iterator, NoReturn, Optional, Sequence
 from .. import __version__
 from ..errors import UserError
 from ..plugins import PluginSet, load_plugins, timeout_from_env
-from . import list_plugins, new_plugin
+from . import ctl, list_plugins, new_plugin
 
 __all__ = ["build_parser", "main"]
 
@@ -122,6 +122,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     list_plugins.add_parser(sub)
     new_plugin.add_parser(sub)
+    ctl.add_parser(sub)
     for name, (cmd, info) in sorted(plugins.commands.items()):
         if name in sub.choices:  # argparse would raise: a plugin cannot replace a built-in command
             plugins.conflicts.append(f"command '{name}' of {info.distribution} ignored: vdm has its own")

@@ -1,0 +1,463 @@
+"""The control socket (``--control PATH`` of ``vdm run``, ``vdm dm-only``, ``vdm vhost-user``).
+
+JSON lines on a Unix socket, one request one reply, in QMP's shape but small::
+
+    -> {"execute": "stats", "id": 1}
+    <- {"return": {"devices": [...]}, "id": 1}
+    -> {"execute": "resize", "arguments": {"device": "blk0", "size": 2147483648}}
+    <- {"return": {"device": "blk0", "size": 2147483648}}
+
+Commands: ``list`` (devices, their type, driver status, features, queues), ``stats`` (per-queue
+counters of :class:`~vdm.virtqueue.Virtqueue`), ``metrics`` (the same counters in the Prometheus
+text exposition format 0.0.4, written here: no library needed), ``resize`` (a device that
+implements :class:`Resizable`; ``size`` null re-reads the backing image's size). The client is
+``vdm ctl`` (:mod:`vdm.cli.ctl`).
+
+Devices are named by :class:`~vdm.session.DeviceSet`: their type and a number per type (``blk0``,
+``blk1``, ``net0``), in the order they were given.
+
+Invariants: the server runs on its own thread and never blocks on a client (non-blocking sockets,
+one poll); a client that sends a line that is not a JSON object, an unknown command, a line over
+:data:`MAX_LINE` bytes, or stops reading its replies (over :data:`MAX_PENDING` bytes queued) gets
+one log line and is closed (an error reply is attempted first); the other clients and the devices
+carry on. A command's own failure (a bad size) is an error reply and the client stays. The socket
+is created mode 0600 and removed on :meth:`ControlServer.close`. Counters are read without locks:
+a reply may be a few requests behind, never inconsistent enough to go backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from .errors import UserError
+
+__all__ = [
+    "MAX_LINE",
+    "MAX_PENDING",
+    "ControlError",
+    "ControlServer",
+    "Resizable",
+    "add_control_option",
+    "check_control_path",
+    "metrics_text",
+]
+
+log = logging.getLogger(__name__)
+
+#: the longest request line accepted (bytes, newline included)
+MAX_LINE = 64 * 1024
+#: replies queued for a client that does not read them before it is closed (bytes)
+MAX_PENDING = 4 * 1024 * 1024
+#: clients served at once; one more is told so and closed
+MAX_CLIENTS = 32
+
+_STATUS_BITS = ((1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"), (8, "FEATURES_OK"),
+                (64, "DEVICE_NEEDS_RESET"), (128, "FAILED"))  # fmt: skip
+
+
+@runtime_checkable
+class Resizable(Protocol):
+    """A device whose capacity ``vdm ctl resize`` changes (vdm-blk's)."""
+
+    def resize(self, size: int | None) -> int:
+        """Set the capacity to ``size`` bytes (None: re-read the backend's size), tell the driver
+        (a config-change notification); return the new size. Raise ValueError with a reason."""
+        ...
+
+
+class ControlError(Exception):
+    """A command that cannot be carried out: its reply is an error, the client stays."""
+
+
+def check_control_path(path: str, option: str = "--control") -> None:
+    """Refuse a control socket path that cannot work, before anything is opened (a UserError)."""
+    if not path:
+        raise UserError(f"{option} is empty: give the path of the control socket to create")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path}: no such folder {folder}")
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the final NUL
+        raise UserError(f"{option} {path}: longer than 107 bytes (use a shorter or relative path)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UserError(f"{option} {path} exists and is not a socket; choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: left over by a process that was killed
+        return
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot check the existing socket: {e}") from None
+    finally:
+        probe.close()
+    raise UserError(f"{option} {path}: another process is listening on this socket")
+
+
+def add_control_option(parser: Any) -> None:
+    """``--control PATH``, the same for every command that serves devices."""
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="serve a control socket here (mode 0600) for `vdm ctl`: list, stats, metrics, resize",
+    )
+
+
+# ---- what the commands answer ------------------------------------------------------------------
+
+
+def _status_names(status: int) -> list[str]:
+    return [name for b, name in _STATUS_BITS if status & b]
+
+
+def device_list(entries: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
+    """``list``: one record per ``(id, type name, device)``."""
+    out = []
+    for ident, kind, dev in entries:
+        queues = getattr(dev, "queues", None) or []
+        status = int(getattr(dev, "status", 0))
+        rec: dict[str, Any] = {"id": ident, "type": kind, "name": getattr(dev, "name", kind)}
+        if queues:
+            rec.update(
+                status=status,
+                status_names=_status_names(status),
+                driver_features=f"{int(getattr(dev, 'driver_features', 0)):#x}",
+                broken=getattr(dev, "broken", None),
+                queues=[
+                    {"index": q.index, "size": q.size, "ready": q.ready, "active": q.active} for q in queues
+                ],
+            )
+        if isinstance(dev, Resizable):
+            rec["resizable"] = True
+        out.append(rec)
+    return out
+
+
+def queue_stats(q: Any) -> dict[str, Any]:
+    """One queue's counters (see :mod:`vdm.virtqueue`); latency as ``[upper bound ns, count]``."""
+    latency = list(q.latency)
+    return {
+        "index": q.index,
+        "requests": q.requests,
+        "completed": sum(latency),
+        "bytes_read": q.bytes_read,
+        "bytes_written": q.bytes_written,
+        "errors": q.errors,
+        "in_flight": q.in_flight,
+        "latency_sum_ns": q.latency_sum_ns,
+        "latency_ns": [[1 << i, n] for i, n in enumerate(latency) if n],
+    }
+
+
+def device_stats(entries: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
+    """``stats``: every queue's counters, per device."""
+    return [
+        {"id": ident, "type": kind, "queues": [queue_stats(q) for q in getattr(dev, "queues", None) or []]}
+        for ident, kind, dev in entries
+    ]
+
+
+_COUNTERS = (
+    ("requests", "vdm_queue_requests_total", "Chains taken from the available ring."),
+    ("completed", "vdm_queue_completed_total", "Chains returned through the used ring."),
+    ("bytes_read", "vdm_queue_read_bytes_total", "Bytes in device-readable buffers of the chains taken."),
+    ("bytes_written", "vdm_queue_written_bytes_total", "Bytes the device reported written."),
+    ("errors", "vdm_queue_errors_total", "Guest errors and requests the device failed."),
+)
+#: histogram buckets exported: 1 us .. 2**35 ns (34 s), powers of two
+_BUCKETS = range(10, 36)
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(stats: list[dict[str, Any]]) -> str:
+    """``metrics``: the ``stats`` records in the Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+    rows = [
+        (f'device="{_esc(d["id"])}",type="{_esc(d["type"])}",queue="{q["index"]}"', q)
+        for d in stats
+        for q in d["queues"]
+    ]
+    for key, name, text in _COUNTERS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+        lines += [f"{name}{{{labels}}} {q[key]}" for labels, q in rows]
+    lines += ["# HELP vdm_queue_in_flight Requests the device holds now.", "# TYPE vdm_queue_in_flight gauge"]
+    lines += [f"vdm_queue_in_flight{{{labels}}} {q['in_flight']}" for labels, q in rows]
+    name = "vdm_queue_latency_seconds"
+    lines += [f"# HELP {name} Time from taking a chain to completing it.", f"# TYPE {name} histogram"]
+    for labels, q in rows:
+        counts = dict((b.bit_length() - 1, n) for b, n in q["latency_ns"])
+        below = 0
+        for i in range(0, _BUCKETS.start):
+            below += counts.get(i, 0)
+        for i in _BUCKETS:
+            below += counts.get(i, 0)
+            lines.append(f'{name}_bucket{{{labels},le="{(1 << i) / 1e9:.9g}"}} {below}')
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {q["completed"]}')
+        lines.append(f"{name}_sum{{{labels}}} {q['latency_sum_ns'] / 1e9:.9g}")
+        lines.append(f"{name}_count{{{labels}}} {q['completed']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+
+class _Client:
+    __slots__ = ("inbuf", "outbuf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbuf = b""
+        self.outbuf = b""
+
+
+class ControlServer:
+    """Serves the control socket for the devices ``entries()`` returns, on its own thread.
+
+    ``entries`` gives ``[(id, type name, device)]`` at each request (devices may come and go).
+    """
+
+    def __init__(self, path: str, entries: Callable[[], list[tuple[str, str, Any]]]) -> None:
+        self.path = path
+        self._entries = entries
+        self._listener: socket.socket | None = None
+        self._clients: dict[int, _Client] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._inode: tuple[int, int] | None = None
+        #: clients closed for a bad request or for not reading (for tests and logs)
+        self.dropped = 0
+
+    def start(self) -> ControlServer:
+        check_control_path(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # created 0600: the socket can resize disks
+        try:
+            listener.bind(self.path)
+        except OSError as e:
+            listener.close()
+            raise UserError(f"--control {self.path}: cannot listen: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        listener.listen(8)
+        listener.setblocking(False)
+        self._listener = listener
+        self._thread = threading.Thread(target=self._serve, name="vdm-control", daemon=True)
+        self._thread.start()
+        log.info("control socket on %s", self.path)
+        return self
+
+    def close(self) -> None:
+        """Stop serving, close every client and remove the socket file (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5)
+        for c in list(self._clients.values()):
+            c.sock.close()
+        self._clients.clear()
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- the server thread -----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self._listener is not None
+        lfd = self._listener.fileno()
+        while not self._closed:
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            poller.register(lfd, select.POLLIN)
+            for fd, c in self._clients.items():
+                poller.register(fd, select.POLLIN | (select.POLLOUT if c.outbuf else 0))
+            try:
+                events = poller.poll()
+            except InterruptedError:  # pragma: no cover - Python retries poll itself
+                continue
+            for fd, ev in events:
+                if fd == self._wake_r:
+                    return
+                if fd == lfd:
+                    self._accept()
+                    continue
+                c = self._clients.get(fd)
+                if c is None:
+                    continue
+                try:
+                    if ev & select.POLLOUT:
+                        self._flush(c)
+                    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        self._read(c)
+                except _Drop as e:
+                    self._drop(c, str(e))
+                except OSError as e:
+                    self._drop(c, f"connection error: {e}")
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            log.warning("control: more than %d clients; one refused", MAX_CLIENTS)
+            sock.close()
+            return
+        sock.setblocking(False)
+        self._clients[sock.fileno()] = _Client(sock)
+
+    def _drop(self, c: _Client, why: str | None) -> None:
+        if why:
+            self.dropped += 1
+            log.warning("control: client closed: %s", why)
+        self._clients.pop(c.sock.fileno(), None)
+        c.sock.close()
+
+    def _read(self, c: _Client) -> None:
+        try:
+            data = c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self._drop(c, None)
+            return
+        c.inbuf += data
+        while b"\n" in c.inbuf and c.sock.fileno() in self._clients:
+            line, c.inbuf = c.inbuf.split(b"\n", 1)
+            self._handle(c, line)
+        if len(c.inbuf) >= MAX_LINE:
+            raise _Drop(f"a request line longer than {MAX_LINE} bytes")
+
+    def _send(self, c: _Client, reply: dict[str, Any]) -> None:
+        c.outbuf += json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+        if len(c.outbuf) > MAX_PENDING:
+            raise _Drop(f"it does not read its replies ({len(c.outbuf)} bytes waiting)")
+        self._flush(c)
+
+    def _flush(self, c: _Client) -> None:
+        while c.outbuf:
+            try:
+                n = c.sock.send(c.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            c.outbuf = c.outbuf[n:]
+
+    def _handle(self, c: _Client, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            req = None
+        if not isinstance(req, dict) or not isinstance(req.get("execute"), str):
+            self._refuse(c, "GenericError", 'not a request: send one JSON object per line, {"execute": ...}')
+        rid = req.get("id")
+        args = req.get("arguments", {})
+        command = _COMMANDS.get(req["execute"])
+        if command is None:
+            self._refuse(
+                c,
+                "CommandNotFound",
+                f"unknown command {req['execute'][:40]!r} (one of {', '.join(_COMMANDS)})",
+                rid,
+            )
+        if not isinstance(args, dict):
+            self._refuse(c, "GenericError", "arguments must be a JSON object", rid)
+        try:
+            result = command(self, args)
+        except ControlError as e:
+            reply: dict[str, Any] = {"error": {"class": "GenericError", "desc": str(e)}}
+        except Exception as e:  # a device's bug: an error reply and one log line, vdm serves on
+            log.exception("control: %s failed", req["execute"])
+            reply = {"error": {"class": "GenericError", "desc": f"internal error: {e!r}"}}
+        else:
+            reply = {"return": result}
+        if rid is not None:
+            reply["id"] = rid
+        self._send(c, reply)
+
+    def _refuse(self, c: _Client, cls: str, desc: str, rid: Any = None) -> None:
+        reply: dict[str, Any] = {"error": {"class": cls, "desc": desc}}
+        if rid is not None:
+            reply["id"] = rid
+        try:
+            c.sock.send(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass
+        raise _Drop(desc)
+
+    # ---- commands -------------------------------------------------------------------------------
+
+    def _find(self, ident: Any) -> tuple[str, str, Any]:
+        entries = self._entries()
+        for e in entries:
+            if e[0] == ident:
+                return e
+        raise ControlError(f"no device {ident!r} (devices: {', '.join(e[0] for e in entries) or 'none'})")
+
+    def _list(self, args: dict[str, Any]) -> Any:
+        return {"devices": device_list(self._entries())}
+
+    def _stats(self, args: dict[str, Any]) -> Any:
+        return {"devices": device_stats(self._entries())}
+
+    def _metrics(self, args: dict[str, Any]) -> Any:
+        return {"text": metrics_text(device_stats(self._entries()))}
+
+    def _resize(self, args: dict[str, Any]) -> Any:
+        ident, _, dev = self._find(args.get("device"))
+        size = args.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise ControlError(
+                f"size {size!r}: a number of bytes greater than 0 (or null to re-read the image)"
+            )
+        if not isinstance(dev, Resizable):
+            raise ControlError(f"{ident}: this device cannot be resized")
+        try:
+            new = dev.resize(size)
+        except (ValueError, OSError) as e:
+            raise ControlError(f"{ident}: {e}") from None
+        log.info("control: %s resized to %d bytes", ident, new)
+        return {"device": ident, "size": new}
+
+
+class _Drop(Exception):
+    """Close this client (the message is the log line's reason)."""
+
+
+_COMMANDS: dict[str, Callable[[ControlServer, dict[str, Any]], Any]] = {
+    "list": ControlServer._list,
+    "stats": ControlServer._stats,
+    "metrics": ControlServer._metrics,
+    "resize": ControlServer._resize,
+}
