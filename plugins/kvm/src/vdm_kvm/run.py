@@ -20,6 +20,7 @@ from typing import Any
 
 from vdm.cli.devices import add_device_options, device_configs
 from vdm.config import OPTION_SYNTAX_HELP, load_toml
+from vdm.control import add_control_option, check_control_path
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.plugins import PluginSet
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser, plugins: PluginSet | None = None) 
         metavar="NAME",
         help="once the VM, its devices and the kernel are set up, become this user (vdm started as root)",
     )
+    add_control_option(p)
     add_device_options(p, plugins)
     p.epilog = OPTION_SYNTAX_HELP
 
@@ -122,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     doc = _default_console(args, plugins, doc)
     configs = device_configs(args, plugins, doc, base_dir=base_dir)
     params = " ".join(p for p in (doc.get("params"), args.params) if p)
+    if getattr(args, "control", None):
+        check_control_path(args.control)
 
     from vdm.vmm import Vmm
 
@@ -160,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         except (MachineError, ValueError, OSError) as e:
             raise UserError(f"cannot load {kernel}: {e}") from None
         log.info("%s: %d MiB, %d vCPU(s), %d device(s), %s", name, mem, cpus, len(devices.devices), cmdline)
+        devices.serve_control(getattr(args, "control", None))
         user = getattr(args, "user", None) or doc.get("user")
         devices.ready(str(user) if user else None)
         exits: list[Any] = []

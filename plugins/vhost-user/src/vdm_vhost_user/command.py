@@ -24,6 +24,7 @@ from typing import Any
 
 from vdm.cli.devices import DEST_PREFIX, add_device_options, device_configs, devices_epilog
 from vdm.config import OPTION_SYNTAX_HELP, load_toml
+from vdm.control import add_control_option, check_control_path
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.plugins import PluginSet
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + OPTION_SYNTAX_HELP
         + "\n\nexample: vdm vhost-user --socket-path vda.sock --disk disk.qcow2"
         + "\n         vdm vhost-user -s vda.sock --disk a.qcow2 -s vdb.sock --disk b.img  (two devices)"
+        + "\n         vdm vhost-user -s vda.sock --disk a.img --control vdm.ctl  (vdm ctl --control vdm.ctl)"
         + "\n\ntested frontends (versions: plugins/vhost-user/README.md):"
         + "\n  QEMU 7.2 and 10.0: vhost-user-blk-pci, -netdev vhost-user + virtio-net-pci, vhost-user-rng-pci"
         + "\n  libblkio 1.5 (virtio-blk-vhost-user driver): blk"
@@ -68,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="after the device is open and the socket listens, become this user (vdm started as root)",
     )
+    add_control_option(parser)
     add_device_options(parser, plugins)
 
 
@@ -210,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
     groups = device_groups(args, plugins)
     for path, _, _ in groups:
         _check_socket_path(path)
+    if args.control:
+        check_control_path(args.control)
     # closed in this order: the servers (newest first: frontends dropped, sockets removed), the
     # event loop, then the devices (newest first)
     with StopSignal() as stop, DeviceSet() as devices:
@@ -226,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         for (path, _, _), device in zip(groups, devices.devices):
             servers.append(VhostUserServer(path, device, loop).start())
             devices.using(servers[-1].close, f"the server on {path}")
+        devices.serve_control(args.control)
         devices.ready(getattr(args, "user", None))
         for server in servers:
             print(f"vdm: serving {server.device.name} on {server.path}", flush=True)

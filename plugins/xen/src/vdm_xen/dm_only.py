@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vdm.config import parse_option_string, quote_option, split_options
+from vdm.control import add_control_option, check_control_path
 from vdm.errors import UserError
 from vdm.registry import DeviceContext, DeviceType
 from vdm.session import DeviceSet, StopSignal
@@ -77,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wait-timeout", type=float, metavar="SECONDS", help="xenstore mode: give up if no guest appears"
     )
+    add_control_option(p)
 
 
 def _number(what: str, text: str) -> int:
@@ -166,11 +168,12 @@ def serve(
     irq_kind: str | None = None,
     tick: float = 1.0,
     on_ready: Callable[[Any], None] | None = None,
+    control: str | None = None,
 ) -> str:
     """Serve ``specs`` to ``domid`` until ``stop_fd`` is readable or the guest goes; returns why.
 
     ``on_ready(vmm)`` is called once every device is attached and announced (tests drive the guest
-    from there).
+    from there). ``control``: serve ``vdm ctl``'s socket there (:mod:`vdm.control`).
     """
     from vdm.device import VirtioDevice
     from vdm.vmm import Vmm
@@ -195,6 +198,7 @@ def serve(
                 raise UserError(f"{spec.type.name}: dm-only serves virtio devices only")
             vmm.attach_mmio(dev, base=spec.base, irq=spec.irq)
             log.info("dom%d: %s at 0x%x, irq %d", domid, dev.name, spec.base, spec.irq)
+        devices.serve_control(control)
         for spec in specs:  # ranges are claimed: now the toolstack may let the guest run
             if spec.xs is not None:
                 spec.xs.ready()
@@ -340,6 +344,8 @@ def run(args: argparse.Namespace, lib: Any = None) -> int:
     else:
         specs = []
         configs = [parse_config(text, devices) for text in args.device]
+    if getattr(args, "control", None):
+        check_control_path(args.control)
     if lib is None:
         try:
             lib = load()
@@ -383,7 +389,15 @@ def run(args: argparse.Namespace, lib: Any = None) -> int:
                 except XenStoreError:
                     xs = None
             try:
-                why = serve(lib, domid, specs, stop.fileno(), xs=xs, irq_kind=args.irq_kind)
+                why = serve(
+                    lib,
+                    domid,
+                    specs,
+                    stop.fileno(),
+                    xs=xs,
+                    irq_kind=args.irq_kind,
+                    control=getattr(args, "control", None),
+                )
             except XenError as e:
                 raise UserError(f"dom{domid}: {e.strerror}") from None
         finally:
