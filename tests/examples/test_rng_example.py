@@ -48,7 +48,9 @@ def test_its_own_tests_pass_when_installed(venv, tmp_path):
 def test_list_plugins_shows_it(venv):
     proc = run_vdm(["list-plugins", "--json"], python=venv)
     assert proc.returncode == 0, proc.stderr
-    (rec,) = [r for r in json.loads(proc.stdout)["plugins"] if r["name"] == "rng"]
+    listing = json.loads(proc.stdout)
+    assert listing["conflicts"] == []  # next to vdm-rng (plugins/rng), which owns the type "rng"
+    (rec,) = [r for r in listing["plugins"] if r["name"] == "rng-example"]
     assert rec["distribution"] == "vdm-rng-example"
     assert rec["version"] == "0.1.0"
     assert rec["kind"] == "device"
@@ -56,14 +58,14 @@ def test_list_plugins_shows_it(venv):
     assert rec["hooks"] == ["vdm_register_devices"]
     assert rec["module"] == "vdm_rng.plugin"
     assert rec["path"].endswith("site-packages/vdm_rng/plugin.py") and str(EXAMPLE) not in rec["path"]
-    assert rec["provides"]["devices"] == ["rng"]
-    row = parse_table(run_vdm(["list-plugins"], python=venv).stdout)["rng"]
+    assert rec["provides"]["devices"] == ["rng-example"]
+    row = parse_table(run_vdm(["list-plugins"], python=venv).stdout)["rng-example"]
     assert row == {k: rec[k] for k in ("name", "distribution", "version", "kind", "status")}
 
 
 
 def test_device_commands_offer_its_flag(venv):
-    """Commands that add devices from plugins (vhost-user, run) pick up --rng from the example."""
+    """Commands that add devices from plugins (vhost-user, run) pick up --rng-example from the example."""
     proc = run_vdm(["--help"], python=venv)
     commands = [c for c in ("vhost-user", "run") if f"    {c} " in proc.stdout]
     if not commands:
@@ -72,5 +74,6 @@ def test_device_commands_offer_its_flag(venv):
         proc = run_vdm([command, "--help"], python=venv)
         assert proc.returncode == 0, proc.stderr
         text = " ".join(proc.stdout.split())
-        assert "--rng OPTIONS virtio-rng: random numbers for the guest's /dev/hwrng (from os.urandom) " \
-               "[vdm-rng-example]; options: max_bytes=…,queue_size=16|32|64|128|256|512|1024" in text
+        assert "--rng-example OPTIONS virtio-rng: random numbers for the guest's /dev/hwrng (from " \
+               "os.urandom) [vdm-rng-example]; options: max_bytes=…," \
+               "queue_size=16|32|64|128|256|512|1024" in text

@@ -1,6 +1,6 @@
 """A real Linux guest reads /dev/hwrng from the example plugin's device.
 
-The installed example (``vdm-rng-example``) is served by ``vdm vhost-user --rng ""``; QEMU (TCG)
+The installed example (``vdm-rng-example``) is served by ``vdm vhost-user --rng-example ""``; QEMU (TCG)
 boots the guest kit with a ``vhost-user-rng-pci`` device on that socket, and the kit's ``rng``
 workload reads 4 KiB from ``/dev/hwrng`` and reports which hardware RNG the kernel used. No KVM
 needed: the device is reached over vhost-user.
@@ -24,12 +24,12 @@ pytestmark = [pytest.mark.realguest, pytest.mark.slow]
 
 @pytest.fixture
 def rng_backend(tmp_path):
-    """``vdm vhost-user --rng ""`` from a venv where the example is installed; yields the socket."""
+    """``vdm vhost-user --rng-example ""`` from a venv where the example is installed; yields the socket."""
     python = install_rng_example(tmp_path)
     sock = tmp_path / "rng.sock"
     log = open(tmp_path / "backend.log", "w+")  # closed below
     proc = subprocess.Popen(
-        [str(python), "-m", "vdm.cli.main", "vhost-user", "-s", str(sock), "--rng", ""],
+        [str(python), "-m", "vdm.cli.main", "vhost-user", "-s", str(sock), "--rng-example", ""],
         stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True,
     )
     try:

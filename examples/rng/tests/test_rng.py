@@ -88,9 +88,9 @@ def test_a_broken_chain_stops_the_device(virtio_driver):
 def test_options():
     from vdm.config import parse_option_string
 
-    assert parse_option_string(RngConfig, "max_bytes=256", "--rng") == RngConfig(max_bytes=256)
-    with pytest.raises(UserError, match=r"^--rng: max_bytes must be at least 1, not 0$"):
-        parse_option_string(RngConfig, "max_bytes=0", "--rng")
+    assert parse_option_string(RngConfig, "max_bytes=256", "--rng-example") == RngConfig(max_bytes=256)
+    with pytest.raises(UserError, match=r"^--rng-example: max_bytes must be at least 1, not 0$"):
+        parse_option_string(RngConfig, "max_bytes=0", "--rng-example")
 
 
 def test_registered_as_a_vdm_plugin():
@@ -98,10 +98,10 @@ def test_registered_as_a_vdm_plugin():
         importlib.metadata.distribution("vdm-rng-example")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("vdm-rng-example is not installed (pip install ./examples/rng)")
-    plugins = load_plugins(only=["rng"])
-    (info,) = [p for p in plugins.plugins if p.name == "rng"]
+    plugins = load_plugins(only=["rng-example"])
+    (info,) = [p for p in plugins.plugins if p.name == "rng-example"]
     assert (info.distribution, info.state, info.status) == ("vdm-rng-example", "loaded", "available")
-    dt = plugins.device_type("rng")
-    assert plugins.device_for_flag("--rng") is dt and dt.toml_key == "rng"
+    dt = plugins.device_type("rng-example")
+    assert plugins.device_for_flag("--rng-example") is dt and dt.toml_key == "rng-example"
     device = dt.create(RngConfig(max_bytes=8), None)
     assert isinstance(device, RngDevice) and device.config.max_bytes == 8

@@ -1,4 +1,4 @@
-"""The options of an rng device: ``--rng max_bytes=256`` or an ``[[rng]]`` table."""
+"""The options of an rng device: ``--rng-example max_bytes=256`` or an ``[[rng-example]]`` table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""vdm-rng-example's plugin module: registers the ``rng`` device type (``--rng``, ``[[rng]]``)."""
+"""vdm-rng-example's plugin module: registers the ``rng-example`` device type (``--rng-example``,
+``[[rng-example]]``). Not ``rng``: that is vdm-rng's (plugins/rng), the full device this example
+is the minimal form of, and the two can be installed side by side."""
 
 from __future__ import annotations
 
@@ -23,11 +25,11 @@ def create(config: RngConfig, ctx: DeviceContext):  # -> RngDevice
 def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
     register(
         DeviceType(
-            name="rng",
+            name="rng-example",
             config=RngConfig,
             create=create,
-            cli_flag="--rng",
-            toml_key="rng",
+            cli_flag="--rng-example",
+            toml_key="rng-example",
             help="virtio-rng: random numbers for the guest's /dev/hwrng (from os.urandom)",
             virtio_id=4,
         )
