@@ -45,6 +45,7 @@ ROOTS = (
     "vdm_lab",
     "vdm_net",
     "vdm_vhost_user",
+    "vdm_virtio_rng",
     "vdm_xen",
 )
 
