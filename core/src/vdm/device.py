@@ -221,9 +221,12 @@ class VirtioDevice:
         return chunk + bytes(size - len(chunk))
 
     def signal_config(self) -> None:
-        """Tell the driver the configuration changed (bumps the generation counter)."""
+        """Tell the driver the configuration changed (bumps the generation counter).
+
+        Interrupts once the driver runs the device: DRIVER_OK written, or activated by a transport
+        that keeps the status register itself (vhost-user: the frontend's)."""
         self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        if self.status & Status.DRIVER_OK:
+        if self.status & Status.DRIVER_OK or self.activated:
             self.interrupts.config_interrupt()
 
     # ---- status state machine (transports that carry a status register) ------------------------

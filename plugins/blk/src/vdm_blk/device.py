@@ -182,6 +182,31 @@ class BlkDevice(VirtioDevice):
         if self._deferred_locks is not None:
             self._deferred_locks.release()
 
+    def resize(self, size: int | None) -> int:
+        """``vdm ctl resize``: the disk becomes ``size`` bytes (None: re-read the image's size, e.g.
+        after ``truncate -s``); the driver is told with a config-change notification. Returns the
+        new size. ValueError says why not (read-only, not a multiple of 512, shrinking, a format
+        that cannot change size). Requests past the new end fail from now on; none is cut short."""
+        if size is not None:
+            if self.read_only:
+                raise ValueError("the disk is read-only")
+            if size % SECTOR:
+                raise ValueError(f"{size} is not a multiple of {SECTOR} bytes")
+            if size < self.capacity * SECTOR:
+                raise ValueError(
+                    f"{size} bytes is smaller than the disk ({self.capacity * SECTOR}): shrinking "
+                    "would cut off what the guest stored (grow only)"
+                )
+        from .backends.base import DiskError
+
+        try:
+            new = self.backend.resize(size)
+        except DiskError as e:
+            raise ValueError(str(e)) from None
+        self.capacity = new // SECTOR
+        self.signal_config()
+        return new
+
     def close(self) -> None:
         self.reset()
         if self._pool is not None:
@@ -206,6 +231,7 @@ class BlkDevice(VirtioDevice):
         if wlen < 1:
             log.warning("%s: request without a writable status byte dropped", self.name)
             self.stats["errors"] += 1
+            queue.count_error()
             queue.push(chain, 0)
             self.signal_used(queue)
             return
@@ -373,6 +399,7 @@ class BlkDevice(VirtioDevice):
     ) -> None:
         if st != S_OK:
             self.stats["errors"] += 1
+            queue.count_error()
         status[0] = st
         queue.push(chain, written + 1)
         if signal:

@@ -13,12 +13,21 @@ In vdm's terms this module is one more way of serving devices: it configures the
 interrupts into writes to call eventfds. The device code is the same as under KVM or Xen.
 
 The ring messages and when a ring starts and stops are :mod:`.rings` (a mixin of the handler).
+
+The backend channel (PROTOCOL_F_BACKEND_REQ: a socket the frontend hands over with
+SET_BACKEND_REQ_FD, kept until the connection ends) carries the device's configuration changes
+(:meth:`~vdm.device.VirtioDevice.signal_config`, e.g. ``vdm ctl resize``) as
+CONFIG_CHANGE_MSG when CONFIG is negotiated; the frontend then reads the new configuration
+with GET_CONFIG and interrupts the driver. A send that fails is one log line; the connection
+stays.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import stat
 import threading
 from typing import Callable
 
@@ -48,6 +57,7 @@ OFFERED_PROTOCOL_FEATURES = (
     | 1 << ProtocolFeature.RESET_DEVICE
     | 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
     | 1 << ProtocolFeature.STATUS
+    | 1 << ProtocolFeature.BACKEND_REQ
 )
 #: live migration (VHOST_F_LOG_ALL with a shared log, :mod:`.dirtylog`) needs an atomic OR
 LOGGING_OFFERED = atomic_or_available()
@@ -112,6 +122,9 @@ class VhostUserHandler(RingMessages):
         self.sock: socket.socket | None = None
         #: SET_LOG_FD's eventfd, kept (QEMU does not send one; the log itself is what it reads)
         self.log_fd: int | None = None
+        #: the backend channel (SET_BACKEND_REQ_FD); sends are serialized by its lock
+        self.backend_channel: socket.socket | None = None
+        self._backend_lock = threading.Lock()
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -154,6 +167,7 @@ class VhostUserHandler(RingMessages):
                 vr.call_fd = vr.err_fd = None
             close_fd(self.log_fd)
             self.log_fd = None
+        self._set_backend_channel(None)
         self._reset_state()
         self.sock = None
 
@@ -177,9 +191,10 @@ class VhostUserHandler(RingMessages):
                         log.warning("vhost-user: cannot signal call eventfd of queue %d: %s", queue.index, e)
 
     def config_interrupt(self) -> None:
-        # Without a backend request channel a configuration change cannot be announced; a device
+        # A configuration change goes to the frontend on the backend channel (module doc); a device
         # that broke (DEVICE_NEEDS_RESET) is reported on the rings' error eventfds.
         if self.device.broken is None:
+            self._config_changed()
             return
         with self._fd_lock:
             for i, vr in enumerate(self.vrings):
@@ -188,6 +203,36 @@ class VhostUserHandler(RingMessages):
                         signal_eventfd(vr.err_fd)
                     except OSError as e:
                         log.warning("vhost-user: cannot signal error eventfd of queue %d: %s", i, e)
+
+    def _config_changed(self) -> None:
+        if not self.protocol_features & (1 << ProtocolFeature.CONFIG):
+            log.warning(
+                "vhost-user: %s: configuration changed, but the frontend did not negotiate "
+                "CONFIG: the guest sees it after a reset",
+                self.device.name,
+            )
+            return
+        with self._backend_lock:
+            chan = self.backend_channel
+            if chan is None:
+                log.warning(
+                    "vhost-user: %s: configuration changed, but the frontend gave no backend "
+                    "channel (BACKEND_REQ): the guest sees it after a reset",
+                    self.device.name,
+                )
+                return
+            try:
+                p.send_backend_request(chan, p.BackendReq.CONFIG_CHANGE_MSG)
+            except OSError as e:
+                log.warning("vhost-user: %s: cannot send CONFIG_CHANGE_MSG: %s", self.device.name, e)
+                return
+        log.info("vhost-user: %s: configuration change sent to the frontend", self.device.name)
+
+    def _set_backend_channel(self, chan: socket.socket | None) -> None:
+        with self._backend_lock:
+            old, self.backend_channel = self.backend_channel, chan
+        if old is not None:
+            old.close()
 
     # ---- messages ------------------------------------------------------------------------------
 
@@ -292,6 +337,18 @@ class VhostUserHandler(RingMessages):
         with self._fd_lock:
             close_fd(self.log_fd)
             self.log_fd = fd
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if not self.protocol_features & (1 << ProtocolFeature.BACKEND_REQ):
+            raise ProtocolError("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
+        fd = msg.take_fd()
+        assert fd is not None  # the layout asks for exactly one
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            close_fd(fd)
+            raise ProtocolError("SET_BACKEND_REQ_FD: the descriptor is not a socket")
+        chan = socket.socket(fileno=fd)
+        chan.settimeout(5)  # a frontend that stops reading costs a config change, not the process
+        self._set_backend_channel(chan)
 
     def _set_owner(self, msg: Message) -> None:
         self.owner = True
@@ -438,4 +495,5 @@ class VhostUserHandler(RingMessages):
         Req.GET_STATUS: _get_status,
         Req.SET_LOG_BASE: _set_log_base,
         Req.SET_LOG_FD: _set_log_fd,
+        Req.SET_BACKEND_REQ_FD: _set_backend_req_fd,
     }

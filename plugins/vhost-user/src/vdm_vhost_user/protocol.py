@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 __all__ = [
     "HEADER",
     "MAX_FDS",
+    "BackendReq",
     "Message",
     "ProtocolError",
     "Req",
     "recv_message",
+    "send_backend_request",
     "send_message",
 ]
 
@@ -124,6 +126,16 @@ class Req:
         return f"request {value}"
 
 
+class BackendReq:
+    """Backend request numbers: messages vdm sends on the backend channel (SET_BACKEND_REQ_FD)."""
+
+    IOTLB_MSG = 1
+    #: the configuration space changed (needs PROTOCOL_F_CONFIG); the frontend reads it again with
+    #: GET_CONFIG and, if it differs, raises the config-change interrupt (QEMU 7.2's
+    #: vhost-user-blk does so for a new capacity)
+    CONFIG_CHANGE_MSG = 2
+
+
 class ProtocolFeature:
     """VHOST_USER_PROTOCOL_F_* bit numbers (vhost-user.rst as of QEMU 10; which are offered: backend.py)."""
 
@@ -195,6 +207,7 @@ LAYOUT = {
     Req.SET_LOG_BASE: (_exactly(LOG_BASE.size), (1, 1)),
     Req.SET_LOG_FD: (lambda s: s in (0, U64.size), (0, 1)),  # the spec: no payload
     Req.GET_STATUS: (_exactly(0), (0, 0)),
+    Req.SET_BACKEND_REQ_FD: (_exactly(0), (1, 1)),
 }
 
 
@@ -328,3 +341,8 @@ def send_message(
         sock.sendmsg([data], anc)
     else:
         sock.sendall(data)
+
+
+def send_backend_request(sock: socket.socket, request: int, payload: bytes = b"") -> None:
+    """Send a backend request on the backend channel (no reply asked for: NEED_REPLY is not set)."""
+    sock.sendall(HEADER.pack(request, VERSION, len(payload)) + payload)

@@ -99,6 +99,12 @@ class DiskBackend(ABC):
         return the bytes written, or None for "use a worker thread". The default never serves."""
         return None
 
+    def resize(self, size: int | None) -> int:
+        """Make the disk ``size`` bytes (None: take the size the storage has now, e.g. after
+        ``truncate -s``); return the new size. The default refuses: a format that can change
+        size while served overrides it (raw does)."""
+        raise DiskError(f"{self}: this disk format cannot change size while it is served (raw can)")
+
     # ---- helpers for implementations -------------------------------------------------------------
 
     def check_range(self, offset: int, length: int, write: bool = False) -> None:

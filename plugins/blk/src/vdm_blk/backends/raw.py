@@ -66,6 +66,16 @@ class RawDisk(DiskBackend):
         self.check_range(offset, n)
         return self.file.read_nowait(buffers, offset, n)
 
+    def resize(self, size: int | None) -> int:
+        """Grow (or shrink) the storage to ``size`` bytes, or take its current size (None)."""
+        self._live()
+        if size is not None:
+            if self.read_only:
+                raise DiskError(f"{self.path}: the disk is read-only; it cannot be resized")
+            self.file.truncate(size)
+        self.size = self.file.size()
+        return self.size
+
     def _read_tail(self, offset: int, buf: memoryview) -> None:
         data = self.file.pread(len(buf), offset)
         buf[: len(data)] = data

@@ -1,0 +1,143 @@
+"""`vdm ctl resize` (issue 16 item 3): a disk grows while the guest runs and the guest sees it.
+
+Guest-free: a vdm-blk disk on the virtio-mmio transport of vdm.testing, resized through a real
+control socket: the capacity in its config space changes, the config-change interrupt is raised,
+the image file grows; a size re-read after ``truncate -s``; what cannot be resized says why.
+Real guest (QEMU 7.2 TCG, vhost-user-blk): vdm sends CONFIG_CHANGE_MSG on the backend channel
+and the guest's ``/sys/block/vda/size`` changes without a reboot.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import vdm_lab
+from vdm.cli.ctl import request
+from vdm.errors import UserError
+from vdm.registry import DeviceContext, DeviceType
+from vdm.session import DeviceSet
+from vdm.testing import VirtioTestDriver
+from vdm_blk.config import BlkConfig
+from vdm_blk.plugin import create
+
+from tests.realguest.conftest import kit, qemu  # noqa: F401 - the session fixtures
+from tests.vhost_user.vdmproc import VdmProcess
+
+MIB = 1 << 20
+BLK = DeviceType(name="blk", config=BlkConfig, create=create)
+CONFIG_CHANGED = 2  # virtio-mmio InterruptStatus bit 1
+
+
+def _image(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _capacity(drv: VirtioTestDriver) -> int:
+    return drv.config_read(0, 8)
+
+
+def test_resize_raises_the_config_interrupt(tmp_path: Path) -> None:
+    image = _image(tmp_path / "a.img", 1 * MIB)
+    ctl = str(tmp_path / "vdm.ctl")
+    with DeviceSet() as devices:
+        dev = devices.create(BLK, BlkConfig(path=str(image)), DeviceContext())
+        devices.serve_control(ctl)
+        drv = VirtioTestDriver(dev)
+        drv.init()
+        drv.ack_interrupts()
+        assert _capacity(drv) == 2048
+
+        assert request(ctl, "resize", {"device": "blk0", "size": 3 * MIB}) == {
+            "device": "blk0",
+            "size": 3 * MIB,
+        }
+        assert _capacity(drv) == 6144
+        assert drv.ack_interrupts() & CONFIG_CHANGED
+        assert os.path.getsize(image) == 3 * MIB
+
+        os.truncate(image, 5 * MIB)  # grown on the host: re-read its size
+        assert request(ctl, "resize", {"device": "blk0", "size": None})["size"] == 5 * MIB
+        assert _capacity(drv) == 10240
+        assert drv.ack_interrupts() & CONFIG_CHANGED
+
+        with pytest.raises(UserError, match="shrinking would cut off"):
+            request(ctl, "resize", {"device": "blk0", "size": 1 * MIB})
+        with pytest.raises(UserError, match="not a multiple of 512"):
+            request(ctl, "resize", {"device": "blk0", "size": 5 * MIB + 1})
+        assert _capacity(drv) == 10240 and not drv.ack_interrupts()
+        # the grown disk is usable to its new end
+        assert drv.reg_read(0x70) & 0x4  # DRIVER_OK
+
+
+def test_what_cannot_be_resized_says_why(tmp_path: Path) -> None:
+    ro = _image(tmp_path / "ro.img", 1 * MIB)
+    qcow = tmp_path / "q.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "1M"], check=True)
+    ctl = str(tmp_path / "vdm.ctl")
+    with DeviceSet() as devices:
+        devices.create(BLK, BlkConfig(path=str(ro), ro=True), DeviceContext())
+        devices.create(BLK, BlkConfig(path=str(qcow)), DeviceContext())
+        devices.serve_control(ctl)
+        with pytest.raises(UserError, match="blk0: the disk is read-only"):
+            request(ctl, "resize", {"device": "blk0", "size": 2 * MIB})
+        with pytest.raises(UserError, match=r"blk1: .*cannot change size while it is served"):
+            request(ctl, "resize", {"device": "blk1", "size": 2 * MIB})
+        listing = request(ctl, "list")["devices"]
+        assert [d.get("resizable") for d in listing] == [True, True]
+    assert os.path.getsize(ro) == 1 * MIB
+
+
+RESIZE_WORKLOAD = r"""
+waitfor "$P_dev" || { result fail reason=no_dev; return; }
+b=/sys/block/${P_dev#/dev/}/size
+old=$(cat $b)
+echo "VDMTEST STEP resize ready sectors=$old"
+i=0
+while [ "$(cat $b)" = "$old" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+new=$(cat $b)
+# the new end is usable: write and read back the last sector
+echo resized | dd of="$P_dev" bs=512 seek=$((new - 1)) conv=notrunc,fsync 2>/dev/null
+tail=$(dd if="$P_dev" bs=512 skip=$((new - 1)) count=1 iflag=direct 2>/dev/null | head -c 7)
+result ok old=$old new=$new tail=$tail
+"""
+
+
+@pytest.mark.realguest
+@pytest.mark.slow
+def test_guest_sees_the_new_size(kit: vdm_lab.GuestKit, tmp_path: Path) -> None:  # noqa: F811
+    image = _image(tmp_path / "vda.img", 16 * MIB)
+    sock, ctl = tmp_path / "vda.sock", str(tmp_path / "vdm.ctl")
+    proc = VdmProcess(str(sock), "--disk", str(image), "--control", ctl)
+    replies: list[object] = []
+
+    def on_line(line: str) -> None:
+        if "VDMTEST STEP resize ready" in line:
+            replies.append(request(ctl, "resize", {"device": "blk0", "size": 24 * MIB}))
+
+    try:
+        r = vdm_lab.run_qemu(
+            ["-chardev", f"socket,id=vub0,path={sock}", "-device", "vhost-user-blk-pci,chardev=vub0"],
+            ["resize"],
+            {"dev": "/dev/vda"},
+            timeout=180,
+            kit=kit,
+            on_line=on_line,
+            guest=vdm_lab.GuestSpec(workloads={"resize": RESIZE_WORKLOAD}),
+        )
+    finally:
+        rc = proc.stop()
+    assert replies == [{"device": "blk0", "size": 24 * MIB}], r.describe()
+    r.assert_ok("resize")
+    res = r["resize"]
+    assert (res["old"], res["new"]) == (str(16 * MIB // 512), str(24 * MIB // 512)), r.describe()
+    assert res["tail"] == "resized"
+    assert rc == 0, proc.output
+    assert proc.count("configuration change sent to the frontend") == 1, proc.output
+    with open(image, "rb") as f:
+        f.seek(24 * MIB - 512)
+        assert f.read(7) == b"resized"
