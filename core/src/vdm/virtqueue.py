@@ -76,15 +76,23 @@ from .chain import DescriptorChain
 from .memory import GuestMemory, GuestMemoryError
 from .queue_config import MAX_QUEUE_SIZE, QueueConfig, QueueTracker
 from .ring_layout import (
+    AVAIL_FLAGS,
+    AVAIL_IDX,
+    AVAIL_RING,
     DESC,
     DESC_SIZE,
+    USED_FLAGS,
+    USED_IDX,
+    USED_RING,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+    avail_event_offset,
     avail_ring_size,
     desc_table_size,
+    used_event_offset,
     used_ring_size,
 )
 from .sg import slice_views
@@ -114,6 +122,10 @@ MAX_CHAIN_BYTES = 1 << 32
 UNLIMITED = 1 << 62
 
 _unpack_desc = DESC.unpack_from
+#: the available ring's entries in its u16 view (the flags and idx fields are [0] and [1] there,
+#: written as literals on the hot paths; checked against vdm.ring_layout below)
+_AVAIL_RING16 = AVAIL_RING // 2
+assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX // 2 == 1
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +194,8 @@ class Virtqueue(QueueConfig):
         self._used16: memoryview | None = None
         #: u32 view of the used elements: element i is [2 * i] (id), [2 * i + 1] (len)
         self._used_elems: memoryview | None = None
+        #: u16 index of avail_event in the used ring, of used_event in the available ring
+        self._avail_event16 = self._used_event16 = 0
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -201,7 +215,9 @@ class Virtqueue(QueueConfig):
             raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from e
         self._avail16 = self._avail.cast("H")
         self._used16 = self._used.cast("H")
-        self._used_elems = self._used[4 : 4 + 8 * size].cast("I")
+        self._used_elems = self._used[USED_RING : avail_event_offset(size)].cast("I")
+        self._avail_event16 = avail_event_offset(size) // 2
+        self._used_event16 = used_event_offset(size) // 2
         self.memory = memory
         self._event_idx = event_idx
         self._indirect = indirect
@@ -271,11 +287,11 @@ class Virtqueue(QueueConfig):
             self.errors += 1
             raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} ahead of {last}")
         rmb()
-        head = avail16[2 + last % size]
+        head = avail16[_AVAIL_RING16 + last % size]
         self._last_avail_idx = last = (last + 1) & 0xFFFF
         if self._event_idx:
             # avail_event: ask for a kick when the driver adds anything past what we have taken.
-            used16[2 + 4 * size] = last
+            used16[self._avail_event16] = last
         if head < len(self._held) and self._held[head]:
             self.errors += 1
             raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
@@ -496,7 +512,7 @@ class Virtqueue(QueueConfig):
                 valid = self.signalled_valid
                 self.signalled_used = new
                 self.signalled_valid = True
-                used_event = avail16[2 + self._size]
+                used_event = avail16[self._used_event16]
                 return not valid or _need_event(used_event, new, old)
             return not avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
@@ -512,7 +528,7 @@ class Virtqueue(QueueConfig):
             return False
         if self._event_idx:
             if enabled:
-                used16[2 + 4 * self._size] = self._last_avail_idx
+                used16[self._avail_event16] = self._last_avail_idx
         else:
             used16[0] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
         if not enabled:
