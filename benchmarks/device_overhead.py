@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Device overhead without a guest: 4 KiB virtio-blk reads (or writes) through the device path.
 
-The in-process driver lays out N requests once; each round re-publishes the same N chains, kicks,
-and waits until the device has returned all of them. Only the device's side is timed per round
-(the re-publish is a few ring writes). Backends: ``null`` (readv returns at once), ``raw`` (a
-file in the page cache) and ``raw-worker`` (the same file with the device's inline paths turned
-off, so every request goes through the worker-thread handoff: the A/B of those paths).
+The in-process driver lays out N requests once; each round re-publishes the same N chains
+(:class:`vdm.testing.DriverRing`'s ``publish``), kicks, and waits until the device has returned all
+of them. Only the device's side is timed per round (the re-publish is a few ring writes).
+Backends: ``null`` (readv returns at once), ``raw`` (a file in the page cache) and ``raw-worker``
+(the same file with the device's inline paths turned off, so every request goes through the
+worker-thread handoff: the A/B of those paths).
 
     python3 benchmarks/device_overhead.py [--seconds 3] [--runs 3] [--op read|write] [--profile]
 """
@@ -82,19 +83,16 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
             heads.append(drv.post(0, [struct.pack("<IIQ", T_OUT, 0, i * 8), os.urandom(4096)], [1]))
     drv.kick(0)
     drv.wait(0, inflight)
-    ram = drv.ram
     n = 0
     busy = 0.0
     prof = cProfile.Profile() if profile else None
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        # re-publish the same chains
+        # re-publish the same chains (no kick yet: the device looks only when kicked below)
         for h in heads:
-            ram.write(q.avail + 4 + 2 * (q.avail_idx % q.size), struct.pack("<H", h))
-            q.avail_idx = (q.avail_idx + 1) & 0xFFFF
+            q.publish(h)
         # used_event: interrupt when the last of the round is returned
-        ram.write(q.avail + 4 + 2 * q.size, struct.pack("<H", (q.avail_idx - 1) & 0xFFFF))
-        ram.write(q.avail + 2, struct.pack("<H", q.avail_idx))
+        q.set_used_event(q.avail_idx - 1)
         target = q.avail_idx
         t0 = time.perf_counter()
         if prof:
@@ -139,8 +137,10 @@ def main() -> None:
                     r = run(kind, inflight, args.seconds, tmp, False, args.op)
                     res.setdefault((kind, inflight), []).append(r)
         load1 = os.getloadavg()[0]
-        print(f"4 KiB {args.op}s; load average before/after: {load0:.2f} / {load1:.2f}; "
-              f"median of {args.runs} runs of {args.seconds:g} s each\n")
+        print(
+            f"4 KiB {args.op}s; load average before/after: {load0:.2f} / {load1:.2f}; "
+            f"median of {args.runs} runs of {args.seconds:g} s each\n"
+        )
         print("| backend | in flight | requests/s | µs/request |")
         print("| --- | --- | --- | --- |")
         for kind in kinds:
