@@ -9,10 +9,20 @@ A device plugin subclasses :class:`VirtioDevice` and fills in, top to bottom lik
 * :meth:`~VirtioDevice.process_queue`, called when the driver kicks a queue;
 * :meth:`~VirtioDevice.on_activate` / :meth:`~VirtioDevice.on_reset` for backend work.
 
-A transport (virtio-mmio, virtio-pci) or a vhost-user backend drives the base through
-:meth:`set_driver_features`, :meth:`set_status` (or :meth:`activate`), :meth:`kick` and
-:meth:`reset`; it is told about interrupts through the :class:`DeviceInterrupts` it installs.
-The device never learns which transport or hypervisor carries it.
+A transport (virtio-mmio, virtio-pci, through :mod:`vdm.transport.common`) or a vhost-user
+server drives the base through :meth:`set_driver_features`, :meth:`accept_features` (FEATURES_OK),
+:meth:`set_status` (or :meth:`activate`), :meth:`kick` and :meth:`reset`; it is told about
+interrupts through the :class:`DeviceInterrupts` it installs. The device never learns which
+transport or hypervisor carries it.
+
+Threads (docs/architecture.md has the whole list): :meth:`kick` may be called from any thread and
+runs ``process_queue`` there unless another thread is inside it for that queue (which then looks
+again), so ``process_queue`` of one queue never runs twice at once. ``pop`` and the other reads of
+the available ring take no lock: only ``process_queue`` calls them; a host thread with data for
+the driver calls :meth:`kick` instead. Completions (``push``) may come from any thread.
+``on_activate`` and ``on_reset`` run under the base's state lock, which :meth:`fail`,
+:meth:`reset` and :meth:`set_status` also take: ``on_reset`` may wait for the device's own threads
+only with a bound.
 
 Fairness: a transport whose kicks arrive on an event loop hands that loop to
 :meth:`VirtioDevice.serve_on` (:class:`vdm.vmm.Vmm` does for every device it attaches: ``vdm run``,
