@@ -70,7 +70,7 @@ def test_counters_match_what_the_driver_did(served):
 
     listing = request(path, "list")["devices"]
     assert [(d["id"], d["type"]) for d in listing] == [("echo0", "echo"), ("echo1", "echo")]
-    assert "DRIVER_OK" in listing[0]["status_names"]
+    assert "DRIVER_OK" in listing[0]["status_names"] and listing[0]["running"] is True
     assert listing[0]["queues"] == [{"index": 0, "size": 16, "ready": True, "active": True}]
 
     stats = {d["id"]: d["queues"][0] for d in request(path, "stats")["devices"]}
@@ -239,7 +239,7 @@ def test_vdm_ctl_command(served):
 
     out = ctl("list")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[0].split()[:2] == ["echo0", "echo"]
+    assert out.stdout.splitlines()[0].split()[:3] == ["echo0", "echo", "running"]
     out = ctl("stats")
     row = next(line.split() for line in out.stdout.splitlines() if line.startswith("echo0"))
     assert row[1:7] == ["0", "1", "5", "5", "0", "0"]

@@ -7,7 +7,9 @@ JSON lines on a Unix socket, one request one reply, in QMP's shape but small::
     -> {"execute": "resize", "arguments": {"device": "blk0", "size": 2147483648}}
     <- {"return": {"device": "blk0", "size": 2147483648}}
 
-Commands: ``list`` (devices, their type, driver status, features, queues), ``stats`` (per-queue
+Commands: ``list`` (devices, their type, whether a driver runs them -- under vhost-user the
+frontend keeps the status register, so ``status`` stays 0 there and ``running`` tells --,
+driver status, features, queues), ``stats`` (per-queue
 counters of :class:`~vdm.virtqueue.Virtqueue`), ``metrics`` (the same counters in the Prometheus
 text exposition format 0.0.4, written here: no library needed), ``resize`` (a device that
 implements :class:`Resizable`; ``size`` null re-reads the backing image's size). The client is
@@ -130,6 +132,7 @@ def device_list(entries: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
         rec: dict[str, Any] = {"id": ident, "type": kind, "name": getattr(dev, "name", kind)}
         if queues:
             rec.update(
+                running=bool(getattr(dev, "activated", False)),
                 status=status,
                 status_names=_status_names(status),
                 driver_features=f"{int(getattr(dev, 'driver_features', 0)):#x}",
@@ -205,7 +208,7 @@ def metrics_text(stats: list[dict[str, Any]]) -> str:
             below += counts.get(i, 0)
         for i in _BUCKETS:
             below += counts.get(i, 0)
-            lines.append(f'{name}_bucket{{{labels},le="{(1 << i) / 1e9:.9g}"}} {below}')
+            lines.append(f'{name}_bucket{{{labels},le="{(1 << i) / 1e9!r}"}} {below}')
         lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {q["completed"]}')
         lines.append(f"{name}_sum{{{labels}}} {q['latency_sum_ns'] / 1e9:.9g}")
         lines.append(f"{name}_count{{{labels}}} {q['completed']}")

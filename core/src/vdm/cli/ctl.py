@@ -118,12 +118,13 @@ def _ns(ns: int) -> str:
 def _print_list(ret: dict[str, Any]) -> None:
     for d in ret["devices"]:
         status = ",".join(d.get("status_names", [])) or "-"
+        state = "running" if d.get("running") else "stopped"
         queues = d.get("queues", [])
         ready = sum(1 for q in queues if q["ready"])
         feats = d.get("driver_features", "-")
         extra = f" broken: {d['broken']}" if d.get("broken") else ""
         print(
-            f"{d['id']:<8} {d['type']:<8} status={status} features={feats} "
+            f"{d['id']:<8} {d['type']:<8} {state:<8} status={status} features={feats} "
             f"queues={ready}/{len(queues)} ready{extra}"
         )
 
