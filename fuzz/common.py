@@ -41,6 +41,11 @@ def data_files(opened: list[str]) -> list[str]:
     return [p for p in opened if not p.endswith((".py", ".pyc", ".so"))]
 
 
+#: the core's queue path (ring layout, walk, chains, scatter/gather, configuration): instrumented by
+#: every target whose input reaches a device's queues
+QUEUE_MODULES = ("vdm.virtqueue", "vdm.chain", "vdm.sg", "vdm.queue_config", "vdm.ring_layout")
+
+
 def run(test_one_input: Callable[[bytes], None], modules: tuple[str, ...]) -> None:
     """Fuzz ``test_one_input``; ``modules`` are imported (and instrumented for coverage) first."""
     import importlib

@@ -108,10 +108,7 @@ if __name__ == "__main__":
     common.run(
         one_input,
         (
-            "vdm.virtqueue",
-            "vdm.chain",
-            "vdm.sg",
-            "vdm.queue_config",
+            *common.QUEUE_MODULES,
             "vdm.device",
             "vdm.testing",
             "vdm_blk.device",

@@ -156,9 +156,7 @@ if __name__ == "__main__":
             "vdm_console.virtio",
             "vdm_console.uart",
             "vdm_console.backends.base",
-            "vdm.virtqueue",
-            "vdm.chain",
-            "vdm.sg",
+            *common.QUEUE_MODULES,
         ),
     )
     sys.exit(0)

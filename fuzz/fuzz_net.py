@@ -136,9 +136,7 @@ if __name__ == "__main__":
             "vdm_net.control",
             "vdm_net.vnet_hdr",
             "vdm_net.backends.poller",
-            "vdm.virtqueue",
-            "vdm.chain",
-            "vdm.sg",
+            *common.QUEUE_MODULES,
         ),
     )
     sys.exit(0)

@@ -81,16 +81,12 @@ if __name__ == "__main__":
     common.run(
         one_input,
         (
-            "vdm.virtqueue",
-            "vdm.chain",
-            "vdm.sg",
-            "vdm.queue_config",
+            *common.QUEUE_MODULES,
             "vdm.device",
             "vdm.memory",
             "vdm.transport.mmio",
             "vdm.transport.common",
             "vdm.testing",
-            "vdm.ring_layout",
         ),
     )
     sys.exit(0)
