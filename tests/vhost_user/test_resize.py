@@ -9,7 +9,10 @@ and the guest's ``/sys/block/vda/size`` changes without a reboot.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from vdm.session import DeviceSet
 from vdm.testing import VirtioTestDriver
 from vdm_blk.config import BlkConfig
 from vdm_blk.plugin import create
+from vdm_vhost_user import protocol as p
+from vdm_vhost_user.protocol import ProtocolFeature, Req
 
 from tests.realguest.conftest import kit, qemu  # noqa: F401 - the session fixtures
 from tests.vhost_user.vdmproc import VdmProcess
@@ -141,3 +146,60 @@ def test_guest_sees_the_new_size(kit: vdm_lab.GuestKit, tmp_path: Path) -> None:
     with open(image, "rb") as f:
         f.seek(24 * MIB - 512)
         assert f.read(7) == b"resized"
+
+
+# ---- the backend channel, guest-free (the test frontend of tests/vhost_user/frontend.py) --------
+
+BACKEND_CONFIG = (
+    1 << ProtocolFeature.BACKEND_REQ | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.REPLY_ACK
+)
+
+
+def test_config_change_msg_on_the_backend_channel(blk_server, frontends) -> None:
+    _server, path, device = blk_server
+    fe = frontends(path)
+    assert fe.get_protocol_features() & BACKEND_CONFIG == BACKEND_CONFIG
+    ours, theirs = socket.socketpair()
+    with ours:
+        fe.set_protocol_features(BACKEND_CONFIG)
+        fe.call(Req.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+        theirs.close()
+        fe.start(protocol=BACKEND_CONFIG)
+        before = struct.unpack("<Q", fe.get_config(0, 8))[0]
+        assert device.resize(before * 512 + MIB) == before * 512 + MIB
+        ours.settimeout(5)
+        assert ours.recv(64) == p.HEADER.pack(p.BackendReq.CONFIG_CHANGE_MSG, p.VERSION, 0)
+        assert struct.unpack("<Q", fe.get_config(0, 8))[0] == before + MIB // 512
+        assert fe.request(0, [struct.pack("<IIQ", 0, 0, before)], [512, 1]).data[-1] == 0, "the new end reads"
+
+
+def test_a_backend_channel_that_is_no_socket_closes_that_connection(blk_server, frontends, caplog) -> None:
+    _server, path, _device = blk_server
+    fe = frontends(path)
+    fe.set_protocol_features(BACKEND_CONFIG)
+    r, w = os.pipe()
+    with caplog.at_level(logging.WARNING):
+        fe.send(Req.SET_BACKEND_REQ_FD, b"", [r])
+        assert fe.closed_by_backend()
+    os.close(r)
+    os.close(w)
+    assert (
+        [m for m in caplog.messages if "SET_BACKEND_REQ_FD" in m]
+        == [m for m in caplog.messages if "not a socket" in m]
+        != []
+    )
+    fe2 = frontends(path)
+    fe2.start()  # the next frontend is served
+
+
+def test_resize_without_a_backend_channel_is_one_line(blk_server, frontends, caplog) -> None:
+    _server, path, device = blk_server
+    fe = frontends(path)
+    fe.start()
+    with caplog.at_level(logging.WARNING):
+        device.resize(None)
+    assert [m for m in caplog.messages if "configuration changed" in m] == [
+        "vhost-user: virtio-blk: configuration changed, but the frontend gave no backend channel "
+        "(BACKEND_REQ): the guest sees it after a reset"
+    ]
+    assert fe.request(0, [struct.pack("<IIQ", 0, 0, 0)], [512, 1]).data[-1] == 0, "still serving"
