@@ -25,15 +25,16 @@ def test_qemu_like_options():
     assert parse("/dev/random").source == "/dev/random"
     c = parse("source=/srv/pool.bin,rate=4096,period=250")
     assert (c.source, c.rate, c.period, c.quota) == ("/srv/pool.bin", 4096, 250, 1024)
-    assert parse("rate=1,period=10").quota == 1  # a limited device always gives something per window
+    assert parse("rate=6400,period=10").quota == 64  # the least a window may give
     assert parse("").quota == 0  # no limit
-    assert config_from_mapping(RngConfig, {"source": "/x", "rate": 10}, "[rng]").rate == 10
+    assert config_from_mapping(RngConfig, {"source": "/x", "rate": 1000}, "[rng]").rate == 1000
 
 
 @pytest.mark.parametrize(
     "text, says",
     [("rate=-1", "rate must be"), ("period=0", "period must be"), ("period=3600001", "period must be"),
-     ("/dev/urandom,speed=3", "unknown option"), ("rate=fast", "rate")],
+     ("/dev/urandom,speed=3", "unknown option"), ("rate=fast", "rate"),
+     ("rate=320,period=100", "gives 32 bytes per window; give at least 64")],
 )
 def test_bad_options_are_one_line(text, says):
     with pytest.raises(UserError) as e:

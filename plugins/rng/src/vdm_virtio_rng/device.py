@@ -5,13 +5,17 @@ device-writable buffers; the device fills each with bytes read from its source (
 :data:`MAX_REQUEST` per request: a huge buffer is filled in part, which the driver reads from the
 used length) and returns it. Device-readable buffers in a request are ignored.
 
-Rate limit (``rate=``/``period=``, see :mod:`vdm_virtio_rng.limit`): when the window's quota is
-spent, the device takes no more requests; they stay in the guest's ring, the device's waker
-kicks the queue when the window ends, and they are served then. Nothing waits under the device's
-state lock or in the kicking thread, and a request is never answered with 0 bytes for lack of
-quota. The quota is the device's, not the driver's: a reset does not renew it (a guest cannot
-reset its way past the limit); a reset forgets the pending wake-up (the requests went with the
-ring), and :meth:`RngDevice.close` ends the waker's thread.
+Rate limit (``rate=``/``period=``, see :mod:`vdm_virtio_rng.limit`): a request is answered whole
+(its writable room, at most MAX_REQUEST, or the whole quota if that is smaller) or not yet. When
+the window has too little quota left, the device keeps that one request aside and takes no
+more from the guest's ring; its waker kicks the queue when the window ends, and they are served
+then. Linux's virtio-rng stalls on answers cut short (seen with 6.1: a 51-byte answer to its
+64-byte request, the window's rest, and its reader waited until its timeout), so the quota is
+never used to cut one. Nothing waits under the device's state lock or in the kicking thread,
+and a request is never answered with 0 bytes for lack of quota. The quota is the device's, not
+the driver's: a reset does not renew it (a guest cannot reset its way past the limit); a reset
+forgets the pending wake-up and the request kept aside (they went with the ring), and
+:meth:`RngDevice.close` ends the waker's thread.
 
 A source that ends (a file read to its end) or fails to read (EIO) fails the device with one log
 line (DEVICE_NEEDS_RESET). Linux's virtio-rng cannot use a 0-byte answer: it posts its next
@@ -27,6 +31,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from vdm.chain import DescriptorChain
 from vdm.device import VirtioDevice
 from vdm.virtqueue import Virtqueue
 
@@ -85,6 +90,9 @@ class RngDevice(VirtioDevice):
         if self.config.quota:
             self._limit = RateLimit(self.config.quota, self.config.period / 1000, clock)
         self._waker = Waker(lambda: self.kick(0), clock, name=f"vdm-rng-wait:{self.config.source}")
+        #: the request taken from the ring that waits for quota (only process_queue, which the
+        #: queue's kick lock serializes, and on_reset change it)
+        self._waiting_chain: Optional[DescriptorChain] = None
         #: random bytes handed to the guest so far
         self.bytes_served = 0
 
@@ -117,17 +125,22 @@ class RngDevice(VirtioDevice):
     def process_queue(self, queue: Virtqueue) -> None:
         limit = self._limit
         while True:
-            room = MAX_REQUEST
-            if limit is not None:
-                room = min(room, limit.available())
-                if room == 0:
-                    if queue.has_available():
-                        self._waker.arm(limit.window_end())
-                    break
-            chain = queue.pop()
+            chain, self._waiting_chain = self._waiting_chain, None
+            if chain is not None and chain.epoch != queue.epoch:
+                chain = None  # taken before a reset: that ring is gone
+            if chain is None:
+                chain = queue.pop()
             if chain is None:
                 break
-            want = min(chain.writable_len, room)
+            want = min(chain.writable_len, MAX_REQUEST)
+            if limit is not None and want:
+                room = limit.available()
+                if room < min(want, limit.quota):
+                    # answered whole in a later window (a cut answer stalls Linux's driver)
+                    self._waiting_chain = chain
+                    self._waker.arm(limit.window_end())
+                    break
+                want = min(want, room)
             written = 0
             if want:
                 data = self._read(want)
@@ -142,6 +155,9 @@ class RngDevice(VirtioDevice):
 
     def on_reset(self) -> None:
         self._waker.cancel()
+        chain, self._waiting_chain = self._waiting_chain, None
+        if chain is not None:
+            self.queues[0].discard(chain)
 
     def close(self) -> None:
         """End the waker's thread and close the source (idempotent)."""
