@@ -7,6 +7,11 @@ served per socket at a time and the next one is accepted when it leaves. SIGTERM
 vdm cleanly (the socket files are removed); signals and the devices' lifecycle are
 :mod:`vdm.session`'s (the same as ``vdm run`` and ``vdm dm-only``).
 
+Client mode: ``--connect PATH`` instead of ``-s PATH`` (they mix, one per device) connects to a
+frontend that listens (QEMU ``-chardev socket,id=c0,path=PATH,server=on,wait=off``,
+cloud-hypervisor's server mode), waits for it to appear, and connects again whenever the
+connection ends (:mod:`.server`).
+
 Several devices, one process: ``-s`` may be repeated, each followed by its one device --
 ``-s a.sock --disk a.img -s b.sock --disk b.qcow2`` (options before the first ``-s`` belong to it,
 so the one-device form is unchanged) -- or the TOML file's device tables name their socket
@@ -64,6 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a Unix socket to listen on; repeat it, each followed by its device, to serve several",
     )
+    parser.add_argument(
+        "--connect",
+        action=_SocketAction,
+        dest="socket_path",
+        metavar="PATH",
+        help="like -s, but the frontend listens on PATH (QEMU -chardev socket,server=on,wait=off): "
+        "connect to it, and again whenever the connection ends",
+    )
     parser.add_argument("--name", default="vdm", help="name for logs and default serial numbers")
     parser.add_argument(
         "--user",
@@ -83,6 +96,8 @@ class _SocketAction(argparse.Action):
         before = {k: len(v) for k, v in vars(namespace).items() if k.startswith(DEST_PREFIX) and v}
         groups.append((values, before))
         setattr(namespace, self.dest, groups)
+        if option_string == "--connect":
+            namespace.connect_paths = [*(getattr(namespace, "connect_paths", None) or []), values]
 
 
 def _flags(plugins: PluginSet) -> str:
@@ -228,13 +243,16 @@ def run(args: argparse.Namespace) -> int:
         loop = EventLoop("vdm-vhost-user")
         devices.using(loop.stop, "the event loop")
         servers: list[VhostUserServer] = []
+        clients = {os.path.abspath(c) for c in getattr(args, "connect_paths", None) or []}
         for (path, _, _), device in zip(groups, devices.devices):
-            servers.append(VhostUserServer(path, device, loop).start())
+            client = os.path.abspath(path) in clients
+            servers.append(VhostUserServer(path, device, loop, connect=client).start())
             devices.using(servers[-1].close, f"the server on {path}")
         devices.serve_control(args.control)
         devices.ready(getattr(args, "user", None))
         for server in servers:
-            print(f"vdm: serving {server.device.name} on {server.path}", flush=True)
+            how = "to the frontend on" if server.connect else "on"
+            print(f"vdm: serving {server.device.name} {how} {server.path}", flush=True)
         stop.wait()
         log.info("vhost-user: %s received, shutting down", stop.stopped_by)
     return 0

@@ -3,6 +3,13 @@
 Everything runs on one core :class:`~vdm.eventloop.EventLoop` thread -- accepting, reading
 messages, and the kick eventfds -- so that a message never races with queue processing. A message
 that breaks the protocol closes that connection with one log line; the server keeps listening.
+
+Client mode (``connect=True``, ``vdm vhost-user --connect PATH``): the frontend listens (QEMU
+``-chardev socket,server=on,wait=off``, cloud-hypervisor's server mode) and vdm connects. A
+connector thread tries until the socket answers (retrying every :data:`RECONNECT_MAX` seconds at
+most, one log line while it waits), hands the connection to the loop thread, and connects again
+whenever the connection ends -- the frontend restarted, or closed it for an error -- until
+:meth:`VhostUserServer.close`. The frontend's socket file is never removed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: how long a whole message (header, payload, descriptors) may take once its first bytes arrived
 MESSAGE_TIMEOUT = 10.0
+#: client mode: the longest wait between two connection attempts (seconds)
+RECONNECT_MAX = 1.0
 
 
 def _prepare_path(path: str) -> None:
@@ -53,8 +62,15 @@ def _prepare_path(path: str) -> None:
 class VhostUserServer:
     """Serves one device on a Unix socket."""
 
-    def __init__(self, socket_path: str, device: VirtioDevice, loop: EventLoop | None = None) -> None:
+    def __init__(
+        self, socket_path: str, device: VirtioDevice, loop: EventLoop | None = None, *, connect: bool = False
+    ) -> None:
         self.path = socket_path
+        #: client mode (module doc): connect to a listening frontend instead of listening
+        self.connect = connect
+        self._connector: threading.Thread | None = None
+        self._handover: list[socket.socket] = []
+        self._handover_r = self._handover_w = -1
         self.device = device
         self._own_loop = loop is None
         self.loop = loop if loop is not None else EventLoop("vdm-vhost-user")
@@ -71,6 +87,8 @@ class VhostUserServer:
         self._started = False
 
     def start(self) -> VhostUserServer:
+        if self.connect:
+            return self._start_client()
         _prepare_path(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -92,7 +110,66 @@ class VhostUserServer:
         log.info("vhost-user: serving %s on %s", self.device.name, self.path)
         return self
 
+    def _start_client(self) -> VhostUserServer:
+        self._handover_r, self._handover_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.device.serve_on(self.loop)
+        self.loop.start()
+        self._started = True
+        self.loop.add_reader(self._handover_r, self._adopt)
+        self._connector = threading.Thread(
+            target=self._connect_loop, name="vdm-vhost-user-connect", daemon=True
+        )
+        self._connector.start()
+        log.info("vhost-user: serving %s to the frontend listening on %s", self.device.name, self.path)
+        return self
+
+    def _connect_loop(self) -> None:
+        """The connector thread (client mode): connect, hand over, wait for the end, again."""
+        delay, waiting = 0.05, False
+        while not self._closed:
+            with self.changed:
+                self.changed.wait_for(lambda: self._closed or (self.conn is None and not self._handover), 5)
+                if self._closed or self.conn is not None or self._handover:
+                    continue
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(MESSAGE_TIMEOUT)
+            try:
+                sock.connect(self.path)
+            except OSError as e:
+                sock.close()
+                if not waiting:
+                    log.info("vhost-user: waiting for a frontend to listen on %s (%s)", self.path, e.strerror)
+                    waiting = True
+                with self.changed:
+                    self.changed.wait_for(lambda: self._closed, delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay, waiting = 0.05, False
+            with self.changed:
+                self._handover.append(sock)
+            try:
+                os.write(self._handover_w, b"x")
+            except OSError:  # closed meanwhile
+                return
+
     # ---- on the loop thread --------------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Client mode: the connector thread connected; serve that connection here."""
+        try:
+            os.read(self._handover_r, 64)
+        except BlockingIOError:
+            pass
+        with self.changed:  # kept listed until served: the connector does not connect meanwhile
+            taken = list(self._handover)
+        for conn in taken:
+            if self.conn is not None or self._closed:
+                conn.close()
+                continue
+            self._serve_connection(conn)
+        with self.changed:
+            del self._handover[: len(taken)]
+            self.changed.notify_all()
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -103,12 +180,15 @@ class VhostUserServer:
         if self.conn is not None:  # not reached: the listener is not watched while connected
             conn.close()
             return
+        self.loop.remove_reader(self.listener.fileno())
+        self._serve_connection(conn)
+
+    def _serve_connection(self, conn: socket.socket) -> None:
         conn.setblocking(True)
         conn.settimeout(MESSAGE_TIMEOUT)
         self.conn = conn
         self.connections += 1
         self.handler.attach(conn)
-        self.loop.remove_reader(self.listener.fileno())
         self.loop.add_reader(conn.fileno(), self._readable)
         log.info("vhost-user: frontend connected (%d)", self.connections)
         self._notify()
@@ -174,6 +254,7 @@ class VhostUserServer:
         if self._closed:
             return
         self._closed = True
+        self._notify()  # the connector thread (client mode) ends
         done = threading.Event()
 
         def shutdown() -> None:
@@ -201,6 +282,18 @@ class VhostUserServer:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        if self._connector is not None:
+            self._connector.join(MESSAGE_TIMEOUT + 1)
+            self._connector = None
+            for conn in self._handover:
+                conn.close()
+            self._handover.clear()
+        if self._handover_r >= 0:
+            if self._started:
+                self.loop.remove_reader(self._handover_r)
+            os.close(self._handover_r)
+            os.close(self._handover_w)
+            self._handover_r = self._handover_w = -1
         self._unlink()
         self.device.stop_serving()
         if self._own_loop:
