@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,46 @@ def test_resize_without_a_backend_channel_is_one_line(blk_server, frontends, cap
         "(BACKEND_REQ): the guest sees it after a reset"
     ]
     assert fe.request(0, [struct.pack("<IIQ", 0, 0, 0)], [512, 1]).data[-1] == 0, "still serving"
+
+
+# ---- vdm run in the KVM lab: the virtio-pci transport's config interrupt ----------------------
+
+RUN_WORKLOAD = r"""
+waitfor "$P_dev" || { result fail reason=no_dev; return; }
+b=/sys/block/${P_dev#/dev/}/size
+old=$(cat $b)
+# tell the host we have read the old size: a marker in the first sector, which vdm writes through
+echo "READY $old" | dd of="$P_dev" bs=512 count=1 conv=sync,fsync 2>/dev/null
+i=0
+while [ "$(cat $b)" = "$old" ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+result ok old=$old new=$(cat $b)
+"""
+
+
+@pytest.mark.realguest
+@pytest.mark.kvmlab
+@pytest.mark.slow
+def test_vdm_run_guest_sees_the_new_size(kit: vdm_lab.GuestKit) -> None:  # noqa: F811
+    """vdm run in the KVM lab: the resize, made once the guest has read the old size (a marker it
+    writes to the disk), reaches it through the virtio-pci config-change interrupt (MSI-X)."""
+    ctl = f"{sys.executable} -m vdm.cli.main ctl --control /mnt/tmp/vdm.ctl"
+    resizer = (
+        "truncate -s 8M /mnt/tmp/d.img\n"
+        "( i=0; while [ $i -lt 1200 ]; do head -c 5 /mnt/tmp/d.img | grep -q READY && break; "
+        "sleep 0.5; i=$((i+1)); done; "
+        f"{ctl} resize blk0 12M; echo resize-rc=$? ) &\n"
+    )
+    r = vdm_lab.run_vdm(
+        ["-d", "/mnt/tmp/d.img", "--control", "/mnt/tmp/vdm.ctl"],
+        ["resizerun"],
+        {"dev": "/dev/vda"},
+        kit=kit,
+        guest=vdm_lab.GuestSpec(workloads={"resizerun": RUN_WORKLOAD}),
+        where="kvmlab",
+        setup=resizer,
+        timeout=900,
+    )
+    r.assert_ok("resizerun")
+    res = r["resizerun"]
+    assert (res["old"], res["new"]) == (str(8 << 11), str(12 << 11)), r.describe()
+    assert "blk0: 12582912 bytes" in r.log and "resize-rc=0" in r.log, r.describe()
