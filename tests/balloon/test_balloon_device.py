@@ -138,3 +138,7 @@ def test_reset_gives_every_page_back(balloon):
     drv.submit(2, [struct.pack("<HQ", 4, 1)], [])
     drv.init()
     assert dev.inflated == set() and dev.actual == 0 and not dev.request_stats()
+
+
+def test_a_target_from_the_options():
+    assert BalloonDevice(BalloonConfig(target_mib=64)).target_pages == 64 * 256

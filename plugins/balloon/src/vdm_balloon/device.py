@@ -60,7 +60,7 @@ class BalloonDevice(VirtioDevice):
         self.queue_max_sizes = (self.config.queue_size,) * 4
         super().__init__()
         self._lock = threading.Lock()
-        self._target = 0
+        self._target = self.config.target_mib * (1 << 20) // PAGE
         #: what the driver wrote to ``actual``: the pages it says it has given
         self.actual = 0
         #: PFNs the guest gave and has not taken back
