@@ -237,6 +237,33 @@ def vdm_register_hypervisors(register):
     register(HypervisorType(name="vt-partial-hv", check=lambda: None))
 '''
 
+PARTS = '''
+from dataclasses import dataclass
+
+from vdm import hookimpl
+from vdm.registry import DeviceType
+
+
+@dataclass
+class Cfg:
+    x: int = 0
+
+
+def _parts():
+    return {"protocols": {"local": None, "remote": "libremote not found (apt install libremote1)"}}
+
+
+def _parts_raise():
+    raise OSError("probe exploded")
+
+
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-parts-dev", config=Cfg, create=lambda c, ctx: None, parts=_parts))
+    register(DeviceType(name="vt-parts-bad", config=Cfg, create=lambda c, ctx: None, parts=_parts_raise))
+    register(DeviceType(name="vt-parts-junk", config=Cfg, create=lambda c, ctx: None, parts=lambda: [1]))
+'''
+
 EXITS = '''
 import sys
 
@@ -306,6 +333,7 @@ PLUGINS = {
     "vt-dup-b": ("vdmtest-dup-b", "0.1", "vdmtest_dup_b", _dup("b")),
     "vt-exits": ("vdmtest-exits", "0.1", "vdmtest_exits", EXITS),
     "vt-partial": ("vdmtest-partial", "0.1", "vdmtest_partial", PARTIAL),
+    "vt-parts": ("vdmtest-parts", "0.1", "vdmtest_parts", PARTS),
     "vt-clash": ("vdmtest-clash", "0.1", "vdmtest_clash", CLASHING_COMMAND),
     "vt-fragile": ("vdmtest-fragile", "0.1", "vdmtest_fragile", FRAGILE_COMMANDS),
     "vt-dup-a": ("vdmtest-dup-a", "0.1", "vdmtest_dup_a", _dup("a")),
@@ -664,6 +692,32 @@ def test_partly_available_plugin(listing):
         "vt-partial-dev": "unavailable: needs a licence",
         "vt-partial-hv": "available",
     }
+
+
+def test_a_device_types_parts_are_listed_with_why_each_is_unusable(listing, table):
+    """vdm-blk's protocols are such parts (issue 17: ``nbd: unavailable: libnbd not found``)."""
+    r = ours(listing["plugins"])["vt-parts"]
+    assert r["parts"] == {
+        "vt-parts-dev": {
+            "protocols": {
+                "local": "available",
+                "remote": "unavailable: libremote not found (apt install libremote1)",
+            }
+        }
+    }
+    # a parts() that raises or answers junk costs its parts listing, never the plugin or the type
+    assert set(r["availability"].values()) == {"available"} and len(r["availability"]) == 3
+    assert r["parts_errors"] == {
+        "vt-parts-bad": "OSError: probe exploded",
+        "vt-parts-junk": "parts() must return {group: {name: None or reason}}",
+    }
+    assert r["status"] == (
+        "available (remote: unavailable: libremote not found (apt install libremote1); "
+        "vt-parts-bad parts unknown: OSError: probe exploded; "
+        "vt-parts-junk parts unknown: parts() must return {group: {name: None or reason}})"
+    )
+    row = next(ln for ln in table.stdout.splitlines() if ln.startswith("vt-parts "))
+    assert row.endswith(r["status"])
 
 
 # ---- commands that cannot run here still explain themselves (issue 19 item 12) ---------------------------

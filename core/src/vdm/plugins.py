@@ -93,6 +93,10 @@ class PluginInfo:
     commands: list[str] = field(default_factory=list)
     #: per provided name: None (available) or the reason it is not
     availability: dict[str, Optional[str]] = field(default_factory=dict)
+    #: per device type with optional parts (:attr:`DeviceType.parts`): group -> name -> None or why not
+    parts: dict[str, dict[str, dict[str, Optional[str]]]] = field(default_factory=dict)
+    #: per device type whose ``parts()`` raised, timed out or answered junk: why (shown in the status)
+    parts_errors: dict[str, str] = field(default_factory=dict)
     #: the module's ``VDM_API`` (None: not declared)
     api: Optional[int] = None
     #: what this plugin uses that is deprecated, each naming its replacement
@@ -125,8 +129,18 @@ class PluginInfo:
             return "available" if self.commands else "unavailable: provides nothing"
         if len(reasons) == len(self.availability):
             return "unavailable: " + "; ".join(reasons)
-        if reasons:
-            return "available (" + "; ".join("unavailable " + r for r in reasons) + ")"
+        notes = ["unavailable " + r for r in reasons]
+        notes += [
+            f"{part}: unavailable: {why}"
+            for device, groups in self.parts.items()
+            if self.availability.get(device) is None
+            for names in groups.values()
+            for part, why in names.items()
+            if why
+        ]
+        notes += [f"{device} parts unknown: {why}" for device, why in self.parts_errors.items()]
+        if notes:
+            return "available (" + "; ".join(notes) + ")"
         return "available"
 
 
@@ -170,6 +184,27 @@ class PluginSet:
             answer in time (it is then left running in a daemon thread).
         """
         return bounded(fn, self.timeout)
+
+
+def _record_parts(info: PluginInfo, dt: DeviceType, result: PluginSet) -> None:
+    """Ask a device type which of its parts are usable (within the time bound); a bad answer is noted."""
+    value, why = result.call(dt.parts)  # type: ignore[arg-type]
+    if why is None and not (
+        isinstance(value, dict)
+        and all(
+            isinstance(g, str)
+            and isinstance(names, dict)
+            and all(isinstance(n, str) and (r is None or isinstance(r, str)) for n, r in names.items())
+            for g, names in value.items()
+        )
+    ):
+        why = "parts() must return {group: {name: None or reason}}"
+    if why is not None:  # shown in the plugin's status, like its other failures
+        info.parts_errors[dt.name] = why
+        return
+    info.parts[dt.name] = {
+        g: {n: (printable(r) if r else None) for n, r in names.items()} for g, names in value.items()
+    }
 
 
 def _dist_of(ep: EntryPoint) -> tuple[str, str]:
@@ -430,6 +465,8 @@ def _collect(
             _add(result.devices, obj.name, obj, info, "device", result, prefs)
             info.devices.append(obj.name)
             info.availability[obj.name] = result.check(obj.check)
+            if obj.parts is not None:
+                _record_parts(info, obj, result)
         elif kind == "hypervisors":
             _add(result.hypervisors, obj.name, obj, info, "hypervisor", result, prefs)
             info.hypervisors.append(obj.name)

@@ -67,6 +67,12 @@ class DeviceType:
     #: option mapping for :attr:`config` (vdm-blk: ``{"path": params, "ro": not writable}``); None
     #: when the type serves no toolstack disks. ``vdm dm-only`` uses it, so it knows no field names
     from_toolstack_disk: Optional[Callable[[str, bool], dict[str, Any]]] = None
+    #: the parts this type is made of that may each be usable or not, by group: returns
+    #: ``{group: {name: None when usable, else the reason}}`` (vdm-blk: ``{"protocols": {"file":
+    #: None, "nbd": "libnbd not found (apt install libnbd0)"}, "formats": {...}}``). ``vdm
+    #: list-plugins`` calls it within the plugin time bound and shows what is unusable and why;
+    #: None when the type has no optional parts
+    parts: Optional[Callable[[], dict[str, dict[str, Optional[str]]]]] = None
 
 
 @dataclass
@@ -155,12 +161,14 @@ def _device_problem(dt: DeviceType) -> Optional[str]:
         return f"toml_key {_text(dt.toml_key)} must be a bare TOML key (letters, digits, - and _)"
     if dt.check is not None and not callable(dt.check):
         return "check must be None or callable"
-    if dt.virtio_id is not None and (
-        type(dt.virtio_id) is not int or not 0 < dt.virtio_id <= 0xFFFF
-    ):
+    if dt.virtio_id is not None and (type(dt.virtio_id) is not int or not 0 < dt.virtio_id <= 0xFFFF):
         return f"virtio_id {_text(dt.virtio_id)} must be None or a virtio device id (1..65535)"
     if not isinstance(dt.virtio_options, str):
         return "virtio_options must be a string"
+    if dt.from_toolstack_disk is not None and not callable(dt.from_toolstack_disk):
+        return "from_toolstack_disk must be None or callable"
+    if dt.parts is not None and not callable(dt.parts):
+        return "parts must be None or callable"
     return None
 
 

@@ -4,6 +4,7 @@ tmp directory, raw and qcow2 formats over them, servers that die, come back, or 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import struct
@@ -353,3 +354,18 @@ def test_unknown_uri_scheme_and_direct_are_refused_with_one_line(tmp_path):
         open_disk("nbd+unix:///?socket=/nonexistent.sock", direct=True)
     with pytest.raises(DiskError, match="cannot connect to the NBD server"):
         open_disk(f"nbd+unix:///?socket={tmp_path}/none.sock")
+
+
+def test_list_plugins_says_whether_nbd_is_usable_here(tmp_path):
+    """Issue 17: without libnbd, blk is listed available with `nbd: unavailable: <why>`."""
+    env = {**os.environ, "VDM_LIBNBD": str(tmp_path / "no-libnbd.so.0"), "VDM_PLUGINS": "blk"}
+    vdm = [sys.executable, "-m", "vdm.cli.main", "list-plugins"]
+    p = subprocess.run(vdm, capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    row = next(ln for ln in p.stdout.splitlines() if ln.startswith("blk "))
+    assert row.endswith("available (nbd: unavailable: libnbd not found (apt install libnbd0))")
+    p = subprocess.run([*vdm, "--json"], capture_output=True, text=True, env={**env, "VDM_LIBNBD": ""})
+    (blk,) = [r for r in json.loads(p.stdout)["plugins"] if r["name"] == "blk"]
+    assert blk["status"] == "available"
+    assert blk["parts"]["blk"]["protocols"] == {"file": "available", "nbd": "available"}
+    assert blk["parts"]["blk"]["formats"] == {"raw": "available", "qcow2": "available"}

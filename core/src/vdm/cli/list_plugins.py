@@ -3,7 +3,8 @@
 KIND says what a plugin provides: ``device``, ``hypervisor`` (VMs driven through the VMM hooks),
 ``server`` (a way of serving devices that is no hypervisor: vhost-user) or ``command``. The
 ``--json`` form adds, per plugin, what it provides by kind, the availability of each name, its
-hooks, its ``VDM_API`` and what it uses that is deprecated (each naming the replacement).
+hooks, the optional parts of its device types and whether each is usable (vdm-blk's protocols and
+formats), its ``VDM_API`` and what it uses that is deprecated (each naming the replacement).
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ def as_records(plugins: PluginSet) -> list[dict[str, Any]]:
             "availability": {
                 k: ("available" if v is None else f"unavailable: {v}") for k, v in p.availability.items()
             },
+            "parts": {
+                device: {
+                    group: {n: ("available" if r is None else f"unavailable: {r}") for n, r in names.items()}
+                    for group, names in groups.items()
+                }
+                for device, groups in p.parts.items()
+            },
+            "parts_errors": p.parts_errors,
             "hooks": p.hooks,
             "api": p.api,
             "deprecations": p.deprecations,

@@ -43,6 +43,13 @@ def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported laz
     return BlkDevice(backend, config, deferred_locks=deferred)
 
 
+def parts() -> dict[str, dict[str, Any]]:
+    """The protocols and formats installed here and whether each is usable (for list-plugins)."""
+    from .backends import catalog
+
+    return catalog()
+
+
 def toolstack_disk_options(params: str, writable: bool) -> dict[str, Any]:
     """A toolstack's disk (Xen's xenstore ``params`` and mode) as ``--disk`` options."""
     return {"path": params, "ro": not writable}
@@ -62,5 +69,6 @@ def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
             help="virtio-blk disk: raw file, block device or qcow2 image",
             virtio_id=2,
             from_toolstack_disk=toolstack_disk_options,
+            parts=parts,
         )
     )
