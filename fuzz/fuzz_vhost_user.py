@@ -330,20 +330,21 @@ def one_input(data: bytes) -> None:
     assert leaked <= 0, f"{leaked} file descriptor(s) left open after the connection"
 
 
+#: what this target instruments (fuzz_vhost_user_fds adds the SIGBUS guard)
+MODULES = (
+    "vdm_vhost_user.protocol",
+    "vdm_vhost_user.handler",
+    "vdm_vhost_user.rings",
+    "vdm_vhost_user.memory",
+    "vdm_vhost_user.inflight",
+    "vdm_vhost_user.server",
+    *common.QUEUE_MODULES,
+    "vdm.transport.common",
+    "vdm.memory",
+    "vdm.testing.devices",
+)
+
+
 if __name__ == "__main__":
-    common.run(
-        one_input,
-        (
-            "vdm_vhost_user.protocol",
-            "vdm_vhost_user.handler",
-            "vdm_vhost_user.rings",
-            "vdm_vhost_user.memory",
-            "vdm_vhost_user.inflight",
-            "vdm_vhost_user.server",
-            *common.QUEUE_MODULES,
-            "vdm.transport.common",
-            "vdm.memory",
-            "vdm.testing.devices",
-        ),
-    )
+    common.run(one_input, MODULES)
     sys.exit(0)

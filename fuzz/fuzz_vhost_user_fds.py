@@ -275,20 +275,5 @@ def _punch(fd: int, offset: int, length: int) -> None:
 
 
 if __name__ == "__main__":
-    common.run(
-        one_input,
-        (
-            "vdm_vhost_user.protocol",
-            "vdm_vhost_user.handler",
-            "vdm_vhost_user.rings",
-            "vdm_vhost_user.memory",
-            "vdm_vhost_user.faultguard",
-            "vdm_vhost_user.inflight",
-            "vdm_vhost_user.server",
-            *common.QUEUE_MODULES,
-            "vdm.transport.common",
-            "vdm.memory",
-            "vdm.testing.devices",
-        ),
-    )
+    common.run(one_input, (*base.MODULES, "vdm_vhost_user.faultguard"))
     sys.exit(0)
