@@ -213,6 +213,45 @@ def test_docs_name_only_what_exists(page):
     assert page_problems(page) == []
 
 
+ROLE = re.compile(r":(?:mod|class|meth|func|attr|data|exc):`~?\.?([\w.]+)`")
+
+
+def reference_resolves(module: str, target: str) -> bool:
+    """Whether a Sphinx cross-reference ``target`` written in ``module`` names something: as an
+    absolute path, relative to the module or its package, or as a member of a vdm class (a method
+    named bare, ``Class.member``); a standard-library name (``string.Template``) counts too."""
+    parts = target.split(".")
+    package = module.rsplit(".", 1)[0]
+    if any(resolve_dotted(p + target) for p in ("", module + ".", package + ".", "vdm.")):
+        return True
+    if len(parts) >= 2 and has_member(parts[-2], parts[-1]):
+        return True
+    if len(parts) == 1 and (
+        target in classes()
+        or target in callables()
+        or any(target in instance_attrs(c) for group in classes().values() for c in group)
+    ):
+        return True
+    try:
+        obj = importlib.import_module(parts[0])
+        for attr in parts[1:]:
+            obj = getattr(obj, attr)
+        return True
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def test_core_docstrings_refer_to_what_exists():
+    """``:meth:`...``` and the other roles in vdm-core's docstrings and comments name real things."""
+    dangling = []
+    for name, mod in sorted(modules().items()):
+        if name != "vdm" and not name.startswith("vdm."):
+            continue
+        source = Path(inspect.getfile(mod)).read_text()
+        dangling += [f"{name}: {t}" for t in ROLE.findall(source) if not reference_resolves(name, t)]
+    assert dangling == []
+
+
 def test_the_check_catches_names_that_do_not_exist():
     assert span_problem("vdm.transport.common.CommonConfig") is None
     assert span_problem("vdm.device.VirtioDevice.on_reset()") is None
@@ -226,6 +265,10 @@ def test_the_check_catches_names_that_do_not_exist():
         "Virtqueue.popall"
     ]
     assert fence_problems("class GuestMemory:\n    def read_u16/u32/u64(addr)\n") == []
+    assert reference_resolves("vdm.device", "Virtqueue.set_size")
+    assert reference_resolves("vdm.transport.mmio", "common")
+    assert not reference_resolves("vdm.device", "VirtioDevice.read_config_space")
+    assert not reference_resolves("vdm.device", "vdm.nonesuch")
 
 
 def test_not_code_lists_only_names_that_really_are_not_code():
