@@ -35,19 +35,8 @@ PAGES = sorted(
         *REPO.glob("plugins/*/README.md"),
     ]
 )
-#: the distributions whose names the docs may show (import name prefixes)
-ROOTS = (
-    "vdm",
-    "vdm_9p",
-    "vdm_blk",
-    "vdm_console",
-    "vdm_kvm",
-    "vdm_lab",
-    "vdm_net",
-    "vdm_vhost_user",
-    "vdm_virtio_rng",
-    "vdm_xen",
-)
+#: the installed vdm packages (core, plugins, vdm_lab, examples): the names the docs may show
+ROOTS = tuple(sorted(m.name for m in pkgutil.iter_modules() if m.name == "vdm" or m.name.startswith("vdm_")))
 
 #: shown on purpose though not importable as code, and why
 NOT_CODE = {
