@@ -2,8 +2,9 @@
 
 The device (vdm.testing's EchoDevice, holding) is never kicked: each test takes chains and
 completes them itself, as a device with its own threads (vdm-net's merged receive buffers, a
-vhost-user backend resubmitting requests after a reconnect) does. The driver's view is vdm.testing's, which refuses any used
-element whose head it does not have outstanding -- what Linux reports as "id N is not a head!".
+vhost-user backend resubmitting requests after a reconnect) does. The driver's view is
+vdm.testing's, which refuses any used element whose head it does not have outstanding -- what
+Linux reports as "id N is not a head!".
 """
 
 from __future__ import annotations
