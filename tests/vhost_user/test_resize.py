@@ -3,7 +3,7 @@
 Guest-free: a vdm-blk disk on the virtio-mmio transport of vdm.testing, resized through a real
 control socket: the capacity in its config space changes, the config-change interrupt is raised,
 the image file grows; a size re-read after ``truncate -s``; what cannot be resized says why.
-Real guest (QEMU 7.2 TCG, vhost-user-blk): vdm sends CONFIG_CHANGE_MSG on the backend channel
+Real guest (QEMU 7.2 and 10.0 TCG, vhost-user-blk): vdm sends CONFIG_CHANGE_MSG on the backend channel
 and the guest's ``/sys/block/vda/size`` changes without a reboot.
 """
 
@@ -29,7 +29,7 @@ from vdm_blk.plugin import create
 from vdm_vhost_user import protocol as p
 from vdm_vhost_user.protocol import ProtocolFeature, Req
 
-from tests.realguest.conftest import kit, qemu  # noqa: F401 - the session fixtures
+from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 from tests.vhost_user.vdmproc import VdmProcess
 
 MIB = 1 << 20
@@ -115,7 +115,11 @@ result ok old=$old new=$new tail=$tail
 
 @pytest.mark.realguest
 @pytest.mark.slow
-def test_guest_sees_the_new_size(kit: vdm_lab.GuestKit, tmp_path: Path) -> None:  # noqa: F811
+def test_guest_sees_the_new_size(
+    kit: vdm_lab.GuestKit,  # noqa: F811
+    qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     image = _image(tmp_path / "vda.img", 16 * MIB)
     sock, ctl = tmp_path / "vda.sock", str(tmp_path / "vdm.ctl")
     proc = VdmProcess(str(sock), "--disk", str(image), "--control", ctl)
@@ -134,6 +138,8 @@ def test_guest_sees_the_new_size(kit: vdm_lab.GuestKit, tmp_path: Path) -> None:
             kit=kit,
             on_line=on_line,
             guest=vdm_lab.GuestSpec(workloads={"resize": RESIZE_WORKLOAD}),
+            qemu=qemu_frontend,
+            visible=[tmp_path],
         )
     finally:
         rc = proc.stop()
