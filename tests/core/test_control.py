@@ -251,3 +251,66 @@ def test_vdm_ctl_command(served):
     )
     out = ctl("--control", path + ".nope", "list")
     assert out.returncode == 1 and "cannot connect to" in out.stderr
+
+
+# ---- commands a device offers (vdm.control.Controllable) --------------------------------------
+
+
+class _PokeDevice(EchoDevice):
+    """An echo device with its own control command ``poke`` (and one that tries to shadow ``list``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.poked: list[int] = []
+
+    def control_commands(self):
+        return {"poke": self._poke, "list": lambda args: "shadowed"}
+
+    def _poke(self, args):
+        n = args.get("n")
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n {n!r}: a number >= 0")
+        self.poked.append(n)
+        return {"n": n, "args": sorted(args)}
+
+
+class _BrokenCommands(EchoDevice):
+    def control_commands(self):
+        raise RuntimeError("a plugin bug")
+
+
+POKE = DeviceType(name="poke", config=_Cfg, create=lambda cfg, ctx: _PokeDevice())
+BROKEN = DeviceType(name="broken", config=_Cfg, create=lambda cfg, ctx: _BrokenCommands())
+
+
+def test_a_device_offers_its_own_command(tmp_path, caplog):
+    path = str(tmp_path / "vdm.ctl")
+    with DeviceSet() as devices:
+        devices.create(ECHO, _Cfg(), DeviceContext())
+        poke = devices.create(POKE, _Cfg(), DeviceContext())
+        devices.create(BROKEN, _Cfg(), DeviceContext())
+        devices.serve_control(path)
+        # the device gets its arguments without "device"; the reply names the device
+        reply = request(path, "poke", {"device": "poke0", "n": 3})
+        assert reply == {"device": "poke0", "n": 3, "args": ["n"]}
+        assert poke.poked == [3]
+        listing = {d["id"]: d for d in request(path, "list")["devices"]}  # "list" is still the core's
+        assert listing["poke0"]["commands"] == ["poke"] and "commands" not in listing["echo0"]
+        assert "commands" not in listing["broken0"]
+        assert any("control_commands() failed" in r.getMessage() for r in caplog.records)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.sendall(b'{"execute": "poke", "arguments": {"device": "poke0", "n": -1}}\n')
+        s.sendall(b'{"execute": "poke", "arguments": {"device": "echo0", "n": 1}}\n')
+        s.sendall(b'{"execute": "poke", "arguments": {"device": "nope"}}\n')
+        s.sendall(b'{"execute": "stats"}\n')
+        r1, r2, r3, r4 = _lines(s, 4)
+        assert r1["error"]["desc"] == "poke0: n -1: a number >= 0"  # the client stays
+        assert r2["error"]["desc"] == "echo0: this device has no command 'poke'"
+        assert "no device 'nope'" in r3["error"]["desc"]
+        assert "return" in r4 and poke.poked == [3]
+        s.sendall(b'{"execute": "jump", "arguments": {"device": "poke0"}}\n')
+        (r5,) = _lines(s, 1)  # a command no device offers is unknown, as before: that client closes
+        assert r5["error"]["class"] == "CommandNotFound"
+        assert s.recv(10) == b""
+        s.close()

@@ -12,8 +12,14 @@ frontend keeps the status register, so ``status`` stays 0 there and ``running`` 
 driver status, features, queues), ``stats`` (per-queue
 counters of :class:`~vdm.virtqueue.Virtqueue`), ``metrics`` (the same counters in the Prometheus
 text exposition format 0.0.4, written here: no library needed), ``resize`` (a device that
-implements :class:`Resizable`; ``size`` null re-reads the backing image's size). The client is
+implements :class:`Resizable`; ``size`` null re-reads the backing image's size), and any command
+a device offers through :class:`Controllable` (vdm-balloon's ``balloon``): the request names the
+device in ``arguments.device`` and the device's callable gets the other arguments. The client is
 ``vdm ctl`` (:mod:`vdm.cli.ctl`).
+
+``add`` (``arguments.argv``: the device as ``vdm vhost-user``'s own options, ``--socket-path PATH
+--disk IMG``) and ``remove`` (``arguments.device``) go to the command's :class:`Hotplug`; a command
+without one (``vdm run``, ``vdm dm-only``) answers that they are not supported under it.
 
 Devices are named by :class:`~vdm.session.DeviceSet`: their type and a number per type (``blk0``,
 ``blk1``, ``net0``), in the order they were given.
@@ -45,6 +51,8 @@ __all__ = [
     "MAX_PENDING",
     "ControlError",
     "ControlServer",
+    "Controllable",
+    "Hotplug",
     "Resizable",
     "add_control_option",
     "check_control_path",
@@ -72,6 +80,35 @@ class Resizable(Protocol):
         """Set the capacity to ``size`` bytes (None: re-read the backend's size), tell the driver
         (a config-change notification); return the new size. Raise ValueError with a reason."""
         ...
+
+
+@runtime_checkable
+class Controllable(Protocol):
+    """A device that offers its own control commands (vdm-balloon's ``balloon``).
+
+    ``control_commands()`` returns ``{command name: callable}``; the control socket calls
+    ``callable(arguments)`` (the request's arguments without ``device``) on its own thread and
+    replies with what it returns (JSON-serialisable; a dict gets ``device`` added). The callable
+    raises ValueError (or OSError) with a reason for a bad request: an error reply, the client
+    stays. A name the core already has (``list``, ``stats``, ``metrics``, ``resize``) is never
+    dispatched to a device.
+    """
+
+    def control_commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]: ...
+
+
+def _device_commands(dev: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """A device's control commands; {} for a device without them or whose method misbehaves."""
+    if not isinstance(dev, Controllable):
+        return {}
+    try:
+        commands = dev.control_commands()
+    except Exception:  # a device's bug must not cost the control socket
+        log.exception("control: %s: control_commands() failed", getattr(dev, "name", dev))
+        return {}
+    if not isinstance(commands, dict):
+        return {}
+    return {k: v for k, v in commands.items() if isinstance(k, str) and callable(v) and k not in _COMMANDS}
 
 
 class ControlError(Exception):
@@ -143,6 +180,9 @@ def device_list(entries: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
             )
         if isinstance(dev, Resizable):
             rec["resizable"] = True
+        commands = _device_commands(dev)
+        if commands:
+            rec["commands"] = sorted(commands)
         out.append(rec)
     return out
 
@@ -387,6 +427,12 @@ class ControlServer:
         rid = req.get("id")
         args = req.get("arguments", {})
         command = _COMMANDS.get(req["execute"])
+        if command is None and self._offered(req["execute"]):
+            name = req["execute"]
+
+            def command(server: ControlServer, a: dict[str, Any]) -> Any:
+                return server._device_command(name, a)
+
         if command is None:
             self._refuse(
                 c,
@@ -428,6 +474,20 @@ class ControlServer:
                 return e
         raise ControlError(f"no device {ident!r} (devices: {', '.join(e[0] for e in entries) or 'none'})")
 
+    def _offered(self, name: str) -> bool:
+        return any(name in _device_commands(e[2]) for e in self._entries())
+
+    def _device_command(self, name: str, args: dict[str, Any]) -> Any:
+        ident, _, dev = self._find(args.get("device"))
+        fn = _device_commands(dev).get(name)
+        if fn is None:
+            raise ControlError(f"{ident}: this device has no command {name!r}")
+        try:
+            result = fn({k: v for k, v in args.items() if k != "device"})
+        except (ValueError, OSError) as e:
+            raise ControlError(f"{ident}: {e}") from None
+        return {"device": ident, **result} if isinstance(result, dict) else result
+
     def _list(self, args: dict[str, Any]) -> Any:
         return {"devices": device_list(self._entries())}
 
@@ -453,6 +513,62 @@ class ControlServer:
         log.info("control: %s resized to %d bytes", ident, new)
         return {"device": ident, "size": new}
 
+    # ---- hot-plug (vdm vhost-user only) ---------------------------------------------------------
+
+    #: what ``add``/``remove`` go to; None: this command cannot add or remove devices
+    _hotplug: Hotplug | None = None
+    #: the command serving this socket, for the "not supported" reply
+    command_name = "this command"
+
+    def set_hotplug(self, hotplug: Hotplug | None, command_name: str) -> None:
+        """Let ``add``/``remove`` reach ``hotplug`` (before :meth:`start`)."""
+        self._hotplug = hotplug
+        self.command_name = command_name
+
+    def _need_hotplug(self, what: str) -> Hotplug:
+        if self._hotplug is None:
+            raise ControlError(
+                f"{what}: not supported under {self.command_name} (only vdm vhost-user adds and removes "
+                "devices while it runs; a VM's bus has no hot-plug here)"
+            )
+        return self._hotplug
+
+    def _add(self, args: dict[str, Any]) -> Any:
+        hotplug = self._need_hotplug("add")
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ControlError(
+                "add: give the device as on the command line, e.g. --socket-path PATH --disk IMG"
+            )
+        try:
+            return hotplug.add(argv)
+        except (UserError, ValueError, OSError) as e:
+            raise ControlError(f"add: {e}") from None
+
+    def _remove(self, args: dict[str, Any]) -> Any:
+        hotplug = self._need_hotplug("remove")
+        ident, _, _ = self._find(args.get("device"))
+        try:
+            return hotplug.remove(ident)
+        except (UserError, ValueError, OSError) as e:
+            raise ControlError(f"remove: {e}") from None
+
+
+class Hotplug(Protocol):
+    """What ``add``/``remove`` call (``vdm vhost-user``'s); both run on the control thread.
+
+    Either does all of it or nothing (raising UserError/ValueError with the reason): a failed add
+    leaves no device, socket or open image behind; a failed remove leaves the device served.
+    """
+
+    def add(self, argv: list[str]) -> dict[str, Any]:
+        """Serve a new device given as the command's own options; return ``{"device": id, ...}``."""
+        ...
+
+    def remove(self, ident: str) -> dict[str, Any]:
+        """Stop serving device ``ident``: its frontend dropped, its socket removed, it closed."""
+        ...
+
 
 class _Drop(Exception):
     """Close this client (the message is the log line's reason)."""
@@ -463,4 +579,6 @@ _COMMANDS: dict[str, Callable[[ControlServer, dict[str, Any]], Any]] = {
     "stats": ControlServer._stats,
     "metrics": ControlServer._metrics,
     "resize": ControlServer._resize,
+    "add": ControlServer._add,
+    "remove": ControlServer._remove,
 }

@@ -4,6 +4,9 @@
     vdm ctl --control /run/vdm.ctl stats [--json]
     vdm ctl --control /run/vdm.ctl metrics          # Prometheus text format
     vdm ctl --control /run/vdm.ctl resize blk0 2G   # or without SIZE: re-read the image's size
+    vdm ctl --control /run/vdm.ctl add -s /run/vdb.sock --disk /srv/b.img   # vdm vhost-user only
+    vdm ctl --control /run/vdm.ctl remove blk1
+    vdm ctl --control /run/vdm.ctl balloon balloon0 64M  # the balloon's size; without: show it
 
 The path may come from ``$VDM_CONTROL`` instead. Exit status 0, or 1 with one line on stderr saying
 what went wrong (no such socket, an error reply).
@@ -27,7 +30,9 @@ examples:
   vdm ctl --control /run/vdm.ctl list
   vdm ctl --control /run/vdm.ctl stats          # --json for every counter and the histogram
   vdm ctl --control /run/vdm.ctl metrics        # Prometheus text format
-  vdm ctl --control /run/vdm.ctl resize blk0 2G # without SIZE: re-read the image's size"""
+  vdm ctl --control /run/vdm.ctl resize blk0 2G # without SIZE: re-read the image's size
+  vdm ctl --control /run/vdm.ctl balloon balloon0 64M  # ask the guest for 64M back (0: none)
+  vdm ctl --control /run/vdm.ctl balloon balloon0      # target, actual, the guest's stats"""
 
 __all__ = ["COMMAND", "add_parser", "parse_size", "request"]
 
@@ -94,6 +99,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     r = sub.add_parser("resize", help="change a disk's size (none given: re-read its image's size)")
     r.add_argument("device", help="the device's id, as `vdm ctl list` shows it (blk0, blk1...)")
     r.add_argument("size", nargs="?", help="new size in bytes or with a unit (2G, 512M)")
+    a = sub.add_parser(
+        "add",
+        prefix_chars="+",  # every word after `add` is the device's, options included
+        add_help=False,
+        help="vdm vhost-user: serve one more device (--socket-path PATH --disk IMG[,opts], "
+        "as on its command line; relative paths are vdm's)",
+    )
+    a.add_argument("device_args", nargs="*", metavar="OPTIONS")
+    d = sub.add_parser(
+        "remove", help="vdm vhost-user: stop serving a device (frontend dropped, socket removed)"
+    )
+    d.add_argument("device", help="the device's id, as `vdm ctl list` shows it")
+    b = sub.add_parser("balloon", help="set a balloon's size (what the guest gives back) or show it")
+    b.add_argument("device", help="the balloon's id, as `vdm ctl list` shows it (balloon0...)")
+    b.add_argument("size", nargs="?", help="the balloon's size in bytes or with a unit (64M); 0 empties it")
 
 
 def _latency(buckets: list[list[int]]) -> str:
@@ -141,6 +161,17 @@ def _print_stats(ret: dict[str, Any]) -> None:
             )
 
 
+def _print_fields(ret: dict[str, Any]) -> None:
+    """A device command's reply: one ``key: value`` line each, a dict's members indented."""
+    for key, value in ret.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+
+
 def _run(args: argparse.Namespace) -> int:
     if not args.control:
         raise UserError("ctl: give --control PATH (the --control of the running vdm) or set $VDM_CONTROL")
@@ -148,6 +179,19 @@ def _run(args: argparse.Namespace) -> int:
     arguments: dict[str, Any] = {}
     if cmd == "resize":
         arguments = {"device": args.device, "size": parse_size(args.size) if args.size else None}
+    elif cmd == "balloon":
+        size = None
+        if args.size is not None:
+            size = 0 if args.size.strip().upper().rstrip("KMGTIB") in ("0", "0.0") else parse_size(args.size)
+        arguments = {"device": args.device, "size": size}
+    elif cmd == "add":
+        if not args.device_args:
+            raise UserError(
+                "ctl add: give the device as on vdm vhost-user's command line: -s PATH --disk IMG"
+            )
+        arguments = {"argv": args.device_args}
+    elif cmd == "remove":
+        arguments = {"device": args.device}
     ret = request(args.control, cmd, arguments)
     if args.json:
         json.dump(ret, sys.stdout, indent=2)
@@ -158,6 +202,12 @@ def _run(args: argparse.Namespace) -> int:
         _print_stats(ret)
     elif cmd == "metrics":
         sys.stdout.write(ret["text"])
+    elif cmd == "balloon":
+        _print_fields(ret)
+    elif cmd == "add":
+        print(f"{ret['device']}: serving on {ret['socket']}")
+    elif cmd == "remove":
+        print(f"{ret['device']}: removed ({ret['socket']} closed)")
     else:
         print(f"{ret['device']}: {ret['size']} bytes")
     return 0
@@ -165,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="ctl",
-    help="talk to a running vdm's control socket (list, stats, metrics, resize)",
+    help="talk to a running vdm's control socket (list, stats, metrics, resize, balloon)",
     add_arguments=_add_arguments,
     run=_run,
 )

@@ -15,7 +15,11 @@ VIRTIO_BALLOON_F_STATS_VQ was negotiated, then ``reporting_vq`` if VIRTIO_BALLOO
 * free page reporting: each request's device-writable buffers are free guest pages, released and
   returned; DEFLATE_ON_OOM is a promise the device keeps by never relying on inflated pages.
 
-The hook a control socket (``vdm ctl balloon SIZE``) calls is :meth:`set_target_bytes`; it and
+The control socket's ``balloon`` command (``vdm ctl balloon balloon0 [SIZE]``) comes through
+:meth:`BalloonDevice.control_commands` (:class:`vdm.control.Controllable`): with ``size`` it calls
+:meth:`set_target_bytes` (SIZE is the balloon's size, what the guest gives back, as ``target_mib``;
+not QEMU's ``balloon N``, which names the guest's memory), and either way it answers the target,
+``actual``, the pages released and the last statistics, asking the guest for fresh ones. These and
 :meth:`request_stats` are safe from any thread. Invariants: ``inflated`` holds only PFNs whose
 pages lie in guest RAM; ``0 <= target_pages < 2**32``.
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from vdm.chain import DescriptorChain
 from vdm.device import VirtioDevice, bit
@@ -109,6 +113,30 @@ class BalloonDevice(VirtioDevice):
     def set_target_bytes(self, size: int) -> None:
         """The control socket's hook: a target in bytes (rounded up to whole pages)."""
         self.set_target_pages(-(-size // PAGE))
+
+    def control_commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """``balloon``: ``{"size": bytes}`` sets the target (0: give everything back); no size: show."""
+        return {"balloon": self._ctl_balloon}
+
+    def _ctl_balloon(self, args: dict[str, Any]) -> dict[str, Any]:
+        size = args.get("size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < (1 << 32) * PAGE:
+                raise ValueError(f"size {size!r}: the balloon's size in bytes, 0 to {(1 << 32) * PAGE - 1}")
+            self.set_target_bytes(size)
+        fresh = self.request_stats()  # the answer has the last ones; the next, these
+        with self._lock:
+            return {
+                "target_bytes": self._target * PAGE,
+                "actual_bytes": self.actual * PAGE,
+                "inflated_bytes": len(self.inflated) * PAGE,
+                "released_pages": self.released_pages,
+                "unreleased_pages": self.unreleased_pages,
+                "running": bool(self.activated),
+                "stats_updates": self.stats_updates,
+                "stats_requested": fresh,
+                "stats": dict(self.stats),
+            }
 
     # ---- queues --------------------------------------------------------------------------------
 
