@@ -525,33 +525,33 @@ class ControlServer:
         self._hotplug = hotplug
         self.command_name = command_name
 
-    def _need_hotplug(self, what: str) -> Hotplug:
+    def _need_hotplug(self) -> Hotplug:
         if self._hotplug is None:
             raise ControlError(
-                f"{what}: not supported under {self.command_name} (only vdm vhost-user adds and removes "
+                f"not supported under {self.command_name} (only vdm vhost-user adds and removes "
                 "devices while it runs; a VM's bus has no hot-plug here)"
             )
         return self._hotplug
 
     def _add(self, args: dict[str, Any]) -> Any:
-        hotplug = self._need_hotplug("add")
+        hotplug = self._need_hotplug()
         argv = args.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ControlError(
-                "add: give the device as on the command line, e.g. --socket-path PATH --disk IMG"
+                "give the device as on the command line, e.g. --socket-path PATH --disk IMG"
             )
         try:
             return hotplug.add(argv)
         except (UserError, ValueError, OSError) as e:
-            raise ControlError(f"add: {e}") from None
+            raise ControlError(str(e)) from None
 
     def _remove(self, args: dict[str, Any]) -> Any:
-        hotplug = self._need_hotplug("remove")
+        hotplug = self._need_hotplug()
         ident, _, _ = self._find(args.get("device"))
         try:
             return hotplug.remove(ident)
         except (UserError, ValueError, OSError) as e:
-            raise ControlError(f"remove: {e}") from None
+            raise ControlError(str(e)) from None
 
 
 class Hotplug(Protocol):

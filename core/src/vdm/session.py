@@ -256,6 +256,7 @@ class DeviceSet:
         self.devices: list[Any] = []
         #: ``(id, type name)`` of each device, in the order of :attr:`devices`
         self.ids: list[tuple[str, str]] = []
+        self._numbers: dict[str, int] = {}
         self._users: list[tuple[str, Callable[[], Any]]] = []
         self._held: list[tuple[str, Callable[[], Any]]] = []
         self.user: str | None = None
@@ -277,9 +278,23 @@ class DeviceSet:
         except Exception as e:
             raise UserError(f"{dtype.cli_flag or dtype.name}: {e}") from None
         self.devices.append(device)
-        n = sum(1 for _, kind in self.ids if kind == dtype.name)
+        n = self._numbers.get(dtype.name, 0)  # never reused: a removed blk1 stays gone
+        self._numbers[dtype.name] = n + 1
         self.ids.append((f"{dtype.name}{n}", dtype.name))
         return device
+
+    def remove(self, device: Any) -> None:
+        """Close ``device`` now and forget it (``vdm ctl remove``); whatever served it must have
+        stopped first. A close that fails is one log line; the device is forgotten either way."""
+        i = next(i for i, d in enumerate(self.devices) if d is device)
+        del self.devices[i]
+        del self.ids[i]
+        close = getattr(device, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:
+                log.error("closing %s failed: %s: %s", getattr(device, "name", device), type(e).__name__, e)
 
     def entries(self) -> list[tuple[str, str, Any]]:
         """``(id, type name, device)`` of every device (what the control socket serves)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 from typing import Any
 
 from vdm.cli.devices import DEST_PREFIX, add_device_options, device_configs, devices_epilog
@@ -36,7 +37,7 @@ from vdm.plugins import PluginSet
 from vdm.registry import DeviceContext
 from vdm.session import DeviceSet, StopSignal
 
-__all__ = ["add_arguments", "device_groups", "run"]
+__all__ = ["Served", "add_arguments", "device_groups", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,6 @@ def run(args: argparse.Namespace) -> int:
     """Open the devices, listen on their sockets, serve frontends until SIGTERM/SIGINT."""
     from vdm.eventloop import EventLoop
 
-    from .server import VhostUserServer
-
     plugins: PluginSet = args.plugin_set
     groups = device_groups(args, plugins)
     for path, _, _ in groups:
@@ -242,17 +241,113 @@ def run(args: argparse.Namespace) -> int:
                 )
         loop = EventLoop("vdm-vhost-user")
         devices.using(loop.stop, "the event loop")
-        servers: list[VhostUserServer] = []
+        served = Served(devices, loop, plugins, args.name)
+        devices.using(served.close, "the vhost-user servers")  # after the control socket
         clients = {os.path.abspath(c) for c in getattr(args, "connect_paths", None) or []}
-        for (path, _, _), device in zip(groups, devices.devices):
-            client = os.path.abspath(path) in clients
-            servers.append(VhostUserServer(path, device, loop, connect=client).start())
-            devices.using(servers[-1].close, f"the server on {path}")
-        devices.serve_control(args.control)
+        for (path, _, _), device, (ident, _) in zip(groups, list(devices.devices), list(devices.ids)):
+            served.serve(ident, path, device, connect=os.path.abspath(path) in clients)
+        if args.control:
+            from vdm.control import ControlServer
+
+            control = ControlServer(args.control, devices.entries)
+            control.set_hotplug(served, "vdm vhost-user")
+            control.start()
+            devices.using(control.close, f"the control socket {args.control}")
         devices.ready(getattr(args, "user", None))
-        for server in servers:
+        for server in served.servers.values():
             how = "to the frontend on" if server.connect else "on"
             print(f"vdm: serving {server.device.name} {how} {server.path}", flush=True)
         stop.wait()
         log.info("vhost-user: %s received, shutting down", stop.stopped_by)
     return 0
+
+
+class _AddParser(argparse.ArgumentParser):
+    """The command's own parser for ``vdm ctl add``: an error is raised, never printed and exited."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UserError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:  # type: ignore[override]
+        raise UserError((message or "").strip() or "not accepted here")
+
+
+class Served:
+    """The vhost-user servers of one ``vdm vhost-user``, by device id; ``vdm ctl add``/``remove``.
+
+    Invariants: every device in the :class:`DeviceSet` that is served has exactly one server
+    here; ``add`` and ``remove`` run on the control thread (one at a time) and either do all of it
+    or nothing; :meth:`close` (at shutdown, after the control socket closed) closes every server.
+    """
+
+    def __init__(self, devices: DeviceSet, loop: Any, plugins: PluginSet, name: str) -> None:
+        self.devices = devices
+        self.loop = loop
+        self.plugins = plugins
+        self.name = name
+        self.servers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def serve(self, ident: str, path: str, device: Any, connect: bool = False) -> Any:
+        from .server import VhostUserServer
+
+        server = VhostUserServer(path, device, self.loop, connect=connect).start()
+        with self._lock:
+            self.servers[ident] = server
+        return server
+
+    def add(self, argv: list[str]) -> dict[str, Any]:
+        """``vdm ctl add --socket-path PATH --disk IMG``: parsed as on the command line."""
+        parser = _AddParser(prog="vdm ctl add", add_help=False)
+        parser.set_defaults(plugin_set=self.plugins)
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+        for option, value in (("--control", args.control), ("--user", args.user)):
+            if value:
+                raise UserError(f"{option} is for the command line, not for a device added at run time")
+        groups = device_groups(args, self.plugins)
+        if len(groups) != 1:
+            raise UserError(f"{len(groups)} devices given: add one at a time")
+        ((path, dt, config),) = groups
+        _check_socket_path(path)
+        for ident, server in list(self.servers.items()):
+            if os.path.abspath(server.path) == os.path.abspath(path):
+                raise UserError(f"--socket-path {path}: {ident} is served there already")
+        n = len(self.devices.devices)
+        device = self.devices.create(dt, config, DeviceContext(vm_name=f"{args.name}-{n}", vmm=None))
+        ident = self.devices.ids[-1][0]
+        if not isinstance(device, VirtioDevice):
+            self.devices.remove(device)
+            raise UserError(f"{dt.name}: not a virtio device: it cannot be served over vhost-user")
+        clients = {os.path.abspath(c) for c in getattr(args, "connect_paths", None) or []}
+        connect = os.path.abspath(path) in clients
+        try:
+            self.serve(ident, path, device, connect=connect)
+        except BaseException:
+            self.devices.remove(device)
+            raise
+        log.info("vhost-user: %s added on %s", ident, path)
+        return {"device": ident, "type": dt.name, "socket": path, "connect": connect}
+
+    def remove(self, ident: str) -> dict[str, Any]:
+        """Drop ``ident``'s frontend (the socket closes, as when a backend exits), remove its socket,
+        close the device (its image lock released)."""
+        with self._lock:
+            server = self.servers.pop(ident, None)
+        if server is None:
+            raise UserError(f"{ident} is not served over vhost-user")
+        server.close()
+        self.devices.remove(server.device)
+        log.info("vhost-user: %s removed (%s)", ident, server.path)
+        return {"device": ident, "socket": server.path}
+
+    def close(self) -> None:
+        """Close every server, newest first (frontends dropped, sockets removed)."""
+        with self._lock:
+            servers = list(self.servers.items())
+            self.servers.clear()
+        for ident, server in reversed(servers):
+            try:
+                server.close()
+            except Exception as e:
+                log.error("closing the server of %s failed: %s: %s", ident, type(e).__name__, e)
