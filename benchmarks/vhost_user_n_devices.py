@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""N disks from one ``vdm vhost-user`` process vs N processes of one disk each (issue 16 "Done when").
+
+Each of the N disks is driven at once by its own libblkio client (``scripts/frontends/
+blkio_frontend.c`` on libblkio 1.5's ``virtio-blk-vhost-user`` driver, built and run inside the
+Debian 13 root by ``scripts/frontends/build.sh``, as in ``vhost_user_blk_free.py``): 4 KiB random
+reads at queue depth 1 and 32 over a ``--mib`` MiB raw image of random data (page cache on). The
+figure per setup is the sum of the N clients' IOPS; the ratio is one process / N processes (1.0:
+one process costs the same per request; below 1: it loses). Every backend has its own copy of one
+image (each takes the image's write lock; libblkio's client refuses a read-only disk) and runs for
+the whole benchmark; the rows are interleaved (for every run, every N, every row, both setups,
+their order alternating per run).
+
+Where the time goes: around each measurement the backends' CPU time is read from /proc (every
+thread's utime+stime), giving the backends' CPU microseconds per request and, for the busiest
+thread, the share of the wall time it ran (1.0: that thread -- the event loop -- is saturated).
+
+    python3 benchmarks/vhost_user_n_devices.py [--runs 3] [--time 3] [--mib 32] [--n 1,2,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vdm_lab import debian13  # noqa: E402
+
+from benchmarks.vhost_user_blk_free import BUILD, Backend, run_client  # noqa: E402
+
+HZ = os.sysconf("SC_CLK_TCK")
+#: (client mode, block size, queue depth)
+ROWS = [("randread", "4k", 1), ("randread", "4k", 32)]
+SETUPS = ("one process", "N processes")
+
+
+def vdm_argv(pairs: list[tuple[Path, Path]]) -> list[str]:
+    """One ``vdm vhost-user`` serving every ``(socket, image)``."""
+    argv = [sys.executable, "-m", "vdm.cli.main", "vhost-user"]
+    for sock, image in pairs:
+        argv += ["-s", str(sock), "--disk", str(image)]
+    return argv
+
+
+def thread_ticks(pids: list[int]) -> dict[tuple[int, str], int]:
+    """utime+stime (clock ticks) of every thread of ``pids``."""
+    out = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            out[(pid, tid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def drive(root, binary: Path, socks: list[Path], row, seconds: float, mib: int) -> float:
+    """Run one client per socket at once; the sum of their IOPS."""
+    out: list[float] = []
+    errors: list[BaseException] = []
+
+    def one(sock: Path) -> None:
+        try:
+            out.append(run_client(root, binary, sock, row, seconds, mib)["iops"])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in socks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--time", type=float, default=3, help="seconds per measurement (after 0.5 s warm-up)")
+    ap.add_argument("--mib", type=int, default=32, help="image size and the range each client reads")
+    ap.add_argument("--n", default="1,2,4", help="device counts")
+    a = ap.parse_args()
+    ns = [int(x) for x in a.n.split(",")]
+    root = debian13.build()
+    binary = Path(subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True)
+                  .stdout.strip().splitlines()[-1])  # fmt: skip
+    res: dict[tuple[int, int, str], list[float]] = {}
+    cost: dict[tuple[int, int, str], list[tuple[float, float]]] = {}
+    pids: dict[tuple[int, str], list[int]] = {}
+    backends: list[Backend] = []
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="vdm-ndev-") as d:
+        tmp = Path(d)
+        seed = tmp / "seed.raw"
+        with open(seed, "wb") as f:
+            for _ in range(a.mib):
+                f.write(os.urandom(1 << 20))
+
+        def image(name: str) -> Path:  # every backend its own copy: each takes its write lock
+            path = tmp / f"{name}.raw"
+            shutil.copyfile(seed, path)
+            return path
+
+        socks: dict[tuple[int, str], list[Path]] = {}
+        try:
+            for n in ns:
+                one = [(tmp / f"one{n}-{i}.sock", image(f"one{n}-{i}")) for i in range(n)]
+                backends.append(Backend(f"one{n}", vdm_argv(one), one[-1][0], tmp / f"one{n}.log"))
+                pids[(n, SETUPS[0])] = [backends[-1].proc.pid]
+                pids[(n, SETUPS[1])] = []
+                socks[(n, SETUPS[0])] = [s for s, _ in one]
+                socks[(n, SETUPS[1])] = []
+                for i in range(n):
+                    sock = tmp / f"sep{n}-{i}.sock"
+                    argv = vdm_argv([(sock, image(f"sep{n}-{i}"))])
+                    backends.append(Backend(f"sep{n}-{i}", argv, sock, tmp / f"sep{n}-{i}.log"))
+                    pids[(n, SETUPS[1])].append(backends[-1].proc.pid)
+                    socks[(n, SETUPS[1])].append(sock)
+            load0 = os.getloadavg()
+            for run in range(a.runs):
+                order = SETUPS if run % 2 == 0 else SETUPS[::-1]
+                for n in ns:
+                    for i, row in enumerate(ROWS):
+                        for s in order:
+                            before, t0 = thread_ticks(pids[(n, s)]), time.monotonic()
+                            iops = drive(root, binary, socks[(n, s)], row, a.time, a.mib)
+                            after, wall = thread_ticks(pids[(n, s)]), time.monotonic() - t0
+                            used = {k: (v - before.get(k, 0)) / HZ for k, v in after.items()}
+                            # requests: the clients' IOPS over their timed part (after the warm-up)
+                            cpu_us = sum(used.values()) / wall * 1e6 / iops
+                            busiest = max(used.values()) / wall
+                            res.setdefault((n, i, s), []).append(iops)
+                            cost.setdefault((n, i, s), []).append((cpu_us, busiest))
+                print(f"# run {run + 1} of {a.runs} done", file=sys.stderr, flush=True)
+            load1 = os.getloadavg()
+        finally:
+            for b in backends:
+                b.stop()
+    git = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    print(
+        f"vdm at {git.stdout.strip()}, libblkio {root.info.get('libblkio1', '?')}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average before/after: "
+        f"{load0[0]:.2f} / {load1[0]:.2f}; {a.runs} runs, {a.time:g} s each, {a.mib} MiB images\n"
+    )
+    print(
+        "| N | row | one process (IOPS, sum) | N processes (IOPS, sum) | one/N | per-run one/N "
+        "| backend CPU µs/request one / N | busiest thread's share one / N |"
+    )
+    print("| --- " * 8 + "|")
+    for n in ns:
+        for i, (mode, bs, qd) in enumerate(ROWS):
+            one, sep = res[(n, i, SETUPS[0])], res[(n, i, SETUPS[1])]
+            per_run = " ".join(f"{x / y:.2f}" for x, y in zip(one, sep))
+            m1, m2 = statistics.median(one), statistics.median(sep)
+            c1, c2 = (statistics.median(c[0] for c in cost[(n, i, x)]) for x in SETUPS)
+            b1, b2 = (statistics.median(c[1] for c in cost[(n, i, x)]) for x in SETUPS)
+            print(
+                f"| {n} | {mode} {bs} qd{qd} | {m1:,.0f} | {m2:,.0f} | {m1 / m2:.2f} | {per_run} "
+                f"| {c1:.1f} / {c2:.1f} | {b1:.2f} / {b2:.2f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
