@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from vdm.control import ControlServer
 from vdm.errors import UserError
 from vdm_blk.device import S_OK, T_IN, T_OUT
 
+from tests.realguest.conftest import kit, qemu  # noqa: F401 - the session fixtures
 from tests.vhost_user.frontend import Frontend
 from tests.vhost_user.test_multi_device import hdr, make_image, read0
 from tests.vhost_user.vdmproc import VdmProcess
@@ -170,3 +172,64 @@ def test_add_is_not_supported_without_a_hotplug_handler(tmp_path: Path) -> None:
         assert server.dropped == 0
     finally:
         server.close()
+
+
+HOTPLUG_WORKLOAD = r"""
+echo "VDMTEST STEP hotplug ready"
+i=0; while [ ! -e /dev/vdb ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
+[ -e /dev/vdb ] || { result fail reason=no_vdb; return; }
+m=$(dd if=/dev/vdb bs=512 count=1 2>/dev/null | head -c 12)
+result ok marker=$m sectors=$(cat /sys/block/vdb/size)
+"""
+
+
+@pytest.mark.realguest
+@pytest.mark.slow
+def test_qemu_device_add_on_an_added_socket(kit, tmp_path: Path) -> None:  # noqa: F811
+    """QEMU 7.2 TCG: once the guest runs, `vdm ctl add` serves a second disk, QMP's chardev-add and
+    device_add vhost-user-blk-pci plug it into a PCIe root port, and the guest reads /dev/vdb."""
+    import vdm_lab
+
+    a_img = make_image(tmp_path / "a.img", 0x11)
+    b_img = tmp_path / "b.img"
+    with open(b_img, "wb") as f:
+        f.write(b"VDMHOTPLUG42")
+        f.truncate(8 << 20)
+    control, qmp_path = str(tmp_path / "vdm.ctl"), tmp_path / "qemu.qmp"
+    b_sock = str(tmp_path / "b.sock")
+    vdm = VdmProcess(str(tmp_path / "a.sock"), "--disk", a_img, "--control", control)
+    plugged: list[object] = []
+
+    def plug() -> None:
+        try:
+            r = ctl(control, "add", "-s", b_sock, "--disk", str(b_img))
+            assert r.returncode == 0, r.stderr
+            qmp = vdm_lab.Qmp(qmp_path)
+            backend = {
+                "type": "socket",
+                "data": {"addr": {"type": "unix", "data": {"path": b_sock}}, "server": False},
+            }
+            qmp.execute("chardev-add", id="vub1", backend=backend)
+            qmp.execute("device_add", driver="vhost-user-blk-pci", chardev="vub1", bus="rp1", id="hot1")
+            qmp.close()
+            plugged.append(True)
+        except BaseException as e:
+            plugged.append(e)
+
+    def on_line(line: str) -> None:
+        if "VDMTEST STEP hotplug ready" in line:
+            threading.Thread(target=plug, daemon=True).start()
+
+    try:
+        r = vdm_lab.run_qemu(
+            [*vdm_lab.vhost_user_blk_args(tmp_path / "a.sock"), "-device", "pcie-root-port,id=rp1,chassis=1",
+             "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+            ["hotplug"], {}, timeout=400, kit=kit, on_line=on_line,
+            guest=vdm_lab.GuestSpec(workloads={"hotplug": HOTPLUG_WORKLOAD}),
+        )  # fmt: skip
+    finally:
+        rc = vdm.stop()
+    assert plugged == [True], f"{plugged}\n{vdm.output}"
+    r.assert_ok("hotplug")
+    assert r["hotplug"]["marker"] == "VDMHOTPLUG42" and r["hotplug"]["sectors"] == str(8 << 11), r.describe()
+    assert rc == 0, vdm.output
