@@ -52,7 +52,9 @@ def make_seeds(corpus: str) -> None:
 
 def one_input(data: bytes) -> None:
     from vdm_blk.backends import DiskError, open_disk
+    from vdm_blk.backends.extend import load_extensions
 
+    load_extensions()  # third-party protocols/formats load once, on first use: not the image's doing
     opened = common.watch_files()
     with open(IMAGE, "wb") as f:
         f.write(data)
