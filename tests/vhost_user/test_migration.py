@@ -74,6 +74,11 @@ def _md5_head(path: Path, length: int) -> str:
         return hashlib.md5(f.read(length)).hexdigest()
 
 
+# One rerun: QEMU 7.2's own TCG migration corrupted guest memory in 1 of 3 runs with its built-in
+# virtio-blk and no vdm at all (75a4a04), and this session saw one guest oops after migration on
+# [qemu7.2] that passed on its rerun; a vdm fault (lost write, missed dirty page) fails both runs,
+# and test_dirty_log.py holds the marking itself without QEMU.
+@vdm_lab.LAB_GUEST_RERUN
 def test_guest_writes_and_verifies_across_live_migration(kit: vdm_lab.GuestKit,  # noqa: F811
                                                         qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                                         tmp_path: Path) -> None:
