@@ -40,11 +40,19 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol
 
+from .control_report import (
+    Controllable,
+    Resizable,
+    device_commands,
+    device_list,
+    device_stats,
+    metrics_text,
+)
 from .errors import UserError
+from .socket_path import check_socket_path, clear_stale_socket
 
 __all__ = [
     "MAX_LINE",
@@ -68,80 +76,14 @@ MAX_PENDING = 4 * 1024 * 1024
 #: clients served at once; one more is told so and closed
 MAX_CLIENTS = 32
 
-_STATUS_BITS = ((1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"), (8, "FEATURES_OK"),
-                (64, "DEVICE_NEEDS_RESET"), (128, "FAILED"))  # fmt: skip
-
-
-@runtime_checkable
-class Resizable(Protocol):
-    """A device whose capacity ``vdm ctl resize`` changes (vdm-blk's)."""
-
-    def resize(self, size: int | None) -> int:
-        """Set the capacity to ``size`` bytes (None: re-read the backend's size), tell the driver
-        (a config-change notification); return the new size. Raise ValueError with a reason."""
-        ...
-
-
-@runtime_checkable
-class Controllable(Protocol):
-    """A device that offers its own control commands (vdm-balloon's ``balloon``).
-
-    ``control_commands()`` returns ``{command name: callable}``; the control socket calls
-    ``callable(arguments)`` (the request's arguments without ``device``) on its own thread and
-    replies with what it returns (JSON-serialisable; a dict gets ``device`` added). The callable
-    raises ValueError (or OSError) with a reason for a bad request: an error reply, the client
-    stays. A name the core already has (``list``, ``stats``, ``metrics``, ``resize``) is never
-    dispatched to a device.
-    """
-
-    def control_commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]: ...
-
-
-def _device_commands(dev: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
-    """A device's control commands; {} for a device without them or whose method misbehaves."""
-    if not isinstance(dev, Controllable):
-        return {}
-    try:
-        commands = dev.control_commands()
-    except Exception:  # a device's bug must not cost the control socket
-        log.exception("control: %s: control_commands() failed", getattr(dev, "name", dev))
-        return {}
-    if not isinstance(commands, dict):
-        return {}
-    return {k: v for k, v in commands.items() if isinstance(k, str) and callable(v) and k not in _COMMANDS}
-
-
 class ControlError(Exception):
     """A command that cannot be carried out: its reply is an error, the client stays."""
 
 
 def check_control_path(path: str, option: str = "--control") -> None:
     """Refuse a control socket path that cannot work, before anything is opened (a UserError)."""
-    if not path:
-        raise UserError(f"{option} is empty: give the path of the control socket to create")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{option} {path}: no such folder {folder}")
-    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the final NUL
-        raise UserError(f"{option} {path}: longer than 107 bytes (use a shorter or relative path)")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UserError(f"{option} {path} exists and is not a socket; choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(2)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # nobody listens: left over by a process that was killed
-        return
-    except OSError as e:
-        raise UserError(f"{option} {path}: cannot check the existing socket: {e}") from None
-    finally:
-        probe.close()
-    raise UserError(f"{option} {path}: another process is listening on this socket")
+    check_socket_path(path, option, "the control socket to create")
+    clear_stale_socket(path, option)
 
 
 def add_control_option(parser: Any) -> None:
@@ -151,108 +93,6 @@ def add_control_option(parser: Any) -> None:
         metavar="PATH",
         help="serve a control socket here (mode 0600) for `vdm ctl`: list, stats, metrics, resize",
     )
-
-
-# ---- what the commands answer ------------------------------------------------------------------
-
-
-def _status_names(status: int) -> list[str]:
-    return [name for b, name in _STATUS_BITS if status & b]
-
-
-def device_list(entries: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
-    """``list``: one record per ``(id, type name, device)``."""
-    out = []
-    for ident, kind, dev in entries:
-        queues = getattr(dev, "queues", None) or []
-        status = int(getattr(dev, "status", 0))
-        rec: dict[str, Any] = {"id": ident, "type": kind, "name": getattr(dev, "name", kind)}
-        if queues:
-            rec.update(
-                running=bool(getattr(dev, "activated", False)),
-                status=status,
-                status_names=_status_names(status),
-                driver_features=f"{int(getattr(dev, 'driver_features', 0)):#x}",
-                broken=getattr(dev, "broken", None),
-                queues=[
-                    {"index": q.index, "size": q.size, "ready": q.ready, "active": q.active} for q in queues
-                ],
-            )
-        if isinstance(dev, Resizable):
-            rec["resizable"] = True
-        commands = _device_commands(dev)
-        if commands:
-            rec["commands"] = sorted(commands)
-        out.append(rec)
-    return out
-
-
-def queue_stats(q: Any) -> dict[str, Any]:
-    """One queue's counters (see :mod:`vdm.virtqueue`); latency as ``[upper bound ns, count]``."""
-    latency = list(q.latency)
-    return {
-        "index": q.index,
-        "requests": q.requests,
-        "completed": sum(latency),
-        "bytes_read": q.bytes_read,
-        "bytes_written": q.bytes_written,
-        "errors": q.errors,
-        "in_flight": q.in_flight,
-        "latency_sum_ns": q.latency_sum_ns,
-        "latency_ns": [[1 << i, n] for i, n in enumerate(latency) if n],
-    }
-
-
-def device_stats(entries: list[tuple[str, str, Any]]) -> list[dict[str, Any]]:
-    """``stats``: every queue's counters, per device."""
-    return [
-        {"id": ident, "type": kind, "queues": [queue_stats(q) for q in getattr(dev, "queues", None) or []]}
-        for ident, kind, dev in entries
-    ]
-
-
-_COUNTERS = (
-    ("requests", "vdm_queue_requests_total", "Chains taken from the available ring."),
-    ("completed", "vdm_queue_completed_total", "Chains returned through the used ring."),
-    ("bytes_read", "vdm_queue_read_bytes_total", "Bytes in device-readable buffers of the chains taken."),
-    ("bytes_written", "vdm_queue_written_bytes_total", "Bytes the device reported written."),
-    ("errors", "vdm_queue_errors_total", "Guest errors and requests the device failed."),
-)
-#: histogram buckets exported: 1 us .. 2**35 ns (34 s), powers of two
-_BUCKETS = range(10, 36)
-
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def metrics_text(stats: list[dict[str, Any]]) -> str:
-    """``metrics``: the ``stats`` records in the Prometheus text exposition format (version 0.0.4)."""
-    lines: list[str] = []
-    rows = [
-        (f'device="{_esc(d["id"])}",type="{_esc(d["type"])}",queue="{q["index"]}"', q)
-        for d in stats
-        for q in d["queues"]
-    ]
-    for key, name, text in _COUNTERS:
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
-        lines += [f"{name}{{{labels}}} {q[key]}" for labels, q in rows]
-    lines += ["# HELP vdm_queue_in_flight Requests the device holds now.", "# TYPE vdm_queue_in_flight gauge"]
-    lines += [f"vdm_queue_in_flight{{{labels}}} {q['in_flight']}" for labels, q in rows]
-    name = "vdm_queue_latency_seconds"
-    lines += [f"# HELP {name} Time from taking a chain to completing it.", f"# TYPE {name} histogram"]
-    for labels, q in rows:
-        counts = dict((b.bit_length() - 1, n) for b, n in q["latency_ns"])
-        below = 0
-        for i in range(0, _BUCKETS.start):
-            below += counts.get(i, 0)
-        for i in _BUCKETS:
-            below += counts.get(i, 0)
-            lines.append(f'{name}_bucket{{{labels},le="{(1 << i) / 1e9!r}"}} {below}')
-        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {q["completed"]}')
-        lines.append(f"{name}_sum{{{labels}}} {q['latency_sum_ns'] / 1e9:.9g}")
-        lines.append(f"{name}_count{{{labels}}} {q['completed']}")
-    return "\n".join(lines) + "\n"
 
 
 # ---- the server ----------------------------------------------------------------------------------
@@ -475,11 +315,11 @@ class ControlServer:
         raise ControlError(f"no device {ident!r} (devices: {', '.join(e[0] for e in entries) or 'none'})")
 
     def _offered(self, name: str) -> bool:
-        return any(name in _device_commands(e[2]) for e in self._entries())
+        return any(name in device_commands(e[2], _COMMANDS) for e in self._entries())
 
     def _device_command(self, name: str, args: dict[str, Any]) -> Any:
         ident, _, dev = self._find(args.get("device"))
-        fn = _device_commands(dev).get(name)
+        fn = device_commands(dev, _COMMANDS).get(name)
         if fn is None:
             raise ControlError(f"{ident}: this device has no command {name!r}")
         try:
@@ -489,7 +329,7 @@ class ControlServer:
         return {"device": ident, **result} if isinstance(result, dict) else result
 
     def _list(self, args: dict[str, Any]) -> Any:
-        return {"devices": device_list(self._entries())}
+        return {"devices": device_list(self._entries(), _COMMANDS)}
 
     def _stats(self, args: dict[str, Any]) -> Any:
         return {"devices": device_stats(self._entries())}

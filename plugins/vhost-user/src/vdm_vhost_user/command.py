@@ -36,6 +36,7 @@ from vdm.errors import UserError
 from vdm.plugins import PluginSet
 from vdm.registry import DeviceContext
 from vdm.session import DeviceSet, StopSignal
+from vdm.socket_path import check_socket_path
 
 __all__ = ["Served", "add_arguments", "device_groups", "run"]
 
@@ -210,13 +211,7 @@ def _unused_tables(rest: dict[str, Any]) -> None:
 
 def _check_socket_path(path: str) -> None:
     """Refuse a socket path that cannot work, before any device is opened."""
-    if not path:
-        raise UserError("-s/--socket-path is empty: give the path of the Unix socket to listen on")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"--socket-path {path}: no such folder {folder}")
-    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the final NUL
-        raise UserError(f"--socket-path {path}: longer than 107 bytes (use a shorter or relative path)")
+    check_socket_path(path, "--socket-path", "the Unix socket to listen on")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat
 import threading
 
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
 from vdm.eventloop import EventLoop
+from vdm.socket_path import clear_stale_socket
 
 from .handler import VhostUserHandler
 from .protocol import ProtocolError, recv_message
@@ -35,28 +35,6 @@ log = logging.getLogger(__name__)
 MESSAGE_TIMEOUT = 10.0
 #: client mode: the longest wait between two connection attempts (seconds)
 RECONNECT_MAX = 1.0
-
-
-def _prepare_path(path: str) -> None:
-    """Remove a stale socket left by a killed backend; refuse anything else in the way."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UserError(f"{path} exists and is not a socket; choose another --socket-path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(2)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # nobody listens: left over by a process that was killed
-        return
-    except OSError as e:
-        raise UserError(f"{path}: cannot check the existing socket: {e}") from None
-    finally:
-        probe.close()
-    raise UserError(f"{path}: another process is listening on this socket")
 
 
 class VhostUserServer:
@@ -89,7 +67,7 @@ class VhostUserServer:
     def start(self) -> VhostUserServer:
         if self.connect:
             return self._start_client()
-        _prepare_path(self.path)
+        clear_stale_socket(self.path, "--socket-path")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.path)
