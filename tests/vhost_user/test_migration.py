@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import vdm_lab
+from vdm_lab.pytest_support import LAB_GUEST_RERUN
 
 from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
 from tests.vhost_user.vdmproc import VdmProcess
@@ -78,7 +79,7 @@ def _md5_head(path: Path, length: int) -> str:
 # virtio-blk and no vdm at all (75a4a04), and this session saw one guest oops after migration on
 # [qemu7.2] that passed on its rerun; a vdm fault (lost write, missed dirty page) fails both runs,
 # and test_dirty_log.py holds the marking itself without QEMU.
-@vdm_lab.LAB_GUEST_RERUN
+@LAB_GUEST_RERUN
 def test_guest_writes_and_verifies_across_live_migration(kit: vdm_lab.GuestKit,  # noqa: F811
                                                         qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
                                                         tmp_path: Path) -> None:
