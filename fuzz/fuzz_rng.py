@@ -92,7 +92,13 @@ def one_input(data: bytes) -> None:
             elif op == 4 and fdp.ConsumeBool():  # the driver resets and starts again
                 drv.init()
                 room = {k: v for k, v in room.items() if k == -1}
-            for u in drv.collect(0):
+            try:
+                used = drv.collect(0)
+            except AssertionError as e:  # a hand-made head came back: the driver did not post it
+                if -1 not in room or "not in flight" not in str(e):
+                    raise
+                used = []
+            for u in used:
                 assert u.written <= MAX_REQUEST and u.written <= len(u.data), u
                 if -1 not in room:
                     want = room.pop(u.head)
