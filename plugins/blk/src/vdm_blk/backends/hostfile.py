@@ -9,6 +9,16 @@
   clusters) uses the buffered descriptor. If the kernel still refuses a direct transfer
   (EINVAL: the file system wants a larger alignment), the request is retried with page
   alignment, and later requests keep it.
+* Memory the kernel cannot pin for DMA: O_DIRECT hands the caller's pages to the device through
+  get_user_pages(), which refuses some mappings the CPU reads and writes fine (Xen's privcmd
+  foreign mappings of a domU's RAM, memfd_secret memory, PFN-mapped device memory): the call
+  fails with EFAULT. The request is then made again through the bounce buffer, and every later
+  direct request of this file is bounced from the start (one log line says so). The retry is
+  safe: a read fills the same buffers again, a write stores the same bytes again. Detecting it
+  here rather than asking guest memory whether it can be a DMA target keeps the core and the
+  hypervisor plugins out of it (no flag to carry through every memory type, none to forget in
+  a new one) and covers any mapping GUP refuses, whoever made it; the cost is one failed
+  system call per file.
 * ``writethrough=True`` opens with ``O_DSYNC``: each write is durable when it returns.
 * :meth:`HostFile.read_nowait` and :meth:`HostFile.write_inline` serve what needs no waiting on
   the caller's thread (page-cache hits, small buffered writes), so a device can skip the
@@ -23,9 +33,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import stat
+import threading
 from typing import Sequence
 
 from vdm.sg import advance, fill_zero, gather_into, scatter, split_views, total_length
@@ -45,6 +57,8 @@ from .locking import lock_image
 from .protocol import Protocol
 
 __all__ = ["HostFile"]
+
+log = logging.getLogger(__name__)
 
 IOV_MAX = 1024
 BOUNCE_CHUNK = 1 << 20
@@ -118,6 +132,9 @@ class HostFile(Protocol):
         self.supports_discard = self.supports_write_zeroes = not read_only
         self.can_grow = not self.is_block
         self.dfd: int | None = None
+        #: True once a direct transfer failed with EFAULT (memory GUP refuses): bounce from then on
+        self.bounce_always = False
+        self._bounce_lock = threading.Lock()
         if direct:
             try:
                 self.dfd = os.open(path, flags | os.O_DIRECT | os.O_NONBLOCK)
@@ -233,18 +250,33 @@ class HostFile(Protocol):
             if self.dfd is None or offset % a or want % a:
                 return self._loop(call, self.fd, list(views), offset, reading)
             try:
-                if self._use_direct(views, offset) is not False:
+                if not self.bounce_always and self._use_direct(views, offset) is not False:
                     try:
                         return self._loop(call, self.dfd, list(views), offset, reading)
                     except OSError as e:
-                        if e.errno != errno.EINVAL:
+                        if e.errno == errno.EFAULT:
+                            self._cannot_pin()
+                        elif e.errno != errno.EINVAL:
                             raise
-                        # misaligned memory that the address check could not see: bounce it
+                        # misaligned memory that the address check could not see, or memory
+                        # the kernel cannot pin: bounce it
                 return self._bounce_read(views, offset) if reading else self._bounce_write(views, offset)
             except OSError as e:
                 if e.errno != errno.EINVAL or a >= PAGE:
                     raise
                 self.align = PAGE  # the file system wants more than the logical block size: retry
+
+    def _cannot_pin(self) -> None:
+        """A direct transfer met memory the kernel cannot pin: bounce every later one (said once)."""
+        with self._bounce_lock:
+            if self.bounce_always:
+                return
+            self.bounce_always = True
+        log.warning(
+            "%s: the kernel cannot do direct I/O on this guest memory (EFAULT); "
+            "its direct I/O goes through a bounce buffer from now on",
+            self.path,
+        )
 
     @staticmethod
     def _loop(call, fd: int, views: list[memoryview], offset: int, reading: bool) -> int:
