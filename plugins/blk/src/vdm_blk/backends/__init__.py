@@ -41,7 +41,7 @@ import stat
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from . import libnbd
+from . import libnbd, librbd
 from .base import SECTOR, DiskBackend, DiskError
 from .hostfile import HostFile
 from .protocol import Protocol
@@ -187,7 +187,14 @@ def _open_nbd(uri: str, *, read_only: bool, options: Mapping[str, Any]) -> Proto
     return open_nbd(uri, read_only=read_only, options=options)
 
 
+def _open_rbd(name: str, *, read_only: bool, options: Mapping[str, Any]) -> Protocol:
+    from .rbd import open_rbd
+
+    return open_rbd(name, read_only=read_only, options=options)
+
+
 register_protocol("nbd", _open_nbd, ("nbd", "nbd+unix", "nbds", "nbds+unix"), available=libnbd.probe)
+register_protocol("rbd", _open_rbd, ("rbd",), available=librbd.probe)
 register_format("raw", _open_raw)
 register_format("qcow2", _open_qcow2, probe=lambda head: head[:4] == MAGIC)
 
