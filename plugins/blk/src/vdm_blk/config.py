@@ -37,7 +37,7 @@ class BlkConfig:
     #: I/O worker threads serving requests in flight
     iothreads: int = 4
     #: open: lock the image when it is opened; start: only while the device runs (live migration
-    #: between two vhost-user backends on one raw image; backends/locking.py)
+    #: between two vhost-user backends on one raw or qcow2 image; backends/locking.py)
     lock: str = field(default="open", metadata={"choices": ("open", "start")})
     #: nbd: seconds a request waits for a server that went away (reconnecting) before EIO; 0: at once
     reconnect_timeout: float = 10.0

@@ -16,7 +16,6 @@ def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported laz
     from contextlib import nullcontext
 
     from .backends import open_disk
-    from .backends.base import DiskError
     from .backends.locking import locks_deferred
     from .device import BlkDevice
 
@@ -33,12 +32,6 @@ def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported laz
                 "request_timeout": config.request_timeout,
                 "connections": config.connections,
             },
-        )
-    if deferred is not None and type(backend).__name__ != "RawDisk":
-        backend.close()
-        raise DiskError(
-            f"{config.path}: lock=start works with raw images only (a qcow2 image's metadata would be "
-            "read while another process still writes it); drop lock=start or convert the image to raw"
         )
     return BlkDevice(backend, config, deferred_locks=deferred)
 

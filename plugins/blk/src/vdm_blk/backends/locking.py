@@ -20,6 +20,16 @@ opens while another process writes it; the device takes the usual locks when it 
 shared lock when it is reset (:meth:`DeferredLocks.release`): the migration source's device is
 reset when the frontend stops it, before the destination's starts. ``qemu-img`` and a vdm opened
 the usual way are kept out while the device runs, as before; while it is stopped they are not.
+
+A format that caches metadata (qcow2: header, L1/L2 tables, refcounts) registers a pair of hooks
+with :meth:`DeferredLocks.on_start_stop` when it is opened this way, and the discipline is QEMU's
+inactivate / invalidate-cache: the format does not trust what it read at open (the source was
+writing meanwhile) and writes nothing there; when the device starts, after the locks are taken,
+its ``start`` hook re-reads all of the image's metadata (and checks it); when the device stops,
+its ``stop`` hook writes back and syncs everything it caches and forgets it, before the locks are
+dropped. So at every moment at most one process has metadata that may be newer than the file,
+and it is the one holding the write lock. A ``stop`` hook that fails (an I/O error) keeps the
+locks: the destination's device then fails on the lock rather than open a half-written image.
 """
 
 from __future__ import annotations
@@ -30,11 +40,11 @@ import logging
 import struct
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .base import DiskError
 
-__all__ = ["DeferredLocks", "lock_image", "locks_deferred"]
+__all__ = ["DeferredLocks", "deferred_locks", "lock_image", "locks_deferred"]
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +79,33 @@ class DeferredLocks:
 
     def __init__(self) -> None:
         self.images: list[tuple[int, str, bool]] = []  # (fd, path, writable)
+        #: (start, stop) hooks of the formats opened here, in opening order
+        self.hooks: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+    def on_start_stop(self, start: Callable[[], None], stop: Callable[[], None]) -> None:
+        """``start()`` runs after :meth:`take` took the locks (it may raise DiskError: the device
+        fails); ``stop()`` runs in :meth:`release` before they are dropped (module doc)."""
+        self.hooks.append((start, stop))
 
     def take(self) -> None:
-        """The usual locks on every image (DiskError if another process holds a conflicting one)."""
+        """The usual locks on every image, then the start hooks (DiskError if another process
+        holds a conflicting lock, or if a format finds the image unusable now)."""
         for fd, path, writable in self.images:
             lock_image(fd, path, writable)
+        for start, _ in self.hooks:
+            start()
 
     def release(self) -> None:
-        """Back to "consistent read", sharing everything (the device stopped)."""
+        """The stop hooks, then back to "consistent read", sharing everything (the device stopped).
+
+        If a stop hook fails, the locks stay (one log line): what the format cached may not all
+        be in the file, so no other process may start on it."""
+        for _, stop in reversed(self.hooks):
+            try:
+                stop()
+            except Exception as e:  # an I/O error writing metadata back
+                log.error("writing the image's metadata back at device stop failed, its locks stay: %s", e)
+                return
         for fd, _, _ in self.images:
             try:
                 for i in (WRITE, RESIZE):
@@ -87,6 +116,12 @@ class DeferredLocks:
 
 
 _deferring = threading.local()
+
+
+def deferred_locks() -> DeferredLocks | None:
+    """The :class:`DeferredLocks` of the :func:`locks_deferred` block this thread is in, if any
+    (a format opened there registers its start/stop hooks with it)."""
+    return getattr(_deferring, "locks", None)
 
 
 @contextmanager

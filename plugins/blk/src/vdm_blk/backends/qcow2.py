@@ -63,6 +63,9 @@ Metadata and crash safety
     ``qemu-img check -r leaks`` reclaims them. Every write acknowledged before the last completed
     ``flush`` reads back.
 
+Handover (``lock=start``: live migration between two backends on one image)
+    Metadata is read again at device start and all written back at stop (:mod:`.qcow2_handover`).
+
 Concurrency
     A metadata lock guards the tables and caches. Data I/O to clusters found allocated runs
     outside it, under the shared side of an I/O lock; discard, write-zeroes and giving clusters
@@ -82,9 +85,11 @@ from vdm.sg import fill_zero, gather_into, scatter, split_views, total_length
 
 from .base import SECTOR, DiskBackend, DiskError, RWLock
 from .hostfile import HostFile
+from .locking import deferred_locks
 from .protocol import Protocol
 from .qcow2_check import check_metadata
 from .qcow2_clusters import ClusterMap, _Extent
+from .qcow2_handover import Handover
 from .qcow2_header import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSED_KIND,
@@ -104,8 +109,6 @@ __all__ = ["Qcow2Disk"]
 
 log = logging.getLogger(__name__)
 
-AUTOCLEAR_BITMAPS = 1 << 0
-
 L2_CACHE_BYTES = 32 << 20
 REFBLOCK_CACHE_BYTES = 8 << 20
 MIN_CACHE_TABLES = 16
@@ -114,7 +117,7 @@ MIN_CACHE_TABLES = 16
 BackingOpener = Callable[[str, Optional[str]], DiskBackend]
 
 
-class Qcow2Disk(ClusterMap, Zeroing, DiskBackend):
+class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
     """A qcow2 image (see the module documentation for what is supported and guaranteed)."""
 
     supports_discard = True
@@ -154,6 +157,32 @@ class Qcow2Disk(ClusterMap, Zeroing, DiskBackend):
     # ---- open ------------------------------------------------------------------------------------
 
     def _open(self, open_backing: BackingOpener | None) -> None:
+        self._meta = threading.RLock()
+        self._io = RWLock()
+        self._flush_lock = threading.Lock()
+        deferred = deferred_locks()
+        #: lock=start and the device not started: the metadata may be stale, nothing is served
+        self._inactive = deferred is not None
+        self._load(check=not self.read_only and not self._inactive)
+        # backing file: opened as the header says, never probed
+        h = self.h
+        if h.backing_file is not None:
+            if open_backing is None:
+                raise DiskError(
+                    f"{self.path}: has a backing file ({h.backing_file}) but none may be opened here"
+                )
+            self.backing = open_backing(h.backing_file, h.backing_format)
+        self._check_bitmaps()
+        if not self._inactive:
+            self._clear_autoclear()
+        if h.compatible_features & COMPAT_LAZY_REFCOUNTS:
+            log.debug("%s: lazy refcounts are allowed by the image; vdm keeps refcounts exact", self.path)
+        if deferred is not None:
+            deferred.on_start_stop(self.invalidate, self.inactivate)
+
+    def _load(self, check: bool) -> None:
+        """Read (again) the header, L1 table and refcount table; empty caches; ``check``: the
+        metadata check of a read-write open. Callers hold the locks or are the constructor."""
         file_size = self.f.size()
         h = self.h = read_header(self.f, file_size)
         self.version = h.version
@@ -190,40 +219,18 @@ class Qcow2Disk(ClusterMap, Zeroing, DiskBackend):
         )
         # host clusters holding metadata (known after the check); no data is ever written there
         self._meta_clusters: set[int] = set()
-        if not self.read_only:  # before anything is written, the autoclear bits below included
+        if check:  # before anything is written, the autoclear bits included
             self._meta_clusters = check_metadata(self.f, h, self.l1, self.refs, file_size)
             self.refs.metadata = self._meta_clusters
         self._pending_free: list[tuple[int, int]] = []
-        self._meta = threading.RLock()
-        self._io = RWLock()
-        self._flush_lock = threading.Lock()
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
-        # backing file: opened as the header says, never probed
-        if h.backing_file is not None:
-            if open_backing is None:
-                raise DiskError(
-                    f"{self.path}: has a backing file ({h.backing_file}) but none may be opened here"
-                )
-            self.backing = open_backing(h.backing_file, h.backing_format)
-        if not self.read_only and h.autoclear_features & AUTOCLEAR_BITMAPS:
-            raise DiskError(
-                f"{self.path}: the image has persistent dirty bitmaps, which vdm does not update; writing "
-                "would invalidate them (QEMU then drops them). Open it read-only, or remove them with "
-                "qemu-img bitmap --remove"
-            )
-        if not self.read_only and h.autoclear_features:
-            # the spec: a writer that does not maintain an autoclear feature clears its bit first
-            self.f.pwrite(struct.pack(">Q", 0), 88)
-            self.f.sync()
-            h.autoclear_features = 0
-        if h.compatible_features & COMPAT_LAZY_REFCOUNTS:
-            log.debug("%s: lazy refcounts are allowed by the image; vdm keeps refcounts exact", self.path)
 
     # ---- reading ---------------------------------------------------------------------------------
 
     def _live(self) -> None:
-        if self._closed:
-            raise DiskError(f"{self.path}: the disk is closed")
+        if self._closed or self._inactive:
+            what = "closed" if self._closed else "handed over (lock=start: its device is not started)"
+            raise DiskError(f"{self.path}: the disk is {what}")
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> int:
         self._live()
@@ -254,7 +261,7 @@ class Qcow2Disk(ClusterMap, Zeroing, DiskBackend):
         return self._inline(offset, buffers, write=False)
 
     def _inline(self, offset: int, buffers: Sequence[memoryview], write: bool) -> int | None:
-        if self._closed:
+        if self._closed or self._inactive:
             return None
         total = total_length(buffers)
         self.check_range(offset, total, write=write)
@@ -475,7 +482,7 @@ class Qcow2Disk(ClusterMap, Zeroing, DiskBackend):
         if self._closed:
             return
         try:
-            if not self.read_only:
+            if not self.read_only and not self._inactive:  # inactive: written back at stop already
                 self.flush()
                 with self._meta:
                     if self.refs.write_dirty():
