@@ -3,8 +3,9 @@
 # Kernel command line: console=ttyS0 panic=-1 quiet vdmtest=WL[,WL...] [vdmtest.KEY=VALUE ...]
 # Every workload prints exactly one line:
 #   VDMTEST RESULT <wl> ok|fail|skip key=value ... uptime_s=<guest uptime>
-mount -t devtmpfs dev /dev; exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmp /tmp
+mount -t devtmpfs dev /dev 2>/dev/null; exec </dev/console >/dev/console 2>&1  # (moved here on a 9p root)
+[ -e /proc/self ] || mount -t proc proc /proc; [ -e /sys/kernel ] || mount -t sysfs sys /sys
+mount -t tmpfs tmp /tmp
 ln -sf /proc/mounts /etc/mtab
 up() { cut -d' ' -f1 /proc/uptime; }
 now() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d.%06d\n", s, u}'; }
@@ -13,7 +14,27 @@ md5of() { md5sum "$@" | cut -c1-32; }
 T_INIT=$(up)
 # the kit's modules, then an author's (vdm_lab.GuestSpec: a second initramfs adds /etc/modules.extra)
 for m in $(cat /etc/modules /etc/modules.extra 2>/dev/null); do
+  [ -d /sys/module/$m ] && continue  # loaded before a switch to a 9p root (below)
   insmod /lib/modules/$m.ko || echo "VDMTEST WARN insmod $m failed"; done
+
+# a root over 9p (vdm run --9p DIR,/dev/root adds root=/dev/root rootfstype=9p rootflags=... as
+# kvmtool's sandbox does): mount it and switch_root to its init= (default /init, else /sbin/init);
+# an /init there that is this script sees / is 9p and goes on to the workloads
+R9=; R9_TAG=/dev/root; R9_FLAGS=trans=virtio,version=9p2000.L; R9_INIT=; R9_RO=
+for w in $(cat /proc/cmdline); do case $w in
+  rootfstype=9p) R9=1;; root=*) R9_TAG=${w#root=};; rootflags=*) R9_FLAGS=${w#rootflags=};;
+  init=*) R9_INIT=${w#init=};; ro) R9_RO=,ro;; rw) R9_RO=;;
+esac; done
+if [ -n "$R9" ] && [ "$(awk '$2 == "/" {t = $3} END {print t}' /proc/mounts)" != 9p ]; then
+  mkdir -p /newroot
+  if mount -t 9p -o "$R9_FLAGS$R9_RO" "$R9_TAG" /newroot; then
+    [ -n "$R9_INIT" ] || { R9_INIT=/init; [ -x /newroot/init ] || R9_INIT=/sbin/init; }
+    umount /tmp; for d in dev proc sys; do mkdir -p /newroot/$d 2>/dev/null; mount --move /$d /newroot/$d; done
+    echo "VDMTEST ROOT9P tag=$R9_TAG init=$R9_INIT"
+    exec switch_root /newroot "$R9_INIT"
+  fi
+  echo "VDMTEST WARN 9p root $R9_TAG not mounted: staying in the initramfs"
+fi
 
 # parameters (vdmtest.KEY=VALUE); defaults here
 WLS=none; P_mib=16; P_time=10; P_addr=10.0.2.15/24; P_ip=10.0.2.2; P_count=5; P_interval=0.2; P_timeout=10

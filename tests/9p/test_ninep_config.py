@@ -52,3 +52,18 @@ def test_registration_and_missing_directory(tmp_path):
         assert dev.export.readonly and dev.config_space() == b"\x01\x00t"
     finally:
         dev.close()
+
+
+def test_a_dev_root_share_gives_vdm_run_the_root_parameters(tmp_path):
+    """kvmtool's sandbox: ``--9p DIR,/dev/root`` is the guest's root (kernel or kit initramfs mounts it)."""
+    texts = ("/dev/root", "/dev/root,ro", "t")
+    made = [plugin.create(parse(f"{tmp_path},{text}"), DeviceContext()) for text in texts]
+    try:
+        rw, ro, other = (d.guest_params for d in made)
+        assert rw == "root=/dev/root rootfstype=9p rw rootflags=trans=virtio,version=9p2000.L,msize=262144"
+        assert ro == rw.replace(" rw ", " ro ")
+        assert other is None  # any other tag is a share the guest mounts itself
+        assert made[0].config_space() == b"\x09\x00/dev/root"
+    finally:
+        for d in made:
+            d.close()

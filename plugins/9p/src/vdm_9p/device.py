@@ -14,6 +14,10 @@ shared directory :mod:`vdm_9p.export`).
   field disagrees with its buffers, or that is larger than the negotiated msize, gets
   ``Rlerror(EINVAL)``; everything inside a well-framed message is the server's business.
 * Reset (or a device failure) clunks every fid, closing its host fds.
+* The tag ``/dev/root`` (kvmtool's sandbox: ``vdm run --9p DIR,/dev/root``) makes the share the
+  guest's root: :attr:`NinepDevice.guest_params` is what ``vdm run`` adds to the kernel command
+  line (``root=/dev/root rootfstype=9p rootflags=...``); a kernel with 9p built in mounts it, an
+  initramfs (the guest kit's /init) mounts it and switches to it.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ from .export import Export
 from .protocol import HEADER, rlerror
 from .server import MAX_MSIZE, Server
 
-__all__ = ["VIRTIO_ID_9P", "NinepDevice"]
+__all__ = ["ROOT_TAG", "VIRTIO_ID_9P", "NinepDevice"]
 
 log = logging.getLogger(__name__)
 
 VIRTIO_ID_9P = 9
 VIRTIO_9P_MOUNT_TAG = 0
+#: the mount tag that makes a share the guest's root (kvmtool's name for it)
+ROOT_TAG = "/dev/root"
+#: msize of a root share: 256 KiB (the guest's default is 128 KiB at most; the server takes 1 MiB)
+ROOT_MSIZE = 262144
 #: fds kept for the rest of the process (disks, sockets, eventfds) when fids are sized
 _RESERVED_FDS = 512
 
@@ -68,6 +76,18 @@ class NinepDevice(VirtioDevice):
         self.server = Server(self.export, max_fids=_fid_limit(config.max_fids))
         #: requests answered so far
         self.requests = 0
+
+    @property
+    def guest_params(self) -> str | None:
+        """Kernel parameters that make this share the guest's root (tag ``/dev/root``), else None.
+
+        ``vdm run`` puts them before the user's ``--params`` (a later ``root=`` or ``init=`` wins).
+        """
+        if self.config.tag != ROOT_TAG:
+            return None
+        mode = "ro" if self.config.ro else "rw"
+        return (f"root={ROOT_TAG} rootfstype=9p {mode} "
+                f"rootflags=trans=virtio,version=9p2000.L,msize={ROOT_MSIZE}")
 
     # ---- identity and configuration -------------------------------------------------------------
 

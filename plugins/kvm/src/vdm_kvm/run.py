@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
                     t = vmm.attach_mmio(dev)
                     machine.add_virtio_mmio(t.base, MMIO_WINDOW_SIZE, t.irq_number, dev.name)
                 console = console or getattr(dev, "guest_console", None)
+            # a device's own kernel parameters (vdm-9p's root share), before the user's
+            params = " ".join(p for p in (getattr(dev, "guest_params", None), params) if p)
         cmdline = f"console={console or 'ttyS0'} {BASE_PARAMS} {params}".strip()
         try:
             machine.load_linux(kernel, initrd, cmdline)
