@@ -20,6 +20,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DONE_RE = re.compile(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)")
+#: libFuzzer's line once every seed input has run (before the timed fuzzing; printed even when the
+#: replay takes longer than -max_total_time, which only bounds the fuzzing after it)
+INITED_RE = re.compile(r"#(\d+)\s+INITED\s")
 #: per-target libFuzzer options
 OPTIONS = {"qcow2": ["-max_len=65536"]}
 
@@ -50,6 +53,9 @@ def run_target(name: str, seconds: int, workdir: Path) -> dict:
     out = proc.stdout + proc.stderr
     m = DONE_RE.search(out)
     result = {"target": name, "returncode": proc.returncode, "command": " ".join(cmd)}
+    inited = INITED_RE.search(out)
+    if inited:
+        result["replayed"] = int(inited.group(1))
     if m:
         result.update(execs=int(m.group(1)), cov=int(m.group(2)), ft=int(m.group(3)), corpus=int(m.group(4)))
     found = sorted(artifacts.iterdir())
