@@ -1,11 +1,14 @@
 """Live migration of a guest with a vdm vhost-user disk between two QEMUs (issue 16 item 2).
 
-Two ``vdm vhost-user`` processes serve one raw image with ``lock=start``; the source QEMU boots
+Two ``vdm vhost-user`` processes serve one raw or qcow2 image with ``lock=start``; the source QEMU boots
 the guest kit, whose ``blkloop`` workload writes fresh random data to the disk and reads it back
 in rounds; in the middle the source is told to ``migrate`` to a destination QEMU started with
 ``-incoming``. QEMU must accept the migration (no "vhost lacks VHOST_F_LOG_ALL" blocker), it must
 complete, and the guest must finish its rounds on the destination with zero verify errors; the
-image then holds the last round's data. Both QEMUs run under TCG on this machine.
+image then holds the last round's data, and a qcow2 image is clean for ``qemu-img check`` (the
+source allocated the clusters, the destination must have read its metadata again when its device
+started, and the source written all of it back when its device stopped). Both QEMUs run under TCG
+on this machine.
 """
 
 from __future__ import annotations
@@ -70,7 +73,12 @@ class _Qemu:
         self._reader.join(5)
 
 
-def _md5_head(path: Path, length: int) -> str:
+def _md5_head(path: Path, length: int, fmt: str = "raw") -> str:
+    if fmt != "raw":  # the guest's view of the image, as QEMU reads it
+        raw = path.with_suffix(".raw")
+        subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(raw)],
+                       check=True, timeout=120)
+        path = raw
     with open(path, "rb") as f:
         return hashlib.md5(f.read(length)).hexdigest()
 
@@ -80,14 +88,18 @@ def _md5_head(path: Path, length: int) -> str:
 # [qemu7.2] that passed on its rerun; a vdm fault (lost write, missed dirty page) fails both runs,
 # and test_dirty_log.py holds the marking itself without QEMU.
 @LAB_GUEST_RERUN
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_guest_writes_and_verifies_across_live_migration(kit: vdm_lab.GuestKit,  # noqa: F811
                                                         qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, fmt: str) -> None:
     fe = qemu_frontend
     mib, seconds = 4, 40
-    image = tmp_path / "vda.img"
-    with open(image, "wb") as f:
-        f.truncate(32 * MIB)
+    image = tmp_path / f"vda.{fmt}"
+    if fmt == "raw":
+        with open(image, "wb") as f:
+            f.truncate(32 * MIB)
+    else:  # empty: the guest's first round allocates every cluster (on the source)
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "32M"], check=True, timeout=60)
     src_sock, dst_sock = tmp_path / "src.sock", tmp_path / "dst.sock"
     mig = tmp_path / "mig.sock"
     vdms = [VdmProcess(str(s), "--disk", f"{image},lock=start") for s in (src_sock, dst_sock)]
@@ -137,7 +149,10 @@ def test_guest_writes_and_verifies_across_live_migration(kit: vdm_lab.GuestKit, 
     assert result is not None, f"{fe}: no result from the guest on the destination\n{dst.output}"
     assert result["errors"] == "0" and result.ok, f"{fe}: {result.line}"
     assert int(result["rounds"]) >= 2
-    assert _md5_head(image, mib * MIB) == result["md5"], f"{fe}: the image does not hold the last round"
+    assert _md5_head(image, mib * MIB, fmt) == result["md5"], f"{fe}: the image does not hold the last round"
+    if fmt != "raw":
+        check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0, f"{fe}: qemu-img check: {check.stdout}{check.stderr}"
     assert rcs == [0, 0], "\n".join(v.output for v in vdms)
     src_vdm, dst_vdm = vdms
     for v in vdms:
@@ -145,7 +160,7 @@ def test_guest_writes_and_verifies_across_live_migration(kit: vdm_lab.GuestKit, 
         assert v.count("device marked broken") == 0, f"{fe}\n{v.output}"
     assert src_vdm.count("dirty logging on") >= 1, f"{fe}: the source never logged\n{src_vdm.output}"
     assert dst_vdm.count("queue 0 starts") >= 1, f"{fe}: the destination never started\n{dst_vdm.output}"
-    print(f"vhost-user migration ({fe.name}): completed in {took:.1f} s "
+    print(f"vhost-user migration ({fe.name}, {fmt}): completed in {took:.1f} s "
           f"(QEMU: total {status.get('total-time')} ms, downtime {status.get('downtime')} ms); "
           f"guest: {result['rounds']} rounds of {mib} MiB, {result['errors']} verify errors")
 
