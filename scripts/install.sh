@@ -34,5 +34,5 @@ fi
 PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check \
   -e core -e plugins/blk -e plugins/console -e plugins/net \
-  -e plugins/kvm -e plugins/xen -e plugins/vhost-user -e plugins/9p -e plugins/rng -e plugins/balloon -e lab -e ".[test]"
+  -e plugins/kvm -e plugins/xen -e plugins/vhost-user -e plugins/9p -e plugins/rng -e plugins/balloon -e plugins/vsock -e lab -e ".[test]"
 echo "install.sh: vdm installed: $($PY -m vdm.cli.main --version)"
