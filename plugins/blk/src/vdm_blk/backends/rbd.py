@@ -5,7 +5,9 @@ names the ceph.conf to read (default: librados' own search, /etc/ceph/ceph.conf)
 cephx user without ``client.`` (default: admin) and any other key is a Ceph option set on the
 connection (``:mon_host=...:keyring=...``); a ``:`` inside a value is written ``\\:``. An image at a
 snapshot (``@SNAP``) is opened read-only. Any format works over it (``format=auto`` reads the
-image's first bytes: a qcow2 image stored in RBD is opened as qcow2; it grows the RBD image).
+image's first bytes: a qcow2 image stored in RBD is opened as qcow2). A write past the end grows the
+image (``rbd_resize``), as a file grows: the raw format never writes past its disk's size, qcow2
+allocates clusters there.
 
 Requests are librbd's asynchronous calls on bounce buffers owned by vdm (a request vdm gave up on
 may complete later into its own buffer, never into guest memory): read, write, discard,
@@ -137,6 +139,7 @@ class RbdProtocol(Protocol):
         self._closing = threading.Event()
         self._outage = False
         self._lock = threading.Lock()
+        self._grow_lock = threading.Lock()
         self._abandoned: list[_Request] = []
         self._closed = False
         ffi = self._ffi
@@ -310,10 +313,7 @@ class RbdProtocol(Protocol):
             raise OSError(errno.EROFS, f"{self.path}: the image is opened read-only")
         total = total_length(views)
         if self._span(offset, total) < total:
-            raise OSError(
-                errno.ENOSPC,
-                f"{self.path}: a write at {offset}+{total} is past the end of the image ({self._size} bytes)",
-            )
+            self._grow(offset + total)
         if not total:
             return 0
         data = bytes(views[0]) if len(views) == 1 else b"".join(views)
@@ -329,6 +329,18 @@ class RbdProtocol(Protocol):
             return
         rbd, image = self._rbd, self._image
         self._run(lambda c: rbd.rbd_aio_flush(image, c), "flush")
+
+    def _grow(self, end: int) -> None:
+        """Grow the image to ``end`` bytes for a write past its end (a qcow2 image allocating
+        clusters, as a file grows); OSError if librbd refuses."""
+        with self._grow_lock:
+            if end > self._size:
+                r = self._rbd.rbd_resize(self._image, end)
+                if r < 0:
+                    raise OSError(
+                        -r, f"{self.path}: cannot grow the RBD image to {end} bytes: {os.strerror(-r)}"
+                    )
+                self._size = end
 
     def truncate(self, length: int) -> None:
         if length == self._size:
