@@ -119,3 +119,64 @@ def test_a_reader_removed_by_a_callback_in_the_same_batch_is_not_called(loop, ca
     loop.remove_reader(gate)
     os.close(ran[0])
     os.close(gate)
+
+
+@pytest.mark.parametrize("remove_first", [True, False])
+def test_a_reader_whose_fd_number_was_replaced_serves_the_new_file_only(loop, remove_first):
+    """A kick fd replaced under the loop (dup2 of another file onto its number) while another
+    reference keeps the old file alive, then unregistered and registered again as the vhost-user
+    handler does (or only registered again): epoll keys its registrations by (file, number) and
+    removes by number, which now finds the new file. The old file's events must no longer reach
+    the loop, the new one's must."""
+    old = eventfd(0, EFD_NONBLOCK)
+    keeper = os.dup(old)  # e.g. the frontend's end of the old kick eventfd
+    calls: list[int] = []
+    served = threading.Event()
+
+    def on_old() -> None:
+        drain_eventfd(old)
+
+    loop.add_reader(old, on_old)
+    new = eventfd(0, EFD_NONBLOCK)
+    os.dup2(new, old)  # the number `old` now names the new eventfd
+    os.close(new)
+    fd = old
+    if remove_first:
+        loop.remove_reader(fd)
+    loop.add_reader(fd, lambda: (calls.append(drain_eventfd(fd)), served.set()))
+    eventfd_write(keeper, 1)  # the old file is readable (and stays so: nobody reads it)
+    time.sleep(0.3)  # time for the loop to (wrongly) act on it
+    assert calls == []
+    eventfd_write(fd, 2)
+    assert served.wait(5)
+    time.sleep(0.1)
+    assert calls == [2]  # served once, no spinning on the old file's readiness
+    loop.remove_reader(fd)
+    os.close(fd)
+    assert drain_eventfd(keeper) == 1  # nobody read the old one
+    os.close(keeper)
+
+
+def test_a_reader_closed_before_its_removal_leaves_nothing_behind(loop):
+    """The number closed first (another reference keeps the file), removed after, then a new
+    file registered (the lowest free number: often the same one): only its events are served."""
+    old = eventfd(0, EFD_NONBLOCK)
+    keeper = os.dup(old)
+    loop.add_reader(old, lambda: drain_eventfd(keeper))
+    os.close(old)
+    loop.remove_reader(old)
+    calls: list[int] = []
+    new = eventfd(0, EFD_NONBLOCK)
+    loop.add_reader(new, lambda: calls.append(drain_eventfd(new)))
+    eventfd_write(keeper, 1)
+    time.sleep(0.3)
+    assert calls == []
+    eventfd_write(new, 1)
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert calls == [1]
+    loop.remove_reader(new)
+    os.close(new)
+    os.close(keeper)

@@ -231,11 +231,8 @@ def test_a_kick_fd_whose_reads_fail_closes_the_connection_once(blk_server, front
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "kick" in errors[0].getMessage(), caplog.text
     assert not any(r.exc_info for r in caplog.records), caplog.text
-    # The dup2 above is possible only because this frontend lives in vdm's process: epoll keeps the
-    # old eventfd registered under that number for as long as a reference to it lives (DEL by
-    # number finds the socket), and the kick this frontend left in it keeps it readable. A real
-    # frontend's eventfd is gone with its process; close this one's as that would.
-    fe.close()
+    # The frontend still holds the old eventfd, with a kick left in it: the event loop must not
+    # keep watching it under the reused number (vdm.eventloop's second invariant).
     fe2 = frontends(path)
     fe2.start()
     _read_sector(fe2)
