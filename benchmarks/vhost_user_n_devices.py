@@ -9,7 +9,8 @@ figure per setup is the sum of the N clients' IOPS; the ratio is one process / N
 one process costs the same per request; below 1: it loses). Every backend has its own copy of one
 image (each takes the image's write lock; libblkio's client refuses a read-only disk) and runs for
 the whole benchmark; the rows are interleaved (for every run, every N, every row, both setups,
-their order alternating per run).
+their order alternating per run). A third setup is one process with ``--loop-per-device`` (every
+device on an event loop thread of its own).
 
 Where the time goes: around each measurement the backends' CPU time is read from /proc (every
 thread's utime+stime), giving the backends' CPU microseconds per request and, for the busiest
@@ -41,12 +42,14 @@ from benchmarks.vhost_user_blk_free import BUILD, Backend, run_client  # noqa: E
 HZ = os.sysconf("SC_CLK_TCK")
 #: (client mode, block size, queue depth)
 ROWS = [("randread", "4k", 1), ("randread", "4k", 32)]
-SETUPS = ("one process", "N processes")
+SETUPS = ("one process", "one process, loop per device", "N processes")
 
 
-def vdm_argv(pairs: list[tuple[Path, Path]]) -> list[str]:
+def vdm_argv(pairs: list[tuple[Path, Path]], per_device: bool = False) -> list[str]:
     """One ``vdm vhost-user`` serving every ``(socket, image)``."""
     argv = [sys.executable, "-m", "vdm.cli.main", "vhost-user"]
+    if per_device:
+        argv.append("--loop-per-device")
     for sock, image in pairs:
         argv += ["-s", str(sock), "--disk", str(image)]
     return argv
@@ -117,18 +120,20 @@ def main() -> int:
         socks: dict[tuple[int, str], list[Path]] = {}
         try:
             for n in ns:
-                one = [(tmp / f"one{n}-{i}.sock", image(f"one{n}-{i}")) for i in range(n)]
-                backends.append(Backend(f"one{n}", vdm_argv(one), one[-1][0], tmp / f"one{n}.log"))
-                pids[(n, SETUPS[0])] = [backends[-1].proc.pid]
-                pids[(n, SETUPS[1])] = []
-                socks[(n, SETUPS[0])] = [s for s, _ in one]
-                socks[(n, SETUPS[1])] = []
+                for k, tag in ((0, "one"), (1, "loops")):
+                    one = [(tmp / f"{tag}{n}-{i}.sock", image(f"{tag}{n}-{i}")) for i in range(n)]
+                    argv = vdm_argv(one, per_device=k == 1)
+                    backends.append(Backend(f"{tag}{n}", argv, one[-1][0], tmp / f"{tag}{n}.log"))
+                    pids[(n, SETUPS[k])] = [backends[-1].proc.pid]
+                    socks[(n, SETUPS[k])] = [s for s, _ in one]
+                pids[(n, SETUPS[2])] = []
+                socks[(n, SETUPS[2])] = []
                 for i in range(n):
                     sock = tmp / f"sep{n}-{i}.sock"
                     argv = vdm_argv([(sock, image(f"sep{n}-{i}"))])
                     backends.append(Backend(f"sep{n}-{i}", argv, sock, tmp / f"sep{n}-{i}.log"))
-                    pids[(n, SETUPS[1])].append(backends[-1].proc.pid)
-                    socks[(n, SETUPS[1])].append(sock)
+                    pids[(n, SETUPS[2])].append(backends[-1].proc.pid)
+                    socks[(n, SETUPS[2])].append(sock)
             load0 = os.getloadavg()
             for run in range(a.runs):
                 order = SETUPS if run % 2 == 0 else SETUPS[::-1]
@@ -158,20 +163,21 @@ def main() -> int:
         f"{load0[0]:.2f} / {load1[0]:.2f}; {a.runs} runs, {a.time:g} s each, {a.mib} MiB images\n"
     )
     print(
-        "| N | row | one process (IOPS, sum) | N processes (IOPS, sum) | one/N | per-run one/N "
-        "| backend CPU µs/request one / N | busiest thread's share one / N |"
+        "| N | row | IOPS (sum) one / loop per device / N processes | one/N | loops/N "
+        "| per-run one/N; loops/N | backend CPU µs/request one / loops / N "
+        "| busiest thread's share one / loops / N |"
     )
-    print("| --- " * 8 + "|")
+    print("| --- " * 7 + "|")
     for n in ns:
         for i, (mode, bs, qd) in enumerate(ROWS):
-            one, sep = res[(n, i, SETUPS[0])], res[(n, i, SETUPS[1])]
-            per_run = " ".join(f"{x / y:.2f}" for x, y in zip(one, sep))
-            m1, m2 = statistics.median(one), statistics.median(sep)
-            c1, c2 = (statistics.median(c[0] for c in cost[(n, i, x)]) for x in SETUPS)
-            b1, b2 = (statistics.median(c[1] for c in cost[(n, i, x)]) for x in SETUPS)
+            one, loops, sep = (res[(n, i, x)] for x in SETUPS)
+            per_run = "; ".join(" ".join(f"{x / y:.2f}" for x, y in zip(v, sep)) for v in (one, loops))
+            m1, m3, m2 = (statistics.median(v) for v in (one, loops, sep))
+            c = " / ".join(f"{statistics.median(c[0] for c in cost[(n, i, x)]):.1f}" for x in SETUPS)
+            b = " / ".join(f"{statistics.median(c[1] for c in cost[(n, i, x)]):.2f}" for x in SETUPS)
             print(
-                f"| {n} | {mode} {bs} qd{qd} | {m1:,.0f} | {m2:,.0f} | {m1 / m2:.2f} | {per_run} "
-                f"| {c1:.1f} / {c2:.1f} | {b1:.2f} / {b2:.2f} |",
+                f"| {n} | {mode} {bs} qd{qd} | {m1:,.0f} / {m3:,.0f} / {m2:,.0f} | {m1 / m2:.2f} "
+                f"| {m3 / m2:.2f} | {per_run} | {c} | {b} |",
                 flush=True,
             )
     return 0

@@ -1,7 +1,8 @@
 """Several devices from one ``vdm vhost-user`` process (issue 16 item 1).
 
-Each device has its own socket and connection on the one event loop; a frontend that breaks the
-protocol, disconnects or dies in the middle of its I/O loses only its own connection.
+Each device has its own socket and connection on the one event loop (or, with
+``--loop-per-device``, on an event loop thread of its own); a frontend that breaks the protocol,
+disconnects or dies in the middle of its I/O loses only its own connection.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def read0(fe: Frontend) -> bytes:
     return u.data[:512]
 
 
-@pytest.fixture
-def two_servers(tmp_path):
-    """Two blk devices served from one event loop, as ``vdm vhost-user`` with two -s does."""
-    loop = EventLoop("test-two").start()
+@pytest.fixture(params=["one loop", "loop per device"])
+def two_servers(request, tmp_path):
+    """Two blk devices served from one event loop, as ``vdm vhost-user`` with two -s does, or each
+    from its own (``--loop-per-device``: the server makes and stops its loop)."""
+    loop = EventLoop("test-two").start() if request.param == "one loop" else None
     devices, servers = [], []
     for i, fill in enumerate((0xA1, 0xB2)):
         dev = create_blk(BlkConfig(path=make_image(tmp_path / f"{i}.img", fill)), DeviceContext(vmm=None))
@@ -57,7 +59,8 @@ def two_servers(tmp_path):
     yield servers
     for s in servers:
         s.close()
-    loop.stop()
+    if loop is not None:
+        loop.stop()
     for d in devices:
         d.close()
 
@@ -107,10 +110,11 @@ def test_one_frontend_misbehaving_leaves_the_other_device_serving(two_servers, m
         _close(a, b)
 
 
-def test_the_command_serves_two_disks_each_on_its_socket(tmp_path):
+@pytest.mark.parametrize("loops", [[], ["--loop-per-device"]], ids=["one loop", "loop per device"])
+def test_the_command_serves_two_disks_each_on_its_socket(tmp_path, loops):
     a_img, b_img = make_image(tmp_path / "a.img", 0x11), make_image(tmp_path / "b.img", 0x22)
     a_sock, b_sock = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
-    vdm = VdmProcess(a_sock, "--disk", a_img, "-s", b_sock, "--disk", f"{b_img},ro")
+    vdm = VdmProcess(a_sock, "--disk", a_img, "-s", b_sock, "--disk", f"{b_img},ro", *loops)
     try:
         deadline = time.monotonic() + 10  # VdmProcess returns at the first "serving" line
         while vdm.count("vdm: serving") < 2 and time.monotonic() < deadline:
@@ -130,6 +134,29 @@ def test_the_command_serves_two_disks_each_on_its_socket(tmp_path):
     assert not os.path.exists(a_sock) and not os.path.exists(b_sock)
     with open(a_img, "rb") as f:
         assert f.read(512) == b"\x33" * 512
+
+
+def test_loop_per_device_gives_each_device_a_thread_of_its_own(tmp_path):
+    """Three disks: --loop-per-device runs two threads more than one loop for all (the same
+    process otherwise, before any frontend connects; Python names no OS thread, so they are counted)."""
+    counts = []
+    for loops in ([], ["--loop-per-device"]):
+        args, first = [], ""
+        for i in range(3):
+            sock = str(tmp_path / f"{len(counts)}-{i}.sock")
+            img = make_image(tmp_path / f"{len(counts)}-{i}.img", i)
+            args += ([] if i == 0 else ["-s", sock]) + ["--disk", img]
+            first = first or sock
+        vdm = VdmProcess(first, *args, *loops)
+        try:
+            deadline = time.monotonic() + 10
+            while vdm.count("vdm: serving") < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert vdm.count("vdm: serving") == 3, vdm.output
+            counts.append(len(os.listdir(f"/proc/{vdm.proc.pid}/task")))
+        finally:
+            assert vdm.stop() == 0, vdm.output
+    assert counts[1] - counts[0] == 2, counts
 
 
 def test_a_toml_file_names_each_devices_socket(tmp_path):

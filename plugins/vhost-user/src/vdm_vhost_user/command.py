@@ -17,7 +17,9 @@ Several devices, one process: ``-s`` may be repeated, each followed by its one d
 so the one-device form is unchanged) -- or the TOML file's device tables name their socket
 (``[[disk]]`` with ``socket = "a.sock"``, or ``[[device]]`` with ``type = "disk"`` and
 ``socket``). Every device is served on its own socket and connection, all on one event loop
-thread: a frontend that disconnects, breaks the protocol or crashes loses only its own connection.
+thread (``--loop-per-device``: each on an event loop thread of its own, so that one device's
+requests are served while another's thread waits in a system call); a frontend that
+disconnects, breaks the protocol or crashes loses only its own connection.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "connect to it, and again whenever the connection ends",
     )
     parser.add_argument("--name", default="vdm", help="name for logs and default serial numbers")
+    parser.add_argument(
+        "--loop-per-device",
+        action="store_true",
+        help="serve each device (its socket, messages and kicks) on an event loop thread of its own "
+        "instead of one for all",
+    )
     parser.add_argument(
         "--user",
         metavar="NAME",
@@ -234,8 +242,9 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(
                     f"{dt.name}: this device is not a virtio device and cannot be served over vhost-user"
                 )
-        loop = EventLoop("vdm-vhost-user")
-        devices.using(loop.stop, "the event loop")
+        loop = None if args.loop_per_device else EventLoop("vdm-vhost-user")
+        if loop is not None:
+            devices.using(loop.stop, "the event loop")
         served = Served(devices, loop, plugins, args.name)
         devices.using(served.close, "the vhost-user servers")  # after the control socket
         clients = {os.path.abspath(c) for c in getattr(args, "connect_paths", None) or []}
@@ -277,6 +286,7 @@ class Served:
 
     def __init__(self, devices: DeviceSet, loop: Any, plugins: PluginSet, name: str) -> None:
         self.devices = devices
+        #: the event loop every server shares; None: each server runs (and stops) its own
         self.loop = loop
         self.plugins = plugins
         self.name = name
@@ -297,7 +307,11 @@ class Served:
         parser.set_defaults(plugin_set=self.plugins)
         add_arguments(parser)
         args = parser.parse_args(argv)
-        for option, value in (("--control", args.control), ("--user", args.user)):
+        for option, value in (
+            ("--control", args.control),
+            ("--user", args.user),
+            ("--loop-per-device", args.loop_per_device),
+        ):
             if value:
                 raise UserError(f"{option} is for the command line, not for a device added at run time")
         groups = device_groups(args, self.plugins)
