@@ -55,6 +55,9 @@ class DeviceSpec:
     base: int
     irq: int
     xs: Any = None  # the XsDisk handshake when it came from xenstore
+    #: libxl's grant_usage=1: the guest's buffers are grant references (xen,grant-dma), so the
+    #: device offers VIRTIO_F_ACCESS_PLATFORM, without which Linux refuses such a device
+    grants: bool = False
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -169,18 +172,41 @@ def serve(
     tick: float = 1.0,
     on_ready: Callable[[Any], None] | None = None,
     control: str | None = None,
+    stats: dict[str, str] | None = None,
 ) -> str:
     """Serve ``specs`` to ``domid`` until ``stop_fd`` is readable or the guest goes; returns why.
 
     ``on_ready(vmm)`` is called once every device is attached and announced (tests drive the guest
-    from there). ``control``: serve ``vdm ctl``'s socket there (:mod:`vdm.control`).
+    from there). ``control``: serve ``vdm ctl``'s socket there (:mod:`vdm.control`). ``stats``, if
+    given, gets ``"memory"``: how many grant and foreign mappings were made (set however it ends).
     """
-    from vdm.device import VirtioDevice
-    from vdm.vmm import Vmm
-
     from .vmm import XenVmm
 
     backend = XenVmm(lib, domid, irq_kind=irq_kind)
+    memory = backend.memory
+    try:
+        return _serve(backend, domid, specs, stop_fd, xs, tick, on_ready, control)
+    finally:
+        if memory is not None:
+            summary = memory.summary()
+            log.info("dom%d: guest memory: %s", domid, summary)
+            if stats is not None:
+                stats["memory"] = summary
+
+
+def _serve(
+    backend: Any,
+    domid: int,
+    specs: list[DeviceSpec],
+    stop_fd: int,
+    xs: Any,
+    tick: float,
+    on_ready: Callable[[Any], None] | None,
+    control: str | None,
+) -> str:
+    from vdm.device import F_ACCESS_PLATFORM, VirtioDevice
+    from vdm.vmm import Vmm
+
     # closed in this order: the VMM's transports, the devices (newest first), the ioreq server,
     # then each xenstore handshake (state Closed once everything is released)
     with DeviceSet() as devices:
@@ -196,8 +222,17 @@ def serve(
             dev = devices.create(spec.type, spec.config, ctx)
             if not isinstance(dev, VirtioDevice):
                 raise UserError(f"{spec.type.name}: dm-only serves virtio devices only")
+            if spec.grants:  # the driver must know its addresses go through the grant "IOMMU"
+                dev.core_features = dev.core_features | 1 << F_ACCESS_PLATFORM
             vmm.attach_mmio(dev, base=spec.base, irq=spec.irq)
-            log.info("dom%d: %s at 0x%x, irq %d", domid, dev.name, spec.base, spec.irq)
+            log.info(
+                "dom%d: %s at 0x%x, irq %d%s",
+                domid,
+                dev.name,
+                spec.base,
+                spec.irq,
+                " (grants: VIRTIO_F_ACCESS_PLATFORM offered)" if spec.grants else "",
+            )
         devices.serve_control(control)
         for spec in specs:  # ranges are claimed: now the toolstack may let the guest run
             if spec.xs is not None:
@@ -292,7 +327,7 @@ def _generic_from_xenstore(
             raise UserError(f"{e} (give it with --device {dt.name},...)") from None
     if entry.grant_usage:
         log.info("%s: grant_usage=1: the guest's buffers are grant references", entry.backend)
-    return DeviceSpec(dt, cfg, entry.base, entry.irq)
+    return DeviceSpec(dt, cfg, entry.base, entry.irq, grants=bool(entry.grant_usage))
 
 
 def _from_xenstore(
@@ -388,6 +423,7 @@ def run(args: argparse.Namespace, lib: Any = None) -> int:
                     xs = XenStore(lib)  # only to hear about the domain's death sooner
                 except XenStoreError:
                     xs = None
+            stats: dict[str, str] = {}
             try:
                 why = serve(
                     lib,
@@ -397,11 +433,13 @@ def run(args: argparse.Namespace, lib: Any = None) -> int:
                     xs=xs,
                     irq_kind=args.irq_kind,
                     control=getattr(args, "control", None),
+                    stats=stats,
                 )
             except XenError as e:
                 raise UserError(f"dom{domid}: {e.strerror}") from None
         finally:
             if xs is not None:
                 xs.close()
-    print(f"vdm: dm-only for dom{domid} ended: {why}", file=sys.stderr)
+    memory = stats.get("memory", "-")
+    print(f"vdm: dm-only for dom{domid} ended: {why}; guest memory: {memory}", file=sys.stderr)
     return 0

@@ -10,6 +10,10 @@
   through the core's :class:`vdm.memory.OnDemandGuestMemory` (bounded cache, ``invalidate()`` on
   IOREQ_TYPE_INVALIDATE); grant addresses are mapped exactly and unmapped as soon as the device
   releases the view (a cached grant mapping would stop the guest from revoking the grant).
+
+Each mapper counts the mappings it made (``made``, ``pages``: successful map calls and the pages
+they covered, never decremented), so ``vdm dm-only`` can say at exit which kind a guest's devices
+used (:meth:`XenGuestMemory.summary`).
 """
 
 from __future__ import annotations
@@ -39,10 +43,15 @@ class _Mappings:
     def __init__(self) -> None:
         self._live: dict[int, tuple[memoryview, Any, int]] = {}
         self._lock = threading.Lock()
+        #: mappings added so far and their pages (only ever grow)
+        self.made = 0
+        self.pages = 0
 
     def add(self, view: memoryview, ptr: Any, count: int) -> None:
         with self._lock:
             self._live[id(view)] = (view, ptr, count)
+            self.made += 1
+            self.pages += count
 
     def pop(self, view: memoryview) -> tuple[Any, int] | None:
         with self._lock:
@@ -70,6 +79,16 @@ class ForeignPages:
     @property
     def live(self) -> int:
         return len(self._maps)
+
+    @property
+    def made(self) -> int:
+        """Mappings made so far (successful map calls; never decremented)."""
+        return self._maps.made
+
+    @property
+    def pages(self) -> int:
+        """Pages those mappings covered."""
+        return self._maps.pages
 
     def map_pages(self, first_page: int, count: int, writable: bool) -> memoryview:
         lib, ffi = self.lib, self.lib.ffi
@@ -116,6 +135,16 @@ class GrantPages:
     @property
     def live(self) -> int:
         return len(self._maps)
+
+    @property
+    def made(self) -> int:
+        """Mappings made so far (successful map calls; never decremented)."""
+        return self._maps.made
+
+    @property
+    def pages(self) -> int:
+        """Pages those mappings covered."""
+        return self._maps.pages
 
     def map_refs(self, first_ref: int, count: int, writable: bool) -> memoryview:
         lib, ffi = self.lib, self.lib.ffi
@@ -180,6 +209,14 @@ class XenGuestMemory(GuestMemory):
         view.release()
         assert self.grants is not None
         self.grants.unmap(entry[1])
+
+    def summary(self) -> str:
+        """One line: how many grant and how many foreign mappings were made (and their pages)."""
+        g = self.grants
+        return (
+            f"{g.made if g else 0} grant mappings ({g.pages if g else 0} pages), "
+            f"{self.foreign.made} foreign mappings ({self.foreign.pages} pages)"
+        )
 
     def invalidate(self) -> None:
         """Xen asked (IOREQ_TYPE_INVALIDATE): drop every cached foreign mapping."""

@@ -28,6 +28,10 @@ class GnttabCalls(LibCalls):
         x = self.xen
         if self._get("xgt", xgt) is None:
             return self._fail(errno.EBADF, 0)
+        hook = x.on_grant_map
+        err = hook([int(refs[i]) for i in range(count)]) if hook is not None else None
+        if err:  # e.g. ENOMEM: dom0 ran out of grant mapping slots
+            return self._fail(err, 0)
         d = x.domains.get(domid)
         if d is None or not d.alive or count == 0:
             return self._fail(errno.EINVAL, 0)

@@ -58,6 +58,9 @@ class SimXen(Toolstack, GuestSide):
         self.port_binding: dict[tuple[int, int], tuple[SimEvtchn, int]] = {}
         self.foreign_maps: dict[int, int] = {}
         self.grant_maps_live: dict[int, tuple[int, list[int]]] = {}
+        #: called with the references of every xengnttab_map_domain_grant_refs before it maps;
+        #: an errno it returns fails the call (tests: a failing gntdev, a guest dying mid-request)
+        self.on_grant_map: Callable[[list[int]], int | None] | None = None
         self.resources: dict[int, int] = {}
         self.violations: list[str] = []
         self.calls: list[str] = []
