@@ -17,7 +17,7 @@ from vdm.testing.driver import VirtioTestDriver
 from vdm_xen import dm_only
 from vdm_xen.sim import SimXen
 
-from tests.xen.test_dm_only import BASE, GuestMmio
+from tests.xen.dm_only_setup import BASE, GuestMmio
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,27 @@ from typing import Any
 
 import pytest
 from vdm.errors import UserError
-from vdm.plugins import load_plugins
 from vdm.registry import DeviceType
 from vdm.testing.driver import VirtioTestDriver
 from vdm_xen import dm_only
 from vdm_xen.sim import SimXen
 
-BASE = 0x0200_0000
-T_IN, T_OUT, T_FLUSH = 0, 1, 4
+from tests.xen.dm_only_setup import (
+    BASE,
+    T_FLUSH,
+    T_IN,
+    T_OUT,
+    GuestMmio,
+    blk_plugins,
+    blk_spec,
+    hdr,
+    serving,
+)
 
 
 @pytest.fixture(scope="module")
 def plugins() -> Any:
-    p = load_plugins(only=["blk"])
-    if "blk" not in p.devices:
-        pytest.skip("vdm-blk is not installed")
-    return p
+    return blk_plugins()
 
 
 @pytest.fixture
@@ -41,26 +46,6 @@ def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
     path.write_bytes(os.urandom(1 << 20))
     return path
-
-
-class GuestMmio:
-    """The guest's view of a virtio-mmio window: every access is an ioreq, vCPUs taking turns."""
-
-    def __init__(self, sim: SimXen, base: int) -> None:
-        self.sim, self.base, self.n = sim, base, 0
-        self.vcpus = sim.domains[sim.domid].nr_vcpus
-
-    def read(self, offset: int, size: int) -> int:
-        self.n += 1
-        return self.sim.mmio_read(self.base + offset, size, vcpu=self.n % self.vcpus)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.n += 1
-        self.sim.mmio_write(self.base + offset, size, value, vcpu=self.n % self.vcpus)
-
-
-def hdr(rtype: int, sector: int = 0) -> bytes:
-    return struct.pack("<IIQ", rtype, 0, sector)
 
 
 def exercise_disk(sim: SimXen, image: Path, base: int = BASE) -> None:
@@ -87,34 +72,10 @@ def exercise_disk(sim: SimXen, image: Path, base: int = BASE) -> None:
 def test_blk_disk_from_the_command_line(plugins: Any, image: Path) -> None:
     sim = SimXen(nr_vcpus=2)
     try:
-        devices = {n: dt for n, (dt, _) in plugins.devices.items()}
-        spec = dm_only.parse_device(f"blk,path={image},base=0x02000000,irq=33", devices)
-        r, w = os.pipe()
-        ready = threading.Event()
-        out: dict[str, Any] = {}
-
-        def dm() -> None:
-            try:
-                out["why"] = dm_only.serve(
-                    sim.lib(), sim.domid, [spec], r, irq_kind="spi", on_ready=lambda vmm: ready.set()
-                )
-            except BaseException as e:
-                out["error"] = e
-                ready.set()
-
-        t = threading.Thread(target=dm)
-        t.start()
-        try:
-            assert ready.wait(10) and "error" not in out, out
+        with serving(sim, [blk_spec(plugins, image)]):
             exercise_disk(sim, image)
             sim.wait_irq(lambda log: ("spi", 33, 1) in log)  # used-buffer interrupts reach the guest's SPI
             assert sim.violations == []
-        finally:
-            os.write(w, b"x")
-            t.join(20)
-        assert out.get("why") == "stopped by signal", out
-        os.close(r)
-        os.close(w)
         assert sim.leaks() == []
         assert sim.violations == []
         assert sim.requests_done > 40
