@@ -35,7 +35,12 @@ class Handover:
     """invalidate / inactivate (mixed into Qcow2Disk; see the module documentation)."""
 
     def invalidate(self) -> None:
-        """Read all metadata again and serve (DiskError: the image is unusable now, as at open)."""
+        """Read all metadata again and serve (DiskError: the image is unusable now, as at open).
+
+        An image still active (its last :meth:`inactivate` failed, so the locks were kept all
+        along) keeps what it caches: that is newer than the file."""
+        if not self._inactive:
+            return
         with self._flush_lock:
             self._io.acquire_exclusive()
             try:
