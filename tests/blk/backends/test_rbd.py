@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from vdm.config import config_from_mapping, parse_option_string
@@ -172,6 +173,25 @@ def test_qcow2_stored_in_rbd_is_opened_as_qcow2_and_grows_the_image(ceph, tmp_pa
             text=True,
         ).stdout
         assert out.split(":", 1)[1].split()[:16] == [f"{b:02x}" for b in data[:16]], out
+
+
+@needs_ceph
+def test_a_resize_by_another_client_is_seen_by_the_disk(ceph):
+    """`rbd resize` elsewhere: librbd learns it through the header's watch; the disk's resize(None)
+    (what `vdm ctl resize blk0` without a size calls) takes the new size."""
+    disk = open_disk(ceph.create_image("r1", 4 * MiB))
+    assert disk.size == 4 * MiB
+    ceph.rbd("resize", "--size", "8M", "rbd/r1")
+    deadline = time.monotonic() + 30
+    while disk.resize(None) != 8 * MiB and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert disk.size == 8 * MiB
+    data = bytes(pattern(4096, 3))
+    disk.writev(8 * MiB - 4096, [memoryview(data)])
+    buf = bytearray(4096)
+    disk.readv(8 * MiB - 4096, [memoryview(buf)])
+    assert buf == data
+    disk.close()
 
 
 @needs_ceph

@@ -29,7 +29,8 @@ import os
 import re
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
 
 from .base import DiskError, total_length
 from .librbd import WRITE_ZEROES_FLAG_THICK_PROVISION, load
@@ -140,6 +141,9 @@ class RbdProtocol(Protocol):
         self._outage = False
         self._lock = threading.Lock()
         self._grow_lock = threading.Lock()
+        #: calls into the image now (submissions, size, resize); the close waits for none
+        self._users = 0
+        self._users_cond = threading.Condition()
         self._abandoned: list[_Request] = []
         self._closed = False
         ffi = self._ffi
@@ -209,8 +213,26 @@ class RbdProtocol(Protocol):
             self._check(r, f"cannot open image {spec.image!r}")
         self._image = image[0]
 
+    @contextmanager
+    def _entered(self, what: str) -> Iterator[None]:
+        """Around every call that uses the image handle: refused once the disk closes, and the
+        close waits until no such call runs (the handle is never used after rbd_close)."""
+        with self._users_cond:
+            if self._closing.is_set():
+                raise OSError(errno.EIO, f"{self.path}: {what}: the disk is closed")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._users_cond:
+                self._users -= 1
+                self._users_cond.notify_all()
+
     def _teardown(self) -> None:
         rados, rbd, null = self._rados, self._rbd, self._ffi.NULL
+        with self._users_cond:
+            while self._users:
+                self._users_cond.wait()
         if self._image != null:
             rbd.rbd_close(self._image)
             self._image = null
@@ -249,14 +271,15 @@ class RbdProtocol(Protocol):
         ffi, rbd = self._ffi, self._rbd
         req = _Request(ffi, buf)
         c = ffi.new("rbd_completion_t *")
-        r = rbd.rbd_aio_create_completion(req.handle, self._callback, c)
-        if r < 0:
-            raise OSError(-r, f"{self.path}: {what}: {os.strerror(-r)}")
-        req.completion = c[0]
-        r = submit(req.completion)
-        if r < 0:
-            rbd.rbd_aio_release(req.completion)
-            raise OSError(-r, f"{self.path}: {what}: {os.strerror(-r)}")
+        with self._entered(what):
+            r = rbd.rbd_aio_create_completion(req.handle, self._callback, c)
+            if r < 0:
+                raise OSError(-r, f"{self.path}: {what}: {os.strerror(-r)}")
+            req.completion = c[0]
+            r = submit(req.completion)
+            if r < 0:
+                rbd.rbd_aio_release(req.completion)
+                raise OSError(-r, f"{self.path}: {what}: {os.strerror(-r)}")
         give_up = time.monotonic() + self.request_timeout + GRACE_S
         while not req.event.wait(POLL_S):
             if self._closing.is_set() or time.monotonic() > give_up:
@@ -284,6 +307,15 @@ class RbdProtocol(Protocol):
     # ---- data ------------------------------------------------------------------------------------
 
     def size(self) -> int:
+        """The image's size as librbd knows it now (it follows a resize by another client through
+        the image header's watch), else the last size seen."""
+        out = self._ffi.new("uint64_t *")
+        try:
+            with self._entered("size"):
+                if self._rbd.rbd_get_size(self._image, out) == 0:
+                    self._size = int(out[0])
+        except OSError:
+            pass  # closed: the last size seen
         return self._size
 
     def _span(self, offset: int, total: int) -> int:
@@ -335,7 +367,8 @@ class RbdProtocol(Protocol):
         clusters, as a file grows); OSError if librbd refuses."""
         with self._grow_lock:
             if end > self._size:
-                r = self._rbd.rbd_resize(self._image, end)
+                with self._entered("grow"):
+                    r = self._rbd.rbd_resize(self._image, end)
                 if r < 0:
                     raise OSError(
                         -r, f"{self.path}: cannot grow the RBD image to {end} bytes: {os.strerror(-r)}"
@@ -349,10 +382,13 @@ class RbdProtocol(Protocol):
             raise DiskError(
                 f"{self.path}: the image is read-only or the size invalid; cannot resize to {length}"
             )
-        r = self._rbd.rbd_resize(self._image, length)
-        if r < 0:
-            raise DiskError(f"{self.path}: cannot resize the RBD image to {length} bytes: {os.strerror(-r)}")
-        self._size = length
+        with self._grow_lock, self._entered("resize"):
+            r = self._rbd.rbd_resize(self._image, length)
+            if r < 0:
+                raise DiskError(
+                    f"{self.path}: cannot resize the RBD image to {length} bytes: {os.strerror(-r)}"
+                )
+            self._size = length
 
     def discard(self, offset: int, length: int) -> None:
         if self.read_only:
