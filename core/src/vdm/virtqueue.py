@@ -25,6 +25,7 @@ buffer addresses and lengths against guest RAM, chain length against the queue s
 catches loops), indirect tables (negotiated, not nested, a multiple of 16 bytes), device-writable
 buffers only after device-readable ones, and the available index never more than ``size`` ahead.
 A violation raises :class:`VirtqueueError`; the device base turns that into DEVICE_NEEDS_RESET.
+The walk of one chain and its rules are :mod:`vdm.chain_walk`'s.
 
 The driver gets back only what it gave: a head is *held* by the device from the moment it is taken
 (:meth:`Virtqueue.pop`, :meth:`Virtqueue.chain_at`) until it is completed
@@ -73,14 +74,13 @@ from typing import Iterable, Sequence
 
 from .barrier import mb, rmb, wmb
 from .chain import DescriptorChain
+from .chain_walk import MAX_CHAIN, MAX_CHAIN_BYTES, MAX_INDIRECT, VirtqueueError, walk_chain
 from .memory import GuestMemory, GuestMemoryError
 from .queue_config import MAX_QUEUE_SIZE, QueueConfig, QueueTracker
 from .ring_layout import (
     AVAIL_FLAGS,
     AVAIL_IDX,
     AVAIL_RING,
-    DESC,
-    DESC_SIZE,
     USED_FLAGS,
     USED_IDX,
     USED_RING,
@@ -98,6 +98,9 @@ from .ring_layout import (
 from .sg import slice_views
 
 __all__ = [  # (flags, DescriptorChain and slice_views stay importable from here, as in plugin API 1)
+    "MAX_CHAIN",
+    "MAX_CHAIN_BYTES",
+    "MAX_INDIRECT",
     "MAX_QUEUE_SIZE",
     "VIRTQ_AVAIL_F_NO_INTERRUPT",
     "VIRTQ_DESC_F_INDIRECT",
@@ -111,17 +114,9 @@ __all__ = [  # (flags, DescriptorChain and slice_views stay importable from here
     "slice_views",
 ]
 
-#: Upper bound on the entries of one indirect table (Linux uses at most the queue size).
-MAX_INDIRECT = 4096
-#: Upper bound on the descriptors of one chain in the descriptor table, whatever the queue size
-#: (QEMU's is 1024): a chain's walk is at most MAX_CHAIN + MAX_INDIRECT reads, one kick's slice.
-MAX_CHAIN = 4096
-#: Upper bound on the bytes one chain may describe (virtio lengths are 32-bit).
-MAX_CHAIN_BYTES = 1 << 32
 #: the walk limit of a queue that is not inside a budgeted kick (never reached)
 UNLIMITED = 1 << 62
 
-_unpack_desc = DESC.unpack_from
 #: the available ring's entries in its u16 view (the flags and idx fields are [0] and [1] there,
 #: written as literals on the hot paths; checked against vdm.ring_layout below)
 _AVAIL_RING16 = AVAIL_RING // 2
@@ -131,10 +126,6 @@ log = logging.getLogger(__name__)
 
 if sys.byteorder != "little":  # the typed ring views are native-endian; virtio 1.x rings are LE
     raise ImportError("vdm.virtqueue needs a little-endian host")
-
-
-class VirtqueueError(Exception):
-    """The driver broke the virtqueue rules (a guest error: the device must be reset)."""
 
 
 def _need_event(event: int, new: int, old: int) -> bool:
@@ -317,76 +308,21 @@ class Virtqueue(QueueConfig):
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
-        """Walk one chain: ring descriptors, and the indirect table one of them may point to, in
-        one loop (an indirect descriptor swaps the table walked and ends the ring part)."""
+        """Walk one chain (:func:`~vdm.chain_walk.walk_chain`); the device holds its head after."""
         size = self._size
         held = self._held
         if not 0 <= head < size or head >= len(held):
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
         memory = self.memory
         assert memory is not None and self._desc is not None
-        table = self._desc
-        table_len = size
-        indirect_table: memoryview | None = None
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        i = head
-        steps = 0
-        ring_steps = 0  # the ring descriptors walked before the indirect table
-        limit = size if size <= MAX_CHAIN else MAX_CHAIN
-        total = rbytes = 0
         try:
-            while True:
-                addr, length, flags, nxt = _unpack_desc(table, DESC_SIZE * i)
-                steps += 1
-                if steps > limit:
-                    if indirect_table is not None:
-                        raise VirtqueueError(f"queue {self.index}: indirect chain loops")
-                    raise VirtqueueError(f"queue {self.index}: chain longer than {limit} descriptors (loop?)")
-                if flags & VIRTQ_DESC_F_INDIRECT:
-                    if indirect_table is not None:
-                        raise VirtqueueError(f"queue {self.index}: indirect descriptor inside indirect table")
-                    if not self._indirect:
-                        raise VirtqueueError(f"queue {self.index}: indirect descriptor not negotiated")
-                    if flags & VIRTQ_DESC_F_NEXT:
-                        raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT")
-                    if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
-                        raise VirtqueueError(f"queue {self.index}: bad indirect table length {length}")
-                    # from here on the table is walked instead; its last entry ends the chain
-                    table = indirect_table = memory.map(addr, length)
-                    table_len = limit = length // DESC_SIZE
-                    ring_steps, steps, i = steps, 0, 0
-                    continue
-                total += length
-                if total > MAX_CHAIN_BYTES:
-                    raise VirtqueueError(f"queue {self.index}: chain describes more than 4 GiB")
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(memory.map(addr, length, writable=True))
-                else:
-                    if writable:
-                        raise VirtqueueError(
-                            f"queue {self.index}: device-readable buffer after a writable one"
-                        )
-                    readable.append(memory.map(addr, length))
-                    rbytes += length
-                if not flags & VIRTQ_DESC_F_NEXT:
-                    break
-                if nxt >= table_len:
-                    if indirect_table is not None:
-                        raise VirtqueueError(f"queue {self.index}: next {nxt} >= table {table_len}")
-                    raise VirtqueueError(f"queue {self.index}: next index {nxt} >= size {table_len}")
-                i = nxt
-        except (VirtqueueError, GuestMemoryError) as e:
+            readable, writable, steps, rbytes = walk_chain(
+                self._desc, size, head, memory, self._indirect, self.index
+            )
+        except VirtqueueError:
             self.errors += 1
-            for v in readable + writable:
-                memory.unmap(v)
-            if isinstance(e, GuestMemoryError):
-                raise VirtqueueError(f"queue {self.index}: {e}") from e
             raise
-        finally:
-            if indirect_table is not None:
-                memory.unmap(indirect_table)
-        self.descriptors_walked += steps + ring_steps
+        self.descriptors_walked += steps
         self.requests += 1
         self.bytes_read += rbytes
         held[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
