@@ -17,7 +17,7 @@ APT_PACKAGES=(
   tmux strace                       # console tests drive a terminal; security tests trace file opens
   dpdk-dev                          # dpdk-testpmd (DPDK 22.11 virtio-user): a second vhost-user frontend for net
   libnbd0 nbdkit                    # vdm-blk's nbd protocol (libnbd, found at run time) and a second NBD server for its tests
-  librbd1 ceph-mon ceph-osd ceph-common   # vdm-blk's rbd protocol (librbd, found at run time); its tests start a one-node Ceph
+  librbd1 ceph-mon ceph-osd ceph-common qemu-block-extra   # vdm-blk's rbd protocol (librbd, found at run time); its tests start a one-node Ceph; qsd's rbd driver for its benchmark
 )
 
 SUDO=
