@@ -18,9 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-import vdm_lab
-
 SOURCE = Path(__file__).resolve().parents[2] / "scripts" / "guestkit" / "vsock_test.c"
 
 #: the guest's seeds for what it sends (the connect side, the listen side)
@@ -43,6 +40,7 @@ result ok $c $l
 
 
 def build(out_dir: Path) -> Path:
+    import pytest
     """The static test program, built from the repository's source (skips without gcc/libc.a)."""
     gcc = shutil.which("gcc")
     if gcc is None:
@@ -55,7 +53,9 @@ def build(out_dir: Path) -> Path:
     return out
 
 
-def guest_spec(program: Path) -> vdm_lab.GuestSpec:
+def guest_spec(program: Path):  # -> vdm_lab.GuestSpec
+    import vdm_lab
+
     return vdm_lab.GuestSpec(modules=["vmw_vsock_virtio_transport"], workloads={"vsock": WORKLOAD},
                              files={"/bin/vsock_test": program})
 
@@ -82,8 +82,12 @@ class HostPeers:
     """The host programs: one serving ``PATH_<port>`` (a slow reader), one dialling the guest's
     ``lport`` through ``PATH``. Each reads to the end, then sends ``back`` and closes."""
 
-    def __init__(self, path: str, port: int, lport: int, back: int, *, slow: float = 0.001) -> None:
+    def __init__(self, path: str, port: int, lport: int, back: int, *, slow: float = 0.001,
+                 echo: bool = False, nbytes: int = 0) -> None:
+        """``echo``: print one ``vsock-peer`` line per connection (what arrived, compared with the
+        guest's stream of ``nbytes``, and what goes back) -- for runs whose host side is elsewhere."""
         self.path, self.port, self.lport, self.slow = path, port, lport, slow
+        self.echo, self.nbytes = echo, nbytes
         self.back_connect, self.back_listen = os.urandom(back), os.urandom(back)
         self.got_connect = bytearray()
         self.got_listen = bytearray()
@@ -101,7 +105,7 @@ class HostPeers:
             t.start()
         return self
 
-    def _talk(self, s: socket.socket, got: bytearray, back: bytes, slow: float) -> None:
+    def _talk(self, name: str, s: socket.socket, got: bytearray, back: bytes, slow: float) -> None:
         s.settimeout(600)
         while True:
             chunk = s.recv(4096)
@@ -110,6 +114,11 @@ class HostPeers:
             got.extend(chunk)
             if slow:
                 time.sleep(slow)  # the slow reader: the guest's writes wait for credit
+        if self.echo:  # before answering: the guest cannot finish (and the run end) before this line
+            seed = SEED_CONNECT if name == "connect" else SEED_LISTEN
+            ok = int(bytes(got) == stream(seed, self.nbytes))
+            print(f"vsock-peer {name} rx={len(got)} rx_ok={ok} back={len(back)} back_fnv={fnv(back)} "
+                  f"ok_line={self.ok_line.replace(' ', '_') or '-'}", flush=True)
         s.sendall(back)
         s.close()
 
@@ -117,7 +126,7 @@ class HostPeers:
         try:
             self._srv.settimeout(600)
             s, _ = self._srv.accept()
-            self._talk(s, self.got_connect, self.back_connect, self.slow)
+            self._talk("connect", s, self.got_connect, self.back_connect, self.slow)
         except OSError as e:
             self.errors.append(f"serving {self.port}: {e}")
 
@@ -138,7 +147,7 @@ class HostPeers:
                     time.sleep(0.5)
                     continue
                 self.ok_line = line.decode(errors="replace").strip()
-                self._talk(s, self.got_listen, self.back_listen, 0)
+                self._talk("listen", s, self.got_listen, self.back_listen, 0)
                 return
             except OSError as e:
                 s.close()
@@ -164,3 +173,21 @@ class HostPeers:
         assert res["c_rx"] == str(len(self.back_connect)) and res["c_rx_fnv"] == fnv(self.back_connect), line
         assert res["l_rx"] == str(len(self.back_listen)) and res["l_rx_fnv"] == fnv(self.back_listen), line
         assert self.ok_line.startswith("OK "), self.ok_line
+
+
+def main(argv: list[str]) -> int:
+    """``guestprog.py PATH PORT LPORT BYTES``: the host peers, run next to vdm (the KVM lab)."""
+    path, port, lport, nbytes = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    peers = HostPeers(path, port, lport, nbytes, echo=True, nbytes=nbytes).start()
+    print(f"vsock-peer started path={path}", flush=True)
+    for t in peers._threads:
+        t.join()
+    for e in peers.errors:
+        print(f"vsock-peer error {e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
