@@ -33,7 +33,7 @@ from vhost_user_client import (
     header,
     interleaved,
     make_images,
-    median,
+    ratio_table,
     vdm_base,
 )
 
@@ -97,15 +97,7 @@ def main() -> int:
     )
     note = f", librbd {librbd.stdout.strip() or '?'}, one-node Ceph ({a.objectstore} OSD)"
     print(header(root, a, loads, note))
-    print("| row (RBD) | " + " | ".join(setups) + " | " + " | ".join(f"vdm/qsd {f}" for f in formats) + " |")
-    print("| --- " * (1 + len(setups) + len(formats)) + "|")
-    for i, (mode, bs, qd) in enumerate(ROWS):
-        mb = bs == "1m"
-        med = {s: median(res[(s, i)], "mibps" if mb else "iops") for s in setups}
-        cells = [f"{med[s]:,.1f}" if mb else f"{med[s]:,.0f}" for s in setups]
-        ratios = [f"{med[f'vdm {f}'] / med[f'qsd {f}']:.2f}" for f in formats]
-        unit = "MiB/s" if mb else "IOPS"
-        print(f"| {mode} {bs} qd{qd} ({unit}) | " + " | ".join(cells + ratios) + " |", flush=True)
+    ratio_table("row (RBD)", res, formats, ROWS)
     return 0
 
 

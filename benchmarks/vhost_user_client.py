@@ -165,3 +165,23 @@ def header(
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average before/after: "
         f"{loads[0]:.2f} / {loads[1]:.2f}; {a.runs} runs, {a.time:g} s each, {a.mib} MiB images\n"
     )
+
+
+def ratio_table(
+    title: str,
+    res: dict[tuple[str, int], list[dict[str, float]]],
+    formats: list[str],
+    rows: Sequence[Row],
+) -> None:
+    """Print the medians of every ``"vdm FMT"`` and ``"qsd FMT"`` setup per row (MiB/s for 1 MiB
+    rows, else IOPS) and the ratio vdm/qsd per format, as a Markdown table headed ``title``."""
+    setups = [f"{who} {fmt}" for fmt in formats for who in ("vdm", "qsd")]
+    print(f"| {title} | " + " | ".join(setups) + " | " + " | ".join(f"vdm/qsd {f}" for f in formats) + " |")
+    print("| --- " * (1 + len(setups) + len(formats)) + "|")
+    for i, (mode, bs, qd) in enumerate(rows):
+        mb = bs == "1m"
+        med = {s: median(res[(s, i)], "mibps" if mb else "iops") for s in setups}
+        cells = [f"{med[s]:,.1f}" if mb else f"{med[s]:,.0f}" for s in setups]
+        ratios = [f"{med[f'vdm {f}'] / med[f'qsd {f}']:.2f}" for f in formats]
+        unit = "MiB/s" if mb else "IOPS"
+        print(f"| {mode} {bs} qd{qd} ({unit}) | " + " | ".join(cells + ratios) + " |", flush=True)
