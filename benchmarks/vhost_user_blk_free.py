@@ -25,8 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vhost_user_client import (  # noqa: F401 -- BUILD, run_client: vhost_user_n_devices takes them from here
-    BUILD,
+from vhost_user_client import (
     Backend,
     arguments,
     client,
@@ -34,7 +33,6 @@ from vhost_user_client import (  # noqa: F401 -- BUILD, run_client: vhost_user_n
     interleaved,
     make_images,
     median,
-    run_client,
     vdm_base,
 )
 

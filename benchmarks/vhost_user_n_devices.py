@@ -21,11 +21,9 @@ thread, the share of the wall time it ran (1.0: that thread -- the event loop --
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,9 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vdm_lab import debian13  # noqa: E402
-
-from benchmarks.vhost_user_blk_free import BUILD, Backend, run_client  # noqa: E402
+from benchmarks.vhost_user_client import Backend, arguments, client, header, random_image, run_client  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 #: (client mode, block size, queue depth)
@@ -91,26 +87,18 @@ def drive(root, binary: Path, socks: list[Path], row, seconds: float, mib: int) 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--time", type=float, default=3, help="seconds per measurement (after 0.5 s warm-up)")
-    ap.add_argument("--mib", type=int, default=32, help="image size and the range each client reads")
-    ap.add_argument("--n", default="1,2,4", help="device counts")
-    a = ap.parse_args()
+    a = arguments(
+        __doc__, mib=32, more=lambda ap: ap.add_argument("--n", default="1,2,4", help="device counts")
+    )
     ns = [int(x) for x in a.n.split(",")]
-    root = debian13.build()
-    binary = Path(subprocess.run(["bash", str(BUILD)], check=True, capture_output=True, text=True)
-                  .stdout.strip().splitlines()[-1])  # fmt: skip
+    root, binary = client()
     res: dict[tuple[int, int, str], list[float]] = {}
     cost: dict[tuple[int, int, str], list[tuple[float, float]]] = {}
     pids: dict[tuple[int, str], list[int]] = {}
     backends: list[Backend] = []
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="vdm-ndev-") as d:
         tmp = Path(d)
-        seed = tmp / "seed.raw"
-        with open(seed, "wb") as f:
-            for _ in range(a.mib):
-                f.write(os.urandom(1 << 20))
+        seed = random_image(tmp / "seed.raw", a.mib)
 
         def image(name: str) -> Path:  # every backend its own copy: each takes its write lock
             path = tmp / f"{name}.raw"
@@ -154,20 +142,13 @@ def main() -> int:
         finally:
             for b in backends:
                 b.stop()
-    git = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    print(
-        f"vdm at {git.stdout.strip()}, libblkio {root.info.get('libblkio1', '?')}, {os.cpu_count()} CPUs, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average before/after: "
-        f"{load0[0]:.2f} / {load1[0]:.2f}; {a.runs} runs, {a.time:g} s each, {a.mib} MiB images\n"
-    )
+    print(header(root, a, (load0[0], load1[0]), f", {os.cpu_count()} CPUs"))
     print(
         "| N | row | IOPS (sum) one / loop per device / N processes | one/N | loops/N "
         "| per-run one/N; loops/N | backend CPU µs/request one / loops / N "
         "| busiest thread's share one / loops / N |"
     )
-    print("| --- " * 7 + "|")
+    print("| --- " * 8 + "|")
     for n in ns:
         for i, (mode, bs, qd) in enumerate(ROWS):
             one, loops, sep = (res[(n, i, x)] for x in SETUPS)
