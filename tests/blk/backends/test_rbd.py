@@ -316,3 +316,26 @@ def test_list_plugins_says_whether_rbd_is_usable_here(tmp_path):
     want = "available" if probe() is None else "unavailable: librbd not found (apt install librbd1)"
     assert blk["parts"]["blk"]["protocols"]["rbd"] == want
     assert catalog()["protocols"]["rbd"] == (None if want == "available" else want[len("unavailable: ") :])
+
+
+@needs_ceph
+def test_vdm_exits_cleanly_when_the_cluster_is_gone(tmp_path):
+    """vdm vhost-user on an RBD disk whose mon and OSD died: SIGTERM still ends vdm with status 0
+    (librbd's close finishes in the background: one line), well within the stop's 20 s."""
+    from tests.vhost_user.vdmproc import VdmProcess
+
+    cluster = CephCluster(tmp_path / "ceph")
+    vdm = None
+    try:
+        cluster.start()
+        name = cluster.create_image("e1", 8 * MiB)
+        vdm = VdmProcess(str(tmp_path / "v.sock"), "--disk", f"{name},request_timeout=3")
+        cluster.kill("osd.0")
+        cluster.kill("mon.a")
+        rc = vdm.stop(20)
+        assert rc == 0, vdm.output
+        assert vdm.count("Traceback") == 0, vdm.output
+    finally:
+        if vdm is not None and vdm.alive:
+            vdm.kill()
+        cluster.stop()
