@@ -6,7 +6,8 @@ workload (:mod:`vdm_lab.results`). An author adds kernel modules, workload scrip
 their own with a :class:`GuestSpec` (:mod:`vdm_lab.layer`). The guest boots under QEMU TCG with
 a vhost-user device served by ``vdm vhost-user`` (:func:`run_qemu`, :mod:`vdm_lab.qemu`), or under
 ``vdm run`` on KVM -- here or in the **KVM lab**, a QEMU guest with a nested /dev/kvm
-(:func:`run_vdm`, :func:`run_in_kvm_lab`). Typical use::
+(:func:`run_vdm`, :func:`run_in_kvm_lab`); :mod:`vdm_lab.labsession` lets many scripts share one
+lab boot, each in namespaces of its own. Typical use::
 
     import vdm_lab
 
@@ -23,7 +24,7 @@ The standard library is all it needs (pytest only for :mod:`vdm_lab.pytest_suppo
 
 from __future__ import annotations
 
-from . import debian13, labwatch
+from . import debian13, labsession, labwatch
 from .kit import GuestKit, GuestKitError, guestkit, kit_dir
 from .kvmlab import LabResult, lab_command, parse_lab_console, run_in_kvm_lab
 from .labqemu import run_qemu_in_kvm_lab
@@ -77,6 +78,7 @@ __all__ = [
     "kit_dir",
     "kvm_usable",
     "lab_command",
+    "labsession",
     "labwatch",
     "layer_bytes",
     "parse_keyvalues",

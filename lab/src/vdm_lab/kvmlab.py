@@ -54,6 +54,7 @@ class LabResult:
     stalled: str | None = None  # why the run was ended early: L2 stuck (labwatch.Heartbeat)
     vcpus: str = ""  # QEMU's "info registers -a" taken when L2 stalled
     earlier_stalls: list[str] = dataclasses.field(default_factory=list)  # attempts booted again
+    shared_job: int = 0  # this script's number in a shared lab (vdm_lab.labsession); 0: a lab of its own
 
     def describe(self, lines: int = 60) -> str:
         if self.stalled:
@@ -61,6 +62,9 @@ class LabResult:
         else:
             how = "timed out" if self.timed_out else f"script exit code {self.returncode}"
         text = f"KVM lab: {how} after {self.elapsed_s:.1f} s\n"
+        if self.shared_job:
+            text += (f"(script {self.shared_job} of a shared lab boot, vdm_lab.labsession; "
+                     "the console below is what L2 printed while it ran)\n")
         for i, why in enumerate(self.earlier_stalls, 1):
             text += f"(attempt {i} had stalled too: {why})\n"
         console = "\n".join(ln for ln in self.console.splitlines() if not ln.startswith(labwatch.HB_PREFIX))
@@ -150,6 +154,7 @@ def run_in_kvm_lab(
     echo: Callable[[str], None] | None = None,
     qemu: str = QEMU,
     stall_retries: int = 1,
+    fresh: bool = False,
 ) -> LabResult:
     """Boot the KVM lab and run ``script_text`` in the host's root (chroot, read-only 9p).
 
@@ -162,11 +167,22 @@ def run_in_kvm_lab(
     heartbeat at all) the run is ended at once, QEMU's view of the vCPUs is kept in the result,
     and the lab is booted again, up to ``stall_retries`` times; the result lists those stalls.
     A script that fails, or runs past ``timeout`` while L2 is alive, is never run again here.
+
+    Where lab boots are shared (:mod:`vdm_lab.labsession`: ``labsession.enable()`` or
+    ``VDM_LAB_SHARED=1``; the test suite turns it on) the script runs in a lab that is already
+    up, in namespaces of its own, unless it passes ``outdir`` or ``fresh=True`` (a lab booted for
+    it alone) or another ``memory_mib``/``cpus``/``qemu`` than that lab's.
     """
+    from . import labsession  # it builds on this module
+
     kit = kit or guestkit()
+    shared = None if fresh or outdir is not None else labsession.current(kit, memory_mib, cpus, qemu)
     earlier: list[str] = []
     while True:
-        r = _lab_attempt(script_text, timeout, kit, memory_mib, cpus, outdir, env, cwd, echo, qemu)
+        if shared is not None:
+            r = shared.run(script_text, timeout, env, cwd, echo)
+        else:
+            r = _lab_attempt(script_text, timeout, kit, memory_mib, cpus, outdir, env, cwd, echo, qemu)
         r.earlier_stalls = list(earlier)
         if r.stalled is None or len(earlier) >= stall_retries:
             return r
