@@ -260,7 +260,7 @@ class HostFile(Protocol):
                             raise
                         # misaligned memory that the address check could not see, or memory
                         # the kernel cannot pin: bounce it
-                return self._bounce_read(views, offset) if reading else self._bounce_write(views, offset)
+                return self._bounce(views, offset, reading)
             except OSError as e:
                 if e.errno != errno.EINVAL or a >= PAGE:
                     raise
@@ -293,7 +293,9 @@ class HostFile(Protocol):
             views = advance(views, n)
         return done
 
-    def _bounce_read(self, views: Sequence[memoryview], offset: int) -> int:
+    def _bounce(self, views: Sequence[memoryview], offset: int, reading: bool) -> int:
+        """The request through an aligned host buffer of up to BOUNCE_CHUNK bytes on the direct
+        descriptor, a chunk at a time (a copy out of/into ``views`` per chunk)."""
         total = total_length(views)
         with mmap.mmap(-1, min(total, BOUNCE_CHUNK)) as buf:
             bview = memoryview(buf)
@@ -301,23 +303,12 @@ class HostFile(Protocol):
                 chunks = [min(len(bview), total - p) for p in range(0, total, len(bview))]
                 pos = offset
                 for n, group in zip(chunks, split_views(views, chunks)):
-                    self._loop(os.preadv, self.dfd, [bview[:n]], pos, True)  # type: ignore[arg-type]
-                    scatter(bview[:n], group)
-                    pos += n
-                return total
-            finally:
-                bview.release()
-
-    def _bounce_write(self, views: Sequence[memoryview], offset: int) -> int:
-        total = total_length(views)
-        with mmap.mmap(-1, min(total, BOUNCE_CHUNK)) as buf:
-            bview = memoryview(buf)
-            try:
-                chunks = [min(len(bview), total - p) for p in range(0, total, len(bview))]
-                pos = offset
-                for n, group in zip(chunks, split_views(views, chunks)):
-                    gather_into(bview, group)
-                    self._loop(os.pwritev, self.dfd, [bview[:n]], pos, False)  # type: ignore[arg-type]
+                    if reading:
+                        self._loop(os.preadv, self.dfd, [bview[:n]], pos, True)  # type: ignore[arg-type]
+                        scatter(bview[:n], group)
+                    else:
+                        gather_into(bview, group)
+                        self._loop(os.pwritev, self.dfd, [bview[:n]], pos, False)  # type: ignore[arg-type]
                     pos += n
                 return total
             finally:
