@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import socket
+import threading
 import time
 
 import pytest
+import vdm_vsock.io
 from vdm_vsock.config import VsockConfig
 from vdm_vsock.device import MAX_CTRL, WARN_LINES, VsockDevice, listen_on
 from vdm_vsock.packet import HDR, HOST_CID, Op
@@ -184,3 +187,45 @@ def test_host_programs_that_never_send_connect_are_bounded(vsock, caplog):
     assert len([w for w in warnings_of(caplog) if "not sent their CONNECT line" in w]) == 4
     for s in socks:
         s.close()
+
+
+class SlowClosingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The socket thread's last step takes a while (as under fuzz_vsock's instrumentation)."""
+
+    def close(self) -> None:
+        time.sleep(0.3)
+        super().close()
+
+
+def test_a_ring_that_fails_the_device_from_the_socket_thread_leaves_no_thread_after_close(
+        vsock, caplog, monkeypatch):
+    """The socket thread's own kick finds a bad rx descriptor: the device fails (one line), the
+    thread stops itself, and close() waits for it (fuzz_vsock found close() returning first)."""
+    monkeypatch.setattr(vdm_vsock.io.selectors, "DefaultSelector", SlowClosingSelector)
+    dev, guest, path = vsock(rx_buffers=0)
+    _, host = open_guest_conn_without_rx(guest, path)
+    drv = guest.drv
+    drv.write_desc(0, 15, 0x10, 64, 2, 0)  # writable, but below guest RAM
+    drv.publish(0, 15)
+    host.sendall(b"data for the guest")  # readable: the socket thread kicks rx and meets the bad ring
+    deadline = time.monotonic() + 5
+    while not drv.needs_reset and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert drv.needs_reset
+    assert len([r for r in caplog.records if "marked broken" in r.getMessage()]) == 1
+    dev.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("vdm-vsock-io")]
+    host.close()
+
+
+def open_guest_conn_without_rx(guest, path, port=1234, gport=5000):
+    """A connection whose RESPONSE the guest reads from one rx buffer it posts for it."""
+    srv = serve(path, port)
+    guest.send(Op.REQUEST, gport, port)
+    guest.post_rx(1)
+    resp = guest.expect(Op.RESPONSE, port=gport)
+    guest.rx_posted = 0
+    host, _ = srv.accept()
+    host.settimeout(5)
+    srv.close()
+    return resp, host

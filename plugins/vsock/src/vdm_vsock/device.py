@@ -87,6 +87,7 @@ class VsockDevice(HostSide, VirtioDevice):
         self._rr = 0
         self._poller: Optional[SocketPoller] = None
         self._poller_lock = threading.Lock()
+        self._stopped: Optional[SocketPoller] = None  # the last poller stopped, for close() to wait for
         self.stats = collections.Counter()
 
     # ---- identity and configuration space ------------------------------------------------------
@@ -373,7 +374,10 @@ class VsockDevice(HostSide, VirtioDevice):
         with self._poller_lock:
             poller, self._poller = self._poller, None
         if poller is not None:
-            poller.stop()
+            poller.stop()  # from its own thread (a kick it made failed the device) it ends by itself
+            earlier, self._stopped = self._stopped, poller  # close() waits for it
+            if earlier is not None:
+                earlier.join()
         with self._lock:
             for conn in list(self._conns.values()):
                 conn.close()
@@ -389,6 +393,9 @@ class VsockDevice(HostSide, VirtioDevice):
     def close(self) -> None:
         """Reset, close the listening socket and remove its path (idempotent)."""
         self.reset()
+        stopped, self._stopped = self._stopped, None
+        if stopped is not None:
+            stopped.join()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()

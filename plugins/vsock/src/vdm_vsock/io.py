@@ -66,6 +66,11 @@ class SocketPoller:
             if self._thread.is_alive():
                 log.warning("vsock: socket poller did not stop within %.0f s", JOIN_TIMEOUT)
 
+    def join(self) -> None:
+        """Wait for the thread after :meth:`stop` (a stop from the thread itself cannot)."""
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join(JOIN_TIMEOUT)
+
     def _sync(self) -> None:
         want = self._interest_of()
         for fd in [fd for fd in self._watched if fd not in want]:
