@@ -14,7 +14,9 @@ kick eventfd -- leaves the old file registered under that number, out of reach, 
 would wake the loop (and the number's new callback) for ever. When removing or re-registering a
 number finds it no longer names the file registered under it (ENOENT, EBADF), the loop drops its
 epoll instance and builds a new one from the current registrations: stale entries cannot outlive
-that. Removing a reader before closing its fd, as callers should, never costs a rebuild.
+that. Removing a reader before closing its fd, as callers should, never costs a rebuild. (Watching
+a private dup of each fd instead would make removal exact, but would keep a file open after its
+owner closed it: a socket's peer would not see the close until the reader was removed.)
 """
 
 from __future__ import annotations
