@@ -229,3 +229,26 @@ def open_guest_conn_without_rx(guest, path, port=1234, gport=5000):
     host.settimeout(5)
     srv.close()
     return resp, host
+
+
+def test_a_connect_line_sent_in_pieces_is_read_without_spinning(vsock, monkeypatch):
+    """A host program that sends half its line and waits: the socket thread is woken for the
+    bytes that came, not again and again for bytes it has seen (it once peeked them forever)."""
+    dev, guest, path = vsock()
+    calls = []
+    real = dev._ready
+    monkeypatch.setattr(dev, "_ready", lambda tag, ev: (calls.append(tag), real(tag, ev))[1])
+    dev.reset()  # the socket thread is made again on activation, with the counting _ready
+    guest.drv.init()
+    guest.post_rx(8)
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.settimeout(5)
+    host.connect(path)
+    host.sendall(b"CONN")
+    time.sleep(0.5)  # what the thread does meanwhile is counted, not timed
+    assert len(calls) < 20, f"{len(calls)} wake-ups for one partial line"
+    host.sendall(b"ECT 52\n")
+    req = guest.expect(Op.REQUEST, port=52)
+    guest.send(Op.RESPONSE, 52, req.hdr.src_port)
+    assert host.recv(100) == f"OK {req.hdr.src_port}\n".encode()
+    host.close()

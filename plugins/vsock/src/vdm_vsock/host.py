@@ -47,6 +47,8 @@ class _Handshake:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        #: the line's bytes so far (at most MAX_LINE)
+        self.line = bytearray()
 
 
 
@@ -121,30 +123,35 @@ class HostSide:
         self._handshakes[sock.fileno()] = _Handshake(sock)
 
     def _read_connect_line(self: VsockDevice, hs: _Handshake) -> None:
-        """Read ``CONNECT <port>\\n`` (peeked, so bytes after it stay for the guest)."""
+        """Read ``CONNECT <port>\\n``. Bytes before the newline are taken as they come (kept in
+        ``hs.line``, so the thread is not woken for them again); the newline is found by peeking,
+        so bytes after the line stay in the socket for the guest."""
         try:
-            data = hs.sock.recv(MAX_LINE, socket.MSG_PEEK)
+            data = hs.sock.recv(MAX_LINE - len(hs.line), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         end = data.find(b"\n")
-        if end < 0 and data and len(data) < MAX_LINE:
+        complete = end >= 0
+        taken = data[: end + 1] if complete else data
+        try:
+            if taken:
+                hs.sock.recv(len(taken))
+        except OSError:
+            complete = False
+        hs.line += taken
+        if not complete and taken and len(hs.line) < MAX_LINE:
             return  # the rest of the line is still coming
         self._handshakes.pop(hs.sock.fileno(), None)
-        words = data[:end].split() if end >= 0 else []
+        words = bytes(hs.line).split() if complete else []
         port = int(words[1]) if len(words) == 2 and words[0] == b"CONNECT" and words[1].isdigit() else -1
         if not 0 <= port <= 0xFFFF_FFFF or not self.activated:
-            if data:
+            if hs.line:
                 self._warn("host connection on %s: expected 'CONNECT <port>\\n', got %r: closed",
-                           self.config.path, bytes(data[:MAX_LINE]))
-                try:
-                    hs.sock.recv(len(data))  # read, so the program sees its end, not a reset
-                except OSError:
-                    pass
+                           self.config.path, bytes(hs.line))
             hs.sock.close()
             return
-        hs.sock.recv(end + 1)
         if len(self._conns) >= self.config.max_conns:
             self._warn("host connection to guest port %d refused: %d connections already (max_conns)",
                        port, len(self._conns))
