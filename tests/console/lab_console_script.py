@@ -5,7 +5,7 @@ Prints ``key=value`` lines the test checks. Scenarios (argv):
 
 * ``serial``: ``vdm run --console serial,backend=socket:...`` with the kit's interactive shell on
   ttyS0. The client types commands (received through the UART's RX FIFO and interrupts), pastes a
-  few KiB into ``cat > file`` and compares the guest's md5 with its own, and reads
+  few KiB into ``head -c N > file`` and compares the guest's md5 with its own, and reads
   /proc/tty/driver/serial to see the port type and its tx/rx counters.
 * ``virtio``: ``vdm run --console serial,... --console virtio,...``; the kit's ``console``
   workload writes a token to /dev/hvc0 and waits for it to come back; the client echoes it and
@@ -71,7 +71,15 @@ class Console:
             except socket.timeout:
                 continue
             if not data:
-                raise SystemExit(f"console {self.path} closed while waiting for {pattern!r}")
+                tail = self.seen[-600:].decode("latin-1")
+                try:
+                    rc = self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    rc = "still running"
+                raise SystemExit(
+                    f"console {self.path} closed while waiting for {pattern!r} (vdm: {rc});"
+                    f" last output:\n{tail}"
+                )
             self.buf += data
             self.seen += data
 
@@ -85,7 +93,8 @@ class Guest:
     def __init__(self, name: str, params: str, consoles: list[str]) -> None:
         self.log = open(f"/mnt/{name}.vdm.log", "wb")
         paths = [f"/mnt/{name}-{kind}.sock" for kind in consoles]
-        cmd = ["vdm", "run", "-k", f"{KIT}/vmlinuz", "-i", f"{KIT}/initrd.cpio.gz", "-m", "256", "-p", params]
+        cmd = ["vdm", "-v", "run", "-k", f"{KIT}/vmlinuz", "-i", f"{KIT}/initrd.cpio.gz"]
+        cmd += ["-m", "256", "-p", params]
         for kind, path in zip(consoles, paths):
             cmd += ["--console", f"{kind},backend=socket:{path}"]
         self.t0 = time.monotonic()
@@ -127,15 +136,17 @@ def _serial(g: Guest, c: Console) -> None:
     say("serial_typed_command", "ok")
     # a paste: 40 lines of 64 bytes sent at once, far more than the 16-byte FIFO
     # (busybox ash reads its command line in raw mode; type-ahead sent before the command runs may
-    # be discarded by the shell, as on any terminal -- so wait until cat is about to read)
+    # be discarded by the shell, as on any terminal -- so wait until head is about to read).
+    # head -c stops at the paste's length: no end-of-file character is typed, so a paste that
+    # loses or gains a byte leaves head waiting (a timeout showing the guest's output) instead of
+    # an EOF reaching the login shell, which would end it and power the guest off.
     row = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVW"
     data = b"".join(f"{i:03d} {row}\n".encode() for i in range(40))
-    c.send(b"echo READY$((3+4)); cat > /tmp/paste\r")
+    c.send(f"echo READY$((3+4)); head -c {len(data)} > /tmp/paste\r".encode())
     c.expect(rb"READY7", 120)
     time.sleep(2.0)
     t = time.monotonic()
     c.send(data)
-    c.send(b"\x04")
     c.send(b"md5sum /tmp/paste; wc -c < /tmp/paste; echo DONE$((1+1))\r")
     m = c.expect(rb"([0-9a-f]{32})  /tmp/paste", 300)
     say("serial_paste_bytes", len(data))
