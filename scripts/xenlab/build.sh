@@ -6,7 +6,13 @@
 #                   package (trixie) and Debian's own xen-4.20-arm64.config; where the mirror lacks
 #                   those sources (here: the .dsc and tarballs 404), from xen.git at the release tag
 #                   Debian's version names (XENLAB_XEN_GIT=/path/to/xen.git, else a shallow clone)
-#   Image           Debian 13's linux-image-arm64 (6.12), uncompressed: dom0 and domU kernel
+#   Image           Debian 13's linux-image-arm64 (6.12), uncompressed: dom0 kernel (and the
+#                   domU's in benchmarks/xenlab_pv.py's runs)
+#   domu-Image      the domU kernel of the lab's rounds: Debian's own linux source (the
+#                   linux-source-6.12 deb: Debian 13's 6.12 with Debian's patches) cross-built from
+#                   tinyconfig + domu-kernel.config (CONFIG_XEN_VIRTIO for grant_usage=1, which
+#                   Debian's arm64 kernel lacks; every driver built in); cached by domu-Image.stamp
+#                   (source version + that file's hash), build time in domu-kernel-build-time.txt
 #   domu.cpio.gz    the domU initramfs: busybox + virtio_mmio/blk/net/rng + ../guestkit/init.sh
 #                   (as /init.kit) behind domu-init.sh (a shell on the virtio console)
 #   dom0.cpio       the dom0 initramfs: arm64 libc, busybox, xen-utils-4.20 (xl, xenstored,
@@ -18,8 +24,8 @@
 # apt runs with a configuration of its own (OUTDIR/.work/apt: trixie, arm64 + amd64, deb-src), never
 # the machine's sources. Each stage is cached (stamp files in OUTDIR); the vdm layer is rebuilt
 # whenever build.sh runs (cheap; XENLAB_STAGE=vdm runs only that step, XENLAB_STAGE=xen only the
-# hypervisor). Needs root for the first build (apt-get install gcc-aarch64-linux-gnu qemu-system-arm
-# bison flex dpkg-dev python3-pip cpio).
+# hypervisor, XENLAB_STAGE=domu-kernel only the domU kernel). Needs root for the first build (apt-get
+# install gcc-aarch64-linux-gnu qemu-system-arm bison flex dpkg-dev python3-pip cpio bc make gcc).
 set -euo pipefail
 OUT=$(realpath -m "${1:-$HOME/.cache/vdm/xenlab}")
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -67,14 +73,14 @@ if [ "${XENLAB_STAGE:-all}" = vdm ]; then build_vdm_pkgs "$W/vdm-pkgs"; say "vdm
 # ---- host setup (root, once) -------------------------------------------------------------------
 setup_host() {
   local need=() t
-  for t in aarch64-linux-gnu-gcc qemu-system-aarch64 bison flex dpkg-source cpio xz; do
+  for t in aarch64-linux-gnu-gcc qemu-system-aarch64 bison flex dpkg-source cpio xz bc make gcc perl; do
     command -v $t >/dev/null || need+=(pkgs)
   done
   build_python >/dev/null || need+=(pkgs)
   [ ${#need[@]} -eq 0 ] && return 0
-  [ "$(id -u)" = 0 ] || { say "needs root once to install: cross gcc, qemu-system-arm, bison, flex, dpkg-dev, python3-pip, cpio"; exit 1; }
+  [ "$(id -u)" = 0 ] || { say "needs root once to install: cross gcc, qemu-system-arm, bison, flex, dpkg-dev, python3-pip, cpio, bc, make, gcc, perl"; exit 1; }
   apt-get install -y -qq --no-install-recommends gcc-aarch64-linux-gnu qemu-system-arm bison flex \
-    dpkg-dev python3-pip python3-setuptools python3-wheel cpio xz-utils >/dev/null
+    dpkg-dev python3-pip python3-setuptools python3-wheel cpio xz-utils bc make gcc libc6-dev perl >/dev/null
 }
 setup_host
 
@@ -188,6 +194,40 @@ build_xen() {
 [ "${XENLAB_STAGE:-all}" = xen ] || [ "${XENLAB_STAGE:-all}" = all ] && build_xen
 [ "${XENLAB_STAGE:-all}" = xen ] && exit 0
 
+# ---- 1b. the domU kernel: Debian's 6.12 with CONFIG_XEN_VIRTIO (grant_usage=1), small ----------
+# Debian 13's arm64 kernel has `# CONFIG_XEN_VIRTIO is not set`: its virtio drivers cannot put
+# grant references in their descriptors (xen,grant-dma). The source is the linux-source-6.12 deb
+# (Debian's patched tree as a tarball; the mirror 404s the `linux` source package as it does
+# xen's), the configuration tinyconfig + domu-kernel.config, every driver built in (no modules).
+KSRC_PKG=linux-source-6.12
+build_domu_kernel() {
+  dl "$KSRC_PKG"
+  local deb ver stamp t0 S B l bad=
+  deb=$(debfile "$KSRC_PKG"); ver=$(dpkg-deb -f "$deb" Version)
+  stamp="$KSRC_PKG $ver config $(sha256sum <"$HERE/domu-kernel.config" | cut -c1-16) $(aarch64-linux-gnu-gcc -dumpversion) v1"
+  [ -s "$OUT/domu-Image" ] && [ "$(cat "$OUT/domu-Image.stamp" 2>/dev/null)" = "$stamp" ] && return 0
+  t0=$(date +%s)
+  rm -rf "$W/ksrc" "$W/kbuild"; mkdir -p "$W/ksrc" "$W/kbuild"
+  dpkg-deb --fsys-tarfile "$deb" | tar xO --wildcards './usr/src/linux-source-*.tar.xz' | tar xJ -C "$W/ksrc"
+  S=$(ls -d "$W/ksrc"/linux-source-*/ | head -1); B=$W/kbuild
+  local mk=(make -C "$S" O="$B" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- -j"$(nproc)")
+  { "${mk[@]}" tinyconfig && (cd "$B" && "$S/scripts/kconfig/merge_config.sh" -m .config "$HERE/domu-kernel.config") \
+      && "${mk[@]}" olddefconfig; } >"$W/domu-kernel-build.log" 2>&1 \
+    || { tail -30 "$W/domu-kernel-build.log" >&2; say "domU kernel configuration failed"; exit 1; }
+  for l in $(grep '^CONFIG_' "$HERE/domu-kernel.config"); do grep -qx "$l" "$B/.config" || bad="$bad $l"; done
+  [ -z "$bad" ] || { say "domU kernel: olddefconfig dropped:$bad ($W/domu-kernel-build.log)"; exit 1; }
+  "${mk[@]}" Image >>"$W/domu-kernel-build.log" 2>&1 \
+    || { tail -30 "$W/domu-kernel-build.log" >&2; say "domU kernel build failed"; exit 1; }
+  cp "$B/arch/arm64/boot/Image" "$OUT/domu-Image.new" && mv "$OUT/domu-Image.new" "$OUT/domu-Image"
+  cp "$B/.config" "$OUT/domu-kernel.config"
+  echo "$stamp" >"$OUT/domu-Image.stamp"
+  echo "domu_kernel_build_s=$(( $(date +%s) - t0 )) nproc=$(nproc)" >"$OUT/domu-kernel-build-time.txt"
+  rm -rf "$W/ksrc" "$W/kbuild"   # ~1.5 GB; the cache is the Image
+  say "domU kernel ($KSRC_PKG $ver) built in $(( $(date +%s) - t0 )) s"
+}
+case ${XENLAB_STAGE:-all} in all|domu-kernel) build_domu_kernel;; esac
+[ "${XENLAB_STAGE:-all}" = domu-kernel ] && exit 0
+
 # ---- 2. packages: the arm64 kernel, busybox, Xen's tools, python3 + cffi --------------------------
 KPKG=$(apt-cache depends linux-image-arm64 | awk '/Depends: linux-image-/{sub(/:arm64/, "", $2); print $2; exit}')
 [ -n "$KPKG" ] || { say "no linux-image-arm64 in apt's lists"; exit 1; }
@@ -272,7 +312,7 @@ pyc_python -m compileall -q -s "$D" -p / "$D/usr/lib/python3.13" "$D/usr/lib/pyt
   >"$W/compileall.log" 2>&1 || say "warning: compileall reported errors (some modules are compiled at import): $W/compileall.log"
 ls "$D/usr/lib/python3/dist-packages/vdm/__pycache__/"*.cpython-313.pyc >/dev/null 2>&1 \
   || say "warning: vdm was not byte-compiled for 3.13 (slower start): $W/compileall.log"
-cp "$OUT/Image" "$OUT/domu.cpio.gz" "$D/lab/"
+cp "$OUT/Image" "$OUT/domu-Image" "$OUT/domu.cpio.gz" "$D/lab/"
 # every ELF's NEEDED must resolve inside the tree
 missing=$( find "$D" -type f \( -name '*.so*' -o -perm -u+x \) | while read -r f; do
       [ "$(head -c 4 "$f")" = $'\x7fELF' ] || continue
@@ -285,6 +325,7 @@ pack "$D" >"$OUT/dom0.cpio"
 
 { echo "kernel_package=$KPKG $(dpkg-deb -f "$(debfile "$KPKG")" Version)"
   echo "xen_source=$(cat "$OUT/xen.origin" 2>/dev/null)"
+  echo "domu_kernel=$(cat "$OUT/domu-Image.stamp")"
   for p in xen-utils-4.20 python3.13-minimal python3-cffi-backend busybox-static; do
     echo "$p=$(dpkg-deb -f "$(debfile "$p")" Version)"; done
   echo "dom0_modules=$(tr '\n' ' ' <"$D/etc/modules")"

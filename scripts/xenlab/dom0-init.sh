@@ -5,17 +5,20 @@
 # `vdm dm-only --domid` serving them from xenstore (configs from --device: libxl carries none),
 # `xl unpause` once every device is in InitWait, the dom0 peers (TCP server on vdm's tap, a client
 # typing into vdm's virtio-console socket), the domU's VDMTEST lines relayed, `xl destroy`, vdm's
-# exit status. Round 1 runs every workload; round 2 (a second domU after the first is destroyed)
-# boots, writes the disk and reads the rng through a new vdm. Every line for the host starts
-# "XENLAB ". Kernel command line: xenlab.disk=/dev/vda (the disk vdm serves: QEMU's, so the host can
-# check it) xenlab.vdmtest=boot,blk,rng,net,nettcp xenlab.mib=4 xenlab.tcpmib=16 xenlab.timeout=400
-# xenlab.rounds=2 xenlab.shell=1 (debug: a shell at the end).
+# exit status. Round 1 runs every workload with grant_usage=1 (the domU's virtio drivers put grant
+# references in their descriptors: xen,grant-dma, VIRTIO_F_ACCESS_PLATFORM); round 2 (a second domU
+# after the first is destroyed) boots, writes the disk and reads the rng through a new vdm with
+# grant_usage=0 (foreign mappings). Both domUs run /lab/domu-Image (Debian's 6.12 built with
+# CONFIG_XEN_VIRTIO, build.sh). Every line for the host starts "XENLAB ". Kernel command line:
+# xenlab.disk=/dev/vda (the disk vdm serves: QEMU's, so the host can check it)
+# xenlab.vdmtest=boot,blk,rng,net,nettcp xenlab.mib=4 xenlab.tcpmib=16 xenlab.timeout=400
+# xenlab.rounds=2 xenlab.grants=1 (round 1's grant_usage) xenlab.shell=1 (debug: a shell at the end).
 # xenlab.bench=ROUNDS [xenlab.benchmib=16 xenlab.benchops=256 xenlab.benchnet=MIB] (benchmarks/
 # xenlab_pv.py): one domU instead, with vdm's virtio-blk on the QEMU disk with serial
 # xenlab0 and Xen's PV block (xen-blkback, hotplug by /lab/pv-hotplug) on the one with serial
 # xenlab1; with benchnet also vdm's virtio-net (tap 10.0.2.2/24) and a PV vif (xen-netback, vif
 # 10.0.3.2/24) and `peer.py serve` on both; the domU runs domu-bench.sh. xenlab.benchblk=OPTS: vdm's
-# disk options.
+# disk options. The bench's domU runs Debian's own kernel (/lab/Image) with grant_usage=0, as measured.
 mount -t devtmpfs dev /dev; exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 mkdir -p /var/run/xenstored /var/run/xen /var/log/xen/console /var/lib/xen /var/lib/xenstored /dev/shm
@@ -23,11 +26,12 @@ export PATH=/usr/lib/xen-4.20/bin:/usr/sbin:/usr/bin:/sbin:/bin LD_LIBRARY_PATH=
 up() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "XENLAB $* uptime_s=$(up)"; }
 DISK=/dev/vda; WL=boot,blk,rng,net,nettcp; MIB=4; TCPMIB=16; TIMEOUT=400; ROUNDS=2; SHELL_AT_END=
-BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; BENCHBLK=; DOMU_EXTRA=; CFG_EXTRA=; BLKOPTS=
+BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; BENCHBLK=; DOMU_EXTRA=; CFG_EXTRA=; BLKOPTS=; GRANTS=1
+DOMU_KERNEL=/lab/domu-Image; [ -s $DOMU_KERNEL ] || DOMU_KERNEL=/lab/Image
 for w in $(cat /proc/cmdline); do case $w in
   xenlab.disk=*) DISK=${w#*=};; xenlab.vdmtest=*) WL=${w#*=};; xenlab.mib=*) MIB=${w#*=};;
   xenlab.timeout=*) TIMEOUT=${w#*=};; xenlab.shell=*) SHELL_AT_END=1;;
-  xenlab.tcpmib=*) TCPMIB=${w#*=};; xenlab.rounds=*) ROUNDS=${w#*=};;
+  xenlab.tcpmib=*) TCPMIB=${w#*=};; xenlab.rounds=*) ROUNDS=${w#*=};; xenlab.grants=*) GRANTS=${w#*=};;
   xenlab.bench=*) BENCH=${w#*=};; xenlab.benchmib=*) BENCHMIB=${w#*=};; xenlab.benchops=*) BENCHOPS=${w#*=};;
   xenlab.benchnet=*) BENCHNET=${w#*=};; xenlab.benchblk=*) BENCHBLK=${w#*=};;
 esac; done
@@ -55,13 +59,15 @@ log "XENSTORED-UP"
 ip link set lo up
 
 VDMPY='import sys; from vdm.cli.main import main; sys.exit(main())'
-# round N NAME WORKLOADS DEVICES: one domU served by one `vdm dm-only`; DEVICES are virtio ids
+# round N NAME WORKLOADS DEVICES GRANT_USAGE KERNEL: one domU served by one `vdm dm-only`; DEVICES
+# are virtio ids; GRANT_USAGE 1: the domU's buffers are grants (its kernel needs CONFIG_XEN_VIRTIO)
 round() {
-  n=$1; name=$2; wl=$3; devs=$4; P="XENLAB R$n"
-  v=; for id in $devs; do v="$v${v:+, }\"type=virtio,device$id, transport=mmio, grant_usage=0\""; done
+  n=$1; name=$2; wl=$3; devs=$4; gu=$5; kernel=$6; P="XENLAB R$n"
+  v=; for id in $devs; do v="$v${v:+, }\"type=virtio,device$id, transport=mmio, grant_usage=$gu\""; done
+  log "R$n DOMU-CONFIG kernel=$kernel grant_usage=$gu devices=$(echo $devs | tr ' ' ,)"
   cat >/tmp/$name.cfg <<CFG
 name = "$name"
-kernel = "/lab/Image"
+kernel = "$kernel"
 ramdisk = "/lab/domu.cpio.gz"
 extra = "console=hvc0 panic=-1 quiet vdmtest=$wl vdmtest.mib=$MIB vdmtest.exit=none vdmtest.tcp=both vdmtest.tcpmib=$TCPMIB vdmtest.tcptimeout=$TIMEOUT vdmtest.timeout=30$DOMU_EXTRA"
 memory = 192
@@ -148,10 +154,10 @@ vif = [ 'mac=00:16:3e:5e:00:02, script=/lab/pv-hotplug' ]"; }
   # which xen-blkback bypasses. cache=none (O_DIRECT) fails every request on Xen: EFAULT, the kernel
   # cannot pin the privcmd-mapped guest pages for direct I/O (README)
   BLKOPTS=${BENCHBLK:+,$BENCHBLK}
-  round 1 domu bench "$devs" || finish fail reason=bench
+  round 1 domu bench "$devs" 0 /lab/Image || finish fail reason=bench
   sync; finish done
 fi
-round 1 domu "$WL" "2 1 3 4" || finish fail reason=round1
-[ "$ROUNDS" -ge 2 ] && { round 2 domu2 boot,blk,rng "2 4" || finish fail reason=round2; }
+round 1 domu "$WL" "2 1 3 4" "$GRANTS" $DOMU_KERNEL || finish fail reason=round1
+[ "$ROUNDS" -ge 2 ] && { round 2 domu2 boot,blk,rng "2 4" 0 $DOMU_KERNEL || finish fail reason=round2; }
 sync
 finish done

@@ -3,12 +3,26 @@
 # kit's init (/init.kit: modules, the vdmtest= workloads, VDMTEST lines on hvc0 = Xen's PV console).
 # The virtio console is an hvc other than hvc0 (Xen's own PV console); it works once init.kit has
 # loaded virtio_mmio and the port is set up. There it says "VDMHVC READY", then runs each line it reads.
+# A kernel without modules (the lab's domu-Image: every driver built in) gets an empty /etc/modules.
+# Before init.kit, one line per virtio device on the console (hvc0), for dom0 to relay:
+#   XENDOMU VIRTIO dev=virtioN id=<virtio id> driver=<name> access_platform=0|1 grant_dma=0|1
+# (access_platform: VIRTIO_F_ACCESS_PLATFORM negotiated; grant_dma: its device-tree node has
+# `iommus` pointing at a `xen,grant-dma` node, libxl's grant_usage=1).
 # devtmpfs now (init.kit mounts it again, the same instance): ash opens /dev/null for a background job
 mkdir -p /dev; mount -t devtmpfs dev /dev
 # xenlab.bench=ROUNDS: benchmarks/xenlab_pv.py's disk rounds (domu-bench.sh) instead of the guest kit
 mkdir -p /proc; mount -t proc proc /proc
 case " $(cat /proc/cmdline) " in *" xenlab.bench="*) exec /bench.sh;; esac
-umount /proc
+[ -e /proc/modules ] || : >/etc/modules
+mkdir -p /sys; mount -t sysfs sys /sys
+for d in /sys/bus/virtio/devices/virtio*; do
+  [ -e "$d/features" ] || continue
+  ap=$(cut -c34 "$d/features")   # bit 33, first character = bit 0
+  drv=$(basename "$(readlink "$d/driver")" 2>/dev/null)
+  gd=0; [ -e "$d/../of_node/iommus" ] && grep -qs 'xen,grant-dma' /sys/firmware/devicetree/base/*/compatible && gd=1
+  echo "XENDOMU VIRTIO dev=${d##*/} id=$(cat "$d/device") driver=${drv:-none} access_platform=${ap:-0} grant_dma=$gd" >/dev/console
+done
+umount /sys; umount /proc
 (
   # hvc0..7 nodes exist from the start; the virtio console's is the one that opens, once the
   # driver has its port (multiport: after the control queue's CONSOLE_PORT)

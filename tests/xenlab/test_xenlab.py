@@ -7,8 +7,12 @@ dom0 ``xl create -p``s a domU with ``virtio = [ "type=virtio,device2", ..1, ..3,
 ``vdm dm-only --domid`` (the devices from xenstore, their configuration from ``--device``), unpauses
 the domU once every device is in InitWait, and runs the peers: a TCP server on vdm's tap, a client
 typing into vdm's virtio-console socket. The domU's disk is dom0's /dev/vda, this test's image file.
-Round 2: a second domU after the first is destroyed, served by a second ``vdm dm-only`` (each vdm
-serves one guest and exits 0 when it is gone). The host then checks the image.
+Round 1 runs with ``grant_usage=1``: the domU's kernel (Debian's 6.12 source built with
+CONFIG_XEN_VIRTIO, scripts/xenlab/domu-kernel.config) sees ``xen,grant-dma``, negotiates
+VIRTIO_F_ACCESS_PLATFORM and puts grant references in its descriptors; vdm maps them through
+libxengnttab and its exit line counts grant and foreign mappings. Round 2: a second domU after the
+first is destroyed, served by a second ``vdm dm-only`` (each vdm serves one guest and exits 0 when
+it is gone) with ``grant_usage=0`` (foreign mappings). The host then checks the image.
 Set ``VDM_XENLAB=0`` to skip (see scripts/xenlab/README.md for the times).
 """
 
@@ -160,6 +164,44 @@ def test_real_xen_domu_uses_blk_net_console_rng_served_by_vdm_dm_only(lab_run: L
     # the host reads what the last domU wrote through vdm: same bytes at offset 0
     with open(img, "rb") as f:
         assert hashlib.md5(f.read(MIB << 20)).hexdigest() == blk2["md5"]
+
+
+def _memory(out: str, rnd: int) -> tuple[int, int]:
+    """(grant, foreign) mappings from round ``rnd``'s vdm exit line."""
+    m = re.search(
+        rf"XENLAB R{rnd} VDM vdm: dm-only for dom\d+ ended: .*; guest memory: (\d+) grant mappings "
+        r"\(\d+ pages\), (\d+) foreign mappings",
+        out,
+    )
+    assert m, f"no exit line with mapping counts from round {rnd}'s vdm"
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_grant_mappings_on_real_xen(lab_run: LabRun) -> None:
+    """Round 1 (grant_usage=1): every device is behind xen,grant-dma with ACCESS_PLATFORM and vdm
+    mapped the domU's buffers and rings as grants only; round 2 (grant_usage=0) as foreign pages."""
+    out, report = lab_run.out, lab_run.report
+    assert "XENLAB END done" in out, report
+    assert "XENLAB R1 DOMU-CONFIG kernel=/lab/domu-Image grant_usage=1" in out, report
+    assert _kernel(out).endswith("-vdmlab"), _kernel(out)  # the lab's CONFIG_XEN_VIRTIO kernel
+    virtio = re.findall(r"XENLAB R1 DOMU XENDOMU VIRTIO (.*)", out)
+    drivers = {_kv(v)["driver"]: _kv(v) for v in virtio}
+    assert set(drivers) == {"virtio_blk", "virtio_net", "virtio_console", "virtio_rng"}, virtio
+    for name, kv in drivers.items():
+        assert kv["access_platform"] == "1" and kv["grant_dma"] == "1", (name, kv)
+    assert re.search(r"XENLAB R1 VDM .*virtio-blk\S* at 0x2000000, irq 33 \(grants", out), report
+    grants, foreign = _memory(out, 1)
+    assert grants > 0 and foreign == 0, (grants, foreign)
+    # round 2: the same kernel without grant_usage: no grant-dma, no ACCESS_PLATFORM, foreign pages
+    assert "XENLAB R2 DOMU-CONFIG kernel=/lab/domu-Image grant_usage=0" in out, report
+    virtio2 = [_kv(v) for v in re.findall(r"XENLAB R2 DOMU XENDOMU VIRTIO (.*)", out)]
+    assert virtio2 and all(v["access_platform"] == "0" and v["grant_dma"] == "0" for v in virtio2), virtio2
+    grants2, foreign2 = _memory(out, 2)
+    assert grants2 == 0 and foreign2 > 0, (grants2, foreign2)
+    print(
+        f"xenlab: round 1 (grants) {grants} grant / {foreign} foreign mappings; "
+        f"round 2 (foreign) {grants2} grant / {foreign2} foreign mappings"
+    )
 
 
 def test_a_command_typed_in_dom0_runs_in_the_domu_through_vdms_virtio_console(lab_run: LabRun) -> None:
