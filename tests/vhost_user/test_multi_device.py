@@ -19,7 +19,7 @@ from vdm.registry import DeviceContext
 from vdm_blk.config import BlkConfig
 from vdm_blk.device import S_OK, T_IN, T_OUT
 from vdm_blk.plugin import create as create_blk
-from vdm_vhost_user.protocol import Req
+from vdm_vhost_user.protocol import HEADER, VERSION, Req
 from vdm_vhost_user.server import VhostUserServer
 
 from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
@@ -106,6 +106,28 @@ def test_one_frontend_misbehaving_leaves_the_other_device_serving(two_servers, m
         a2 = _frontend(a_srv.path)
         assert read0(a2) == b"\xa1" * 512
         _close(a2)
+    finally:
+        _close(a, b)
+
+
+@pytest.mark.parametrize("two_servers", ["loop per device"], indirect=True)
+def test_a_frontend_stalled_mid_message_holds_up_only_its_own_device(two_servers):
+    """--loop-per-device: frontend a sends a message's header and withholds its payload, so a's
+    thread waits for the rest (up to the 10 s message timeout); b's requests are served meanwhile,
+    while a is still connected. On one loop for all, b waits until a is cut off (vhost-user README)."""
+    a_srv, b_srv = two_servers
+    a, b = _frontend(a_srv.path), _frontend(b_srv.path)
+    try:
+        a.send_raw(HEADER.pack(Req.SET_FEATURES, VERSION, 8))  # the 8 payload bytes never come
+        time.sleep(0.3)  # a's thread is inside the message by now
+        for i in range(8):
+            b.post(0, [hdr(T_OUT, 8 + i), bytes([i]) * 512], [1])
+        used = b.wait_used(0, 8, timeout=5)
+        assert all(u.data == bytes([S_OK]) for u in used)
+        assert read0(b) == b"\xb2" * 512
+        assert a_srv.conn is not None and a_srv.rejected == 0, "a was cut off before b was served"
+        assert a_srv.wait_for(lambda s: s.rejected == 1, 15)  # and then a's timeout ends a alone
+        assert b_srv.rejected == 0 and read0(b) == b"\xb2" * 512
     finally:
         _close(a, b)
 
