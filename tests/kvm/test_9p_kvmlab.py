@@ -6,6 +6,12 @@ read back, rename, hard and symbolic links, chmod, truncate, fsync, a 1000-entry
 64 MiB file each way: the guest writes ``large`` (the host checks its md5) and reads the host's
 ``hostbig`` (the guest reports its md5). A second share is read-only (``--9p DIR,TAG,ro``) and
 must refuse every change; a host symlink pointing outside the share must not lead there.
+
+The same lab boot then runs kvmtool's sandbox: ``vdm run`` with no disk and ``--9p DIR,/dev/root``,
+DIR holding the kit's initramfs unpacked. vdm puts ``root=/dev/root rootfstype=9p ...`` on the
+kernel command line, the kit's /init mounts the share and ``switch_root``s to it, and the
+workloads run from the host directory: the guest's / is 9p, it reads what the host put there
+and writes a file the host then reads.
 """
 
 from __future__ import annotations
@@ -56,10 +62,42 @@ def lab_run(kit: vdm_lab.GuestKit, kvm_lab) -> vdm_lab.LabResult:
         f'echo "=== LINKS $(stat -c %h {w}/b) $(readlink {w}/s) $(stat -c %a {w}/b) $(stat -c %s {w}/b)"',
         f'echo "=== RO $(ls {t}/ro | tr "\\n" " ")$(cat {t}/ro/keep)"',
         f'echo "=== OUTSIDE $(ls {t}/outside | tr "\\n" " ")$(cat {t}/outside/secret)"',
+        *_sandbox_lines(k, f"{t}/root"),
     ]
     r = kvm_lab("\n".join(lines), timeout=1500)
     r.assert_ok()
     return r
+
+
+#: the sandbox guest's workload (in the 9p root): what / is, the host's marker, a file for the host
+SANDBOX_WORKLOAD = r"""fs=$(awk '$2 == "/" {s = $1; t = $3} END {print s ":" t}' /proc/mounts)
+mkdir -p /made && i=0 && while [ $i -lt 200 ]; do echo $i >/made/f$i; i=$((i+1)); done
+n=$(ls /made | wc -l); rm -r /made
+echo "sandbox $(cat /hostmarker) $(md5sum /bin/busybox | cut -c1-32)" >/guestmade && sync
+[ "$fs" = /dev/root:9p ] && [ "$n" = 200 ] && st=ok || st=fail
+result $st root=$fs marker=$(cat /hostmarker) files=$n
+"""
+
+
+def _sandbox_lines(k: str, root: str) -> list[str]:
+    """The lab script's lines for kvmtool's sandbox: vdm run, no disk, the root a host directory."""
+    log = f"{root}.log"
+    return [
+        f"mkdir -p {root}/workloads && (cd {root} && gzip -dc {k}/initrd.cpio.gz | cpio -idm --quiet)",
+        f"echo marker-$$ >{root}/hostmarker",
+        f"cat >{root}/workloads/sandbox <<'VDM_EOF'\n{SANDBOX_WORKLOAD}VDM_EOF",
+        "echo '=== BEGIN root9p'",
+        "for attempt in 1 2; do",
+        f"  timeout -k 10 600 vdm run -k {k}/vmlinux -i {k}/initrd.cpio.gz -m 256 -c 1 --9p {root},/dev/root "
+        f"--console serial -p 'quiet vdmtest=boot,sandbox vdmtest.exit=reboot' >{log} 2>&1 </dev/null; rc=$?",
+        f"  cat {log}",
+        f"  if [ $rc = 0 ] || grep -q 'VDMTEST INIT' {log}; then break; fi",
+        '  echo "=== RETRY root9p: attempt $attempt failed before /init (rc=$rc)"',
+        "done",
+        'echo "=== END root9p rc=$rc"',
+        f'echo "=== GUESTMADE $(cat {root}/guestmade 2>&1)"',
+        f'echo "=== HOSTSIDE marker-$$ $(md5sum {root}/bin/busybox | cut -c1-32)"',
+    ]
 
 
 def _field(out: str, name: str) -> str:
@@ -96,3 +134,24 @@ def test_guest_works_on_the_share(lab_run: vdm_lab.LabResult) -> None:
         f"\nvdm run --9p, {MIB} MiB: guest write {r['write_MiBps']} MiB/s, "
         f"read back {r['read_MiBps']} MiB/s, host file {r['hostbig_read_MiBps']} MiB/s; steps: {took}"
     )
+
+
+def test_vdm_run_boots_a_guest_whose_root_is_a_host_directory(lab_run: vdm_lab.LabResult) -> None:
+    """kvmtool's sandbox: ``vdm run --9p DIR,/dev/root`` with no disk; the workloads run from DIR."""
+    out = lab_run.output
+    m = re.search("=== BEGIN root9p\n(.*?)=== END root9p rc=(\\d+)", out, re.S)
+    assert m, lab_run.describe()
+    log, rc = m.group(1), int(m.group(2))
+    for retry in re.findall("^=== RETRY root9p: .*$", out, re.M):
+        print(f"\nKVM lab: {retry}")
+    _, results, done = vdm_lab.parse_results(log)
+    assert rc == 0 and done, log[-3000:]
+    # the kit's /init found root=/dev/root rootfstype=9p, which only vdm run put on the command line
+    assert "VDMTEST ROOT9P tag=/dev/root init=/init" in log, log[-3000:]
+    r = {x.name: x for x in results}["sandbox"]
+    assert r.ok, r.line
+    assert r["root"] == "/dev/root:9p" and r["files"] == "200", r.line
+    # the guest read the host's marker and busybox from the root, and the host reads what it wrote
+    host_marker, host_md5 = _field(out, "HOSTSIDE").split()
+    assert r["marker"] == host_marker, r.line
+    assert _field(out, "GUESTMADE") == f"sandbox {host_marker} {host_md5}"
