@@ -136,7 +136,9 @@ def test_xenstore_handshake_as_libxl_4_17_writes_it(plugins: Any, image: Path, c
         sim.close()
 
 
-def test_read_only_disk_from_xenstore(plugins: Any, image: Path) -> None:
+def serve_read_only_xenstore_disk(plugin_set: Any, image: Path) -> None:
+    """A read-only virtio disk that libxl wrote to xenstore, served by dm-only from ``plugin_set``:
+    the guest sees VIRTIO_BLK_F_RO, its write fails with IOERR, the image is unchanged."""
     sim = SimXen(nr_vcpus=1)
     try:
         sim.libxl_add_virtio_disk(51712, str(image), base=BASE, irq=33, mode="r")
@@ -151,13 +153,17 @@ def test_read_only_disk_from_xenstore(plugins: Any, image: Path) -> None:
             sim.destroy_domain()
 
         t, errors = _guest(sim, work)
-        assert dm_only.run(_args(plugins, domid=sim.domid), lib=sim.lib()) == 0
+        assert dm_only.run(_args(plugin_set, domid=sim.domid), lib=sim.lib()) == 0
         t.join(20)
         assert not errors, errors
         assert image.read_bytes() == before
         assert sim.leaks() == []
     finally:
         sim.close()
+
+
+def test_read_only_disk_from_xenstore(plugins: Any, image: Path) -> None:
+    serve_read_only_xenstore_disk(plugins, image)
 
 
 def test_toolstack_closing_the_device_ends_it(plugins: Any, image: Path) -> None:
@@ -417,25 +423,5 @@ def test_xenstore_disk_served_by_a_plugin_with_its_own_option_names(plugins: Any
         from_toolstack_disk=lambda params, writable: {"image": params, "readonly": not writable},
     )
     only_other = types.SimpleNamespace(devices={"otherdisk": (other, "a third-party plugin")})
-    sim = SimXen(nr_vcpus=1)
-    try:
-        sim.libxl_add_virtio_disk(51712, str(image), base=BASE, irq=33, mode="r")
-        before = image.read_bytes()
-
-        def work() -> None:
-            sim.wait_xs(f"/local/domain/0/backend/virtio_disk/{sim.domid}/51712/state", "2")
-            drv = VirtioTestDriver(None, ram=sim.ram, transport=GuestMmio(sim, BASE))  # type: ignore[arg-type]
-            drv.init(queues=[0])
-            assert drv.features >> 5 & 1  # VIRTIO_BLK_F_RO
-            assert drv.request(0, [hdr(T_OUT, 0), bytes(512)], [1], timeout=20).data == b"\x01"
-            sim.destroy_domain()
-
-        t, errors = _guest(sim, work)
-        assert dm_only.run(_args(only_other, domid=sim.domid), lib=sim.lib()) == 0
-        t.join(20)
-        assert not errors, errors
-        assert [(c.image, c.readonly) for c in seen] == [(str(image), True)]
-        assert image.read_bytes() == before
-        assert sim.leaks() == []
-    finally:
-        sim.close()
+    serve_read_only_xenstore_disk(only_other, image)
+    assert [(c.image, c.readonly) for c in seen] == [(str(image), True)]
