@@ -23,8 +23,8 @@ def create(config: VsockConfig, ctx: DeviceContext):  # -> VsockDevice
 
     from .device import VsockDevice, listen_on  # imported when a device is made: list-plugins stays fast
 
-    check_socket_path(config.path, "--vsock path=", "the Unix socket host programs connect to")
-    clear_stale_socket(config.path, "--vsock path=")
+    check_socket_path(config.path, "--vsock path", "the Unix socket host programs connect to")
+    clear_stale_socket(config.path, "--vsock path")
     try:
         listener = listen_on(config.path)
     except OSError as e:
