@@ -15,8 +15,12 @@ device on an event loop thread of its own).
 Where the time goes: around each measurement the backends' CPU time is read from /proc (every
 thread's utime+stime), giving the backends' CPU microseconds per request and, for the busiest
 thread, the share of the wall time it ran (1.0: that thread -- the event loop -- is saturated).
+With ``--py-spy PATH`` (py-spy 0.4, ``pip install py-spy``), one more qd32 measurement per N >= 2
+and one-process setup is sampled, every thread, idle samples included and then GIL-holding ones
+only: the share of the wall time the event loop thread(s) held the GIL, and where the loop threads
+were otherwise (inside the call eventfd's write, waiting in epoll).
 
-    python3 benchmarks/vhost_user_n_devices.py [--runs 3] [--time 3] [--mib 32] [--n 1,2,4]
+    python3 benchmarks/vhost_user_n_devices.py [--runs 3] [--time 3] [--mib 32] [--n 1,2,4] [--py-spy PATH]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -86,10 +91,51 @@ def drive(root, binary: Path, socks: list[Path], row, seconds: float, mib: int) 
     return sum(out)
 
 
+def _samples(path: Path) -> list[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) output: (frames, outermost first; count) per line."""
+    out = []
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        out.append((stack.split(";"), int(n)))
+    return out
+
+
+def _epoll_frame() -> str:
+    """py-spy's name for the event loop's line that waits in epoll."""
+    import vdm.eventloop
+
+    lines = Path(vdm.eventloop.__file__).read_text().splitlines()
+    return f"EventLoop._run (vdm/eventloop.py:{next(i for i, x in enumerate(lines, 1) if 'ep.poll()' in x)})"
+
+
+def profile(pyspy: str, pid: int, drive_it, tmp: Path, tag: str) -> tuple[float, float, float, float]:
+    """Sample ``pid`` while ``drive_it()`` runs clients: (IOPS, GIL held by the loop threads as a
+    share of the wall time, share of the loop threads' samples in the call eventfd's write, in epoll)."""
+    iops: list[float] = []
+    t = threading.Thread(target=lambda: iops.append(drive_it()))
+    t.start()
+    time.sleep(1.5)  # the clients' start and warm-up
+    for kind in ("idle", "gil"):
+        argv = [pyspy, "record", "-r", "200", "-d", "2", "--format", "raw", "--threads", "--nonblocking",
+                f"--{kind}", "-o", str(tmp / f"{tag}.{kind}"), "--pid", str(pid)]
+        subprocess.run(argv, capture_output=True, timeout=60, check=True)
+    t.join()
+    idle, gil = _samples(tmp / f"{tag}.idle"), _samples(tmp / f"{tag}.gil")
+    wall = sum(c for f, c in idle if "MainThread" in f[0])  # the main thread is sampled every time
+    loop = [(f, c) for f, c in idle if "vdm-vhost-user" in f[0]]
+    total = sum(c for _, c in loop) or 1
+    held = sum(c for f, c in gil if "vdm-vhost-user" in f[0])
+    ev = sum(c for f, c in loop if f[-1].startswith("signal_eventfd"))
+    ep = sum(c for f, c in loop if f[-1] == _epoll_frame())
+    return iops[0] if iops else 0.0, held / max(wall, 1), ev / total, ep / total
+
+
 def main() -> int:
-    a = arguments(
-        __doc__, mib=32, more=lambda ap: ap.add_argument("--n", default="1,2,4", help="device counts")
-    )
+    def more(ap) -> None:
+        ap.add_argument("--n", default="1,2,4", help="device counts")
+        ap.add_argument("--py-spy", dest="pyspy", metavar="PATH", help="sample the one-process setups")
+
+    a = arguments(__doc__, mib=32, more=more)
     ns = [int(x) for x in a.n.split(",")]
     root, binary = client()
     res: dict[tuple[int, int, str], list[float]] = {}
@@ -138,6 +184,13 @@ def main() -> int:
                             res.setdefault((n, i, s), []).append(iops)
                             cost.setdefault((n, i, s), []).append((cpu_us, busiest))
                 print(f"# run {run + 1} of {a.runs} done", file=sys.stderr, flush=True)
+            profiles = {}
+            for n in [n for n in ns if n >= 2] if a.pyspy else []:
+                for s in SETUPS[:2]:
+                    def drive_it(n=n, s=s) -> float:
+                        return drive(root, binary, socks[(n, s)], ROWS[1], 6.0, a.mib)
+
+                    profiles[(n, s)] = profile(a.pyspy, pids[(n, s)][0], drive_it, tmp, f"prof{n}-{s[-6:]}")
             load1 = os.getloadavg()
         finally:
             for b in backends:
@@ -161,6 +214,12 @@ def main() -> int:
                 f"| {m3 / m2:.2f} | {per_run} | {c} | {b} |",
                 flush=True,
             )
+    if profiles:
+        print("\n| N | setup (qd32, py-spy) | IOPS | GIL held by the loop thread(s), share of the wall "
+              "| loop threads' samples: in the call eventfd write / in epoll wait |")  # fmt: skip
+        print("| --- " * 5 + "|")
+        for (n, s), (iops, held, ev, ep) in profiles.items():
+            print(f"| {n} | {s} | {iops:,.0f} | {held:.2f} | {ev:.2f} / {ep:.2f} |", flush=True)
     return 0
 
 
