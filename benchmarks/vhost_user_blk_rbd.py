@@ -13,6 +13,7 @@ figures are medians over ``--runs``; ratio vdm/qsd. qsd's rbd driver is Debian's
 ``qemu-block-extra``.
 
     python3 benchmarks/vhost_user_blk_rbd.py [--runs 3] [--time 3] [--mib 128] [--formats raw]
+        [--objectstore memstore|bluestore] [--iothreads 4]
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from vhost_user_client import (
 from tests.blk.backends.cephcluster import CephCluster, missing
 
 
-def vdm_cmd(name: str, fmt: str, sock: Path) -> list[str]:
-    return [*vdm_base(), "vhost-user", "--socket-path", str(sock), "--disk", f"path={name},format={fmt}"]
+def vdm_cmd(name: str, fmt: str, sock: Path, iothreads: int) -> list[str]:
+    disk = f"path={name},format={fmt},iothreads={iothreads}"
+    return [*vdm_base(), "vhost-user", "--socket-path", str(sock), "--disk", disk]
 
 
 def qsd_cmd(ceph: CephCluster, image: str, fmt: str, sock: Path) -> list[str]:
@@ -58,6 +60,7 @@ def main() -> int:
     def more(ap):
         ap.add_argument("--formats", default="raw")
         ap.add_argument("--objectstore", default="memstore", choices=("memstore", "bluestore"))
+        ap.add_argument("--iothreads", type=int, default=4, help="vdm's iothreads (its default: 4)")
 
     a = arguments(__doc__, mib=128, more=more)
     why = missing()
@@ -84,7 +87,10 @@ def main() -> int:
                 images[s].unlink()
                 sock = tmp / f"{who}-{fmt}.sock"
                 name = ceph.disk_name(image)
-                argv = vdm_cmd(name, fmt, sock) if who == "vdm" else qsd_cmd(ceph, image, fmt, sock)
+                if who == "vdm":
+                    argv = vdm_cmd(name, fmt, sock, a.iothreads)
+                else:
+                    argv = qsd_cmd(ceph, image, fmt, sock)
                 procs.append(Backend(s, argv, sock, tmp / f"{who}-{fmt}.log"))
                 socks[s] = sock
             res, loads = interleaved(root, binary, socks, ROWS, a)
@@ -96,6 +102,7 @@ def main() -> int:
         ["dpkg-query", "-W", "-f", "${Version}", "librbd1"], capture_output=True, text=True
     )
     note = f", librbd {librbd.stdout.strip() or '?'}, one-node Ceph ({a.objectstore} OSD)"
+    note += f", vdm iothreads={a.iothreads}"
     print(header(root, a, loads, note))
     ratio_table("row (RBD)", res, formats, ROWS)
     return 0
