@@ -17,7 +17,7 @@ import pytest
 from vdm.transport.mmio import Reg
 from vdm_vsock.config import VsockConfig
 from vdm_vsock.device import VsockDevice, listen_on
-from vdm_vsock.packet import HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, Op
+from vdm_vsock.packet import HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, Hdr, Op
 
 from .guest import Guest
 
@@ -225,3 +225,38 @@ def test_config_errors():
         VsockConfig(cid=3)
     with pytest.raises(ValueError, match="longer"):
         VsockConfig(cid=3, path="/" + "a" * 100)
+
+
+def test_header_sized_rx_buffers_carry_control_packets_not_a_false_end(tmp_path, virtio_driver):
+    """rx buffers with room for a header only carry control packets; host data waits for bigger
+    ones (reading 0 bytes from the host socket is not its end)."""
+    path = str(tmp_path / "v.sock")
+    dev = VsockDevice(VsockConfig(cid=CID, path=path), listener=listen_on(path))
+    try:
+        guest = Guest(virtio_driver(dev, ram_size=8 << 20), CID, rx_buffers=0)
+        drv = guest.drv
+        srv = serve(path, 1234)
+        guest.send(Op.REQUEST, 5000, 1234)
+        host, _ = srv.accept()
+        host.sendall(b"waiting data")
+        for _ in range(4):
+            drv.post(0, [], [44])
+        drv.kick(0)
+        guest.send(Op.CREDIT_REQUEST, 5000, 1234)
+        used = drv.wait(0, 2)  # the RESPONSE and the CREDIT_UPDATE, a header each
+        ops = [Hdr.unpack(u.data[:44]).op for u in used]
+        assert ops == [Op.RESPONSE, Op.CREDIT_UPDATE]
+        # the two left cannot carry the data: returned empty (a Linux guest never posts such), and
+        # no SHUTDOWN in them: the host did not end
+        assert [u.written for u in drv.wait(0, 2)] == [0, 0]
+        guest.post_rx(2)
+        got = b""
+        deadline = time.monotonic() + 5
+        while got != b"waiting data" and time.monotonic() < deadline:
+            got += guest.take_data(5000)
+        assert got == b"waiting data"
+        assert not [p for p in guest.inbox if p.hdr.op == Op.SHUTDOWN]
+        host.close()
+        srv.close()
+    finally:
+        dev.close()

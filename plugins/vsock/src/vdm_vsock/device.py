@@ -293,6 +293,11 @@ class VsockDevice(HostSide, VirtioDevice):
                 continue
             with self._lock:
                 packet = self._next_packet(room)
+            if packet is None and room == 0:  # only a header fits, and data is what waits
+                self._warn("rx buffer of %d bytes has no room for data: returned empty", chain.writable_len)
+                self.stats["bad_packets"] += 1
+                queue.push(chain, 0)
+                continue
             if packet is None:
                 self._held_rx = chain
                 break
@@ -328,7 +333,7 @@ class VsockDevice(HostSide, VirtioDevice):
                     self._rst_to(HOST_CID, conn.host_port, conn.guest_port)
                 self._rr = start + 1
                 return packet
-            if not self._can_read(conn):
+            if not room or not self._can_read(conn):  # recv(0) would read as the socket's end
                 continue
             try:
                 data = recv_into_packet(conn.sock, min(room, conn.credit(), MAX_PAYLOAD))
@@ -348,7 +353,7 @@ class VsockDevice(HostSide, VirtioDevice):
                     self._rst_to(HOST_CID, conn.host_port, conn.guest_port)
                 return packet
             self.stats["bytes_to_guest"] += len(data)
-            if room and len(data) == conn.credit():
+            if len(data) == conn.credit():
                 conn.want(Op.CREDIT_REQUEST)  # out of credit after this: ask for news
             return self._header(conn, Op.RW, len(data)) + data
         return None
