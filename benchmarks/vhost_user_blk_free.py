@@ -33,6 +33,7 @@ from vhost_user_client import (
     interleaved,
     make_images,
     median,
+    ratio,
     vdm_base,
 )
 
@@ -84,9 +85,9 @@ def main() -> int:
         p50 = {s: median(res[(s, i)], "p50") for s in setups}
         p99 = {s: median(res[(s, i)], "p99") for s in setups}
         cells = [f"{med[s]:,.1f}" if mb else f"{med[s]:,.0f}" for s in setups]
-        ratios = [f"{med[f'vdm {f}'] / med[f'qsd {f}']:.2f}" for f in formats]
+        ratios = [ratio(med[f"vdm {f}"], med[f"qsd {f}"]) for f in formats]
         lats = [f"{p50[s]:,.0f} / {p99[s]:,.0f}" for s in setups]
-        lratios = [f"{p99[f'vdm {f}'] / p99[f'qsd {f}']:.2f}" for f in formats]
+        lratios = [ratio(p99[f"vdm {f}"], p99[f"qsd {f}"]) for f in formats]
         unit = "MiB/s" if mb else "IOPS"
         print(
             f"| {mode} {bs} qd{qd} ({unit}) | " + " | ".join(cells + ratios + lats + lratios) + " |",

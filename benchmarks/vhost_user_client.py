@@ -121,6 +121,9 @@ def run_client(
     m = RESULT.search(p.stdout)
     if p.returncode != 0 or not m:
         raise RuntimeError(f"blkio_frontend {' '.join(argv[1:])}: exit {p.returncode}\n{p.stdout}{p.stderr}")
+    if int(m.group(1)) == 0:  # (a run too short or a stuck backend: its ratio cell says failed)
+        print(f"# failed run: {mode} {bs} qd{qd} on {sock.name} completed no request in {seconds:g} s",
+              file=sys.stderr, flush=True)  # fmt: skip
     return {"iops": float(m.group(3)), "mibps": float(m.group(4)), "p50": float(m.group(5)),
             "p99": float(m.group(6))}  # fmt: skip
 
@@ -167,6 +170,11 @@ def header(
     )
 
 
+def ratio(a: float, b: float) -> str:
+    """``a / b`` for a table cell; "failed" when either side completed no request (its median 0)."""
+    return f"{a / b:.2f}" if a and b else "failed"
+
+
 def ratio_table(
     title: str,
     res: dict[tuple[str, int], list[dict[str, float]]],
@@ -182,6 +190,6 @@ def ratio_table(
         mb = bs == "1m"
         med = {s: median(res[(s, i)], "mibps" if mb else "iops") for s in setups}
         cells = [f"{med[s]:,.1f}" if mb else f"{med[s]:,.0f}" for s in setups]
-        ratios = [f"{med[f'vdm {f}'] / med[f'qsd {f}']:.2f}" for f in formats]
+        ratios = [ratio(med[f"vdm {f}"], med[f"qsd {f}"]) for f in formats]
         unit = "MiB/s" if mb else "IOPS"
         print(f"| {mode} {bs} qd{qd} ({unit}) | " + " | ".join(cells + ratios) + " |", flush=True)
