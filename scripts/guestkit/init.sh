@@ -35,6 +35,20 @@ if [ -n "$R9" ] && [ "$(awk '$2 == "/" {t = $3} END {print t}' /proc/mounts)" !=
   fi
   echo "VDMTEST WARN 9p root $R9_TAG not mounted: staying in the initramfs"
 fi
+# a root on a virtio disk (root=/dev/vdX [rootfstype=ext4] [ro], as a distribution's initramfs does):
+# wait for the device, mount it and switch_root to its init= as above; an /init there that is this
+# script sees / is that device and goes on to the workloads
+RD_FS=ext4; for w in $(cat /proc/cmdline); do case $w in rootfstype=*) RD_FS=${w#rootfstype=};; esac; done
+case $R9_TAG in /dev/vd*) if [ -z "$R9" ] && [ "$(awk '$2 == "/" {d = $1} END {print d}' /proc/mounts)" != "$R9_TAG" ]; then
+  i=0; while [ ! -b "$R9_TAG" ] && [ $i -lt 500 ]; do sleep 0.02; i=$((i+1)); done; mkdir -p /newroot
+  if mount -t "$RD_FS" -o "rw$R9_RO" "$R9_TAG" /newroot; then
+    [ -n "$R9_INIT" ] || { R9_INIT=/init; [ -x /newroot/init ] || R9_INIT=/sbin/init; }
+    umount /tmp; for d in dev proc sys; do mkdir -p /newroot/$d 2>/dev/null; mount --move /$d /newroot/$d; done
+    echo "VDMTEST ROOTDISK dev=$R9_TAG fs=$RD_FS init=$R9_INIT"
+    exec switch_root /newroot "$R9_INIT"
+  fi
+  echo "VDMTEST WARN root $R9_TAG ($RD_FS) not mounted: staying in the initramfs"
+fi;; esac
 
 # parameters (vdmtest.KEY=VALUE); defaults here
 WLS=none; P_mib=16; P_time=10; P_addr=10.0.2.15/24; P_ip=10.0.2.2; P_count=5; P_interval=0.2; P_timeout=10
