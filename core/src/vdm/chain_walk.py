@@ -34,6 +34,7 @@ MAX_CHAIN = 4096
 MAX_CHAIN_BYTES = 1 << 32
 
 _unpack_desc = DESC.unpack_from
+assert DESC_SIZE == 16
 
 
 class VirtqueueError(Exception):
@@ -59,9 +60,10 @@ def walk_chain(
     ring_steps = 0  # the ring descriptors walked before the indirect table
     limit = size if size <= MAX_CHAIN else MAX_CHAIN
     total = rbytes = 0
+    mmap = memory.map
     try:
         while True:
-            addr, length, flags, nxt = _unpack_desc(table, DESC_SIZE * i)
+            addr, length, flags, nxt = _unpack_desc(table, i << 4)  # (DESC_SIZE: 16 bytes)
             steps += 1
             if steps > limit:
                 if indirect_table is not None:
@@ -85,11 +87,11 @@ def walk_chain(
             if total > MAX_CHAIN_BYTES:
                 raise VirtqueueError(f"queue {queue}: chain describes more than 4 GiB")
             if flags & VIRTQ_DESC_F_WRITE:
-                writable.append(memory.map(addr, length, writable=True))
+                writable.append(mmap(addr, length, True))
             else:
                 if writable:
                     raise VirtqueueError(f"queue {queue}: device-readable buffer after a writable one")
-                readable.append(memory.map(addr, length))
+                readable.append(mmap(addr, length))
                 rbytes += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 break

@@ -56,6 +56,14 @@ class GuestMemory(ABC):
     def unmap(self, view: memoryview) -> None:  # noqa: B027 - a no-op is the right default
         """Release a view returned by :meth:`map`."""
 
+    #: True where :meth:`unmap` does something (a subclass that overrides it); the virtqueue skips
+    #: the calls on chains from memory where it does not. Set for each subclass below.
+    unmap_needed = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.unmap_needed = cls.unmap is not GuestMemory.unmap
+
     def read(self, addr: int, length: int) -> bytes:
         view = self.map(addr, length)
         try:
@@ -117,6 +125,7 @@ class FlatGuestMemory(GuestMemory):
     def __init__(self, regions: Sequence[MemoryRegion] = ()) -> None:
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
+        self._single: tuple[int, int, memoryview] | None = None
         for region in regions:
             self.add_region(region)
 
@@ -134,11 +143,20 @@ class FlatGuestMemory(GuestMemory):
             raise ValueError(f"{region!r} overlaps {self._regions[i]!r}")
         self._regions.insert(i, region)
         self._starts.insert(i, region.guest_addr)
+        self._set_single()
 
     def remove_region(self, guest_addr: int) -> MemoryRegion:
         i = self._starts.index(guest_addr)
         del self._starts[i]
-        return self._regions.pop(i)
+        region = self._regions.pop(i)
+        self._set_single()
+        return region
+
+    def _set_single(self) -> None:
+        # map()'s fast path when guest RAM is one region (most VMs, every vhost-user test):
+        # (guest address, size, view) of that region, or None. Replaced by one assignment.
+        r = self._regions
+        self._single = (r[0].guest_addr, r[0].size, r[0].view) if len(r) == 1 else None
 
     def region_for(self, addr: int) -> MemoryRegion | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -153,6 +171,12 @@ class FlatGuestMemory(GuestMemory):
         return region is not None and length >= 0 and addr + length <= region.end
 
     def map(self, addr: int, length: int, writable: bool = False) -> memoryview:
+        single = self._single
+        if single is not None:
+            # one region: 0 <= off and off + length <= size is the whole check (length >= 0 too)
+            off = addr - single[0]
+            if off >= 0 and length >= 0 and off + length <= single[1]:
+                return single[2][off : off + length]
         if addr < 0 or length < 0:
             raise GuestMemoryError(f"bad guest range 0x{addr:x}+{length}")
         i = bisect.bisect_right(self._starts, addr) - 1

@@ -278,18 +278,36 @@ class Virtqueue(QueueConfig):
             self.errors += 1
             raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} ahead of {last}")
         rmb()
-        head = avail16[_AVAIL_RING16 + last % size]
+        head = avail16[_AVAIL_RING16 + (last & (size - 1))]  # (size is a power of two)
         self._last_avail_idx = last = (last + 1) & 0xFFFF
         if self._event_idx:
             # avail_event: ask for a kick when the driver adds anything past what we have taken.
             used16[self._avail_event16] = last
-        if head < len(self._held) and self._held[head]:
+        held = self._held
+        if head >= size or head >= len(held):
+            self.errors += 1
+            raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
+        if held[head]:
             self.errors += 1
             raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
-        chain = self._walk(head)
+        # (_walk, inlined: the one call per request that pop saves)
+        memory = self.memory
+        assert memory is not None and self._desc is not None
+        try:
+            readable, writable, steps, rbytes = walk_chain(
+                self._desc, size, head, memory, self._indirect, self.index
+            )
+        except VirtqueueError:
+            self.errors += 1
+            raise
+        self.descriptors_walked += steps
+        self.requests += 1
+        self.bytes_read += rbytes
+        held[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
+        self._taken_at[head] = _now()
         if self._tracker is not None:
             self._tracker.taken(head)
-        return chain
+        return DescriptorChain(head, readable, writable, self.epoch, memory)
 
     def chain_at(self, head: int) -> DescriptorChain:
         """The chain starting at descriptor ``head``, walked and checked exactly as :meth:`pop` does.
@@ -361,17 +379,18 @@ class Virtqueue(QueueConfig):
             used16, elems = self._used16, self._used_elems
             if used16 is None or elems is None:
                 return  # reset (or never activated) while these were in flight: drop them
-            held = self._held
-            size = self._size
+            held, size, epoch = self._held, self._size, self.epoch
+            limit, mask = min(size, len(held)), size - 1  # (size is a power of two)
             idx = start = self._used_idx
             tracker = self._tracker
             taken_at, latency, now = self._taken_at, self.latency, _now()
             heads: list[int] = []
+            took_sum = written_sum = 0
             for chain, written in items:
-                if chain.epoch != self.epoch:
+                if chain.epoch != epoch:
                     continue  # popped before a reset: the driver forgot it
                 head = chain.head
-                if not 0 <= head < min(size, len(held)) or not held[head]:
+                if not 0 <= head < limit or not held[head]:
                     self.duplicate_completions += 1
                     log.error(
                         "queue %d: completion of head %d dropped: the device does not hold it "
@@ -383,14 +402,15 @@ class Virtqueue(QueueConfig):
                 held[head] = 0
                 took = now - taken_at[head]
                 latency[took.bit_length()] += 1
-                self.latency_sum_ns += took
-                self.bytes_written += written
-                slot = 2 * (idx % size)
+                took_sum += took
+                written_sum += written
+                slot = (idx & mask) << 1
                 elems[slot] = head
                 elems[slot + 1] = written
                 idx = (idx + 1) & 0xFFFF
-                if tracker is not None:
-                    heads.append(head)
+                heads.append(head)
+            self.latency_sum_ns += took_sum
+            self.bytes_written += written_sum
             if idx == start:
                 return
             if tracker is not None:
@@ -404,7 +424,7 @@ class Virtqueue(QueueConfig):
 
     def _release(self, chain: DescriptorChain) -> None:
         memory = chain.memory if chain.memory is not None else self.memory
-        if memory is not None:
+        if memory is not None and getattr(memory, "unmap_needed", True):
             for v in chain.readable:
                 memory.unmap(v)
             for v in chain.writable:
