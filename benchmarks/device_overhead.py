@@ -8,17 +8,25 @@ Backends: ``null`` (readv returns at once), ``raw`` (a file in the page cache) a
 (the same file with the device's inline paths turned off, so every request goes through the
 worker-thread handoff: the A/B of those paths).
 
+The floor: before each device run, the same number of bare ``os.preadv`` (or ``os.pwritev``) calls
+of 4 KiB on the same page-cached file (the ``raw`` image), timed the same way; the table gives each
+device figure as a multiple of the floor measured next to it (median of the per-run multiples), so
+figures from a loaded or a different machine can be compared (issue 18's table-3 targets).
+
     python3 benchmarks/device_overhead.py [--seconds 3] [--runs 3] [--op read|write] [--profile]
+    python3 benchmarks/device_overhead.py --trees /tmp/before,. --backends raw  # A/B of two commits
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,15 +67,41 @@ def make_backend(kind: str, tmp: str):
         return NullDisk()
     from vdm_blk.backends import open_disk
 
-    path = os.path.join(tmp, "raw.img")
-    if not os.path.exists(path):
-        with open(path, "wb") as f:
-            f.write(os.urandom(64 << 20))
-    disk = open_disk(path, format="raw")
+    disk = open_disk(image(tmp), format="raw")
     if kind == "raw-worker":
         # the DiskBackend defaults: None = "use a worker" for every request
         disk.readv_nowait = disk.writev_inline = lambda offset, buffers: None
     return disk
+
+
+def image(tmp: str) -> str:
+    """The 64 MiB random file the raw backends and the floor read (made once per benchmark run)."""
+    path = os.path.join(tmp, "raw.img")
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.write(os.urandom(64 << 20))
+    return path
+
+
+def floor(inflight: int, seconds: float, tmp: str, op: str = "read") -> float:
+    """µs per bare ``os.preadv``/``os.pwritev`` of 4 KiB at the offsets the device run uses."""
+    fd = os.open(image(tmp), os.O_RDWR)
+    try:
+        buf = [memoryview(bytearray(os.urandom(4096)))]
+        call = os.preadv if op == "read" else os.pwritev
+        offsets = [i * 4096 for i in range(inflight)]
+        n = 0
+        busy = 0.0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            for off in offsets:
+                call(fd, buf, off)
+            busy += time.perf_counter() - t0
+            n += inflight
+        return busy / n * 1e6
+    finally:
+        os.close(fd)
 
 
 def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: str = "read") -> dict:
@@ -119,6 +153,50 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
     return out
 
 
+def one_round(kinds: list[str], seconds: float, tmp: str, op: str) -> list[dict]:
+    """Every row once: for each (in flight, backend), the floor, then the device (interleaved)."""
+    out = []
+    for inflight in (1, 8, 32):
+        for kind in kinds:
+            fl = floor(inflight, seconds, tmp, op)
+            r = run(kind, inflight, seconds, tmp, False, op)
+            r["floor_us"] = fl
+            r["multiple"] = r["us_per_req"] / fl
+            out.append(r)
+    return out
+
+
+def child_round(tree: str, a: argparse.Namespace, tmp: str) -> list[dict]:
+    """:func:`one_round` in a child process that imports vdm and vdm-blk from the checkout ``tree``."""
+    root = Path(tree).resolve()
+    env = dict(os.environ, PYTHONPATH=f"{root}/core/src{os.pathsep}{root}/plugins/blk/src")
+    argv = [sys.executable, __file__, "--child", tmp, "--seconds", str(a.seconds),
+            "--backends", a.backends, "--op", a.op]  # fmt: skip
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise SystemExit(f"the round on {tree} failed (exit {p.returncode}): {p.stderr.strip()[-500:]}")
+    return json.loads(p.stdout)
+
+
+def table(tree: str, kinds: list[str], rows: list[dict], op: str) -> None:
+    """The Markdown table of ``rows`` (medians per row); ``tree`` (if any) as a first column."""
+    call = "preadv" if op == "read" else "pwritev"
+    first = "| tree " if tree else ""
+    print(f"{first}| backend | in flight | requests/s | µs/request | floor: bare os.{call} (µs) | x floor |")
+    print("| --- " * (7 if tree else 6) + "|")
+    for kind in kinds:
+        for inflight in (1, 8, 32):
+            rs = [r for r in rows if r["backend"] == kind and r["inflight"] == inflight]
+            rps = statistics.median(r["req_per_s"] for r in rs)
+            fl = statistics.median(r["floor_us"] for r in rs)
+            mult = statistics.median(r["multiple"] for r in rs)
+            first = f"| {tree} " if tree else ""
+            print(
+                f"{first}| {kind} | {inflight} | {rps:,.0f} | {1e6 / rps:.1f} | {fl:.2f} | {mult:.1f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -126,28 +204,41 @@ def main() -> None:
     ap.add_argument("--backends", default="null,raw")
     ap.add_argument("--op", choices=("read", "write"), default="read", help="4 KiB reads or writes")
     ap.add_argument("--profile", action="store_true", help="print where the time goes (cProfile)")
+    ap.add_argument(
+        "--trees",
+        help="DIR,DIR...: vdm checkouts (e.g. `git worktree add /tmp/old COMMIT`) measured in child "
+        "processes, a round of each in turn per run: an A/B of commits in one run",
+    )
+    ap.add_argument("--child", metavar="TMP", help=argparse.SUPPRESS)  # one round, JSON out
     args = ap.parse_args()
     kinds = args.backends.split(",")
-    res: dict[tuple[str, int], list[dict]] = {}
+    if args.child:
+        json.dump([{k: v for k, v in r.items() if k != "profile"} for r in
+                   one_round(kinds, args.seconds, args.child, args.op)], sys.stdout)  # fmt: skip
+        return
+    trees = args.trees.split(",") if args.trees else []
     with tempfile.TemporaryDirectory() as tmp:
+        image(tmp)
         load0 = os.getloadavg()[0]
+        res: dict[str, list[dict]] = {t: [] for t in trees or [""]}
         for _ in range(args.runs):
-            for inflight in (1, 8, 32):
-                for kind in kinds:
-                    r = run(kind, inflight, args.seconds, tmp, False, args.op)
-                    res.setdefault((kind, inflight), []).append(r)
+            for t in res:
+                res[t] += child_round(t, args, tmp) if t else one_round(kinds, args.seconds, tmp, args.op)
         load1 = os.getloadavg()[0]
         print(
             f"4 KiB {args.op}s; load average before/after: {load0:.2f} / {load1:.2f}; "
             f"median of {args.runs} runs of {args.seconds:g} s each\n"
         )
-        print("| backend | in flight | requests/s | µs/request |")
-        print("| --- | --- | --- | --- |")
-        for kind in kinds:
-            for inflight in (1, 8, 32):
-                rs = res[kind, inflight]
-                rps = statistics.median(r["req_per_s"] for r in rs)
-                print(f"| {kind} | {inflight} | {rps:,.0f} | {1e6 / rps:.1f} |", flush=True)
+        if trees:
+            for t in trees:
+                git = subprocess.run(["git", "-C", t, "rev-parse", "--short", "HEAD"],
+                                     capture_output=True, text=True, check=False)  # fmt: skip
+                print(f"- {t}: {git.stdout.strip() or 'not a git checkout'}")
+            print()
+        for i, t in enumerate(res):
+            table(t, kinds, res[t], args.op)
+            if i + 1 < len(res):
+                print()
         if args.profile:
             for kind in kinds:
                 r = run(kind, 32, args.seconds, tmp, True, args.op)
