@@ -8,10 +8,11 @@ Backends: ``null`` (readv returns at once), ``raw`` (a file in the page cache) a
 (the same file with the device's inline paths turned off, so every request goes through the
 worker-thread handoff: the A/B of those paths).
 
-The floor: before each device run, the same number of bare ``os.preadv`` (or ``os.pwritev``) calls
-of 4 KiB on the same page-cached file (the ``raw`` image), timed the same way; the table gives each
-device figure as a multiple of the floor measured next to it (median of the per-run multiples), so
-figures from a loaded or a different machine can be compared (issue 18's table-3 targets).
+The floor: before each device round, as many bare ``os.preadv`` (or ``os.pwritev``) calls of 4 KiB
+as the round has requests, on the same page-cached file (the ``raw`` image), timed the same way.
+Floor and device alternate round by round, so a change of the machine's load hits both; the table
+gives each device figure as a multiple of the floor measured beside it (median of the per-run
+multiples), so figures from a loaded or a different machine can be compared (issue 18's table 3).
 
     python3 benchmarks/device_overhead.py [--seconds 3] [--runs 3] [--op read|write] [--profile]
     python3 benchmarks/device_overhead.py --trees /tmp/before,. --backends raw  # A/B of two commits
@@ -83,27 +84,6 @@ def image(tmp: str) -> str:
     return path
 
 
-def floor(inflight: int, seconds: float, tmp: str, op: str = "read") -> float:
-    """µs per bare ``os.preadv``/``os.pwritev`` of 4 KiB at the offsets the device run uses."""
-    fd = os.open(image(tmp), os.O_RDWR)
-    try:
-        buf = [memoryview(bytearray(os.urandom(4096)))]
-        call = os.preadv if op == "read" else os.pwritev
-        offsets = [i * 4096 for i in range(inflight)]
-        n = 0
-        busy = 0.0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            for off in offsets:
-                call(fd, buf, off)
-            busy += time.perf_counter() - t0
-            n += inflight
-        return busy / n * 1e6
-    finally:
-        os.close(fd)
-
-
 def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: str = "read") -> dict:
     dev = BlkDevice(make_backend(kind, tmp), BlkConfig(path="bench", queue_size=256))
     drv = VirtioTestDriver(dev, ram_size=64 << 20)
@@ -118,10 +98,19 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
     drv.kick(0)
     drv.wait(0, inflight)
     n = 0
-    busy = 0.0
+    busy = floor_busy = 0.0
     prof = cProfile.Profile() if profile else None
+    # the floor, timed round by round next to the device (module doc)
+    fd = os.open(image(tmp), os.O_RDWR)
+    call = os.preadv if op == "read" else os.pwritev
+    buf = [memoryview(bytearray(os.urandom(4096)))]
+    offsets = [i * 4096 for i in range(inflight)]
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for off in offsets:
+            call(fd, buf, off)
+        floor_busy += time.perf_counter() - t0
         # re-publish the same chains (no kick yet: the device looks only when kicked below)
         for h in heads:
             q.publish(h)
@@ -141,12 +130,15 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
         busy += time.perf_counter() - t0
         n += inflight
     dev.close()
+    os.close(fd)
     out = {
         "backend": kind,
         "inflight": inflight,
         "requests": n,
         "req_per_s": n / busy,
         "us_per_req": busy / n * 1e6,
+        "floor_us": floor_busy / n * 1e6,
+        "multiple": busy / floor_busy,
     }
     if prof:
         out["profile"] = prof
@@ -158,11 +150,7 @@ def one_round(kinds: list[str], seconds: float, tmp: str, op: str) -> list[dict]
     out = []
     for inflight in (1, 8, 32):
         for kind in kinds:
-            fl = floor(inflight, seconds, tmp, op)
-            r = run(kind, inflight, seconds, tmp, False, op)
-            r["floor_us"] = fl
-            r["multiple"] = r["us_per_req"] / fl
-            out.append(r)
+            out.append(run(kind, inflight, seconds, tmp, False, op))
     return out
 
 
