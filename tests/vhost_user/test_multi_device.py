@@ -7,6 +7,7 @@ disconnects or dies in the middle of its I/O loses only its own connection.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import subprocess
@@ -110,16 +111,18 @@ def test_one_frontend_misbehaving_leaves_the_other_device_serving(two_servers, m
         _close(a, b)
 
 
-@pytest.mark.parametrize("two_servers", ["loop per device"], indirect=True)
-def test_a_frontend_stalled_mid_message_holds_up_only_its_own_device(two_servers):
-    """--loop-per-device: frontend a sends a message's header and withholds its payload, so a's
-    thread waits for the rest (up to the 10 s message timeout); b's requests are served meanwhile,
-    while a is still connected. On one loop for all, b waits until a is cut off (vhost-user README)."""
+@pytest.mark.parametrize("withheld", ["payload", "half the header"])
+def test_a_frontend_stalled_mid_message_holds_up_only_its_own_device(two_servers, withheld, caplog):
+    """Frontend a sends part of a message and withholds the rest; b's requests are served
+    meanwhile, while a is still connected, on one shared loop as with --loop-per-device. a's
+    message timeout (10 s) then ends a alone, with one log line."""
     a_srv, b_srv = two_servers
     a, b = _frontend(a_srv.path), _frontend(b_srv.path)
+    caplog.set_level(logging.INFO)
     try:
-        a.send_raw(HEADER.pack(Req.SET_FEATURES, VERSION, 8))  # the 8 payload bytes never come
-        time.sleep(0.3)  # a's thread is inside the message by now
+        header = HEADER.pack(Req.SET_FEATURES, VERSION, 8)
+        a.send_raw(header if withheld == "payload" else header[:5])  # the rest never comes
+        time.sleep(0.3)  # a's message is open by now
         for i in range(8):
             b.post(0, [hdr(T_OUT, 8 + i), bytes([i]) * 512], [1])
         used = b.wait_used(0, 8, timeout=5)
@@ -127,7 +130,11 @@ def test_a_frontend_stalled_mid_message_holds_up_only_its_own_device(two_servers
         assert read0(b) == b"\xb2" * 512
         assert a_srv.conn is not None and a_srv.rejected == 0, "a was cut off before b was served"
         assert a_srv.wait_for(lambda s: s.rejected == 1, 15)  # and then a's timeout ends a alone
+        assert a.closed_by_backend() and a_srv.wait_for(lambda s: s.conn is None)
         assert b_srv.rejected == 0 and read0(b) == b"\xb2" * 512
+        what = "SET_FEATURES" if withheld == "payload" else "a message header"
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [f"vhost-user: timed out waiting for the rest of {what}; closing the connection"]
     finally:
         _close(a, b)
 

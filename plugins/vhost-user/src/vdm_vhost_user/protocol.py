@@ -2,10 +2,11 @@
 
 A message is a 12-byte header -- request, flags, payload size, native (little) endian -- and a
 payload whose layout depends on the request. File descriptors travel as SCM_RIGHTS ancillary data
-with the header. :func:`recv_message` reads one message and checks everything that does not depend
-on the backend's state: the version bits, the payload size against the request's layout, the
-number of file descriptors. Anything wrong raises :class:`ProtocolError`, and the caller closes the
-connection; received descriptors are always closed unless the caller keeps them.
+with the header. :class:`MessageReader` assembles messages from a connection as their bytes come,
+never waiting for them (one event loop serves many connections), and checks everything that does
+not depend on the backend's state: the version bits, the payload size against the request's
+layout, the number of file descriptors. Anything wrong raises :class:`ProtocolError`, and the
+caller closes the connection; received descriptors are always closed unless the caller keeps them.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ __all__ = [
     "MAX_FDS",
     "BackendReq",
     "Message",
+    "MessageReader",
+    "PeerClosed",
     "ProtocolError",
     "Req",
-    "recv_message",
     "send_backend_request",
     "send_message",
 ]
@@ -249,86 +251,137 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
-def _recv_exact(sock: socket.socket, n: int, what: str, deadline: float | None) -> bytes:
-    """``n`` bytes, all of them before ``deadline`` (time.monotonic(); None: no bound)."""
-    chunks = []
-    while n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ProtocolError(f"timed out waiting for the rest of {what}")
-            sock.settimeout(left)
-        try:
-            data = sock.recv(n)
-        except socket.timeout:
-            raise ProtocolError(f"timed out waiting for the rest of {what}") from None
-        if not data:
-            raise ProtocolError(f"connection closed in the middle of {what}")
-        chunks.append(data)
-        n -= len(data)
-    return b"".join(chunks)
+class PeerClosed(Exception):
+    """The frontend closed the connection between two messages (not an error)."""
 
 
-def recv_message(sock: socket.socket) -> Message | None:
-    """Read one request. None when the peer closed the connection cleanly (between messages).
+class MessageReader:
+    """Assembles one connection's requests from its socket without ever waiting for bytes.
 
-    The socket's timeout bounds the whole message -- header, payload and descriptors -- not each
-    ``recv``: a frontend that trickles a message in a byte at a time is cut off when the first
-    timeout has passed. The socket's timeout is the same again afterwards.
+    :meth:`read` takes what the socket holds now -- never more than the open message still needs,
+    so the bytes (and descriptors) of the next message stay in the socket -- and returns the
+    message once the whole of it is there. Invariants: every descriptor received is either in a
+    returned :class:`Message` (the caller owns it) or closed here, by a :class:`ProtocolError` or
+    by :meth:`close`; :attr:`started` is the ``time.monotonic()`` at which the open message's first
+    bytes arrived, None between messages -- the caller bounds how long a message may stay open.
     """
-    limit = sock.gettimeout()
-    deadline = None if limit is None else time.monotonic() + limit
-    try:
-        return _recv_message(sock, deadline)
-    finally:
-        if limit is not None:
-            sock.settimeout(limit)
 
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.started: float | None = None
+        self._data = bytearray()
+        self._fds: list[int] = []
+        self._size = -1  # the open message's payload size once its header is complete
 
-def _recv_message(sock: socket.socket, deadline: float | None) -> Message | None:
-    fds = array.array("i")
-    try:
-        data, ancdata, msg_flags, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
-    except ConnectionResetError:
-        return None
-    received: list[int] = []
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(cdata) - len(cdata) % fds.itemsize
-            fds.frombytes(cdata[:usable])
-    received = list(fds)
-    try:
-        if msg_flags & socket.MSG_CTRUNC:
+    @property
+    def what(self) -> str:
+        """What the open message is, for a log line: its request name, or "a message header"."""
+        if self._size < 0:
+            return "a message header"
+        return Req.name(HEADER.unpack_from(self._data)[0])
+
+    def read(self) -> Message | None:
+        """The next message if all of it has arrived, else None (more bytes are to come).
+
+        Raises :class:`PeerClosed` when the frontend closed the connection between messages and
+        :class:`ProtocolError` for anything wrong (the open message's descriptors are closed).
+        """
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0)
+        try:
+            return self._read()
+        except ProtocolError:
+            self.close()
+            raise
+        finally:
+            self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        """Forget the open message and close its descriptors."""
+        _close_all(self._fds)
+        self._fds = []
+        self._data.clear()
+        self._size = -1
+        self.started = None
+
+    def _read(self) -> Message | None:
+        while True:
+            want = (HEADER.size if self._size < 0 else HEADER.size + self._size) - len(self._data)
+            if want:
+                if not self._recv(want):
+                    return None
+                if len(self._data) == HEADER.size and self._size < 0:
+                    self._size = _check_header(self._data)
+                continue
+            fds, self._fds = self._fds, []
+            request, flags, _ = HEADER.unpack_from(self._data)
+            payload = bytes(self._data[HEADER.size :])
+            self._data.clear()
+            self._size = -1
+            self.started = None
+            try:
+                _check_fds(request, len(fds))
+            except ProtocolError:
+                _close_all(fds)
+                raise
+            return Message(request, flags, payload, fds)
+
+    def _recv(self, want: int) -> bool:
+        """One recvmsg of at most ``want`` bytes; False when the socket holds nothing now."""
+        try:
+            data, ancdata, msg_flags, _ = self.sock.recvmsg(want, _ANC_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionResetError:
+            data, ancdata, msg_flags = b"", [], 0
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                self._fds.extend(fds)
+        if msg_flags & socket.MSG_CTRUNC or len(self._fds) > MAX_FDS:
             raise ProtocolError(f"more than {MAX_FDS} file descriptors with one message")
         if not data:
-            if received:
+            if self._data:
+                raise ProtocolError(f"connection closed in the middle of {self.what}")
+            if self._fds:
                 raise ProtocolError("file descriptors without a message")
-            return None
-        if len(data) < HEADER.size:
-            data += _recv_exact(sock, HEADER.size - len(data), "a message header", deadline)
-        request, flags, size = HEADER.unpack(data)
-        name = Req.name(request)
-        if flags & VERSION_MASK != VERSION:
-            raise ProtocolError(f"{name}: unsupported protocol version {flags & VERSION_MASK}")
-        if flags & FLAG_REPLY:
-            raise ProtocolError(f"{name}: a request with the reply flag set")
-        if size > MAX_PAYLOAD:
-            raise ProtocolError(f"{name}: payload of {size} bytes is too large")
-        payload = _recv_exact(sock, size, name, deadline) if size else b""
-        layout = LAYOUT.get(request)
-        if layout is None:
-            raise ProtocolError(f"{name} is not supported")
-        size_ok, (min_fds, max_fds) = layout
-        if not size_ok(size):
-            raise ProtocolError(f"{name}: wrong payload size {size}")
-        if len(received) > max_fds:
-            raise ProtocolError(f"{name}: {len(received)} file descriptors, at most {max_fds} allowed")
-        if len(received) < min_fds:
-            raise ProtocolError(f"{name}: {len(received)} file descriptors, {min_fds} needed")
-    except BaseException:
-        _close_all(received)
-        raise
-    return Message(request, flags, payload, received)
+            raise PeerClosed()
+        if self.started is None:
+            self.started = time.monotonic()
+        self._data += data
+        return True
+
+
+#: room for MAX_FDS descriptors: more arrive truncated (MSG_CTRUNC), and the kernel closes the rest
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def _check_header(header: bytes | bytearray) -> int:
+    """The payload size a request's header announces, once the header passes every check."""
+    request, flags, size = HEADER.unpack_from(header)
+    name = Req.name(request)
+    if flags & VERSION_MASK != VERSION:
+        raise ProtocolError(f"{name}: unsupported protocol version {flags & VERSION_MASK}")
+    if flags & FLAG_REPLY:
+        raise ProtocolError(f"{name}: a request with the reply flag set")
+    if size > MAX_PAYLOAD:
+        raise ProtocolError(f"{name}: payload of {size} bytes is too large")
+    layout = LAYOUT.get(request)
+    if layout is None:
+        raise ProtocolError(f"{name} is not supported")
+    if not layout[0](size):
+        raise ProtocolError(f"{name}: wrong payload size {size}")
+    return size
+
+
+def _check_fds(request: int, count: int) -> None:
+    name = Req.name(request)
+    min_fds, max_fds = LAYOUT[request][1]
+    if count > max_fds:
+        raise ProtocolError(f"{name}: {count} file descriptors, at most {max_fds} allowed")
+    if count < min_fds:
+        raise ProtocolError(f"{name}: {count} file descriptors, {min_fds} needed")
 
 
 def send_message(

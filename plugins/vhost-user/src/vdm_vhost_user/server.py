@@ -4,6 +4,12 @@ Everything runs on one core :class:`~vdm.eventloop.EventLoop` thread -- acceptin
 messages, and the kick eventfds -- so that a message never races with queue processing. A message
 that breaks the protocol closes that connection with one log line; the server keeps listening.
 
+That loop may serve other devices too (``vdm vhost-user`` with several sockets), so nothing here
+waits for a frontend's bytes: a connection's message is assembled as its bytes arrive
+(:class:`~.protocol.MessageReader`) and handled once whole; a message left incomplete for
+:data:`MESSAGE_TIMEOUT` is ended by a timer on the loop (a timerfd), which closes that connection
+alone with one log line. Replies are sent as before, blocking for at most :data:`MESSAGE_TIMEOUT`.
+
 Client mode (``connect=True``, ``vdm vhost-user --connect PATH``): the frontend listens (QEMU
 ``-chardev socket,server=on,wait=off``, cloud-hypervisor's server mode) and vdm connects. A
 connector thread tries until the socket answers (retrying every :data:`RECONNECT_MAX` seconds at
@@ -14,10 +20,12 @@ whenever the connection ends -- the frontend restarted, or closed it for an erro
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
 import threading
+import time
 
 from vdm.device import VirtioDevice
 from vdm.errors import UserError
@@ -25,7 +33,7 @@ from vdm.eventloop import EventLoop
 from vdm.socket_path import clear_stale_socket
 
 from .handler import VhostUserHandler
-from .protocol import ProtocolError, recv_message
+from .protocol import MessageReader, PeerClosed, ProtocolError
 
 __all__ = ["VhostUserServer"]
 
@@ -35,6 +43,64 @@ log = logging.getLogger(__name__)
 MESSAGE_TIMEOUT = 10.0
 #: client mode: the longest wait between two connection attempts (seconds)
 RECONNECT_MAX = 1.0
+
+_CLOCK_MONOTONIC = 1
+_TFD_FLAGS = os.O_NONBLOCK | os.O_CLOEXEC  # TFD_NONBLOCK, TFD_CLOEXEC
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class _Timer:
+    """A one-shot timerfd (CLOCK_MONOTONIC): readable once the time set with :meth:`set` passed."""
+
+    _libc = None
+
+    def __init__(self) -> None:
+        if _Timer._libc is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.timerfd_create.argtypes = [ctypes.c_int, ctypes.c_int]
+            libc.timerfd_settime.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.POINTER(_Itimerspec),
+                ctypes.c_void_p,
+            ]
+            _Timer._libc = libc
+        self.fd = self._check(_Timer._libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_FLAGS))
+        self.armed = False
+
+    @staticmethod
+    def _check(ret: int) -> int:
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return ret
+
+    def set(self, seconds: float | None) -> None:
+        """Fire ``seconds`` from now (at least 1 ms); None disarms it."""
+        spec = _Itimerspec()
+        if seconds is not None:
+            ns = max(int(seconds * 1e9), 1_000_000)
+            spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(ns, 1_000_000_000)
+        self._check(_Timer._libc.timerfd_settime(self.fd, 0, ctypes.byref(spec), None))
+        self.armed = seconds is not None
+
+    def clear(self) -> None:
+        """Consume an expiry (the fd is no longer readable) and disarm."""
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+        self.armed = False
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class VhostUserServer:
@@ -56,6 +122,9 @@ class VhostUserServer:
         self.handler.on_failure = self._fail
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
+        self._reader: MessageReader | None = None
+        #: ends a message left incomplete for MESSAGE_TIMEOUT (armed only while one is open)
+        self._timer: _Timer | None = None
         self._inode: tuple[int, int] | None = None
         #: connections served so far and those closed for a protocol error (for logs and tests)
         self.connections = 0
@@ -82,8 +151,7 @@ class VhostUserServer:
         # kicks arrive on this loop: each is bounded by the core's budget and the rest resumed
         # there, so a device with a long (or hostile) ring cannot starve the others on the loop
         self.device.serve_on(self.loop)
-        self.loop.start()
-        self._started = True
+        self._start_loop()
         self.loop.add_reader(listener.fileno(), self._accept)
         log.info("vhost-user: serving %s on %s", self.device.name, self.path)
         return self
@@ -91,8 +159,7 @@ class VhostUserServer:
     def _start_client(self) -> VhostUserServer:
         self._handover_r, self._handover_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.device.serve_on(self.loop)
-        self.loop.start()
-        self._started = True
+        self._start_loop()
         self.loop.add_reader(self._handover_r, self._adopt)
         self._connector = threading.Thread(
             target=self._connect_loop, name="vdm-vhost-user-connect", daemon=True
@@ -100,6 +167,12 @@ class VhostUserServer:
         self._connector.start()
         log.info("vhost-user: serving %s to the frontend listening on %s", self.device.name, self.path)
         return self
+
+    def _start_loop(self) -> None:
+        self._timer = _Timer()
+        self.loop.start()
+        self._started = True
+        self.loop.add_reader(self._timer.fd, self._timed_out)
 
     def _connect_loop(self) -> None:
         """The connector thread (client mode): connect, hand over, wait for the end, again."""
@@ -165,6 +238,7 @@ class VhostUserServer:
         conn.setblocking(True)
         conn.settimeout(MESSAGE_TIMEOUT)
         self.conn = conn
+        self._reader = MessageReader(conn)
         self.connections += 1
         self.handler.attach(conn)
         self.loop.add_reader(conn.fileno(), self._readable)
@@ -172,15 +246,23 @@ class VhostUserServer:
         self._notify()
 
     def _readable(self) -> None:
-        conn = self.conn
-        if conn is None:
+        """The connection has bytes: take them; handle the message if it is whole now (one
+        message per call: the loop calls again while more are waiting)."""
+        reader = self._reader
+        if self.conn is None or reader is None:
             return
         try:
-            msg = recv_message(conn)
+            msg = reader.read()
+            timer = self._timer
             if msg is None:
-                self._disconnect("the frontend closed the connection")
+                if reader.started is not None and timer is not None and not timer.armed:
+                    timer.set(reader.started + MESSAGE_TIMEOUT - time.monotonic())
                 return
+            if timer is not None and timer.armed:
+                timer.set(None)
             self.handler.handle(msg)
+        except PeerClosed:
+            self._disconnect("the frontend closed the connection")
         except ProtocolError as e:
             self.rejected += 1
             log.error("vhost-user: %s; closing the connection", e)
@@ -191,6 +273,23 @@ class VhostUserServer:
             self.rejected += 1
             log.exception("vhost-user: internal error; closing the connection")
             self._disconnect(None)
+
+    def _timed_out(self) -> None:
+        """The timer fired: end the connection if its open message is MESSAGE_TIMEOUT old; a
+        message that began after the timer was set gets the rest of its own time."""
+        timer, reader = self._timer, self._reader
+        if timer is None:
+            return
+        timer.clear()
+        if self.conn is None or reader is None or reader.started is None:
+            return
+        left = reader.started + MESSAGE_TIMEOUT - time.monotonic()
+        if left > 0:
+            timer.set(left)
+            return
+        self.rejected += 1
+        log.error("vhost-user: timed out waiting for the rest of %s; closing the connection", reader.what)
+        self._disconnect(None)
 
     def _fail(self, why: str) -> None:
         """The frontend broke something outside a message (a kick fd, its memory): one line, closed."""
@@ -207,9 +306,14 @@ class VhostUserServer:
         if why:
             log.info("vhost-user: %s", why)
         self.loop.remove_reader(conn.fileno())
+        if self._timer is not None and self._timer.armed:
+            self._timer.set(None)
         try:
             self.handler.detach()
         finally:
+            if self._reader is not None:
+                self._reader.close()  # an open message's descriptors
+                self._reader = None
             conn.close()
             self.conn = None
             if self.listener is not None and not self._closed:
@@ -239,6 +343,8 @@ class VhostUserServer:
             try:
                 if self.listener is not None:
                     self.loop.remove_reader(self.listener.fileno())
+                if self._timer is not None:
+                    self.loop.remove_reader(self._timer.fd)
                 self._disconnect("shutting down")
             finally:
                 done.set()
@@ -272,6 +378,9 @@ class VhostUserServer:
             os.close(self._handover_r)
             os.close(self._handover_w)
             self._handover_r = self._handover_w = -1
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         self._unlink()
         self.device.stop_serving()
         if self._own_loop:
