@@ -30,11 +30,12 @@ result $st root=$fs marker=$(cat /marker)
 
 
 def tree_commands(kit_dir: str, tree: str, marker: str) -> list[str]:
-    """Shell lines that fill ``tree`` with the kit unpacked, ``marker`` in /marker and the workload."""
+    """Shell lines that fill ``tree`` with the kit unpacked, ``marker`` (a shell word, expanded by the
+    shell: ``"$M"`` works) in /marker and the workload."""
     k, t = shlex.quote(kit_dir), shlex.quote(tree)
     return [
         f"mkdir -p {t}/workloads && (cd {t} && gzip -dc {k}/initrd.cpio.gz | cpio -idm --quiet)",
-        f"echo {shlex.quote(marker)} >{t}/marker",
+        f"echo {marker} >{t}/marker",
         f"cat >{t}/workloads/rootdisk <<'VDM_EOF'\n{ROOTDISK_WORKLOAD}VDM_EOF",
     ]
 
@@ -68,5 +69,5 @@ def host_busybox_md5(tree: Path) -> str:
 
 def rootdisk_line(log: str) -> str | None:
     """The kit /init's line saying it switched to the disk root, if it did."""
-    m = re.search(r"^VDMTEST ROOTDISK .*$", log, re.M)
+    m = re.search(r"^VDMTEST ROOTDISK [^\r\n]*", log, re.M)  # a serial console's lines end in \r\n
     return m.group(0) if m else None
