@@ -83,9 +83,7 @@ def walk_chain(
                 table_len = limit = length // DESC_SIZE
                 ring_steps, steps, i = steps, 0, 0
                 continue
-            total += length
-            if total > MAX_CHAIN_BYTES:
-                raise VirtqueueError(f"queue {queue}: chain describes more than 4 GiB")
+            total += length  # (checked against MAX_CHAIN_BYTES once, after the walk)
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append(mmap(addr, length, True))
             else:
@@ -100,6 +98,8 @@ def walk_chain(
                     raise VirtqueueError(f"queue {queue}: next {nxt} >= table {table_len}")
                 raise VirtqueueError(f"queue {queue}: next index {nxt} >= size {table_len}")
             i = nxt
+        if total > MAX_CHAIN_BYTES:
+            raise VirtqueueError(f"queue {queue}: chain describes more than 4 GiB")
     except (VirtqueueError, GuestMemoryError) as e:
         for v in readable + writable:
             memory.unmap(v)

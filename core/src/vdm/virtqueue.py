@@ -72,7 +72,7 @@ import threading
 from time import perf_counter_ns as _now
 from typing import Iterable, Sequence
 
-from .barrier import mb, rmb, wmb
+from .barrier import STRONGLY_ORDERED, mb, rmb, wmb
 from .chain import DescriptorChain
 from .chain_walk import MAX_CHAIN, MAX_CHAIN_BYTES, MAX_INDIRECT, VirtqueueError, walk_chain
 from .memory import GuestMemory, GuestMemoryError
@@ -123,6 +123,8 @@ _AVAIL_RING16 = AVAIL_RING // 2
 assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX // 2 == 1
 
 log = logging.getLogger(__name__)
+#: rmb where it is not a no-op (weakly ordered hosts); None spares pop the call on x86
+_RMB = None if STRONGLY_ORDERED else rmb
 
 if sys.byteorder != "little":  # the typed ring views are native-endian; virtio 1.x rings are LE
     raise ImportError("vdm.virtqueue needs a little-endian host")
@@ -277,7 +279,8 @@ class Virtqueue(QueueConfig):
         if pending > size:
             self.errors += 1
             raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} ahead of {last}")
-        rmb()
+        if _RMB is not None:
+            _RMB()
         head = avail16[_AVAIL_RING16 + (last & (size - 1))]  # (size is a power of two)
         self._last_avail_idx = last = (last + 1) & 0xFFFF
         if self._event_idx:
