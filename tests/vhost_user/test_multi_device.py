@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -135,6 +136,36 @@ def test_a_frontend_stalled_mid_message_holds_up_only_its_own_device(two_servers
         what = "SET_FEATURES" if withheld == "payload" else "a message header"
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors == [f"vhost-user: timed out waiting for the rest of {what}; closing the connection"]
+    finally:
+        _close(a, b)
+
+
+def test_a_frontend_that_never_reads_its_replies_holds_up_only_its_own_device(two_servers, caplog):
+    """Frontend a sends request after request and reads none of the replies, until its socket's
+    buffers are full; b's requests are served meanwhile and a's connection is closed with one log
+    line as soon as a reply cannot be sent (a frontend reads each reply before it needs the next)."""
+    a_srv, b_srv = two_servers
+    a, b = _frontend(a_srv.path), _frontend(b_srv.path)
+    caplog.set_level(logging.INFO)
+    try:
+        a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        a.sock.settimeout(0.5)
+        request = HEADER.pack(Req.GET_FEATURES, VERSION, 0)
+        sent = 0
+        try:
+            while sent < 20000:  # far more replies than a's and vdm's buffers hold
+                a.send_raw(request)
+                sent += 1
+        except (socket.timeout, BrokenPipeError, ConnectionResetError):
+            pass  # vdm stopped reading a (blocked on a reply) or closed it
+        for i in range(8):
+            b.post(0, [hdr(T_OUT, 8 + i), bytes([i]) * 512], [1])
+        used = b.wait_used(0, 8, timeout=5)
+        assert all(u.data == bytes([S_OK]) for u in used)
+        assert a_srv.wait_for(lambda s: s.conn is None, 5), f"a still connected after {sent} unread replies"
+        assert b_srv.rejected == 0 and read0(b) == b"\xb2" * 512
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "does not read its replies" in errors[0], errors
     finally:
         _close(a, b)
 

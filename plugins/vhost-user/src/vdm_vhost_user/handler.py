@@ -264,6 +264,10 @@ class VhostUserHandler(RingMessages):
         log.debug("vhost-user: reply %s %s (%d fds)", Req.name(request), payload.hex(), len(fds))
         try:
             p.send_message(self.sock, request, payload, fds)
+        except BlockingIOError:
+            raise ProtocolError(
+                f"cannot send the reply to {Req.name(request)}: the frontend does not read its replies"
+            ) from None
         except OSError as e:
             raise ProtocolError(f"cannot send the reply to {Req.name(request)}: {e}") from None
 

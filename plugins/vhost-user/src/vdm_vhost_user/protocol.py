@@ -12,6 +12,7 @@ caller closes the connection; received descriptors are always closed unless the 
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
@@ -387,13 +388,23 @@ def _check_fds(request: int, count: int) -> None:
 def send_message(
     sock: socket.socket, request: int, payload: bytes, fds: list[int] | tuple[int, ...] = ()
 ) -> None:
-    """Send a reply (the reply flag is set) with optional file descriptors."""
+    """Send a reply (the reply flag is set) with optional file descriptors, without waiting.
+
+    A frontend reads each reply before it sends the next request that asks for one, so the
+    socket always has room for it; a frontend that sends requests and leaves their replies
+    unread until the socket's buffers are full gets :class:`BlockingIOError` here (and its
+    connection closed by the caller) instead of holding up the loop that serves other devices.
+    """
     data = HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload
-    if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sock.sendmsg([data], anc)
-    else:
-        sock.sendall(data)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    timeout = sock.gettimeout()
+    sock.settimeout(0)  # (with a timeout set, Python would first wait up to it for room)
+    try:
+        sent = sock.sendmsg([data], anc)
+    finally:
+        sock.settimeout(timeout)
+    if sent != len(data):
+        raise BlockingIOError(errno.EAGAIN, f"only {sent} of the reply's {len(data)} bytes fit")
 
 
 def send_backend_request(sock: socket.socket, request: int, payload: bytes = b"") -> None:
