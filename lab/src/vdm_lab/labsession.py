@@ -28,8 +28,8 @@ a read-write 9p share (the host writes the path of the job's wrapper there), run
 its output on ttyS1 between ``VDMLAB-JOB-BEGIN N``/``VDMLAB-JOB-END N`` lines, and writes
 ``rc-N`` (exit code, start and end uptime). The console (heartbeats) is read all the time.
 
-Invariant: the lab's QEMU never outlives :func:`shutdown` or the process (atexit); one script
-runs at a time.
+Invariant: the lab's QEMU never outlives :func:`shutdown` or the process (atexit, and a parent-death
+signal when the process is killed); one script runs at a time.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ class SharedLab:
         self._work, self._console, self._jobs = work, [], 0
         self._heartbeat = labwatch.Heartbeat()
         self._proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         threading.Thread(target=self._read_console, args=(self._proc, self._console, self._heartbeat),
                          daemon=True).start()
         self.boots += 1
@@ -225,6 +226,20 @@ class SharedLab:
         if returncode is None:  # timed out, stalled or died: this lab is not to be trusted again
             self.close()
         return result
+
+
+def _die_with_parent() -> None:
+    """In the lab's QEMU before exec: SIGKILL it when the thread that booted it ends (Linux).
+
+    atexit does not run when the process is killed (a pytest ended by ``timeout``); this does. A
+    lab booted from a thread that ends goes with it; the next run() finds it gone and boots anew.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _job_text(output_file: Path, begin: str) -> str:
