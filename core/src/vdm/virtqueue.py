@@ -287,30 +287,13 @@ class Virtqueue(QueueConfig):
             # avail_event: ask for a kick when the driver adds anything past what we have taken.
             used16[self._avail_event16] = last
         held = self._held
-        if head >= size or head >= len(held):
-            self.errors += 1
-            raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
-        if held[head]:
+        if head < len(held) and held[head]:
             self.errors += 1
             raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
-        # (_walk, inlined: the one call per request that pop saves)
-        memory = self.memory
-        assert memory is not None and self._desc is not None
-        try:
-            readable, writable, steps, rbytes = walk_chain(
-                self._desc, size, head, memory, self._indirect, self.index
-            )
-        except VirtqueueError:
-            self.errors += 1
-            raise
-        self.descriptors_walked += steps
-        self.requests += 1
-        self.bytes_read += rbytes
-        held[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
-        self._taken_at[head] = _now()
+        chain = self._walk(head)  # (checks head < size)
         if self._tracker is not None:
             self._tracker.taken(head)
-        return DescriptorChain(head, readable, writable, self.epoch, memory)
+        return chain
 
     def chain_at(self, head: int) -> DescriptorChain:
         """The chain starting at descriptor ``head``, walked and checked exactly as :meth:`pop` does.
@@ -333,6 +316,7 @@ class Virtqueue(QueueConfig):
         size = self._size
         held = self._held
         if not 0 <= head < size or head >= len(held):
+            self.errors += 1
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
         memory = self.memory
         assert memory is not None and self._desc is not None
