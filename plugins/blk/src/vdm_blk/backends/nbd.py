@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from vdm.sg import scatter
+
 from .base import SECTOR, DiskError, total_length
 from .libnbd import CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, SIZE_MAXIMUM, SIZE_MINIMUM, SIZE_PREFERRED, load
 from .protocol import Protocol
@@ -301,10 +303,7 @@ class NbdProtocol(Protocol):
             for pos, n in self._chunks(start, len(span)):
                 self._read_into(sv[pos : pos + n], start + pos)
             buf[:inside] = span[offset - start : offset - start + inside]
-        done = 0
-        for v in views:
-            v[:] = buf[done : done + len(v)]
-            done += len(v)
+        scatter(buf, views)
         return total
 
     def pwritev(self, views: Sequence[memoryview], offset: int) -> int:

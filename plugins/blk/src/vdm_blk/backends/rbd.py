@@ -32,6 +32,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
+from vdm.sg import scatter
+
 from .base import DiskError, total_length
 from .librbd import WRITE_ZEROES_FLAG_THICK_PROVISION, load
 from .protocol import Protocol
@@ -334,10 +336,7 @@ class RbdProtocol(Protocol):
             got = self._run(lambda c: rbd.rbd_aio_read(image, offset, inside, cbuf, c), what, cbuf)
             if got < inside:  # librbd reads the whole range; be safe if it did not
                 buf[got:inside] = bytes(inside - got)
-        done = 0
-        for v in views:
-            v[:] = buf[done : done + len(v)]
-            done += len(v)
+        scatter(buf, views)
         return total
 
     def pwritev(self, views: Sequence[memoryview], offset: int) -> int:
