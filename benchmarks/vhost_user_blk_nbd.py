@@ -28,6 +28,7 @@ from vhost_user_client import (
     header,
     interleaved,
     make_images,
+    qsd_cmd,
     ratio_table,
     vdm_base,
 )
@@ -42,13 +43,8 @@ def vdm_cmd(uri: str, fmt: str, sock: Path) -> list[str]:
     return [*vdm_base(), "vhost-user", "--socket-path", str(sock), "--disk", f"path={uri},format={fmt}"]
 
 
-def qsd_cmd(nbd_sock: Path, fmt: str, sock: Path) -> list[str]:
-    nbd = f"driver=nbd,node-name={'d' if fmt == 'raw' else 'n'},server.type=unix,server.path={nbd_sock}"
-    args = ["qemu-storage-daemon", "--blockdev", nbd]
-    if fmt != "raw":
-        args += ["--blockdev", f"driver={fmt},node-name=d,file=n"]
-    export = f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"
-    return [*args, "--export", export]
+def qsd_nbd(nbd_sock: Path, fmt: str, sock: Path) -> list[str]:
+    return qsd_cmd(f"driver=nbd,server.type=unix,server.path={nbd_sock}", fmt, sock)
 
 
 def main() -> int:
@@ -68,7 +64,7 @@ def main() -> int:
                 procs.append(nbd_server(images[s], nsock, tmp / f"nbd-{who}-{fmt}.log"))
                 sock = tmp / f"{who}-{fmt}.sock"
                 uri = f"nbd+unix:///?socket={nsock}"
-                argv = vdm_cmd(uri, fmt, sock) if who == "vdm" else qsd_cmd(nsock, fmt, sock)
+                argv = vdm_cmd(uri, fmt, sock) if who == "vdm" else qsd_nbd(nsock, fmt, sock)
                 procs.append(Backend(s, argv, sock, tmp / f"{who}-{fmt}.log"))
                 socks[s] = sock
             res, loads = interleaved(root, binary, socks, ROWS, a)

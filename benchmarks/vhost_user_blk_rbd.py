@@ -34,6 +34,7 @@ from vhost_user_client import (
     header,
     interleaved,
     make_images,
+    qsd_cmd,
     ratio_table,
     vdm_base,
 )
@@ -46,14 +47,8 @@ def vdm_cmd(name: str, fmt: str, sock: Path, iothreads: int) -> list[str]:
     return [*vdm_base(), "vhost-user", "--socket-path", str(sock), "--disk", disk]
 
 
-def qsd_cmd(ceph: CephCluster, image: str, fmt: str, sock: Path) -> list[str]:
-    node = "d" if fmt == "raw" else "r"
-    rbd = f"driver=rbd,node-name={node},pool=rbd,image={image},conf={ceph.conf},user=admin"
-    args = ["qemu-storage-daemon", "--blockdev", rbd]
-    if fmt != "raw":
-        args += ["--blockdev", f"driver={fmt},node-name=d,file=r"]
-    export = f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"
-    return [*args, "--export", export]
+def qsd_rbd(ceph: CephCluster, image: str, fmt: str, sock: Path) -> list[str]:
+    return qsd_cmd(f"driver=rbd,pool=rbd,image={image},conf={ceph.conf},user=admin", fmt, sock)
 
 
 def main() -> int:
@@ -90,7 +85,7 @@ def main() -> int:
                 if who == "vdm":
                     argv = vdm_cmd(name, fmt, sock, a.iothreads)
                 else:
-                    argv = qsd_cmd(ceph, image, fmt, sock)
+                    argv = qsd_rbd(ceph, image, fmt, sock)
                 procs.append(Backend(s, argv, sock, tmp / f"{who}-{fmt}.log"))
                 socks[s] = sock
             res, loads = interleaved(root, binary, socks, ROWS, a)

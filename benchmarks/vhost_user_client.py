@@ -42,6 +42,18 @@ def vdm_base() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "vdm.cli.main"]
 
 
+def qsd_cmd(protocol: str, fmt: str, sock: Path) -> list[str]:
+    """qemu-storage-daemon exporting a vhost-user-blk device at ``sock``: ``protocol`` is the
+    protocol blockdev's options without its node name (``driver=nbd,...``); a format other than raw
+    is layered on it, as vdm layers formats on protocols."""
+    proto = "d" if fmt == "raw" else "p"
+    args = ["qemu-storage-daemon", "--blockdev", f"{protocol},node-name={proto}"]
+    if fmt != "raw":
+        args += ["--blockdev", f"driver={fmt},node-name=d,file={proto}"]
+    export = f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"
+    return [*args, "--export", export]
+
+
 class Backend:
     """One backend process serving ``sock`` for the whole benchmark."""
 
