@@ -13,6 +13,7 @@
 # xenlab.disk=/dev/vda (the disk vdm serves: QEMU's, so the host can check it)
 # xenlab.vdmtest=boot,blk,rng,net,nettcp xenlab.mib=4 xenlab.tcpmib=16 xenlab.timeout=400
 # xenlab.rounds=2 xenlab.grants=1 (round 1's grant_usage) xenlab.shell=1 (debug: a shell at the end).
+# xenlab.domuarg=ARG (repeatable): ARG appended to the domU kernel's command line.
 # xenlab.bench=ROUNDS [xenlab.benchmib=16 xenlab.benchops=256 xenlab.benchnet=MIB] (benchmarks/
 # xenlab_pv.py): one domU instead, with vdm's virtio-blk on the QEMU disk with serial
 # xenlab0 and Xen's PV block (xen-blkback, hotplug by /lab/pv-hotplug) on the one with serial
@@ -26,7 +27,7 @@ export PATH=/usr/lib/xen-4.20/bin:/usr/sbin:/usr/bin:/sbin:/bin LD_LIBRARY_PATH=
 up() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "XENLAB $* uptime_s=$(up)"; }
 DISK=/dev/vda; WL=boot,blk,rng,net,nettcp; MIB=4; TCPMIB=16; TIMEOUT=400; ROUNDS=2; SHELL_AT_END=
-BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; BENCHBLK=; DOMU_EXTRA=; CFG_EXTRA=; BLKOPTS=; GRANTS=1
+BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; BENCHBLK=; DOMU_EXTRA=; DOMU_ARGS=; CFG_EXTRA=; BLKOPTS=; GRANTS=1
 DOMU_KERNEL=/lab/domu-Image; [ -s $DOMU_KERNEL ] || DOMU_KERNEL=/lab/Image
 for w in $(cat /proc/cmdline); do case $w in
   xenlab.disk=*) DISK=${w#*=};; xenlab.vdmtest=*) WL=${w#*=};; xenlab.mib=*) MIB=${w#*=};;
@@ -34,6 +35,7 @@ for w in $(cat /proc/cmdline); do case $w in
   xenlab.tcpmib=*) TCPMIB=${w#*=};; xenlab.rounds=*) ROUNDS=${w#*=};; xenlab.grants=*) GRANTS=${w#*=};;
   xenlab.bench=*) BENCH=${w#*=};; xenlab.benchmib=*) BENCHMIB=${w#*=};; xenlab.benchops=*) BENCHOPS=${w#*=};;
   xenlab.benchnet=*) BENCHNET=${w#*=};; xenlab.benchblk=*) BENCHBLK=${w#*=};;
+  xenlab.domuarg=*) DOMU_ARGS="$DOMU_ARGS ${w#*=}";;
 esac; done
 finish() {
   log "END $*"
@@ -69,7 +71,7 @@ round() {
 name = "$name"
 kernel = "$kernel"
 ramdisk = "/lab/domu.cpio.gz"
-extra = "console=hvc0 panic=-1 quiet vdmtest=$wl vdmtest.mib=$MIB vdmtest.exit=none vdmtest.tcp=both vdmtest.tcpmib=$TCPMIB vdmtest.tcptimeout=$TIMEOUT vdmtest.timeout=30$DOMU_EXTRA"
+extra = "console=hvc0 panic=-1 quiet vdmtest=$wl vdmtest.mib=$MIB vdmtest.exit=none vdmtest.tcp=both vdmtest.tcpmib=$TCPMIB vdmtest.tcptimeout=$TIMEOUT vdmtest.timeout=30$DOMU_EXTRA$DOMU_ARGS"
 memory = 192
 vcpus = 1
 virtio = [ $v ]

@@ -5,9 +5,10 @@
 # loaded virtio_mmio and the port is set up. There it says "VDMHVC READY", then runs each line it reads.
 # A kernel without modules (the lab's domu-Image: every driver built in) gets an empty /etc/modules.
 # Before init.kit, one line per virtio device on the console (hvc0), for dom0 to relay:
-#   XENDOMU VIRTIO dev=virtioN id=<virtio id> driver=<name> access_platform=0|1 grant_dma=0|1
+#   XENDOMU VIRTIO dev=virtioN id=<virtio id> driver=<name> access_platform=0|1 grant_dma=0|1 features=<bits>
 # (access_platform: VIRTIO_F_ACCESS_PLATFORM negotiated; grant_dma: its device-tree node has
-# `iommus` pointing at a `xen,grant-dma` node, libxl's grant_usage=1).
+# `iommus` pointing at a `xen,grant-dma` node, libxl's grant_usage=1; features: the negotiated
+# feature bits as sysfs prints them, bit 0 first).
 # devtmpfs now (init.kit mounts it again, the same instance): ash opens /dev/null for a background job
 mkdir -p /dev; mount -t devtmpfs dev /dev
 # xenlab.bench=ROUNDS: benchmarks/xenlab_pv.py's disk rounds (domu-bench.sh) instead of the guest kit
@@ -20,7 +21,7 @@ for d in /sys/bus/virtio/devices/virtio*; do
   ap=$(cut -c34 "$d/features")   # bit 33, first character = bit 0
   drv=$(basename "$(readlink "$d/driver")" 2>/dev/null)
   gd=0; [ -e "$d/../of_node/iommus" ] && grep -qs 'xen,grant-dma' /sys/firmware/devicetree/base/*/compatible && gd=1
-  echo "XENDOMU VIRTIO dev=${d##*/} id=$(cat "$d/device") driver=${drv:-none} access_platform=${ap:-0} grant_dma=$gd" >/dev/console
+  echo "XENDOMU VIRTIO dev=${d##*/} id=$(cat "$d/device") driver=${drv:-none} access_platform=${ap:-0} grant_dma=$gd features=$(cat "$d/features")" >/dev/console
 done
 umount /sys; umount /proc
 (

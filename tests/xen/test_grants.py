@@ -162,6 +162,13 @@ def test_grant_usage_device_is_served_through_grants_only(plugins: Any, image: P
             f.seek(8 * 512)
             assert f.read(len(data)) == data
         grant_maps, foreign_maps = _counts(dm.stats)
+        # the exit log's traffic line: every register access and kick was an ioreq, every
+        # completion an interrupt on the device's SPI
+        m = re.fullmatch(r"(\d+) ioreqs \((\d+) reads, (\d+) writes\), interrupts raised: irq 33: (\d+)",
+                         dm.stats["traffic"])  # fmt: skip
+        assert m, dm.stats
+        ioreqs, reads, writes, irqs = map(int, m.groups())
+        assert ioreqs == reads + writes and reads >= 4 and writes >= 12 and irqs == 2, dm.stats
         if grants:  # rings and buffers: grants only
             assert grant_maps >= 3 + 2 * 3 and foreign_maps == 0, dm.stats
         else:

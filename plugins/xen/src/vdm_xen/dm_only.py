@@ -178,7 +178,8 @@ def serve(
 
     ``on_ready(vmm)`` is called once every device is attached and announced (tests drive the guest
     from there). ``control``: serve ``vdm ctl``'s socket there (:mod:`vdm.control`). ``stats``, if
-    given, gets ``"memory"``: how many grant and foreign mappings were made (set however it ends).
+    given, gets ``"memory"``: how many grant and foreign mappings were made, and ``"traffic"``: how many
+    ioreqs were served and interrupts raised (both set however it ends).
     """
     from .vmm import XenVmm
 
@@ -190,8 +191,11 @@ def serve(
         if memory is not None:
             summary = memory.summary()
             log.info("dom%d: guest memory: %s", domid, summary)
+            traffic = backend.traffic()
+            log.info("dom%d: %s", domid, traffic)
             if stats is not None:
                 stats["memory"] = summary
+                stats["traffic"] = traffic
 
 
 def _serve(

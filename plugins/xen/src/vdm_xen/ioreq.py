@@ -165,7 +165,9 @@ class IoreqServer:
         self._ports: dict[int, int] = {}  # local port -> vCPU
         self._vcpu_port: list[int] = []
         self._warned: set[tuple[str, int]] = set()
+        #: requests served, and how many of them were reads (never decremented)
         self.requests = 0
+        self.reads = 0
 
     # ---- set-up ---------------------------------------------------------------------------------
 
@@ -309,6 +311,7 @@ class IoreqServer:
         addr, data, count, size, rtype = req.addr, req.data, req.count, req.size, req.type
         req.flags = with_state(flags, STATE_IOREQ_INPROCESS)
         self.requests += 1
+        self.reads += flags_dir(flags) == IOREQ_READ
         try:
             result = self._dispatch(rtype, addr, data, count, size, flags)
         except Exception:  # a handler bug must not leave the vCPU waiting forever

@@ -37,9 +37,12 @@ class XenIrqLine(IrqLine):
             raise ValueError(f"Arm SPI {irq} is not 32..1019")
         self.lib, self.dmod, self.domid, self.irq, self.kind = lib, dmod, domid, irq, kind
         self._warned = False
+        #: how many times the line was raised (an edge each on Arm; never decremented)
+        self.raised = 0
 
     def set_level(self, level: bool) -> None:
         lvl = 1 if level else 0
+        self.raised += lvl
         if self.kind == "spi":
             rc = self.lib.xendevicemodel_set_irq_level(self.dmod, self.domid, self.irq, lvl)
         else:

@@ -39,6 +39,7 @@ class XenVmm:
         self.xce = self.fmem = self.dmod = self.xgt = ffi.NULL
         self._lines: dict[int, XenIrqLine] = {}
         self.server: IoreqServer | None = None
+        self._served = (0, 0)  # the closed server's (requests, reads)
         self.memory: XenGuestMemory | None = None
         try:
             logger = lib.quiet_logger
@@ -109,6 +110,13 @@ class XenVmm:
             line = self._lines[irq] = XenIrqLine(self.lib, self.dmod, self.domid, irq, self.irq_kind)
         return line
 
+    def traffic(self) -> str:
+        """One line: ioreqs served (reads / writes) and interrupts raised, per line."""
+        srv = self.server
+        n, r = (srv.requests, srv.reads) if srv is not None else self._served
+        irqs = ", ".join(f"irq {i}: {ln.raised}" for i, ln in sorted(self._lines.items()))
+        return f"{n} ioreqs ({r} reads, {n - r} writes), interrupts raised: {irqs or 'none'}"
+
     @vmmimpl
     def vmm_set_irq_level(self, irq: int, level: bool) -> bool:
         self.vmm_irq_line(irq).set_level(level)
@@ -131,6 +139,7 @@ class XenVmm:
         lib, ffi = self.lib, self.lib.ffi
         if self.server is not None:
             self.server.close()
+            self._served = (self.server.requests, self.server.reads)
             self.server = None
         if self.memory is not None:
             self.memory.close()
