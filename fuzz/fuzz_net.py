@@ -136,6 +136,7 @@ if __name__ == "__main__":
             "vdm_net.control",
             "vdm_net.vnet_hdr",
             "vdm_net.backends.poller",
+            "vdm.poller",
             *common.QUEUE_MODULES,
         ),
     )

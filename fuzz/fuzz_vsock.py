@@ -145,5 +145,5 @@ def one_input(data: bytes) -> None:
 
 if __name__ == "__main__":
     common.run(one_input, ("vdm_vsock.device", "vdm_vsock.host", "vdm_vsock.conn", "vdm_vsock.packet",
-                           "vdm.virtqueue", "vdm.chain"))
+                           "vdm.poller", "vdm.virtqueue", "vdm.chain"))
     sys.exit(0)

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-import vdm_vsock.io
+import vdm.poller
 from vdm_vsock.config import VsockConfig
 from vdm_vsock.device import MAX_CTRL, WARN_LINES, VsockDevice, listen_on
 from vdm_vsock.packet import HDR, HOST_CID, Op
@@ -201,7 +201,7 @@ def test_a_ring_that_fails_the_device_from_the_socket_thread_leaves_no_thread_af
         vsock, caplog, monkeypatch):
     """The socket thread's own kick finds a bad rx descriptor: the device fails (one line), the
     thread stops itself, and close() waits for it (fuzz_vsock found close() returning first)."""
-    monkeypatch.setattr(vdm_vsock.io.selectors, "DefaultSelector", SlowClosingSelector)
+    monkeypatch.setattr(vdm.poller.selectors, "DefaultSelector", SlowClosingSelector)
     dev, guest, path = vsock(rx_buffers=0)
     _, host = open_guest_conn_without_rx(guest, path)
     drv = guest.drv

@@ -4,7 +4,7 @@ Reading top to bottom: identity and config space (the guest's CID); the packets 
 on the tx queue (parsed, checked, applied to the connection table); the packets the device
 sends on the rx queue (control packets first, then data read from host sockets within the
 guest's credit); life cycle. The host side (the listening socket, ``CONNECT`` lines, readiness
-from :mod:`vdm_vsock.io`) is :mod:`vdm_vsock.host`, mixed in.
+from the core's :class:`vdm.poller.FdPoller`) is :mod:`vdm_vsock.host`, mixed in.
 
 Queues: 0 rx (device -> driver), 1 tx (driver -> device), 2 event (the device never posts an
 event: its buffers stay with the device). No feature bits (stream sockets only).
@@ -39,12 +39,12 @@ import threading
 from typing import Callable, Optional
 
 from vdm.device import VirtioDevice
+from vdm.poller import FdPoller
 from vdm.virtqueue import Virtqueue
 
 from .config import VsockConfig
 from .conn import CONNECTING, ESTABLISHED, Connection, recv_into_packet
 from .host import FIRST_HOST_PORT, HostSide, _Handshake, listen_on
-from .io import SocketPoller
 from .packet import HDR, HOST_CID, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, Hdr, Op
 
 __all__ = ["MAX_CTRL", "VIRTIO_ID_VSOCK", "VsockDevice", "listen_on"]
@@ -85,9 +85,9 @@ class VsockDevice(HostSide, VirtioDevice):
         self._held_rx = None  # an rx chain popped with nothing to put in it yet
         self._next_port = FIRST_HOST_PORT
         self._rr = 0
-        self._poller: Optional[SocketPoller] = None
+        self._poller: Optional[FdPoller] = None
         self._poller_lock = threading.Lock()
-        self._stopped: Optional[SocketPoller] = None  # the last poller stopped, for close() to wait for
+        self._stopped: Optional[FdPoller] = None  # the last poller stopped, for close() to wait for
         self.stats = collections.Counter()
 
     # ---- identity and configuration space ------------------------------------------------------
@@ -371,8 +371,8 @@ class VsockDevice(HostSide, VirtioDevice):
 
     def on_activate(self) -> None:
         with self._poller_lock:
-            self._poller = SocketPoller(self._interest, self._ready, self.kick,
-                                        name=f"vdm-vsock-io:{self.config.cid}")
+            self._poller = FdPoller(self._interest, self._ready, self.kick,
+                                    name=f"vdm-vsock-io:{self.config.cid}")
             self._poller.start()
 
     def on_reset(self) -> None:

@@ -1,7 +1,7 @@
 """The host side of a vsock device: the listening socket, ``CONNECT`` lines, socket readiness.
 
 :class:`HostSide` is a part of :class:`vdm_vsock.device.VsockDevice` (which it is mixed into):
-the poller thread of :mod:`vdm_vsock.io` calls :meth:`HostSide._interest` for what to watch and
+the poller thread (:class:`vdm.poller.FdPoller`) calls :meth:`HostSide._interest` for what to watch and
 :meth:`HostSide._ready` when a socket is ready; both work on the device's connection table under
 its lock. A host program connects to ``PATH`` and sends ``CONNECT <port>\\n`` (at most
 ``MAX_LINE`` bytes, peeked so nothing after it is lost); the device then sends the guest a

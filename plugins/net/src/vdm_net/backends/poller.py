@@ -1,30 +1,24 @@
-"""The thread that watches a virtio-net device's tap fds.
+"""What vdm-net's poller thread watches: each queue pair's tap fd.
 
-It waits (``selectors``) on every queue pair's tap fd -- readable while that pair may receive,
-writable while its transmit side is blocked -- and turns readiness into
-:meth:`vdm.device.VirtioDevice.kick` calls, so the device's ordinary queue processing (which the
-base class serializes per queue) does the work. A pair that ran out of receive buffers is not
-watched for reading at all until the driver's kick un-stalls it: no busy loop, no dropped frames.
+The thread is the core's :class:`vdm.poller.FdPoller`; :class:`TapPoller` tells it what to watch
+-- a pair's tap fd readable while that pair may receive, writable while its transmit side is
+blocked -- and which queues to kick when one is ready, so the device's ordinary queue processing
+(which the base class serializes per queue) does the work. A pair that ran out of receive buffers
+is not watched for reading at all until the driver's kick un-stalls it: no busy loop, no dropped
+frames.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import selectors
-import threading
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence, cast
 
-from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_write
+from vdm.poller import FdPoller, Interest
 
 if TYPE_CHECKING:
     from vdm.device import VirtioDevice
 
 __all__ = ["PolledPair", "TapPoller"]
-
-log = logging.getLogger(__name__)
-
-JOIN_TIMEOUT = 5.0
 
 
 class PolledPair(Protocol):
@@ -50,110 +44,38 @@ class PolledPair(Protocol):
     def tx_queue(self) -> int: ...
 
 
-class TapPoller:
+class TapPoller(FdPoller):
     """One thread per device watching its pairs' tap fds (see :class:`PolledPair`)."""
 
     def __init__(self, device: VirtioDevice, pairs: Sequence[PolledPair], name: str = "vdm-net-io") -> None:
         self._device = device
         self._pairs = list(pairs)
-        self._sel = selectors.DefaultSelector()
-        #: wake-ups from other threads (vdm.eventfd: os.eventfd, or libc's on Python 3.9)
-        self._wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
-        self._interest: dict[int, int] = {}
-        self._scheduled: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        super().__init__(self._tap_interest, self._tap_ready, device.kick, name=name)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Re-read the pairs' state (a pair stalled, un-stalled, blocked, was enabled...)."""
-        with self._lock:  # never write to a closed (and maybe reused) fd number
-            self._poke()
-
-    def schedule(self, queue_index: int) -> None:
-        """Kick ``queue_index`` from the poller thread soon (a queue that yielded its turn)."""
-        with self._lock:
-            self._scheduled.add(queue_index)
-            self._poke()
-
-    def _poke(self) -> None:
-        if self._wake_fd >= 0:
-            try:
-                eventfd_write(self._wake_fd)
-            except BlockingIOError:
-                pass  # the counter is at its maximum: a wake-up is pending anyway
-
-    def stop(self) -> None:
-        """Stop the thread and wait for it (unless called from it)."""
-        self._stop = True
-        self.wake()
-        if threading.current_thread() is not self._thread and self._thread.is_alive():
-            self._thread.join(JOIN_TIMEOUT)
-            if self._thread.is_alive():
-                log.warning("%s: poller thread did not stop within %.0f s", self._device.name, JOIN_TIMEOUT)
-
-    # ---- the thread -------------------------------------------------------------------------------
-
-    def _sync(self) -> None:
+    def _tap_interest(self) -> Interest:
         dev = self._device
         running = dev.activated and dev.broken is None
+        want: Interest = {}
         for pair in self._pairs:
             fd = pair.fd
-            if fd is None:
+            if fd is None or not (running and pair.enabled):
                 continue
             mask = 0
-            if running and pair.enabled:
-                if not pair.rx_stalled and dev.queues[pair.rx_queue].active:
-                    mask |= selectors.EVENT_READ
-                if pair.tx_blocked:
-                    mask |= selectors.EVENT_WRITE
-            old = self._interest.get(fd, 0)
-            if mask == old:
-                continue
-            if old == 0:
-                self._sel.register(fd, mask, pair)
-            elif mask == 0:
-                self._sel.unregister(fd)
-            else:
-                self._sel.modify(fd, mask, pair)
+            if not pair.rx_stalled and dev.queues[pair.rx_queue].active:
+                mask |= selectors.EVENT_READ
+            if pair.tx_blocked:
+                mask |= selectors.EVENT_WRITE
             if mask:
-                self._interest[fd] = mask
-            else:
-                self._interest.pop(fd, None)
+                want[fd] = (mask, pair)
+        return want
 
-    def _run(self) -> None:
-        try:
-            while not self._stop:
-                self._sync()
-                kicks: list[int] = []
-                for key, events in self._sel.select():
-                    if key.data is None:
-                        try:
-                            eventfd_read(self._wake_fd)
-                        except BlockingIOError:
-                            pass
-                        continue
-                    pair: PolledPair = key.data
-                    if events & selectors.EVENT_WRITE:
-                        pair.tx_blocked = False
-                        kicks.append(pair.tx_queue)
-                    if events & selectors.EVENT_READ:
-                        kicks.append(pair.rx_queue)
-                with self._lock:
-                    kicks.extend(self._scheduled)
-                    self._scheduled.clear()
-                for index in kicks:
-                    if self._stop:
-                        break
-                    self._device.kick(index)
-        except Exception:
-            log.exception("%s: poller thread failed", self._device.name)
-        finally:
-            self._sel.close()
-            with self._lock:
-                os.close(self._wake_fd)
-                self._wake_fd = -1
+    @staticmethod
+    def _tap_ready(tag: object, events: int) -> list[int]:
+        p = cast(PolledPair, tag)  # (each fd's tag is its pair)
+        kicks = []
+        if events & selectors.EVENT_WRITE:
+            p.tx_blocked = False
+            kicks.append(p.tx_queue)
+        if events & selectors.EVENT_READ:
+            kicks.append(p.rx_queue)
+        return kicks
