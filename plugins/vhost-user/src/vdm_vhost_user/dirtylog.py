@@ -28,11 +28,9 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
-import os
-import stat
 import threading
 
-from .faultguard import FaultWatch, guard, protect
+from .faultguard import FaultWatch, map_frontend_file
 from .protocol import ProtocolError
 
 __all__ = ["LOG_PAGE", "MAX_LOG_SIZE", "DirtyLog", "atomic_or_available"]
@@ -83,20 +81,7 @@ class DirtyLog:
             raise ProtocolError(f"SET_LOG_BASE: a log of {size} bytes (at most {MAX_LOG_SIZE})")
         if offset % mmap.ALLOCATIONGRANULARITY or offset > 1 << 62:
             raise ProtocolError(f"SET_LOG_BASE: offset {offset} is not page aligned")
-        try:
-            sealed = protect(fd, watch, "dirty log")
-            st = os.fstat(fd)
-        except OSError as e:
-            raise ProtocolError(f"SET_LOG_BASE: {e}") from None
-        if not stat.S_ISREG(st.st_mode) or st.st_size < offset + size:
-            raise ProtocolError("SET_LOG_BASE: the log fd is not a file holding the log it describes")
-        try:
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-        except (OSError, ValueError, OverflowError) as e:
-            raise ProtocolError(f"SET_LOG_BASE: cannot map the log: {e}") from None
-        if not sealed:
-            assert watch is not None
-            guard(self._map, watch)
+        self._map, _ = map_frontend_file(fd, offset, size, watch, "SET_LOG_BASE: dirty log", from_offset=True)
         self._anchor = ctypes.c_uint8.from_buffer(self._map)  # keeps the address valid until close
         self._base = ctypes.addressof(self._anchor)
         self._fetch_or = fetch_or

@@ -48,13 +48,22 @@ import mmap
 import os
 import platform
 import signal
+import stat
 import sys
 import threading
 import weakref
 
 from vdm.eventfd import EFD_CLOEXEC, EFD_NONBLOCK, eventfd
 
-__all__ = ["FaultWatch", "GuardUnavailable", "guard", "is_guarded", "protect", "seal_against_shrinking"]
+__all__ = [
+    "FaultWatch",
+    "GuardUnavailable",
+    "guard",
+    "is_guarded",
+    "map_frontend_file",
+    "protect",
+    "seal_against_shrinking",
+]
 
 _PAGE = mmap.PAGESIZE
 _SA_SIGINFO = 4
@@ -214,6 +223,56 @@ def protect(fd: int, watch: FaultWatch | None, what: str) -> bool:
             "share guest memory as a memfd (QEMU: memory-backend-memfd)"
         ) from None
     return False
+
+
+def map_frontend_file(
+    fd: int,
+    offset: int,
+    length: int,
+    watch: FaultWatch | None,
+    what: str,
+    *,
+    devices: bool = False,
+    from_offset: bool = False,
+) -> tuple[mmap.mmap, bool]:
+    """Map a file a frontend handed over, read-write and shared; returns (mapping, sealed).
+
+    One order for every such file (guest memory, the inflight region, the dirty log): seal it or
+    make sure it can be guarded (:func:`protect`), then check -- on the size that now stays -- that
+    it is a regular file holding ``[offset, offset + length)`` (``devices``: a block or character
+    device is accepted too, unchecked), map it, and guard the mapping if it was not sealed. The
+    mapping covers ``[0, offset + length)``, or only ``[offset, offset + length)`` with
+    ``from_offset`` (``offset`` page aligned: the caller checked). The caller still owns ``fd``.
+    Every refusal is a ProtocolError starting with ``what``.
+    """
+    from .protocol import ProtocolError
+
+    end = offset + length
+    try:
+        sealed = protect(fd, watch, what)
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ProtocolError(f"{what}: {e}") from None
+    regular = stat.S_ISREG(st.st_mode)
+    if not (regular or (devices and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)))):
+        raise ProtocolError(f"{what}: the fd is not a file that can be mapped")
+    if regular and st.st_size < end:
+        raise ProtocolError(
+            f"{what}: 0x{length:x} bytes at file offset 0x{offset:x} are past the end of its file "
+            f"(0x{st.st_size:x} bytes)"
+        )
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    try:
+        if from_offset:
+            m = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=offset)
+        else:
+            m = mmap.mmap(fd, end, mmap.MAP_SHARED, prot)
+    except (OSError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"{what}: cannot map it: {e}") from None
+    if not sealed:
+        assert watch is not None  # (protect refuses an unsealable file without one)
+        guard(m, watch)
+    return m, sealed
 
 
 def is_guarded(mapping: mmap.mmap) -> bool:

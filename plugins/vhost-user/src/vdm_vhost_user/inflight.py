@@ -33,14 +33,13 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import stat
 import struct
 import threading
 
 from vdm.ring_layout import used_ring_size
 from vdm.virtqueue import Virtqueue
 
-from .faultguard import FaultWatch, guard, protect
+from .faultguard import FaultWatch, map_frontend_file
 from .protocol import MAX_RING_SIZE, ProtocolError
 
 __all__ = ["InflightRegion", "InflightTracker", "queue_region_size"]
@@ -128,20 +127,7 @@ class InflightRegion:
             raise ProtocolError(
                 f"inflight: {size} bytes for {num_queues} queues of {queue_size} (need {need})"
             )
-        try:
-            sealed = protect(fd, watch, "inflight region")
-            st = os.fstat(fd)
-        except OSError as e:
-            raise ProtocolError(f"inflight fd: {e}") from None
-        if not stat.S_ISREG(st.st_mode) or st.st_size < offset + size:
-            raise ProtocolError("inflight fd is not a file holding the region it describes")
-        try:
-            m = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError, OverflowError) as e:
-            raise ProtocolError(f"cannot map the inflight region: {e}") from None
-        if not sealed:
-            assert watch is not None
-            guard(m, watch)
+        m, _ = map_frontend_file(fd, offset, size, watch, "inflight region")
         # the frontend's size split evenly: vdm's slots, or libvhost-user's queue_region_size parts
         stride = size // num_queues // _ALIGN * _ALIGN
         return cls(m, offset, size, num_queues, queue_size, stride)

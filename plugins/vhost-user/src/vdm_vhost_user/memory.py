@@ -17,14 +17,12 @@ fault into a closed connection.
 from __future__ import annotations
 
 import mmap
-import os
-import stat
 from dataclasses import dataclass
 
 from vdm.memory import FlatGuestMemory, GuestMemory, GuestMemoryError, MemoryRegion
 
 from .dirtylog import DirtyLog
-from .faultguard import FaultWatch, guard, protect
+from .faultguard import FaultWatch, map_frontend_file
 from .protocol import ProtocolError
 
 __all__ = ["MemoryTable", "RegionSpec", "SharedGuestMemory"]
@@ -67,27 +65,9 @@ def map_region(spec: RegionSpec, fd: int, watch: FaultWatch | None = None) -> _M
     are counted on ``watch``; without a watch an unsealable file is refused.
     """
     spec.check()
-    try:
-        sealed = protect(fd, watch, f"memory region 0x{spec.guest_addr:x}+0x{spec.size:x}")
-        st = os.fstat(fd)
-    except OSError as e:
-        raise ProtocolError(f"memory region fd: {e}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-        raise ProtocolError("memory region fd is not a file that can be mapped")
-    end = spec.mmap_offset + spec.size
-    if stat.S_ISREG(st.st_mode) and st.st_size < end:
-        raise ProtocolError(
-            f"memory region 0x{spec.guest_addr:x}+0x{spec.size:x} at file offset 0x{spec.mmap_offset:x} "
-            f"is past the end of its file (0x{st.st_size:x} bytes)"
-        )
-    try:
-        m = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError, OverflowError) as e:
-        raise ProtocolError(f"cannot map memory region 0x{spec.guest_addr:x}+0x{spec.size:x}: {e}") from None
-    if not sealed:
-        assert watch is not None
-        guard(m, watch)
-    view = memoryview(m)[spec.mmap_offset : end]
+    what = f"memory region 0x{spec.guest_addr:x}+0x{spec.size:x}"
+    m, sealed = map_frontend_file(fd, spec.mmap_offset, spec.size, watch, what, devices=True)
+    view = memoryview(m)[spec.mmap_offset : spec.mmap_offset + spec.size]
     return _Mapped(spec, m, MemoryRegion(spec.guest_addr, view), sealed)
 
 
