@@ -1,5 +1,7 @@
 """Shared pieces of vdm's fuzz targets: invariant checks that hold for every target.
 
+* :func:`open_fd_count` -- the process's open file descriptors, to assert none is left after an
+  input;
 * :func:`watch_files` -- a Python audit hook that records every file the process opens, so a
   target can assert that nothing but the files it configured was touched;
 * :func:`run` -- start atheris with the target's one-input function, instrumenting vdm's modules
@@ -34,6 +36,11 @@ def watch_files() -> list[str]:
         sys.addaudithook(_audit)
         _watching = True
     return _opened
+
+
+def open_fd_count() -> int:
+    """How many file descriptors the process has open now."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 def data_files(opened: list[str]) -> list[str]:

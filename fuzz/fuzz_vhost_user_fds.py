@@ -9,7 +9,8 @@ saturated, closed by the frontend after sending) or pipes, sockets whose peer ha
 files; and, with rings running, the memory file (or a kept inflight file) shrunk, grown back or
 punched, then kicks and more messages.
 
-It shares the server and its checks with ``fuzz_vhost_user`` (one server for the whole session).
+It shares the server and its checks with ``fuzz_vhost_user`` (``vhost_user_common``: one server for
+the whole session).
 Invariants: the process survives (a SIGBUS would end the run as a crash); no request makes the
 backend raise anything but ProtocolError; every mapped region is sealed against shrinking or
 SIGBUS-guarded; the connection is dropped within a bounded time and forgotten (no mapping, ring or
@@ -25,13 +26,11 @@ import socket
 import struct
 import sys
 import tempfile
-import time
 
 import common
-import fuzz_vhost_user as base
+import vhost_user_common as vu
 
-RAM_SIZE = base.RAM_SIZE
-GUEST, USER, HEADER = base.GUEST, base.USER, base.HEADER
+RAM_SIZE, GUEST, USER, HEADER = vu.RAM_SIZE, vu.GUEST, vu.USER, vu.HEADER
 _tmp = tempfile.mkdtemp(prefix="vdm-fuzz-vu-fds-")
 
 
@@ -47,13 +46,13 @@ def one_input(data: bytes) -> None:
     import atheris
     from vdm.ring_layout import AVAIL_RING, desc_table_size
 
-    server = base._server()
+    server = vu.server()
     backend = server.handler
     opened = common.watch_files()
     opened.clear()
-    path, violations, device = base._state["path"], base._state["violations"], base._state["device"]
+    path, violations, device = vu.state["path"], vu.state["violations"], vu.state["device"]
     fdp = atheris.FuzzedDataProvider(data)
-    baseline = base._open_fds()
+    baseline = common.open_fd_count()
     own: list[int] = []
 
     def keep(fd: int) -> int:
@@ -225,42 +224,18 @@ def one_input(data: bytes) -> None:
         if alive:
             try:
                 sock.sendall(HEADER.pack(1, 1, 0))
-                base._recv_replies(sock, 1, 5.0)
-            except (BrokenPipeError, ConnectionResetError, base.Violation):
+                vu.recv_replies(sock, 1, 5.0)
+            except (BrokenPipeError, ConnectionResetError, vu.Violation):
                 pass
         _check_protected(backend, violations)
     finally:
         sock.close()
         for fd in own:
             os.close(fd)
-    if not server.wait_for(lambda s: s.conn is None, 5.0):
-        raise base.Violation("the server still holds the connection 5 s after it closed")
-    assert len(backend.memory.table) == 0, "a mapping outlived the connection"
-    assert not any(q.ready for q in device.queues), "a ring outlived the connection"
-    assert all(vr.kick_fd is None and vr.call_fd is None and vr.err_fd is None for vr in backend.vrings)
-    assert backend.inflight is None
-    if violations:
-        found = list(violations)
-        violations.clear()
-        raise base.Violation("; ".join(found))
-    s2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s2.settimeout(5)
-    try:
-        s2.connect(path)
-        s2.sendall(HEADER.pack(1, 1, 0))
-        reply = s2.recv(HEADER.size + 8, socket.MSG_WAITALL)
-        req, _flags, n = HEADER.unpack_from(reply)
-        assert req == 1 and n == 8, reply
-    finally:
-        s2.close()
-    deadline = time.monotonic() + 5
-    while server.conn is not None and time.monotonic() < deadline:
-        server.wait_for(lambda s: s.conn is None, 0.5)
-    if server.conn is not None:
-        raise base.Violation("the server did not notice a clean disconnect")
+    vu.check_connection_ended()
     foreign = [f for f in common.data_files(opened) if not f.startswith(_tmp) and f != os.devnull]
     assert not foreign, f"files opened while serving a frontend: {foreign}"
-    leaked = base._open_fds() - baseline
+    leaked = common.open_fd_count() - baseline
     assert leaked <= 0, f"{leaked} file descriptor(s) left open after the connection"
 
 
@@ -275,5 +250,5 @@ def _punch(fd: int, offset: int, length: int) -> None:
 
 
 if __name__ == "__main__":
-    common.run(one_input, (*base.MODULES, "vdm_vhost_user.faultguard"))
+    common.run(one_input, (*vu.MODULES, "vdm_vhost_user.faultguard"))
     sys.exit(0)
