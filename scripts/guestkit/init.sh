@@ -54,7 +54,7 @@ fi;; esac
 WLS=none; P_mib=16; P_time=10; P_addr=10.0.2.15/24; P_ip=10.0.2.2; P_count=5; P_interval=0.2; P_timeout=10
 P_exit=reboot; P_dev=/dev/vda; P_fsdev=; P_fsmib=8; P_fsfiles=64; P_peer=10.0.2.2:5555; P_tcp=recv
 P_tcpmib=4; P_tcptimeout=60; P_rngbytes=4096; P_cpus=
-P_9ptag=hostshare; P_9pmib=64; P_9pro=; P_9psecret=
+P_9ptag=hostshare; P_9pmib=64; P_9pfiles=1000; P_9pro=; P_9psecret=
 for w in $(cat /proc/cmdline); do case $w in
   vdmtest=*) WLS=${w#*=};;
   vdmtest.*=*) k=${w%%=*}; k=${k#vdmtest.}
@@ -195,7 +195,7 @@ wl_blkrand() {  # fio 4k random read, qd32 (needs initrd-fio)
   *) result ok randread_4k_qd32_iops="$iops" runtime_s="$P_time";; esac
 }
 
-wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 1000-entry readdir, P_9pmib MiB
+wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a P_9pfiles-entry readdir, P_9pmib MiB
   # (never ": >file" where it may fail: a failed redirection on a special builtin ends the shell, here init)
   mkdir -p /9p; D=/9p/wl; F=; bad() { F="$F,$1"; }; step() { echo "VDMTEST STEP 9p $1 uptime_s=$(up)"; }
   step mount
@@ -208,8 +208,8 @@ wl_9p() {  # mount the 9p share P_9ptag (and P_9pro read-only); file work, a 100
   chmod 640 $D/b && [ "$(stat -c %a $D/h)" = 640 ] || bad chmod
   truncate -s 2 $D/b && [ "$(cat $D/h)" = he ] || bad truncate
   dd if=/dev/zero of=$D/sync bs=4k count=4 conv=fsync 2>/dev/null && [ "$(stat -c %s $D/sync)" = 16384 ] || bad fsync
-  step bigdir; mkdir $D/big; i=0; while [ $i -lt 1000 ]; do echo -n >$D/big/f$i; i=$((i+1)); done
-  step readdir; n=$(ls $D/big | wc -l); [ "$n" = 1000 ] || bad "readdir_$n"
+  step bigdir; mkdir $D/big; i=0; while [ $i -lt "$P_9pfiles" ]; do echo -n >$D/big/f$i; i=$((i+1)); done
+  step readdir; n=$(ls $D/big | wc -l); [ "$n" = "$P_9pfiles" ] || bad "readdir_$n"
   step large; esc=blocked; [ "$(cat /9p/esc 2>/dev/null)" = "${P_9psecret:-x}" ] && esc=escaped && bad escape
   t0=$(now); dd if=/dev/urandom of=$D/large bs=1M count="$P_9pmib" conv=fsync 2>/dev/null; t1=$(now)
   step readback; echo 3 >/proc/sys/vm/drop_caches
