@@ -236,7 +236,10 @@ def test_core_docstrings_refer_to_what_exists():
     for name, mod in sorted(modules().items()):
         if name != "vdm" and not name.startswith("vdm."):
             continue
-        source = Path(inspect.getfile(mod)).read_text()
+        path = Path(inspect.getfile(mod))
+        if path.suffix != ".py":
+            continue  # a compiled module (vdm.fastpath._ring): its source is ring.c
+        source = path.read_text()
         dangling += [f"{name}: {t}" for t in ROLE.findall(source) if not reference_resolves(name, t)]
     assert dangling == []
 

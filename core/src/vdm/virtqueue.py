@@ -72,9 +72,11 @@ import threading
 from time import perf_counter_ns as _now
 from typing import Iterable, Sequence
 
+from . import fastpath as _fp
 from .barrier import STRONGLY_ORDERED, mb, rmb, wmb
 from .chain import DescriptorChain
 from .chain_walk import MAX_CHAIN, MAX_CHAIN_BYTES, MAX_INDIRECT, VirtqueueError, walk_chain
+from .fastpath import FastRing
 from .memory import GuestMemory, GuestMemoryError
 from .queue_config import MAX_QUEUE_SIZE, QueueConfig, QueueTracker
 from .ring_layout import (
@@ -123,6 +125,8 @@ _AVAIL_RING16 = AVAIL_RING // 2
 assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX // 2 == 1
 
 log = logging.getLogger(__name__)
+#: the compiled path's codes and state fields pop uses (vdm.fastpath)
+_EMPTY, _E_AHEAD, _E_HELD, _ST_HEAD, _ST_LAST = _fp.EMPTY, _fp.E_AHEAD, _fp.E_HELD, _fp.ST_HEAD, _fp.ST_LAST
 #: rmb where it is not a no-op (weakly ordered hosts); None spares pop the call on x86
 _RMB = None if STRONGLY_ORDERED else rmb
 
@@ -189,6 +193,8 @@ class Virtqueue(QueueConfig):
         self._used_elems: memoryview | None = None
         #: u16 index of avail_event in the used ring, of used_event in the available ring
         self._avail_event16 = self._used_event16 = 0
+        #: the compiled path's view of the rings (vdm.fastpath), while they are mapped and it is on
+        self._fast: FastRing | None = None
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -211,6 +217,9 @@ class Virtqueue(QueueConfig):
         self._used_elems = self._used[USED_RING : avail_event_offset(size)].cast("I")
         self._avail_event16 = avail_event_offset(size) // 2
         self._used_event16 = used_event_offset(size) // 2
+        if _fp.ACTIVE:
+            self._fast = FastRing(self._desc, self._avail, self._used, self._held, size,
+                                  self._avail_event16, event_idx=event_idx, indirect=indirect)  # fmt: skip
         self.memory = memory
         self._event_idx = event_idx
         self._indirect = indirect
@@ -271,29 +280,46 @@ class Virtqueue(QueueConfig):
         if self._resubmit:
             return self._walk(self._resubmit.pop(0))
         last = self._last_avail_idx
-        idx = avail16[1]
-        pending = (idx - last) & 0xFFFF
-        if pending == 0:
-            return None
-        size = self._size
-        if pending > size:
-            self.errors += 1
-            raise VirtqueueError(f"queue {self.index}: available index {idx} is {pending} ahead of {last}")
-        if _RMB is not None:
-            _RMB()
-        head = avail16[_AVAIL_RING16 + (last & (size - 1))]  # (size is a power of two)
-        self._last_avail_idx = last = (last + 1) & 0xFFFF
-        if self._event_idx:
-            # avail_event: ask for a kick when the driver adds anything past what we have taken.
-            used16[self._avail_event16] = last
-        held = self._held
-        if head < len(held) and held[head]:
-            self.errors += 1
-            raise VirtqueueError(f"queue {self.index}: head {head} offered again while the device holds it")
-        chain = self._walk(head)  # (checks head < size)
+        fast = self._fast
+        if fast is not None:  # the same steps in C (vdm.fastpath), the same checks and errors
+            code = fast.pop(fast.ring, last, fast.stc)
+            if code == _EMPTY:
+                return None
+            st = fast.st
+            if code == _E_AHEAD:
+                idx, pending = st[_fp.ST_VALUE], st[_fp.ST_PENDING]
+                raise self._guest_error(f"available index {idx} is {pending} ahead of {last}")
+            self._last_avail_idx, head = st[_ST_LAST], st[_ST_HEAD]
+        else:
+            code = None
+            idx = avail16[1]
+            pending = (idx - last) & 0xFFFF
+            if pending == 0:
+                return None
+            size = self._size
+            if pending > size:
+                raise self._guest_error(f"available index {idx} is {pending} ahead of {last}")
+            if _RMB is not None:
+                _RMB()
+            head = avail16[_AVAIL_RING16 + (last & (size - 1))]  # (size is a power of two)
+            self._last_avail_idx = last = (last + 1) & 0xFFFF
+            if self._event_idx:
+                # avail_event: ask for a kick when the driver adds anything past what we have taken.
+                used16[self._avail_event16] = last
+            held = self._held
+            if head < len(held) and held[head]:
+                code = _E_HELD
+        if code == _E_HELD:
+            raise self._guest_error(f"head {head} offered again while the device holds it")
+        chain = self._walk(head, code)  # (checks head < size)
         if self._tracker is not None:
             self._tracker.taken(head)
         return chain
+
+    def _guest_error(self, text: str) -> VirtqueueError:
+        """Count a guest error; return the exception to raise."""
+        self.errors += 1
+        return VirtqueueError(f"queue {self.index}: {text}")
 
     def chain_at(self, head: int) -> DescriptorChain:
         """The chain starting at descriptor ``head``, walked and checked exactly as :meth:`pop` does.
@@ -311,19 +337,27 @@ class Virtqueue(QueueConfig):
             raise VirtqueueError(f"queue {self.index}: not active")
         return self._walk(head)
 
-    def _walk(self, head: int) -> DescriptorChain:
-        """Walk one chain (:func:`~vdm.chain_walk.walk_chain`); the device holds its head after."""
+    def _walk(self, head: int, code: int | None = None) -> DescriptorChain:
+        """Walk one chain (:func:`~vdm.chain_walk.walk_chain`); the device holds its head after.
+
+        With the compiled path, ``code`` is its answer for the ring part when pop already walked it.
+        """
         size = self._size
         held = self._held
         if not 0 <= head < size or head >= len(held):
-            self.errors += 1
-            raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
+            raise self._guest_error(f"head index {head} >= size {size}")
         memory = self.memory
         assert memory is not None and self._desc is not None
+        fast = self._fast
         try:
-            readable, writable, steps, rbytes = walk_chain(
-                self._desc, size, head, memory, self._indirect, self.index
-            )
+            if fast is None:
+                readable, writable, steps, rbytes = walk_chain(
+                    self._desc, size, head, memory, self._indirect, self.index
+                )
+            else:
+                if code is None:
+                    code = fast.walk(fast.ring, head, fast.stc)
+                readable, writable, steps, rbytes = fast.take(code, memory, self.index)
         except VirtqueueError:
             self.errors += 1
             raise

@@ -4,7 +4,8 @@ KIND says what a plugin provides: ``device``, ``hypervisor`` (VMs driven through
 ``server`` (a way of serving devices that is no hypervisor: vhost-user) or ``command``. The
 ``--json`` form adds, per plugin, what it provides by kind, the availability of each name, its
 hooks, the optional parts of its device types and whether each is usable (vdm-blk's protocols and
-formats), its ``VDM_API`` and what it uses that is deprecated (each naming the replacement).
+formats), its ``VDM_API`` and what it uses that is deprecated (each naming the replacement); at the
+top, ``fastpath``: which virtqueue path is active (:data:`vdm.fastpath.STATUS`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from ..fastpath import STATUS as FASTPATH
 from ..plugins import PluginSet
 
 __all__ = ["add_parser", "as_records", "run"]
@@ -64,7 +66,8 @@ def as_records(plugins: PluginSet) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace, plugins: PluginSet) -> int:
     records = as_records(plugins)
     if args.json:
-        json.dump({"plugins": records, "conflicts": plugins.conflicts}, sys.stdout, indent=2)
+        out = {"plugins": records, "conflicts": plugins.conflicts, "fastpath": FASTPATH}
+        json.dump(out, sys.stdout, indent=2)
         print()
         return 0
     if not records:

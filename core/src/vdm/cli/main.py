@@ -22,6 +22,7 @@ from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..errors import UserError
+from ..fastpath import STATUS as FASTPATH
 from ..plugins import PluginSet, load_plugins, timeout_from_env
 from . import ctl, list_plugins, new_plugin
 
@@ -31,7 +32,7 @@ log = logging.getLogger("vdm")
 
 
 def _global_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--version", action="version", version=f"vdm {__version__}")
+    parser.add_argument("--version", action="version", version=f"vdm {__version__} (fastpath: {FASTPATH})")
     parser.add_argument(
         "--plugins",
         metavar="NAMES",

@@ -1,0 +1,162 @@
+"""The optional compiled fast path of the split virtqueue's ring work (issue 18).
+
+``ring.c`` (cffi API mode, built by ``python3 -m vdm.fastpath.build``, which scripts/install.sh runs
+when a compiler is there) does what :meth:`vdm.virtqueue.Virtqueue.pop` and
+:func:`vdm.chain_walk.walk_chain` do with the rings: read the available index and the next head,
+write avail_event, and walk the chain's descriptors (next, indirect, every index, length, loop and
+count checked as the Python walk checks them) into a compact array of (guest address, length).
+Python then maps those through the queue's :class:`~vdm.memory.GuestMemory` exactly as the Python
+walk does, in chain order, so a buffer outside guest RAM fails the same way at the same point. No
+device logic is compiled; the Python path stays the reference, and tests/core/test_fastpath.py
+runs random and hostile rings through both (same chains, same errors).
+
+Selection, once at import: ``VDM_FASTPATH=0`` forces the Python path; otherwise the compiled module
+is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<reason>)``
+(``vdm --version`` and ``vdm list-plugins --json`` print it).
+
+Invariants: a :class:`FastRing` exists only while its queue's rings are mapped and is dropped with
+them (it holds C pointers into the ring views and the queue's ``_held`` bytearray, never past
+their life); its state array always has room for the longest walk its next call may record.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from pathlib import Path
+from typing import Any
+
+from ..chain_walk import MAX_CHAIN, VirtqueueError
+from ..memory import GuestMemory, GuestMemoryError
+
+__all__ = ["ACTIVE", "BUILT", "STATUS", "FastRing"]
+
+# the codes of ring.c
+DONE, INDIRECT, EMPTY = 0, 1, 2
+E_AHEAD, E_HELD, E_HEAD = -11, -12, -13
+# the state array's fields (ring.c's ST_*)
+ST_RBYTES, ST_IND_ADDR, ST_IND_LEN, ST_STEPS, ST_N, ST_NR, ST_VALUE = 1, 2, 3, 4, 5, 6, 7
+ST_HEAD, ST_LAST, ST_PENDING, ST_ENTRIES = 9, 10, 11, 16
+
+def _import() -> tuple[Any, Any, str]:
+    try:
+        from ._ring import ffi, lib  # type: ignore[import-not-found]
+    except ImportError as e:
+        if not any(Path(__file__).parent.glob("_ring*.so")):
+            return None, None, "compiled module not built: python3 -m vdm.fastpath.build"
+        return None, None, f"compiled module does not import: {e}"
+    return ffi, lib, ""
+
+
+_ffi, _lib, _why = _import()
+#: the compiled module imports (the tests compare it with the Python path even when it is not used)
+BUILT = _lib is not None
+#: which path the virtqueues use: "compiled" or "python (<reason>)"
+if os.environ.get("VDM_FASTPATH", "").strip() == "0":
+    STATUS = "python (VDM_FASTPATH=0)"
+else:
+    STATUS = "compiled" if BUILT else f"python ({_why})"
+#: True when the queues activated from now on use the compiled path
+ACTIVE = STATUS == "compiled"
+
+
+def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
+    """The Python walk's message for ring.c's error ``code`` (vdm.chain_walk's, word for word)."""
+    value = st[ST_VALUE]
+    text = {
+        -1: "indirect chain loops",
+        -2: f"chain longer than {limit} descriptors (loop?)",
+        -3: "indirect descriptor inside indirect table",
+        -4: "indirect descriptor not negotiated",
+        -5: "indirect descriptor with NEXT",
+        -6: f"bad indirect table length {value}",
+        -7: "device-readable buffer after a writable one",
+        -8: f"next {value} >= table {st[ST_IND_LEN] >> 4}",
+        -9: f"next index {value} >= size {size}",
+        -10: "chain describes more than 4 GiB",
+    }.get(code, f"fast path code {code}")
+    return f"queue {queue}: {text}"
+
+
+class FastRing:
+    """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
+
+    __slots__ = ("_keep", "entries", "limit", "pop", "ring", "size", "st", "stc", "walk", "walk_indirect")
+
+    def __init__(
+        self, desc: memoryview, avail: memoryview, used: memoryview, held: bytearray, size: int,
+        avail_event16: int, *, event_idx: bool, indirect: bool,
+    ) -> None:  # fmt: skip
+        ffi = _ffi
+        keep = (
+            ffi.from_buffer("uint8_t[]", desc),
+            ffi.from_buffer("uint16_t[]", avail),
+            ffi.from_buffer("uint16_t[]", used, require_writable=True),
+            ffi.from_buffer("uint8_t[]", held),
+        )
+        self._keep = keep  # the buffers the C struct points into
+        self.size = size
+        self.limit = size if size <= MAX_CHAIN else MAX_CHAIN
+        self.ring = ffi.new(
+            "struct vdm_ring *",
+            {
+                "desc": keep[0], "avail16": keep[1], "used16": keep[2], "held": keep[3],
+                "held_len": len(held), "size": size, "limit": self.limit,
+                "avail_event16": avail_event16, "event_idx": int(event_idx), "indirect": int(indirect),
+            },
+        )  # fmt: skip
+        self.entries = 0
+        self._room(self.limit)
+        self.pop = _lib.vdm_pop
+        self.walk = _lib.vdm_walk
+        self.walk_indirect = _lib.vdm_walk_indirect
+
+    def _room(self, entries: int) -> None:
+        """Make the state array hold ``entries`` (address, length) pairs."""
+        if entries > self.entries:
+            self.st = array("Q", bytes(8 * (ST_ENTRIES + 2 * entries)))
+            self.stc = _ffi.from_buffer("uint64_t[]", self.st)
+            self.entries = entries
+
+    def take(
+        self, code: int, memory: GuestMemory, queue: int
+    ) -> tuple[list[memoryview], list[memoryview], int, int]:
+        """Map what ring.c walked (``code``: its answer for the chain's ring part) as walk_chain does.
+
+        Returns (readable views, writable views, descriptors read, readable bytes), or raises
+        :class:`VirtqueueError` with walk_chain's message, nothing left mapped.
+        """
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        table: memoryview | None = None
+        ring_steps = 0
+        mmap = memory.map
+        st = self.st
+        try:
+            while True:
+                end = ST_ENTRIES + 2 * st[ST_N]
+                mid = ST_ENTRIES + 2 * st[ST_NR]
+                for k in range(ST_ENTRIES, mid, 2):
+                    readable.append(mmap(st[k], st[k + 1]))
+                for k in range(mid, end, 2):
+                    writable.append(mmap(st[k], st[k + 1], True))
+                if code != INDIRECT:
+                    break
+                ring_steps = st[ST_STEPS]
+                length = st[ST_IND_LEN]
+                table = memory.map(st[ST_IND_ADDR], length)
+                self._room(length >> 4)
+                st = self.st
+                code = self.walk_indirect(self.ring, _ffi.from_buffer(table), length >> 4, self.stc)
+            if code != DONE:
+                raise VirtqueueError(_message(code, st, queue, self.limit, self.size))
+        except (VirtqueueError, GuestMemoryError) as e:
+            for v in readable + writable:
+                memory.unmap(v)
+            if isinstance(e, GuestMemoryError):
+                raise VirtqueueError(f"queue {queue}: {e}") from e
+            raise
+        finally:
+            if table is not None:
+                memory.unmap(table)
+        return readable, writable, st[ST_STEPS] + ring_steps, st[ST_RBYTES]

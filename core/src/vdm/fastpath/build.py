@@ -1,0 +1,76 @@
+"""Build vdm's optional compiled fast path (cffi API mode) into this package: ``vdm/fastpath/_ring*.so``.
+
+    python3 -m vdm.fastpath.build        # what scripts/install.sh runs
+
+Needs cffi, a C compiler and the Python headers. Without one of them it prints one line,
+``fast path not built: <why>``, and exits 0: vdm then runs its pure-Python path (``vdm --version``
+says which path is active). The C source is ring.c next to this file; the built module is
+gitignored (``*.so``). Invariant: the declarations below are the ones ring.c defines.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["CDEF", "build", "main"]
+
+HERE = Path(__file__).resolve().parent
+
+CDEF = """
+struct vdm_ring {
+    const uint8_t *desc;
+    const uint16_t *avail16;
+    uint16_t *used16;
+    const uint8_t *held;
+    uint32_t held_len;
+    uint32_t size;
+    uint32_t limit;
+    uint32_t avail_event16;
+    int event_idx;
+    int indirect;
+};
+int vdm_walk(const struct vdm_ring *r, uint32_t head, uint64_t *st);
+int vdm_walk_indirect(const struct vdm_ring *r, const uint8_t *table, uint32_t count, uint64_t *st);
+int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st);
+"""
+
+
+def build(target_dir: Path = HERE) -> Path:
+    """Compile ring.c into ``target_dir``; return the module's path. Raises on any failure."""
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(
+        "vdm.fastpath._ring",
+        (HERE / "ring.c").read_text(),
+        extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wall", "-Werror"],
+    )
+    with tempfile.TemporaryDirectory(prefix="vdm-fastpath-") as tmp:
+        built = Path(ffi.compile(tmpdir=tmp, verbose=False))
+        target = target_dir / built.name
+        partial = target.with_suffix(".tmp")
+        shutil.copyfile(built, partial)
+        partial.replace(target)  # (atomic: a running vdm keeps the module it loaded)
+    return target
+
+
+def main() -> int:
+    try:
+        path = build()
+    except ImportError as e:
+        print(f"fast path not built: cffi is not installed ({e}); vdm uses its Python path")
+        return 0
+    except Exception as e:  # (no compiler, no headers: one line, never a failed install)
+        why = " ".join(str(e).split())[:300]
+        print(f"fast path not built: {type(e).__name__}: {why}; vdm uses its Python path")
+        return 0
+    print(f"fast path built: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

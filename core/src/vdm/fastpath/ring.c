@@ -1,0 +1,184 @@
+/* vdm's optional compiled fast path: the split virtqueue's ring work, nothing of any device.
+ *
+ * Built by cffi in API mode (vdm/fastpath/build.py); called from vdm.fastpath and vdm.virtqueue.
+ * The pure-Python walk (vdm/chain_walk.py) is the reference: this code checks the same rules in
+ * the same order and reports the same errors (as codes that Python turns into the same messages);
+ * tests/core/test_fastpath.py runs random and hostile rings through both.
+ *
+ * Everything here is guest memory written by an untrusted driver that may change it at any
+ * moment: each descriptor is copied once into a local (memcpy + compiler barrier: no field is read
+ * twice), every index is checked against the table it indexes before it is used, and nothing is
+ * written but the used ring's avail_event field (pop) and the caller's state array.
+ *
+ * The state array (uint64_t st[]) carries the walk between C and Python: see the ST_* indexes.
+ * Entries (guest address, length) start at st[ST_ENTRIES]; readable ones first, then writable.
+ * Guest memory is never touched through an address from a descriptor: Python maps the entries
+ * through its GuestMemory, which checks them against guest RAM.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vdm's fast path reads virtio 1.x little-endian rings with native loads"
+#endif
+
+#define VDM_F_NEXT 1u
+#define VDM_F_WRITE 2u
+#define VDM_F_INDIRECT 4u
+#define VDM_MAX_INDIRECT 4096u
+#define VDM_MAX_CHAIN_BYTES (1ull << 32)
+
+/* codes returned by vdm_walk / vdm_pop (mirrored in vdm/fastpath/__init__.py) */
+#define VDM_DONE 0
+#define VDM_INDIRECT 1 /* the chain continues in the indirect table at st[ST_IND_ADDR] */
+#define VDM_EMPTY 2    /* vdm_pop: nothing available */
+#define VDM_E_INDIRECT_LOOPS -1
+#define VDM_E_TOO_LONG -2
+#define VDM_E_NESTED -3
+#define VDM_E_NOT_NEGOTIATED -4
+#define VDM_E_INDIRECT_NEXT -5
+#define VDM_E_INDIRECT_LEN -6
+#define VDM_E_READ_AFTER_WRITE -7
+#define VDM_E_NEXT_INDIRECT -8
+#define VDM_E_NEXT -9
+#define VDM_E_TOO_BIG -10
+#define VDM_E_AHEAD -11 /* vdm_pop: the available index is more than size ahead */
+#define VDM_E_HELD -12  /* vdm_pop: the head is held by the device */
+#define VDM_E_HEAD -13  /* vdm_pop: the head is not below the size */
+
+enum {
+    ST_TOTAL = 0, ST_RBYTES, ST_IND_ADDR, ST_IND_LEN, ST_STEPS, ST_N, ST_NR, ST_VALUE,
+    ST_WRITABLE, ST_HEAD, ST_LAST, ST_PENDING, ST_ENTRIES = 16
+};
+
+struct vdm_ring {
+    const uint8_t *desc;      /* the descriptor table, size * 16 bytes */
+    const uint16_t *avail16;  /* the available ring as u16: [0] flags, [1] idx, [2 + i] ring */
+    uint16_t *used16;         /* the used ring as u16 (avail_event at avail_event16) */
+    const uint8_t *held;      /* one byte per head, held_len of them: 1 while the device holds it */
+    uint32_t held_len;
+    uint32_t size;            /* the queue size, a power of two */
+    uint32_t limit;           /* descriptors allowed in the ring part: min(size, MAX_CHAIN) */
+    uint32_t avail_event16;
+    int event_idx;
+    int indirect;             /* VIRTIO_F_INDIRECT_DESC negotiated */
+};
+
+#define COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
+
+static inline void read_fence(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    COMPILER_BARRIER(); /* TSO: loads are not reordered with older loads */
+#else
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+#endif
+}
+
+/* Walk one table (the ring's descriptor table from ``i``, or an indirect table from 0), exactly as
+ * vdm.chain_walk.walk_chain's loop does. st[ST_TOTAL], st[ST_RBYTES] and st[ST_WRITABLE] carry over
+ * from the ring part to the indirect part; the caller clears them before a chain. */
+static int walk(const uint8_t *table, uint32_t table_len, uint32_t limit, uint32_t i, int in_indirect,
+                int indirect_ok, uint64_t *st)
+{
+    uint32_t steps = 0, n = 0, nr = 0;
+    uint64_t total = st[ST_TOTAL], rbytes = st[ST_RBYTES], writable = st[ST_WRITABLE];
+    uint64_t *out = st + ST_ENTRIES;
+    int rc = VDM_DONE;
+
+    for (;;) {
+        struct { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; } d;
+        memcpy(&d, table + ((size_t)i << 4), 16);
+        COMPILER_BARRIER(); /* the guest may rewrite the descriptor: use this one copy */
+        if (++steps > limit) {
+            st[ST_VALUE] = limit;
+            rc = in_indirect ? VDM_E_INDIRECT_LOOPS : VDM_E_TOO_LONG;
+            break;
+        }
+        if (d.flags & VDM_F_INDIRECT) {
+            if (in_indirect) { rc = VDM_E_NESTED; break; }
+            if (!indirect_ok) { rc = VDM_E_NOT_NEGOTIATED; break; }
+            if (d.flags & VDM_F_NEXT) { rc = VDM_E_INDIRECT_NEXT; break; }
+            if (d.len == 0 || d.len % 16 || d.len / 16 > VDM_MAX_INDIRECT) {
+                st[ST_VALUE] = d.len;
+                rc = VDM_E_INDIRECT_LEN;
+                break;
+            }
+            st[ST_IND_ADDR] = d.addr;
+            st[ST_IND_LEN] = d.len;
+            rc = VDM_INDIRECT;
+            break;
+        }
+        total += d.len;
+        if (d.flags & VDM_F_WRITE) {
+            writable = 1;
+        } else {
+            if (writable) { rc = VDM_E_READ_AFTER_WRITE; break; }
+            rbytes += d.len;
+            nr++;
+        }
+        out[2 * n] = d.addr;
+        out[2 * n + 1] = d.len;
+        n++;
+        if (!(d.flags & VDM_F_NEXT)) {
+            if (total > VDM_MAX_CHAIN_BYTES)
+                rc = VDM_E_TOO_BIG;
+            break;
+        }
+        if (d.next >= table_len) {
+            st[ST_VALUE] = d.next;
+            rc = in_indirect ? VDM_E_NEXT_INDIRECT : VDM_E_NEXT;
+            break;
+        }
+        i = d.next;
+    }
+    st[ST_TOTAL] = total;
+    st[ST_RBYTES] = rbytes;
+    st[ST_WRITABLE] = writable;
+    st[ST_STEPS] = steps;
+    st[ST_N] = n;
+    st[ST_NR] = nr;
+    return rc;
+}
+
+/* The ring part of the chain at ``head`` (below the ring's size: the caller checked). */
+int vdm_walk(const struct vdm_ring *r, uint32_t head, uint64_t *st)
+{
+    st[ST_TOTAL] = st[ST_RBYTES] = st[ST_WRITABLE] = 0;
+    return walk(r->desc, r->size, r->limit, head, 0, r->indirect, st);
+}
+
+/* The indirect part: ``count`` descriptors at ``table`` (st holds enough room for them). */
+int vdm_walk_indirect(const struct vdm_ring *r, const uint8_t *table, uint32_t count, uint64_t *st)
+{
+    return walk(table, count, count, 0, 1, r->indirect, st);
+}
+
+/* vdm.virtqueue.Virtqueue.pop's ring work: read the available index, take the next head, write
+ * avail_event (EVENT_IDX), check the head is not held and below the size, walk its ring part.
+ * st[ST_LAST] is the new last_avail_idx once a head was taken (codes other than EMPTY/AHEAD). */
+int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st)
+{
+    uint32_t idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
+    uint32_t pending = (idx - last) & 0xFFFF, head;
+
+    if (pending == 0)
+        return VDM_EMPTY;
+    if (pending > r->size) {
+        st[ST_VALUE] = idx;
+        st[ST_PENDING] = pending;
+        return VDM_E_AHEAD;
+    }
+    read_fence(); /* the index before the entries it covers */
+    head = __atomic_load_n(&r->avail16[2 + (last & (r->size - 1))], __ATOMIC_RELAXED);
+    last = (last + 1) & 0xFFFF;
+    st[ST_HEAD] = head;
+    st[ST_LAST] = last;
+    if (r->event_idx)
+        __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
+    if (head < r->held_len && r->held[head])
+        return VDM_E_HELD;
+    if (head >= r->size || head >= r->held_len)
+        return VDM_E_HEAD;
+    return vdm_walk(r, head, st);
+}
