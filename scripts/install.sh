@@ -12,7 +12,7 @@ APT_PACKAGES=(
   cpio gzip lz4 xz-utils zstd fio util-linux e2fsprogs   # the guest kit (it downloads its kernel and busybox)
   iproute2                          # network namespaces and taps for vdm-net's tests
   libxen-dev                        # Xen's libraries and headers: vdm-xen's bindings are tested against them
-  linux-libc-dev gcc                # KVM/tun ABI checks compile a tiny C program against the kernel headers
+  linux-libc-dev gcc python3-dev    # KVM/tun ABI checks compile a tiny C program against the kernel headers; gcc and Python's headers build the virtqueue fast path
   acpica-tools                      # iasl decompiles vdm-kvm's ACPI tables in its tests
   tmux strace                       # console tests drive a terminal; security tests trace file opens
   dpdk-dev                          # dpdk-testpmd (DPDK 22.11 virtio-user): a second vhost-user frontend for net
@@ -34,6 +34,8 @@ fi
 
 PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check \
-  -e core -e plugins/blk -e plugins/console -e plugins/net \
+  -e "core[fast]" -e plugins/blk -e plugins/console -e plugins/net \
   -e plugins/kvm -e plugins/xen -e plugins/vhost-user -e plugins/9p -e plugins/rng -e plugins/balloon -e plugins/vsock -e lab -e ".[test]"
+# the compiled virtqueue fast path (vdm/fastpath); without a compiler one line "fast path not built: ..."
+$PY -m vdm.fastpath.build | sed 's/^/install.sh: /'
 echo "install.sh: vdm installed: $($PY -m vdm.cli.main --version)"
