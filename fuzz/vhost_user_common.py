@@ -160,6 +160,7 @@ MODULES = (
     "vdm_vhost_user.protocol",
     "vdm_vhost_user.handler",
     "vdm_vhost_user.rings",
+    "vdm_vhost_user.backend_channel",
     "vdm_vhost_user.memory",
     "vdm_vhost_user.inflight",
     "vdm_vhost_user.server",

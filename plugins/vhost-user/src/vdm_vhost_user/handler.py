@@ -14,20 +14,14 @@ interrupts into writes to call eventfds. The device code is the same as under KV
 
 The ring messages and when a ring starts and stops are :mod:`.rings` (a mixin of the handler).
 
-The backend channel (PROTOCOL_F_BACKEND_REQ: a socket the frontend hands over with
-SET_BACKEND_REQ_FD, kept until the connection ends) carries the device's configuration changes
-(:meth:`~vdm.device.VirtioDevice.signal_config`, e.g. ``vdm ctl resize``) as
-CONFIG_CHANGE_MSG when CONFIG is negotiated; the frontend then reads the new configuration
-with GET_CONFIG and interrupts the driver. A send that fails is one log line; the connection
-stays.
+The backend channel (SET_BACKEND_REQ_FD), on which configuration changes go to the frontend, is
+:mod:`.backend_channel` (another mixin).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import stat
 import threading
 from typing import Callable
 
@@ -37,6 +31,7 @@ from vdm.transport.common import CommonConfig
 from vdm.virtqueue import Virtqueue
 
 from . import protocol as p
+from .backend_channel import BackendChannel
 from .dirtylog import DirtyLog, atomic_or_available
 from .faultguard import FaultWatch
 from .inflight import InflightRegion, InflightTracker
@@ -82,7 +77,7 @@ class Refused(Exception):
     """A request that is well-formed but cannot be done: answered with a failure, not fatal."""
 
 
-class VhostUserHandler(RingMessages):
+class VhostUserHandler(RingMessages, BackendChannel):
     """Serves ``device`` to the frontend on one connection at a time."""
 
     def __init__(self, device: VirtioDevice, loop: EventLoop) -> None:
@@ -204,36 +199,6 @@ class VhostUserHandler(RingMessages):
                     except OSError as e:
                         log.warning("vhost-user: cannot signal error eventfd of queue %d: %s", i, e)
 
-    def _config_changed(self) -> None:
-        if not self.protocol_features & (1 << ProtocolFeature.CONFIG):
-            log.warning(
-                "vhost-user: %s: configuration changed, but the frontend did not negotiate "
-                "CONFIG: the guest sees it after a reset",
-                self.device.name,
-            )
-            return
-        with self._backend_lock:
-            chan = self.backend_channel
-            if chan is None:
-                log.warning(
-                    "vhost-user: %s: configuration changed, but the frontend gave no backend "
-                    "channel (BACKEND_REQ): the guest sees it after a reset",
-                    self.device.name,
-                )
-                return
-            try:
-                p.send_backend_request(chan, p.BackendReq.CONFIG_CHANGE_MSG)
-            except OSError as e:
-                log.warning("vhost-user: %s: cannot send CONFIG_CHANGE_MSG: %s", self.device.name, e)
-                return
-        log.info("vhost-user: %s: configuration change sent to the frontend", self.device.name)
-
-    def _set_backend_channel(self, chan: socket.socket | None) -> None:
-        with self._backend_lock:
-            old, self.backend_channel = self.backend_channel, chan
-        if old is not None:
-            old.close()
-
     # ---- messages ------------------------------------------------------------------------------
 
     def handle(self, msg: Message) -> None:
@@ -341,18 +306,6 @@ class VhostUserHandler(RingMessages):
         with self._fd_lock:
             close_fd(self.log_fd)
             self.log_fd = fd
-
-    def _set_backend_req_fd(self, msg: Message) -> None:
-        if not self.protocol_features & (1 << ProtocolFeature.BACKEND_REQ):
-            raise ProtocolError("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
-        fd = msg.take_fd()
-        assert fd is not None  # the layout asks for exactly one
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            close_fd(fd)
-            raise ProtocolError("SET_BACKEND_REQ_FD: the descriptor is not a socket")
-        chan = socket.socket(fileno=fd)
-        chan.settimeout(5)  # a frontend that stops reading costs a config change, not the process
-        self._set_backend_channel(chan)
 
     def _set_owner(self, msg: Message) -> None:
         self.owner = True
@@ -499,5 +452,5 @@ class VhostUserHandler(RingMessages):
         Req.GET_STATUS: _get_status,
         Req.SET_LOG_BASE: _set_log_base,
         Req.SET_LOG_FD: _set_log_fd,
-        Req.SET_BACKEND_REQ_FD: _set_backend_req_fd,
+        Req.SET_BACKEND_REQ_FD: BackendChannel._set_backend_req_fd,
     }
