@@ -2,9 +2,13 @@
 
 Inside the lab (a throw-away L2 VM, so no namespace is needed there) a tap with 10.0.2.2/24
 is the host side; a Python peer on it sends the guest a file and receives one (busybox ``nc`` in
-the guest, the guest kit's ``nettcp both``); MD5s are compared on both ends. The same guest runs
-with every offload and mergeable buffers, with two queue pairs on two vCPUs, and with no offloads
-and no mergeable buffers.
+the guest, the guest kit's ``nettcp both``); MD5s are compared on both ends. The same guest runs twice:
+with every offload and mergeable buffers on two queue pairs and two vCPUs (``VIRTIO_NET_F_MQ``, the
+control queue after both pairs), and with no offloads and no mergeable buffers on one pair (no
+``F_MQ``, the control queue after the first pair). Between them every feature value and both queue
+layouts are used; a third run with offloads on one pair (dropped to shorten the suite) proved nothing
+the two do not: each pair's rx/tx path is the same code whatever the pair count. Each run is a
+guest boot in the nested lab (50-200 s under load).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ TCP_PEER = Path(__file__).resolve().parent / "tcp_peer.py"
 
 #: (tag, --network options, vCPUs)
 RUNS = [
-    ("offloads", "mode=tap,tapif=vdmtap0", 1),
     ("mq", "mode=tap,tapif=vdmtap0,queues=2", 2),
     ("plain", "mode=tap,tapif=vdmtap0,offload=off,mrg_rxbuf=off", 1),
 ]
@@ -33,10 +36,10 @@ MIB = 2
 #: is slow -- a failed attempt (full suite, 3 Dec) took 165 s from the script's start to the first
 #: guest's early-boot MSR write, and the old bound (240 s) sent SIGTERM to the third run while its
 #: guest was still probing virtio-pci (kernel at 90 s; vdm's counters "rx 0 packets": the guest never
-#: reached the driver, no ring error). A run that hangs is still ended; the three runs and the
+#: reached the driver, no ring error). A run that hangs is still ended; the runs and the
 #: lab's boot fit in the lab's timeout below.
 RUN_S = 540
-LAB_S = 3 * RUN_S + 180
+LAB_S = len(RUNS) * RUN_S + 180
 
 
 def lab_script() -> str:
