@@ -67,6 +67,11 @@ def vdm_register_devices(register):
 def vdm_register_devices(register):
     register(DeviceType(name="vt-nodash", config=Cfg, create=lambda c, ctx: None, cli_flag="vt-nodash"))
 ''', "cli_flag 'vt-nodash' must look like --name"),
+    "positional-not-a-field": ('''
+@hookimpl
+def vdm_register_devices(register):
+    register(DeviceType(name="vt-pos", config=Cfg, create=lambda c, ctx: None, positional="file"))
+''', "positional 'file' is not a field of Cfg"),
     "hangs-at-import": ('''
 import time
 

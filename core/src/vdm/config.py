@@ -35,6 +35,7 @@ __all__ = [
     "config_from_mapping",
     "describe_options",
     "load_toml",
+    "option_names",
     "parse_option_string",
     "quote_option",
     "split_options",
@@ -59,6 +60,11 @@ def _base_type(tp: Any) -> Any:
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, _base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init}
+
+
+def option_names(cls: type) -> frozenset[str]:
+    """The option names a configuration dataclass takes (its fields set by ``__init__``)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 def config_class_problem(cls: Any) -> str | None:

@@ -144,7 +144,7 @@ def _matches(pattern: re.Pattern, value: Any) -> bool:
 
 
 def _device_problem(dt: DeviceType) -> Optional[str]:
-    from .config import _fields, config_class_problem
+    from .config import config_class_problem, option_names
 
     why = config_class_problem(dt.config)
     if why:
@@ -155,7 +155,7 @@ def _device_problem(dt: DeviceType) -> Optional[str]:
         return f"cli_flag {_text(dt.cli_flag)} must look like --name"
     if dt.cli_short is not None and not _matches(_SHORT_FLAG, dt.cli_short):
         return f"cli_short {_text(dt.cli_short)} must look like -x"
-    if dt.positional is not None and dt.positional not in _fields(dt.config):
+    if dt.positional is not None and dt.positional not in option_names(dt.config):
         return f"positional {_text(dt.positional)} is not a field of {dt.config.__name__}"
     if dt.toml_key is not None and not _matches(_TOML_KEY, dt.toml_key):
         return f"toml_key {_text(dt.toml_key)} must be a bare TOML key (letters, digits, - and _)"
