@@ -44,7 +44,7 @@ from vdm.virtqueue import Virtqueue
 
 from .config import VsockConfig
 from .conn import CONNECTING, ESTABLISHED, Connection, recv_into_packet
-from .host import FIRST_HOST_PORT, HostSide, _Handshake, listen_on
+from .host import FIRST_HOST_PORT, Handshake, HostSide, listen_on
 from .packet import HDR, HOST_CID, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, Hdr, Op
 
 __all__ = ["MAX_CTRL", "VIRTIO_ID_VSOCK", "VsockDevice", "listen_on"]
@@ -79,7 +79,7 @@ class VsockDevice(HostSide, VirtioDevice):
         self._dial = dial if dial is not None else self._dial_unix
         self._lock = threading.Lock()
         self._conns: dict[tuple[int, int], Connection] = {}
-        self._handshakes: dict[int, _Handshake] = {}
+        self._handshakes: dict[int, Handshake] = {}
         #: packed RST headers for connections already gone
         self._ctrl: collections.deque[bytes] = collections.deque()
         self._held_rx = None  # an rx chain popped with nothing to put in it yet

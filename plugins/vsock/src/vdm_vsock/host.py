@@ -21,7 +21,7 @@ from .packet import SHUTDOWN_RCV, Op
 if TYPE_CHECKING:
     from .device import VsockDevice
 
-__all__ = ["FIRST_HOST_PORT", "LAST_HOST_PORT", "MAX_LINE", "HostSide", "listen_on"]
+__all__ = ["FIRST_HOST_PORT", "LAST_HOST_PORT", "MAX_LINE", "Handshake", "HostSide", "listen_on"]
 
 RX = 0
 #: the longest ``CONNECT <port>\n`` line a host program may send
@@ -42,7 +42,7 @@ def listen_on(path: str) -> socket.socket:
     return s
 
 
-class _Handshake:
+class Handshake:
     """A host program that connected to PATH and has not yet sent its whole CONNECT line."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -83,7 +83,7 @@ class HostSide:
         with self._lock:
             if tag is self._listener:
                 self._accept()
-            elif isinstance(tag, _Handshake):
+            elif isinstance(tag, Handshake):
                 self._read_connect_line(tag)
             elif isinstance(tag, Connection) and tag.key in self._conns and self._conns[tag.key] is tag:
                 conn = tag
@@ -120,9 +120,9 @@ class HostSide:
             sock.close()
             return
         sock.setblocking(False)
-        self._handshakes[sock.fileno()] = _Handshake(sock)
+        self._handshakes[sock.fileno()] = Handshake(sock)
 
-    def _read_connect_line(self: VsockDevice, hs: _Handshake) -> None:
+    def _read_connect_line(self: VsockDevice, hs: Handshake) -> None:
         """Read ``CONNECT <port>\\n``. Bytes before the newline are taken as they come (kept in
         ``hs.line``, so the thread is not woken for them again); the newline is found by peeking,
         so bytes after the line stay in the socket for the guest."""
