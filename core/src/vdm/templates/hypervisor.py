@@ -128,28 +128,13 @@ would, so the MMIO routing and the interrupt line are exercised for real.
 from __future__ import annotations
 
 import pytest
-from vdm.device import VirtioDevice
 from vdm.plugins import load_plugins
-from vdm.testing import GuestRam, VirtioTestDriver
+from vdm.testing import EchoDevice, GuestRam, VirtioTestDriver
 from vdm.vmm import Vmm
 
 from $pkg.vmm import ${cls}Vmm
 
-
-class Echo(VirtioDevice):
-    """A one-queue device for the test: copies what it reads into what it may write."""
-
-    device_id = 0x7F
-    name = "echo"
-    queue_max_sizes = (16,)
-
-    def process_queue(self, queue):
-        while True:
-            chain = queue.pop()
-            if chain is None:
-                break
-            queue.push(chain, chain.write(chain.read()))
-        self.signal_used(queue)
+# EchoDevice: vdm.testing's one-queue test device, which copies what it reads into what it may write
 
 
 class Routed:
@@ -176,7 +161,7 @@ def vm():
 
 def test_device_served_through_the_backend(vm):
     ram, backend, vmm = vm
-    device = Echo()
+    device = EchoDevice()
     transport = vmm.attach_mmio(device)
     drv = VirtioTestDriver(device, ram=ram, transport=Routed(backend, transport.base))
     assert drv.reg_read(0) == 0x74726976  # "virt": the window answers at the allocated base
@@ -192,7 +177,7 @@ def test_device_served_through_the_backend(vm):
 
 def test_two_devices_get_their_own_windows_and_lines(vm):
     _, backend, vmm = vm
-    a, b = vmm.attach_mmio(Echo()), vmm.attach_mmio(Echo())
+    a, b = vmm.attach_mmio(EchoDevice()), vmm.attach_mmio(EchoDevice())
     assert a.base != b.base and a.irq_number != b.irq_number
     with pytest.raises(ValueError):
         backend.vmm_register_mmio(base=a.base, size=16, handler=a, owner="again")
