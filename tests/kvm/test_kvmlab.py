@@ -3,8 +3,10 @@
 One lab session (QEMU TCG with kvm_amd inside, ~3-6 minutes) runs:
 * the /dev/kvm unit tests (tests/kvm/test_kvm.py) on the lab's hardware-style KVM;
 * tests.kvm.labboot: the kit's kernel + initrd with ``vdmtest=boot,smp vdmtest.exit=poweroff``
-  and ``console=ttyS0``, with 1 and with 2 vCPUs, booting the bzImage (64-bit boot protocol) and
-  the uncompressed ELF vmlinux.
+  and ``console=ttyS0``: the bzImage (64-bit boot protocol) with 1 vCPU and the uncompressed ELF
+  vmlinux (PVH entry) with 2 -- the kernel's entry and the APs' start-up are independent of each
+  other, so these two boots prove what the four pairs did (each boot 10-40 s in the nested lab);
+* two more vmlinux boots with 1 vCPU that end in a reboot (the ACPI reset register, the i8042).
 The boot times are printed (``-s`` shows them).
 """
 
@@ -18,14 +20,18 @@ import vdm_lab
 
 pytestmark = [pytest.mark.kvmlab, pytest.mark.realguest, pytest.mark.slow]
 
+#: (kernel, vCPUs) of the boots that end in a power-off
+POWEROFF_BOOTS = [("vmlinuz", 1), ("vmlinux", 2)]
+
 
 @pytest.fixture(scope="module")
 def lab_run(kit: vdm_lab.GuestKit, kvm_lab) -> vdm_lab.LabResult:
     script = "\n".join([
         "set -x",
         "python3 -m pytest -q -p no:cacheprovider tests/kvm/test_kvm.py 2>&1 | tail -15",
-        f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --cpus 1 --cpus 2 "
-        "--kernel vmlinuz --kernel vmlinux --workloads boot,smp --timeout 180 --retries 1",
+        *(f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --cpus {cpus} "
+          f"--kernel {kernel} --workloads boot,smp --timeout 180 --retries 1"
+          for kernel, cpus in POWEROFF_BOOTS),
         # reboots: through the FADT reset register (Linux's default) and the i8042 (reboot=k)
         f"python3 -m tests.kvm.labboot --kit {shlex.quote(str(kit.dir))} --kernel vmlinux --exit reboot "
         "--workloads boot --timeout 180 --retries 1",
@@ -55,8 +61,7 @@ def test_unit_tests_pass_on_a_hardware_style_kvm(lab_run: vdm_lab.LabResult) -> 
     assert "failed" not in summary[-1] and "error" not in summary[-1], lab_run.describe()
 
 
-@pytest.mark.parametrize("kernel", ["vmlinuz", "vmlinux"])
-@pytest.mark.parametrize("cpus", [1, 2])
+@pytest.mark.parametrize(("kernel", "cpus"), POWEROFF_BOOTS)
 def test_linux_boots_and_powers_off(lab_run: vdm_lab.LabResult, cpus: int, kernel: str) -> None:
     boots = [b for b in _boots(lab_run) if (b["kernel"], b["cpus"], b["how"]) == (kernel, cpus, "poweroff")]
     assert boots, lab_run.describe()
