@@ -58,8 +58,13 @@ def test_scripts_share_one_boot_and_see_nothing_the_last_one_left(lab):
 
 
 def test_a_script_that_hangs_times_out_alone_and_the_next_gets_a_new_lab(lab):
-    hung = lab.run("echo started; sleep 1000\n", 45)
+    # a script's timeout counts from run(), a boot included: the lab is up first, so the hung script
+    # surely started and the timeout is its own (20 s waited instead of 45 in the suite)
+    up = lab.run("true\n", 600)
+    assert up.returncode == 0, up.describe()
+    hung = lab.run("echo started; sleep 1000\n", 20)
     assert hung.timed_out and hung.returncode is None, hung.describe()
+    assert "started" in hung.output, hung.describe()
     assert not lab.alive(), "the lab of a timed-out script was kept"
     boots = lab.boots
     after = lab.run("echo fine\n", 600)
