@@ -4,7 +4,8 @@ The **guest kit** (:mod:`vdm_lab.kit`) is a Debian kernel plus a busybox initram
 runs workloads named on the kernel command line and prints one ``VDMTEST RESULT`` line per
 workload (:mod:`vdm_lab.results`). An author adds kernel modules, workload scripts and files of
 their own with a :class:`GuestSpec` (:mod:`vdm_lab.layer`). The guest boots under QEMU TCG with
-a vhost-user device served by ``vdm vhost-user`` (:func:`run_qemu`, :mod:`vdm_lab.qemu`), or under
+a vhost-user device served by ``vdm vhost-user`` (:class:`VhostUserBackend` starts it;
+:func:`run_qemu`, :mod:`vdm_lab.qemu`), or under
 ``vdm run`` on KVM -- here or in the **KVM lab**, a QEMU guest with a nested /dev/kvm
 (:func:`run_vdm`, :func:`run_in_kvm_lab`); :mod:`vdm_lab.labsession` lets many scripts share one
 lab boot, each in namespaces of its own. Typical use::
@@ -51,6 +52,7 @@ from .qemu import (
 )
 from .results import VALUE_RE, GuestResult, WorkloadResult, kernel_cmdline, parse_keyvalues, parse_results
 from .vdmrun import kvm_usable, run_vdm, vdm_run_command
+from .vhostuser import VhostUserBackend
 
 __version__ = "0.1.0"
 
@@ -68,6 +70,7 @@ __all__ = [
     "QemuFrontend",
     "Qmp",
     "QmpError",
+    "VhostUserBackend",
     "WorkloadResult",
     "debian13",
     "debian13_qemu",

@@ -172,10 +172,6 @@ device type for virtio id $device_id or needs KVM for it (then see vdm_lab.run_q
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import pytest
 
 vdm_lab = pytest.importorskip("vdm_lab", reason="vdm-lab is not installed (pip install -e '.[test]')")
@@ -219,37 +215,17 @@ def qemu_device() -> str:
 
 @pytest.fixture
 def backend(tmp_path, qemu_device):
-    \"\"\"``vdm vhost-user --$name ""`` listening in tmp_path; yields (socket, process, log).\"\"\"
-    sock = tmp_path / "$name.sock"
-    log = tmp_path / "vdm.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vdm.cli.main", "vhost-user", "-s", str(sock), "--$name", ""],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "vdm vhost-user never listened: " + log.read_text()
-            time.sleep(0.05)
-        yield sock, proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    \"\"\"``vdm vhost-user --$name ""`` serving on a socket in tmp_path, stopped after the test.\"\"\"
+    with vdm_lab.VhostUserBackend(tmp_path / "$name.sock", "--$name", "", start_timeout=60) as vdm:
+        yield vdm
 
 
 def test_the_guest_driver_sets_the_device_up(qemu_device, backend):
-    sock, proc, log = backend
     guest = vdm_lab.GuestSpec(modules=MODULES, workloads={"$toml": WORKLOAD})
-    device_args = vdm_lab.vhost_user_device_args(qemu_device, sock)
+    device_args = vdm_lab.vhost_user_device_args(qemu_device, backend.socket_path)
     r = vdm_lab.run_qemu(device_args, ["$toml"], {"devid": DEVICE_ID}, guest=guest, timeout=300)
     r.assert_ok("$toml")  # on failure: the result line and the end of the guest's serial log
     assert r["$toml"]["driver"] != "none", r.describe()
-    assert proc.poll() is None, log.read_text()  # vdm still serves
+    assert backend.alive, backend.output  # vdm still serves
 ''',
 }
