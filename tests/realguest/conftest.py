@@ -42,6 +42,15 @@ def _frontend_id(which: str) -> str:
     return "qemu10.0"  # Debian 13's QEMU series; the root is only built when a test runs
 
 
+def on_frontend(which: str) -> pytest.MarkDecorator:
+    """Run a test that takes ``qemu_frontend`` against one QEMU only ("host": 7.2, "debian13": 10.0).
+
+    For the tests whose variants split between the two QEMUs (each QEMU and each variant once, where
+    the variant is the device's side and the QEMU the frontend's), instead of every pair.
+    """
+    return pytest.mark.parametrize("qemu_frontend", [which], indirect=True, ids=_frontend_id)
+
+
 @pytest.fixture(scope="session", params=["host", "debian13"], ids=_frontend_id)
 def qemu_frontend(request: pytest.FixtureRequest, qemu: str) -> vdm_lab.QemuFrontend:
     """Each QEMU the real-guest vhost-user tests run against: the host's 7.2, Debian 13's 10.0.
