@@ -72,6 +72,14 @@ def _desc(rng: random.Random, size: int, indirect_table: bool = False) -> bytes:
     return _DESC.pack(addr, length, flags, nxt)
 
 
+def _address(view: memoryview, start: int = 0) -> int | None:
+    """Where a view of guest RAM starts in the host's memory, less ``start`` (None if it is empty)."""
+    if not len(view):
+        return None
+    ffi = fastpath._ffi
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(view))) - start
+
+
 def _layout(seed: int) -> tuple[bytearray, int, bool, bool, list[int]]:
     """Random rings in a fresh RAM image: (ram, size, event_idx, indirect, push decisions)."""
     rng = random.Random(seed)
@@ -99,9 +107,15 @@ def _layout(seed: int) -> tuple[bytearray, int, bool, bool, list[int]]:
 def _run(compiled: bool, ram: bytearray | mmap.mmap, size: int, event_idx: bool, indirect: bool,
          plan: list[int], monkeypatch: pytest.MonkeyPatch,
          rings: tuple[int, int, int] = (DESC_AT, AVAIL_AT, USED_AT)) -> dict:  # fmt: skip
-    """Pop (and push some of) what the rings offer on one path; everything a user could compare."""
+    """Pop (and push some of) what the rings offer on one path; everything a user could compare.
+
+    An odd first plan entry takes plain FlatGuestMemory (which the compiled path slices itself, with
+    no map() call to record), an even one RecordingMemory (every range mapped is compared).
+    """
     monkeypatch.setattr(fastpath, "ACTIVE", compiled)
-    memory = RecordingMemory(ram)
+    memory = RecordingMemory(ram) if plan[0] % 2 == 0 else FlatGuestMemory([MemoryRegion(BASE, ram)])
+    calls = memory.calls if isinstance(memory, RecordingMemory) else []
+    start = _address(memoryview(ram)) or 0
     q = Virtqueue(0, max(size, 1024))
     q.set_size(size)
     q.set_addresses(*rings)
@@ -111,17 +125,17 @@ def _run(compiled: bool, ram: bytearray | mmap.mmap, size: int, event_idx: bool,
     assert (q._fast is not None) == compiled  # the path asked for is the one taken
     seen: list[object] = []
     for decision in plan[1:]:
-        before = len(memory.calls)
+        before = len(calls)
         try:
             chain = q.pop()
         except VirtqueueError as e:
-            seen.append(("error", str(e), memory.calls[before:]))
+            seen.append(("error", str(e), calls[before:]))
             continue
         if chain is None:
             seen.append(None)
             break
-        views = [(len(v), bytes(v[:8])) for v in chain.readable + chain.writable]
-        seen.append((chain.head, len(chain.readable), views, memory.calls[before:]))
+        views = [(_address(v, start), len(v)) for v in chain.readable + chain.writable]
+        seen.append((chain.head, len(chain.readable), views, calls[before:]))
         if decision == 0:
             q.push(chain, 0)
         elif decision == 1:
@@ -210,3 +224,36 @@ def test_build_without_a_compiler_is_one_line_and_no_failure(tmp_path):
     lines = p.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fast path not built: "), p.stdout + p.stderr
     assert fastpath.BUILT == any(Path(fastpath.__file__).parent.glob("_ring*.so"))  # left as it was
+
+
+@needs_build
+def test_guest_ram_changing_between_walks_maps_the_same_buffers(monkeypatch):
+    """A region added while the queue runs (vhost-user SET_MEM_TABLE): the compiled path, which
+    slices the one region itself, falls back to map() and returns what the Python path returns."""
+    results = []
+    for compiled in (False, True):
+        monkeypatch.setattr(fastpath, "ACTIVE", compiled)
+        ram = bytearray(random.Random(1).randbytes(RAM))
+        for c in range(3):  # three chains: 16 readable bytes, 100 writable
+            _DESC.pack_into(ram, 32 * c, SCRATCH + 256 * c, 16, 1, 2 * c + 1)
+            _DESC.pack_into(ram, 32 * c + 16, SCRATCH + 256 * c + 16, 100, 2, 0)
+            struct.pack_into("<H", ram, AVAIL_AT - BASE + 4 + 2 * c, 2 * c)
+        struct.pack_into("<H", ram, AVAIL_AT - BASE + 2, 3)
+        memory = FlatGuestMemory([MemoryRegion(BASE, ram)])
+        q = Virtqueue(0, 8)
+        q.set_size(8)
+        q.set_addresses(DESC_AT, AVAIL_AT, USED_AT)
+        q.set_ready(True)
+        q.activate(memory, event_idx=False, indirect=False)
+        start = _address(memoryview(ram)) or 0
+        seen = []
+        for step in range(3):
+            chain = q.pop()
+            seen.append([(_address(v, start), len(v)) for v in chain.readable + chain.writable])
+            if step == 0:
+                memory.add_region(MemoryRegion(1 << 30, bytearray(4096)))  # now two regions
+            if step == 1:
+                memory.remove_region(1 << 30)  # one again (a new single_region)
+        results.append(seen)
+    assert results[1] == results[0]
+    assert results[0][2] == [(SCRATCH - BASE + 512, 16), (SCRATCH - BASE + 528, 100)]

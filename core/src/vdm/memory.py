@@ -158,6 +158,15 @@ class FlatGuestMemory(GuestMemory):
         r = self._regions
         self._single = (r[0].guest_addr, r[0].size, r[0].view) if len(r) == 1 else None
 
+    @property
+    def single_region(self) -> tuple[int, int, memoryview] | None:
+        """(guest address, size, view) of guest RAM when it is one region, else None.
+
+        What :meth:`map` checks a range against and slices when RAM is one region; the compiled
+        virtqueue path (:mod:`vdm.fastpath`) maps through it the same way, without the call.
+        """
+        return self._single
+
     def region_for(self, addr: int) -> MemoryRegion | None:
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:

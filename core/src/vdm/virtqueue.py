@@ -218,8 +218,8 @@ class Virtqueue(QueueConfig):
         self._avail_event16 = avail_event_offset(size) // 2
         self._used_event16 = used_event_offset(size) // 2
         if _fp.ACTIVE:
-            self._fast = FastRing(self._desc, self._avail, self._used, self._held, size,
-                                  self._avail_event16, event_idx=event_idx, indirect=indirect)  # fmt: skip
+            self._fast = FastRing(self._desc, self._avail, self._used, self._held, size, self._avail_event16,
+                                  memory, event_idx=event_idx, indirect=indirect)  # fmt: skip
         self.memory = memory
         self._event_idx = event_idx
         self._indirect = indirect

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..chain_walk import MAX_CHAIN, VirtqueueError
-from ..memory import GuestMemory, GuestMemoryError
+from ..memory import FlatGuestMemory, GuestMemory, GuestMemoryError
 
 __all__ = ["ACTIVE", "BUILT", "STATUS", "FastRing"]
 
@@ -36,7 +36,7 @@ DONE, INDIRECT, EMPTY = 0, 1, 2
 E_AHEAD, E_HELD, E_HEAD = -11, -12, -13
 # the state array's fields (ring.c's ST_*)
 ST_RBYTES, ST_IND_ADDR, ST_IND_LEN, ST_STEPS, ST_N, ST_NR, ST_VALUE = 1, 2, 3, 4, 5, 6, 7
-ST_HEAD, ST_LAST, ST_PENDING, ST_ENTRIES = 9, 10, 11, 16
+ST_HEAD, ST_LAST, ST_PENDING, ST_FLAT, ST_ENTRIES = 9, 10, 11, 12, 16
 
 def _import() -> tuple[Any, Any, str]:
     try:
@@ -81,11 +81,12 @@ def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
 class FastRing:
     """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
 
-    __slots__ = ("_keep", "entries", "limit", "pop", "ring", "size", "st", "stc", "walk", "walk_indirect")
+    __slots__ = ("_keep", "entries", "flat", "limit", "pop", "region", "ring", "size", "st", "stc", "walk",
+                 "walk_indirect")  # fmt: skip
 
     def __init__(
         self, desc: memoryview, avail: memoryview, used: memoryview, held: bytearray, size: int,
-        avail_event16: int, *, event_idx: bool, indirect: bool,
+        avail_event16: int, memory: GuestMemory, *, event_idx: bool, indirect: bool,
     ) -> None:  # fmt: skip
         ffi = _ffi
         keep = (
@@ -105,11 +106,20 @@ class FastRing:
                 "avail_event16": avail_event16, "event_idx": int(event_idx), "indirect": int(indirect),
             },
         )  # fmt: skip
+        #: the queue's memory when its map() is FlatGuestMemory's: take() slices its one region itself
+        self.flat = memory if type(memory).map is FlatGuestMemory.map else None
+        #: the single_region the C walks check entries against (ring.flat_base/flat_size); None: none
+        self.region: tuple[int, int, memoryview] | None = None
         self.entries = 0
         self._room(self.limit)
         self.pop = _lib.vdm_pop
         self.walk = _lib.vdm_walk
         self.walk_indirect = _lib.vdm_walk_indirect
+
+    def _use_region(self, region: tuple[int, int, memoryview] | None) -> None:
+        """Have the next walks check entries against ``region`` (the memory's single_region)."""
+        self.region = region
+        self.ring.flat_base, self.ring.flat_size = (region[0], region[1]) if region is not None else (0, 0)
 
     def _room(self, entries: int) -> None:
         """Make the state array hold ``entries`` (address, length) pairs."""
@@ -132,20 +142,37 @@ class FastRing:
         ring_steps = 0
         mmap = memory.map
         st = self.st
+        single = self.flat.single_region if self.flat is not None else None
+        walked = self.region  # what the walk that gave ``code`` checked the entries against
+        if single is not walked:
+            self._use_region(single)
         try:
             while True:
                 end = ST_ENTRIES + 2 * st[ST_N]
                 mid = ST_ENTRIES + 2 * st[ST_NR]
-                for k in range(ST_ENTRIES, mid, 2):
-                    readable.append(mmap(st[k], st[k + 1]))
-                for k in range(mid, end, 2):
-                    writable.append(mmap(st[k], st[k + 1], True))
+                if not st[ST_FLAT]:  # entries are (guest address, length): map() decides
+                    for k in range(ST_ENTRIES, mid, 2):
+                        readable.append(mmap(st[k], st[k + 1]))
+                    for k in range(mid, end, 2):
+                        writable.append(mmap(st[k], st[k + 1], True))
+                elif walked is single:  # (start, end) in the one region: map()'s own slice, inline
+                    view = walked[2]  # type: ignore[index]
+                    for k in range(ST_ENTRIES, mid, 2):
+                        readable.append(view[st[k] : st[k + 1]])
+                    for k in range(mid, end, 2):
+                        writable.append(view[st[k] : st[k + 1]])
+                else:  # guest RAM changed since the walk: back to guest addresses, through map()
+                    base = walked[0]  # type: ignore[index]
+                    for k in range(ST_ENTRIES, end, 2):
+                        view = mmap(base + st[k], st[k + 1] - st[k], k >= mid)
+                        (readable if k < mid else writable).append(view)
                 if code != INDIRECT:
                     break
                 ring_steps = st[ST_STEPS]
                 length = st[ST_IND_LEN]
                 table = memory.map(st[ST_IND_ADDR], length)
                 self._room(length >> 4)
+                walked = self.region
                 st = self.st
                 code = self.walk_indirect(self.ring, _ffi.from_buffer(table), length >> 4, self.stc)
             if code != DONE:

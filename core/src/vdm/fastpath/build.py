@@ -31,6 +31,8 @@ struct vdm_ring {
     uint32_t avail_event16;
     int event_idx;
     int indirect;
+    uint64_t flat_base;
+    uint64_t flat_size;
 };
 int vdm_walk(const struct vdm_ring *r, uint32_t head, uint64_t *st);
 int vdm_walk_indirect(const struct vdm_ring *r, const uint8_t *table, uint32_t count, uint64_t *st);

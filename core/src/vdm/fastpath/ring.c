@@ -48,7 +48,7 @@
 
 enum {
     ST_TOTAL = 0, ST_RBYTES, ST_IND_ADDR, ST_IND_LEN, ST_STEPS, ST_N, ST_NR, ST_VALUE,
-    ST_WRITABLE, ST_HEAD, ST_LAST, ST_PENDING, ST_ENTRIES = 16
+    ST_WRITABLE, ST_HEAD, ST_LAST, ST_PENDING, ST_FLAT, ST_ENTRIES = 16
 };
 
 struct vdm_ring {
@@ -62,6 +62,8 @@ struct vdm_ring {
     uint32_t avail_event16;
     int event_idx;
     int indirect;             /* VIRTIO_F_INDIRECT_DESC negotiated */
+    uint64_t flat_base;       /* guest RAM as one region [flat_base, flat_base + flat_size), or */
+    uint64_t flat_size;       /* flat_size 0: see flat() */
 };
 
 #define COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
@@ -141,17 +143,41 @@ static int walk(const uint8_t *table, uint32_t table_len, uint32_t limit, uint32
     return rc;
 }
 
+/* If every entry the last walk() wrote lies inside the ring's flat region, rewrite them as
+ * (start, end) offsets into it and set st[ST_FLAT] (Python then slices the region's view, as
+ * FlatGuestMemory.map does); otherwise leave them as (address, length) with st[ST_FLAT] 0. */
+static int flat(const struct vdm_ring *r, uint64_t *st, int rc)
+{
+    uint64_t *out = st + ST_ENTRIES, k, n = st[ST_N];
+
+    st[ST_FLAT] = 0;
+    if (r->flat_size == 0)
+        return rc;
+    for (k = 0; k < n; k++) {
+        uint64_t addr = out[2 * k], len = out[2 * k + 1];
+        if (addr < r->flat_base || addr - r->flat_base > r->flat_size ||
+            len > r->flat_size - (addr - r->flat_base))
+            return rc; /* (FlatGuestMemory.map decides: it maps or raises) */
+    }
+    for (k = 0; k < n; k++) {
+        out[2 * k] -= r->flat_base;
+        out[2 * k + 1] += out[2 * k];
+    }
+    st[ST_FLAT] = 1;
+    return rc;
+}
+
 /* The ring part of the chain at ``head`` (below the ring's size: the caller checked). */
 int vdm_walk(const struct vdm_ring *r, uint32_t head, uint64_t *st)
 {
     st[ST_TOTAL] = st[ST_RBYTES] = st[ST_WRITABLE] = 0;
-    return walk(r->desc, r->size, r->limit, head, 0, r->indirect, st);
+    return flat(r, st, walk(r->desc, r->size, r->limit, head, 0, r->indirect, st));
 }
 
 /* The indirect part: ``count`` descriptors at ``table`` (st holds enough room for them). */
 int vdm_walk_indirect(const struct vdm_ring *r, const uint8_t *table, uint32_t count, uint64_t *st)
 {
-    return walk(table, count, count, 0, 1, r->indirect, st);
+    return flat(r, st, walk(table, count, count, 0, 1, r->indirect, st));
 }
 
 /* vdm.virtqueue.Virtqueue.pop's ring work: read the available index, take the next head, write
