@@ -22,7 +22,7 @@ from vdm_lab.pytest_support import LAB_GUEST_RERUN
 from tests.blk import rootdisk
 from tests.blk.backends.cephcluster import CephCluster, missing
 from tests.blk.backends.nbd_servers import qemu_nbd
-from tests.realguest.conftest import kit, qemu, qemu_frontend  # noqa: F401 - the session fixtures
+from tests.realguest.conftest import kit, on_frontend, qemu, qemu_frontend  # noqa: F401 - session fixtures
 from tests.vhost_user.vdmproc import VdmProcess
 
 pytestmark = [pytest.mark.realguest, pytest.mark.slow]
@@ -56,6 +56,7 @@ def _assert_booted_from_the_disk(r: vdm_lab.GuestResult, marker: str, image: Pat
 
 @pytest.mark.skipif(libnbd.probe() is not None, reason=f"{libnbd.probe()}: the nbd protocol cannot run here")
 @LAB_GUEST_RERUN  # a TCG guest on this loaded machine now and then dies in early boot
+@on_frontend("debian13")  # each protocol with one QEMU here, with the other in test_realguest_nbd/rbd
 def test_guest_root_on_an_nbd_export(
     kit: vdm_lab.GuestKit,  # noqa: F811
     qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
@@ -80,6 +81,7 @@ def test_guest_root_on_an_nbd_export(
     reason=f"{librbd.probe() or missing()}: no Ceph cluster can run here",
 )
 @LAB_GUEST_RERUN
+@on_frontend("host")
 def test_guest_root_on_an_rbd_image(
     kit: vdm_lab.GuestKit,  # noqa: F811
     qemu_frontend: vdm_lab.QemuFrontend,  # noqa: F811
