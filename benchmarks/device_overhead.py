@@ -13,9 +13,17 @@ as the round has requests, on the same page-cached file (the ``raw`` image), tim
 Floor and device alternate round by round, so a change of the machine's load hits both; the table
 gives each device figure as a multiple of the floor measured beside it (median of the per-run
 multiples), so figures from a loaded or a different machine can be compared (issue 18's table 3).
+The last column is the benchmark thread's CPU time per request while the device round runs (the
+minimum over the runs): the device's own work where the kick is served inline, which the load
+changes far less than the wall clock.
 
     python3 benchmarks/device_overhead.py [--seconds 3] [--runs 3] [--op read|write] [--profile]
     python3 benchmarks/device_overhead.py --trees /tmp/before,. --backends raw  # A/B of two commits
+    python3 benchmarks/device_overhead.py --paths --backends null,raw  # Python vs compiled virtqueue path
+
+``--paths``: the virtqueue's two paths (vdm.fastpath) of this checkout in child processes,
+``VDM_FASTPATH=0`` (Python) and the default (compiled), a round of each in turn per run, each
+with its floor; every child prints the path it ran on, so a row never claims a path it did not take.
 """
 
 from __future__ import annotations
@@ -98,7 +106,7 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
     drv.kick(0)
     drv.wait(0, inflight)
     n = 0
-    busy = floor_busy = 0.0
+    busy = floor_busy = cpu = 0.0
     prof = cProfile.Profile() if profile else None
     # the floor, timed round by round next to the device (module doc)
     fd = os.open(image(tmp), os.O_RDWR)
@@ -117,7 +125,7 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
         # used_event: interrupt when the last of the round is returned
         q.set_used_event(q.avail_idx - 1)
         target = q.avail_idx
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if prof:
             prof.enable()
         with drv.irq.cond:
@@ -128,6 +136,7 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
         if prof:
             prof.disable()
         busy += time.perf_counter() - t0
+        cpu += time.thread_time() - c0
         n += inflight
     dev.close()
     os.close(fd)
@@ -139,6 +148,7 @@ def run(kind: str, inflight: int, seconds: float, tmp: str, profile: bool, op: s
         "us_per_req": busy / n * 1e6,
         "floor_us": floor_busy / n * 1e6,
         "multiple": busy / floor_busy,
+        "cpu_us": cpu / n * 1e6,
     }
     if prof:
         out["profile"] = prof
@@ -154,33 +164,45 @@ def one_round(kinds: list[str], seconds: float, tmp: str, op: str) -> list[dict]
     return out
 
 
-def child_round(tree: str, a: argparse.Namespace, tmp: str) -> list[dict]:
-    """:func:`one_round` in a child process that imports vdm and vdm-blk from the checkout ``tree``."""
+def child_round(tree: str, a: argparse.Namespace, tmp: str, fastpath: str | None = None) -> list[dict]:
+    """:func:`one_round` in a child process that imports vdm and vdm-blk from the checkout ``tree``
+    (with ``VDM_FASTPATH=fastpath`` if given)."""
     root = Path(tree).resolve()
     env = dict(os.environ, PYTHONPATH=f"{root}/core/src{os.pathsep}{root}/plugins/blk/src")
+    if fastpath is not None:
+        env["VDM_FASTPATH"] = fastpath
     argv = [sys.executable, __file__, "--child", tmp, "--seconds", str(a.seconds),
             "--backends", a.backends, "--op", a.op]  # fmt: skip
     p = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"the round on {tree} failed (exit {p.returncode}): {p.stderr.strip()[-500:]}")
-    return json.loads(p.stdout)
+    rows = json.loads(p.stdout)
+    if fastpath is not None:
+        want = "python" if fastpath == "0" else "compiled"
+        got = {r["fastpath"] for r in rows}
+        if got != {want} and not (want == "python" and all(g.startswith("python") for g in got)):
+            raise SystemExit(f"the {want} round ran on {got}")
+    return rows
 
 
 def table(tree: str, kinds: list[str], rows: list[dict], op: str) -> None:
     """The Markdown table of ``rows`` (medians per row); ``tree`` (if any) as a first column."""
     call = "preadv" if op == "read" else "pwritev"
     first = "| tree " if tree else ""
-    print(f"{first}| backend | in flight | requests/s | µs/request | floor: bare os.{call} (µs) | x floor |")
-    print("| --- " * (7 if tree else 6) + "|")
+    print(f"{first}| backend | in flight | requests/s | µs/request | floor: bare os.{call} (µs) | x floor "
+          "| CPU µs/request |")  # fmt: skip
+    print("| --- " * (8 if tree else 7) + "|")
     for kind in kinds:
         for inflight in (1, 8, 32):
             rs = [r for r in rows if r["backend"] == kind and r["inflight"] == inflight]
             rps = statistics.median(r["req_per_s"] for r in rs)
             fl = statistics.median(r["floor_us"] for r in rs)
             mult = statistics.median(r["multiple"] for r in rs)
+            cpu = min(r.get("cpu_us", float("nan")) for r in rs)
             first = f"| {tree} " if tree else ""
             print(
-                f"{first}| {kind} | {inflight} | {rps:,.0f} | {1e6 / rps:.1f} | {fl:.2f} | {mult:.1f} |",
+                f"{first}| {kind} | {inflight} | {rps:,.0f} | {1e6 / rps:.1f} | {fl:.2f} | {mult:.1f} "
+                f"| {cpu:.1f} |",
                 flush=True,
             )
 
@@ -197,27 +219,43 @@ def main() -> None:
         help="DIR,DIR...: vdm checkouts (e.g. `git worktree add /tmp/old COMMIT`) measured in child "
         "processes, a round of each in turn per run: an A/B of commits in one run",
     )
+    ap.add_argument(
+        "--paths",
+        action="store_true",
+        help="measure this checkout's two virtqueue paths, Python (VDM_FASTPATH=0) and compiled, "
+        "in child processes, a round of each in turn per run",
+    )
     ap.add_argument("--child", metavar="TMP", help=argparse.SUPPRESS)  # one round, JSON out
     args = ap.parse_args()
     kinds = args.backends.split(",")
     if args.child:
-        json.dump([{k: v for k, v in r.items() if k != "profile"} for r in
+        from vdm.fastpath import STATUS
+
+        json.dump([{**{k: v for k, v in r.items() if k != "profile"}, "fastpath": STATUS} for r in
                    one_round(kinds, args.seconds, args.child, args.op)], sys.stdout)  # fmt: skip
         return
     trees = args.trees.split(",") if args.trees else []
+    paths = {"python": "0", "compiled": "1"} if args.paths else {}
     with tempfile.TemporaryDirectory() as tmp:
         image(tmp)
         load0 = os.getloadavg()[0]
-        res: dict[str, list[dict]] = {t: [] for t in trees or [""]}
+        res: dict[str, list[dict]] = {t: [] for t in paths or trees or [""]}
         for _ in range(args.runs):
             for t in res:
-                res[t] += child_round(t, args, tmp) if t else one_round(kinds, args.seconds, tmp, args.op)
+                if paths:
+                    res[t] += child_round(str(Path(__file__).resolve().parents[1]), args, tmp, paths[t])
+                else:
+                    res[t] += child_round(t, args, tmp) if t else one_round(kinds, args.seconds, tmp, args.op)
         load1 = os.getloadavg()[0]
         print(
             f"4 KiB {args.op}s; load average before/after: {load0:.2f} / {load1:.2f}; "
             f"median of {args.runs} runs of {args.seconds:g} s each\n"
         )
-        if trees:
+        if paths:
+            git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 check=False, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+            print(f"- this checkout ({git.stdout.strip()}): python = VDM_FASTPATH=0, compiled = default\n")
+        elif trees:
             for t in trees:
                 git = subprocess.run(["git", "-C", t, "rev-parse", "--short", "HEAD"],
                                      capture_output=True, text=True, check=False)  # fmt: skip
