@@ -136,14 +136,25 @@ class FastRing:
         Returns (readable views, writable views, descriptors read, readable bytes), or raises
         :class:`VirtqueueError` with walk_chain's message, nothing left mapped.
         """
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        table: memoryview | None = None
-        ring_steps = 0
-        mmap = memory.map
         st = self.st
         single = self.flat.single_region if self.flat is not None else None
         walked = self.region  # what the walk that gave ``code`` checked the entries against
+        if code == DONE and st[ST_FLAT] and single is walked:
+            # the common case, in short: a whole chain in the one region it was checked against
+            view = walked[2]  # type: ignore[index]
+            mid = ST_ENTRIES + 2 * st[ST_NR]
+            readable = []
+            writable = []
+            for k in range(ST_ENTRIES, mid, 2):  # (loops: cheaper than comprehensions in 3.11)
+                readable.append(view[st[k] : st[k + 1]])
+            for k in range(mid, ST_ENTRIES + 2 * st[ST_N], 2):
+                writable.append(view[st[k] : st[k + 1]])
+            return readable, writable, st[ST_STEPS], st[ST_RBYTES]
+        readable = []
+        writable = []
+        table: memoryview | None = None
+        ring_steps = 0
+        mmap = memory.map
         if single is not walked:
             self._use_region(single)
         try:
