@@ -6,7 +6,8 @@ the request queue, then the backend lifecycle. The 9P2000.L server itself is
 shared directory :mod:`vdm_9p.export`).
 
 * One queue, ``requestq``. A request is a chain whose device-readable part is one T-message and
-  whose device-writable part receives the R-message; the used length is the reply's size.
+  whose device-writable part receives the R-message; the used length is the reply's size. File
+  data goes between the file and those buffers without copies (:meth:`Server.serve`).
 * Feature ``VIRTIO_9P_MOUNT_TAG`` (bit 0): the configuration space is ``tag_len[2] tag[tag_len]``,
   the name the guest mounts (``mount -t 9p -o trans=virtio TAG /mnt``).
 * A chain with no room for an ``Rlerror`` (11 bytes) or shorter than a 9P header breaks the
@@ -28,6 +29,7 @@ import resource
 import struct
 
 from vdm.device import VirtioDevice
+from vdm.sg import scatter
 from vdm.virtqueue import Virtqueue
 
 from .config import NinepConfig
@@ -101,12 +103,15 @@ class NinepDevice(VirtioDevice):
     # ---- the request queue ----------------------------------------------------------------------
 
     def process_queue(self, queue: Virtqueue) -> None:
+        server = self.server
         while True:
             chain = queue.pop()
             if chain is None:
                 break
+            readable, writable = chain.readable, chain.writable
             room = chain.writable_len
-            head = chain.read(0, HEADER.size)
+            first = readable[0] if readable else b""
+            head = first if len(first) >= HEADER.size else chain.read(0, HEADER.size)
             if len(head) < HEADER.size or room < HEADER.size + 4:
                 queue.discard(chain)
                 self.fail(
@@ -114,13 +119,12 @@ class NinepDevice(VirtioDevice):
                     "(a 9P request needs a 7-byte header and room for an 11-byte Rlerror)"
                 )
                 return
-            size, _mtype, tag = HEADER.unpack(head)
-            limit = min(chain.readable_len, MAX_MSIZE, max(self.server.msize, 8192))
+            size, _mtype, tag = HEADER.unpack_from(head)
+            limit = min(chain.readable_len, MAX_MSIZE, max(server.msize, 8192))
             if not HEADER.size <= size <= limit:
-                reply = rlerror(tag, errno.EINVAL)
+                written = scatter(rlerror(tag, errno.EINVAL), writable)
             else:
-                reply = self.server.handle(chain.read(0, size), room)
-            written = chain.write(reply)
+                written = server.serve(readable, size, writable, room)
             self.requests += 1
             queue.push(chain, written)
         self.signal_used(queue)

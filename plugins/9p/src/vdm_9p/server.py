@@ -1,6 +1,7 @@
 """A 9P2000.L file server over one :class:`~vdm_9p.export.Export`: request bytes in, reply out.
 
-:meth:`Server.handle` takes one T-message and returns its R-message. It never raises for
+:meth:`Server.handle` takes one T-message and returns its R-message (:meth:`DataPath.serve`,
+the same from and into a chain's buffers, reads and writes file data without copies). It never raises for
 anything a guest sends: a malformed body is ``Rlerror(EINVAL)``, an unknown fid ``EBADF``, an
 unknown message ``EOPNOTSUPP``, a host error its errno; a read-only export answers every
 modifying request with ``EROFS``. Requests are served one at a time, in order (a lock
@@ -22,6 +23,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from .datapath import DataPath
 from .export import MODE_MASK, Export, Node, check_name, proc_path
 from .protocol import MAXWELEM, NOFID, Msg, ProtocolError, Reader, Reply, qid_bytes, rlerror
 from .tree import TreeOps
@@ -87,7 +89,7 @@ class Fid:
         self.node.close()
 
 
-class Server(TreeOps):
+class Server(TreeOps, DataPath):
     """The 9P2000.L server of one export (not thread-safe: one request at a time)."""
 
     def __init__(self, export: Export, *, max_fids: int = 4096) -> None:
