@@ -43,6 +43,31 @@ except (ValueError, OSError):  # pragma: no cover - every Linux has it
     _IOV_MAX = 1024
 
 
+def _window(views: Sequence[memoryview], skip: int, count: int) -> list[memoryview]:
+    """The views covering ``count`` bytes after the first ``skip`` (fewer if they end first):
+    what :func:`vdm.sg.slice_views` returns, but the whole buffers inside the window are the
+    views given, not new slices of them (a guest's pages are whole buffers)."""
+    i, n = 0, len(views)
+    while i < n and skip >= len(views[i]):
+        skip -= len(views[i])
+        i += 1
+    out = list(views[i:])
+    if not out or count <= 0:
+        return []
+    if skip:
+        out[0] = out[0][skip:]
+    excess = sum(map(len, out)) - count
+    while excess > 0:
+        last = out[-1]
+        if len(last) <= excess:
+            out.pop()
+            excess -= len(last)
+        else:
+            out[-1] = last[: len(last) - excess]
+            excess = 0
+    return out
+
+
 def _gather(views: Sequence[memoryview], length: int) -> bytes:
     return b"".join(bytes(v) for v in slice_views(views, 0, length))
 
@@ -82,7 +107,7 @@ class DataPath(_Base):
         count = max(0, min(count, self.msize - 11, room - 11))
         n = 0
         if count:
-            views = slice_views(reply, _IO_REPLY.size, count)
+            views = _window(reply, _IO_REPLY.size, count)
             if len(views) <= _IOV_MAX:
                 n = os.preadv(fd, views, offset)
             else:  # more buffers than one system call takes: through one bytes object
@@ -107,7 +132,7 @@ class DataPath(_Base):
             raise OSError(errno.EINVAL, "count past the end of the message")
         fd = self._open_fd(fid)
         self.export.check_writable()
-        views = slice_views(req, _IO_REQ.size, count)
+        views = _window(req, _IO_REQ.size, count)
         if views and len(views) <= _IOV_MAX:
             n = os.pwritev(fd, views, offset)
         else:
