@@ -38,6 +38,7 @@ E_AHEAD, E_HELD, E_HEAD = -11, -12, -13
 ST_RBYTES, ST_IND_ADDR, ST_IND_LEN, ST_STEPS, ST_N, ST_NR, ST_VALUE = 1, 2, 3, 4, 5, 6, 7
 ST_HEAD, ST_LAST, ST_PENDING, ST_FLAT, ST_ENTRIES = 9, 10, 11, 12, 16
 
+
 def _import() -> tuple[Any, Any, str]:
     try:
         from ._ring import ffi, lib  # type: ignore[import-not-found]
