@@ -16,7 +16,8 @@ is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<rea
 
 Invariants: a :class:`FastRing` exists only while its queue's rings are mapped and is dropped with
 them (it holds C pointers into the ring views and the queue's ``_held`` bytearray, never past
-their life); its state array always has room for the longest walk its next call may record.
+their life); its state array always has room for the longest walk its next call may record, and
+is used by one taker at a time (pop, chain_at), as the queue's take counters already require.
 """
 
 from __future__ import annotations
