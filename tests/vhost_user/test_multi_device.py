@@ -21,6 +21,7 @@ from vdm.registry import DeviceContext
 from vdm_blk.config import BlkConfig
 from vdm_blk.device import S_OK, T_IN, T_OUT
 from vdm_blk.plugin import create as create_blk
+from vdm_vhost_user import server as vu_server
 from vdm_vhost_user.protocol import HEADER, VERSION, Req
 from vdm_vhost_user.server import VhostUserServer
 
@@ -113,10 +114,13 @@ def test_one_frontend_misbehaving_leaves_the_other_device_serving(two_servers, m
 
 
 @pytest.mark.parametrize("withheld", ["payload", "half the header"])
-def test_a_frontend_stalled_mid_message_holds_up_only_its_own_device(two_servers, withheld, caplog):
+def test_a_frontend_stalled_mid_message_holds_up_only_its_own_device(two_servers, withheld, caplog,
+                                                                     monkeypatch):
     """Frontend a sends part of a message and withholds the rest; b's requests are served
     meanwhile, while a is still connected, on one shared loop as with --loop-per-device. a's
-    message timeout (10 s) then ends a alone, with one log line."""
+    message timeout then ends a alone, with one log line. The timeout is 4 s here instead of vdm's
+    10: the same timer ends the connection, and the four cases waited 10 s each on it."""
+    monkeypatch.setattr(vu_server, "MESSAGE_TIMEOUT", 4.0)
     a_srv, b_srv = two_servers
     a, b = _frontend(a_srv.path), _frontend(b_srv.path)
     caplog.set_level(logging.INFO)
