@@ -172,3 +172,14 @@ def test_reset_closes_every_fid(virtio_driver, share):
     assert len(os.listdir("/proc/self/fd")) >= before + 49
     c.drv.init()  # the driver resets the device
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_getattr_of_a_file_from_before_1970(virtio_driver, share):
+    (share / "old").write_bytes(b"x")
+    os.utime(share / "old", ns=(-1_500_000_000, -86_400 * 10**9 + 7))
+    c = connect(virtio_driver, share)
+    c.walk(0, 1, "old")
+    p = c.rpc("getattr", struct.pack("<IQ", 1, 0x7FF))
+    p.p += 8 + 13 + 12 + 40  # valid, qid, mode uid gid, nlink rdev size blksize blocks
+    atime, mtime = p.take("qQ"), p.take("qQ")
+    assert atime == (-2, 500_000_000) and mtime == (-86_400, 7)  # seconds as two's complement

@@ -79,20 +79,26 @@ class DataPath(_Base):
         """Serve the T-message in the first ``size`` bytes of ``req``; write the R-message into
         ``reply`` (``room`` bytes, at least 11) and return its length."""
         first = req[0]
-        head = bytes(first[: _IO_REQ.size]) if len(first) >= _IO_REQ.size else _gather(req, _IO_REQ.size)
-        if size >= _IO_REQ.size and len(head) == _IO_REQ.size and head[4] in _IO_TYPES:
-            _size, mtype, tag, fid, offset, count = _IO_REQ.unpack(head)
-            try:
-                with self._lock:
-                    if mtype == Msg.TREAD:
-                        return self._read_into(fid, offset, count, tag, reply, room)
-                    return self._write_from(fid, offset, count, size, tag, req, reply)
-            except OSError as e:
-                out = rlerror(tag, e.errno or errno.EIO)
-            except (ValueError, OverflowError):  # an offset past off_t
-                out = rlerror(tag, errno.EINVAL)
-            return scatter(out, reply)
-        return scatter(self.handle(_gather(req, size), room), reply)
+        if size >= _IO_REQ.size:
+            head = bytes(first[: _IO_REQ.size]) if len(first) >= _IO_REQ.size else _gather(req, _IO_REQ.size)
+            if head[4] in _IO_TYPES:
+                _size, mtype, tag, fid, offset, count = _IO_REQ.unpack(head)
+                try:
+                    with self._lock:
+                        if mtype == Msg.TREAD:
+                            return self._read_into(fid, offset, count, tag, reply, room)
+                        return self._write_from(fid, offset, count, size, tag, req, reply)
+                except OSError as e:
+                    out = rlerror(tag, e.errno or errno.EIO)
+                except (ValueError, OverflowError):  # an offset past off_t
+                    out = rlerror(tag, errno.EINVAL)
+                return scatter(out, reply)
+        msg = bytes(first[:size]) if len(first) >= size else _gather(req, size)
+        out = self.handle(msg, room)
+        if len(reply[0]) >= len(out):
+            reply[0][: len(out)] = out
+            return len(out)
+        return scatter(out, reply)
 
     def _open_fd(self, fid: int) -> int:
         f = self.fids.get(fid)

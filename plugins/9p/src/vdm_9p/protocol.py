@@ -150,8 +150,9 @@ class Reply:
         return self
 
     def message(self, rtype: int, tag: int) -> bytes:
-        body = b"".join(self.parts)
-        return HEADER.pack(HEADER.size + len(body), rtype, tag) + body
+        parts = self.parts
+        parts.insert(0, HEADER.pack(HEADER.size + sum(map(len, parts)), rtype, tag))
+        return b"".join(parts)
 
 
 def rlerror(tag: int, errno: int) -> bytes:

@@ -19,13 +19,14 @@ import errno
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from typing import Callable, Optional
 
 from .datapath import DataPath
 from .export import MODE_MASK, Export, Node, check_name, proc_path
-from .protocol import MAXWELEM, NOFID, Msg, ProtocolError, Reader, Reply, qid_bytes, rlerror
+from .protocol import HEADER, MAXWELEM, NOFID, Msg, ProtocolError, Reader, Reply, qid_bytes, rlerror
 from .tree import TreeOps
 
 __all__ = ["Fid", "Server"]
@@ -42,6 +43,10 @@ V9FS_MAGIC = 0x01021997
 SA_MODE, SA_UID, SA_GID, SA_SIZE = 0x1, 0x2, 0x4, 0x8
 SA_ATIME, SA_MTIME, SA_CTIME, SA_ATIME_SET, SA_MTIME_SET = 0x10, 0x20, 0x40, 0x80, 0x100
 GETATTR_BASIC = 0x7FF
+#: Rgetattr's body: valid[8] qid[13] mode uid gid[4 each] nlink rdev size blksize blocks[8 each]
+#: atime mtime ctime btime (sec[8] nsec[8] each) gen[8] data_version[8]
+_GETATTR = struct.Struct("<Q13sIIIQQQQQQQQQQQQQQQ")
+_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 # Linux open flags as the 9P2000.L client sends them (the x86 / generic values)
 _DOTL_ACCMODE, _DOTL_TRUNC, _DOTL_APPEND, _DOTL_EXCL = 0o3, 0o1000, 0o2000, 0o200
 _DOTL_DIRECTORY, _DOTL_SYNC, _DOTL_DSYNC = 0o200000, 0o4000000, 0o10000
@@ -137,11 +142,10 @@ class Server(TreeOps, DataPath):
             return self._handle(msg, room)
 
     def _handle(self, msg: bytes | memoryview, room: int) -> bytes:
-        r = Reader(msg)
-        try:
-            size, mtype, tag = r.u32(), r.u8(), r.u16()
-        except ProtocolError:
+        if len(msg) < HEADER.size:
             return rlerror(0, errno.EINVAL)
+        size, mtype, tag = HEADER.unpack_from(msg)
+        r = Reader(msg, HEADER.size)
         if size != len(msg):
             return rlerror(tag, errno.EINVAL)
         out = Reply()
@@ -270,11 +274,16 @@ class Server(TreeOps, DataPath):
     def getattr(self, r: Reader, out: Reply) -> None:
         f, _mask = self._fid(r), r.u64()
         st = os.fstat(f.node.fd)
-        out.u64(GETATTR_BASIC).raw(self._qid_of(st)).u32(st.st_mode).u32(st.st_uid).u32(st.st_gid)
-        out.u64(st.st_nlink).u64(st.st_rdev).u64(st.st_size).u64(st.st_blksize).u64(st.st_blocks)
-        for ns in (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, 0):
-            out.u64(ns // 10**9).u64(ns % 10**9)
-        out.u64(0).u64(0)  # gen, data_version
+        at, mt, ct = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        out.raw(
+            _GETATTR.pack(
+                GETATTR_BASIC, self._qid_of(st), st.st_mode, st.st_uid & _M32, st.st_gid & _M32,
+                st.st_nlink, st.st_rdev, st.st_size, st.st_blksize, st.st_blocks,
+                at // 10**9 & _M64, at % 10**9, mt // 10**9 & _M64, mt % 10**9,
+                ct // 10**9 & _M64, ct % 10**9,
+                0, 0, 0, 0,  # btime, gen, data_version
+            )
+        )
 
     def setattr(self, r: Reader, out: Reply) -> None:
         f, valid, mode, uid, gid, size = self._fid(r), r.u32(), r.u32(), r.u32(), r.u32(), r.u64()
