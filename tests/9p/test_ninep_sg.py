@@ -161,3 +161,19 @@ def test_zero_length_read_and_write(env):
     written, area = request(c, 118, struct.pack("<IQI", 1, 5, 0))
     assert written == 11 and struct.unpack_from("<IBHI", area) == (11, 119, 77, 0)
     assert (share / "f").read_bytes() == data
+
+
+def test_more_buffers_than_one_system_call_takes(env):
+    """An indirect table may hold more buffers than IOV_MAX (1024): the data still arrives whole."""
+    c, share, data = env
+    n = 1500
+    used = c.drv.request(0, out=[struct.pack("<IBHIQI", 23, 116, 77, 1, 10, 8 * n)], in_lens=[11] + [8] * n,
+                         indirect=True)
+    assert used.written == 11 + 8 * n and struct.unpack_from("<I", used.data, 7)[0] == 8 * n
+    assert used.data[11 : 11 + 8 * n] == data[10 : 10 + 8 * n]
+    new = os.urandom(8 * n)
+    msg = struct.pack("<IBHIQI", 23 + len(new), 118, 77, 1, 20, len(new)) + new
+    used = c.drv.request(0, out=[msg[:23]] + [msg[i : i + 8] for i in range(23, len(msg), 8)], in_lens=[64],
+                         indirect=True)
+    assert struct.unpack_from("<IBHI", used.data) == (11, 119, 77, len(new))
+    assert (share / "f").read_bytes() == data[:20] + new + data[20 + len(new) :]
