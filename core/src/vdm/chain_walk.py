@@ -41,6 +41,25 @@ class VirtqueueError(Exception):
     """The driver broke the virtqueue rules (a guest error: the device must be reset)."""
 
 
+def failed_chain(
+    error: VirtqueueError | GuestMemoryError, memory: GuestMemory, views: list[memoryview], queue: int
+) -> VirtqueueError:
+    """Unmap ``views`` (a chain mapped so far) and return the :class:`VirtqueueError` to raise.
+
+    ``error`` is what stopped the chain's walk: a :class:`VirtqueueError` is returned as it is, a
+    :class:`GuestMemoryError` (a buffer outside guest RAM) becomes one naming ``queue``, with
+    ``error`` as its cause. The one error path of :func:`walk_chain` and of
+    :meth:`vdm.fastpath.FastRing.take`, so both leave nothing mapped and say the same.
+    """
+    for v in views:
+        memory.unmap(v)
+    if isinstance(error, GuestMemoryError):
+        wrapped = VirtqueueError(f"queue {queue}: {error}")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
+
+
 def walk_chain(
     table: memoryview, size: int, head: int, memory: GuestMemory, indirect: bool, queue: int
 ) -> tuple[list[memoryview], list[memoryview], int, int]:
@@ -101,11 +120,7 @@ def walk_chain(
         if total > MAX_CHAIN_BYTES:
             raise VirtqueueError(f"queue {queue}: chain describes more than 4 GiB")
     except (VirtqueueError, GuestMemoryError) as e:
-        for v in readable + writable:
-            memory.unmap(v)
-        if isinstance(e, GuestMemoryError):
-            raise VirtqueueError(f"queue {queue}: {e}") from e
-        raise
+        raise failed_chain(e, memory, readable + writable, queue)
     finally:
         if indirect_table is not None:
             memory.unmap(indirect_table)

@@ -27,7 +27,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from ..chain_walk import MAX_CHAIN, VirtqueueError
+from ..chain_walk import MAX_CHAIN, VirtqueueError, failed_chain
 from ..memory import FlatGuestMemory, GuestMemory, GuestMemoryError
 
 __all__ = ["ACTIVE", "BUILT", "STATUS", "FastRing"]
@@ -191,11 +191,7 @@ class FastRing:
             if code != DONE:
                 raise VirtqueueError(_message(code, st, queue, self.limit, self.size))
         except (VirtqueueError, GuestMemoryError) as e:
-            for v in readable + writable:
-                memory.unmap(v)
-            if isinstance(e, GuestMemoryError):
-                raise VirtqueueError(f"queue {queue}: {e}") from e
-            raise
+            raise failed_chain(e, memory, readable + writable, queue)
         finally:
             if table is not None:
                 memory.unmap(table)
