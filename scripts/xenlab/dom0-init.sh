@@ -14,6 +14,11 @@
 # xenlab.vdmtest=boot,blk,rng,net,nettcp xenlab.mib=4 xenlab.tcpmib=16 xenlab.timeout=400
 # xenlab.rounds=2 xenlab.grants=1 (round 1's grant_usage) xenlab.shell=1 (debug: a shell at the end).
 # xenlab.domuarg=ARG (repeatable): ARG appended to the domU kernel's command line.
+# xenlab.mtu=9000 (none in xenlab.bench runs; empty: 1500): the MTU of round 1's net device (vdm's
+# --device net,...,mtu=: VIRTIO_NET_F_MTU) and of its tap in dom0 (which refused 65535). Measured
+# (scripts/xenlab/README.md): TCP between the domU and dom0 moved MTU-sized frames although TSO/GSO
+# was negotiated both ways, and each frame's fixed cost in the emulated machine (vdm's ioreqs,
+# interrupt and grant maps, the domU's and dom0's stacks) set the pace.
 # xenlab.bench=ROUNDS [xenlab.benchmib=16 xenlab.benchops=256 xenlab.benchnet=MIB] (benchmarks/
 # xenlab_pv.py): one domU instead, with vdm's virtio-blk on the QEMU disk with serial
 # xenlab0 and Xen's PV block (xen-blkback, hotplug by /lab/pv-hotplug) on the one with serial
@@ -27,7 +32,7 @@ export PATH=/usr/lib/xen-4.20/bin:/usr/sbin:/usr/bin:/sbin:/bin LD_LIBRARY_PATH=
 up() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "XENLAB $* uptime_s=$(up)"; }
 DISK=/dev/vda; WL=boot,blk,rng,net,nettcp; MIB=4; TCPMIB=16; TIMEOUT=400; ROUNDS=2; SHELL_AT_END=
-BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; BENCHBLK=; DOMU_EXTRA=; DOMU_ARGS=; CFG_EXTRA=; BLKOPTS=; GRANTS=1
+BENCH=; BENCHMIB=16; BENCHOPS=256; BENCHNET=0; BENCHBLK=; DOMU_EXTRA=; DOMU_ARGS=; CFG_EXTRA=; BLKOPTS=; GRANTS=1; MTU=9000
 DOMU_KERNEL=/lab/domu-Image; [ -s $DOMU_KERNEL ] || DOMU_KERNEL=/lab/Image
 for w in $(cat /proc/cmdline); do case $w in
   xenlab.disk=*) DISK=${w#*=};; xenlab.vdmtest=*) WL=${w#*=};; xenlab.mib=*) MIB=${w#*=};;
@@ -35,7 +40,7 @@ for w in $(cat /proc/cmdline); do case $w in
   xenlab.tcpmib=*) TCPMIB=${w#*=};; xenlab.rounds=*) ROUNDS=${w#*=};; xenlab.grants=*) GRANTS=${w#*=};;
   xenlab.bench=*) BENCH=${w#*=};; xenlab.benchmib=*) BENCHMIB=${w#*=};; xenlab.benchops=*) BENCHOPS=${w#*=};;
   xenlab.benchnet=*) BENCHNET=${w#*=};; xenlab.benchblk=*) BENCHBLK=${w#*=};;
-  xenlab.domuarg=*) DOMU_ARGS="$DOMU_ARGS ${w#*=}";;
+  xenlab.domuarg=*) DOMU_ARGS="$DOMU_ARGS ${w#*=}";; xenlab.mtu=*) MTU=${w#*=};;
 esac; done
 finish() {
   log "END $*"
@@ -86,7 +91,7 @@ CFG
   log "R$n DOMU-CREATED-PAUSED name=$name domid=$domid create_s=$(awk "BEGIN{print $(up)-$t0}")"
   dev=; for id in $devs; do case $id in
     2) dev="$dev --device blk,path=$DISK$BLKOPTS";;
-    1) dev="$dev --device net,tapif=vdmtap$n,host_ip=10.0.2.2/24";;
+    1) dev="$dev --device net,tapif=vdmtap$n,host_ip=10.0.2.2/24${MTU:+,mtu=$MTU}";;
     3) dev="$dev --device console,backend=socket:/tmp/hvc$n.sock";;
   esac; done
   # shellcheck disable=SC2086
@@ -103,12 +108,20 @@ CFG
   log "R$n DEVICES-INITWAIT ready_s=$(awk "BEGIN{print $(up)-$t0}")"
   case " $devs " in *" 1 "*)
     ip addr show dev vdmtap$n | sed -n "s/.*inet \([0-9.\/]*\).*/$P TAP vdmtap$n addr=\1/p"
+    [ -n "$MTU" ] && { ip link set vdmtap$n mtu "$MTU" || log "R$n WARN tap mtu $MTU"; }
+    ip link show dev vdmtap$n | sed -n "s/.* mtu \([0-9]*\).*/$P TAP vdmtap$n mtu=\1/p"
     if [ -n "$BENCH" ]; then python3 /lab/peer.py serve "$BENCHNET" >/tmp/peer$n.log 2>&1 & PEER=$!
     else python3 /lab/peer.py tcp 10.0.2.2 5555 "$TCPMIB" >/tmp/peer$n.log 2>&1 & PEER=$!; fi;; *) PEER=;; esac
   xl unpause $name
   log "R$n DOMU-UNPAUSED"
   CON=/var/log/xen/console/guest-$name.log
   t=0; vl=0; cl=0
+  cpu() {  # CPU seconds so far: dom0 (user system idle) and each of vdm's threads, the peers
+    c="$P CPU dom0=$(awk '/^cpu /{printf "%d/%d/%d", $2/100, $4/100, $5/100}' /proc/stat)"
+    for p in $VDM $PEER $HVCPEER; do for s in /proc/$p/task/*/stat; do
+      c="$c $(sed 's/.*) //' "$s" 2>/dev/null | awk -v t="${s%/stat}" '{n=split(t,a,"/"); printf "%s:%.1f", a[n], ($12+$13)/100}')"
+    done; done; echo "$c uptime_s=$(up)"
+  }
   relay() {  # new lines of the domU's console and of vdm's log
     c=$(tr -d '\r' <"$CON" 2>/dev/null | wc -l); [ "$c" -gt "$cl" ] && tr -d '\r' <"$CON" | sed -n "$((cl+1)),${c}p" | sed "s/^/$P DOMU /"; cl=$c
     c=$(wc -l </tmp/vdm$n.log); [ "$c" -gt "$vl" ] && sed -n "$((vl+1)),${c}p" /tmp/vdm$n.log | sed "s/^/$P VDM /"; vl=$c
@@ -117,14 +130,14 @@ CFG
     grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && break
     kill -0 $VDM 2>/dev/null || { log "R$n VDM-DIED-EARLY"; break; }
     [ $((t % 10)) = 9 ] && relay
-    [ $((t % 60)) = 59 ] && xl list 2>&1 | sed "s/^/$P XL-LIST /"
+    [ $((t % 60)) = 59 ] && { xl list 2>&1 | sed "s/^/$P XL-LIST /"; cpu; }
     sleep 1; t=$((t+1))
   done
   # the console peer: give its command a few seconds more if the workloads were quicker
   if [ -n "$HVCPEER" ]; then
     i=0; while ! grep -q 'cmd-ran' /tmp/hvcpeer$n.log && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done
   fi
-  relay
+  relay; cpu
   grep -q 'VDMTEST DONE' "$CON" 2>/dev/null && log "R$n DOMU-DONE" || log "R$n DOMU-TIMEOUT"
   [ -n "$BENCH" ] && [ -n "$PEER" ] && kill $PEER 2>/dev/null  # serve runs until killed
   if [ -n "$PEER" ]; then  # it still drains and checksums what the domU sent last
@@ -147,7 +160,7 @@ if [ -n "$BENCH" ]; then
   DISK=$(byserial xenlab0); PVDISK=$(byserial xenlab1)
   [ -b "$DISK" ] && [ -b "$PVDISK" ] || finish fail reason=bench_disks vdm=$DISK pv=$PVDISK
   log "BENCH vdm_disk=$DISK pv_disk=$PVDISK rounds=$BENCH mib=$BENCHMIB ops=$BENCHOPS net=$BENCHNET"
-  DOMU_EXTRA=" xenlab.bench=$BENCH xenlab.benchmib=$BENCHMIB xenlab.benchops=$BENCHOPS xenlab.benchnet=$BENCHNET"
+  MTU=; DOMU_EXTRA=" xenlab.bench=$BENCH xenlab.benchmib=$BENCHMIB xenlab.benchops=$BENCHOPS xenlab.benchnet=$BENCHNET"
   CFG_EXTRA="disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=phy, script=/lab/pv-hotplug, target=$PVDISK' ]"
   devs=2
   [ "$BENCHNET" -gt 0 ] && { devs="2 1"; CFG_EXTRA="$CFG_EXTRA
