@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.realguest, pytest.mark.slow]
 @pytest.fixture
 def rng_backend(tmp_path):
     """``vdm vhost-user --rng-example ""`` from a venv where the example is installed; yields
-    (socket, process, log path)."""
+    its vdm_lab.VhostUserBackend."""
     python = install_rng_example(tmp_path)
     with vhost_user_backend(python, ["--rng-example", ""], tmp_path) as b:
         yield b

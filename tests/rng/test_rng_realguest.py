@@ -26,7 +26,7 @@ RATE, PERIOD, READ = 8192, 100, 4096
 
 @pytest.fixture
 def rng_backend(tmp_path):
-    """``vdm vhost-user --rng rate=RATE,period=PERIOD``; yields (socket, process, log path)."""
+    """``vdm vhost-user --rng rate=RATE,period=PERIOD``; yields its vdm_lab.VhostUserBackend."""
     with vhost_user_backend(sys.executable, ["--rng", f"rate={RATE},period={PERIOD}"], tmp_path) as b:
         yield b
 

@@ -2,7 +2,8 @@
 
 A device served to QEMU (:func:`vdm_lab.run_qemu` with :func:`vdm_lab.vhost_user_device_args`)
 needs its backend running first; :class:`VhostUserBackend` starts ``vdm -v vhost-user
---socket-path PATH <device options>`` with this interpreter (``sys.executable``), keeps its
+--socket-path PATH <device options>`` with this interpreter (``sys.executable``; ``python``
+names another, e.g. a venv's where a plugin is installed; ``env`` replaces the environment), keeps its
 output (``lines``) and returns once vdm says it serves (``vdm: serving ...``) and the socket
 exists. Use it as a context manager, or call :meth:`VhostUserBackend.stop` (SIGTERM, then the exit
 status).
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Sequence
+from typing import Mapping, Sequence
 
 __all__ = ["VhostUserBackend"]
 
@@ -27,14 +28,17 @@ class VhostUserBackend:
     """One ``vdm -v vhost-user --socket-path PATH <device options>``; its output is kept in ``lines``."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *device_args: str, wrap: Sequence[str] = (),
-                 start_timeout: float = 20) -> None:
-        """``wrap`` goes before the command (e.g. a network namespace's ``ip netns exec NAME``)."""
+                 start_timeout: float = 20, python: str | os.PathLike[str] = sys.executable,
+                 env: Mapping[str, str] | None = None) -> None:
+        """``wrap`` goes before the command (e.g. a network namespace's ``ip netns exec NAME``);
+        ``python`` is the interpreter that runs vdm; ``env`` its environment (None: this one's)."""
         self.socket_path = os.fspath(socket_path)
-        self.args = [*wrap, sys.executable, "-m", "vdm.cli.main", "-v", "vhost-user"]
+        self.args = [*wrap, os.fspath(python), "-m", "vdm.cli.main", "-v", "vhost-user"]
         self.args += ["--socket-path", self.socket_path, *device_args]
         self.lines: list[str] = []
         self._serving = threading.Event()
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=None if env is None else dict(env))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._serving.wait(start_timeout) or not os.path.exists(self.socket_path):
