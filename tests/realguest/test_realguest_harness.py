@@ -150,7 +150,7 @@ def test_lab_wrapper_runs_the_script_with_env_cwd_and_exit_code(tmp_path: Path, 
     script = ("#!/bin/sh\n" + body) if shebang else body
     work = tmp_path / "w"
     work.mkdir()
-    wrapper = vdm_lab.kvmlab._lab_wrapper(script, work, str(tmp_path), {"X": "it's quoted"})
+    wrapper = vdm_lab.kvmlab.lab_wrapper(script, work, str(tmp_path), {"X": "it's quoted"})
     p = subprocess.run([str(wrapper)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
     assert p.returncode == 7, p.stderr
     assert p.stdout.strip() == f"cwd={tmp_path} tmp=/mnt/tmp lab=1 x=it's quoted"

@@ -27,7 +27,7 @@ from .kit import GuestKit, guestkit, kit_dir
 from .process import run_logged, tail_file
 from .results import VALUE_RE, parse_keyvalues
 
-__all__ = ["LabResult", "lab_command", "parse_lab_console", "run_in_kvm_lab"]
+__all__ = ["LabResult", "lab_command", "lab_wrapper", "parse_lab_console", "run_in_kvm_lab"]
 
 T = TypeVar("T")
 QEMU = "qemu-system-x86_64"
@@ -84,8 +84,14 @@ class LabResult:
             raise AssertionError(self.describe())
 
 
-def _lab_wrapper(script_text: str, workdir: Path, cwd: str, env: Mapping[str, str] | None) -> Path:
-    """Write the user's script and a wrapper that sets a usable environment inside the chroot."""
+def lab_wrapper(script_text: str, workdir: Path, cwd: str, env: Mapping[str, str] | None) -> Path:
+    """Write ``script_text`` as ``workdir/script`` and return ``workdir/run``, the wrapper the lab
+    executes in its chroot: it exports a usable environment (PATH with this Python's bin first,
+    HOME, TMPDIR=/mnt/tmp, no colours, VDM_IN_KVM_LAB=1, VDM_GUESTKIT_DIR), then ``env`` (names
+    that are not shell identifiers are left out, values quoted), changes to ``cwd`` (or / if it
+    does not exist there) and execs the script: by its own ``#!`` line, else with /bin/sh. Used by
+    :func:`run_in_kvm_lab` and :mod:`vdm_lab.labsession` (both write into ``workdir``, a folder
+    the lab sees under the same path)."""
     user = workdir / "script"
     user.write_text(script_text)
     user.chmod(0o755)
@@ -197,7 +203,7 @@ def _lab_attempt(script_text: str, timeout: float, kit: GuestKit, memory_mib: in
     with tempfile.TemporaryDirectory(prefix="vdmlab-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)
-        wrapper = _lab_wrapper(script_text, work, cwd or os.getcwd(), env)
+        wrapper = lab_wrapper(script_text, work, cwd or os.getcwd(), env)
         output_file = work / "output"
         monitor: Path | None = work / "monitor"
         if len(str(monitor)) > 100:  # a unix socket path has room for 107 bytes; go without

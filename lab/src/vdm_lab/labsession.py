@@ -48,7 +48,7 @@ from typing import Callable, Mapping
 
 from . import labwatch
 from .kit import GuestKit
-from .kvmlab import LabResult, _lab_wrapper, lab_command, parse_lab_console
+from .kvmlab import LabResult, lab_command, lab_wrapper, parse_lab_console
 
 __all__ = ["SharedLab", "current", "enable", "enabled", "shutdown"]
 
@@ -107,7 +107,7 @@ class SharedLab:
         work.chmod(0o755)
         chan = work / "chan"
         chan.mkdir()
-        agent = _lab_wrapper(AGENT, work, "/", None)
+        agent = lab_wrapper(AGENT, work, "/", None)
         monitor: Path | None = work / "monitor"
         if len(str(monitor)) > 100:
             monitor = None
@@ -181,7 +181,7 @@ class SharedLab:
         with tempfile.TemporaryDirectory(prefix="vdmlab-job-") as tmp:
             jobdir = Path(tmp)
             jobdir.chmod(0o755)
-            wrapper = _lab_wrapper(script_text, jobdir, cwd or os.getcwd(), env)
+            wrapper = lab_wrapper(script_text, jobdir, cwd or os.getcwd(), env)
             (chan / f"job-{n}.tmp").write_text(str(wrapper))
             os.replace(chan / f"job-{n}.tmp", chan / f"job-{n}")
             begin, end = f"\nVDMLAB-JOB-BEGIN {n}\n", f"\nVDMLAB-JOB-END {n}\n"
