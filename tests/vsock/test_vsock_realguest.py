@@ -12,9 +12,6 @@ tests/vsock/test_vsock_device.py asserts it).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,40 +39,23 @@ def test_guest_talks_both_ways_with_a_slow_host_reader(kit, qemu_frontend, tmp_p
     fe = qemu_frontend
     program = build(tmp_path)
     sock, vpath = tmp_path / "vu.sock", str(tmp_path / "v.sock")
-    log = open(tmp_path / "backend.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vdm.cli.main", "vhost-user", "-s", str(sock),
-         "--vsock", f"cid=3,path={vpath}"],
-        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True,
-    )
-    peers = None
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, Path(log.name).read_text()
-            assert time.monotonic() < deadline, "the vhost-user backend never listened"
-            time.sleep(0.05)
+    with vdm_lab.VhostUserBackend(
+        sock, "--vsock", f"cid=3,path={vpath}", env=clean_env(), start_timeout=30
+    ) as backend:
         peers = HostPeers(vpath, PORT, LPORT, NBYTES).start()
-        r = vdm_lab.run_qemu(
-            vdm_lab.vhost_user_device_args("vhost-user-vsock-pci", sock),
-            ["vsock"], {"port": PORT, "lport": LPORT, "bytes": NBYTES},
-            timeout=600, kit=kit, qemu=fe, visible=[tmp_path], guest=guest_spec(program),
-        )
-        hwm = vm_hwm_kib(proc.pid)
-        assert not r.timed_out, f"{fe}\n{r.log[-3000:]}\n{Path(log.name).read_text()[-2000:]}"
-        r.assert_ok("vsock")
-        peers.check(r["vsock"], NBYTES)
-        print(f"{fe}: vsock {r['vsock'].line}; backend VmHWM {hwm} KiB")
-        assert proc.poll() is None, Path(log.name).read_text()
-        text = Path(log.name).read_text()
-        assert "ERROR" not in text and "Traceback" not in text, text
-    finally:
-        if peers is not None:
-            peers.close()
-        proc.terminate()
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            r = vdm_lab.run_qemu(
+                vdm_lab.vhost_user_device_args("vhost-user-vsock-pci", sock),
+                ["vsock"], {"port": PORT, "lport": LPORT, "bytes": NBYTES},
+                timeout=600, kit=kit, qemu=fe, visible=[tmp_path], guest=guest_spec(program),
+            )
+            hwm = vm_hwm_kib(backend.proc.pid)
+            assert not r.timed_out, f"{fe}\n{r.log[-3000:]}\n{backend.output[-2000:]}"
+            r.assert_ok("vsock")
+            peers.check(r["vsock"], NBYTES)
+            print(f"{fe}: vsock {r['vsock'].line}; backend VmHWM {hwm} KiB")
+            assert backend.alive, backend.output
+            text = backend.output
+            assert "ERROR" not in text and "Traceback" not in text, text
+        finally:
+            peers.close()
