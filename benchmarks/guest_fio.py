@@ -38,7 +38,7 @@ wl_fio() {  # several fio jobs on $P_dev: vdmtest.jobs=rw:bs:qd+...  (added by b
 }
 '''
 
-DISPATCH = 'blk|fs|net|nettcp|console|serial|rng|smp|blkrand) "wl_$WL";;'
+DISPATCH = '|blkrand) "wl_$WL";;'  # the end of init.sh's workload case line
 
 
 def init_text() -> str:
