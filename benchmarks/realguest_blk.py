@@ -13,14 +13,15 @@ interleaved (every setup once, then again), medians of ``--runs``. Prints a mark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,53 +34,55 @@ SETUPS = ["vdm raw", "qsd raw", "qemu virtio-blk raw", "vdm qcow2", "qsd qcow2"]
 PEERS = {"vdm raw": ["qsd raw", "qemu virtio-blk raw"], "vdm qcow2": ["qsd qcow2"]}
 
 
-def vdm_exe() -> list[str]:
-    return [sys.executable, "-m", "vdm.cli.main"] if not shutil.which("vdm") else [shutil.which("vdm")]
+def qsd_cmd(fmt: str, image: Path, sock: Path) -> list[str]:
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk at ``sock`` (page cache, as vdm)."""
+    return ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
+            "--blockdev", f"driver={fmt},node-name=d,file=f",
+            "--export",
+            f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"]
 
 
-def backend_cmd(setup: str, image: Path, sock: Path) -> list[str] | None:
-    fmt = setup.split()[-1]
-    if setup.startswith("vdm"):
-        return [*vdm_exe(), "vhost-user", "--socket-path", str(sock), "--disk", f"path={image},format={fmt}"]
-    if setup.startswith("qsd"):
-        return ["qemu-storage-daemon",
-                "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
-                "--blockdev", f"driver={fmt},node-name=d,file=f",
-                "--export",
-                f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"]
-    return None
-
-
-def run_one(setup: str, images: dict[str, Path], tmp: Path, initrd: Path, seconds: int,
-            kit: vdm_lab.GuestKit) -> dict[str, float]:
-    image = images[setup.split()[-1]]
-    sock = tmp / "b.sock"
-    if sock.exists():
-        sock.unlink()
-    cmd = backend_cmd(setup, image, sock)
-    proc = None
-    if cmd is None:
-        # same host caching as the vhost-user backends (page cache, no O_DIRECT)
-        extra = vdm_lab.virtio_blk_args(image, 0, fmt="raw", cache="writeback")
-    else:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "backend.log", "ab"))
+@contextlib.contextmanager
+def qsd(fmt: str, image: Path, sock: Path, log: Path) -> Iterator[None]:
+    """qemu-storage-daemon serving ``sock`` while the block runs (stopped, and reaped, after)."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(qsd_cmd(fmt, image, sock), stdout=subprocess.DEVNULL, stderr=err)
+    try:
         deadline = time.monotonic() + 30
         while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if not sock.exists():
-            log = (tmp / "backend.log").read_text()[-2000:]
-            raise RuntimeError(f"{setup}: backend did not listen: {log}")
-        extra = vdm_lab.vhost_user_blk_args(sock)
-    try:
+            raise RuntimeError(f"qemu-storage-daemon did not listen: {log.read_text()[-2000:]}")
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_one(setup: str, images: dict[str, Path], tmp: Path, initrd: Path, seconds: int,
+            kit: vdm_lab.GuestKit) -> dict[str, float]:
+    fmt = setup.split()[-1]
+    image = images[fmt]
+    sock = tmp / "b.sock"
+    if sock.exists():
+        sock.unlink()
+    with contextlib.ExitStack() as backend:
+        if setup.startswith("vdm"):
+            backend.enter_context(vdm_lab.VhostUserBackend(sock, "--disk", f"path={image},format={fmt}",
+                                                           start_timeout=30))
+            extra = vdm_lab.vhost_user_blk_args(sock)
+        elif setup.startswith("qsd"):
+            backend.enter_context(qsd(fmt, image, sock, tmp / "backend.log"))
+            extra = vdm_lab.vhost_user_blk_args(sock)
+        else:  # same host caching as the vhost-user backends (page cache, no O_DIRECT)
+            extra = vdm_lab.virtio_blk_args(image, 0, fmt="raw", cache="writeback")
         r = vdm_lab.run_qemu(extra, ["fio"], {"jobs": "+".join(JOBS), "time": seconds},
                              timeout=120 + 10 * seconds * len(JOBS), kit=kit, initrd=initrd, memory_mib=512)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     r.assert_ok("fio")
     return {k: float(v) for k, v in r["fio"].values.items() if k.endswith(("_iops", "_kibs"))}
 
