@@ -319,6 +319,10 @@ def test_stdio_with_closed_stdin_has_no_input():
 
 CHILD = r"""
 import os, signal, sys, time
+# the dispositions a terminal user's shell gives: a suite started under nohup or as a background
+# job (SIGHUP/SIGINT ignored, inherited through exec) must not change what is tested here
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from vdm_console.backends import StdioBackend
 mode = sys.argv[1]
 quit_flag = []
