@@ -42,11 +42,11 @@ class DescriptorChain:
 
     @property
     def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
+        return sum(map(len, self.readable))
 
     @property
     def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
+        return sum(map(len, self.writable))
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """Gather ``length`` bytes of the readable buffers starting at ``offset`` (short if fewer)."""

@@ -109,7 +109,7 @@ class NinepDevice(VirtioDevice):
             if chain is None:
                 break
             readable, writable = chain.readable, chain.writable
-            room = sum(map(len, writable))
+            room = chain.writable_len
             first = readable[0] if readable else b""
             head = first if len(first) >= HEADER.size else chain.read(0, HEADER.size)
             if len(head) < HEADER.size or room < HEADER.size + 4:
@@ -120,7 +120,7 @@ class NinepDevice(VirtioDevice):
                 )
                 return
             size, _mtype, tag = HEADER.unpack_from(head)
-            limit = min(sum(map(len, readable)), MAX_MSIZE, max(server.msize, 8192))
+            limit = min(chain.readable_len, MAX_MSIZE, max(server.msize, 8192))
             if not HEADER.size <= size <= limit:
                 written = scatter(rlerror(tag, errno.EINVAL), writable)
             else:
