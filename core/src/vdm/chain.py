@@ -14,7 +14,7 @@ re-exports this class; devices may import it from either module.
 from __future__ import annotations
 
 from .memory import GuestMemory
-from .sg import scatter, slice_views
+from .sg import gather, scatter, slice_views, total_length
 
 __all__ = ["DescriptorChain"]
 
@@ -42,15 +42,15 @@ class DescriptorChain:
 
     @property
     def readable_len(self) -> int:
-        return sum(map(len, self.readable))
+        return total_length(self.readable)
 
     @property
     def writable_len(self) -> int:
-        return sum(map(len, self.writable))
+        return total_length(self.writable)
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """Gather ``length`` bytes of the readable buffers starting at ``offset`` (short if fewer)."""
-        return b"".join(bytes(v) for v in slice_views(self.readable, offset, length))
+        return gather(self.readable, offset, length)
 
     def write(self, data: bytes, offset: int = 0) -> int:
         """Scatter ``data`` into the writable buffers at ``offset``; return how many bytes fit."""

@@ -4,7 +4,7 @@ A request's data is a sequence of byte buffers (``memoryview`` slices of guest m
 readable or writable half of a :class:`~vdm.virtqueue.DescriptorChain`, or an iovec for
 ``preadv``/``pwritev``) that together read as one byte string. These helpers cut such a list into
 pieces without copying (:func:`slice_views`, :func:`split_views`, :func:`advance`) and copy between
-it and one contiguous buffer (:func:`scatter`, :func:`gather_into`, :func:`fill_zero`).
+it and one contiguous buffer (:func:`scatter`, :func:`gather`, :func:`gather_into`, :func:`fill_zero`).
 
 Invariants: no helper copies guest bytes unless its name says so (scatter, gather, fill); the
 views returned are slices of the views given (they share memory and must be released with them);
@@ -16,14 +16,23 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-__all__ = ["advance", "fill_zero", "gather_into", "scatter", "slice_views", "split_views", "total_length"]
+__all__ = [
+    "advance",
+    "fill_zero",
+    "gather",
+    "gather_into",
+    "scatter",
+    "slice_views",
+    "split_views",
+    "total_length",
+]
 
 _ZEROS = bytes(1 << 16)
 
 
 def total_length(views: Sequence[memoryview]) -> int:
     """The number of bytes in ``views``."""
-    return sum(len(v) for v in views)
+    return sum(map(len, views))
 
 
 def slice_views(views: Sequence[memoryview], offset: int, length: int | None) -> list[memoryview]:
@@ -83,6 +92,11 @@ def scatter(data: bytes | bytearray | memoryview, views: Sequence[memoryview]) -
         v[:n] = data[done : done + n]
         done += n
     return done
+
+
+def gather(views: Sequence[memoryview], offset: int = 0, length: int | None = None) -> bytes:
+    """A copy of ``length`` bytes (all if None) of ``views`` from ``offset`` (short if fewer)."""
+    return b"".join(bytes(v) for v in slice_views(views, offset, length))
 
 
 def gather_into(dest: bytearray | memoryview, views: Sequence[memoryview], offset: int = 0) -> int:

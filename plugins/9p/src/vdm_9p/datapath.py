@@ -21,7 +21,7 @@ import os
 import struct
 from typing import TYPE_CHECKING, Sequence
 
-from vdm.sg import scatter, slice_views
+from vdm.sg import gather, scatter, total_length
 
 from .protocol import Msg, rlerror
 
@@ -56,7 +56,7 @@ def _window(views: Sequence[memoryview], skip: int, count: int) -> list[memoryvi
         return []
     if skip:
         out[0] = out[0][skip:]
-    excess = sum(map(len, out)) - count
+    excess = total_length(out) - count
     while excess > 0:
         last = out[-1]
         if len(last) <= excess:
@@ -68,10 +68,6 @@ def _window(views: Sequence[memoryview], skip: int, count: int) -> list[memoryvi
     return out
 
 
-def _gather(views: Sequence[memoryview], length: int) -> bytes:
-    return b"".join(bytes(v) for v in slice_views(views, 0, length))
-
-
 class DataPath(_Base):
     """Serving a request from and into guest buffers (Tread and Twrite without copies)."""
 
@@ -80,7 +76,8 @@ class DataPath(_Base):
         ``reply`` (``room`` bytes, at least 11) and return its length."""
         first = req[0]
         if size >= _IO_REQ.size:
-            head = bytes(first[: _IO_REQ.size]) if len(first) >= _IO_REQ.size else _gather(req, _IO_REQ.size)
+            n = _IO_REQ.size
+            head = bytes(first[:n]) if len(first) >= n else gather(req, 0, n)
             if head[4] in _IO_TYPES:
                 _size, mtype, tag, fid, offset, count = _IO_REQ.unpack(head)
                 try:
@@ -93,7 +90,7 @@ class DataPath(_Base):
                 except (ValueError, OverflowError):  # an offset past off_t
                     out = rlerror(tag, errno.EINVAL)
                 return scatter(out, reply)
-        msg = bytes(first[:size]) if len(first) >= size else _gather(req, size)
+        msg = bytes(first[:size]) if len(first) >= size else gather(req, 0, size)
         out = self.handle(msg, room)
         if len(reply[0]) >= len(out):
             reply[0][: len(out)] = out
