@@ -518,8 +518,10 @@ def test_pty_output_is_buffered_not_blocking(capfd):
     fd = os.open(b.path, os.O_RDWR | os.O_NOCTTY)
     try:
         t = time.monotonic()
-        for _ in range(100):
-            b.write(b"y" * 1000)  # 100 KB, more than the pty and our buffer hold; nobody reads
+        # 4 MB with nobody reading: more than our 64 KiB buffer plus whatever the kernel's pty takes
+        # (about 12 KiB on one kernel, several hundred KiB on others -- 100 KB was not enough there)
+        for _ in range(4000):
+            b.write(b"y" * 1000)
         assert time.monotonic() - t < 5
         assert b.dropped_output > 0
         assert read_exactly(fd, 100)[:1] == b"y"
