@@ -38,7 +38,8 @@ DEFAULT_INPUT_BUFFER = 4096
 
 def write_all(fd: int, data: bytes, timeout: Optional[float]) -> int:
     """Write ``data`` to ``fd`` (blocking or not); give up after ``timeout`` seconds without
-    progress. Returns the number of bytes written."""
+    progress, or when the reader hung up (a pty master whose client left polls HUP while writes
+    still say EAGAIN: waiting on it would spin). Returns the number of bytes written."""
     view = memoryview(data)
     done = 0
     while done < len(view):
@@ -51,7 +52,8 @@ def write_all(fd: int, data: bytes, timeout: Optional[float]) -> int:
             continue
         p = select.poll()
         p.register(fd, select.POLLOUT)
-        if not p.poll(None if timeout is None else int(timeout * 1000)):
+        ready = p.poll(None if timeout is None else int(timeout * 1000))
+        if not ready or not ready[0][1] & select.POLLOUT:
             break
     return done
 
