@@ -1,4 +1,5 @@
-"""``vdm run``'s option handling that needs no VM: the default console and --console-backend."""
+"""``vdm run``'s option handling that needs no VM: the default console, --console-backend, and what a
+device plugin adds to the kernel command line."""
 
 from __future__ import annotations
 
@@ -59,3 +60,44 @@ def test_console_backend_without_the_console_plugin_says_what_to_install() -> No
 # vdm run waits through vdm.session.StopSignal, held by tests/core/test_session.py
 # (test_a_second_sigterm_during_shutdown_is_ignored,
 # test_a_process_signalled_twice_from_outside_stops_cleanly).
+
+
+class _PluginDevice:
+    """What a third party's device may carry: guest_console / guest_params of any type."""
+
+    name = "third-party"
+
+    def __init__(self, **attrs: object) -> None:
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+
+def test_a_device_kernel_parameters_are_taken_when_they_are_one_line() -> None:
+    from vdm_kvm.run import _guest_words
+
+    dev = _PluginDevice(guest_params="root=/dev/root rootfstype=9p", guest_console="hvc0")
+    assert _guest_words(dev, "guest_params") == "root=/dev/root rootfstype=9p"
+    assert _guest_words(dev, "guest_console") == "hvc0"
+    assert _guest_words(_PluginDevice(), "guest_params") is None
+    assert _guest_words(_PluginDevice(guest_params=""), "guest_params") is None
+
+
+@pytest.mark.parametrize("value", [42, b"root=/dev/vda", ["console=hvc0"], "quiet\ninit=/bin/sh", "a\0b"])
+def test_a_plugin_with_bad_kernel_parameters_gets_one_line_naming_the_device(value: object) -> None:
+    # was: a TypeError from " ".join (int, bytes, list) out of vdm run, or the value on the command line
+    from vdm_kvm.run import _guest_words
+
+    with pytest.raises(UserError, match=r"'third-party': its guest_params is .*fix or update its plugin"):
+        _guest_words(_PluginDevice(guest_params=value), "guest_params")
+
+
+def test_a_plugin_property_that_raises_gets_one_line() -> None:
+    from vdm_kvm.run import _guest_words
+
+    class Broken(_PluginDevice):
+        @property
+        def guest_console(self) -> str:
+            raise RuntimeError("not configured")
+
+    with pytest.raises(UserError, match=r"device 'third-party': its guest_console raised"):
+        _guest_words(Broken(), "guest_console")

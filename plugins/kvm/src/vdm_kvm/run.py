@@ -99,6 +99,23 @@ def _default_console(args: argparse.Namespace, plugins: PluginSet, doc: dict[str
     return doc
 
 
+def _guest_words(dev: Any, attr: str) -> str | None:
+    """A device's ``guest_console`` or ``guest_params``: None or a string for the kernel command
+    line. A plugin's value is not trusted: anything else stops ``vdm run`` with one line naming the
+    device and what to fix, instead of a TypeError (or a command line the kernel misreads)."""
+    try:
+        value = getattr(dev, attr, None)
+    except Exception as e:  # a property that raises
+        raise UserError(f"device {getattr(dev, 'name', dev)!r}: its {attr} raised {e!r}; "
+                        "fix or update its plugin") from None
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or any(c in value for c in "\0\n\r"):
+        raise UserError(f"device {getattr(dev, 'name', dev)!r}: its {attr} is {value!r}, not one line of "
+                        "kernel parameters (a str, or None); fix or update its plugin")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Build and boot the VM; block until it ends."""
     plugins: PluginSet = args.plugin_set
@@ -157,9 +174,9 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     t = vmm.attach_mmio(dev)
                     machine.add_virtio_mmio(t.base, MMIO_WINDOW_SIZE, t.irq_number, dev.name)
-                console = console or getattr(dev, "guest_console", None)
+                console = console or _guest_words(dev, "guest_console")
             # a device's own kernel parameters (vdm-9p's root share), before the user's
-            params = " ".join(p for p in (getattr(dev, "guest_params", None), params) if p)
+            params = " ".join(p for p in (_guest_words(dev, "guest_params"), params) if p)
         cmdline = f"console={console or 'ttyS0'} {BASE_PARAMS} {params}".strip()
         try:
             machine.load_linux(kernel, initrd, cmdline)
