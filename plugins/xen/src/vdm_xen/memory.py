@@ -67,13 +67,10 @@ def _view(lib: Any, ptr: Any, count: int, writable: bool) -> memoryview:
     return view if writable else view.toreadonly()
 
 
-class ForeignPages:
-    """Maps guest page frames of domain ``domid`` with ``xenforeignmemory_map``."""
+class _Counted:
+    """What both mappers share: the live mappings and the counts ``vdm dm-only`` reports at exit."""
 
-    def __init__(self, lib: Any, fmem: Any, domid: int) -> None:
-        self.lib = lib
-        self.fmem = fmem
-        self.domid = domid
+    def __init__(self) -> None:
         self._maps = _Mappings()
 
     @property
@@ -89,6 +86,16 @@ class ForeignPages:
     def pages(self) -> int:
         """Pages those mappings covered."""
         return self._maps.pages
+
+
+class ForeignPages(_Counted):
+    """Maps guest page frames of domain ``domid`` with ``xenforeignmemory_map``."""
+
+    def __init__(self, lib: Any, fmem: Any, domid: int) -> None:
+        super().__init__()
+        self.lib = lib
+        self.fmem = fmem
+        self.domid = domid
 
     def map_pages(self, first_page: int, count: int, writable: bool) -> memoryview:
         lib, ffi = self.lib, self.lib.ffi
@@ -123,28 +130,14 @@ class ForeignPages:
             log.warning("xenforeignmemory_unmap failed: errno %d", self.lib.errno)
 
 
-class GrantPages:
+class GrantPages(_Counted):
     """Maps consecutive grant references of domain ``domid`` with ``xengnttab``."""
 
     def __init__(self, lib: Any, xgt: Any, domid: int) -> None:
+        super().__init__()
         self.lib = lib
         self.xgt = xgt
         self.domid = domid
-        self._maps = _Mappings()
-
-    @property
-    def live(self) -> int:
-        return len(self._maps)
-
-    @property
-    def made(self) -> int:
-        """Mappings made so far (successful map calls; never decremented)."""
-        return self._maps.made
-
-    @property
-    def pages(self) -> int:
-        """Pages those mappings covered."""
-        return self._maps.pages
 
     def map_refs(self, first_ref: int, count: int, writable: bool) -> memoryview:
         lib, ffi = self.lib, self.lib.ffi
