@@ -25,7 +25,8 @@ buffer addresses and lengths against guest RAM, chain length against the queue s
 catches loops), indirect tables (negotiated, not nested, a multiple of 16 bytes), device-writable
 buffers only after device-readable ones, and the available index never more than ``size`` ahead.
 A violation raises :class:`VirtqueueError`; the device base turns that into DEVICE_NEEDS_RESET.
-The walk of one chain and its rules are :mod:`vdm.chain_walk`'s.
+The walk of one chain and its rules are :mod:`vdm.chain_walk`'s; the used ring's side (push,
+push_many, complete_batch, should_notify, set_notification, discard) is :mod:`vdm.used_ring`'s.
 
 The driver gets back only what it gave: a head is *held* by the device from the moment it is taken
 (:meth:`Virtqueue.pop`, :meth:`Virtqueue.chain_at`) until it is completed
@@ -66,14 +67,12 @@ and walks into used slots the device never filled (Linux: ``id N is not a head!`
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from time import perf_counter_ns as _now
-from typing import Iterable, Sequence
 
 from . import fastpath as _fp
-from .barrier import STRONGLY_ORDERED, mb, rmb, wmb
+from .barrier import STRONGLY_ORDERED, rmb
 from .chain import DescriptorChain
 from .chain_walk import MAX_CHAIN, MAX_CHAIN_BYTES, MAX_INDIRECT, VirtqueueError, walk_chain
 from .fastpath import FastRing
@@ -98,6 +97,7 @@ from .ring_layout import (
     used_ring_size,
 )
 from .sg import slice_views
+from .used_ring import UsedRing
 
 __all__ = [  # (flags, DescriptorChain and slice_views stay importable from here, as in plugin API 1)
     "MAX_CHAIN",
@@ -124,7 +124,6 @@ UNLIMITED = 1 << 62
 _AVAIL_RING16 = AVAIL_RING // 2
 assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX // 2 == 1
 
-log = logging.getLogger(__name__)
 #: the compiled path's codes and state fields pop uses (vdm.fastpath)
 _EMPTY, _E_AHEAD, _E_HELD, _ST_HEAD, _ST_LAST = _fp.EMPTY, _fp.E_AHEAD, _fp.E_HELD, _fp.ST_HEAD, _fp.ST_LAST
 #: rmb where it is not a no-op (weakly ordered hosts); None spares pop the call on x86
@@ -134,12 +133,7 @@ if sys.byteorder != "little":  # the typed ring views are native-endian; virtio 
     raise ImportError("vdm.virtqueue needs a little-endian host")
 
 
-def _need_event(event: int, new: int, old: int) -> bool:
-    """vring_need_event: did the used index pass ``event`` when moving from ``old`` to ``new``?"""
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-
-
-class Virtqueue(QueueConfig):
+class Virtqueue(QueueConfig, UsedRing):
     """One split virtqueue of a device.
 
     Invariants: ``size``, the ring addresses and the restored indexes change only through the
@@ -368,88 +362,7 @@ class Virtqueue(QueueConfig):
         self._taken_at[head] = _now()
         return DescriptorChain(head, readable, writable, self.epoch, memory)
 
-    # ---- the used ring -------------------------------------------------------------------------
-
-    def push(self, chain: DescriptorChain, written: int) -> None:
-        """Return ``chain`` to the driver with ``written`` bytes filled in; release its buffers.
-
-        Safe to call from several threads (completions of a thread pool). A chain popped before a
-        reset of the queue is released but not returned (the driver forgot it); one whose head is
-        not held is dropped and counted (see the module doc). Raises ValueError if ``written``
-        does not fit the used element's 32-bit length.
-        """
-        self._publish(((chain, written),))
-
-    def push_many(self, items: Iterable[tuple[DescriptorChain, int]]) -> None:
-        """Return several ``(chain, written)`` pairs and publish them with one used-index update.
-
-        Every element is written first, then ``used.idx`` moves once over all of them, so a driver
-        never sees part of the batch (the buffers of one merged virtio-net receive packet must
-        appear together). Each pair gets exactly the checks of :meth:`push`; the batch counts as
-        one push for :meth:`should_notify`.
-        """
-        self._publish(tuple(items))
-
-    def _publish(self, items: Sequence[tuple[DescriptorChain, int]]) -> None:
-        for _, written in items:
-            if not isinstance(written, int) or not 0 <= written <= 0xFFFFFFFF:
-                raise ValueError(f"queue {self.index}: written length {written} does not fit 32 bits")
-        for chain, _ in items:
-            self._release(chain)
-        with self.lock:
-            used16, elems = self._used16, self._used_elems
-            if used16 is None or elems is None:
-                return  # reset (or never activated) while these were in flight: drop them
-            held, size, epoch = self._held, self._size, self.epoch
-            limit, mask = min(size, len(held)), size - 1  # (size is a power of two)
-            idx = start = self._used_idx
-            tracker = self._tracker
-            taken_at, latency, now = self._taken_at, self.latency, _now()
-            heads: list[int] = []
-            took_sum = written_sum = 0
-            for chain, written in items:
-                if chain.epoch != epoch:
-                    continue  # popped before a reset: the driver forgot it
-                head = chain.head
-                if not 0 <= head < limit or not held[head]:
-                    self.duplicate_completions += 1
-                    log.error(
-                        "queue %d: completion of head %d dropped: the device does not hold it "
-                        "(completed twice?)",
-                        self.index,
-                        head,
-                    )
-                    continue
-                held[head] = 0
-                took = now - taken_at[head]
-                latency[took.bit_length()] += 1
-                took_sum += took
-                written_sum += written
-                slot = (idx & mask) << 1
-                elems[slot] = head
-                elems[slot + 1] = written
-                idx = (idx + 1) & 0xFFFF
-                heads.append(head)
-            self.latency_sum_ns += took_sum
-            self.bytes_written += written_sum
-            if idx == start:
-                return
-            if tracker is not None:
-                tracker.completing(heads)
-            wmb()
-            used16[1] = idx
-            self._used_idx = idx
-            self._pushed = True
-            if tracker is not None:
-                tracker.completed(heads, idx)
-
-    def _release(self, chain: DescriptorChain) -> None:
-        memory = chain.memory if chain.memory is not None else self.memory
-        if memory is not None and getattr(memory, "unmap_needed", True):
-            for v in chain.readable:
-                memory.unmap(v)
-            for v in chain.writable:
-                memory.unmap(v)
+    # ---- the used ring: push, push_many, complete_batch, should_notify... (vdm.used_ring) ------
 
     def count_error(self) -> None:
         """The device completed (or gave up) a request with an error status: count it."""
@@ -459,59 +372,6 @@ class Virtqueue(QueueConfig):
     def in_flight(self) -> int:
         """Heads the device holds now (taken, not yet completed or discarded)."""
         return sum(self._held)
-
-    def discard(self, chain: DescriptorChain) -> None:
-        """Release a chain's buffers without completing it (device reset or failure).
-
-        The device no longer holds the head (a later push of the chain is dropped as a
-        duplicate), and the driver does not get it back either, until it resets the queue.
-        """
-        self._release(chain)
-        with self.lock:
-            if chain.epoch == self.epoch and 0 <= chain.head < len(self._held):
-                self._held[chain.head] = 0
-
-    def should_notify(self) -> bool:
-        """Whether the driver wants an interrupt for what was pushed since the last one.
-
-        Call once after a batch of :meth:`push`; it records the new "last signalled" index.
-        Nothing pushed since the last call: no interrupt.
-        """
-        with self.lock:
-            avail16 = self._avail16
-            if avail16 is None or not self._pushed:
-                return False
-            self._pushed = False
-            mb()
-            new = self._used_idx
-            if self._event_idx:
-                old = self.signalled_used
-                valid = self.signalled_valid
-                self.signalled_used = new
-                self.signalled_valid = True
-                used_event = avail16[self._used_event16]
-                return not valid or _need_event(used_event, new, old)
-            return not avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
-
-    def set_notification(self, enabled: bool) -> bool:
-        """Ask the driver to kick (or not) on new buffers. Returns True if buffers are already there.
-
-        With EVENT_IDX the request is the avail_event field; without it, used.flags NO_NOTIFY.
-        After enabling, the caller must process the queue again if this returns True (the driver
-        may have added buffers before it saw the request).
-        """
-        used16 = self._used16
-        if used16 is None:
-            return False
-        if self._event_idx:
-            if enabled:
-                used16[self._avail_event16] = self._last_avail_idx
-        else:
-            used16[0] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
-        if not enabled:
-            return False
-        mb()
-        return self.has_available()
 
     def __repr__(self) -> str:
         return f"Virtqueue({self.index}, size={self._size}, ready={self._ready})"
