@@ -31,8 +31,11 @@ Protocols
     or ``truncate -s`` its file). A backing file is opened only for a local image.
 
 Data path
-    ``readv`` maps the request to extents under the metadata lock, then reads allocated extents
-    with one ``preadv`` per run of contiguous host clusters, straight into the caller's buffers.
+    A request inside one run of contiguous, allocated, unshared host clusters (every request of
+    an image ``qemu-img convert`` wrote) is mapped in one step (:meth:`ClusterMap._mapped`) and is
+    one ``preadv``/``pwritev``; reads of it are served on the caller's thread from the page cache
+    (``readv_nowait``), as raw serves them. Anything else: ``readv`` maps the request to extents
+    under the metadata lock, then reads allocated extents with one ``preadv`` per run.
     ``writev`` to clusters that are already allocated (and not shared) is one ``pwritev`` per run.
     Other writes allocate under the metadata lock: a whole-cluster write goes straight from the
     caller's buffers; a partial one builds the cluster (old data, backing data, zeros or the
@@ -68,9 +71,10 @@ Handover (``lock=start``: live migration between two backends on one image)
 
 Concurrency
     A metadata lock guards the tables and caches. Data I/O to clusters found allocated runs
-    outside it, under the shared side of an I/O lock; discard, write-zeroes and giving clusters
-    back take the exclusive side, so no request in flight can still be using a cluster that is
-    freed and reused.
+    outside it, under the shared side of an I/O lock (:mod:`.qcow2_iolock`, whose state the
+    metadata lock guards, so mapping and entering it is one critical section); discard,
+    write-zeroes and giving clusters back take the exclusive side, so no request in flight can
+    still be using a cluster that is freed and reused.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ from typing import Callable, Optional, Sequence
 
 from vdm.sg import fill_zero, gather_into, scatter, split_views, total_length
 
-from .base import SECTOR, DiskBackend, DiskError, RWLock
+from .base import SECTOR, DiskBackend, DiskError
 from .hostfile import HostFile
 from .locking import deferred_locks
 from .protocol import Protocol
@@ -101,6 +105,8 @@ from .qcow2_header import (
     ZERO,
     read_header,
 )
+from .qcow2_inline import InlinePath
+from .qcow2_iolock import IOLock
 from .qcow2_refcounts import Refcounts
 from .qcow2_tables import CHUNK, TableCache, decode_u64
 from .qcow2_zero import Zeroing
@@ -117,7 +123,7 @@ MIN_CACHE_TABLES = 16
 BackingOpener = Callable[[str, Optional[str]], DiskBackend]
 
 
-class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
+class Qcow2Disk(InlinePath, ClusterMap, Zeroing, Handover, DiskBackend):
     """A qcow2 image (see the module documentation for what is supported and guaranteed)."""
 
     supports_discard = True
@@ -158,7 +164,7 @@ class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
 
     def _open(self, open_backing: BackingOpener | None) -> None:
         self._meta = threading.RLock()
-        self._io = RWLock()
+        self._io = IOLock(self._meta)
         self._flush_lock = threading.Lock()
         deferred = deferred_locks()
         #: lock=start and the device not started: the metadata may be stale, nothing is served
@@ -214,6 +220,7 @@ class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
         self._l2_shift = self._l2_chunk.bit_length() - 1 - 3  # L2 entries per piece written back
         # caches
         self._l2 = TableCache(max(MIN_CACHE_TABLES, L2_CACHE_BYTES // cs), self._write_l2_evicted)
+        self._l2_tables = self._l2.tables  # (read by the data path's lookup)
         self.refs = Refcounts(
             self.f, h, max(MIN_CACHE_TABLES, REFBLOCK_CACHE_BYTES // cs), self._check_data_host, self._corrupt
         )
@@ -236,10 +243,9 @@ class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
         self._live()
         total = total_length(buffers)
         self.check_range(offset, total)
-        self._io.acquire_shared()
+        host = self._enter_io(offset, total, True)
         try:
-            host = self._mapped(offset, total)
-            if host:  # the common case: inside one allocated cluster
+            if host:  # the common case: one run of contiguous allocated clusters
                 self.f.preadv(buffers, host)
                 return total
             with self._meta:
@@ -254,29 +260,6 @@ class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
         finally:
             self._io.release_shared()
         return total
-
-    def readv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
-        """A read inside one allocated cluster, served from the page cache on the caller's
-        thread; None for anything else or when it would block (the device then uses a worker)."""
-        return self._inline(offset, buffers, write=False)
-
-    def _inline(self, offset: int, buffers: Sequence[memoryview], write: bool) -> int | None:
-        if self._closed or self._inactive:
-            return None
-        total = total_length(buffers)
-        self.check_range(offset, total, write=write)
-        if not self._io.try_acquire_shared():  # a discard or a flush's frees: not now
-            return None
-        try:
-            host = self._mapped(offset, total)
-            if not host:
-                return None
-            if write:
-                self._check_data_host(host, total)
-                return self.f.write_inline(buffers, host)
-            return self.f.read_nowait(buffers, host, total)
-        finally:
-            self._io.release_shared()
 
     def _read_extent(self, ext: _Extent, pos: int, views: Sequence[memoryview]) -> None:
         if ext.kind == DATA:
@@ -337,9 +320,8 @@ class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
         self._live()
         total = total_length(buffers)
         self.check_range(offset, total, write=True)
-        self._io.acquire_shared()
+        host = self._enter_io(offset, total, True)
         try:
-            host = self._mapped(offset, total)
             if host:
                 self._check_data_host(host, total)
                 self.f.pwritev(buffers, host)
@@ -358,11 +340,6 @@ class Qcow2Disk(ClusterMap, Zeroing, Handover, DiskBackend):
         finally:
             self._io.release_shared()
         return total
-
-    def writev_inline(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
-        """A small write inside one allocated, unshared cluster, made on the caller's thread
-        (:meth:`HostFile.write_inline`); None for anything that allocates or would block."""
-        return self._inline(offset, buffers, write=True)
 
     def _write_clusters(self, pos: int, views: Sequence[memoryview]) -> None:
         """Write a range that needs allocation, one guest cluster at a time."""

@@ -6,7 +6,7 @@ extents of a guest range, and the guard that keeps data off metadata.
 open (``f`` the protocol, ``h`` the header, ``l1``, ``cs``, ``cbits``, ``l2_bits``, ``refs``,
 ``_l2`` the L2 cache, ``_meta`` the metadata lock, ``_meta_clusters``, ``_pending_free``).
 Every method here that reads or changes a table runs with the metadata lock held by its caller,
-except :meth:`ClusterMap._mapped` and :meth:`ClusterMap.refcount`, which take it.
+except :meth:`ClusterMap._enter_io` and :meth:`ClusterMap.refcount`, which take it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from .qcow2_header import (
 from .qcow2_tables import Table, decode_u64, encode_u64
 
 __all__ = ["ClusterMap"]
+
+#: bits of an L2 entry that make it anything but a plain data cluster (or corrupt)
+_NOT_PLAIN = COMPRESSED | L2_RESERVED | ZERO_FLAG
 
 
 class _Extent:
@@ -193,21 +196,64 @@ class ClusterMap:
         with self._meta:
             return self.refs.get(host_offset // self.cs)
 
-    def _mapped(self, offset: int, length: int) -> int:
-        """The host offset of a range inside one allocated, unshared data cluster; else 0."""
-        within = offset & (self.cs - 1)
-        if within + length > self.cs:
-            return 0
-        gc = offset >> self.cbits
+    def _enter_io(self, offset: int, length: int, wait: bool) -> int:
+        """Enter the shared side of the I/O lock and map the range, in one critical section.
+
+        ``wait`` (the general path): wait for the shared side, hold it, and return the host
+        offset of a range that lies in one contiguous run of allocated, unshared data clusters
+        (:meth:`_mapped`) or 0 for anything else (the caller maps it under the metadata lock).
+        Without ``wait`` (the inline path): hold the shared side only when returning a host
+        offset; 0, holding nothing, when the range is not one run or an exclusive holder holds
+        or waits. A DiskError (a table that cannot be read) leaves nothing held."""
+        io = self._io
         with self._meta:
-            e = self.l1[gc >> self.l2_bits] if (gc >> self.l2_bits) < len(self.l1) else 0
-            if not e & OFFSET_MASK or not e & COPIED:
-                return 0
-            entry = self._load_l2(e & OFFSET_MASK).entries[gc & self.l2_mask]
+            if io.writer or io.waiting:
+                if not wait:
+                    return 0
+                io.wait_shared()
+            host = self._mapped(offset, length)
+            if host or wait:
+                io.readers += 1
+        return host
+
+    def _mapped(self, offset: int, length: int) -> int:
+        """The host offset of a range that lies in one contiguous run of allocated, unshared
+        data clusters mapped by one L2 table (metadata lock held); else 0.
+
+        A run is found without a step per cluster: its first and last entries must be usable
+        and ``n`` clusters apart on the host, and (more than two clusters) the entries between
+        them equal to that progression (compared in C). Any entry with reserved, zero or
+        compressed bits, without COPIED, or misaligned makes it 0: the general path, which
+        classifies every entry and reports corruption, serves it."""
+        cbits = self.cbits
+        gc = offset >> cbits
+        l1i = gc >> self.l2_bits
+        n = ((offset + length - 1) >> cbits) - gc if length else 0
+        l1 = self.l1
+        if l1i >= len(l1) or (gc + n) >> self.l2_bits != l1i:
+            return 0
+        e = l1[l1i]
+        if not e & COPIED or not e & OFFSET_MASK:
+            return 0
+        off = e & OFFSET_MASK
+        t = self._l2_tables.get(off)
+        if t is None:
+            t = self._load_l2(off)
+        else:
+            self._l2_tables.move_to_end(off)  # (TableCache.get, without two calls)
+        entries = t.entries
+        i = gc & self.l2_mask
+        entry = entries[i]
         host = entry & OFFSET_MASK
-        if entry & (COMPRESSED | L2_RESERVED | ZERO_FLAG) or not entry & COPIED or not host or host % self.cs:
+        if entry & _NOT_PLAIN or not entry & COPIED or not host or host & (self.cs - 1):
             return 0  # everything else (and anything odd) takes the general path, which checks it
-        return host + within
+        if n:
+            last = entries[i + n]
+            if last & _NOT_PLAIN or last != entry + (n << cbits):
+                return 0
+            if n > 1 and entries[i : i + n + 1] != array("Q", range(entry, last + 1, self.cs)):
+                return 0
+        return host + (offset & (self.cs - 1))
 
     def _check_data_host(self, host: int, length: int) -> None:
         """Refuse a data write that would land on metadata: the header, the L1 table, the
@@ -222,7 +268,5 @@ class ClusterMap:
             if host < start + size and start < host + length:
                 raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
         meta = self._meta_clusters
-        if meta:
-            for c in range(host >> self.cbits, ((host + length - 1) >> self.cbits) + 1):
-                if c in meta:
-                    raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
+        if meta and not meta.isdisjoint(range(host >> self.cbits, ((host + length - 1) >> self.cbits) + 1)):
+            raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
