@@ -224,12 +224,16 @@ class BlkDevice(VirtioDevice):
                 while (chain := queue.pop()) is not None:
                     if not self._start_fast(queue, chain, done):
                         self._start(queue, chain)
-            finally:
-                if done:  # (also when pop raised: what was served is returned before the reset)
+            except BaseException:
+                if done:  # what was served is returned before the reset
                     queue.push_many(done)
-            # one used-index update and one interrupt for every request completed inline in this batch
-            self.signal_used(queue)
-            if not queue.set_notification(True):
+                raise
+            # one used-index update, one interrupt decision and the re-armed kick for every request
+            # completed inline in this batch: one queue call (push_many, should_notify, set_notification)
+            notify, more = queue.complete_batch(done)
+            if notify:
+                self.interrupts.queue_interrupt(queue)
+            if not more:
                 break
 
     def _start_fast(
