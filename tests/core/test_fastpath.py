@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import vdm.fastpath as fastpath
 from vdm.chain_walk import MAX_CHAIN
-from vdm.memory import FlatGuestMemory, MemoryRegion
+from vdm.memory import FlatGuestMemory, GuestMemory, MemoryRegion
 from vdm.virtqueue import Virtqueue, VirtqueueError
 
 needs_build = pytest.mark.skipif(
@@ -46,6 +46,24 @@ class RecordingMemory(FlatGuestMemory):
     def map(self, addr: int, length: int, writable: bool = False) -> memoryview:
         self.calls.append((addr, length, writable))
         return super().map(addr, length, writable)
+
+
+class DeclaredFlatMemory(GuestMemory):
+    """A wrapper whose map() is its inner FlatGuestMemory's and says so (MAPS_SINGLE_REGION), as
+    vdm-vhost-user's shared memory does when it does not track views: the compiled path slices
+    its single_region itself."""
+
+    MAPS_SINGLE_REGION = True
+
+    def __init__(self, ram: bytearray | mmap.mmap) -> None:
+        self.inner = FlatGuestMemory([MemoryRegion(BASE, ram)])
+
+    @property
+    def single_region(self) -> tuple[int, int, memoryview] | None:
+        return self.inner.single_region
+
+    def map(self, addr: int, length: int, writable: bool = False) -> memoryview:
+        return self.inner.map(addr, length, writable)
 
 
 def _addr(rng: random.Random) -> int:
@@ -110,10 +128,17 @@ def _run(compiled: bool, ram: bytearray | mmap.mmap, size: int, event_idx: bool,
     """Pop (and push some of) what the rings offer on one path; everything a user could compare.
 
     An odd first plan entry takes plain FlatGuestMemory (which the compiled path slices itself, with
-    no map() call to record), an even one RecordingMemory (every range mapped is compared).
+    no map() call to record), or one in four DeclaredFlatMemory (the same, through a wrapper that
+    says so); an even one RecordingMemory (every range mapped is compared).
     """
     monkeypatch.setattr(fastpath, "ACTIVE", compiled)
-    memory = RecordingMemory(ram) if plan[0] % 2 == 0 else FlatGuestMemory([MemoryRegion(BASE, ram)])
+    memory: GuestMemory
+    if plan[0] % 2 == 0:
+        memory = RecordingMemory(ram)
+    elif plan[0] % 4 == 3:
+        memory = DeclaredFlatMemory(ram)
+    else:
+        memory = FlatGuestMemory([MemoryRegion(BASE, ram)])
     calls = memory.calls if isinstance(memory, RecordingMemory) else []
     start = _address(memoryview(ram)) or 0
     q = Virtqueue(0, max(size, 1024))
@@ -123,6 +148,8 @@ def _run(compiled: bool, ram: bytearray | mmap.mmap, size: int, event_idx: bool,
     q.set_ready(True)
     q.activate(memory, event_idx=event_idx, indirect=indirect)
     assert (q._fast is not None) == compiled  # the path asked for is the one taken
+    if q._fast is not None:  # and it slices guest RAM itself exactly for the memories that allow it
+        assert (q._fast.flat is memory) == (not isinstance(memory, RecordingMemory))
     seen: list[object] = []
     for decision in plan[1:]:
         before = len(calls)

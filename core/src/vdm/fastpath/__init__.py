@@ -108,8 +108,10 @@ class FastRing:
                 "avail_event16": avail_event16, "event_idx": int(event_idx), "indirect": int(indirect),
             },
         )  # fmt: skip
-        #: the queue's memory when its map() is FlatGuestMemory's: take() slices its one region itself
-        self.flat = memory if type(memory).map is FlatGuestMemory.map else None
+        #: the queue's memory when its map() is FlatGuestMemory's, or one that says its map() slices
+        #: its single_region as that does (MAPS_SINGLE_REGION): take() slices that region itself
+        flat = type(memory).map is FlatGuestMemory.map or getattr(type(memory), "MAPS_SINGLE_REGION", False)
+        self.flat = memory if flat else None
         #: the single_region the C walks check entries against (ring.flat_base/flat_size); None: none
         self.region: tuple[int, int, memoryview] | None = None
         self.entries = 0

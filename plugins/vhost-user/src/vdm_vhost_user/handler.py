@@ -133,6 +133,7 @@ class VhostUserHandler(RingMessages, BackendChannel):
         self.memory.replace(MemoryTable())
         self.memory.logging = False
         self.memory.set_dirty_log(None)
+        self.memory.set_tracking(False)  # (until LOG_SHMFD is acked: no log can come before)
         #: transport feature bits acked without being offered (.transport)
         self.transport_features = 0
 
@@ -291,6 +292,7 @@ class VhostUserHandler(RingMessages, BackendChannel):
         if extra:
             raise ProtocolError(f"SET_PROTOCOL_FEATURES: 0x{extra:x} were not offered")
         self.protocol_features = value
+        self.memory.set_tracking(bool(value >> ProtocolFeature.LOG_SHMFD & 1))
 
     def _set_log_base(self, msg: Message) -> bytes:
         if not self.protocol_features & (1 << ProtocolFeature.LOG_SHMFD):
@@ -321,6 +323,7 @@ class VhostUserHandler(RingMessages, BackendChannel):
         self._reset_state()
         self.memory.replace(memory)
         self.owner, self.protocol_features = owner, proto
+        self.memory.set_tracking(bool(proto >> ProtocolFeature.LOG_SHMFD & 1))
 
     def _get_queue_num(self, msg: Message) -> bytes:
         return p.U64.pack(len(self.device.queues))

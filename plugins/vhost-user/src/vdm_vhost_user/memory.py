@@ -125,11 +125,20 @@ class MemoryTable:
 class SharedGuestMemory(GuestMemory):
     """The device's view of guest RAM: the frontend's current :class:`MemoryTable`.
 
-    It also keeps the migration's dirty log (:mod:`.dirtylog`): every writable view handed out is
-    remembered (guest address and length) until it is given back, and while logging is on the
-    pages of a view given back are marked then -- after the device wrote them. Views handed out
-    before logging started are marked too, since they are remembered from the start.
+    It also keeps the migration's dirty log (:mod:`.dirtylog`): while *tracking* (the default;
+    the handler turns it off for a connection that did not ack LOG_SHMFD, which can never get a
+    log), every writable view handed out is remembered (guest address and length) until it is
+    given back, and while logging is on the pages of a view given back are marked then -- after
+    the device wrote them. Views handed out before logging started are marked too, since they are
+    remembered from the start. Not tracking, :meth:`map` is the table's map and nothing else:
+    ``unmap_needed`` is False (the virtqueue skips :meth:`unmap`), and :attr:`single_region` is the
+    table's, which the compiled virtqueue path (:mod:`vdm.fastpath`) slices as that map would
+    (``MAPS_SINGLE_REGION``); tracking, :attr:`single_region` is None, so every view goes through
+    :meth:`map` and is remembered.
     """
+
+    #: map() slices single_region when that is not None (vdm.fastpath relies on it)
+    MAPS_SINGLE_REGION = True
 
     def __init__(self, table: MemoryTable | None = None) -> None:
         self._table = table if table is not None else MemoryTable()
@@ -137,6 +146,21 @@ class SharedGuestMemory(GuestMemory):
         self._log: DirtyLog | None = None
         #: the frontend acked VHOST_F_LOG_ALL: writes are marked in the log (if it gave one)
         self.logging = False
+        self._tracking = True
+        self.unmap_needed = True
+
+    def set_tracking(self, on: bool) -> None:
+        """Remember writable views for the dirty log (on), or not (a connection without LOG_SHMFD:
+        no log can be given; views remembered so far are forgotten)."""
+        self._tracking = on
+        self.unmap_needed = on
+        if not on:
+            self._writable.clear()
+
+    @property
+    def single_region(self) -> tuple[int, int, memoryview] | None:
+        """The table's single region while not tracking (see the class doc), else None."""
+        return None if self._tracking else self._table.memory.single_region
 
     @property
     def table(self) -> MemoryTable:
@@ -148,7 +172,7 @@ class SharedGuestMemory(GuestMemory):
 
     def map(self, addr: int, length: int, writable: bool = False) -> memoryview:
         view = self._table.memory.map(addr, length, writable)
-        if writable:
+        if writable and self._tracking:
             self._writable[id(view)] = (addr, length)
         return view
 
