@@ -6,7 +6,11 @@ when a compiler is there) does what :meth:`vdm.virtqueue.Virtqueue.pop` and
 write avail_event, and walk the chain's descriptors (next, indirect, every index, length, loop and
 count checked as the Python walk checks them) into a compact array of (guest address, length).
 Python then maps those through the queue's :class:`~vdm.memory.GuestMemory` exactly as the Python
-walk does, in chain order, so a buffer outside guest RAM fails the same way at the same point. No
+walk does, in chain order, so a buffer outside guest RAM fails the same way at the same point.
+When guest RAM is one region and the memory's ``map`` is :class:`~vdm.memory.FlatGuestMemory`'s,
+or the memory declares ``MAPS_SINGLE_REGION`` (its ``map`` slices its ``single_region`` the same
+way whenever that is not None), the entries are checked against that region in C and sliced from
+its view without a ``map`` call. No
 device logic is compiled; the Python path stays the reference, and tests/core/test_fastpath.py
 runs random and hostile rings through both (same chains, same errors).
 
