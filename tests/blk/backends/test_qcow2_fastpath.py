@@ -206,3 +206,43 @@ def test_inline_requests_beside_discards_and_allocating_writes_keep_every_byte(t
         assert out == models[t], f"region {t} differs"
     disk.close()
     check_image(img, allow_leaks=True)
+
+
+def test_a_discard_waits_for_a_read_in_flight_and_inline_requests_step_aside_meanwhile(tmp_path):
+    """The I/O lock: a discard (which may free clusters for reuse) waits until a read of those
+    clusters in flight has finished; while it waits, inline requests say "use a worker"."""
+    img, data = _converted(tmp_path)
+    with closing(open_disk(img)) as disk:
+        entered, release = threading.Event(), threading.Event()
+        real = disk.f.preadv
+
+        def slow_preadv(views, offset):  # a read that is still in the kernel
+            entered.set()
+            assert release.wait(10)
+            return real(views, offset)
+
+        disk.f.preadv = slow_preadv
+        buf = bytearray(CS)
+        reader = threading.Thread(target=disk.readv, args=(0, [memoryview(buf)]))
+        reader.start()
+        assert entered.wait(10)
+        discarded = threading.Event()
+        discarder = threading.Thread(target=lambda: (disk.discard(0, CS), discarded.set()))
+        discarder.start()
+        for _ in range(200):  # until the discard waits for the shared side
+            if disk._io.waiting:
+                break
+            threading.Event().wait(0.01)
+        assert disk._io.waiting, "the discard should be waiting for the read in flight"
+        assert not discarded.is_set()
+        assert disk.readv_nowait(2 * CS, [memoryview(bytearray(4096))]) is None
+        assert disk.writev_inline(2 * CS, [memoryview(bytearray(4096))]) is None
+        release.set()
+        reader.join(10)
+        discarder.join(10)
+        assert discarded.is_set()
+        disk.f.preadv = real
+        assert buf == data[:CS], "the read in flight returned the data from before the discard"
+        out = bytearray(CS)
+        assert disk.readv_nowait(CS, [memoryview(out)]) == CS and out == data[CS : 2 * CS]
+    check_image(img, allow_leaks=True)

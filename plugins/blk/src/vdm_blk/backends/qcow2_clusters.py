@@ -213,7 +213,7 @@ class ClusterMap:
                 io.wait_shared()
             host = self._mapped(offset, length)
             if host or wait:
-                io.readers += 1
+                io.active.append(True)
         return host
 
     def _mapped(self, offset: int, length: int) -> int:
@@ -233,32 +233,45 @@ class ClusterMap:
         if l1i >= len(l1) or (gc + n) >> self.l2_bits != l1i:
             return 0
         e = l1[l1i]
-        if not e & COPIED or not e & OFFSET_MASK:
-            return 0
         off = e & OFFSET_MASK
-        t = self._l2_tables.get(off)
+        if not e & COPIED or not off:
+            return 0
+        tables = self._l2_tables
+        t = tables.get(off)
         if t is None:
             t = self._load_l2(off)
         else:
-            self._l2_tables.move_to_end(off)  # (TableCache.get, without two calls)
+            tables.move_to_end(off)  # (TableCache.get, without two calls)
         entries = t.entries
         i = gc & self.l2_mask
         entry = entries[i]
         host = entry & OFFSET_MASK
-        if entry & _NOT_PLAIN or not entry & COPIED or not host or host & (self.cs - 1):
+        # one test: COPIED, no compressed/zero/reserved bit, cluster aligned (then host != 0)
+        if entry & self._plain_mask != COPIED or not host:
             return 0  # everything else (and anything odd) takes the general path, which checks it
         if n:
             last = entries[i + n]
             if last & _NOT_PLAIN or last != entry + (n << cbits):
                 return 0
-            if n > 1 and entries[i : i + n + 1] != array("Q", range(entry, last + 1, self.cs)):
+            if n > 1 and entries[i : i + n + 1] != array("Q", range(entry, last + 1, 1 << cbits)):
                 return 0
-        return host + (offset & (self.cs - 1))
+        return host + (offset & ((1 << cbits) - 1))
 
     def _check_data_host(self, host: int, length: int) -> None:
         """Refuse a data write that would land on metadata: the header, the L1 table, the
         refcount table, and (in an image opened read-write) every other metadata cluster -- L2
-        tables, refcount blocks, the snapshot table and snapshots' L1 tables."""
+        tables, refcount blocks, the snapshot table and snapshots' L1 tables.
+
+        In an image opened read-write the metadata clusters found by the check (and kept up to
+        date as tables are allocated, moved and freed) include the header, L1 table and refcount
+        table clusters: one set test covers them all. Without that set (nothing checked) the
+        three are tested from the header."""
+        cbits = self.cbits
+        meta = self._meta_clusters
+        if meta:
+            if not meta.isdisjoint(range(host >> cbits, ((host + length - 1) >> cbits) + 1)):
+                raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
+            return
         h = self.h
         for start, size in (
             (0, self.cs),
@@ -267,6 +280,3 @@ class ClusterMap:
         ):
             if host < start + size and start < host + length:
                 raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")
-        meta = self._meta_clusters
-        if meta and not meta.isdisjoint(range(host >> self.cbits, ((host + length - 1) >> self.cbits) + 1)):
-            raise self._corrupt(f"guest data maps onto metadata at 0x{host:x}")

@@ -37,11 +37,13 @@ class InlinePath:
             host = self._mapped(offset, total)
             if not host:
                 return None
-            io.readers += 1
+            io.active.append(True)
         try:
             return self.f.read_nowait(buffers, host, total)
         finally:
-            io.release_shared()
+            io.active.pop()  # (IOLock.release_shared, inlined)
+            if io.waiting:
+                io.wake()
 
     def writev_inline(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
         """A small write inside one run of contiguous allocated, unshared clusters, made on the
