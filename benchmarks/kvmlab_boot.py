@@ -5,7 +5,11 @@ All three boot the guest kit's bzImage (vmlinuz) and initrd.cpio.gz with 256 MiB
 virtio-blk disk (a 64 MiB raw file on the lab's tmpfs, host page cache for all three) and the serial
 console; the guest runs ``boot,blk`` (1 MiB O_DIRECT dd write then read of ``--mib`` MiB) and
 reboots, which ends each VMM. Timed from the VMM's start: the guest's ``VDMTEST INIT`` line on the
-console (its /init started) and the VMM's exit. Runs are interleaved; medians of ``--runs``.
+console (its /init started) and the VMM's exit; the guest's own clock at /init (``init_uptime_s``)
+is reported beside it, so "to /init" minus it is the VMM's own start-up (in the lab, a Python VMM
+pays its imports over the 9p root under TCG). Runs are interleaved, the order reversed every other
+round (a load burst from another job then hits each VMM in turn); medians of ``--runs``, and per
+ratio the spread of the per-round ratios, which shows how much the machine's load moved it.
 
 kvmtool is not part of vdm: build ``lkvm`` from its public source in a scratch folder outside the
 repository and pass ``--lkvm PATH`` (the lab sees the host root read-only, so /tmp/... works).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -59,7 +64,7 @@ def timed_boot(cmd: list[str], env: dict, timeout: float) -> dict:
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          env=env)
     t_init = None
-    out = []
+    out: list[str] = []
     assert p.stdout is not None
     for raw in p.stdout:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -75,7 +80,9 @@ def timed_boot(cmd: list[str], env: dict, timeout: float) -> dict:
     _, results, _ = vdm_lab.parse_results(log)
     blk = next((r for r in results if r.name == "blk"), None)
     ok = blk is not None and blk.ok
+    up = re.search(r"VDMTEST INIT .*\binit_uptime_s=([0-9.]+)", log)
     return {"rc": rc, "init_s": t_init, "exit_s": t_end, "ok": ok,
+            "guest_init_s": float(up.group(1)) if up else None,
             "write_MiBps": float(blk.get("seq_write_MiBps") or 0) if ok else None,
             "read_MiBps": float(blk.get("seq_read_MiBps") or 0) if ok else None,
             "tail": "" if ok else log[-1500:]}
@@ -87,8 +94,9 @@ def inside(a: argparse.Namespace) -> int:
     img = "/mnt/tmp/bench.img"
     params = vdm_lab.kernel_cmdline(["boot", "blk"], {"mib": a.mib, "exit": "reboot"})
     params = params.replace("console=ttyS0 panic=-1 ", "")
+    setups = a.setups.split(",")
     for rnd in range(a.runs):
-        for setup in a.setups.split(","):
+        for setup in setups if rnd % 2 == 0 else setups[::-1]:
             with open(img, "wb") as f:
                 f.truncate(64 << 20)
             cmd, env = vmm_command(setup, kit, img, params, a.lkvm)
@@ -103,8 +111,8 @@ def table(rows: list[dict], setups: list[str]) -> None:
         vals = [r[k] for r in rows if r["setup"] == s and r.get(k) is not None and r["ok"]]
         return statistics.median(vals) if vals else None
 
-    cols = [("init_s", "to /init (s)"), ("exit_s", "to exit (s)"), ("write_MiBps", "dd write MiB/s"),
-            ("read_MiBps", "dd read MiB/s")]
+    cols = [("init_s", "to /init (s)"), ("guest_init_s", "guest's own /init (s)"), ("exit_s", "to exit (s)"),
+            ("write_MiBps", "dd write MiB/s"), ("read_MiBps", "dd read MiB/s")]
     print("| VMM | " + " | ".join(c[1] for c in cols) + " | runs ok |")
     print("| --- " * (len(cols) + 2) + "|")
     m = {(s, k): med(s, k) for s in setups for k, _ in cols}
@@ -113,12 +121,26 @@ def table(rows: list[dict], setups: list[str]) -> None:
         n = sum(1 for r in rows if r["setup"] == s)
         cells = [f"{m[s, k]:.2f}" if m[s, k] is not None else "-" for k, _ in cols]
         print(f"| {s} | " + " | ".join(cells) + f" | {ok}/{n} |")
+    def round_ratios(peer: str, k: str) -> list[float]:
+        """vdm/peer within each round where both ran ok (same load, minutes apart)."""
+        def at(rnd: int, s: str) -> float | None:
+            return next((r.get(k) for r in rows if r["round"] == rnd and r["setup"] == s and r["ok"]), None)
+
+        out = []
+        for rnd in sorted({r["round"] for r in rows}):
+            v, p = at(rnd, setups[0]), at(rnd, peer)
+            if v and p:
+                out.append(v / p)
+        return out
+
     for peer in setups[1:]:
         cells = []
         for k, _ in cols:
             v, p = m[setups[0], k], m[peer, k]
-            cells.append(f"{v / p:.2f}" if v and p else "-")
-        print(f"| ratio {setups[0]}/{peer} | " + " | ".join(cells) + " | |")
+            per = round_ratios(peer, k)
+            spread = f" ({min(per):.2f}-{max(per):.2f})" if len(per) > 1 else ""
+            cells.append(f"{v / p:.2f}{spread}" if v and p else "-")
+        print(f"| ratio {setups[0]}/{peer} (per-round range) | " + " | ".join(cells) + " | |")
 
 
 def main() -> int:
