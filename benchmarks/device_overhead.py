@@ -9,7 +9,10 @@ acknowledge through the transport's registers (vdm code a guest's interrupt hand
 driver reads used.idx with one load from its RAM, as a guest does.
 Backends: ``null`` (readv returns at once), ``raw`` (a file in the page cache) and ``raw-worker``
 (the same file with the device's inline paths turned off, so every request goes through the
-worker-thread handoff: the A/B of those paths).
+worker-thread handoff: the A/B of those paths). A backend name with ``+vu`` (``raw+vu``) gives the
+device the driver's RAM through vdm-vhost-user's shared memory as a connection without LOG_SHMFD
+has it (no view tracking), ``+vulog`` as one with LOG_SHMFD (QEMU's: every writable view remembered
+for the dirty log, logging itself off): what the vhost-user path adds per request, without a socket.
 
 The floor: before each device round, as many bare ``os.preadv`` (or ``os.pwritev``) calls of 4 KiB
 as the round has requests, on the same page-cached file (the ``raw`` image), timed the same way.
@@ -102,6 +105,17 @@ def image(tmp: str) -> str:
     return path
 
 
+def shared_memory(ram: GuestRam, tracking: bool):
+    """``ram`` as vdm-vhost-user's SharedGuestMemory over one region (no socket, no frontend)."""
+    from vdm_vhost_user.memory import MemoryTable, RegionSpec, SharedGuestMemory, _Mapped
+
+    r = ram.region
+    region = _Mapped(RegionSpec(r.guest_addr, r.size, r.guest_addr, 0), None, r, True)  # type: ignore[arg-type]
+    memory = SharedGuestMemory(MemoryTable([region]))
+    memory.set_tracking(tracking)
+    return memory
+
+
 def run(
     kind: str,
     inflight: int,
@@ -111,14 +125,18 @@ def run(
     op: str = "read",
     irq: str = "recording",
 ) -> dict:
-    dev = BlkDevice(make_backend(kind, tmp), BlkConfig(path="bench", queue_size=256))
+    base, _, shared = kind.partition("+")
+    dev = BlkDevice(make_backend(base, tmp), BlkConfig(path="bench", queue_size=256))
     efd = None
+    ram = GuestRam(64 << 20)
+    memory = shared_memory(ram, shared == "vulog") if shared else ram.memory
     if irq == "eventfd":  # the line a VMM gives (KVM irqfd, vhost-user call fd): one eventfd write
         efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        ram = GuestRam(64 << 20)
-        drv = VirtioTestDriver(dev, ram=ram, transport=MmioTransport(dev, ram.memory, EventfdIrqLine(efd)))
+        drv = VirtioTestDriver(dev, ram=ram, transport=MmioTransport(dev, memory, EventfdIrqLine(efd)))
     else:
-        drv = VirtioTestDriver(dev, ram_size=64 << 20)
+        drv = VirtioTestDriver(dev, ram=ram)
+        if shared:
+            drv.transport = MmioTransport(dev, memory, drv.irq)
     drv.init()
     q = drv.queues[0]
     heads = []
