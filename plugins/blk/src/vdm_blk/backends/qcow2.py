@@ -248,7 +248,7 @@ class Qcow2Disk(InlinePath, ClusterMap, Zeroing, Handover, DiskBackend):
         self._live()
         total = total_length(buffers)
         self.check_range(offset, total)
-        host = self._enter_io(offset, total, True)
+        host = self._enter_io(offset, total)
         try:
             if host:  # the common case: one run of contiguous allocated clusters
                 self.f.preadv(buffers, host)
@@ -325,7 +325,7 @@ class Qcow2Disk(InlinePath, ClusterMap, Zeroing, Handover, DiskBackend):
         self._live()
         total = total_length(buffers)
         self.check_range(offset, total, write=True)
-        host = self._enter_io(offset, total, True)
+        host = self._enter_io(offset, total)
         try:
             if host:
                 self._check_data_host(host, total)

@@ -196,24 +196,18 @@ class ClusterMap:
         with self._meta:
             return self.refs.get(host_offset // self.cs)
 
-    def _enter_io(self, offset: int, length: int, wait: bool) -> int:
-        """Enter the shared side of the I/O lock and map the range, in one critical section.
-
-        ``wait`` (the general path): wait for the shared side, hold it, and return the host
-        offset of a range that lies in one contiguous run of allocated, unshared data clusters
-        (:meth:`_mapped`) or 0 for anything else (the caller maps it under the metadata lock).
-        Without ``wait`` (the inline path): hold the shared side only when returning a host
-        offset; 0, holding nothing, when the range is not one run or an exclusive holder holds
-        or waits. A DiskError (a table that cannot be read) leaves nothing held."""
+    def _enter_io(self, offset: int, length: int) -> int:
+        """Wait for and enter the shared side of the I/O lock and map the range, in one critical
+        section: the host offset of a range that lies in one contiguous run of allocated,
+        unshared data clusters (:meth:`_mapped`), or 0 for anything else (the caller maps it
+        under the metadata lock); the shared side is held either way, except after a DiskError
+        (a table that cannot be read). The inline path (:mod:`.qcow2_inline`) does the same
+        without waiting."""
         io = self._io
         with self._meta:
-            if io.writer or io.waiting:
-                if not wait:
-                    return 0
-                io.wait_shared()
+            io.wait_shared()
             host = self._mapped(offset, length)
-            if host or wait:
-                io.active.append(True)
+            io.active.append(True)
         return host
 
     def _mapped(self, offset: int, length: int) -> int:

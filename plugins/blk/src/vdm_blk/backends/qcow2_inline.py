@@ -77,11 +77,18 @@ class InlinePath:
         total = sum(map(len, buffers))
         if self.read_only or offset < 0 or offset % SECTOR or total % SECTOR or offset + total > self.size:
             self.check_range(offset, total, write=True)  # (raises, saying why)
-        host = self._enter_io(offset, total, False)
-        if not host:
-            return None
+        io = self._io
+        with self._meta:  # (ClusterMap._enter_io, inlined)
+            if io.writer or io.waiting:
+                return None
+            host = self._mapped(offset, total)
+            if not host:
+                return None
+            io.active.append(True)
         try:
             self._check_data_host(host, total)
             return self.f.write_inline(buffers, host)
         finally:
-            self._io.release_shared()
+            io.active.pop()  # (IOLock.release_shared, inlined)
+            if io.waiting:
+                io.wake()
