@@ -192,7 +192,10 @@ def test_guest_keeps_pinging_across_live_migration(kit: vdm_lab.GuestKit,  # noq
     if why:
         pytest.skip(why)
     fe = qemu_frontend
-    count, interval = 200, 0.1
+    # 15 s of pings from eth0 up (20 s until the suite had to get shorter): the migration starts 6 s
+    # after the guest's init and completes in ~1 s, so the pings still go on for seconds after it
+    # (asserted > 3 s below); passed 4 of 4 on QEMU 7.2 and 10.0 at load 5-7, 0 lost
+    count, interval = 150, 0.1
     src_sock, dst_sock, mig = tmp_path / "src.sock", tmp_path / "dst.sock", tmp_path / "mig.sock"
     with NetNs() as ns:
         ns.run(["ip", "link", "add", "br0", "type", "bridge"])
@@ -233,7 +236,7 @@ def test_guest_keeps_pinging_across_live_migration(kit: vdm_lab.GuestKit,  # noq
             qmps[0].execute("quit")
             completed = time.monotonic()
             assert dst.wait_line("VDMTEST DONE", count * interval + 120), f"{fe}: no end\n{dst.output}"
-            # the pings (20 s from eth0 up, a few s before migrate) went on well after it completed
+            # the pings (15 s from eth0 up, a few s before migrate) went on well after it completed
             assert time.monotonic() - completed > 3, f"{fe}: the pings ended before the migration did"
         finally:
             for q in qmps:
