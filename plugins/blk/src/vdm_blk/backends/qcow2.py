@@ -33,9 +33,10 @@ Protocols
 Data path
     A request inside one run of contiguous, allocated, unshared host clusters (every request of
     an image ``qemu-img convert`` wrote) is mapped in one step (:meth:`ClusterMap._mapped`) and is
-    one ``preadv``/``pwritev``; reads of it are served on the caller's thread from the page cache
-    (``readv_nowait``), as raw serves them. Anything else: ``readv`` maps the request to extents
-    under the metadata lock, then reads allocated extents with one ``preadv`` per run.
+    one ``preadv``/``pwritev``. Anything else: the request is mapped to extents under the
+    metadata lock, and allocated extents are read with one ``preadv`` per run. Reads that need
+    no waiting (page-cached data, clusters that read as zeros) are served on the caller's thread
+    (``readv_nowait``, :mod:`.qcow2_inline`), as raw serves them; the rest go to a worker.
     ``writev`` to clusters that are already allocated (and not shared) is one ``pwritev`` per run.
     Other writes allocate under the metadata lock: a whole-cluster write goes straight from the
     caller's buffers; a partial one builds the cluster (old data, backing data, zeros or the
