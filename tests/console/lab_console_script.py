@@ -10,6 +10,10 @@ Prints ``key=value`` lines the test checks. Scenarios (argv):
 * ``virtio``: ``vdm run --console serial,... --console virtio,...``; the kit's ``console``
   workload writes a token to /dev/hvc0 and waits for it to come back; the client echoes it and
   reads the workload's result on the serial console (the guest's /dev/console).
+* ``consoles``: both in one guest (what the test runs: one L3 boot instead of two): the ``virtio``
+  guest's workloads are ``console,shell``, so after the hvc0 round trip the kit's shell starts on
+  ttyS0 (the guest's /dev/console) and the ``serial`` steps run on it; the same keys are printed
+  (``virtio_vdm_rc`` is that guest's exit status too) and an error as ``consoles_error``.
 """
 
 from __future__ import annotations
@@ -181,22 +185,42 @@ def virtio() -> None:
             g.proc.kill()
 
 
-def _virtio(g: Guest, hvc: Console, tty: Console) -> None:
+def _hvc_round_trip(g: Guest, hvc: Console, tty: Console) -> None:
     m = hvc.expect(rb"VDMTEST HVC-PING (\S+)", 1200)  # a loaded 2-core host makes L3 boots slow
     say("virtio_ping_s", round(time.monotonic() - g.t0, 1))
     hvc.send(b"pong " + m.group(1) + b"\n")
     m = tty.expect(rb"VDMTEST RESULT console (\S+)(.*?)\r?\n", 120)
     say("virtio_console_result", m.group(1).decode())
     say("virtio_console_detail", m.group(2).decode().strip().replace(" ", ","))
+
+
+def _virtio(g: Guest, hvc: Console, tty: Console) -> None:
+    _hvc_round_trip(g, hvc, tty)
     tty.expect(rb"VDMTEST DONE", 120)
     say("virtio_vdm_rc", g.finish())
     say("virtio_total_s", round(time.monotonic() - g.t0, 1))
 
 
+def consoles() -> None:
+    params = "quiet console=ttyS0 vdmtest=console,shell vdmtest.exit=poweroff"
+    g = Guest("consoles", params, ["serial", "virtio"])
+    try:
+        _hvc_round_trip(g, g.consoles["virtio"], g.consoles["serial"])
+        _serial(g, g.consoles["serial"])  # the shell comes after the console workload, on ttyS0
+        say("virtio_vdm_rc", g.proc.returncode)
+    except SystemExit:
+        tail = g.consoles["serial"].seen[-1500:].decode("latin-1").replace("\n", " | ")
+        say("consoles_ttyS0_tail", tail)
+        raise
+    finally:
+        if g.proc.poll() is None:
+            g.proc.kill()
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:]:
         try:
-            {"serial": serial, "virtio": virtio}[what]()
+            {"serial": serial, "virtio": virtio, "consoles": consoles}[what]()
         except SystemExit as e:
             say(f"{what}_error", str(e).replace("\n", " | ")[:2000])
         finally:
