@@ -123,24 +123,30 @@ class UsedRing:
                 return False, False
             if items:
                 self._write_used(items)
-            event_idx = self._event_idx
-            if event_idx:  # re-arm: a kick for anything past what was taken
-                used16[self._avail_event16] = self._last_avail_idx
-            else:
-                used16[0] = 0
+            self._arm(used16, True)  # a kick for anything past what was taken
             mb()  # the stores above before the loads below (module doc)
-            notify = False
-            if self._pushed:
-                self._pushed = False
-                new = self._used_idx
-                if event_idx:
-                    old, valid = self.signalled_used, self.signalled_valid
-                    self.signalled_used = new
-                    self.signalled_valid = True
-                    notify = not valid or _need_event(avail16[self._used_event16], new, old)
-                else:
-                    notify = not avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            notify = self._decide(avail16) if self._pushed else False
         return notify, self.has_available()
+
+    def _arm(self, used16: memoryview, enabled: bool) -> None:
+        """Store the kick request: avail_event with EVENT_IDX (only when enabling), else used.flags."""
+        if self._event_idx:
+            if enabled:
+                used16[self._avail_event16] = self._last_avail_idx
+        else:
+            used16[0] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
+
+    def _decide(self, avail16: memoryview) -> bool:
+        """Whether the driver wants an interrupt for what was pushed; records the new "last
+        signalled" index. Called under ``lock``, after the fence, with something pushed."""
+        self._pushed = False
+        new = self._used_idx
+        if self._event_idx:
+            old, valid = self.signalled_used, self.signalled_valid
+            self.signalled_used = new
+            self.signalled_valid = True
+            return not valid or _need_event(avail16[self._used_event16], new, old)
+        return not avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def _check_release(self, items: Sequence[tuple[DescriptorChain, int]]) -> None:
         """Check every length fits 32 bits (ValueError, nothing released), then release the buffers."""
@@ -226,17 +232,8 @@ class UsedRing:
             avail16 = self._avail16
             if avail16 is None or not self._pushed:
                 return False
-            self._pushed = False
             mb()
-            new = self._used_idx
-            if self._event_idx:
-                old = self.signalled_used
-                valid = self.signalled_valid
-                self.signalled_used = new
-                self.signalled_valid = True
-                used_event = avail16[self._used_event16]
-                return not valid or _need_event(used_event, new, old)
-            return not avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return self._decide(avail16)
 
     def set_notification(self, enabled: bool) -> bool:
         """Ask the driver to kick (or not) on new buffers. Returns True if buffers are already there.
@@ -248,11 +245,7 @@ class UsedRing:
         used16 = self._used16
         if used16 is None:
             return False
-        if self._event_idx:
-            if enabled:
-                used16[self._avail_event16] = self._last_avail_idx
-        else:
-            used16[0] = 0 if enabled else VIRTQ_USED_F_NO_NOTIFY
+        self._arm(used16, enabled)
         if not enabled:
             return False
         mb()
