@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from vdm.device import VirtioDevice
-from vdm.sg import slice_views
+from vdm.sg import slice_views, total_length
 from vdm.virtqueue import DescriptorChain, Virtqueue
 
 from .config import BlkConfig
@@ -259,7 +259,7 @@ class BlkDevice(VirtioDevice):
             io = self._writev_inline
         else:
             return False
-        n = sum(map(len, data))
+        n = total_length(data)
         cap = self.capacity
         if not n or n % SECTOR or sector > cap or n // SECTOR > cap - sector:
             return False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from vdm.sg import fill_zero, split_views
+from vdm.sg import fill_zero, split_views, total_length
 
 from .base import SECTOR, DiskError
 from .qcow2_header import COMPRESSED_KIND, DATA, UNALLOC
@@ -35,7 +35,7 @@ class InlinePath:
         general path must report as corrupt): the device then uses a worker."""
         if self._closed or self._inactive:
             return None
-        total = sum(map(len, buffers))
+        total = total_length(buffers)
         if offset < 0 or offset % SECTOR or total % SECTOR or offset + total > self.size:
             self.check_range(offset, total)  # (raises, saying why)
         io = self._io
@@ -74,7 +74,7 @@ class InlinePath:
         would block."""
         if self._closed or self._inactive:
             return None
-        total = sum(map(len, buffers))
+        total = total_length(buffers)
         if self.read_only or offset < 0 or offset % SECTOR or total % SECTOR or offset + total > self.size:
             self.check_range(offset, total, write=True)  # (raises, saying why)
         io = self._io

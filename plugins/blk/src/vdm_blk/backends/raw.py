@@ -62,7 +62,7 @@ class RawDisk(DiskBackend):
         hands the request to a worker). See :meth:`HostFile.read_nowait`."""
         if self._closed:
             return None
-        n = sum(map(len, buffers))
+        n = total_length(buffers)
         if offset < 0 or offset % SECTOR or n % SECTOR or offset + n > self.size:
             self.check_range(offset, n)  # (raises, saying why; the same checks, not repeated when fine)
         return self.file.read_nowait(buffers, offset, n)
