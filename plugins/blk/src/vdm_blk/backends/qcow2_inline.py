@@ -64,9 +64,7 @@ class InlinePath:
                     return None  # (what was read meanwhile is read again by the worker)
             return total
         finally:
-            io.active.pop()  # (IOLock.release_shared, inlined)
-            if io.waiting:
-                io.wake()
+            io.release_shared()
 
     def writev_inline(self, offset: int, buffers: Sequence[memoryview]) -> int | None:
         """A small write inside one run of contiguous allocated, unshared clusters, made on the
@@ -89,6 +87,4 @@ class InlinePath:
             self._check_data_host(host, total)
             return self.f.write_inline(buffers, host)
         finally:
-            io.active.pop()  # (IOLock.release_shared, inlined)
-            if io.waiting:
-                io.wake()
+            io.release_shared()
