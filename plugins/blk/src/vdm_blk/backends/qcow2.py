@@ -97,16 +97,14 @@ from .qcow2_clusters import ClusterMap, _Extent
 from .qcow2_handover import Handover
 from .qcow2_header import (
     COMPAT_LAZY_REFCOUNTS,
-    COMPRESSED,
     COMPRESSED_KIND,
     COPIED,
     DATA,
     L1_RESERVED,
-    L2_RESERVED,
+    NOT_PLAIN,
     OFFSET_MASK,
     UNALLOC,
     ZERO,
-    ZERO_FLAG,
     read_header,
 )
 from .qcow2_inline import InlinePath
@@ -202,7 +200,7 @@ class Qcow2Disk(InlinePath, ClusterMap, Zeroing, Handover, DiskBackend):
         self.l2_bits = h.cluster_bits - 3
         self.l2_mask = (1 << self.l2_bits) - 1
         #: an L2 entry ANDed with this is COPIED exactly for a plain, unshared, aligned data cluster
-        self._plain_mask = COPIED | COMPRESSED | L2_RESERVED | ZERO_FLAG | ((cs - 1) & OFFSET_MASK)
+        self._plain_mask = COPIED | NOT_PLAIN | ((cs - 1) & OFFSET_MASK)
         self.physical_block_size = min(cs, 4096)
         self.optimal_io_size = cs
         self.logical_block_size = SECTOR

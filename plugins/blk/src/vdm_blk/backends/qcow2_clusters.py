@@ -20,6 +20,7 @@ from .qcow2_header import (
     COPIED,
     DATA,
     L2_RESERVED,
+    NOT_PLAIN,
     OFFSET_MASK,
     UNALLOC,
     ZERO,
@@ -29,8 +30,6 @@ from .qcow2_tables import Table, decode_u64, encode_u64
 
 __all__ = ["ClusterMap"]
 
-#: bits of an L2 entry that make it anything but a plain data cluster (or corrupt)
-_NOT_PLAIN = COMPRESSED | L2_RESERVED | ZERO_FLAG
 
 
 class _Extent:
@@ -245,7 +244,7 @@ class ClusterMap:
             return 0  # everything else (and anything odd) takes the general path, which checks it
         if n:
             last = entries[i + n]
-            if last & _NOT_PLAIN or last != entry + (n << cbits):
+            if last & NOT_PLAIN or last != entry + (n << cbits):
                 return 0
             if n > 1 and entries[i : i + n + 1] != array("Q", range(entry, last + 1, 1 << cbits)):
                 return 0

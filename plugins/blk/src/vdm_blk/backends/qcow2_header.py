@@ -49,6 +49,8 @@ COMPRESSED = 1 << 62
 ZERO_FLAG = 1
 L1_RESERVED = 0x7F000000000001FF
 L2_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61 of a standard entry
+#: bits of an L2 entry that make it anything but a plain data cluster (or corrupt)
+NOT_PLAIN = COMPRESSED | L2_RESERVED | ZERO_FLAG
 # what a guest range maps to (the kinds of L2 entries)
 DATA, UNALLOC, ZERO, COMPRESSED_KIND = range(4)
 
