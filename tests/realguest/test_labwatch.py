@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from vdm_lab import labwatch
+from vdm_lab.kvmlab import LabResult, retry_stalls
 
 
 class Clock:
@@ -106,3 +107,28 @@ def test_ask_monitor_says_why_when_there_is_no_monitor(tmp_path: Path) -> None:
         s.bind(str(path))
     out = labwatch.ask_monitor(str(path), "info cpus", timeout=1)
     assert out.startswith("(monitor 'info cpus' failed:"), out
+
+
+def _result(stalled: str | None, returncode: int | None) -> LabResult:
+    return LabResult(["qemu"], "", returncode, "", False, 1.0, None, None, None, stalled=stalled)
+
+
+def test_a_stalled_lab_run_is_booted_again_once_and_its_stall_is_kept(capsys) -> None:
+    runs = iter([_result("no heartbeat for 90 s", None), _result(None, 0)])
+    r = retry_stalls(lambda: next(runs))
+    assert r.returncode == 0 and r.earlier_stalls == ["no heartbeat for 90 s"]
+    assert "booting the lab again (attempt 2 of 2)" in capsys.readouterr().err
+
+
+def test_a_second_stall_or_a_failed_script_is_not_run_again() -> None:
+    calls = []
+
+    def attempt(r: LabResult) -> LabResult:
+        calls.append(r)
+        return r
+
+    stalled = retry_stalls(lambda: attempt(_result("stuck", None)))
+    assert stalled.stalled == "stuck" and stalled.earlier_stalls == ["stuck"] and len(calls) == 2
+    calls.clear()
+    failed = retry_stalls(lambda: attempt(_result(None, 3)))
+    assert failed.returncode == 3 and failed.earlier_stalls == [] and len(calls) == 1

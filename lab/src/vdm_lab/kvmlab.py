@@ -27,7 +27,7 @@ from .kit import GuestKit, guestkit, kit_dir
 from .process import run_logged, tail_file
 from .results import VALUE_RE, parse_keyvalues
 
-__all__ = ["LabResult", "lab_command", "lab_wrapper", "parse_lab_console", "run_in_kvm_lab"]
+__all__ = ["LabResult", "lab_command", "lab_wrapper", "parse_lab_console", "retry_stalls", "run_in_kvm_lab"]
 
 T = TypeVar("T")
 QEMU = "qemu-system-x86_64"
@@ -183,18 +183,29 @@ def run_in_kvm_lab(
 
     kit = kit or guestkit()
     shared = None if fresh or outdir is not None else labsession.current(kit, memory_mib, cpus, qemu)
+    if shared is not None:
+        return retry_stalls(lambda: shared.run(script_text, timeout, env, cwd, echo), stall_retries)
+    return retry_stalls(
+        lambda: _lab_attempt(script_text, timeout, kit, memory_mib, cpus, outdir, env, cwd, echo, qemu),
+        stall_retries)
+
+
+def retry_stalls(attempt: Callable[[], LabResult], retries: int = 1) -> LabResult:
+    """Call ``attempt`` (one lab run) again while L2 stalls, up to ``retries`` more times.
+
+    A stall is the lab's own failure (nested SVM under TCG), not the script's: the run is booted
+    again and the result's ``earlier_stalls`` lists the stalls that came before it. A script that
+    fails or times out is never run again here.
+    """
     earlier: list[str] = []
     while True:
-        if shared is not None:
-            r = shared.run(script_text, timeout, env, cwd, echo)
-        else:
-            r = _lab_attempt(script_text, timeout, kit, memory_mib, cpus, outdir, env, cwd, echo, qemu)
+        r = attempt()
         r.earlier_stalls = list(earlier)
-        if r.stalled is None or len(earlier) >= stall_retries:
+        if r.stalled is None or len(earlier) >= retries:
             return r
         earlier.append(r.stalled)
         print(f"KVM lab: L2 stalled after {r.elapsed_s:.0f} s ({r.stalled}); booting the lab again "
-              f"(attempt {len(earlier) + 1} of {stall_retries + 1})", file=sys.stderr, flush=True)
+              f"(attempt {len(earlier) + 1} of {retries + 1})", file=sys.stderr, flush=True)
 
 
 def _lab_attempt(script_text: str, timeout: float, kit: GuestKit, memory_mib: int, cpus: int,
