@@ -8,13 +8,27 @@ kernel headers and checks every size, offset and request number here against it.
 
 ``ioctl`` is called through libc (``ffi.dlopen(None)``); cffi releases the GIL for the duration
 of each call, so vCPU threads blocked in ``KVM_RUN`` run in parallel.
+
+Where the declarations come from (:data:`SOURCE`): parsing :data:`CDEF` with ``ffi.cdef`` imports
+pycparser and parses ~250 lines at every start (62 ms here, seconds in the KVM lab's TCG guest), so
+``python3 -m vdm_kvm.abi_build`` (run by scripts/install.sh) writes ``_abi_cache.py`` next to this
+file: cffi's out-of-line ABI-mode module, the same declarations already parsed. It is used
+(``SOURCE == "cache"``) only when its :data:`DIGEST` equals :func:`cdef_digest` -- the same
+declarations, the same cffi backend; a missing, stale or broken cache falls back to parsing the
+declarations here (``SOURCE == "cdef"``). Invariant: either way ``ffi``/``FFI_FIXED`` hold exactly
+:data:`CDEF`/:data:`FIXED_CDEF`.
 """
 
 from __future__ import annotations
 
-import cffi
+import hashlib
+import importlib
+from typing import Any, Optional
 
-__all__ = ["C_FIXED", "FFI_FIXED", "C", "ffi", "ioctl_numbers"]
+__all__ = [
+    "CACHE_MODULE", "CDEF", "C_FIXED", "FFI_FIXED", "FIXED_CDEF", "SOURCE", "C", "cdef_digest", "ffi",
+    "ioctl_numbers", "load_declarations",
+]
 
 CDEF = r"""
 typedef unsigned char __u8;
@@ -268,17 +282,53 @@ struct kvm_enable_cap {
 };
 """
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
-#: libc, for ``ioctl`` and ``pthread_kill``.
-C = ffi.dlopen(None)
-
 # The KVM_RUN hot path: libc's ioctl with a fixed (int, unsigned long, unsigned long) prototype.
 # Calling a variadic function through a non-variadic prototype with integer arguments only is the
 # same call on x86-64 (SysV), and cffi's fixed-signature calls are about twice as fast.
+FIXED_CDEF = "int ioctl(int fd, unsigned long request, unsigned long arg);"
+
+#: the pre-parsed declarations written by ``python3 -m vdm_kvm.abi_build``
+CACHE_MODULE = "vdm_kvm._abi_cache"
+
+
+def cdef_digest() -> str:
+    """What a cache must have been built from: these declarations and this cffi backend."""
+    import _cffi_backend
+
+    text = "\0".join((CDEF, FIXED_CDEF, str(getattr(_cffi_backend, "__version__", "?"))))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cached(module_name: str) -> Optional[tuple[Any, Any]]:
+    """(ffi, ffi_fixed) of the cache module, or None when it is missing, stale or broken."""
+    try:
+        cache = importlib.import_module(module_name)
+        if getattr(cache, "DIGEST", None) != cdef_digest():
+            return None
+        return cache.ffi, cache.ffi_fixed
+    except Exception:  # absent (ImportError), or built by another cffi that cannot load it
+        return None
+
+
+def load_declarations(cache_module: str = CACHE_MODULE) -> tuple[Any, Any, str]:
+    """``(ffi, ffi_fixed, source)``: the declarations from ``cache_module`` when it is current
+    (source ``"cache"``), else parsed from :data:`CDEF` and :data:`FIXED_CDEF` (``"cdef"``)."""
+    cached = _cached(cache_module)
+    if cached is not None:
+        return cached[0], cached[1], "cache"
+    import cffi
+
+    parsed, fixed = cffi.FFI(), cffi.FFI()
+    parsed.cdef(CDEF)
+    fixed.cdef(FIXED_CDEF)
+    return parsed, fixed, "cdef"
+
+
+#: the KVM ABI; :data:`SOURCE` says whether it came from the install-time cache or a parse
+ffi, FFI_FIXED, SOURCE = load_declarations()
+#: libc, for ``ioctl`` and ``pthread_kill``.
+C = ffi.dlopen(None)
 #: its errno is read by :func:`vdm_kvm.ioctl.fixed_errno`
-FFI_FIXED = cffi.FFI()
-FFI_FIXED.cdef("int ioctl(int fd, unsigned long request, unsigned long arg);")
 C_FIXED = FFI_FIXED.dlopen(None)
 
 # ---- ioctl request encoding (include/uapi/asm-generic/ioctl.h; x86 uses the generic layout) -----
