@@ -22,7 +22,11 @@
 * ``writethrough=True`` opens with ``O_DSYNC``: each write is durable when it returns.
 * :meth:`HostFile.read_nowait` and :meth:`HostFile.write_inline` serve what needs no waiting on
   the caller's thread (page-cache hits, small buffered writes), so a device can skip the
-  handoff to a worker; they return None for "use a worker".
+  handoff to a worker; they return None for "use a worker". A file system that refuses
+  ``RWF_NOWAIT`` (EOPNOTSUPP/EINVAL: tmpfs before Linux 6.6, 9p, FUSE...) is asked once per open
+  file, not on every request; after that, reads of a file on a memory file system (tmpfs, ramfs:
+  the data is in memory, there is no device to wait for) are plain inline reads, as writes of up
+  to INLINE_WRITE_MAX are after the same refusal, and reads elsewhere go to a worker untried.
 * The image is locked the way QEMU locks images (:mod:`.locking`).
 * It is the ``file`` :class:`~.protocol.Protocol` (the one every format uses for a local path):
   discard punches a hole (block devices: BLKDISCARD), write-zeroes uses FALLOC_FL_ZERO_RANGE
@@ -67,6 +71,21 @@ PAGE = mmap.PAGESIZE
 INLINE_WRITE_MAX = 64 << 10
 
 
+#: statfs f_type of the memory file systems (tmpfs, ramfs): reading them never waits for a device
+_MEMORY_FS_MAGIC = (0x01021994, 0x858458F6)
+
+
+def _on_memory_fs(fd: int) -> bool:
+    """Whether ``fd`` is a file on tmpfs or ramfs (``fstatfs``; False when it cannot say)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on 64-bit Linux); f_type first
+    try:
+        if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF in _MEMORY_FS_MAGIC
+
+
 def _address(view: memoryview) -> int | None:
     """The address of a writable buffer; None when it cannot be had cheaply (read-only views)."""
     try:
@@ -89,6 +108,10 @@ class HostFile(Protocol):
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         self.writethrough = writethrough and not read_only
         self._write_nowait = getattr(os, "RWF_NOWAIT", 0)
+        #: preadv's flag for read_nowait: RWF_NOWAIT, or 0 once this file's file system refused it
+        self._read_nowait = self._write_nowait
+        #: set with _read_nowait = 0: the file is on a memory file system, read_nowait reads plainly
+        self._read_plain = False
         if self.writethrough:
             flags |= os.O_DSYNC
         try:
@@ -178,18 +201,28 @@ class HostFile(Protocol):
     def read_nowait(self, views: Sequence[memoryview], offset: int, length: int | None = None) -> int | None:
         """Read only if every byte is in the page cache (RWF_NOWAIT); None when it would block
         (or this file cannot say: O_DIRECT, too many segments, a kernel without RWF_NOWAIT).
-        ``length`` is the views' total length, when the caller knows it already."""
-        nowait = getattr(os, "RWF_NOWAIT", None)
-        if nowait is None or self.dfd is not None or len(views) > IOV_MAX:
+        ``length`` is the views' total length, when the caller knows it already.
+
+        Where the file system refuses RWF_NOWAIT it is asked once for this file; from then on
+        reads are plain ``preadv`` calls if the file is on tmpfs or ramfs, else None at once."""
+        if self.dfd is not None or len(views) > IOV_MAX:
             return None
-        try:
-            n = os.preadv(self.fd, views, offset, nowait)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+        if self._read_nowait:
+            try:
+                n = os.preadv(self.fd, views, offset, self._read_nowait)
+            except BlockingIOError:
                 return None
-            raise
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                # this file system does not take it: never ask again for this file
+                self._read_plain = not self.is_block and _on_memory_fs(self.fd)
+                self._read_nowait = 0
+            else:
+                return n if n == (total_length(views) if length is None else length) else None
+        if not self._read_plain:
+            return None
+        n = os.preadv(self.fd, views, offset)  # tmpfs/ramfs: a copy from memory, as a hit would be
         return n if n == (total_length(views) if length is None else length) else None
 
     def write_inline(self, views: Sequence[memoryview], offset: int) -> int | None:
