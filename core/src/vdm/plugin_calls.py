@@ -4,7 +4,10 @@ Every call into a plugin while loading (its import, its register hooks, an avail
 command's ``add_arguments``) goes through :func:`bounded`: it runs in a daemon worker thread with a
 time bound and with ``sys.stdout`` sent to stderr, and whatever it raises -- ``SystemExit`` and
 ``KeyboardInterrupt`` included -- or a call that does not answer in time becomes one printable
-line (:func:`describe`, :func:`printable`). :func:`check_availability` turns a check's answer
+line (:func:`describe`, :func:`printable`). The calls share one worker thread, one call at a time
+(a thread per call cost ~40 thread starts per ``vdm`` start, seconds in the KVM lab's TCG guest);
+a call that does not answer in time keeps that thread, and the next call gets a new one.
+:func:`check_availability` turns a check's answer
 into None or one reason line; :func:`deprecations_of` records the DeprecationWarnings plugin code
 raises on the plugin's :class:`~vdm.plugins.PluginInfo`.
 """
@@ -12,6 +15,8 @@ raises on the plugin's :class:`~vdm.plugins.PluginInfo`.
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
 import sys
 import threading
 import warnings
@@ -54,27 +59,78 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in line)
 
 
+class _Worker:
+    """A daemon thread that runs the calls put in :attr:`jobs`, one at a time, until abandoned."""
+
+    def __init__(self) -> None:
+        #: (call, its answer box, set when answered), or None: end the thread
+        self.jobs: queue.SimpleQueue[Optional[tuple[Callable[[], Any], dict[str, Any], threading.Event]]] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._serve, name="vdm-plugin", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            fn, box, done = job
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # plugin code: everything is its failure
+                box["error"] = describe(e)
+            finally:
+                done.set()
+
+
+_worker: Optional[_Worker] = None
+_worker_lock = threading.Lock()
+
+
+def _forget_worker() -> None:
+    """In a forked child: the parent's worker thread does not exist there."""
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker)
+
+
+def _take_worker() -> _Worker:
+    """The idle worker (a new one if there is none); the caller owns it until it gives it back."""
+    global _worker
+    with _worker_lock:
+        worker, _worker = _worker, None
+    return worker if worker is not None else _Worker()
+
+
+def _give_back(worker: _Worker) -> None:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = worker
+            return
+    worker.jobs.put(None)  # two callers at once made two workers: one idle worker is kept
+
+
 def bounded(fn: Callable[[], Any], timeout: float | None) -> tuple[Any, Optional[str]]:
     """Call plugin code ``fn()`` in a daemon thread: ``(result, None)`` or ``(None, why it failed)``.
 
     Whatever it raises, BaseException included, is a reason; after ``timeout`` seconds it is
     abandoned (the thread is left behind, a daemon) and the reason says so. Its writes to
     ``sys.stdout`` go to stderr. The caller's KeyboardInterrupt (Ctrl-C) still stops the wait.
+    Calls reuse one idle worker thread; a call that did not answer keeps its thread to itself.
     """
     box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # plugin code: everything is its failure
-            box["error"] = describe(e)
-
-    worker = threading.Thread(target=target, name="vdm-plugin", daemon=True)
+    done = threading.Event()
+    worker = _take_worker()
     with contextlib.redirect_stdout(sys.stderr):
-        worker.start()
-        worker.join(timeout)
-    if worker.is_alive():
+        worker.jobs.put((fn, box, done))
+        answered = done.wait(timeout)
+    if not answered:
         return None, f"{NO_ANSWER} within {timeout:g} s (see --plugin-timeout)"
+    _give_back(worker)
     if "error" in box:
         return None, box["error"]
     return box.get("value"), None
