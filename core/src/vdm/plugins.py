@@ -93,14 +93,35 @@ class PluginInfo:
     commands: list[str] = field(default_factory=list)
     #: per provided name: None (available) or the reason it is not
     availability: dict[str, Optional[str]] = field(default_factory=dict)
-    #: per device type with optional parts (:attr:`DeviceType.parts`): group -> name -> None or why not
-    parts: dict[str, dict[str, dict[str, Optional[str]]]] = field(default_factory=dict)
-    #: per device type whose ``parts()`` raised, timed out or answered junk: why (shown in the status)
-    parts_errors: dict[str, str] = field(default_factory=dict)
+    #: what :attr:`parts` and :attr:`parts_errors` return, once asked
+    _parts: dict[str, dict[str, dict[str, Optional[str]]]] = field(default_factory=dict, repr=False)
+    _parts_errors: dict[str, str] = field(default_factory=dict, repr=False)
+    #: device types with optional parts not asked yet, and the time bound to ask them in
+    _parts_pending: list[tuple[DeviceType, Optional[float]]] = field(default_factory=list, repr=False)
     #: the module's ``VDM_API`` (None: not declared)
     api: Optional[int] = None
     #: what this plugin uses that is deprecated, each naming its replacement
     deprecations: list[str] = field(default_factory=list)
+
+    @property
+    def parts(self) -> dict[str, dict[str, dict[str, Optional[str]]]]:
+        """Per device type with optional parts (:attr:`DeviceType.parts`): group -> name -> None or
+        why not. Asked on first use, not while loading: only ``list-plugins`` shows them, and a
+        probe may load large libraries (vdm-blk's: libnbd, librbd) that ``vdm run`` never needs."""
+        self._ask_parts()
+        return self._parts
+
+    @property
+    def parts_errors(self) -> dict[str, str]:
+        """Per device type whose ``parts()`` raised, timed out or answered junk: why (in the status)."""
+        self._ask_parts()
+        return self._parts_errors
+
+    def _ask_parts(self) -> None:
+        pending, self._parts_pending = self._parts_pending, []
+        for dt, timeout in pending:
+            with deprecations_of(self):
+                _record_parts(self, dt, timeout)
 
     @property
     def kinds(self) -> list[str]:
@@ -177,6 +198,12 @@ class PluginSet:
         """Run a plugin's availability check within this set's time bound: None or one reason line."""
         return check_availability(fn, self.timeout)
 
+    def ask_parts(self) -> None:
+        """Ask every device type's optional parts now (``list-plugins``: while plugin output is
+        sent to stderr); otherwise they are asked when first read."""
+        for info in self.plugins:
+            info._ask_parts()
+
     def call(self, fn: Callable[[], Any]) -> tuple[Any, Optional[str]]:
         """Run other plugin code (a command's ``add_arguments``) within this set's time bound.
 
@@ -186,9 +213,9 @@ class PluginSet:
         return bounded(fn, self.timeout)
 
 
-def _record_parts(info: PluginInfo, dt: DeviceType, result: PluginSet) -> None:
+def _record_parts(info: PluginInfo, dt: DeviceType, timeout: Optional[float]) -> None:
     """Ask a device type which of its parts are usable (within the time bound); a bad answer is noted."""
-    value, why = result.call(dt.parts)  # type: ignore[arg-type]
+    value, why = bounded(dt.parts, timeout)  # type: ignore[arg-type]
     if why is None and not (
         isinstance(value, dict)
         and all(
@@ -200,9 +227,9 @@ def _record_parts(info: PluginInfo, dt: DeviceType, result: PluginSet) -> None:
     ):
         why = "parts() must return {group: {name: None or reason}}"
     if why is not None:  # shown in the plugin's status, like its other failures
-        info.parts_errors[dt.name] = why
+        info._parts_errors[dt.name] = why
         return
-    info.parts[dt.name] = {
+    info._parts[dt.name] = {
         g: {n: (printable(r) if r else None) for n, r in names.items()} for g, names in value.items()
     }
 
@@ -465,8 +492,8 @@ def _collect(
             _add(result.devices, obj.name, obj, info, "device", result, prefs)
             info.devices.append(obj.name)
             info.availability[obj.name] = result.check(obj.check)
-            if obj.parts is not None:
-                _record_parts(info, obj, result)
+            if obj.parts is not None:  # asked when first read (PluginInfo.parts)
+                info._parts_pending.append((obj, result.timeout))
         elif kind == "hypervisors":
             _add(result.hypervisors, obj.name, obj, info, "hypervisor", result, prefs)
             info.hypervisors.append(obj.name)
