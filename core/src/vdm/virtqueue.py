@@ -310,6 +310,48 @@ class Virtqueue(QueueConfig, UsedRing):
             self._tracker.taken(head)
         return chain
 
+    def serve_compiled(self, fn: object, ctx: object) -> list[int] | None:
+        """Take, serve and complete chains in C with a device's compiled step (vdm.fastpath's
+        ``serve_batch``; ``fn``/``ctx`` from :func:`vdm.fastpath.serve_function` / ``serve_context``).
+
+        Only plain chains in one region of guest RAM that the step says it served; the first one
+        that is anything else is left untaken for :meth:`pop` (and so for the device's Python
+        path). Served chains count as popped and pushed would (requests, bytes, latency, walk
+        budget) and are published; the caller's :meth:`complete_batch` decides the interrupt.
+        Returns the served chains per class the step reported, or None when this queue cannot
+        (Python path, a tracker, heads to serve again, guest RAM not one region).
+        """
+        if self._fast is None or self._tracker is not None or self._resubmit:
+            return None
+        kinds = [0, 0, 0, 0]
+        while (left := self._walk_limit - self.descriptors_walked) > 0:
+            with self.lock:  # (a reset takes it too: the rings stay as they are meanwhile)
+                fast = self._fast
+                if fast is None or self._used16 is None:
+                    return kinds
+                b = fast.serve_batch(fn, ctx, self._last_avail_idx, self._used_idx, left)
+                if b is None:
+                    return None
+                served = b.served
+                if not served:
+                    return kinds
+                self._last_avail_idx = b.last
+                self._used_idx = b.used_idx
+                self._pushed = True
+                self.descriptors_walked += b.steps
+                self.requests += served
+                self.bytes_read += b.rbytes
+                self.bytes_written += b.wbytes
+                self.latency_sum_ns += b.took_sum
+                latency, buckets = self.latency, fast.buckets
+                for k in range(served):
+                    latency[buckets[k]] += 1
+                for k in range(4):
+                    kinds[k] += b.kinds[k]
+            if served < 64:
+                break
+        return kinds
+
     def _guest_error(self, text: str) -> VirtqueueError:
         """Count a guest error; return the exception to raise."""
         self.errors += 1

@@ -14,6 +14,16 @@ its view without a ``map`` call. No
 device logic is compiled; the Python path stays the reference, and tests/core/test_fastpath.py
 runs random and hostile rings through both (same chains, same errors).
 
+A device may go one step further for its plain requests (issue 18): :meth:`FastRing.serve_batch`
+(``vdm_serve_batch`` in ring.c, reached through :meth:`vdm.virtqueue.Virtqueue.serve_compiled`)
+takes chains with the same walk and checks, hands each to a C serve function the device built
+(:func:`serve_function`; vdm-blk's is vdm_blk.fastserve), and publishes the served ones with one
+used-index store, counting them as pop and push would. Only chains wholly inside the one region
+this path slices (an indirect table too, when it is the chain's only ring descriptor) go to the
+device's step; the first chain that is anything else, or that the step declines, is left untaken
+for ``pop`` -- so the Python path still sees, serves or rejects every other chain, and errors keep
+their one place. tests/core/test_fastpath_serve.py compares the two on random and hostile rings.
+
 Selection, once at import: ``VDM_FASTPATH=0`` forces the Python path; otherwise the compiled module
 is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<reason>)``
 (``vdm --version`` and ``vdm list-plugins --json`` print it).
@@ -34,7 +44,7 @@ from typing import Any
 from ..chain_walk import MAX_CHAIN, VirtqueueError, failed_chain
 from ..memory import FlatGuestMemory, GuestMemory, GuestMemoryError
 
-__all__ = ["ACTIVE", "BUILT", "STATUS", "FastRing"]
+__all__ = ["ACTIVE", "BUILT", "STATUS", "FastRing", "serve_context", "serve_function"]
 
 # the codes of ring.c
 DONE, INDIRECT, EMPTY = 0, 1, 2
@@ -66,6 +76,17 @@ else:
 ACTIVE = STATUS == "compiled"
 
 
+def serve_function(address: int) -> Any:
+    """A device's compiled serve step (a C function of ring.c's ``vdm_serve_fn`` type, at
+    ``address`` in a module the device built), as :meth:`FastRing.serve_batch` takes it."""
+    return _ffi.cast("vdm_serve_fn", address)
+
+
+def serve_context(address: int) -> Any:
+    """The ``void *`` a serve step gets first (its own state, at ``address``; kept alive by it)."""
+    return _ffi.cast("void *", address)
+
+
 def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
     """The Python walk's message for ring.c's error ``code`` (vdm.chain_walk's, word for word)."""
     value = st[ST_VALUE]
@@ -87,8 +108,8 @@ def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
 class FastRing:
     """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
 
-    __slots__ = ("_keep", "entries", "flat", "limit", "pop", "region", "ring", "size", "st", "stc", "walk",
-                 "walk_indirect")  # fmt: skip
+    __slots__ = ("_base", "_keep", "batch", "buckets", "entries", "flat", "limit", "pop", "region", "ring",
+                 "serve", "size", "st", "stc", "walk", "walk_indirect")  # fmt: skip
 
     def __init__(
         self, desc: memoryview, avail: memoryview, used: memoryview, held: bytearray, size: int,
@@ -123,11 +144,45 @@ class FastRing:
         self.pop = _lib.vdm_pop
         self.walk = _lib.vdm_walk
         self.walk_indirect = _lib.vdm_walk_indirect
+        self.serve = _lib.vdm_serve_batch
+        #: serve_batch's in/out record (ring.c's struct vdm_batch) and its latency buckets
+        self.buckets = ffi.new("uint8_t[64]")
+        self.batch = ffi.new("struct vdm_batch *", {"buckets": self.buckets, "max": 64})
+        #: (the region, a writable cdata pointer to its bytes) serve_batch last used
+        self._base: tuple[Any, Any] | None = None
 
     def _use_region(self, region: tuple[int, int, memoryview] | None) -> None:
         """Have the next walks check entries against ``region`` (the memory's single_region)."""
         self.region = region
         self.ring.flat_base, self.ring.flat_size = (region[0], region[1]) if region is not None else (0, 0)
+
+    def serve_batch(self, fn: Any, ctx: Any, last: int, used_idx: int, budget: int) -> Any:
+        """Take and serve chains with a device's compiled step (ring.c's vdm_serve_batch).
+
+        Returns the filled batch record (``served`` chains taken, served and published; ``last``
+        and ``used_idx`` the new indexes; the counters), or None when guest RAM is not one
+        writable region this path may slice (nothing taken). The caller holds the queue's lock.
+        """
+        single = self.flat.single_region if self.flat is not None else None
+        if single is None:
+            return None
+        if single is not self.region:
+            self._use_region(single)
+        base = self._base
+        if base is None or base[0] is not single:
+            try:
+                ptr = _ffi.from_buffer("uint8_t[]", single[2], require_writable=True)
+            except (TypeError, BufferError, ValueError):
+                return None  # (a read-only view: the Python path's writes fail as they must)
+            self._base = base = (single, ptr)
+        b = self.batch
+        b.base = base[1]
+        b.last = last
+        b.used_idx = used_idx
+        b.budget = budget
+        b.room = self.entries
+        self.serve(self.ring, b, fn, ctx, self.stc)
+        return b
 
     def _room(self, entries: int) -> None:
         """Make the state array hold ``entries`` (address, length) pairs."""

@@ -37,6 +37,25 @@ struct vdm_ring {
 int vdm_walk(const struct vdm_ring *r, uint32_t head, uint64_t *st);
 int vdm_walk_indirect(const struct vdm_ring *r, const uint8_t *table, uint32_t count, uint64_t *st);
 int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st);
+typedef int (*vdm_serve_fn)(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uint32_t nr,
+                            uint32_t *written);
+struct vdm_batch {
+    uint8_t *base;
+    uint32_t used_idx;
+    uint32_t last;
+    uint64_t budget;
+    uint64_t room;
+    uint32_t max;
+    uint32_t served;
+    uint64_t steps;
+    uint64_t rbytes;
+    uint64_t wbytes;
+    uint64_t took_sum;
+    uint64_t kinds[4];
+    uint8_t *buckets;
+};
+int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn serve, void *ctx,
+                    uint64_t *st);
 """
 
 

@@ -8,12 +8,16 @@
  * Everything here is guest memory written by an untrusted driver that may change it at any
  * moment: each descriptor is copied once into a local (memcpy + compiler barrier: no field is read
  * twice), every index is checked against the table it indexes before it is used, and nothing is
- * written but the used ring's avail_event field (pop) and the caller's state array.
+ * written but the used ring's avail_event field (pop) and the caller's state array -- except by
+ * vdm_serve_batch (below), which also writes the used elements and used.idx of the chains a
+ * device's compiled step served, with the caller holding the queue's lock.
  *
  * The state array (uint64_t st[]) carries the walk between C and Python: see the ST_* indexes.
  * Entries (guest address, length) start at st[ST_ENTRIES]; readable ones first, then writable.
  * Guest memory is never touched through an address from a descriptor: Python maps the entries
- * through its GuestMemory, which checks them against guest RAM.
+ * through its GuestMemory, which checks them against guest RAM; vdm_serve_batch hands a device
+ * only entries flat() checked to lie inside the one region (and reads an indirect table only when
+ * it lies inside it too).
  */
 #include <stdint.h>
 #include <string.h>
@@ -207,4 +211,121 @@ int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st)
     if (head >= r->size || head >= r->held_len)
         return VDM_E_HEAD;
     return vdm_walk(r, head, st);
+}
+
+/* ---- a batch served by a device's compiled step (vdm_serve_batch) ----------------------------
+ *
+ * Take chains, one after another, serve each with the device's ``serve`` function and publish
+ * the served ones with one used-index store -- only for the plain case: no held head, the index
+ * not running ahead, the chain's buffers (and its indirect table, when the ring part is that one
+ * descriptor) inside the flat region, and ``serve`` saying it served it. The first chain that is
+ * anything else is left untaken (last_avail_idx, avail_event and the ring as they were), so the
+ * caller's pop takes it and the reference path serves it or reports its error. ``serve`` gets
+ * the chain's entries as (start, end) offsets into the region (readable ones first, ``nr`` of
+ * them, then writable), already checked to lie inside it; it returns 0 (not served, nothing the
+ * guest can see changed in a way the reference path does not redo) or the class of request it
+ * served (1..VDM_KINDS, counted in b->kinds) with the length written in *written.
+ * The caller holds the queue's lock (the used ring is written here) and is the queue's taker. */
+
+#include <time.h>
+
+#define VDM_KINDS 4
+
+typedef int (*vdm_serve_fn)(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uint32_t nr,
+                            uint32_t *written);
+
+struct vdm_batch {
+    uint8_t *base;        /* the flat region's bytes, flat_size of them, writable */
+    uint32_t used_idx;    /* in: the queue's used index; out: the new one (published) */
+    uint32_t last;        /* in: last_avail_idx; out: after the chains taken */
+    uint64_t budget;      /* in: descriptor reads allowed (the walk budget left) */
+    uint64_t room;        /* in: the entries the state array holds */
+    uint32_t max;         /* in: chains the buckets array holds */
+    uint32_t served;      /* out: chains taken and served (and published) */
+    uint64_t steps;       /* out: descriptors read for them */
+    uint64_t rbytes;      /* out: their device-readable bytes */
+    uint64_t wbytes;      /* out: the lengths completed */
+    uint64_t took_sum;    /* out: their take-to-complete times, ns */
+    uint64_t kinds[VDM_KINDS]; /* out: served chains per class serve() returned */
+    uint8_t *buckets;     /* out: per served chain, its latency bucket (bits of its time in ns) */
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t); /* (time.perf_counter_ns's clock) */
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn serve, void *ctx,
+                    uint64_t *st)
+{
+    uint32_t last = b->last, used_idx = b->used_idx, mask = r->size - 1, served = 0;
+    uint64_t steps = 0, rbytes = 0, wbytes = 0, took_sum = 0, t0[64], t1;
+    uint32_t heads_max = b->max < 64 ? b->max : 64;
+    uint32_t *elems = (uint32_t *)(r->used16 + 2); /* used element i: [2 i] id, [2 i + 1] len */
+
+    memset(b->kinds, 0, sizeof b->kinds);
+    b->served = 0;
+    if (r->flat_size == 0)
+        return 0;
+    while (served < heads_max && steps < b->budget) {
+        uint32_t idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
+        uint32_t pending = (idx - last) & 0xFFFF, head, written = 0, ring_steps = 0;
+        int rc, kind;
+
+        if (pending == 0 || pending > r->size)
+            break;
+        read_fence();
+        head = __atomic_load_n(&r->avail16[2 + (last & mask)], __ATOMIC_RELAXED);
+        if (head >= r->size || head >= r->held_len || r->held[head])
+            break;
+        t0[served] = now_ns();
+        rc = vdm_walk(r, head, st);
+        if (rc == VDM_INDIRECT) {
+            /* only a chain that is its indirect table alone, the table inside the region */
+            uint64_t addr = st[ST_IND_ADDR], len = st[ST_IND_LEN];
+            if (st[ST_N] != 0 || addr < r->flat_base || addr - r->flat_base > r->flat_size ||
+                len > r->flat_size - (addr - r->flat_base) || (len >> 4) > b->room)
+                break;
+            ring_steps = st[ST_STEPS];
+            rc = vdm_walk_indirect(r, b->base + (addr - r->flat_base), (uint32_t)(len >> 4), st);
+        }
+        if (rc != VDM_DONE || !st[ST_FLAT])
+            break;
+        kind = serve(ctx, b->base, st + ST_ENTRIES, (uint32_t)st[ST_N], (uint32_t)st[ST_NR], &written);
+        if (kind <= 0 || kind > VDM_KINDS)
+            break;
+        /* taken: as pop would, then completed as push would */
+        last = (last + 1) & 0xFFFF;
+        if (r->event_idx)
+            __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
+        b->kinds[kind - 1]++;
+        steps += st[ST_STEPS] + ring_steps;
+        rbytes += st[ST_RBYTES];
+        wbytes += written;
+        elems[2 * (used_idx & mask)] = head;
+        elems[2 * (used_idx & mask) + 1] = written;
+        used_idx = (used_idx + 1) & 0xFFFF;
+        served++;
+    }
+    if (served) {
+        uint32_t k;
+        t1 = now_ns();
+        for (k = 0; k < served; k++) {
+            uint64_t took = t1 - t0[k];
+            took_sum += took;
+            b->buckets[k] = took ? (uint8_t)(64 - __builtin_clzll(took)) : 0;
+        }
+        __atomic_thread_fence(__ATOMIC_RELEASE); /* the elements (and the data) before the index */
+        __atomic_store_n(&r->used16[1], (uint16_t)used_idx, __ATOMIC_RELAXED);
+    }
+    b->last = last;
+    b->used_idx = used_idx;
+    b->served = served;
+    b->steps = steps;
+    b->rbytes = rbytes;
+    b->wbytes = wbytes;
+    b->took_sum = took_sum;
+    return (int)served;
 }

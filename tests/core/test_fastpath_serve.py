@@ -1,0 +1,183 @@
+"""vdm.fastpath's serve_batch (a device's compiled step taking, serving and publishing chains in C)
+against the Python path, the reference, without any one device.
+
+A device's step here is a Python function made callable from C (``ffi.callback`` of ring.c's
+``vdm_serve_fn``): it serves a chain by a rule of its buffers' lengths (or declines it), marks the
+first byte of each writable buffer and reports a length written. The same rule serves, in Python,
+every chain the queue's ``pop`` gives (the device's Python path), so a queue that runs the compiled
+batch first, then ``pop`` for whatever it left, must end exactly as one that pops everything:
+same used elements in the same order, same guest RAM (buffers, avail_event, used ring), same
+counters and walk budget, same error. Rings are random mixes of plain chains, indirect tables and
+hostile ones (buffers outside guest RAM, loops, readable after writable, heads offered twice).
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+import vdm.fastpath as fastpath
+from vdm.memory import FlatGuestMemory, MemoryRegion
+from vdm.virtqueue import Virtqueue, VirtqueueError
+
+pytestmark = pytest.mark.skipif(
+    not fastpath.BUILT, reason=f"the compiled fast path is not built here: {fastpath.STATUS}"
+)
+
+BASE = 0x10000
+RAM = 1 << 20
+DESC_AT, AVAIL_AT, USED_AT = BASE, BASE + 0x4000, BASE + 0x6000
+SCRATCH = BASE + 0x8000
+_DESC = struct.Struct("<QIHH")
+
+
+def rule(lengths: list[int], nr: int) -> tuple[int, int]:
+    """(class 1..4, length written) for a chain the step serves; class 0: declined."""
+    total = sum(lengths)
+    if total % 3 == 0:
+        return 0, 0
+    return 1 + len(lengths) % 4, (sum(lengths[nr:]) + total) % 5000
+
+
+def _layout(seed: int):
+    rng = random.Random(seed)
+    ram = bytearray(RAM)
+    size = 1 << rng.randrange(1, 9)
+    free = list(range(size))
+    rng.shuffle(free)
+    heads: list[int] = []
+    scratch = [SCRATCH]
+
+    def buf(n: int) -> int:
+        at = scratch[0]
+        scratch[0] += (n + 15) & ~15
+        return at
+
+    def desc(i: int, addr: int, n: int, flags: int, nxt: int) -> None:
+        _DESC.pack_into(ram, DESC_AT - BASE + 16 * i, addr, n, flags, nxt)
+
+    while free and len(heads) < size:
+        kind = rng.random()
+        lens = [rng.choice([16, 512, 100, 1, 7]) for _ in range(rng.randint(1, 4))]
+        nr = rng.randint(0, len(lens))
+        if kind < 0.25 and len(free) >= 1:  # through an indirect table
+            table = buf(16 * len(lens))
+            for k, n in enumerate(lens):
+                flags = (1 if k + 1 < len(lens) else 0) | (2 if k >= nr else 0)
+                _DESC.pack_into(ram, table - BASE + 16 * k, buf(n), n, flags, k + 1)
+            if rng.random() < 0.1:  # hostile inside the table: a loop
+                _DESC.pack_into(ram, table - BASE, SCRATCH, 1, 1, 0)
+            head = free.pop()
+            desc(head, table, 16 * len(lens), 4, 0)
+            heads.append(head)
+            continue
+        if len(lens) > len(free):
+            break
+        idxs = [free.pop() for _ in lens]
+        for k, (i, n) in enumerate(zip(idxs, lens)):
+            flags = (1 if k + 1 < len(lens) else 0) | (2 if k >= nr else 0)
+            addr = buf(n)
+            if rng.random() < 0.03:
+                addr = BASE + RAM - 2  # straddles the end of guest RAM
+            if rng.random() < 0.02:
+                flags ^= 2  # readable after writable (or the other way)
+            desc(i, addr, n, flags, idxs[k + 1] if k + 1 < len(idxs) else 0)
+        if rng.random() < 0.02:
+            desc(idxs[-1], SCRATCH, 1, 1, idxs[0])  # a loop
+        heads.append(idxs[0])
+    if heads and rng.random() < 0.05:
+        heads.insert(rng.randrange(len(heads)), heads[0])  # a head offered twice
+    last = rng.randrange(1 << 16)
+    avail = bytearray(4 + 2 * size)
+    for k, h in enumerate(heads[:size]):
+        struct.pack_into("<H", avail, 4 + 2 * ((last + k) % size), h)
+    struct.pack_into("<HH", avail, 0, 0, (last + min(len(heads), size)) & 0xFFFF)
+    ram[AVAIL_AT - BASE : AVAIL_AT - BASE + len(avail)] = avail
+    budget = rng.choice([None, None, rng.randrange(1, 40)])
+    return ram, size, rng.random() < 0.5, last, budget
+
+
+def _serve_python(chain) -> int:
+    """The device's Python path: the rule, through the chain's views."""
+    views = chain.readable + chain.writable
+    kind, written = rule([len(v) for v in views], len(chain.readable))
+    for v in chain.writable:
+        if kind and len(v):
+            v[0] = 0x5A
+    return written if kind else 0
+
+
+def _run(compiled: bool, seed: int, monkeypatch) -> dict:
+    monkeypatch.setattr(fastpath, "ACTIVE", compiled)
+    ram, size, event_idx, last, budget = _layout(seed)
+    memory = FlatGuestMemory([MemoryRegion(BASE, ram)])
+    q = Virtqueue(0, 256)
+    q.set_size(size)
+    q.set_addresses(DESC_AT, AVAIL_AT, USED_AT)
+    q.restore(last, last)
+    q.set_ready(True)
+    q.activate(memory, event_idx=event_idx, indirect=True)
+    if budget is not None:
+        q.limit_walk(budget)
+    ffi = fastpath._ffi
+    kinds = [0, 0, 0, 0]
+
+    @ffi.callback("vdm_serve_fn")
+    def step(ctx, base, ent, n, nr, written):
+        lengths = [ent[2 * k + 1] - ent[2 * k] for k in range(n)]
+        kind, w = rule(lengths, nr)
+        if kind:
+            for k in range(nr, n):
+                if lengths[k]:
+                    base[ent[2 * k]] = 0x5A
+            written[0] = w
+        return kind
+
+    outcome = None
+    try:
+        while True:
+            if compiled:
+                got = q.serve_compiled(step, ffi.NULL)
+                assert got is not None
+                kinds = [a + b for a, b in zip(kinds, got)]
+            chain = q.pop()
+            if chain is None:
+                break
+            q.push(chain, _serve_python(chain))
+    except VirtqueueError as e:
+        outcome = str(e)
+    notify, more = q.complete_batch([])
+    counters = (q.errors, q.descriptors_walked, q.requests, q.bytes_read, q.bytes_written, sum(q.latency),
+                q.last_avail_idx, q.in_flight, q.walk_spent())  # fmt: skip
+    return {
+        "outcome": outcome,
+        "counters": counters,
+        "ram": bytes(ram),
+        "end": (notify, more),
+        "kinds": kinds,
+    }
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_compiled_batches_end_as_python_pops_do(block, monkeypatch):
+    served = errors = 0
+    for seed in range(block * 200, block * 200 + 200):
+        python = _run(False, seed, monkeypatch)
+        compiled = _run(True, seed, monkeypatch)
+        served += sum(compiled.pop("kinds"))
+        python.pop("kinds")
+        assert compiled == python, f"seed {seed}"
+        errors += python["outcome"] is not None
+    assert served > 300 and errors > 10  # both the C batch and the errors it leaves were compared
+
+
+def test_serve_compiled_declines_without_the_compiled_path(monkeypatch):
+    monkeypatch.setattr(fastpath, "ACTIVE", False)
+    memory = FlatGuestMemory([MemoryRegion(BASE, bytearray(RAM))])
+    q = Virtqueue(0, 8)
+    q.set_size(8)
+    q.set_addresses(DESC_AT, AVAIL_AT, USED_AT)
+    q.set_ready(True)
+    q.activate(memory, event_idx=False, indirect=False)
+    assert q.serve_compiled(None, None) is None
