@@ -38,6 +38,8 @@ $PY -m pip install -q --disable-pip-version-check \
   -e plugins/kvm -e plugins/xen -e plugins/vhost-user -e plugins/9p -e plugins/rng -e plugins/balloon -e plugins/vsock -e lab -e ".[test]"
 # the compiled virtqueue fast path (vdm/fastpath); without a compiler one line "fast path not built: ..."
 $PY -m vdm.fastpath.build | sed 's/^/install.sh: /'
+# vdm-blk's compiled serve step for raw images (vdm_blk/fastserve); optional in the same way
+$PY -m vdm_blk.fastserve.build | sed 's/^/install.sh: /'
 # vdm-kvm's pre-parsed KVM ABI (vdm_kvm/_abi_cache.py); without cffi's parser one line "kvm ABI cache not built: ..."
 $PY -m vdm_kvm.abi_build | sed 's/^/install.sh: /'
 # byte-compile the editable sources (pip does so for a regular install, not an editable one): a start

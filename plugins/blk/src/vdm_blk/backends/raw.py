@@ -8,11 +8,15 @@ bare ``os.preadv``, as it did before protocols were split out.
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import TYPE_CHECKING, Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, total_length
-from .hostfile import HostFile
+from .hostfile import INLINE_WRITE_MAX, HostFile
 from .protocol import Protocol
+
+if TYPE_CHECKING:
+    from ..fastserve import ServeStep
 
 __all__ = ["RawDisk"]
 
@@ -44,6 +48,7 @@ class RawDisk(DiskBackend):
         self.supports_discard = not self.read_only and self.file.supports_discard
         self.supports_write_zeroes = not self.read_only
         self._closed = False
+        self._step: ServeStep | None = None
 
     def __str__(self) -> str:
         return self.path
@@ -51,6 +56,24 @@ class RawDisk(DiskBackend):
     def _live(self) -> None:
         if self._closed:
             raise DiskError(f"{self.path}: the disk is closed")
+
+    def serve_step(self) -> ServeStep | None:
+        """The compiled serve step for this image (vdm_blk.fastserve), or None: not built or not
+        active, not a local buffered file (O_DIRECT, NBD...), or closed. One per image."""
+        if self._step is None and not self._closed:
+            from .. import fastserve
+
+            f = self.file
+            if fastserve.ACTIVE and isinstance(f, HostFile) and f.dfd is None:
+                self._step = fastserve.ServeStep(
+                    f.fd,
+                    self.size // SECTOR,
+                    reads=hasattr(os, "RWF_NOWAIT"),
+                    writes=not (f.writethrough or f.read_only or self.read_only),
+                    write_flags=f._write_nowait,
+                    write_max=INLINE_WRITE_MAX,
+                )
+        return self._step
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> int:
         self._live()
@@ -117,4 +140,6 @@ class RawDisk(DiskBackend):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._step is not None:
+                self._step.close()
             self.file.close()
