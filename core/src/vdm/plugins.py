@@ -234,25 +234,19 @@ def _record_parts(info: PluginInfo, dt: DeviceType, timeout: Optional[float]) ->
     }
 
 
-def _dist_of(ep: EntryPoint) -> tuple[str, str]:
-    """(distribution name, version) of an entry point; "?" for what its metadata does not say."""
+def _dist_of(ep: EntryPoint) -> tuple[str, str, Optional[str]]:
+    """(distribution name, version, None) of an entry point, "?" for what its metadata does not say;
+    or ("?", "?", why) when its METADATA cannot be read (not UTF-8, not parseable). One read of
+    METADATA per call (each read parses the whole file: the name and version once read it 6 times
+    per plugin, 70 ms of a 260 ms start here)."""
     dist = getattr(ep, "dist", None)
     if dist is None:
-        return "?", "?"
+        return "?", "?", None
     try:
-        return dist.metadata["Name"] or "?", dist.version or "?"
-    except Exception:  # METADATA that is not UTF-8 or not parseable: _metadata_problem says so
-        return "?", "?"
-
-
-def _metadata_problem(ep: EntryPoint) -> Optional[str]:
-    dist = getattr(ep, "dist", None)
-    try:
-        if dist is not None:
-            dist.metadata["Name"], dist.version
+        meta = dist.metadata  # (Distribution.version is this METADATA's Version)
+        return meta["Name"] or "?", meta["Version"] or "?", None
     except Exception as e:
-        return f"its distribution's METADATA cannot be read ({describe(e)})"
-    return None
+        return "?", "?", f"its distribution's METADATA cannot be read ({describe(e)})"
 
 
 def _installed_entry_points() -> tuple[list[EntryPoint], list[tuple[str, str]]]:
@@ -376,20 +370,20 @@ def load_plugins(
         only = [n.strip() for n in os.environ["VDM_PLUGINS"].split(",") if n.strip()]
     wanted = set(only) if only is not None else None
     found, broken = (list(eps), []) if eps is not None else _installed_entry_points()
-    found.sort(key=lambda ep: (ep.name, _dist_of(ep)[0]))
+    dists = {id(ep): _dist_of(ep) for ep in found}
+    found.sort(key=lambda ep: (ep.name, dists[id(ep)][0]))
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PluginSpec)
     result = PluginSet(manager=pm, timeout=timeout_from_env() if timeout is None else timeout)
     result.unknown = sorted(wanted - {ep.name for ep in found}) if wanted is not None else []
     prefs = _preferences()
     for ep in found:
-        dist, version = _dist_of(ep)
+        dist, version, why = dists[id(ep)]
         info = PluginInfo(ep.name, dist, version, ep.value)
         result.plugins.append(info)
         if wanted is not None and ep.name not in wanted:
             info.state = "disabled"
             continue
-        why = _metadata_problem(ep)
         if why is not None:
             info.state, info.error = "failed", why
             continue
