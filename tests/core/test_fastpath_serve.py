@@ -181,3 +181,52 @@ def test_serve_compiled_declines_without_the_compiled_path(monkeypatch):
     q.set_ready(True)
     q.activate(memory, event_idx=False, indirect=False)
     assert q.serve_compiled(None, None) is None
+
+
+class _Tracker:
+    """A QueueTracker that records what it is told; ``idle`` as the test sets it."""
+
+    def __init__(self, idle: bool) -> None:
+        self.idle = idle
+        self.calls: list[str] = []
+
+    def taken(self, head: int) -> None:
+        self.calls.append("taken")
+
+    def completing(self, heads: list[int]) -> None:
+        self.calls.append("completing")
+
+    def completed(self, heads: list[int], used_idx: int) -> None:
+        self.calls.append("completed")
+
+    def reset(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_tracker_with_something_to_record_keeps_the_python_path(idle, monkeypatch):
+    monkeypatch.setattr(fastpath, "ACTIVE", True)
+    ram = bytearray(RAM)
+    _DESC.pack_into(ram, DESC_AT - BASE, SCRATCH, 512, 2, 0)  # one writable buffer
+    struct.pack_into("<HHH", ram, AVAIL_AT - BASE, 0, 1, 0)
+    tracker = _Tracker(idle)
+    q = Virtqueue(0, 8, tracker=tracker)
+    q.set_size(8)
+    q.set_addresses(DESC_AT, AVAIL_AT, USED_AT)
+    q.set_ready(True)
+    q.activate(FlatGuestMemory([MemoryRegion(BASE, ram)]), event_idx=False, indirect=False)
+
+    @fastpath._ffi.callback("vdm_serve_fn")
+    def step(ctx, base, ent, n, nr, written):
+        written[0] = 7
+        return 1
+
+    got = q.serve_compiled(step, fastpath._ffi.NULL)
+    if idle:  # nothing to record: served in C, the tracker not called
+        assert got == [1, 0, 0, 0] and tracker.calls == [] and q.used_idx == 1
+    else:  # the Python path takes the chain and tells the tracker
+        assert got is None and q.used_idx == 0
+        chain = q.pop()
+        q.push(chain, 7)
+        assert tracker.calls == ["taken", "completing", "completed"]
+    assert struct.unpack_from("<HHII", ram, USED_AT - BASE) == (0, 1, 0, 7)

@@ -319,9 +319,16 @@ class Virtqueue(QueueConfig, UsedRing):
         path). Served chains count as popped and pushed would (requests, bytes, latency, walk
         budget) and are published; the caller's :meth:`complete_batch` decides the interrupt.
         Returns the served chains per class the step reported, or None when this queue cannot
-        (Python path, a tracker, heads to serve again, guest RAM not one region).
+        (Python path, a tracker to tell, heads to serve again, guest RAM not one region). A tracker
+        whose ``idle`` attribute is True (vhost-user's without an inflight region or a dirty log)
+        has nothing to record, so the chains are served without it.
         """
-        if self._fast is None or self._tracker is not None or self._resubmit:
+        tracker = self._tracker
+        if (
+            self._fast is None
+            or self._resubmit
+            or (tracker is not None and not getattr(tracker, "idle", False))
+        ):
             return None
         kinds = [0, 0, 0, 0]
         while (left := self._walk_limit - self.descriptors_walked) > 0:

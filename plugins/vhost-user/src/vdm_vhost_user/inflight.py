@@ -200,6 +200,16 @@ class InflightTracker:
         """This queue's inflight region, or None for no tracking."""
         return self._region
 
+    @property
+    def idle(self) -> bool:
+        """True while taking and completing heads changes nothing here (no inflight region, no
+        dirty log on): the queue may then serve chains without telling this tracker
+        (:meth:`vdm.virtqueue.Virtqueue.serve_compiled`)."""
+        if self._region is not None:
+            return False
+        memory = self.queue.memory
+        return not (memory is not None and getattr(memory, "logging", False))
+
     def set_region(self, region: memoryview | None) -> None:
         with self._lock:
             self._region = region
