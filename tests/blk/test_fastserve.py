@@ -12,8 +12,11 @@ buffer outside guest RAM, a loop) after plain ones: the same completions, then t
 
 from __future__ import annotations
 
+import os
 import random
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 import vdm.fastpath as core_fastpath
@@ -121,6 +124,19 @@ def seen(drv, path) -> dict:
 )
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_compiled_step_serves_as_python_does(tmp_path, virtio_driver, monkeypatch, seed, exclude):
+    _compare(tmp_path, virtio_driver, monkeypatch, seed, exclude)
+
+
+def test_on_tmpfs_too(virtio_driver, monkeypatch):
+    """A file system that may refuse RWF_NOWAIT (tmpfs before Linux 6.6, and here): the step asks
+    once, then reads plainly, as HostFile.read_nowait does."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm (tmpfs) here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="vdm-fastserve-") as tmp:
+        _compare(Path(tmp), virtio_driver, monkeypatch, 4, 0)
+
+
+def _compare(tmp_path, virtio_driver, monkeypatch, seed: int, exclude: int) -> None:
     served = []
     real = Virtqueue.serve_compiled
 

@@ -8,7 +8,6 @@ bare ``os.preadv``, as it did before protocols were split out.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, total_length
@@ -68,7 +67,9 @@ class RawDisk(DiskBackend):
                 self._step = fastserve.ServeStep(
                     f.fd,
                     self.size // SECTOR,
-                    reads=hasattr(os, "RWF_NOWAIT"),
+                    # (HostFile's state: RWF_NOWAIT, or plain reads on tmpfs/ramfs that refused it)
+                    reads=bool(f._read_nowait or f._read_plain),
+                    read_flags=f._read_nowait,
                     writes=not (f.writethrough or f.read_only or self.read_only),
                     write_flags=f._write_nowait,
                     write_max=INLINE_WRITE_MAX,

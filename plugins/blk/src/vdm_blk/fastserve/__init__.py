@@ -55,12 +55,13 @@ class ServeStep:
     __slots__ = ("_can_write", "_data", "ctx", "fn")
 
     def __init__(
-        self, fd: int, capacity: int, *, reads: bool, writes: bool, write_flags: int, write_max: int
-    ) -> None:
+        self, fd: int, capacity: int, *, reads: bool, read_flags: int, writes: bool, write_flags: int,
+        write_max: int,
+    ) -> None:  # fmt: skip
         self._data = _ffi.new(
             "struct vdm_blk *",
-            {"fd": fd, "reads": int(reads), "writes": int(writes), "write_flags": write_flags,
-             "capacity": capacity, "write_max": write_max},
+            {"fd": fd, "reads": int(reads), "read_flags": read_flags, "writes": int(writes),
+             "write_flags": write_flags, "capacity": capacity, "write_max": write_max},
         )  # fmt: skip
         self._can_write = writes
         self.fn = _core.serve_function(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vdm_blk_serve"))))

@@ -22,6 +22,7 @@ CDEF = """
 struct vdm_blk {
     int fd;
     int reads;
+    int read_flags;
     int writes;
     int write_flags;
     uint64_t capacity;

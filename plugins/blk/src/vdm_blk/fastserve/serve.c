@@ -18,7 +18,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
@@ -31,12 +33,24 @@
 
 struct vdm_blk {
     int fd;             /* the raw image's file (buffered, not O_DIRECT); -1: closed, serve nothing */
-    int reads;          /* serve T_IN with preadv2(RWF_NOWAIT) */
+    int reads;          /* serve T_IN */
+    int read_flags;     /* preadv2's flags: RWF_NOWAIT, or 0 on tmpfs/ramfs that refused it */
     int writes;         /* serve T_OUT (write-back, writable disk, not write-through) */
     int write_flags;    /* pwritev2's flags: RWF_NOWAIT, or 0 once the file system refused it */
     uint64_t capacity;  /* the disk's size in sectors */
     uint64_t write_max; /* HostFile's INLINE_WRITE_MAX: larger writes go to a worker */
 };
+
+/* HostFile._on_memory_fs: a regular file on tmpfs or ramfs (reading it never waits for a device) */
+static int on_memory_fs(int fd)
+{
+    struct statfs fs;
+    struct stat st;
+
+    if (fstat(fd, &st) != 0 || S_ISBLK(st.st_mode) || fstatfs(fd, &fs) != 0)
+        return 0;
+    return ((uint32_t)fs.f_type == 0x01021994u || (uint32_t)fs.f_type == 0x858458F6u);
+}
 
 /* 1: a read served, 2: a write served, 0: not served (see above). */
 int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written)
@@ -74,9 +88,17 @@ int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uin
         bytes / VDM_BLK_SECTOR > d->capacity - sector)
         return 0;
     if (h.type == VDM_BLK_T_IN) {
-        got = preadv2(d->fd, iov, (int)count, (off_t)(sector * VDM_BLK_SECTOR), RWF_NOWAIT);
-        if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
-            d->reads = 0; /* the file cannot say (tmpfs): every read goes to the Python path */
+        got = preadv2(d->fd, iov, (int)count, (off_t)(sector * VDM_BLK_SECTOR), d->read_flags);
+        if (got < 0 && d->read_flags && (errno == EOPNOTSUPP || errno == EINVAL)) {
+            /* as HostFile.read_nowait: the file system refuses RWF_NOWAIT; asked once. A file on
+             * tmpfs/ramfs is then read plainly (a copy from memory); any other: Python's path */
+            if (on_memory_fs(d->fd)) {
+                d->read_flags = 0;
+                got = preadv2(d->fd, iov, (int)count, (off_t)(sector * VDM_BLK_SECTOR), 0);
+            } else {
+                d->reads = 0;
+            }
+        }
         if (got < 0 || (uint64_t)got != bytes)
             return 0;
         base[ent[2 * n - 2]] = 0; /* S_OK */
