@@ -99,6 +99,12 @@ def inside(a: argparse.Namespace) -> int:
     params = vdm_lab.kernel_cmdline(["boot", "blk"], {"mib": a.mib, "exit": "reboot"})
     params = params.replace("console=ttyS0 panic=-1 ", "")
     setups = a.setups.split(",")
+    # where vdm-kvm's declarations come from in here (the install-time cache or a parse), and its cost
+    probe = ("import time; t = time.perf_counter(); import vdm_kvm.kvm_abi as k; "
+             "print(f'kvm_abi={k.SOURCE} import_s={time.perf_counter() - t:.2f}')")
+    info = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    said = info.stdout.strip() or f"kvm_abi probe failed: {info.stderr.strip()[-200:]}"
+    print("BENCHINFO " + said, flush=True)
     for rnd in range(a.runs):
         for setup in setups if rnd % 2 == 0 else setups[::-1]:
             with open(img, "wb") as f:
@@ -184,8 +190,9 @@ def main() -> int:
     if not rows:
         print(r.describe(), file=sys.stderr)
         return 1
+    infos = [ln[len("BENCHINFO "):] for ln in r.output.splitlines() if ln.startswith("BENCHINFO ")]
     print(f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f}; {a.runs} runs each, "
-          f"guest dd {a.mib} MiB; {prepared}\n")
+          f"guest dd {a.mib} MiB; {prepared}; in the lab: {'; '.join(infos) or '?'}\n")
     table(rows, a.setups.split(","))
     for row in rows:
         if not row["ok"]:
