@@ -49,6 +49,11 @@ def vmm_command(setup: str, kit: vdm_lab.GuestKit, img: str, params: str,
                 lkvm: str) -> tuple[list[str], dict]:
     k, i = str(kit.vmlinuz), str(kit.initrd)
     env = dict(os.environ)
+    if setup.startswith("vdm run @"):  # --compare: another checkout's vdm, by PYTHONPATH over the installs
+        tree = Path(setup[len("vdm run @"):])
+        dirs = [tree / "core" / "src", *sorted((tree / "plugins").glob("*/src")), tree / "lab" / "src"]
+        env["PYTHONPATH"] = ":".join(map(str, dirs))
+        setup = "vdm run"
     if setup == "vdm run":
         return ["vdm", "run", "-k", k, "-i", i, "-m", "256", "-c", "1", "-d", img, "--console", "serial",
                 "-p", "console=ttyS0 panic=-1 " + params], env
@@ -171,12 +176,17 @@ def main() -> int:
     ap.add_argument("--lkvm", default="/tmp/kvmtool/lkvm")
     ap.add_argument("--setups", default=",".join(SETUPS))
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--compare", metavar="CHECKOUT",
+                    help="also run the vdm of another checkout (a git worktree; its sources on PYTHONPATH) "
+                    "as setup 'vdm run @CHECKOUT', interleaved with the others")
     ap.add_argument("--no-prepare", action="store_true",
                     help="measure the tree as it is: no byte-compiling, no kvm ABI cache build")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inside:
         return inside(a)
+    if a.compare:
+        a.setups += f",vdm run @{Path(a.compare).resolve()}"
     prepared = "not prepared (--no-prepare)" if a.no_prepare else prepare()
     print(prepared, file=sys.stderr)
     script = (f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} --inside "
