@@ -33,18 +33,18 @@ conflict is reported by ``vdm list-plugins``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Callable, Iterable, Optional
 
 import pluggy
 
-from . import API_VERSION, SUPPORTED_API_VERSIONS
 from .errors import UserError
 from .hookspecs import PROJECT, PluginSpec
+from .plugin_api import API1_CHANGES, REMOVED_IN_API2, api_error, import_hint  # noqa: F401  (names here before)
 from .plugin_calls import (  # noqa: F401  (MAX_REASON: this module's name for it before the split)
     DEFAULT_TIMEOUT,
     MAX_REASON,
@@ -91,37 +91,46 @@ class PluginInfo:
     hypervisors: list[str] = field(default_factory=list)
     servers: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
-    #: per provided name: None (available) or the reason it is not
-    availability: dict[str, Optional[str]] = field(default_factory=dict)
-    #: what :attr:`parts` and :attr:`parts_errors` return, once asked
+    #: what :attr:`availability`, :attr:`parts` and :attr:`parts_errors` return, once asked
+    _availability: dict[str, Optional[str]] = field(default_factory=dict, repr=False)
     _parts: dict[str, dict[str, dict[str, Optional[str]]]] = field(default_factory=dict, repr=False)
     _parts_errors: dict[str, str] = field(default_factory=dict, repr=False)
-    #: device types with optional parts not asked yet, and the time bound to ask them in
-    _parts_pending: list[tuple[DeviceType, Optional[float]]] = field(default_factory=list, repr=False)
+    #: the checks and parts() calls not made yet, each recording its answer
+    _pending: list[Callable[[], None]] = field(default_factory=list, repr=False)
     #: the module's ``VDM_API`` (None: not declared)
     api: Optional[int] = None
     #: what this plugin uses that is deprecated, each naming its replacement
     deprecations: list[str] = field(default_factory=list)
 
     @property
+    def availability(self) -> dict[str, Optional[str]]:
+        """Per provided name (in registration order): None (available) or the reason it is not.
+
+        The checks (and :attr:`parts`) are asked on first read, not while loading: only
+        ``list-plugins`` and :attr:`status` show them (a command checks the device types it is
+        given itself), and a check may load large libraries (vdm-xen's dlopens Xen's; vdm-blk's
+        parts probe libnbd and librbd) that ``vdm run`` never needs."""
+        self._ask()
+        return self._availability
+
+    @property
     def parts(self) -> dict[str, dict[str, dict[str, Optional[str]]]]:
         """Per device type with optional parts (:attr:`DeviceType.parts`): group -> name -> None or
-        why not. Asked on first use, not while loading: only ``list-plugins`` shows them, and a
-        probe may load large libraries (vdm-blk's: libnbd, librbd) that ``vdm run`` never needs."""
-        self._ask_parts()
+        why not (asked on first read, as :attr:`availability`)."""
+        self._ask()
         return self._parts
 
     @property
     def parts_errors(self) -> dict[str, str]:
         """Per device type whose ``parts()`` raised, timed out or answered junk: why (in the status)."""
-        self._ask_parts()
+        self._ask()
         return self._parts_errors
 
-    def _ask_parts(self) -> None:
-        pending, self._parts_pending = self._parts_pending, []
-        for dt, timeout in pending:
+    def _ask(self) -> None:
+        pending, self._pending = self._pending, []
+        for question in pending:
             with deprecations_of(self):
-                _record_parts(self, dt, timeout)
+                question()
 
     @property
     def kinds(self) -> list[str]:
@@ -198,11 +207,11 @@ class PluginSet:
         """Run a plugin's availability check within this set's time bound: None or one reason line."""
         return check_availability(fn, self.timeout)
 
-    def ask_parts(self) -> None:
-        """Ask every device type's optional parts now (``list-plugins``: while plugin output is
-        sent to stderr); otherwise they are asked when first read."""
+    def ask_details(self) -> None:
+        """Ask every plugin's availability checks and device parts now (``list-plugins``: while
+        plugin output is sent to stderr); otherwise each plugin's are asked when first read."""
         for info in self.plugins:
-            info._ask_parts()
+            info._ask()
 
     def call(self, fn: Callable[[], Any]) -> tuple[Any, Optional[str]]:
         """Run other plugin code (a command's ``add_arguments``) within this set's time bound.
@@ -309,51 +318,6 @@ def timeout_from_env() -> float:
     return value
 
 
-#: what a plugin written for API 1 changes to be an API-2 plugin (docs/plugins.md, "Changes in API 2")
-API1_CHANGES = (
-    "written for vdm-core API 1, which still loads but is deprecated: follow docs/plugins.md "
-    "'Changes in API 2' and set VDM_API = 2 (vdm.hypervisor -> vdm.interrupts/vdm.iorange; a "
-    "HypervisorType that implements no VMM hook -> ServerType from vdm_register_servers; "
-    "parser.vdm_plugins -> parser.get_default('plugin_set'))"
-)
-
-#: core modules API 2 removed without an alias, and where their contents went
-REMOVED_IN_API2 = {
-    "vdm.pci": "the x86 PCI bus moved to vdm-kvm (vdm_kvm.pci_bus.PciBus), the type-0 configuration "
-    "space to vdm.transport.pci_config",
-}
-
-
-def _import_hint(why: str) -> str:
-    """``why`` (an import failure), with what to change when it names a module API 2 removed."""
-    for name, moved in REMOVED_IN_API2.items():
-        if why.endswith(f"No module named '{name}'"):
-            see = "see docs/plugins.md 'Changes in API 2'"
-            return f"{why} (removed in vdm-core plugin API 2: {moved}; {see})"
-    return why
-
-
-def _api_error(module: ModuleType, info: PluginInfo) -> str | None:
-    """Why the module's ``VDM_API`` is refused, or None (it is then kept in ``info.api``)."""
-    try:
-        needed = getattr(module, "VDM_API", None)
-    except Exception as e:  # a module __getattr__ that raises
-        return f"reading VDM_API raised {describe(e)}"
-    if needed is None:
-        return None
-    if type(needed) is not int or needed not in SUPPORTED_API_VERSIONS:
-        return (
-            f"plugin {info.name} (dist {info.distribution}) needs vdm-core API {printable(repr(needed))}, "
-            f"this is {API_VERSION} (it also loads API {', '.join(map(str, SUPPORTED_API_VERSIONS[:-1]))}): "
-            f"install a vdm-core that provides API {printable(repr(needed))} or a release of the plugin "
-            f"for API {API_VERSION}"
-        )
-    info.api = needed
-    if needed < API_VERSION:
-        info.deprecations.append(API1_CHANGES)
-    return None
-
-
 def load_plugins(
     only: Iterable[str] | None = None,
     eps: Iterable[EntryPoint] | None = None,
@@ -390,10 +354,10 @@ def load_plugins(
         with deprecations_of(info):
             module, why = bounded(ep.load, result.timeout)  # sys.exit() or Ctrl-C at import: its failure
         if why is not None:
-            info.state, info.error = "failed", f"import failed: {_import_hint(why)}"
+            info.state, info.error = "failed", f"import failed: {import_hint(why)}"
             continue
         info.path = str(getattr(module, "__file__", "") or "")
-        why = _api_error(module, info)
+        why = api_error(module, info)
         if why:
             info.state, info.error = "failed", why
             continue
@@ -481,21 +445,25 @@ def _collect(
         info.state, info.error = "failed", problems[0]
         pm.unregister(name=plugin_name)
         return
+    def check_later(name: str, fn: Callable[[], Optional[str]] | None) -> None:
+        info._availability[name] = None  # its place in the order; the answer when first read
+        info._pending.append(lambda: info._availability.__setitem__(name, result.check(fn)))
+
     for kind, obj in provided:
         if kind == "devices":
             _add(result.devices, obj.name, obj, info, "device", result, prefs)
             info.devices.append(obj.name)
-            info.availability[obj.name] = result.check(obj.check)
-            if obj.parts is not None:  # asked when first read (PluginInfo.parts)
-                info._parts_pending.append((obj, result.timeout))
+            check_later(obj.name, obj.check)
+            if obj.parts is not None:  # asked when first read, as the check
+                info._pending.append(functools.partial(_record_parts, info, obj, result.timeout))
         elif kind == "hypervisors":
             _add(result.hypervisors, obj.name, obj, info, "hypervisor", result, prefs)
             info.hypervisors.append(obj.name)
-            info.availability[obj.name] = result.check(obj.check)
+            check_later(obj.name, obj.check)
         elif kind == "servers":
             _add(result.servers, obj.name, obj, info, "server", result, prefs)
             info.servers.append(obj.name)
-            info.availability[obj.name] = result.check(obj.check)
+            check_later(obj.name, obj.check)
         elif kind == "commands":
             _add(result.commands, obj.name, obj, info, "command", result, prefs)
             info.commands.append(obj.name)

@@ -6,9 +6,10 @@ A plugin command's parser has the loaded :class:`~vdm.plugins.PluginSet` as its 
 ``vdm COMMAND --help`` shows them with the reason; ``vdm --help`` lists it as unavailable, and
 invoking it prints the reason (exit 1) whatever its arguments are.
 
-Start-up: a command's options (its ``add_arguments``: plugin code, which may import a lot -- vdm-xen's
-``dm-only`` ~30 ms here, seconds in the KVM lab) are added only for the command named on the command
-line, while plugin output goes to stderr; any other command's parser adds them when it is first
+Start-up: a command's availability check and options (``available`` and ``add_arguments``: plugin
+code, which may import or dlopen a lot -- vdm-xen's ``dm-only`` ~30 ms here, seconds in the KVM lab)
+are asked only for the command named on the command line, while plugin output goes to stderr (for
+``vdm --help``: every check, no options); any other command's parser asks them when it is first
 used (parsed or its help shown), so what every parser accepts and shows is unchanged.
 """
 
@@ -23,7 +24,7 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Collection, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..errors import UserError
@@ -144,8 +145,15 @@ class CommandParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _add_options(p: CommandParser, cmd: Any, why: Optional[str], plugins: PluginSet) -> None:
-    """A plugin command's options (time-bounded plugin code); broken ones make it unavailable."""
+def _add_options(p: CommandParser, cmd: Any, why: Optional[str], plugins: PluginSet, check: bool) -> None:
+    """A plugin command's options (time-bounded plugin code); broken ones make it unavailable.
+    ``check``: ask its availability first (it was not asked when its parser was made)."""
+    if check:
+        why = plugins.check(cmd.available)
+        if why is not None:
+            p.unavailable = why
+            p.set_defaults(_unavailable=why)
+            p.description = f"{cmd.help}\n\nUnavailable here: {why}".replace("%", "%%")
     _, broken = plugins.call(functools.partial(cmd.add_arguments, p))  # bounded, any exception
     if broken is not None:
         # a command that cannot run here anyway keeps that reason (its options may need what is missing)
@@ -157,11 +165,19 @@ def _add_options(p: CommandParser, cmd: Any, why: Optional[str], plugins: Plugin
         p.epilog += f"\n\nUnavailable here: {why}"  # the command's own epilog may be long
 
 
-def build_parser(
-    plugins: PluginSet, options_for: Optional[Collection[str]] = None
-) -> argparse.ArgumentParser:
-    """The ``vdm`` parser. ``options_for``: the plugin commands whose options are added now (None:
-    all); the others' are added when their parser is first used (:class:`CommandParser`)."""
+#: :func:`build_parser`'s default: every plugin command's check and options now
+ALL = "*"
+
+
+def build_parser(plugins: PluginSet, command: Optional[str] = ALL) -> argparse.ArgumentParser:
+    """The ``vdm`` parser.
+
+    ``command``: :data:`ALL` asks every plugin command's availability check and adds its options
+    now; a command's name does so for that command only (the others ask both when their parser is
+    first used, see :class:`CommandParser`; their ``vdm --help`` line is then not marked
+    unavailable, and that help is shown only when no command is named); None (no command named:
+    ``vdm --help``) asks every check, for the help lines, and adds no options yet.
+    """
     parser = argparse.ArgumentParser(
         prog="vdm", description="virtio devices for KVM, Xen and vhost-user frontends"
     )
@@ -174,7 +190,9 @@ def build_parser(
         if name in sub.choices:  # argparse would raise: a plugin cannot replace a built-in command
             plugins.conflicts.append(f"command '{name}' of {info.distribution} ignored: vdm has its own")
             continue
-        why = plugins.check(cmd.available)  # a check that raises or hangs is a reason, not a crash
+        check_now = command in (ALL, None, name)
+        # a check that raises or hangs is a reason, not a crash
+        why = plugins.check(cmd.available) if check_now else None
         # argparse %-formats help: a plugin's "50% faster" is text, not a format
         line = f"{cmd.help} [{info.distribution}]" if why is None else f"(unavailable here) {cmd.help}"
         description = cmd.help if why is None else f"{cmd.help}\n\nUnavailable here: {why}"
@@ -182,8 +200,8 @@ def build_parser(
         assert isinstance(p, CommandParser)
         p.unavailable = why
         p.set_defaults(_command=cmd, _unavailable=why, _provider=info.distribution, plugin_set=plugins)
-        p.add_options_later(functools.partial(_add_options, p, cmd, why, plugins))
-        if options_for is None or name in options_for:
+        p.add_options_later(functools.partial(_add_options, p, cmd, why, plugins, not check_now))
+        if command in (ALL, name):
             p.complete()
     return parser
 
@@ -243,7 +261,9 @@ def _main(argv: Sequence[str] | None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     _global_options(pre)
     early, rest = pre.parse_known_args(argv)
-    named = next((a for a in rest if not a.startswith("-")), None)  # the command, if one is given
+    # the command, if one is given (``vdm -h run`` shows vdm's help: no command named)
+    named = next((i for i, a in enumerate(rest) if not a.startswith("-")), None)
+    command = None if named is None or {"-h", "--help"} & set(rest[:named]) else rest[named]
     level = logging.WARNING - 10 * min(early.verbose, 2)
     logging.basicConfig(level=level, format="vdm: %(name)s: %(message)s")
     only = [n.strip() for n in early.plugins.split(",") if n.strip()] if early.plugins else None
@@ -254,9 +274,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return e.exit_status
     with _stdout_to_stderr():  # plugin code runs here: imports, hooks, checks, add_arguments
         plugins = load_plugins(only=only, timeout=timeout)
-        parser = build_parser(plugins, options_for=[named] if named else [])
-        if named == "list-plugins":
-            plugins.ask_parts()  # (shown by list-plugins only)
+        parser = build_parser(plugins, command)
+        if command == "list-plugins":
+            plugins.ask_details()  # (availability and parts: shown by list-plugins only)
     try:
         args, extra = parser.parse_known_args(argv)
         if extra and not getattr(args, "_unavailable", None):
