@@ -15,6 +15,7 @@ what went wrong (no such socket, an error reply).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -226,4 +227,5 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(COMMAND.name, help=COMMAND.help, description=COMMAND.help + _EXAMPLES)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(_command=COMMAND, _unavailable=None, _provider="vdm-core")
-    COMMAND.add_arguments(p)
+    # its eight parsers are made when ctl is used (parsed, or its help shown), not at every vdm start
+    p.add_options_later(functools.partial(COMMAND.add_arguments, p))
