@@ -18,7 +18,9 @@ Setups (``--setups``):
   downscript=no,vhost=off`` (its defaults: offloads and mergeable buffers on);
 - ``qemu-vhost``: the same with ``vhost=on``, run only when the lab has /dev/vhost-net.
 
-After every run the script records what could explain a broken or slow transfer: the guest
+After every run the script records what could explain a broken or slow transfer: where the CPU
+went during the receive (the lab's CPUs busy, the VMM's busiest threads' user/sys/guest seconds,
+and the busiest thread's CPU per frame vdm passed to the guest), the guest
 console's virtio_ring complaints (``output.0:id N is not a head!`` and other ``input.N:`` /
 ``output.N:`` lines), NETDEV WATCHDOG lines, vdm's exit counters line (``virtio-net: vdmtap0: rx
 ... dropped rx A tx B``), vdm's ``completion of head N dropped`` errors, and the tap's kernel
@@ -66,6 +68,7 @@ RING_COMPLAINT = re.compile(r"^.*\b(?:input|output)\.\d+:.*$", re.M)
 WATCHDOG = re.compile(r"^.*NETDEV WATCHDOG.*$", re.M)
 VDM_SUMMARY = re.compile(r"virtio-net: (\S+: rx \d+ packets .*)$", re.M)
 VDM_DROPPED = re.compile(r"dropped rx (\d+) tx (\d+)")
+VDM_RX_FRAMES = re.compile(r": rx (\d+) packets")
 VDM_DUPLICATE = re.compile(r"^.*completion of head \d+ dropped.*$", re.M)
 
 
@@ -81,6 +84,59 @@ def tap_counters() -> dict[str, int]:
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return {}
     return {f"{d}_{k}": v for d in ("rx", "tx") for k, v in st.get(d, {}).items() if isinstance(v, int)}
+
+
+class CpuSampler:
+    """Every ``period`` s, the lab's CPU ticks (/proc/stat: all, idle+iowait) and each thread of the
+    VMM process ``pid`` (comm, utime, stime, guest_time from /proc/PID/task/TID/stat), so one phase
+    of a run -- the receive -- can be taken apart afterwards with :meth:`window`. A thread's utime
+    includes its guest_time (a vCPU thread's guest running)."""
+
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        self.pid = pid
+        self.period = period
+        self.samples: list[tuple[float, int, int, dict[int, tuple[str, int, int, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            threads: dict[int, tuple[str, int, int, int]] = {}
+            try:
+                for tid in os.listdir(f"/proc/{self.pid}/task"):
+                    with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                        st = f.read()
+                    rest = st.rsplit(")", 1)[1].split()  # rest[0] is the state (field 3)
+                    threads[int(tid)] = (st[st.index("(") + 1 : st.rindex(")")], int(rest[11]), int(rest[12]),
+                                         int(rest[40]))
+                with open("/proc/stat") as f:
+                    ticks = [int(x) for x in f.readline().split()[1:]]
+            except (OSError, ValueError, IndexError):
+                continue  # the process is gone (or going): keep what we have
+            self.samples.append((time.monotonic(), sum(ticks), ticks[3] + ticks[4], threads))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def window(self, t0: float | None, t1: float | None) -> dict | None:
+        """CPU between the samples nearest ``t0`` and ``t1``: seconds, the lab's busy fraction and
+        the VMM's busiest threads as [comm, user_s, sys_s, guest_s]."""
+        if t0 is None or t1 is None or len(self.samples) < 2:
+            return None
+        a = min(self.samples, key=lambda x: abs(x[0] - t0))
+        b = min(self.samples, key=lambda x: abs(x[0] - t1))
+        if b[0] <= a[0]:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        threads = []
+        for tid, (comm, u, s, g) in b[3].items():
+            _, u0, s0, g0 = a[3].get(tid, (comm, 0, 0, 0))
+            threads.append([comm, round((u - u0) / hz, 1), round((s - s0) / hz, 1), round((g - g0) / hz, 1)])
+        threads.sort(key=lambda t: -(t[1] + t[2]))
+        busy = 1 - (b[2] - a[2]) / max(1, b[1] - a[1])
+        return {"s": round(b[0] - a[0], 1), "lab_busy": round(busy, 3), "threads": threads[:4]}
 
 
 def vmm_command(setup: str, kit: vdm_lab.GuestKit, params: str, cpus: int = 1) -> list[str]:
@@ -128,6 +184,7 @@ def one_run(setup: str, rnd: int, kit: vdm_lab.GuestKit, params: str, payload: b
     peer = TcpPeer(payload, a.timeout, listen(HOST_ADDR, PORT, a.timeout))
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sampler = CpuSampler(p.pid)
     lines: list[str] = []
     killer = threading.Timer(a.timeout, stop_stalled, (p, setup, row))
     killer.start()
@@ -139,6 +196,7 @@ def one_run(setup: str, rnd: int, kit: vdm_lab.GuestKit, params: str, payload: b
         print(f"  {setup}| {line[:200]}", flush=True)  # live, so a wedged lab shows where it stopped
     row["rc"] = p.wait()
     killer.cancel()
+    sampler.stop()
     row["wall_s"] = round(time.monotonic() - t0, 2)
     peer.close()
     after = tap_counters()
@@ -168,6 +226,13 @@ def one_run(setup: str, rnd: int, kit: vdm_lab.GuestKit, params: str, payload: b
     row["watchdog"] = WATCHDOG.findall(log)
     summary = VDM_SUMMARY.search(log)
     row["vdm_summary"] = summary.group(1) if summary else None
+    # where the receive's CPU went: the lab's CPUs, the VMM's busiest threads, and the busiest
+    # thread's CPU per frame vdm passed to the guest (in vdm most of the receive runs on one thread)
+    row["rx_cpu"] = sampler.window(row.get("rx_start"), row.get("rx_end"))
+    frames = VDM_RX_FRAMES.search(row["vdm_summary"] or "")
+    if row["rx_cpu"] and row["rx_cpu"]["threads"] and frames:
+        top = row["rx_cpu"]["threads"][0]
+        row["rx_busiest_us_per_frame"] = round((top[1] + top[2]) / max(1, int(frames.group(1))) * 1e6)
     drops = VDM_DROPPED.search(row["vdm_summary"] or "")
     row["vdm_dropped"] = [int(drops.group(1)), int(drops.group(2))] if drops else None
     row["vdm_duplicate_completions"] = VDM_DUPLICATE.findall(log)
@@ -286,6 +351,12 @@ def main() -> int:
                 notes.append(f"{key}: {row[key]}")
         if row.get("peer_error"):
             notes.append(f"peer: {row['peer_error']}")
+        if row.get("rx_cpu"):
+            w = row["rx_cpu"]
+            notes.append(f"receive {w['s']} s: lab CPUs {w['lab_busy']:.0%} busy, VMM threads "
+                         f"[comm, user, sys, guest s] {w['threads']}"
+                         + (f", busiest {row['rx_busiest_us_per_frame']} us CPU per frame"
+                            if row.get("rx_busiest_us_per_frame") else ""))
         tap = row.get("tap", {})
         notes.append("tap rx/tx packets {}/{}, dropped {}/{}".format(
             tap.get("rx_packets"), tap.get("tx_packets"), tap.get("rx_dropped"), tap.get("tx_dropped")))

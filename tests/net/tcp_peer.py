@@ -9,6 +9,7 @@ From Python (a thread; bind the socket yourself when it must live in a network n
     ...boot the guest...
     peer.close()
     peer.result  # rx_peer_s, tx_peer_s, tx_peer_bytes, tx_peer_md5, or peer_error
+    # (and rx_start/rx_end: time.monotonic() at the first accept and at the guest's EOF)
 
 As a script (standard library only, so it runs inside the KVM lab and in ``ip netns exec``)::
 
@@ -69,11 +70,12 @@ class TcpPeer:
             self.conn = c
             with c:
                 c.settimeout(self.timeout)
-                t0 = time.monotonic()
+                t0 = r["rx_start"] = time.monotonic()
                 c.sendall(self.payload)
                 c.shutdown(socket.SHUT_WR)
                 self._drain(c)  # the guest's nc closes once it has read everything
-                r["rx_peer_s"] = time.monotonic() - t0
+                r["rx_end"] = time.monotonic()
+                r["rx_peer_s"] = r["rx_end"] - t0
             c, _ = self.srv.accept()
             self.conn = c
             with c:
