@@ -108,10 +108,16 @@ def _serve_python(chain) -> int:
     return written if kind else 0
 
 
-def _run(compiled: bool, seed: int, monkeypatch) -> dict:
+def _run(compiled: bool, seed: int, monkeypatch, split: int = 0) -> dict:
+    """``split``: guest RAM as two regions, the second from that offset (the C step looks buffers
+    up in the region table, as FlatGuestMemory.map does; a buffer across the edge is Python's)."""
     monkeypatch.setattr(fastpath, "ACTIVE", compiled)
     ram, size, event_idx, last, budget = _layout(seed)
-    memory = FlatGuestMemory([MemoryRegion(BASE, ram)])
+    view = memoryview(ram)
+    if split:
+        memory = FlatGuestMemory([MemoryRegion(BASE, view[:split]), MemoryRegion(BASE + split, view[split:])])
+    else:
+        memory = FlatGuestMemory([MemoryRegion(BASE, ram)])
     q = Virtqueue(0, 256)
     q.set_size(size)
     q.set_addresses(DESC_AT, AVAIL_AT, USED_AT)
@@ -124,13 +130,13 @@ def _run(compiled: bool, seed: int, monkeypatch) -> dict:
     kinds = [0, 0, 0, 0]
 
     @ffi.callback("vdm_serve_fn")
-    def step(ctx, base, ent, n, nr, written):
-        lengths = [ent[2 * k + 1] - ent[2 * k] for k in range(n)]
+    def step(ctx, ent, n, nr, written):
+        lengths = [ent[2 * k + 1] for k in range(n)]
         kind, w = rule(lengths, nr)
         if kind:
             for k in range(nr, n):
                 if lengths[k]:
-                    base[ent[2 * k]] = 0x5A
+                    ffi.cast("uint8_t *", ent[2 * k])[0] = 0x5A
             written[0] = w
         return kind
 
@@ -159,12 +165,14 @@ def _run(compiled: bool, seed: int, monkeypatch) -> dict:
     }
 
 
+@pytest.mark.parametrize("regions", [1, 2])
 @pytest.mark.parametrize("block", range(4))
-def test_compiled_batches_end_as_python_pops_do(block, monkeypatch):
+def test_compiled_batches_end_as_python_pops_do(block, regions, monkeypatch):
     served = errors = 0
     for seed in range(block * 200, block * 200 + 200):
-        python = _run(False, seed, monkeypatch)
-        compiled = _run(True, seed, monkeypatch)
+        split = 0 if regions == 1 else SCRATCH - BASE + 0x1000 + 16 * (seed % 300)
+        python = _run(False, seed, monkeypatch, split)
+        compiled = _run(True, seed, monkeypatch, split)
         served += sum(compiled.pop("kinds"))
         python.pop("kinds")
         assert compiled == python, f"seed {seed}"
@@ -217,7 +225,7 @@ def test_a_tracker_with_something_to_record_keeps_the_python_path(idle, monkeypa
     q.activate(FlatGuestMemory([MemoryRegion(BASE, ram)]), event_idx=False, indirect=False)
 
     @fastpath._ffi.callback("vdm_serve_fn")
-    def step(ctx, base, ent, n, nr, written):
+    def step(ctx, ent, n, nr, written):
         written[0] = 7
         return 1
 

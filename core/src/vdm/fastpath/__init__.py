@@ -18,11 +18,13 @@ A device may go one step further for its plain requests (issue 18): :meth:`FastR
 (``vdm_serve_batch`` in ring.c, reached through :meth:`vdm.virtqueue.Virtqueue.serve_compiled`)
 takes chains with the same walk and checks, hands each to a C serve function the device built
 (:func:`serve_function`; vdm-blk's is vdm_blk.fastserve), and publishes the served ones with one
-used-index store, counting them as pop and push would. Only chains wholly inside the one region
-this path slices (an indirect table too, when it is the chain's only ring descriptor) go to the
-device's step; the first chain that is anything else, or that the step declines, is left untaken
-for ``pop`` -- so the Python path still sees, serves or rejects every other chain, and errors keep
-their one place. tests/core/test_fastpath_serve.py compares the two on random and hostile rings.
+used-index store, counting them as pop and push would. Only chains wholly inside guest RAM as
+this path sees it (the one region it slices, or a FlatGuestMemory's regions looked up in C as its
+map() does; an indirect table too, when it is the chain's only ring descriptor) go to the device's
+step, as (host address, length) entries; the first chain that is anything else, or that the
+step declines, is left untaken for ``pop`` -- so the Python path still sees, serves or rejects
+every other chain, and errors keep their one place. tests/core/test_fastpath_serve.py compares
+the two on random and hostile rings.
 
 Selection, once at import: ``VDM_FASTPATH=0`` forces the Python path; otherwise the compiled module
 is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<reason>)``
@@ -108,8 +110,8 @@ def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
 class FastRing:
     """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
 
-    __slots__ = ("_base", "_keep", "batch", "buckets", "entries", "flat", "limit", "pop", "region", "ring",
-                 "serve", "size", "st", "stc", "walk", "walk_indirect")  # fmt: skip
+    __slots__ = ("_base", "_keep", "_table", "batch", "buckets", "entries", "flat", "limit", "memory", "pop",
+                 "region", "ring", "serve", "size", "st", "stc", "walk", "walk_indirect")  # fmt: skip
 
     def __init__(
         self, desc: memoryview, avail: memoryview, used: memoryview, held: bytearray, size: int,
@@ -150,6 +152,9 @@ class FastRing:
         self.batch = ffi.new("struct vdm_batch *", {"buckets": self.buckets, "max": 64})
         #: (the region, a writable cdata pointer to its bytes) serve_batch last used
         self._base: tuple[Any, Any] | None = None
+        #: (regions, their (guest address, size, host address) table, the buffers it points into)
+        self._table: tuple[tuple[Any, ...], Any, list[Any]] | None = None
+        self.memory = memory
 
     def _use_region(self, region: tuple[int, int, memoryview] | None) -> None:
         """Have the next walks check entries against ``region`` (the memory's single_region)."""
@@ -163,26 +168,63 @@ class FastRing:
         and ``used_idx`` the new indexes; the counters), or None when guest RAM is not one
         writable region this path may slice (nothing taken). The caller holds the queue's lock.
         """
-        single = self.flat.single_region if self.flat is not None else None
-        if single is None:
-            return None
-        if single is not self.region:
-            self._use_region(single)
-        base = self._base
-        if base is None or base[0] is not single:
-            try:
-                ptr = _ffi.from_buffer("uint8_t[]", single[2], require_writable=True)
-            except (TypeError, BufferError, ValueError):
-                return None  # (a read-only view: the Python path's writes fail as they must)
-            self._base = base = (single, ptr)
         b = self.batch
-        b.base = base[1]
+        single = self.flat.single_region if self.flat is not None else None
+        if single is not None:
+            if single is not self.region:
+                self._use_region(single)
+            base = self._base
+            if base is None or base[0] is not single:
+                try:
+                    ptr = _ffi.from_buffer("uint8_t[]", single[2], require_writable=True)
+                except (TypeError, BufferError, ValueError):
+                    return None  # (a read-only view: the Python path's writes fail as they must)
+                self._base = base = (single, ptr)
+            b.base = base[1]
+            b.nregions = 0
+        else:  # guest RAM in several regions: the C step looks entries up as FlatGuestMemory.map does
+            table = self._region_table()
+            if table is None:
+                return None
+            if self.region is not None:
+                self._use_region(None)  # (the walks then give guest addresses)
+            b.regions = table[1]
+            b.nregions = len(table[0])
         b.last = last
         b.used_idx = used_idx
         b.budget = budget
         b.room = self.entries
         self.serve(self.ring, b, fn, ctx, self.stc)
         return b
+
+    def _region_table(self) -> tuple[tuple[Any, ...], Any, list[Any]] | None:
+        """The regions of the FlatGuestMemory whose map() the queue's memory is (FlatGuestMemory
+        itself, or a memory's ``flat_memory`` when it says its map() is that one's), as ring.c's
+        region table; None when there is none or a region is not writable."""
+        memory = self.memory
+        flat = memory if type(memory).map is FlatGuestMemory.map else getattr(memory, "flat_memory", None)
+        if not isinstance(flat, FlatGuestMemory):
+            return None
+        regions = flat.regions
+        table = self._table
+        if (
+            table is not None
+            and len(table[0]) == len(regions)
+            and all(a is b for a, b in zip(table[0], regions))
+        ):
+            return table
+        if not regions:
+            return None
+        try:
+            keep = [_ffi.from_buffer("uint8_t[]", r.view, require_writable=True) for r in regions]
+        except (TypeError, BufferError, ValueError):
+            return None
+        cells = _ffi.new("uint64_t[]", 3 * len(regions))
+        for k, (r, ptr) in enumerate(zip(regions, keep)):
+            cells[3 * k], cells[3 * k + 1] = r.guest_addr, r.size
+            cells[3 * k + 2] = int(_ffi.cast("uintptr_t", ptr))
+        self._table = table = (regions, cells, keep)
+        return table
 
     def _room(self, entries: int) -> None:
         """Make the state array hold ``entries`` (address, length) pairs."""

@@ -37,10 +37,11 @@ struct vdm_ring {
 int vdm_walk(const struct vdm_ring *r, uint32_t head, uint64_t *st);
 int vdm_walk_indirect(const struct vdm_ring *r, const uint8_t *table, uint32_t count, uint64_t *st);
 int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st);
-typedef int (*vdm_serve_fn)(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uint32_t nr,
-                            uint32_t *written);
+typedef int (*vdm_serve_fn)(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written);
 struct vdm_batch {
     uint8_t *base;
+    const uint64_t *regions;
+    uint32_t nregions;
     uint32_t used_idx;
     uint32_t last;
     uint64_t budget;

@@ -16,8 +16,8 @@
  * Entries (guest address, length) start at st[ST_ENTRIES]; readable ones first, then writable.
  * Guest memory is never touched through an address from a descriptor: Python maps the entries
  * through its GuestMemory, which checks them against guest RAM; vdm_serve_batch hands a device
- * only entries flat() checked to lie inside the one region (and reads an indirect table only when
- * it lies inside it too).
+ * only entries checked to lie inside one region of guest RAM (flat(), or translate() against
+ * the caller's region table), and reads an indirect table only when it lies inside one too.
  */
 #include <stdint.h>
 #include <string.h>
@@ -218,11 +218,13 @@ int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st)
  * Take chains, one after another, serve each with the device's ``serve`` function and publish
  * the served ones with one used-index store -- only for the plain case: no held head, the index
  * not running ahead, the chain's buffers (and its indirect table, when the ring part is that one
- * descriptor) inside the flat region, and ``serve`` saying it served it. The first chain that is
+ * descriptor) inside guest RAM, and ``serve`` saying it served it. The first chain that is
  * anything else is left untaken (last_avail_idx, avail_event and the ring as they were), so the
  * caller's pop takes it and the reference path serves it or reports its error. ``serve`` gets
- * the chain's entries as (start, end) offsets into the region (readable ones first, ``nr`` of
- * them, then writable), already checked to lie inside it; it returns 0 (not served, nothing the
+ * the chain's entries as (host address, length) (readable ones first, ``nr`` of them, then
+ * writable), each checked to lie inside one region of guest RAM -- the flat region the walk
+ * checks against, or else the region table the caller gives (FlatGuestMemory's regions, looked up
+ * as its map() does) -- and it returns 0 (not served, nothing the
  * guest can see changed in a way the reference path does not redo) or the class of request it
  * served (1..VDM_KINDS, counted in b->kinds) with the length written in *written.
  * The caller holds the queue's lock (the used ring is written here) and is the queue's taker. */
@@ -231,11 +233,12 @@ int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st)
 
 #define VDM_KINDS 4
 
-typedef int (*vdm_serve_fn)(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uint32_t nr,
-                            uint32_t *written);
+typedef int (*vdm_serve_fn)(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written);
 
 struct vdm_batch {
-    uint8_t *base;        /* the flat region's bytes, flat_size of them, writable */
+    uint8_t *base;        /* the flat region's bytes, flat_size of them, writable (ring.flat_size != 0) */
+    const uint64_t *regions; /* or guest RAM as nregions (guest address, size, host address) triples, */
+    uint32_t nregions;       /* sorted by guest address, not overlapping, writable (FlatGuestMemory's) */
     uint32_t used_idx;    /* in: the queue's used index; out: the new one (published) */
     uint32_t last;        /* in: last_avail_idx; out: after the chains taken */
     uint64_t budget;      /* in: descriptor reads allowed (the walk budget left) */
@@ -249,6 +252,42 @@ struct vdm_batch {
     uint64_t kinds[VDM_KINDS]; /* out: served chains per class serve() returned */
     uint8_t *buckets;     /* out: per served chain, its latency bucket (bits of its time in ns) */
 };
+
+/* The host address of [addr, addr + len) as FlatGuestMemory.map finds it: the region with the
+ * greatest guest address <= addr, which must hold the whole range; 0 when none does. */
+static uint64_t translate(const struct vdm_batch *b, uint64_t addr, uint64_t len)
+{
+    uint32_t k = b->nregions;
+
+    while (k--) {
+        const uint64_t *g = b->regions + 3 * k;
+        if (g[0] <= addr) {
+            uint64_t off = addr - g[0];
+            return off <= g[1] && len <= g[1] - off ? g[2] + off : 0;
+        }
+    }
+    return 0;
+}
+
+/* The entries the last walk wrote, as (host address, length) in place; 0 if one is not in RAM. */
+static int to_host(const struct vdm_ring *r, const struct vdm_batch *b, uint64_t *st)
+{
+    uint64_t *out = st + ST_ENTRIES, k, n = st[ST_N];
+
+    for (k = 0; k < n; k++) {
+        if (st[ST_FLAT]) { /* (start, end) in the flat region, checked by flat() */
+            uint64_t len = out[2 * k + 1] - out[2 * k];
+            out[2 * k] = (uint64_t)(uintptr_t)b->base + out[2 * k];
+            out[2 * k + 1] = len;
+        } else {
+            uint64_t host = b->nregions ? translate(b, out[2 * k], out[2 * k + 1]) : 0;
+            if (!host)
+                return 0; /* (for map() to decide: it raises, or maps it) */
+            out[2 * k] = host;
+        }
+    }
+    return 1;
+}
 
 static uint64_t now_ns(void)
 {
@@ -267,7 +306,7 @@ int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn 
 
     memset(b->kinds, 0, sizeof b->kinds);
     b->served = 0;
-    if (r->flat_size == 0)
+    if (r->flat_size == 0 && b->nregions == 0)
         return 0;
     while (served < heads_max && steps < b->budget) {
         uint32_t idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
@@ -283,17 +322,24 @@ int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn 
         t0[served] = now_ns();
         rc = vdm_walk(r, head, st);
         if (rc == VDM_INDIRECT) {
-            /* only a chain that is its indirect table alone, the table inside the region */
-            uint64_t addr = st[ST_IND_ADDR], len = st[ST_IND_LEN];
-            if (st[ST_N] != 0 || addr < r->flat_base || addr - r->flat_base > r->flat_size ||
-                len > r->flat_size - (addr - r->flat_base) || (len >> 4) > b->room)
+            /* only a chain that is its indirect table alone, the table inside guest RAM */
+            uint64_t addr = st[ST_IND_ADDR], len = st[ST_IND_LEN], table;
+            if (st[ST_N] != 0 || (len >> 4) > b->room)
+                break;
+            if (r->flat_size)
+                table = addr >= r->flat_base && addr - r->flat_base <= r->flat_size &&
+                        len <= r->flat_size - (addr - r->flat_base)
+                            ? (uint64_t)(uintptr_t)b->base + (addr - r->flat_base) : 0;
+            else
+                table = translate(b, addr, len);
+            if (!table)
                 break;
             ring_steps = st[ST_STEPS];
-            rc = vdm_walk_indirect(r, b->base + (addr - r->flat_base), (uint32_t)(len >> 4), st);
+            rc = vdm_walk_indirect(r, (const uint8_t *)(uintptr_t)table, (uint32_t)(len >> 4), st);
         }
-        if (rc != VDM_DONE || !st[ST_FLAT])
+        if (rc != VDM_DONE || !to_host(r, b, st))
             break;
-        kind = serve(ctx, b->base, st + ST_ENTRIES, (uint32_t)st[ST_N], (uint32_t)st[ST_NR], &written);
+        kind = serve(ctx, st + ST_ENTRIES, (uint32_t)st[ST_N], (uint32_t)st[ST_NR], &written);
         if (kind <= 0 || kind > VDM_KINDS)
             break;
         /* taken: as pop would, then completed as push would */

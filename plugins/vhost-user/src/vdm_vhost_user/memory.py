@@ -163,6 +163,12 @@ class SharedGuestMemory(GuestMemory):
         return None if self._tracking else self._table.memory.single_region
 
     @property
+    def flat_memory(self) -> FlatGuestMemory | None:
+        """The table's FlatGuestMemory while not tracking (:meth:`map` is exactly its map then,
+        whatever the number of regions: vdm.fastpath's serve_batch looks buffers up in it), else None."""
+        return None if self._tracking else self._table.memory
+
+    @property
     def table(self) -> MemoryTable:
         return self._table
 

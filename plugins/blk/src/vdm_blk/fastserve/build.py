@@ -28,7 +28,7 @@ struct vdm_blk {
     uint64_t capacity;
     uint64_t write_max;
 };
-int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written);
+int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written);
 """
 
 

@@ -9,8 +9,8 @@
  * shape, a read that would block or comes back short, any error -- returns 0 with no status
  * written: the chain is then left to the Python path, which serves it or answers its error.
  *
- * The entries are (start, end) offsets into guest RAM's one region at ``base`` that the core has
- * checked to lie inside it; the header is copied out of guest memory once before it is used.
+ * The entries are (host address, length) pairs the core checked to lie inside one region of
+ * guest RAM; the header is copied out of guest memory once before it is used.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -53,7 +53,7 @@ static int on_memory_fs(int fd)
 }
 
 /* 1: a read served, 2: a write served, 0: not served (see above). */
-int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written)
+int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written)
 {
     struct vdm_blk *d = ctx;
     struct iovec iov[VDM_BLK_IOV];
@@ -62,9 +62,9 @@ int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uin
     uint64_t bytes = 0, sector;
     ssize_t got;
 
-    if (d->fd < 0 || nr == 0 || n <= nr || ent[1] - ent[0] != 16 || ent[2 * n - 1] - ent[2 * n - 2] != 1)
+    if (d->fd < 0 || nr == 0 || n <= nr || ent[1] != 16 || ent[2 * n - 1] != 1)
         return 0;
-    memcpy(&h, base + ent[0], 16);
+    memcpy(&h, (const void *)(uintptr_t)ent[0], 16);
     __asm__ __volatile__("" ::: "memory"); /* the guest may rewrite it: this one copy is used */
     if (h.type == VDM_BLK_T_IN && nr == 1 && d->reads) {
         first = 1;
@@ -79,9 +79,9 @@ int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uin
         return 0;
     for (k = 0; k < count; k++) {
         const uint64_t *e = ent + 2 * (first + k);
-        iov[k].iov_base = base + e[0];
-        iov[k].iov_len = e[1] - e[0];
-        bytes += e[1] - e[0];
+        iov[k].iov_base = (void *)(uintptr_t)e[0];
+        iov[k].iov_len = e[1];
+        bytes += e[1];
     }
     sector = h.sector;
     if (bytes == 0 || bytes % VDM_BLK_SECTOR || sector > d->capacity ||
@@ -101,7 +101,7 @@ int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uin
         }
         if (got < 0 || (uint64_t)got != bytes)
             return 0;
-        base[ent[2 * n - 2]] = 0; /* S_OK */
+        *(uint8_t *)(uintptr_t)ent[2 * n - 2] = 0; /* S_OK */
         *written = (uint32_t)(bytes + 1);
         return 1;
     }
@@ -114,7 +114,7 @@ int vdm_blk_serve(void *ctx, uint8_t *base, const uint64_t *ent, uint32_t n, uin
     }
     if (got < 0 || (uint64_t)got != bytes)
         return 0;
-    base[ent[2 * n - 2]] = 0; /* S_OK */
+    *(uint8_t *)(uintptr_t)ent[2 * n - 2] = 0; /* S_OK */
     *written = 1;
     return 2;
 }
