@@ -337,8 +337,8 @@ class Virtqueue(QueueConfig, UsedRing):
                 if fast is None or self._used16 is None:
                     return kinds
                 b = fast.serve_batch(fn, ctx, self._last_avail_idx, self._used_idx, left)
-                if b is None:
-                    return None
+                if b is None:  # (guest RAM changed between two batches: what was served counts)
+                    return kinds if any(kinds) else None
                 served = b.served
                 if not served:
                     return kinds
