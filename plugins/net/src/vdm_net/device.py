@@ -19,8 +19,8 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` 
   buffer and copied into the driver's buffers, spread over several with MRG_RXBUF. With no buffers
   left the frame stays in the bounce buffer, the pair stops reading the tap (the kernel queues
   behind it), and the driver's next kick of the receive queue resumes it. Nothing is dropped for
-  lack of buffers on our side. Each frame's buffers are published with one used-index update and
-  the interrupt is decided right after it (not once per batch of ``RX_BUDGET`` frames).
+  lack of buffers on our side. Each frame's buffers are published with one used-index update; the
+  interrupt is decided once per batch of up to ``RX_BUDGET`` frames.
 
 Control queue (:mod:`vdm_net.control`): rx-mode, MAC-table and VLAN-filter commands are checked,
 remembered and answered OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes
@@ -400,10 +400,11 @@ class VirtioNet(VirtioDevice):
             pair.rx_len = 0
             if result == _DELIVERED:
                 moved += 1
-                # the driver decides per frame, as with QEMU: with EVENT_IDX only the first frame
-                # after it re-enabled interrupts raises one; waiting for the batch's end held that
-                # back by the whole batch (~64 ms in the KVM lab, where a frame costs ~1 ms)
-                self.signal_used(q)
+        if moved:
+            # once per batch: deciding per frame (as QEMU does per packet) was measured slower in
+            # the KVM lab (BENCHMARKS.md, KVM-lab TCP, 2026-12-04 08:48-09:03): more interrupts and
+            # refill kicks, each a nested exit there
+            self.signal_used(q)
 
     def _stall(self, pair: QueuePair, q: Virtqueue) -> bool:
         """Out of buffers: ask for a kick and stop reading; False if buffers arrived meanwhile."""
