@@ -27,10 +27,13 @@ map and otherwise trust the frontend; the kernel's answer to "nobody may shrink 
 seal. Python can neither ``siglongjmp`` out of an access nor run a handler in C without a compiler,
 so the guard repairs the mapping instead of unwinding: the retried access sees zeros (never another
 process's memory or anything outside the guest), the device may see garbage for that one request,
-and the connection ends. The handler runs as a ctypes callback on the faulting thread, which
-holds the GIL (guest memory is only touched by Python code; the kernel's own accesses -- preadv,
-writev -- return EFAULT instead of raising SIGBUS); the mapping cannot be unmapped meanwhile because
-the faulting access holds a buffer export of it. Its libc calls (mmap, write, sigaction) go through
+and the connection ends. The handler runs as a ctypes callback on the faulting thread: a Python
+access holds the GIL; vdm.fastpath's compiled walk and serve step (and vdm-blk's, which reads the
+request header and writes the status byte) run with the GIL released, and the callback takes it
+before it runs, as any ctypes callback does (tests/vhost_user/test_hostile_frontend.py's shrunk-
+memory tests pass with them built and with VDM_FASTPATH=0). The kernel's own accesses -- preadv, writev --
+return EFAULT instead of raising SIGBUS. The mapping cannot be unmapped meanwhile because the
+faulting access holds a buffer export of it. Its libc calls (mmap, write, sigaction) go through
 :class:`ctypes.PyDLL` so that the GIL is not released inside the handler.
 
 Invariant: a guarded range is registered from the moment its mapping exists until the mapping
