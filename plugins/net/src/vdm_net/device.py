@@ -53,7 +53,7 @@ from .backends.tap import Tap
 from .config import NetConfig
 from .control import CTRL_ERR, CTRL_OK, ControlQueue
 from .queue_pair import QueuePair
-from .vnet_hdr import HDR_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx, check_tx
+from .vnet_hdr import HDR_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx, check_tx, pack_rx_into
 
 __all__ = ["CTRL_ERR", "CTRL_OK", "VirtioNet"]
 
@@ -450,8 +450,11 @@ class VirtioNet(VirtioDevice):
         except HeaderError as e:
             return self._drop_rx(pair, e.reason.removeprefix("rx_"))
         mergeable = self.has_feature(nf.F_MRG_RXBUF)
-        have = sum(c.writable_len for c in pair.rx_held)
-        while have < total and (mergeable or not pair.rx_held):
+        held = pair.rx_held
+        # (per-frame, not per-buffer, Python work where it can be: the KVM lab's receive is
+        # CPU-bound on this thread, BENCHMARKS.md KVM-lab TCP session 9)
+        have = sum(c.writable_len for c in held) if held else 0
+        while have < total and (mergeable or not held):
             chain = q.pop()
             if chain is None:
                 return _NO_BUFFERS
@@ -461,21 +464,24 @@ class VirtioNet(VirtioDevice):
                 pair.rx_stats["rx_bad_buffers"] += 1
                 q.push(chain, 0)
                 continue
-            pair.rx_held.append(chain)
+            held.append(chain)
             have += wlen
         if have < total:
             # one buffer without MRG_RXBUF, too small for this frame: keep it for the next one
             return self._drop_rx(pair, "buffer_too_small")
-        chains = pair.rx_held
         pair.rx_held = []
-        num_buffers = len(chains)
-        buf[:HDR_LEN] = VnetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start,
-                                hdr.csum_offset, num_buffers).pack()
+        pack_rx_into(buf, hdr, len(held))
         data = memoryview(buf)[:total]
         items: list[tuple[DescriptorChain, int]] = []
         off = 0
-        for chain in chains:
-            n = chain.write(data[off:], 0)
+        for chain in held:
+            views = chain.writable
+            if len(views) == 1:  # (a Linux guest's receive buffer: one descriptor)
+                v = views[0]
+                n = min(len(v), total - off)
+                v[:n] = data[off : off + n]
+            else:
+                n = chain.write(data[off:], 0)
             items.append((chain, n))
             off += n
         # one used-index update: the driver must not see the first buffers without the rest

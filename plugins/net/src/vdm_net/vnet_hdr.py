@@ -39,6 +39,7 @@ __all__ = [
     "check_rx",
     "check_tx",
     "ethertype",
+    "pack_rx_into",
 ]
 
 HDR_LEN = 12
@@ -98,6 +99,14 @@ class VnetHdr:
             self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start,
             self.csum_offset, self.num_buffers,
         )
+
+
+def pack_rx_into(buf: bytearray, hdr: VnetHdr, num_buffers: int) -> None:
+    """Write ``hdr`` with ``num_buffers`` into the first 12 bytes of ``buf``, the device's own
+    bounce buffer (never guest memory: ``struct.pack_into`` zeroes before it stores). One call per
+    received frame instead of a second header object and its ``pack``."""
+    _HDR.pack_into(buf, 0, hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start,
+                   hdr.csum_offset, num_buffers)
 
 
 @dataclass(frozen=True)
