@@ -19,8 +19,9 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` 
   buffer and copied into the driver's buffers, spread over several with MRG_RXBUF. With no buffers
   left the frame stays in the bounce buffer, the pair stops reading the tap (the kernel queues
   behind it), and the driver's next kick of the receive queue resumes it. Nothing is dropped for
-  lack of buffers on our side. Each frame's buffers are published with one used-index update; the
-  interrupt is decided once per batch of up to ``RX_BUDGET`` frames.
+  lack of buffers on our side. A frame's buffers are published with one used-index update, never
+  split (with the frames before it, up to ``RX_PUBLISH`` buffers, and always before the pair
+  stalls); the interrupt is decided once per batch of up to ``RX_BUDGET`` frames.
 
 Control queue (:mod:`vdm_net.control`): rx-mode, MAC-table and VLAN-filter commands are checked,
 remembered and answered OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes
@@ -64,6 +65,10 @@ S_LINK_UP = 1
 
 #: frames moved per call before other work gets a turn
 RX_BUDGET = 64
+#: delivered receive buffers published with one used-index update (whole frames only, and before
+#: the queue stalls or the batch ends): one lock and publish per few frames instead of per frame,
+#: while a polling driver still sees frames before the batch's end
+RX_PUBLISH = 16
 TX_BUDGET = 256
 #: how long a reset waits for queue processing on other threads to finish
 RESET_WAIT = 5.0
@@ -384,22 +389,36 @@ class VirtioNet(VirtioDevice):
             q.set_notification(False)
             self._wake()
         moved = 0
-        while moved < RX_BUDGET:
-            if pair.rx_len == 0:
-                if not pair.rx_held and not q.has_available():
+        done: list[tuple[DescriptorChain, int]] = []  # delivered, published together (below)
+        try:
+            while moved < RX_BUDGET:
+                if pair.rx_len == 0:
+                    if not pair.rx_held and not q.has_available():
+                        if done:
+                            q.push_many(done)
+                            done.clear()
+                        if self._stall(pair, q):
+                            break
+                        continue
+                    if not self._read(pair):
+                        break
+                result = self._deliver(pair, q, done)
+                if result == _NO_BUFFERS:
+                    if done:
+                        q.push_many(done)
+                        done.clear()
                     if self._stall(pair, q):
                         break
                     continue
-                if not self._read(pair):
-                    break
-            result = self._deliver(pair, q)
-            if result == _NO_BUFFERS:
-                if self._stall(pair, q):
-                    break
-                continue
-            pair.rx_len = 0
-            if result == _DELIVERED:
-                moved += 1
+                pair.rx_len = 0
+                if result == _DELIVERED:
+                    moved += 1
+                    if len(done) >= RX_PUBLISH:
+                        q.push_many(done)
+                        done.clear()
+        finally:
+            if done:
+                q.push_many(done)
         if moved:
             # once per batch: deciding per frame (as QEMU does per packet) was measured slower in
             # the KVM lab (BENCHMARKS.md, KVM-lab TCP, 2026-12-04 08:48-09:03): more interrupts and
@@ -441,7 +460,7 @@ class VirtioNet(VirtioDevice):
         pair.rx_stats[f"rx_dropped_{reason}"] += 1
         return _DROPPED
 
-    def _deliver(self, pair: QueuePair, q: Virtqueue) -> int:
+    def _deliver(self, pair: QueuePair, q: Virtqueue, done: list[tuple[DescriptorChain, int]]) -> int:
         buf = pair.rx_buf
         total = pair.rx_len
         frame_len = total - HDR_LEN
@@ -472,7 +491,6 @@ class VirtioNet(VirtioDevice):
         pair.rx_held = []
         pack_rx_into(buf, hdr, len(held))
         data = memoryview(buf)[:total]
-        items: list[tuple[DescriptorChain, int]] = []
         off = 0
         for chain in held:
             views = chain.writable
@@ -482,10 +500,8 @@ class VirtioNet(VirtioDevice):
                 v[:n] = data[off : off + n]
             else:
                 n = chain.write(data[off:], 0)
-            items.append((chain, n))
+            done.append((chain, n))
             off += n
-        # one used-index update: the driver must not see the first buffers without the rest
-        q.push_many(items)
         pair.rx_stats["rx_packets"] += 1
         pair.rx_stats["rx_bytes"] += frame_len
         return _DELIVERED
