@@ -182,6 +182,12 @@ class HostFile(Protocol):
 
     # ---- data I/O --------------------------------------------------------------------------------
 
+    def inline_flags(self) -> tuple[int, bool, int]:
+        """How inline I/O is made now: (preadv2 flags of read_nowait, whether it reads inline at
+        all, pwritev2 flags of write_inline) -- RWF_NOWAIT, or 0 once the file system refused it
+        (reads then inline only on tmpfs/ramfs). A compiled step (vdm_blk.fastserve) starts from it."""
+        return self._read_nowait, bool(self._read_nowait or self._read_plain), self._write_nowait
+
     def _use_direct(self, views: Sequence[memoryview], offset: int) -> bool | None:
         """True: aligned; None: alignment unknown (try it); False: use the bounce buffer."""
         a = self.align

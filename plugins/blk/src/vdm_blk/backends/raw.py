@@ -64,14 +64,14 @@ class RawDisk(DiskBackend):
 
             f = self.file
             if fastserve.ACTIVE and isinstance(f, HostFile) and f.dfd is None:
+                read_flags, reads, write_flags = f.inline_flags()
                 self._step = fastserve.ServeStep(
                     f.fd,
                     self.size // SECTOR,
-                    # (HostFile's state: RWF_NOWAIT, or plain reads on tmpfs/ramfs that refused it)
-                    reads=bool(f._read_nowait or f._read_plain),
-                    read_flags=f._read_nowait,
+                    reads=reads,
+                    read_flags=read_flags,
                     writes=not (f.writethrough or f.read_only or self.read_only),
-                    write_flags=f._write_nowait,
+                    write_flags=write_flags,
                     write_max=INLINE_WRITE_MAX,
                 )
         return self._step
