@@ -237,8 +237,8 @@ def test_vdm_run_guest_sees_the_new_size(kit: vdm_lab.GuestKit) -> None:  # noqa
         "truncate -s 8M /mnt/tmp/d.img\n"
         "( i=0; while [ $i -lt 1200 ]; do head -c 5 /mnt/tmp/d.img | grep -q READY && break; "
         "sleep 0.5; i=$((i+1)); done; "
-        f"{ctl} resize blk0 12M; echo resize-rc=$? ) &\n"
-    )
+        f"{ctl} resize blk0 12M; echo resize-rc=$? ) >/mnt/tmp/resize.out 2>&1 &\n"
+    )  # (its lines are shown after vdm exits: printed meanwhile they split the guest's RESULT line)
     r = vdm_lab.run_vdm(
         ["-d", "/mnt/tmp/d.img", "--control", "/mnt/tmp/vdm.ctl"],
         ["resizerun"],
@@ -247,6 +247,7 @@ def test_vdm_run_guest_sees_the_new_size(kit: vdm_lab.GuestKit) -> None:  # noqa
         guest=vdm_lab.GuestSpec(workloads={"resizerun": RUN_WORKLOAD}),
         where="kvmlab",
         setup=resizer,
+        after="cat /mnt/tmp/resize.out",
         timeout=900,
     )
     r.assert_ok("resizerun")

@@ -80,13 +80,17 @@ def run_vdm(
     append: str = "",
     where: str = "auto",
     setup: str = "",
+    after: str = "",
 ) -> GuestResult:
     """Boot the kit under ``vdm run`` with the author's ``vdm_args`` and collect its results.
 
     ``where``: "here" (this machine's /dev/kvm), "kvmlab" (inside the KVM lab), or "auto"
     (here when vdm's kvm plugin is available, else the lab). ``guest`` adds the author's
     modules, workloads and files. In the lab, ``setup`` is shell run before vdm (e.g. making a
-    disk image under /mnt/tmp); vdm's exit code is the result's ``returncode``. ``timeout``
+    disk image under /mnt/tmp) and ``after`` shell run once vdm has exited (its output follows the
+    guest's whole, e.g. a file a background job of ``setup`` wrote: anything printed while vdm
+    runs shares vdm's stdout with the guest's console and can land inside a guest's line); vdm's
+    exit code is the result's ``returncode``. ``timeout``
     covers the whole run (the lab's boot too).
     """
     kit = kit or guestkit()
@@ -104,8 +108,8 @@ def run_vdm(
             init, results, done = parse_results(log)
             return GuestResult(cmd, log, rc, timed_out, elapsed, init, results, done, runner="vdm run")
         inner = max(30, int(timeout) - 120)  # leave the lab time to boot and to report
-        script = "\n".join(["mkdir -p /mnt/tmp", setup,
-                            f"timeout {inner} {shlex.join(cmd)} </dev/null 2>&1", ""])
+        script = "\n".join(["mkdir -p /mnt/tmp", setup, f"timeout {inner} {shlex.join(cmd)} </dev/null 2>&1",
+                            "rc=$?", after, "exit $rc", ""])
         lab = run_in_kvm_lab(script, timeout, kit=kit)
     init, results, done = parse_results(lab.output)
     log = lab.output if lab.returncode is not None else lab.describe()
