@@ -14,8 +14,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["CDEF", "build", "main"]
+__all__ = ["CDEF", "build", "compile_module", "main", "report"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,38 +61,48 @@ int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn 
 """
 
 
-def build(target_dir: Path = HERE) -> Path:
-    """Compile ring.c into ``target_dir``; return the module's path. Raises on any failure."""
+def compile_module(name: str, cdef: str, source: Path, target_dir: Path) -> Path:
+    """Compile ``source`` (C) as the cffi API-mode module ``name`` declaring ``cdef`` into
+    ``target_dir``; return its path. Raises on any failure. The file is replaced atomically: a
+    running vdm keeps the module it loaded. (Plugins build their own compiled steps with it.)"""
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(
-        "vdm.fastpath._ring",
-        (HERE / "ring.c").read_text(),
-        extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wall", "-Werror"],
-    )
-    with tempfile.TemporaryDirectory(prefix="vdm-fastpath-") as tmp:
+    ffi.cdef(cdef)
+    flags = ["-O2", "-fno-strict-aliasing", "-Wall", "-Werror"]
+    ffi.set_source(name, source.read_text(), extra_compile_args=flags)
+    with tempfile.TemporaryDirectory(prefix=name.replace(".", "-") + "-") as tmp:
         built = Path(ffi.compile(tmpdir=tmp, verbose=False))
         target = target_dir / built.name
         partial = target.with_suffix(".tmp")
         shutil.copyfile(built, partial)
-        partial.replace(target)  # (atomic: a running vdm keeps the module it loaded)
+        partial.replace(target)
     return target
 
 
-def main() -> int:
+def report(build: Callable[[], Path], what: str, otherwise: str) -> int:
+    """Run an install-time ``build`` and print one line: ``<what> built: <path>`` or ``<what> not
+    built: <why>; <otherwise>``. Always 0: a missing compiler or cffi never fails an install."""
     try:
         path = build()
     except ImportError as e:
-        print(f"fast path not built: cffi is not installed ({e}); vdm uses its Python path")
+        print(f"{what} not built: {e.name or 'a module'} is not installed ({e}); {otherwise}")
         return 0
-    except Exception as e:  # (no compiler, no headers: one line, never a failed install)
+    except Exception as e:  # (no compiler, no headers, a read-only folder)
         why = " ".join(str(e).split())[:300]
-        print(f"fast path not built: {type(e).__name__}: {why}; vdm uses its Python path")
+        print(f"{what} not built: {type(e).__name__}: {why}; {otherwise}")
         return 0
-    print(f"fast path built: {path}")
+    print(f"{what} built: {path}")
     return 0
+
+
+def build(target_dir: Path = HERE) -> Path:
+    """Compile ring.c into ``target_dir``; return the module's path. Raises on any failure."""
+    return compile_module("vdm.fastpath._ring", CDEF, HERE / "ring.c", target_dir)
+
+
+def main() -> int:
+    return report(build, "fast path", "vdm uses its Python path")
 
 
 if __name__ == "__main__":

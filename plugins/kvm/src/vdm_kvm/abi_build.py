@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vdm.fastpath.build import report
+
 __all__ = ["CACHE_FILE", "build", "main"]
 
 HERE = Path(__file__).resolve().parent
@@ -68,14 +70,7 @@ def build(target_dir: Path = HERE) -> Path:
 
 
 def main() -> int:
-    try:
-        path = build()
-    except Exception as e:  # (no pycparser, read-only package folder: one line, never a failed install)
-        why = " ".join(str(e).split())[:300]
-        print(f"kvm ABI cache not built: {type(e).__name__}: {why}; vdm-kvm parses its declarations at start")
-        return 0
-    print(f"kvm ABI cache built: {path}")
-    return 0
+    return report(build, "kvm ABI cache", "vdm-kvm parses its declarations at start")
 
 
 if __name__ == "__main__":

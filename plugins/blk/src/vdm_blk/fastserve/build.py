@@ -9,10 +9,10 @@ Python). The C source is serve.c next to this file. Invariant: CDEF declares wha
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from vdm.fastpath.build import compile_module, report
 
 __all__ = ["CDEF", "build", "main"]
 
@@ -34,36 +34,11 @@ int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint3
 
 def build(target_dir: Path = HERE) -> Path:
     """Compile serve.c into ``target_dir``; return the module's path. Raises on any failure."""
-    import cffi
-
-    ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(
-        "vdm_blk.fastserve._serve",
-        (HERE / "serve.c").read_text(),
-        extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wall", "-Werror"],
-    )
-    with tempfile.TemporaryDirectory(prefix="vdm-blk-serve-") as tmp:
-        built = Path(ffi.compile(tmpdir=tmp, verbose=False))
-        target = target_dir / built.name
-        partial = target.with_suffix(".tmp")
-        shutil.copyfile(built, partial)
-        partial.replace(target)  # (atomic: a running vdm keeps the module it loaded)
-    return target
+    return compile_module("vdm_blk.fastserve._serve", CDEF, HERE / "serve.c", target_dir)
 
 
 def main() -> int:
-    try:
-        path = build()
-    except ImportError as e:
-        print(f"vdm-blk serve step not built: cffi is not installed ({e}); vdm-blk serves in Python")
-        return 0
-    except Exception as e:  # (no compiler, no headers: one line, never a failed install)
-        why = " ".join(str(e).split())[:300]
-        print(f"vdm-blk serve step not built: {type(e).__name__}: {why}; vdm-blk serves in Python")
-        return 0
-    print(f"vdm-blk serve step built: {path}")
-    return 0
+    return report(build, "vdm-blk serve step", "vdm-blk serves in Python")
 
 
 if __name__ == "__main__":
