@@ -1,6 +1,6 @@
 """Rough throughput of the virtio-net device with the in-process driver and a real tap.
 
-    python -m tests.net.bench_net [--frames N] [--size BYTES]
+    python3 benchmarks/net_device.py [--frames N] [--size BYTES]
 
 Transmit: the driver posts batches of frames and kicks once per batch; the device writes them to
 the tap (the namespace's stack discards them). Receive: a thread in the namespace blasts frames
@@ -11,16 +11,21 @@ own Python cost is included, so these are lower bounds for the device.
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
+from pathlib import Path
 
 from vdm.testing import VirtioTestDriver
 from vdm_net.config import NetConfig
 from vdm_net.device import VirtioNet
 from vdm_net.vnet_hdr import VnetHdr
 
-from tests.net.frames import BROADCAST, ETH_P_TEST, eth
-from tests.net.netns import NetNs
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # (the tests' netns helpers)
+
+from tests.net.frames import BROADCAST, ETH_P_TEST, eth  # noqa: E402
+from tests.net.netns import NetNs  # noqa: E402
 
 BATCH = 128
 

@@ -1,6 +1,6 @@
 """vdm-net's receive CPU per frame with mergeable 4 KiB buffers, without a guest.
 
-    python -m tests.net.bench_rx_merged [--frames 3000] [--size 8000] [--profile]
+    python3 benchmarks/net_rx_merged.py [--frames 3000] [--size 8000] [--profile]
 
 UDP datagrams of ``--size`` bytes are sent in a private network namespace to a neighbour behind
 the tap (tap MTU 65000, a permanent neighbour entry for the device's MAC), so the device reads
@@ -18,15 +18,20 @@ import argparse
 import cProfile
 import pstats
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 from vdm.testing import VirtioTestDriver
 from vdm.virtqueue import Virtqueue
 from vdm_net.config import NetConfig
 from vdm_net.device import VirtioNet
 
-from tests.net.netns import NetNs
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # (the tests' netns helpers)
+
+from tests.net.netns import NetNs  # noqa: E402
 
 NEIGHBOUR = "10.9.0.2"
 
