@@ -364,10 +364,11 @@ def test_list_plugins_says_whether_nbd_is_usable_here(tmp_path):
     p = subprocess.run(vdm, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     row = next(ln for ln in p.stdout.splitlines() if ln.startswith("blk "))
-    assert row.endswith("available (nbd: unavailable: libnbd not found (apt install libnbd0))")
+    # the first note (vdm-blk's compiled serve step may add one after it: test_list_plugins_fastpath.py)
+    assert "available (nbd: unavailable: libnbd not found (apt install libnbd0)" in row
     p = subprocess.run([*vdm, "--json"], capture_output=True, text=True, env={**env, "VDM_LIBNBD": ""})
     (blk,) = [r for r in json.loads(p.stdout)["plugins"] if r["name"] == "blk"]
-    assert blk["status"] == "available"
+    assert blk["status"].split(" (")[0] == "available"  # notes of other parts may follow
     protocols = blk["parts"]["blk"]["protocols"]
     assert {k: protocols[k] for k in ("file", "nbd")} == {"file": "available", "nbd": "available"}
     assert blk["parts"]["blk"]["formats"] == {"raw": "available", "qcow2": "available"}

@@ -37,10 +37,13 @@ def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported laz
 
 
 def parts() -> dict[str, dict[str, Any]]:
-    """The protocols and formats installed here and whether each is usable (for list-plugins)."""
+    """The protocols and formats installed here and whether each is usable, and whether raw
+    images are served by the compiled serve step (issue 18) or by the Python path alone, with
+    why (for list-plugins)."""
+    from . import fastserve
     from .backends import catalog
 
-    return catalog()
+    return {**catalog(), "fast path": {"compiled serve step": None if fastserve.ACTIVE else fastserve.STATUS}}
 
 
 def toolstack_disk_options(params: str, writable: bool) -> dict[str, Any]:

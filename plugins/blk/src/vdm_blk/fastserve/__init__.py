@@ -40,7 +40,8 @@ _ffi, _lib, _why = _import()
 #: the compiled serve step imports (the tests compare it with the Python path even when not used)
 BUILT = _lib is not None
 if not _core.ACTIVE:
-    STATUS = f"python (core fast path: {_core.STATUS})"
+    # the core's reason without its own "python (...)": "python (core fast path off: VDM_FASTPATH=0)"
+    STATUS = f"python (core fast path off: {_core.STATUS.removeprefix('python (').removesuffix(')')})"
 else:
     STATUS = "compiled" if BUILT else f"python ({_why})"
 #: True when raw images opened from now on serve through the compiled step
