@@ -8,6 +8,12 @@ devices over two copies of one raw image, one with the compiled step and one wit
 the same on both: each request's used length and the bytes in its writable buffers, the image's
 bytes afterwards, the device's counters (``vdm ctl stats``) and the queue's. Hostile chains (a
 buffer outside guest RAM, a loop) after plain ones: the same completions, then the same failure.
+
+qcow2 images (the step's map of clusters the image found allocated): the same scripts plus
+discards, write zeroes and flushes -- which change or free mapped clusters, so the map is cleared
+under the I/O lock's exclusive side -- on two copies of one qcow2 image; what the guest sees is
+compared, and the images read the same and pass ``qemu-img check``. A hand-over (inactivate) stops
+the step; a corrupt L2 entry onto metadata is never served by it.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import vdm.fastpath as core_fastpath
 from vdm.device import F_EVENT_IDX, F_INDIRECT_DESC
 from vdm.virtqueue import Virtqueue
 from vdm_blk import fastserve
+from vdm_blk.backends import open_disk
 from vdm_blk.backends.raw import RawDisk
 from vdm_blk.config import BlkConfig
-from vdm_blk.device import T_FLUSH, T_GET_ID, T_IN, T_OUT, BlkDevice
+from vdm_blk.device import T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, BlkDevice
+
+from tests.blk.backends.helpers import check_image, needs_qemu_img, qemu_img
 
 pytestmark = pytest.mark.skipif(
     not fastserve.ACTIVE, reason=f"vdm-blk's compiled serve step is not active here: {fastserve.STATUS}"
@@ -194,3 +203,125 @@ def test_descriptor_loop_is_left_to_the_python_walk(tmp_path, virtio_driver):
 def test_status_says_which_path():
     assert fastserve.STATUS == "compiled"
     assert core_fastpath.ACTIVE
+
+
+# ---- qcow2 --------------------------------------------------------------------------------------
+
+
+def qcow2_request(rng: random.Random, slot: int, ranges: bool) -> tuple[list[bytes], list[int]]:
+    """``request``, or (``ranges``) a discard / write zeroes of part of the slot (clusters of
+    4 KiB: whole ones are freed or zeroed, partial ones written)."""
+    if ranges and rng.random() < 0.1:
+        rtype = rng.choice([T_DISCARD, T_WRITE_ZEROES])
+        flags = rng.choice([0, 1]) if rtype == T_WRITE_ZEROES else 0
+        seg = struct.pack("<QII", slot * SLOT + rng.randrange(16), rng.choice([8, 16, 24, 40, 3]), flags)
+        return [hdr(rtype, 0), seg], [1]
+    return request(rng, slot)
+
+
+def qcow2_device(tmp_path, name: str, virtio_driver, compiled: bool):
+    (tmp_path / name).mkdir()
+    raw = tmp_path / name / "seed.raw"
+    image(raw, 7)
+    path = tmp_path / name / "disk.img"
+    qemu_img("convert", "-O", "qcow2", "-o", "cluster_size=4096", str(raw), str(path))
+    disk = open_disk(str(path), format="qcow2")
+    if not compiled:
+        disk.serve_step = lambda: None
+    dev = BlkDevice(disk, BlkConfig(path=str(path)))
+    drv = virtio_driver(dev)
+    drv.init()
+    return drv, path
+
+
+def run_qcow2_script(drv, seed: int, batches: int) -> list[tuple[int, bytes]]:
+    rng = random.Random(seed)
+    results = []
+    for i in range(batches):  # (few slots, discards in every 4th batch: the map warms up between)
+        reqs = [qcow2_request(rng, s, i % 4 == 3) for s in rng.sample(range(12), rng.randint(1, 12))]
+        heads = [drv.post(0, out, ins, indirect=rng.random() < 0.5) for out, ins in reqs]
+        drv.kick(0)
+        got = {u.head: u for u in drv.wait(0, len(heads))}
+        results += [(got[h].written, got[h].data) for h in heads]
+    return results
+
+
+def qcow2_seen(drv, path) -> dict:
+    drv.device.close()
+    check_image(str(path))
+    out = path.with_suffix(".raw")
+    qemu_img("convert", "-O", "raw", str(path), str(out))
+    q = drv.device.queues[0]
+    return {
+        "stats": dict(drv.device.stats),
+        "queue": (q.requests, q.bytes_read, q.bytes_written, q.errors),
+        "image": out.read_bytes(),
+        "needs_reset": drv.needs_reset,
+    }
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_qcow2_compiled_step_serves_as_python_does(tmp_path, virtio_driver, monkeypatch, seed):
+    served = []
+    real = Virtqueue.serve_compiled
+
+    def spy(self, fn, ctx):
+        kinds = real(self, fn, ctx)
+        served.append(sum(kinds or ()))
+        return kinds
+
+    monkeypatch.setattr(Virtqueue, "serve_compiled", spy)
+    py, py_path = qcow2_device(tmp_path, "python", virtio_driver, False)
+    want = run_qcow2_script(py, seed, 120)
+    assert not served
+    c, c_path = qcow2_device(tmp_path, "compiled", virtio_driver, True)
+    got = run_qcow2_script(c, seed, 120)
+    assert sum(served) > 30, "the compiled step served (almost) nothing: the test compares nothing"
+    assert got == want
+    assert qcow2_seen(c, c_path) == qcow2_seen(py, py_path)
+
+
+@needs_qemu_img
+def test_qcow2_step_map_is_cleared_by_discard_and_stopped_by_handover(tmp_path, virtio_driver):
+    drv, _ = qcow2_device(tmp_path, "d", virtio_driver, True)
+    disk = drv.device.backend
+    step = drv.device._step
+    assert step is not None
+
+    def read(sector: int) -> tuple[int, bytes]:
+        drv.post(0, [hdr(T_IN, sector)], [4096, 1])
+        drv.kick(0)
+        u = drv.wait(0, 1)[0]
+        return u.written, u.data
+
+    first = read(8)  # (Python maps it and remembers the cluster)
+    before = drv.device.queues[0].requests
+    assert read(8) == first
+    assert drv.device.stats["in"] == 2 and drv.device.queues[0].requests == before + 1
+    drv.post(0, [hdr(T_DISCARD, 0), struct.pack("<QII", 8, 8, 0)], [1])
+    drv.kick(0)
+    assert drv.wait(0, 1)[0].data[-1] == 0
+    assert read(8) == (4097, b"\0" * 4096 + b"\0")  # not the forgotten cluster's old bytes
+    disk.inactivate()  # (a hand-over: another process may change the metadata now)
+    assert step._data.enabled == 0
+    disk.invalidate()
+    assert step._data.enabled == 1
+
+
+@needs_qemu_img
+def test_qcow2_step_never_writes_onto_metadata(tmp_path, virtio_driver):
+    """An L2 entry that points a guest cluster at the L1 table: the run is never remembered, so
+    the step leaves the write to Python, which refuses it (IOERR), and the L1 table is intact."""
+    drv, path = qcow2_device(tmp_path, "m", virtio_driver, True)
+    disk = drv.device.backend
+    with disk._meta:
+        l1_off = disk.h.l1_table_offset
+        table = disk._l2_for(0, False)
+        table.entries[0] = (table.entries[0] & ~((1 << 56) - 1 - 511)) | l1_off
+    before = path.read_bytes()[l1_off : l1_off + 4096]
+    for _ in range(2):
+        drv.post(0, [hdr(T_OUT, 0), b"\xee" * 4096], [1])
+        drv.kick(0)
+        assert drv.wait(0, 1)[0].data[-1] == 1  # IOERR
+    assert path.read_bytes()[l1_off : l1_off + 4096] == before

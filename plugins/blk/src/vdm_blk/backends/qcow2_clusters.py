@@ -31,7 +31,6 @@ from .qcow2_tables import Table, decode_u64, encode_u64
 __all__ = ["ClusterMap"]
 
 
-
 class _Extent:
     """A run of guest bytes with one kind of mapping (contiguous on the host for DATA)."""
 
@@ -207,6 +206,8 @@ class ClusterMap:
             io.wait_shared()
             host = self._mapped(offset, length)
             io.active.append(True)
+            if host and self._step is not None:
+                self._remember(offset, length, host)
         return host
 
     def _mapped(self, offset: int, length: int) -> int:

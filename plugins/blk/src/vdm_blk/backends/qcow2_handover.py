@@ -68,6 +68,8 @@ class Handover:
                     self.f.sync()
         with self._meta:
             self._inactive = True
+        if self._step is not None:  # (the other side may change the metadata now)
+            self._step.block()
 
     # ---- header bits a writer handles before it writes (at open, or at invalidate) ---------------
 

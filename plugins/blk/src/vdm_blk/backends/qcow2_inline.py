@@ -44,6 +44,8 @@ class InlinePath:
             if io.writer or io.waiting:
                 return None
             host = self._mapped(offset, total)
+            if host and self._step is not None:
+                self._remember(offset, total, host)
             if not host:
                 try:
                     extents = self._extents(offset, total)
@@ -82,6 +84,8 @@ class InlinePath:
             host = self._mapped(offset, total)
             if not host:
                 return None
+            if self._step is not None:
+                self._remember(offset, total, host)
             io.active.append(True)
         try:
             self._check_data_host(host, total)

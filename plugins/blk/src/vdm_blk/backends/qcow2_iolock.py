@@ -21,6 +21,7 @@ exclusive one.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 __all__ = ["IOLock"]
 
@@ -28,7 +29,7 @@ __all__ = ["IOLock"]
 class IOLock:
     """Shared/exclusive I/O lock whose state is guarded by ``meta`` (see the module docs)."""
 
-    __slots__ = ("_cond", "active", "meta", "waiting", "writer")
+    __slots__ = ("_cond", "active", "meta", "on_exclusive", "waiting", "writer")
 
     def __init__(self, meta: threading.RLock) -> None:
         self.meta = meta
@@ -37,6 +38,9 @@ class IOLock:
         self.active: list[bool] = []
         self.writer = False
         self.waiting = 0
+        #: called (``meta`` held) with True once the exclusive side is taken, before its holder
+        #: changes anything, and with False when it is given back (the compiled serve step's gate)
+        self.on_exclusive: Callable[[bool], None] | None = None
 
     def wait_shared(self) -> None:
         """Wait until the shared side may be entered (``meta`` held, once); the caller then
@@ -79,8 +83,17 @@ class IOLock:
                 raise
             self.waiting -= 1
             self.writer = True
+            if self.on_exclusive is not None:
+                try:
+                    self.on_exclusive(True)
+                except BaseException:
+                    self.writer = False
+                    self._cond.notify_all()
+                    raise
 
     def release_exclusive(self) -> None:
         with self.meta:
+            if self.on_exclusive is not None:
+                self.on_exclusive(False)
             self.writer = False
             self._cond.notify_all()

@@ -12,6 +12,11 @@ disk, write-through, an error -- is left to the Python path (vdm_blk.device), wh
 Selection at run time: the step is used when this module's ``_serve*.so`` imports and the core's
 compiled path is active (``VDM_FASTPATH=0`` turns both off). :data:`STATUS` says which.
 
+qcow2 images (:class:`Qcow2Step`): the same requests, when every cluster they touch is one the image
+found allocated and unshared (and not metadata) and remembered in the step's map, contiguous on
+the host. The image clears the map (waiting for the steps in flight) before anything that may
+change such a cluster's entry -- the exclusive side of its I/O lock, a hand-over, close.
+
 Invariant: a :class:`ServeStep` belongs to one open raw image; :meth:`ServeStep.close` (called by
 the image before its file is closed) makes the C step serve nothing from then on.
 """
@@ -23,7 +28,7 @@ from typing import Any
 
 import vdm.fastpath as _core
 
-__all__ = ["BUILT", "STATUS", "ServeStep"]
+__all__ = ["BUILT", "STATUS", "Qcow2Step", "ServeStep"]
 
 
 def _import() -> tuple[Any, Any, str]:
@@ -77,3 +82,63 @@ class ServeStep:
     def close(self) -> None:
         """Serve nothing from now on (the file is about to be closed)."""
         self._data.fd = -1
+
+
+#: qcow2 map slots at most (8 bytes each): a disk with more clusters shares slots (tagged)
+Q2_MAX_SLOTS = 1 << 18
+
+
+class Qcow2Step:
+    """The compiled step bound to one qcow2 image's file and its map of remembered clusters
+    (serve.c's ``struct vdm_blk_q2``): ``fn``/``ctx`` and :meth:`set_limits` as :class:`ServeStep`;
+    :meth:`remember` (the image, as it maps a run), :meth:`block` / :meth:`unblock` (around
+    anything that may change a remembered cluster's entry), :meth:`close`."""
+
+    __slots__ = ("_can_write", "_data", "_map", "cbits", "ctx", "fn", "slot_bits")
+
+    def __init__(
+        self, fd: int, capacity: int, *, cbits: int, clusters: int, reads: bool, read_flags: int,
+        writes: bool, write_flags: int, write_max: int,
+    ) -> None:  # fmt: skip
+        slot_bits = max(1, min(Q2_MAX_SLOTS.bit_length() - 1, (max(clusters, 2) - 1).bit_length()))
+        if ((clusters - 1) >> slot_bits) + 1 >= 1 << cbits:
+            raise ValueError("too many clusters for the map's tags")  # (the caller uses Python's path)
+        self._map = _ffi.new("uint64_t[]", 1 << slot_bits)
+        self._data = _ffi.new(
+            "struct vdm_blk_q2 *",
+            {"d": {"fd": fd, "reads": int(reads), "read_flags": read_flags, "writes": int(writes),
+                   "write_flags": write_flags, "capacity": capacity, "write_max": write_max},
+             "map": self._map, "slots": 1 << slot_bits, "slot_bits": slot_bits, "cbits": cbits,
+             "enabled": 1, "busy": 0},
+        )  # fmt: skip
+        self._can_write = writes
+        self.cbits = cbits
+        self.slot_bits = slot_bits
+        addr = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vdm_blk_serve_qcow2")))
+        self.fn = _core.serve_function(addr)
+        self.ctx = _core.serve_context(int(_ffi.cast("uintptr_t", self._data)))
+
+    def set_limits(self, capacity: int, writes: bool) -> None:
+        """The disk's size in sectors, and whether write-back writes may be served here."""
+        data = self._data.d
+        data.capacity = capacity
+        data.writes = writes and self._can_write
+
+    def remember(self, gc: int, count: int, host: int) -> None:
+        """Guest clusters ``gc``..``gc + count - 1`` are at ``host`` on, contiguous, allocated,
+        unshared and not metadata (the caller holds the metadata lock and no exclusive holder
+        is in or waiting)."""
+        _lib.vdm_blk_q2_remember(self._data, gc, count, host)
+
+    def block(self) -> None:
+        """Serve nothing from the map and forget it; returns when no step uses it any more."""
+        _lib.vdm_blk_q2_block(self._data)
+
+    def unblock(self) -> None:
+        """Serve from the map again (empty after :meth:`block`)."""
+        _lib.vdm_blk_q2_unblock(self._data)
+
+    def close(self) -> None:
+        """Serve nothing from now on (the file is about to be closed)."""
+        self.block()
+        self._data.d.fd = -1

@@ -29,6 +29,19 @@ struct vdm_blk {
     uint64_t write_max;
 };
 int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written);
+struct vdm_blk_q2 {
+    struct vdm_blk d;
+    uint64_t *map;
+    uint64_t slots;
+    uint32_t slot_bits;
+    uint32_t cbits;
+    int enabled;
+    int busy;
+};
+int vdm_blk_serve_qcow2(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written);
+void vdm_blk_q2_remember(struct vdm_blk_q2 *q, uint64_t gc, uint64_t count, uint64_t host);
+void vdm_blk_q2_block(struct vdm_blk_q2 *q);
+void vdm_blk_q2_unblock(struct vdm_blk_q2 *q);
 """
 
 

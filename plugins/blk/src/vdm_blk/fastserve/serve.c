@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -52,15 +53,15 @@ static int on_memory_fs(int fd)
     return ((uint32_t)fs.f_type == 0x01021994u || (uint32_t)fs.f_type == 0x858458F6u);
 }
 
-/* 1: a read served, 2: a write served, 0: not served (see above). */
-int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written)
+/* The request's shape and checks (see above): its type, data as iov[count], its byte count and
+ * first sector; 0 when the step does not serve it. */
+static int parse(const struct vdm_blk *d, const uint64_t *ent, uint32_t n, uint32_t nr,
+                 struct iovec *iov, uint32_t *count_out, uint64_t *bytes_out, uint64_t *sector_out,
+                 uint32_t *type_out)
 {
-    struct vdm_blk *d = ctx;
-    struct iovec iov[VDM_BLK_IOV];
     struct { uint32_t type; uint32_t reserved; uint64_t sector; } h;
     uint32_t first, count, k;
     uint64_t bytes = 0, sector;
-    ssize_t got;
 
     if (d->fd < 0 || nr == 0 || n <= nr || ent[1] != 16 || ent[2 * n - 1] != 1)
         return 0;
@@ -87,14 +88,29 @@ int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint3
     if (bytes == 0 || bytes % VDM_BLK_SECTOR || sector > d->capacity ||
         bytes / VDM_BLK_SECTOR > d->capacity - sector)
         return 0;
-    if (h.type == VDM_BLK_T_IN) {
-        got = preadv2(d->fd, iov, (int)count, (off_t)(sector * VDM_BLK_SECTOR), d->read_flags);
+    if (h.type == VDM_BLK_T_OUT && bytes > d->write_max)
+        return 0;
+    *count_out = count;
+    *bytes_out = bytes;
+    *sector_out = sector;
+    *type_out = h.type;
+    return 1;
+}
+
+/* The I/O of a parsed request at ``pos`` in the file: 1 read served, 2 write served, 0 not. */
+static int serve_io(struct vdm_blk *d, const uint64_t *ent, uint32_t n, uint32_t *written,
+                    struct iovec *iov, uint32_t count, uint64_t bytes, uint64_t pos, uint32_t type)
+{
+    ssize_t got;
+
+    if (type == VDM_BLK_T_IN) {
+        got = preadv2(d->fd, iov, (int)count, (off_t)pos, d->read_flags);
         if (got < 0 && d->read_flags && (errno == EOPNOTSUPP || errno == EINVAL)) {
             /* as HostFile.read_nowait: the file system refuses RWF_NOWAIT; asked once. A file on
              * tmpfs/ramfs is then read plainly (a copy from memory); any other: Python's path */
             if (on_memory_fs(d->fd)) {
                 d->read_flags = 0;
-                got = preadv2(d->fd, iov, (int)count, (off_t)(sector * VDM_BLK_SECTOR), 0);
+                got = preadv2(d->fd, iov, (int)count, (off_t)pos, 0);
             } else {
                 d->reads = 0;
             }
@@ -105,16 +121,116 @@ int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint3
         *written = (uint32_t)(bytes + 1);
         return 1;
     }
-    if (bytes > d->write_max)
-        return 0;
-    got = pwritev2(d->fd, iov, (int)count, (off_t)(sector * VDM_BLK_SECTOR), d->write_flags);
+    got = pwritev2(d->fd, iov, (int)count, (off_t)pos, d->write_flags);
     if (got < 0 && d->write_flags && (errno == EOPNOTSUPP || errno == EINVAL)) {
         d->write_flags = 0; /* as HostFile.write_inline: this file system does not take it */
-        got = pwritev2(d->fd, iov, (int)count, (off_t)(sector * VDM_BLK_SECTOR), 0);
+        got = pwritev2(d->fd, iov, (int)count, (off_t)pos, 0);
     }
     if (got < 0 || (uint64_t)got != bytes)
         return 0;
     *(uint8_t *)(uintptr_t)ent[2 * n - 2] = 0; /* S_OK */
     *written = 1;
     return 2;
+}
+
+/* 1: a read served, 2: a write served, 0: not served (see above). */
+int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written)
+{
+    struct vdm_blk *d = ctx;
+    struct iovec iov[VDM_BLK_IOV];
+    uint32_t count, type;
+    uint64_t bytes, sector;
+
+    if (!parse(d, ent, n, nr, iov, &count, &bytes, &sector, &type))
+        return 0;
+    return serve_io(d, ent, n, written, iov, count, bytes, sector * VDM_BLK_SECTOR, type);
+}
+
+/* ---- qcow2: requests inside clusters the image's Python side found allocated ------------------
+ *
+ * The reference is Qcow2Disk.readv_nowait / writev_inline (vdm_blk.backends.qcow2_inline) for a
+ * request inside one run of contiguous, allocated, unshared (COPIED) data clusters. The Python
+ * side remembers such runs, as it maps them, in ``map`` (vdm_blk.fastserve.Qcow2Step.remember):
+ * slot ``gc & (slots - 1)`` holds the host offset of guest cluster ``gc`` (cluster aligned, checked
+ * not to be metadata) or'ed with ``(gc >> slot_bits) + 1`` in its low bits; 0 is empty. A request
+ * is served here only when every cluster it touches is in the map and the clusters are
+ * contiguous on the host; anything else (an empty or other slot) is left to the Python path.
+ *
+ * The map is valid while ``enabled``: whatever may change a mapped cluster's entry (discard,
+ * write zeroes, giving clusters back, reloading or handing over the metadata) first calls
+ * vdm_blk_q2_block, which disables the map, waits for the steps in flight (``busy``) and clears
+ * it; vdm_blk_q2_unblock enables it again (empty). A step enters with busy++ then tests enabled,
+ * block stores enabled = 0 then tests busy (both sequentially consistent): either the step sees
+ * the map disabled or block waits for it. */
+
+struct vdm_blk_q2 {
+    struct vdm_blk d;
+    uint64_t *map;      /* slots entries (Python owns the memory) */
+    uint64_t slots;     /* a power of two */
+    uint32_t slot_bits;
+    uint32_t cbits;     /* log2 of the cluster size */
+    int enabled;
+    int busy;
+};
+
+#define VDM_Q2_MAX_CLUSTERS 64u /* a request touching more is Python's */
+
+int vdm_blk_serve_qcow2(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written)
+{
+    struct vdm_blk_q2 *q = ctx;
+    struct vdm_blk *d = &q->d;
+    struct iovec iov[VDM_BLK_IOV];
+    uint32_t count, type;
+    uint64_t bytes, sector, off, gc, last, host = 0, cmask = ((uint64_t)1 << q->cbits) - 1;
+    int rc = 0;
+
+    if (!parse(d, ent, n, nr, iov, &count, &bytes, &sector, &type))
+        return 0;
+    off = sector * VDM_BLK_SECTOR;
+    gc = off >> q->cbits;
+    last = (off + bytes - 1) >> q->cbits;
+    if (last - gc >= VDM_Q2_MAX_CLUSTERS)
+        return 0;
+    __atomic_add_fetch(&q->busy, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&q->enabled, __ATOMIC_SEQ_CST))
+        goto out;
+    for (uint64_t c = gc; c <= last; c++) {
+        uint64_t e = __atomic_load_n(&q->map[c & (q->slots - 1)], __ATOMIC_ACQUIRE);
+        uint64_t h = e & ~cmask;
+        if ((e & cmask) != (c >> q->slot_bits) + 1 || h == 0)
+            goto out;
+        if (c == gc)
+            host = h;
+        else if (h != host + ((c - gc) << q->cbits))
+            goto out;
+    }
+    rc = serve_io(d, ent, n, written, iov, count, bytes, host + (off & cmask), type);
+out:
+    __atomic_sub_fetch(&q->busy, 1, __ATOMIC_RELEASE);
+    return rc;
+}
+
+/* Remember guest clusters gc..gc+count-1 at host..host+(count-1)*cluster (Python: the run was
+ * just found mapped, with the metadata lock held and no exclusive holder). */
+void vdm_blk_q2_remember(struct vdm_blk_q2 *q, uint64_t gc, uint64_t count, uint64_t host)
+{
+    for (uint64_t k = 0; k < count; k++, gc++)
+        __atomic_store_n(&q->map[gc & (q->slots - 1)],
+                         (host + (k << q->cbits)) | ((gc >> q->slot_bits) + 1), __ATOMIC_RELEASE);
+}
+
+/* Disable the map, wait for the steps using it, clear it. */
+void vdm_blk_q2_block(struct vdm_blk_q2 *q)
+{
+    __atomic_store_n(&q->enabled, 0, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&q->busy, __ATOMIC_SEQ_CST))
+        sched_yield();
+    for (uint64_t k = 0; k < q->slots; k++)
+        __atomic_store_n(&q->map[k], 0, __ATOMIC_RELAXED);
+}
+
+/* Use the (cleared) map again. */
+void vdm_blk_q2_unblock(struct vdm_blk_q2 *q)
+{
+    __atomic_store_n(&q->enabled, 1, __ATOMIC_SEQ_CST);
 }
