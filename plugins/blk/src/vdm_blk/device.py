@@ -176,7 +176,7 @@ class BlkDevice(VirtioDevice):
                 return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.iothreads, thread_name_prefix="vdm-blk-io")
-        make = getattr(self.backend, "serve_step", None)  # (raw images: vdm_blk.fastserve)
+        make = getattr(self.backend, "serve_step", None)  # (raw and qcow2: vdm_blk.fastserve)
         self._step = make() if make is not None else None
 
     def on_reset(self) -> None:
@@ -231,8 +231,8 @@ class BlkDevice(VirtioDevice):
                 while True:
                     if step is not None:
                         # the compiled step first (vdm_blk.fastserve): it takes, serves and
-                        # publishes the plain raw reads/writes in C and leaves the first other
-                        # chain untaken for the Python path below
+                        # publishes the plain reads/writes (raw; qcow2 clusters it was told of)
+                        # in C and leaves the first other chain untaken for the Python path below
                         step.set_limits(self.capacity, self.writeback and not self.read_only)
                         kinds = queue.serve_compiled(step.fn, step.ctx)
                         if kinds:

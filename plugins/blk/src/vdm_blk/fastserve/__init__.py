@@ -1,4 +1,4 @@
-"""vdm-blk's optional compiled serve step for raw images (issue 18): serve.c, built at install.
+"""vdm-blk's optional compiled serve step for raw and qcow2 images (issue 18): serve.c, built at install.
 
 The split (device-neutral core, device logic here): :meth:`vdm.virtqueue.Virtqueue.serve_compiled`
 runs core's ``vdm_serve_batch`` (vdm/fastpath/ring.c), which takes chains with the compiled ring

@@ -1,5 +1,5 @@
 /* vdm-blk's optional compiled serve step: one virtio-blk request of the common kind, on a raw
- * image, from or into the page cache. Called by vdm.fastpath's vdm_serve_batch (core) for each
+ * image (or a qcow2 image's clusters it found allocated, below), from or into the page cache. Called by vdm.fastpath's vdm_serve_batch (core) for each
  * chain it took, through a function pointer; built by vdm_blk/fastserve/build.py (cffi API mode).
  *
  * The reference is vdm_blk.device.BlkDevice._start_fast with RawDisk.readv_nowait /
