@@ -22,6 +22,8 @@ import os
 import random
 import struct
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -325,3 +327,72 @@ def test_qcow2_step_never_writes_onto_metadata(tmp_path, virtio_driver):
         drv.kick(0)
         assert drv.wait(0, 1)[0].data[-1] == 1  # IOERR
     assert path.read_bytes()[l1_off : l1_off + 4096] == before
+
+
+@needs_qemu_img
+def test_qcow2_step_never_reads_a_freed_and_reused_cluster(tmp_path):
+    """The step on one thread reading blocks; another discards them, flushes (the freed clusters
+    are given back under the exclusive side) and writes elsewhere (reusing them), then restores
+    them. Every read the step serves is the block's own bytes or zeros -- never another block's
+    data from a reused cluster, which a map not cleared in time (or a step not waited for) gives."""
+    from vdm_blk.fastserve import _ffi, _lib
+
+    blocks = 64
+
+    def own(b: int) -> bytes:
+        return struct.pack("<I", b + 1) * 1024
+
+    raw = tmp_path / "seed.raw"
+    raw.write_bytes(b"".join(own(b) for b in range(blocks)) + bytes(SIZE - blocks * 4096))
+    path = tmp_path / "disk.qcow2"
+    qemu_img("convert", "-O", "qcow2", "-o", "cluster_size=4096", str(raw), str(path))
+    disk = open_disk(str(path), format="qcow2")
+    step = disk.serve_step()
+    assert step is not None
+    ctx = _ffi.cast("void *", step._data)
+    header = _ffi.new("uint8_t[16]")
+    data = _ffi.new("uint8_t[4096]")
+    status = _ffi.new("uint8_t[1]")
+    ent = _ffi.new("uint64_t[6]")
+    for k, (buf, n) in enumerate([(header, 16), (data, 4096), (status, 1)]):
+        ent[2 * k], ent[2 * k + 1] = int(_ffi.cast("uintptr_t", buf)), n
+    written = _ffi.new("uint32_t *")
+    stop = threading.Event()
+    bad: list[str] = []
+    counts = {"served": 0, "reused": 0}
+
+    def reader() -> None:
+        rng = random.Random(1)
+        buf = bytearray(4096)
+        while not stop.is_set() and not bad:
+            b = rng.randrange(blocks)
+            _ffi.memmove(header, struct.pack("<IIQ", T_IN, 0, b * 8), 16)
+            if _lib.vdm_blk_serve_qcow2(ctx, ent, 3, 1, written) == 1:
+                got = bytes(_ffi.buffer(data))
+                counts["served"] += 1
+                if got not in (own(b), bytes(4096)):
+                    bad.append(f"block {b} read {got[:8].hex()}")
+            else:
+                disk.readv(b * 4096, [memoryview(buf)])  # (maps it: the step is told)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        rng = random.Random(2)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not bad:
+            b = rng.randrange(blocks)
+            disk.discard(b * 4096, 4096)
+            disk.flush()  # (the freed cluster is free again now)
+            other = blocks + 8 + rng.randrange(blocks)
+            disk.writev(other * 4096, [memoryview(b"\xee" * 4096)])
+            disk.discard(other * 4096, 4096)  # (so the next round frees and reuses one again)
+            disk.flush()
+            disk.writev(b * 4096, [memoryview(bytearray(own(b)))])
+            counts["reused"] += 1
+    finally:
+        stop.set()
+        t.join()
+        disk.close()
+    assert not bad, bad[:3]
+    assert counts["served"] > 100 and counts["reused"] > 20, counts
