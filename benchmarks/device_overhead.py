@@ -7,7 +7,8 @@ of them. Only the device's side is timed per round (the re-publish is a few ring
 the device's work, its interrupt raised through the virtio-mmio transport and the driver's interrupt
 acknowledge through the transport's registers (vdm code a guest's interrupt handler would run); the
 driver reads used.idx with one load from its RAM, as a guest does.
-Backends: ``null`` (readv returns at once), ``raw`` (a file in the page cache) and ``raw-worker``
+Backends: ``null`` (readv returns at once), ``raw`` (a file in the page cache), ``qcow2`` (that
+file converted by ``qemu-img convert``, every cluster allocated) and ``raw-worker``
 (the same file with the device's inline paths turned off, so every request goes through the
 worker-thread handoff: the A/B of those paths). A backend name with ``+vu`` (``raw+vu``) gives the
 device the driver's RAM through vdm-vhost-user's shared memory as a connection without LOG_SHMFD
@@ -89,6 +90,11 @@ def make_backend(kind: str, tmp: str):
         return NullDisk()
     from vdm_blk.backends import open_disk
 
+    if kind == "qcow2":  # the raw image converted (every cluster allocated, as table 5's qcow2)
+        path = os.path.join(tmp, "disk.qcow2")
+        if not os.path.exists(path):
+            subprocess.run(["qemu-img", "convert", "-O", "qcow2", image(tmp), path], check=True)
+        return open_disk(path, format="qcow2")
     disk = open_disk(image(tmp), format="raw")
     if kind == "raw-worker":
         # the DiskBackend defaults: None = "use a worker" for every request
