@@ -38,7 +38,7 @@ def create(config: BlkConfig, ctx: DeviceContext):  # -> BlkDevice (imported laz
 
 def parts() -> dict[str, dict[str, Any]]:
     """The protocols and formats installed here and whether each is usable, and whether raw
-    images are served by the compiled serve step (issue 18) or by the Python path alone, with
+    and qcow2 images are served by the compiled serve step (issue 18) or by the Python path alone, with
     why (for list-plugins)."""
     from . import fastserve
     from .backends import catalog
