@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from array import array
 from time import perf_counter_ns as _now
 
 from . import fastpath as _fp
@@ -126,6 +127,16 @@ assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX /
 
 #: the compiled path's codes and state fields pop uses (vdm.fastpath)
 _EMPTY, _E_AHEAD, _E_HELD, _ST_HEAD, _ST_LAST = _fp.EMPTY, _fp.E_AHEAD, _fp.E_HELD, _fp.ST_HEAD, _fp.ST_LAST
+#: serve_batch's io words, flags and results (vdm.fastpath) serve_compiled uses
+_IO_LAST, _IO_USED, _IO_BUDGET, _IO_FLAGS = _fp.IO_LAST, _fp.IO_USED, _fp.IO_BUDGET, _fp.IO_FLAGS
+_IO_SIGNALLED, _IO_SERVED, _IO_STEPS = _fp.IO_SIGNALLED, _fp.IO_SERVED, _fp.IO_STEPS
+_IO_RES, _IO_KINDS = _fp.IO_RES, _fp.IO_KINDS
+_F_END, _F_PUSHED, _F_VALID = _fp.F_END, _fp.F_PUSHED, _fp.F_VALID
+_R_FULL, _R_ENDED, _R_DECIDED = _fp.R_FULL, _fp.R_ENDED, _fp.R_DECIDED
+_R_NOTIFY, _R_MORE = _fp.R_NOTIFY, _fp.R_MORE
+#: the counters' words in Virtqueue._counts (the compiled serve step adds to them too)
+_C_REQUESTS, _C_RBYTES, _C_WBYTES = _fp.C_REQUESTS, _fp.C_RBYTES, _fp.C_WBYTES
+_C_TOOK, _C_LATENCY = _fp.C_TOOK, _fp.C_LATENCY
 #: rmb where it is not a no-op (weakly ordered hosts); None spares pop the call on x86
 _RMB = None if STRONGLY_ORDERED else rmb
 
@@ -150,13 +161,36 @@ class Virtqueue(QueueConfig, UsedRing):
         self.descriptors_walked = 0
         #: the value of descriptors_walked at which the current kick's budget is spent (module doc)
         self._walk_limit = UNLIMITED
-        #: counters (module doc)
-        self.requests = self.bytes_read = self.bytes_written = self.errors = self.latency_sum_ns = 0
-        self.latency = [0] * 65
+        #: counters (module doc): errors here, the others in one array the compiled serve step
+        #: adds to as well (requests, bytes_read, bytes_written, latency_sum_ns: properties)
+        self.errors = 0
+        self._counts = array("Q", bytes(8 * _fp.C_WORDS))
+        #: completions per latency bucket (65 of them), a live view of the counters
+        self.latency = memoryview(self._counts)[_C_LATENCY:]
         self._desc: memoryview | None = None
         self._tracker: QueueTracker | None = None
         self.set_max_size(max_size)
         self._tracker = tracker
+
+    @property
+    def requests(self) -> int:
+        """Chains taken (module doc)."""
+        return self._counts[_C_REQUESTS]
+
+    @property
+    def bytes_read(self) -> int:
+        """Device-readable bytes of the chains taken."""
+        return self._counts[_C_RBYTES]
+
+    @property
+    def bytes_written(self) -> int:
+        """The lengths completed."""
+        return self._counts[_C_WBYTES]
+
+    @property
+    def latency_sum_ns(self) -> int:
+        """The take-to-complete times of every completion, summed (ns)."""
+        return self._counts[_C_TOOK]
 
     def reset(self) -> None:
         """Back to the state after device reset (transport-visible fields included)."""
@@ -213,7 +247,8 @@ class Virtqueue(QueueConfig, UsedRing):
         self._used_event16 = used_event_offset(size) // 2
         if _fp.ACTIVE:
             self._fast = FastRing(self._desc, self._avail, self._used, self._held, size, self._avail_event16,
-                                  memory, event_idx=event_idx, indirect=indirect)  # fmt: skip
+                                  memory, event_idx=event_idx, indirect=indirect,
+                                  used_event16=self._used_event16, counts=self._counts)  # fmt: skip
         self.memory = memory
         self._event_idx = event_idx
         self._indirect = indirect
@@ -323,6 +358,28 @@ class Virtqueue(QueueConfig, UsedRing):
         whose ``idle`` attribute is True (vhost-user's without an inflight region or a dirty log)
         has nothing to record, so the chains are served without it.
         """
+        got = self._serve_compiled(fn, ctx, False)
+        return None if got is None else got[0]
+
+    def serve_compiled_end(
+        self, fn: object, ctx: object
+    ) -> tuple[list[int], tuple[bool, bool] | None] | None:
+        """:meth:`serve_compiled`, and when it leaves nothing for :meth:`pop` (the ring read empty,
+        or the walk budget spent) also ``complete_batch([])``, in the same C call (issue 18: one
+        call per kick serves, publishes, re-arms and decides the interrupt, by the rule of
+        :mod:`vdm.used_ring`).
+
+        Returns None when this queue cannot (as :meth:`serve_compiled`: the caller pops and serves
+        everything as usual), else ``(kinds, end)``: ``kinds`` the served chains per class; ``end``
+        None when a chain is left for :meth:`pop` (pop it, serve it, end the batch with
+        :meth:`complete_batch` as usual), else what ``complete_batch([])`` answers, ``(notify,
+        more)``: the batch is ended. Call it only with nothing of the batch left to push.
+        """
+        return self._serve_compiled(fn, ctx, True)
+
+    def _serve_compiled(
+        self, fn: object, ctx: object, end: bool
+    ) -> tuple[list[int], tuple[bool, bool] | None] | None:
         tracker = self._tracker
         if (
             self._fast is None
@@ -330,34 +387,48 @@ class Virtqueue(QueueConfig, UsedRing):
             or (tracker is not None and not getattr(tracker, "idle", False))
         ):
             return None
-        kinds = [0, 0, 0, 0]
+        kinds: list[int] | None = None
         while (left := self._walk_limit - self.descriptors_walked) > 0:
             with self.lock:  # (a reset takes it too: the rings stay as they are meanwhile)
                 fast = self._fast
                 if fast is None or self._used16 is None:
-                    return kinds
-                b = fast.serve_batch(fn, ctx, self._last_avail_idx, self._used_idx, left)
-                if b is None:  # (guest RAM changed between two batches: what was served counts)
-                    return kinds if any(kinds) else None
-                served = b.served
-                if not served:
-                    return kinds
-                self._last_avail_idx = b.last
-                self._used_idx = b.used_idx
-                self._pushed = True
-                self.descriptors_walked += b.steps
-                self.requests += served
-                self.bytes_read += b.rbytes
-                self.bytes_written += b.wbytes
-                self.latency_sum_ns += b.took_sum
-                latency, buckets = self.latency, fast.buckets
-                for k in range(served):
-                    latency[buckets[k]] += 1
-                for k in range(4):
-                    kinds[k] += b.kinds[k]
-            if served < 64:
+                    break
+                io = fast.io
+                io[_IO_LAST] = self._last_avail_idx
+                io[_IO_USED] = self._used_idx
+                io[_IO_BUDGET] = left
+                if end:
+                    io[_IO_FLAGS] = (
+                        _F_END
+                        | (_F_PUSHED if self._pushed else 0)
+                        | (_F_VALID if self.signalled_valid else 0)
+                    )
+                    io[_IO_SIGNALLED] = self.signalled_used
+                else:
+                    io[_IO_FLAGS] = 0
+                if not fast.serve_batch(fn, ctx):  # (guest RAM changed: what was served counts)
+                    if kinds is None:
+                        return None
+                    break
+                served = io[_IO_SERVED]
+                if served:
+                    self._last_avail_idx = io[_IO_LAST]
+                    self._used_idx = io[_IO_USED]
+                    self._pushed = True
+                    self.descriptors_walked += io[_IO_STEPS]
+                res = io[_IO_RES]
+                if res & _R_DECIDED:  # (as _decide records it)
+                    self._pushed = False
+                    if self._event_idx:
+                        self.signalled_used = self._used_idx
+                        self.signalled_valid = True
+            got = io[_IO_KINDS : _IO_KINDS + 4].tolist()
+            kinds = got if kinds is None else [a + b for a, b in zip(kinds, got)]
+            if res & _R_ENDED:
+                return kinds, (bool(res & _R_NOTIFY), bool(res & _R_MORE))
+            if not res & _R_FULL:
                 break
-        return kinds
+        return (kinds if kinds is not None else [0, 0, 0, 0]), None
 
     def _guest_error(self, text: str) -> VirtqueueError:
         """Count a guest error; return the exception to raise."""
@@ -405,8 +476,9 @@ class Virtqueue(QueueConfig, UsedRing):
             self.errors += 1
             raise
         self.descriptors_walked += steps
-        self.requests += 1
-        self.bytes_read += rbytes
+        counts = self._counts
+        counts[_C_REQUESTS] += 1
+        counts[_C_RBYTES] += rbytes
         held[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
         self._taken_at[head] = _now()
         return DescriptorChain(head, readable, writable, self.epoch, memory)
