@@ -51,7 +51,9 @@ bytes, :attr:`~Virtqueue.bytes_written` the lengths completed, :attr:`~Virtqueue
 errors raised plus what the device reports with :meth:`~Virtqueue.count_error`, and
 :attr:`~Virtqueue.latency` completions by take-to-complete time (bucket ``i``: times of ``i``
 bits in ns, below ``2**i`` ns; :attr:`~Virtqueue.latency_sum_ns` their sum). Updated by the taker
-(pop) and under ``lock`` (push), one clock read per chain taken and per batch completed.
+(pop) and under ``lock`` (push), one clock read per chain taken and per batch completed. All but
+``errors`` live in one unsigned 64-bit array (``_counts``: read-only properties, ``latency`` a live
+view of it) that the compiled serve step (:meth:`Virtqueue.serve_compiled`) adds to directly.
 
 Memory ordering: the used element is written before the used index, and the available index is
 read before the ring entries it covers. Each of these is a separate store/load from Python, in
