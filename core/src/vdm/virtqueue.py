@@ -129,13 +129,14 @@ assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX /
 
 #: the compiled path's codes and state fields pop uses (vdm.fastpath)
 _EMPTY, _E_AHEAD, _E_HELD, _ST_HEAD, _ST_LAST = _fp.EMPTY, _fp.E_AHEAD, _fp.E_HELD, _fp.ST_HEAD, _fp.ST_LAST
-#: serve_batch's io words, flags and results (vdm.fastpath) serve_compiled uses
-_IO_LAST, _IO_USED, _IO_BUDGET, _IO_FLAGS = _fp.IO_LAST, _fp.IO_USED, _fp.IO_BUDGET, _fp.IO_FLAGS
-_IO_SIGNALLED, _IO_SERVED, _IO_STEPS = _fp.IO_SIGNALLED, _fp.IO_SERVED, _fp.IO_STEPS
-_IO_RES, _IO_KINDS = _fp.IO_RES, _fp.IO_KINDS
-_F_END, _F_PUSHED, _F_VALID = _fp.F_END, _fp.F_PUSHED, _fp.F_VALID
-_R_FULL, _R_ENDED, _R_DECIDED = _fp.R_FULL, _fp.R_ENDED, _fp.R_DECIDED
-_R_NOTIFY, _R_MORE = _fp.R_NOTIFY, _fp.R_MORE
+#: serve_batch's io words, flags and results (vdm.fastpath), written as literals in
+#: _serve_compiled (its hot path): IO_LAST 0, IO_USED 1, IO_BUDGET 2, IO_FLAGS 3, IO_SIGNALLED 4,
+#: IO_SERVED 5, IO_STEPS 6, IO_RES 7, IO_KINDS 8..11; F_END 1, F_PUSHED 2, F_VALID 4; R_FULL 1,
+#: R_ENDED 2, R_DECIDED 4, R_NOTIFY 8, R_MORE 16
+assert (_fp.IO_LAST, _fp.IO_USED, _fp.IO_BUDGET, _fp.IO_FLAGS, _fp.IO_SIGNALLED, _fp.IO_SERVED,
+        _fp.IO_STEPS, _fp.IO_RES, _fp.IO_KINDS) == tuple(range(9))  # fmt: skip
+assert (_fp.F_END, _fp.F_PUSHED, _fp.F_VALID) == (1, 2, 4)
+assert (_fp.R_FULL, _fp.R_ENDED, _fp.R_DECIDED, _fp.R_NOTIFY, _fp.R_MORE) == (1, 2, 4, 8, 16)
 #: the counters' words in Virtqueue._counts (the compiled serve step adds to them too)
 _C_REQUESTS, _C_RBYTES, _C_WBYTES = _fp.C_REQUESTS, _fp.C_RBYTES, _fp.C_WBYTES
 _C_TOOK, _C_LATENCY = _fp.C_TOOK, _fp.C_LATENCY
@@ -390,45 +391,41 @@ class Virtqueue(QueueConfig, UsedRing):
         ):
             return None
         kinds: list[int] | None = None
+        lock = self.lock
         while (left := self._walk_limit - self.descriptors_walked) > 0:
-            with self.lock:  # (a reset takes it too: the rings stay as they are meanwhile)
+            with lock:  # (a reset takes it too: the rings stay as they are meanwhile)
                 fast = self._fast
                 if fast is None or self._used16 is None:
                     break
-                io = fast.io
-                io[_IO_LAST] = self._last_avail_idx
-                io[_IO_USED] = self._used_idx
-                io[_IO_BUDGET] = left
+                io = fast.io  # (the io words and flags as literals: see the top of the module)
+                io[0] = self._last_avail_idx
+                io[1] = self._used_idx
+                io[2] = left
                 if end:
-                    io[_IO_FLAGS] = (
-                        _F_END
-                        | (_F_PUSHED if self._pushed else 0)
-                        | (_F_VALID if self.signalled_valid else 0)
-                    )
-                    io[_IO_SIGNALLED] = self.signalled_used
+                    io[3] = 1 | (2 if self._pushed else 0) | (4 if self.signalled_valid else 0)
+                    io[4] = self.signalled_used
                 else:
-                    io[_IO_FLAGS] = 0
+                    io[3] = 0
                 if not fast.serve_batch(fn, ctx):  # (guest RAM changed: what was served counts)
                     if kinds is None:
                         return None
                     break
-                served = io[_IO_SERVED]
-                if served:
-                    self._last_avail_idx = io[_IO_LAST]
-                    self._used_idx = io[_IO_USED]
+                if io[5]:  # served: taken and pushed
+                    self._last_avail_idx = io[0]
+                    self._used_idx = io[1]
                     self._pushed = True
-                    self.descriptors_walked += io[_IO_STEPS]
-                res = io[_IO_RES]
-                if res & _R_DECIDED:  # (as _decide records it)
+                    self.descriptors_walked += io[6]
+                res = io[7]
+                if res & 4:  # decided (as _decide records it)
                     self._pushed = False
                     if self._event_idx:
                         self.signalled_used = self._used_idx
                         self.signalled_valid = True
-            got = io[_IO_KINDS : _IO_KINDS + 4].tolist()
+            got = io[8:12].tolist()
             kinds = got if kinds is None else [a + b for a, b in zip(kinds, got)]
-            if res & _R_ENDED:
-                return kinds, (bool(res & _R_NOTIFY), bool(res & _R_MORE))
-            if not res & _R_FULL:
+            if res & 2:  # ended: (notify, more)
+                return kinds, (res & 8 != 0, res & 16 != 0)
+            if not res & 1:  # (not full: a chain is left for pop)
                 break
         return (kinds if kinds is not None else [0, 0, 0, 0]), None
 
