@@ -23,8 +23,13 @@ this path sees it (the one region it slices, or a FlatGuestMemory's regions look
 map() does; an indirect table too, when it is the chain's only ring descriptor) go to the device's
 step, as (host address, length) entries; the first chain that is anything else, or that the
 step declines, is left untaken for ``pop`` -- so the Python path still sees, serves or rejects
-every other chain, and errors keep their one place. tests/core/test_fastpath_serve.py compares
-the two on random and hostile rings.
+every other chain, and errors keep their one place. Asked to (``F_END``, from
+:meth:`vdm.virtqueue.Virtqueue.serve_compiled_end`), the same call also ends the batch when it
+leaves nothing for ``pop``: the kick request, the fence and the interrupt decision of
+:mod:`vdm.used_ring`'s ``complete_batch([])``, by its rule -- so one C call per kick serves,
+publishes and decides. Values go in and out through one u64 array (:attr:`FastRing.io`, ring.c's
+``IO_*``); the queue's counters are an array the step adds to. tests/core/test_fastpath_serve.py
+compares both entry points with the Python path on random and hostile rings.
 
 Selection, once at import: ``VDM_FASTPATH=0`` forces the Python path; otherwise the compiled module
 is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<reason>)``
