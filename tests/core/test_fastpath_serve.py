@@ -108,11 +108,17 @@ def _serve_python(chain) -> int:
     return written if kind else 0
 
 
-def _run(compiled: bool, seed: int, monkeypatch, split: int = 0) -> dict:
+def _run(compiled: bool | str, seed: int, monkeypatch, split: int = 0) -> dict:
     """``split``: guest RAM as two regions, the second from that offset (the C step looks buffers
-    up in the region table, as FlatGuestMemory.map does; a buffer across the edge is Python's)."""
-    monkeypatch.setattr(fastpath, "ACTIVE", compiled)
+    up in the region table, as FlatGuestMemory.map does; a buffer across the edge is Python's).
+    ``compiled`` "end": serve_compiled_end, which also ends the batch when it leaves nothing to pop
+    (the interrupt decision from a random used_event / NO_INTERRUPT flag and "last signalled")."""
+    monkeypatch.setattr(fastpath, "ACTIVE", bool(compiled))
     ram, size, event_idx, last, budget = _layout(seed)
+    rng = random.Random(seed * 7 + 1)  # (the driver's used_event / NO_INTERRUPT, the device's state)
+    struct.pack_into("<H", ram, AVAIL_AT - BASE, rng.choice([0, 0, 1]))
+    struct.pack_into("<H", ram, AVAIL_AT - BASE + 4 + 2 * size, (last + rng.randrange(-3, 8)) & 0xFFFF)
+    pushed, signalled = rng.random() < 0.3, rng.choice([None, (last + rng.randrange(-4, 4)) & 0xFFFF])
     view = memoryview(ram)
     if split:
         memory = FlatGuestMemory([MemoryRegion(BASE, view[:split]), MemoryRegion(BASE + split, view[split:])])
@@ -126,6 +132,9 @@ def _run(compiled: bool, seed: int, monkeypatch, split: int = 0) -> dict:
     q.activate(memory, event_idx=event_idx, indirect=True)
     if budget is not None:
         q.limit_walk(budget)
+    q._pushed = pushed
+    if signalled is not None:
+        q.signalled_used, q.signalled_valid = signalled, True
     ffi = fastpath._ffi
     kinds = [0, 0, 0, 0]
 
@@ -140,10 +149,17 @@ def _run(compiled: bool, seed: int, monkeypatch, split: int = 0) -> dict:
             written[0] = w
         return kind
 
-    outcome = None
+    outcome = end = None
     try:
         while True:
-            if compiled:
+            if compiled == "end":
+                ended = q.serve_compiled_end(step, ffi.NULL)
+                assert ended is not None
+                kinds = [a + b for a, b in zip(kinds, ended[0])]
+                if ended[1] is not None:
+                    end = ended[1]
+                    break
+            elif compiled:
                 got = q.serve_compiled(step, ffi.NULL)
                 assert got is not None
                 kinds = [a + b for a, b in zip(kinds, got)]
@@ -153,9 +169,10 @@ def _run(compiled: bool, seed: int, monkeypatch, split: int = 0) -> dict:
             q.push(chain, _serve_python(chain))
     except VirtqueueError as e:
         outcome = str(e)
-    notify, more = q.complete_batch([])
+    notify, more = end if end is not None else q.complete_batch([])
     counters = (q.errors, q.descriptors_walked, q.requests, q.bytes_read, q.bytes_written, sum(q.latency),
-                q.last_avail_idx, q.in_flight, q.walk_spent())  # fmt: skip
+                q.last_avail_idx, q.in_flight, q.walk_spent(), q.used_idx, q.signalled_used,
+                q.signalled_valid, q._pushed, q.latency_sum_ns > 0 or not q.requests)  # fmt: skip
     return {
         "outcome": outcome,
         "counters": counters,
@@ -165,19 +182,22 @@ def _run(compiled: bool, seed: int, monkeypatch, split: int = 0) -> dict:
     }
 
 
+@pytest.mark.parametrize("mode", [True, "end"], ids=["serve_compiled", "serve_compiled_end"])
 @pytest.mark.parametrize("regions", [1, 2])
 @pytest.mark.parametrize("block", range(4))
-def test_compiled_batches_end_as_python_pops_do(block, regions, monkeypatch):
-    served = errors = 0
+def test_compiled_batches_end_as_python_pops_do(block, regions, mode, monkeypatch):
+    served = errors = notified = 0
     for seed in range(block * 200, block * 200 + 200):
         split = 0 if regions == 1 else SCRATCH - BASE + 0x1000 + 16 * (seed % 300)
         python = _run(False, seed, monkeypatch, split)
-        compiled = _run(True, seed, monkeypatch, split)
+        compiled = _run(mode, seed, monkeypatch, split)
         served += sum(compiled.pop("kinds"))
         python.pop("kinds")
         assert compiled == python, f"seed {seed}"
         errors += python["outcome"] is not None
-    assert served > 300 and errors > 10  # both the C batch and the errors it leaves were compared
+        notified += python["end"][0]
+    # both the C batch and the errors it leaves were compared, and interrupts both wanted and not
+    assert served > 300 and errors > 10 and 20 < notified < 180
 
 
 def test_serve_compiled_declines_without_the_compiled_path(monkeypatch):

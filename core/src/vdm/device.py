@@ -316,29 +316,33 @@ class VirtioDevice:
             return
         core = self.__core
         lock = core.kick_locks[index]
+        rekick = core.rekick
         limited = core.resume_fd is not None
         left = self.kick_budget  # one budget for the whole call, however many kicks arrive meanwhile
+        process = self.process_queue
         # One thread processes a queue at a time; a kick that arrives meanwhile makes it look again.
-        core.rekick[index] = True
-        while core.rekick[index]:
-            if not lock.acquire(blocking=False):
+        rekick[index] = True
+        while rekick[index]:
+            if not lock.acquire(False):
                 return
             more = False
             try:
                 if limited:
                     q.limit_walk(left)
-                try:
-                    while core.rekick[index] and self.broken is None:
-                        core.rekick[index] = False
-                        if limited:
+                    try:
+                        while rekick[index] and self.broken is None:
+                            rekick[index] = False
                             q.charge(1)  # a call that takes nothing still costs something
-                        self.process_queue(q)
-                        if limited and q.walk_spent():
-                            break
-                finally:
-                    if limited:
+                            process(q)
+                            if q.walk_spent():
+                                break
+                    finally:
                         left = q.end_walk_limit()
                         more = left <= 0  # the queue may hold more than it showed
+                else:
+                    while rekick[index] and self.broken is None:
+                        rekick[index] = False
+                        process(q)
             except (VirtqueueError, GuestMemoryError) as e:
                 self.fail(str(e))
             except Exception as e:  # a device bug must not take the host process down

@@ -171,9 +171,9 @@ class EventLoop:
                     continue
                 if reader is None:
                     continue
-                with self._lock:
-                    current = self._readers.get(fd)
-                if current is not reader:
+                # (one dict read, atomic: the lock would add nothing, since it is let go before
+                # the callback runs either way)
+                if self._readers.get(fd) is not reader:
                     # removed (and perhaps closed, its number reused) or replaced by a callback
                     # earlier in this batch: skip it; a replacement still readable is reported by
                     # the next poll(), which is level-triggered

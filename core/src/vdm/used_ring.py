@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from array import array
 from time import perf_counter_ns as _now
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .barrier import mb, wmb
 from .chain import DescriptorChain
+from .fastpath import C_TOOK as _C_TOOK
+from .fastpath import C_WBYTES as _C_WBYTES
 from .ring_layout import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
 
 if TYPE_CHECKING:
@@ -57,9 +60,8 @@ class UsedRing:
     lock: threading.Lock
     epoch: int
     memory: GuestMemory | None
-    latency: list[int]
-    latency_sum_ns: int
-    bytes_written: int
+    latency: memoryview
+    _counts: array
     duplicate_completions: int
     signalled_used: int
     signalled_valid: bool
@@ -190,8 +192,9 @@ class UsedRing:
             elems[slot + 1] = written
             idx = (idx + 1) & 0xFFFF
             heads.append(head)
-        self.latency_sum_ns += took_sum
-        self.bytes_written += written_sum
+        counts = self._counts
+        counts[_C_TOOK] += took_sum
+        counts[_C_WBYTES] += written_sum
         if idx == start:
             return
         if tracker is not None:

@@ -51,7 +51,9 @@ bytes, :attr:`~Virtqueue.bytes_written` the lengths completed, :attr:`~Virtqueue
 errors raised plus what the device reports with :meth:`~Virtqueue.count_error`, and
 :attr:`~Virtqueue.latency` completions by take-to-complete time (bucket ``i``: times of ``i``
 bits in ns, below ``2**i`` ns; :attr:`~Virtqueue.latency_sum_ns` their sum). Updated by the taker
-(pop) and under ``lock`` (push), one clock read per chain taken and per batch completed.
+(pop) and under ``lock`` (push), one clock read per chain taken and per batch completed. All but
+``errors`` live in one unsigned 64-bit array (``_counts``: read-only properties, ``latency`` a live
+view of it) that the compiled serve step (:meth:`Virtqueue.serve_compiled`) adds to directly.
 
 Memory ordering: the used element is written before the used index, and the available index is
 read before the ring entries it covers. Each of these is a separate store/load from Python, in
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from array import array
 from time import perf_counter_ns as _now
 
 from . import fastpath as _fp
@@ -126,6 +129,17 @@ assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX /
 
 #: the compiled path's codes and state fields pop uses (vdm.fastpath)
 _EMPTY, _E_AHEAD, _E_HELD, _ST_HEAD, _ST_LAST = _fp.EMPTY, _fp.E_AHEAD, _fp.E_HELD, _fp.ST_HEAD, _fp.ST_LAST
+#: serve_batch's io words, flags and results (vdm.fastpath), written as literals in
+#: _serve_compiled (its hot path): IO_LAST 0, IO_USED 1, IO_BUDGET 2, IO_FLAGS 3, IO_SIGNALLED 4,
+#: IO_SERVED 5, IO_STEPS 6, IO_RES 7, IO_KINDS 8..11; F_END 1, F_PUSHED 2, F_VALID 4; R_FULL 1,
+#: R_ENDED 2, R_DECIDED 4, R_NOTIFY 8, R_MORE 16
+assert (_fp.IO_LAST, _fp.IO_USED, _fp.IO_BUDGET, _fp.IO_FLAGS, _fp.IO_SIGNALLED, _fp.IO_SERVED,
+        _fp.IO_STEPS, _fp.IO_RES, _fp.IO_KINDS) == tuple(range(9))  # fmt: skip
+assert (_fp.F_END, _fp.F_PUSHED, _fp.F_VALID) == (1, 2, 4)
+assert (_fp.R_FULL, _fp.R_ENDED, _fp.R_DECIDED, _fp.R_NOTIFY, _fp.R_MORE) == (1, 2, 4, 8, 16)
+#: the counters' words in Virtqueue._counts (the compiled serve step adds to them too)
+_C_REQUESTS, _C_RBYTES, _C_WBYTES = _fp.C_REQUESTS, _fp.C_RBYTES, _fp.C_WBYTES
+_C_TOOK, _C_LATENCY = _fp.C_TOOK, _fp.C_LATENCY
 #: rmb where it is not a no-op (weakly ordered hosts); None spares pop the call on x86
 _RMB = None if STRONGLY_ORDERED else rmb
 
@@ -150,13 +164,36 @@ class Virtqueue(QueueConfig, UsedRing):
         self.descriptors_walked = 0
         #: the value of descriptors_walked at which the current kick's budget is spent (module doc)
         self._walk_limit = UNLIMITED
-        #: counters (module doc)
-        self.requests = self.bytes_read = self.bytes_written = self.errors = self.latency_sum_ns = 0
-        self.latency = [0] * 65
+        #: counters (module doc): errors here, the others in one array the compiled serve step
+        #: adds to as well (requests, bytes_read, bytes_written, latency_sum_ns: properties)
+        self.errors = 0
+        self._counts = array("Q", bytes(8 * _fp.C_WORDS))
+        #: completions per latency bucket (65 of them), a live view of the counters
+        self.latency = memoryview(self._counts)[_C_LATENCY:]
         self._desc: memoryview | None = None
         self._tracker: QueueTracker | None = None
         self.set_max_size(max_size)
         self._tracker = tracker
+
+    @property
+    def requests(self) -> int:
+        """Chains taken (module doc)."""
+        return self._counts[_C_REQUESTS]
+
+    @property
+    def bytes_read(self) -> int:
+        """Device-readable bytes of the chains taken."""
+        return self._counts[_C_RBYTES]
+
+    @property
+    def bytes_written(self) -> int:
+        """The lengths completed."""
+        return self._counts[_C_WBYTES]
+
+    @property
+    def latency_sum_ns(self) -> int:
+        """The take-to-complete times of every completion, summed (ns)."""
+        return self._counts[_C_TOOK]
 
     def reset(self) -> None:
         """Back to the state after device reset (transport-visible fields included)."""
@@ -213,7 +250,8 @@ class Virtqueue(QueueConfig, UsedRing):
         self._used_event16 = used_event_offset(size) // 2
         if _fp.ACTIVE:
             self._fast = FastRing(self._desc, self._avail, self._used, self._held, size, self._avail_event16,
-                                  memory, event_idx=event_idx, indirect=indirect)  # fmt: skip
+                                  memory, event_idx=event_idx, indirect=indirect,
+                                  used_event16=self._used_event16, counts=self._counts)  # fmt: skip
         self.memory = memory
         self._event_idx = event_idx
         self._indirect = indirect
@@ -323,6 +361,28 @@ class Virtqueue(QueueConfig, UsedRing):
         whose ``idle`` attribute is True (vhost-user's without an inflight region or a dirty log)
         has nothing to record, so the chains are served without it.
         """
+        got = self._serve_compiled(fn, ctx, False)
+        return None if got is None else got[0]
+
+    def serve_compiled_end(
+        self, fn: object, ctx: object
+    ) -> tuple[list[int], tuple[bool, bool] | None] | None:
+        """:meth:`serve_compiled`, and when it leaves nothing for :meth:`pop` (the ring read empty,
+        or the walk budget spent) also ``complete_batch([])``, in the same C call (issue 18: one
+        call per kick serves, publishes, re-arms and decides the interrupt, by the rule of
+        :mod:`vdm.used_ring`).
+
+        Returns None when this queue cannot (as :meth:`serve_compiled`: the caller pops and serves
+        everything as usual), else ``(kinds, end)``: ``kinds`` the served chains per class; ``end``
+        None when a chain is left for :meth:`pop` (pop it, serve it, end the batch with
+        :meth:`complete_batch` as usual), else what ``complete_batch([])`` answers, ``(notify,
+        more)``: the batch is ended. Call it only with nothing of the batch left to push.
+        """
+        return self._serve_compiled(fn, ctx, True)
+
+    def _serve_compiled(
+        self, fn: object, ctx: object, end: bool
+    ) -> tuple[list[int], tuple[bool, bool] | None] | None:
         tracker = self._tracker
         if (
             self._fast is None
@@ -330,34 +390,44 @@ class Virtqueue(QueueConfig, UsedRing):
             or (tracker is not None and not getattr(tracker, "idle", False))
         ):
             return None
-        kinds = [0, 0, 0, 0]
+        kinds: list[int] | None = None
+        lock = self.lock
         while (left := self._walk_limit - self.descriptors_walked) > 0:
-            with self.lock:  # (a reset takes it too: the rings stay as they are meanwhile)
+            with lock:  # (a reset takes it too: the rings stay as they are meanwhile)
                 fast = self._fast
                 if fast is None or self._used16 is None:
-                    return kinds
-                b = fast.serve_batch(fn, ctx, self._last_avail_idx, self._used_idx, left)
-                if b is None:  # (guest RAM changed between two batches: what was served counts)
-                    return kinds if any(kinds) else None
-                served = b.served
-                if not served:
-                    return kinds
-                self._last_avail_idx = b.last
-                self._used_idx = b.used_idx
-                self._pushed = True
-                self.descriptors_walked += b.steps
-                self.requests += served
-                self.bytes_read += b.rbytes
-                self.bytes_written += b.wbytes
-                self.latency_sum_ns += b.took_sum
-                latency, buckets = self.latency, fast.buckets
-                for k in range(served):
-                    latency[buckets[k]] += 1
-                for k in range(4):
-                    kinds[k] += b.kinds[k]
-            if served < 64:
+                    break
+                io = fast.io  # (the io words and flags as literals: see the top of the module)
+                io[0] = self._last_avail_idx
+                io[1] = self._used_idx
+                io[2] = left
+                if end:
+                    io[3] = 1 | (2 if self._pushed else 0) | (4 if self.signalled_valid else 0)
+                    io[4] = self.signalled_used
+                else:
+                    io[3] = 0
+                if not fast.serve_batch(fn, ctx):  # (guest RAM changed: what was served counts)
+                    if kinds is None:
+                        return None
+                    break
+                if io[5]:  # served: taken and pushed
+                    self._last_avail_idx = io[0]
+                    self._used_idx = io[1]
+                    self._pushed = True
+                    self.descriptors_walked += io[6]
+                res = io[7]
+                if res & 4:  # decided (as _decide records it)
+                    self._pushed = False
+                    if self._event_idx:
+                        self.signalled_used = self._used_idx
+                        self.signalled_valid = True
+            got = io[8:12].tolist()
+            kinds = got if kinds is None else [a + b for a, b in zip(kinds, got)]
+            if res & 2:  # ended: (notify, more)
+                return kinds, (res & 8 != 0, res & 16 != 0)
+            if not res & 1:  # (not full: a chain is left for pop)
                 break
-        return kinds
+        return (kinds if kinds is not None else [0, 0, 0, 0]), None
 
     def _guest_error(self, text: str) -> VirtqueueError:
         """Count a guest error; return the exception to raise."""
@@ -405,8 +475,9 @@ class Virtqueue(QueueConfig, UsedRing):
             self.errors += 1
             raise
         self.descriptors_walked += steps
-        self.requests += 1
-        self.bytes_read += rbytes
+        counts = self._counts
+        counts[_C_REQUESTS] += 1
+        counts[_C_RBYTES] += rbytes
         held[head] = 1  # (one byte store; push clears it under the lock, never concurrently)
         self._taken_at[head] = _now()
         return DescriptorChain(head, readable, writable, self.epoch, memory)

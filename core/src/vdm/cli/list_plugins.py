@@ -4,8 +4,9 @@ KIND says what a plugin provides: ``device``, ``hypervisor`` (VMs driven through
 ``server`` (a way of serving devices that is no hypervisor: vhost-user) or ``command``. The
 ``--json`` form adds, per plugin, what it provides by kind, the availability of each name, its
 hooks, the optional parts of its device types and whether each is usable (vdm-blk's protocols and
-formats, and whether its compiled serve step is active), its ``VDM_API`` and what it uses that is deprecated (each naming the replacement); at the
-top, ``fastpath``: which virtqueue path is active (:data:`vdm.fastpath.STATUS`).
+formats, and whether its compiled serve step is active), its ``VDM_API`` and what it uses that is
+deprecated (each naming the replacement); at the top, ``fastpath``: which virtqueue path is active
+(:data:`vdm.fastpath.STATUS`).
 """
 
 from __future__ import annotations

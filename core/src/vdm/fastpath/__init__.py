@@ -23,8 +23,13 @@ this path sees it (the one region it slices, or a FlatGuestMemory's regions look
 map() does; an indirect table too, when it is the chain's only ring descriptor) go to the device's
 step, as (host address, length) entries; the first chain that is anything else, or that the
 step declines, is left untaken for ``pop`` -- so the Python path still sees, serves or rejects
-every other chain, and errors keep their one place. tests/core/test_fastpath_serve.py compares
-the two on random and hostile rings.
+every other chain, and errors keep their one place. Asked to (``F_END``, from
+:meth:`vdm.virtqueue.Virtqueue.serve_compiled_end`), the same call also ends the batch when it
+leaves nothing for ``pop``: the kick request, the fence and the interrupt decision of
+:mod:`vdm.used_ring`'s ``complete_batch([])``, by its rule -- so one C call per kick serves,
+publishes and decides. Values go in and out through one u64 array (:attr:`FastRing.io`, ring.c's
+``IO_*``); the queue's counters are an array the step adds to. tests/core/test_fastpath_serve.py
+compares both entry points with the Python path on random and hostile rings.
 
 Selection, once at import: ``VDM_FASTPATH=0`` forces the Python path; otherwise the compiled module
 is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<reason>)``
@@ -54,6 +59,16 @@ E_AHEAD, E_HELD, E_HEAD = -11, -12, -13
 # the state array's fields (ring.c's ST_*)
 ST_RBYTES, ST_IND_ADDR, ST_IND_LEN, ST_STEPS, ST_N, ST_NR, ST_VALUE = 1, 2, 3, 4, 5, 6, 7
 ST_HEAD, ST_LAST, ST_PENDING, ST_FLAT, ST_ENTRIES = 9, 10, 11, 12, 16
+# serve_batch's in/out words (ring.c's IO_*), its flags (VDM_F_*) and what it did (VDM_R_*)
+IO_LAST, IO_USED, IO_BUDGET, IO_FLAGS, IO_SIGNALLED, IO_SERVED, IO_STEPS, IO_RES, IO_KINDS = range(9)
+IO_WORDS = IO_KINDS + 4
+F_END, F_PUSHED, F_VALID = 1, 2, 4
+R_FULL, R_ENDED, R_DECIDED, R_NOTIFY, R_MORE = 1, 2, 4, 8, 16
+# the queue's counters serve_batch adds to (ring.c's VDM_C_*; latency buckets 0..64 from C_LATENCY)
+C_REQUESTS, C_RBYTES, C_WBYTES, C_TOOK, C_LATENCY = range(5)
+C_WORDS = C_LATENCY + 65
+#: ring.c's VDM_FASTPATH_ABI: a module built from another ring.c is not used
+ABI = 2
 
 
 def _import() -> tuple[Any, Any, str]:
@@ -63,6 +78,8 @@ def _import() -> tuple[Any, Any, str]:
         if not any(Path(__file__).parent.glob("_ring*.so")):
             return None, None, "compiled module not built: python3 -m vdm.fastpath.build"
         return None, None, f"compiled module does not import: {e}"
+    if getattr(lib, "VDM_FASTPATH_ABI", 1) != ABI:
+        return None, None, "compiled module out of date: python3 -m vdm.fastpath.build"
     return ffi, lib, ""
 
 
@@ -110,19 +127,24 @@ def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
 class FastRing:
     """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
 
-    __slots__ = ("_base", "_keep", "_table", "batch", "buckets", "entries", "flat", "limit", "memory", "pop",
-                 "region", "ring", "serve", "size", "st", "stc", "walk", "walk_indirect")  # fmt: skip
+    __slots__ = ("_base", "_keep", "_ready", "_table", "batch", "entries", "flat", "io", "ioc", "limit",
+                 "memory", "pop", "region", "ring", "serve", "size", "st", "stc", "walk",
+                 "walk_indirect")  # fmt: skip
 
     def __init__(
         self, desc: memoryview, avail: memoryview, used: memoryview, held: bytearray, size: int,
         avail_event16: int, memory: GuestMemory, *, event_idx: bool, indirect: bool,
+        used_event16: int = 0, counts: array | None = None,
     ) -> None:  # fmt: skip
         ffi = _ffi
+        if counts is None:
+            counts = array("Q", bytes(8 * C_WORDS))
         keep = (
             ffi.from_buffer("uint8_t[]", desc),
             ffi.from_buffer("uint16_t[]", avail),
             ffi.from_buffer("uint16_t[]", used, require_writable=True),
             ffi.from_buffer("uint8_t[]", held),
+            ffi.from_buffer("uint64_t[]", counts),
         )
         self._keep = keep  # the buffers the C struct points into
         self.size = size
@@ -133,6 +155,7 @@ class FastRing:
                 "desc": keep[0], "avail16": keep[1], "used16": keep[2], "held": keep[3],
                 "held_len": len(held), "size": size, "limit": self.limit,
                 "avail_event16": avail_event16, "event_idx": int(event_idx), "indirect": int(indirect),
+                "used_event16": used_event16, "counts": keep[4],
             },
         )  # fmt: skip
         #: the queue's memory when its map() is FlatGuestMemory's, or one that says its map() slices
@@ -141,17 +164,21 @@ class FastRing:
         self.flat = memory if flat else None
         #: the single_region the C walks check entries against (ring.flat_base/flat_size); None: none
         self.region: tuple[int, int, memoryview] | None = None
+        #: serve_batch's fixed record (ring.c's struct vdm_batch: where guest RAM is, the room)
+        self.batch = ffi.new("struct vdm_batch *", {"max": 64})
         self.entries = 0
         self._room(self.limit)
         self.pop = _lib.vdm_pop
         self.walk = _lib.vdm_walk
         self.walk_indirect = _lib.vdm_walk_indirect
         self.serve = _lib.vdm_serve_batch
-        #: serve_batch's in/out record (ring.c's struct vdm_batch) and its latency buckets
-        self.buckets = ffi.new("uint8_t[64]")
-        self.batch = ffi.new("struct vdm_batch *", {"buckets": self.buckets, "max": 64})
+        #: serve_batch's in/out words (ring.c's IO_*: the caller sets the inputs, reads the outputs)
+        self.io = array("Q", bytes(8 * IO_WORDS))
+        self.ioc = ffi.from_buffer("uint64_t[]", self.io)
         #: (the region, a writable cdata pointer to its bytes) serve_batch last used
         self._base: tuple[Any, Any] | None = None
+        #: the single region the batch record was last set up for (None: not set up for one)
+        self._ready: tuple[int, int, memoryview] | None = None
         #: (regions, their (guest address, size, host address) table, the buffers it points into)
         self._table: tuple[tuple[Any, ...], Any, list[Any]] | None = None
         self.memory = memory
@@ -161,15 +188,24 @@ class FastRing:
         self.region = region
         self.ring.flat_base, self.ring.flat_size = (region[0], region[1]) if region is not None else (0, 0)
 
-    def serve_batch(self, fn: Any, ctx: Any, last: int, used_idx: int, budget: int) -> Any:
-        """Take and serve chains with a device's compiled step (ring.c's vdm_serve_batch).
-
-        Returns the filled batch record (``served`` chains taken, served and published; ``last``
-        and ``used_idx`` the new indexes; the counters), or None when guest RAM is not one
-        writable region this path may slice (nothing taken). The caller holds the queue's lock.
-        """
-        b = self.batch
+    def serve_batch(self, fn: Any, ctx: Any) -> bool:
+        """Take and serve chains with a device's compiled step (ring.c's vdm_serve_batch), with the
+        inputs the caller set in :attr:`io` (``IO_LAST``, ``IO_USED``, ``IO_BUDGET``, ``IO_FLAGS``,
+        ``IO_SIGNALLED``); its outputs are there after. False, nothing taken, when guest RAM is not
+        one writable region this path may slice or a region table of one. The caller holds the
+        queue's lock."""
         single = self.flat.single_region if self.flat is not None else None
+        if single is None or single is not self.region or single is not self._ready:
+            if not self._set_up(single):
+                return False
+        self.serve(self.ring, self.batch, fn, ctx, self.stc, self.ioc)
+        return True
+
+    def _set_up(self, single: tuple[int, int, memoryview] | None) -> bool:
+        """Point the batch record at guest RAM as it is now: ``single`` (the one region), else the
+        region table of the FlatGuestMemory the queue's memory maps through. False: neither."""
+        b = self.batch
+        self._ready = None
         if single is not None:
             if single is not self.region:
                 self._use_region(single)
@@ -178,24 +214,21 @@ class FastRing:
                 try:
                     ptr = _ffi.from_buffer("uint8_t[]", single[2], require_writable=True)
                 except (TypeError, BufferError, ValueError):
-                    return None  # (a read-only view: the Python path's writes fail as they must)
+                    return False  # (a read-only view: the Python path's writes fail as they must)
                 self._base = base = (single, ptr)
             b.base = base[1]
             b.nregions = 0
-        else:  # guest RAM in several regions: the C step looks entries up as FlatGuestMemory.map does
-            table = self._region_table()
-            if table is None:
-                return None
-            if self.region is not None:
-                self._use_region(None)  # (the walks then give guest addresses)
-            b.regions = table[1]
-            b.nregions = len(table[0])
-        b.last = last
-        b.used_idx = used_idx
-        b.budget = budget
-        b.room = self.entries
-        self.serve(self.ring, b, fn, ctx, self.stc)
-        return b
+            self._ready = single
+            return True
+        # guest RAM in several regions: the C step looks entries up as FlatGuestMemory.map does
+        table = self._region_table()
+        if table is None:
+            return False
+        if self.region is not None:
+            self._use_region(None)  # (the walks then give guest addresses)
+        b.regions = table[1]
+        b.nregions = len(table[0])
+        return True
 
     def _region_table(self) -> tuple[tuple[Any, ...], Any, list[Any]] | None:
         """The regions of the FlatGuestMemory whose map() the queue's memory is (FlatGuestMemory
@@ -232,6 +265,7 @@ class FastRing:
             self.st = array("Q", bytes(8 * (ST_ENTRIES + 2 * entries)))
             self.stc = _ffi.from_buffer("uint64_t[]", self.st)
             self.entries = entries
+            self.batch.room = entries
 
     def take(
         self, code: int, memory: GuestMemory, queue: int

@@ -21,6 +21,7 @@ __all__ = ["CDEF", "build", "compile_module", "main", "report"]
 HERE = Path(__file__).resolve().parent
 
 CDEF = """
+#define VDM_FASTPATH_ABI ...
 struct vdm_ring {
     const uint8_t *desc;
     const uint16_t *avail16;
@@ -34,6 +35,8 @@ struct vdm_ring {
     int indirect;
     uint64_t flat_base;
     uint64_t flat_size;
+    uint32_t used_event16;
+    uint64_t *counts;
 };
 int vdm_walk(const struct vdm_ring *r, uint32_t head, uint64_t *st);
 int vdm_walk_indirect(const struct vdm_ring *r, const uint8_t *table, uint32_t count, uint64_t *st);
@@ -43,21 +46,11 @@ struct vdm_batch {
     uint8_t *base;
     const uint64_t *regions;
     uint32_t nregions;
-    uint32_t used_idx;
-    uint32_t last;
-    uint64_t budget;
-    uint64_t room;
     uint32_t max;
-    uint32_t served;
-    uint64_t steps;
-    uint64_t rbytes;
-    uint64_t wbytes;
-    uint64_t took_sum;
-    uint64_t kinds[4];
-    uint8_t *buckets;
+    uint64_t room;
 };
-int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn serve, void *ctx,
-                    uint64_t *st);
+int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_serve_fn serve, void *ctx,
+                    uint64_t *st, uint64_t *io);
 """
 
 

@@ -10,7 +10,8 @@
  * twice), every index is checked against the table it indexes before it is used, and nothing is
  * written but the used ring's avail_event field (pop) and the caller's state array -- except by
  * vdm_serve_batch (below), which also writes the used elements and used.idx of the chains a
- * device's compiled step served, with the caller holding the queue's lock.
+ * device's compiled step served, and (ending a batch) avail_event or used.flags, with the caller
+ * holding the queue's lock.
  *
  * The state array (uint64_t st[]) carries the walk between C and Python: see the ST_* indexes.
  * Entries (guest address, length) start at st[ST_ENTRIES]; readable ones first, then writable.
@@ -25,6 +26,10 @@
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "vdm's fast path reads virtio 1.x little-endian rings with native loads"
 #endif
+
+/* what vdm/fastpath/__init__.py checks (ABI) before it uses a built module: bumped whenever the
+ * declarations in build.py change */
+#define VDM_FASTPATH_ABI 2
 
 #define VDM_F_NEXT 1u
 #define VDM_F_WRITE 2u
@@ -68,6 +73,8 @@ struct vdm_ring {
     int indirect;             /* VIRTIO_F_INDIRECT_DESC negotiated */
     uint64_t flat_base;       /* guest RAM as one region [flat_base, flat_base + flat_size), or */
     uint64_t flat_size;       /* flat_size 0: see flat() */
+    uint32_t used_event16;    /* used_event's index in avail16 (EVENT_IDX) */
+    uint64_t *counts;         /* the queue's counters (VDM_C_*), updated by vdm_serve_batch only */
 };
 
 #define COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
@@ -226,7 +233,19 @@ int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st)
  * checks against, or else the region table the caller gives (FlatGuestMemory's regions, looked up
  * as its map() does) -- and it returns 0 (not served, nothing the
  * guest can see changed in a way the reference path does not redo) or the class of request it
- * served (1..VDM_KINDS, counted in b->kinds) with the length written in *written.
+ * served (1..VDM_KINDS, counted in io[IO_KINDS + class - 1]) with the length written in *written.
+ *
+ * The end of a batch (io[IO_FLAGS] & VDM_F_END): when the step stops with nothing left for pop --
+ * the ring read empty, or the walk budget spent -- it also does what vdm.used_ring's
+ * complete_batch([]) does next, with its exact rule: store the kick request (avail_event = the new
+ * last_avail_idx with EVENT_IDX, else used.flags 0), a full fence, then, if anything was pushed
+ * (here or before: VDM_F_PUSHED), decide the interrupt (EVENT_IDX: vring_need_event over
+ * used_event from the last signalled index io[IO_SIGNALLED], or always when none is valid yet
+ * (VDM_F_VALID clear); else the available ring's NO_INTERRUPT flag), and whether buffers are
+ * there to take (the available index moved past last_avail_idx and the budget is not spent).
+ * io[IO_RES] says what it did (VDM_R_*); the caller updates its Python state from it.
+ *
+ * The queue's counters (requests, bytes read and written, latency) are added to in r->counts.
  * The caller holds the queue's lock (the used ring is written here) and is the queue's taker. */
 
 #include <time.h>
@@ -239,19 +258,35 @@ struct vdm_batch {
     uint8_t *base;        /* the flat region's bytes, flat_size of them, writable (ring.flat_size != 0) */
     const uint64_t *regions; /* or guest RAM as nregions (guest address, size, host address) triples, */
     uint32_t nregions;       /* sorted by guest address, not overlapping, writable (FlatGuestMemory's) */
-    uint32_t used_idx;    /* in: the queue's used index; out: the new one (published) */
-    uint32_t last;        /* in: last_avail_idx; out: after the chains taken */
-    uint64_t budget;      /* in: descriptor reads allowed (the walk budget left) */
-    uint64_t room;        /* in: the entries the state array holds */
-    uint32_t max;         /* in: chains the buckets array holds */
-    uint32_t served;      /* out: chains taken and served (and published) */
-    uint64_t steps;       /* out: descriptors read for them */
-    uint64_t rbytes;      /* out: their device-readable bytes */
-    uint64_t wbytes;      /* out: the lengths completed */
-    uint64_t took_sum;    /* out: their take-to-complete times, ns */
-    uint64_t kinds[VDM_KINDS]; /* out: served chains per class serve() returned */
-    uint8_t *buckets;     /* out: per served chain, its latency bucket (bits of its time in ns) */
+    uint32_t max;         /* chains one call takes at most (at most VDM_BATCH_MAX) */
+    uint64_t room;        /* the entries the state array holds */
 };
+
+#define VDM_BATCH_MAX 64u
+
+/* the io words (mirrored in vdm/fastpath/__init__.py) */
+enum {
+    IO_LAST = 0,   /* in: last_avail_idx; out: after the chains taken */
+    IO_USED,       /* in: the used index; out: the new one (published) */
+    IO_BUDGET,     /* in: descriptor reads allowed (the walk budget left, > 0) */
+    IO_FLAGS,      /* in: VDM_F_* */
+    IO_SIGNALLED,  /* in: the used index last signalled (EVENT_IDX, valid with VDM_F_VALID) */
+    IO_SERVED,     /* out: chains taken and served (and published) */
+    IO_STEPS,      /* out: descriptors read for them */
+    IO_RES,        /* out: VDM_R_* */
+    IO_KINDS,      /* out: served chains per class serve() returned, VDM_KINDS words */
+    IO_WORDS = IO_KINDS + VDM_KINDS
+};
+#define VDM_F_END 1u     /* end the batch when nothing is left for pop (above) */
+#define VDM_F_PUSHED 2u  /* something was pushed since the last interrupt decision */
+#define VDM_F_VALID 4u   /* io[IO_SIGNALLED] holds a signalled index */
+#define VDM_R_FULL 1u    /* stopped after ``max`` chains: call again */
+#define VDM_R_ENDED 2u   /* the batch was ended (kick request stored, fence, decided) */
+#define VDM_R_DECIDED 4u /* ... and the interrupt decided (something was pushed): nothing pushed now */
+#define VDM_R_NOTIFY 8u  /* ... and the driver wants the interrupt */
+#define VDM_R_MORE 16u   /* ... and buffers are there to take: process the queue again */
+/* the counters' words in r->counts (mirrored in vdm/virtqueue.py) */
+enum { VDM_C_REQUESTS = 0, VDM_C_RBYTES, VDM_C_WBYTES, VDM_C_TOOK, VDM_C_LATENCY };
 
 /* The host address of [addr, addr + len) as FlatGuestMemory.map finds it: the region with the
  * greatest guest address <= addr, which must hold the whole range; 0 when none does. */
@@ -296,24 +331,45 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
-int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn serve, void *ctx,
-                    uint64_t *st)
+/* vdm.used_ring's _need_event (vring_need_event) */
+static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
 {
-    uint32_t last = b->last, used_idx = b->used_idx, mask = r->size - 1, served = 0;
-    uint64_t steps = 0, rbytes = 0, wbytes = 0, took_sum = 0, t0[64], t1;
-    uint32_t heads_max = b->max < 64 ? b->max : 64;
-    uint32_t *elems = (uint32_t *)(r->used16 + 2); /* used element i: [2 i] id, [2 i + 1] len */
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
 
-    memset(b->kinds, 0, sizeof b->kinds);
-    b->served = 0;
+int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_serve_fn serve, void *ctx,
+                    uint64_t *st, uint64_t *io)
+{
+    uint32_t last = (uint32_t)io[IO_LAST], used_idx = (uint32_t)io[IO_USED], mask = r->size - 1;
+    uint32_t served = 0, heads_max = b->max < VDM_BATCH_MAX ? b->max : VDM_BATCH_MAX;
+    uint64_t budget = io[IO_BUDGET], flags = io[IO_FLAGS], steps = 0, rbytes = 0, wbytes = 0;
+    uint64_t t0[VDM_BATCH_MAX], res = 0;
+    uint32_t *elems = (uint32_t *)(r->used16 + 2); /* used element i: [2 i] id, [2 i + 1] len */
+    int nothing_left = 0; /* pop would answer None now: the ring read empty, or the budget spent */
+
+    memset(io + IO_KINDS, 0, VDM_KINDS * sizeof *io);
+    io[IO_SERVED] = io[IO_STEPS] = io[IO_RES] = 0;
     if (r->flat_size == 0 && b->nregions == 0)
         return 0;
-    while (served < heads_max && steps < b->budget) {
-        uint32_t idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
-        uint32_t pending = (idx - last) & 0xFFFF, head, written = 0, ring_steps = 0;
+    for (;;) {
+        uint32_t idx, pending, head, written = 0, ring_steps = 0;
         int rc, kind;
 
-        if (pending == 0 || pending > r->size)
+        if (steps >= budget) {
+            nothing_left = 1;
+            break;
+        }
+        if (served >= heads_max) {
+            res |= VDM_R_FULL;
+            break;
+        }
+        idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
+        pending = (idx - last) & 0xFFFF;
+        if (pending == 0) {
+            nothing_left = 1;
+            break;
+        }
+        if (pending > r->size)
             break;
         read_fence();
         head = __atomic_load_n(&r->avail16[2 + (last & mask)], __ATOMIC_RELAXED);
@@ -346,7 +402,7 @@ int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn 
         last = (last + 1) & 0xFFFF;
         if (r->event_idx)
             __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
-        b->kinds[kind - 1]++;
+        io[IO_KINDS + kind - 1]++;
         steps += st[ST_STEPS] + ring_steps;
         rbytes += st[ST_RBYTES];
         wbytes += written;
@@ -356,22 +412,48 @@ int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn 
         served++;
     }
     if (served) {
+        uint64_t *c = r->counts, t1 = now_ns(), took_sum = 0;
         uint32_t k;
-        t1 = now_ns();
         for (k = 0; k < served; k++) {
             uint64_t took = t1 - t0[k];
             took_sum += took;
-            b->buckets[k] = took ? (uint8_t)(64 - __builtin_clzll(took)) : 0;
+            c[VDM_C_LATENCY + (took ? 64 - __builtin_clzll(took) : 0)]++;
         }
+        c[VDM_C_REQUESTS] += served;
+        c[VDM_C_RBYTES] += rbytes;
+        c[VDM_C_WBYTES] += wbytes;
+        c[VDM_C_TOOK] += took_sum;
         __atomic_thread_fence(__ATOMIC_RELEASE); /* the elements (and the data) before the index */
         __atomic_store_n(&r->used16[1], (uint16_t)used_idx, __ATOMIC_RELAXED);
     }
-    b->last = last;
-    b->used_idx = used_idx;
-    b->served = served;
-    b->steps = steps;
-    b->rbytes = rbytes;
-    b->wbytes = wbytes;
-    b->took_sum = took_sum;
+    if ((flags & VDM_F_END) && nothing_left) {
+        /* complete_batch([]): the kick request, the fence, the decision (see above) */
+        if (r->event_idx)
+            __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
+        else
+            __atomic_store_n(&r->used16[0], (uint16_t)0, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* those stores before the loads below */
+        res |= VDM_R_ENDED;
+        if (served || (flags & VDM_F_PUSHED)) {
+            int notify;
+            res |= VDM_R_DECIDED;
+            if (r->event_idx) {
+                uint16_t event = __atomic_load_n(&r->avail16[r->used_event16], __ATOMIC_RELAXED);
+                notify = !(flags & VDM_F_VALID) ||
+                         need_event(event, (uint16_t)used_idx, (uint16_t)io[IO_SIGNALLED]);
+            } else {
+                notify = !(__atomic_load_n(&r->avail16[0], __ATOMIC_RELAXED) & 1u); /* NO_INTERRUPT */
+            }
+            if (notify)
+                res |= VDM_R_NOTIFY;
+        }
+        if (steps < budget && __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED) != (uint16_t)last)
+            res |= VDM_R_MORE;
+    }
+    io[IO_LAST] = last;
+    io[IO_USED] = used_idx;
+    io[IO_SERVED] = served;
+    io[IO_STEPS] = steps;
+    io[IO_RES] = res;
     return (int)served;
 }

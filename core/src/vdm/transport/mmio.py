@@ -114,6 +114,8 @@ class MmioTransport:
         if size != 4 or offset % 4:
             self._warn_once(f"{size}-byte read", offset)
             return 0
+        if offset == _INTERRUPT_STATUS:  # (every interrupt handler's read: first, no lock needed)
+            return self.interrupt_status
         common = self.common
         with self._lock:
             q = common.queue()
@@ -131,8 +133,6 @@ class MmioTransport:
                 return q.max_size if q else 0
             if offset == Reg.QUEUE_READY:
                 return int(q.ready) if q else 0
-            if offset == Reg.INTERRUPT_STATUS:
-                return self.interrupt_status
             if offset == Reg.STATUS:
                 return dev.status
             if offset == Reg.CONFIG_GENERATION:
@@ -159,6 +159,12 @@ class MmioTransport:
             self._warn_once(f"{size}-byte write", offset)
             return
         value &= 0xFFFFFFFF
+        if offset == _INTERRUPT_ACK:  # (every interrupt handler's write: first)
+            with self._lock:
+                self.interrupt_status &= ~value
+                if not self.interrupt_status:
+                    self.irq.set_level(False)
+            return
         if offset == Reg.QUEUE_NOTIFY:
             # Without ioeventfd the kick arrives here, on the vCPU (or ioreq) thread.
             dev.kick(value & 0xFFFF)
@@ -182,10 +188,6 @@ class MmioTransport:
                 common.driver_features_sel = value
             elif offset == Reg.QUEUE_SEL:
                 common.queue_sel = value
-            elif offset == Reg.INTERRUPT_ACK:
-                self.interrupt_status &= ~value
-                if not self.interrupt_status:
-                    self.irq.set_level(False)
             elif q is None:
                 self._warn_once("queue register write with no such queue", offset)
             elif offset == Reg.QUEUE_NUM:
@@ -205,6 +207,10 @@ class MmioTransport:
             else:
                 self._warn_once("write to read-only or unknown register", offset)
 
+
+#: the registers an interrupt handler reads and writes, checked first
+_INTERRUPT_STATUS = Reg.INTERRUPT_STATUS
+_INTERRUPT_ACK = Reg.INTERRUPT_ACK
 
 #: ring address registers: which ring, which 32-bit half
 _QUEUE_ADDR_REGS = {

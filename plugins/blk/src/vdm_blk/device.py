@@ -226,18 +226,29 @@ class BlkDevice(VirtioDevice):
         step = self._step
         stats = self.stats
         while True:
+            if step is not None:  # (only a change reaches the C step)
+                step.set_limits(self.capacity, self.writeback and not self.read_only)
             done: list[tuple[DescriptorChain, int]] = []  # completed inline, returned together
+            end: tuple[bool, bool] | None = None
             try:
                 while True:
                     if step is not None:
                         # the compiled step first (vdm_blk.fastserve): it takes, serves and
-                        # publishes the plain reads/writes (raw; qcow2 clusters it was told of)
-                        # in C and leaves the first other chain untaken for the Python path below
-                        step.set_limits(self.capacity, self.writeback and not self.read_only)
-                        kinds = queue.serve_compiled(step.fn, step.ctx)
-                        if kinds:
-                            stats["in"] += kinds[0]
-                            stats["out"] += kinds[1]
+                        # publishes the plain reads/writes (raw; qcow2 clusters it was told of) in
+                        # C and leaves the first other chain untaken for the Python path below. With
+                        # nothing of this batch to push, the same C call ends the batch when it
+                        # leaves nothing to pop.
+                        if done:
+                            got = queue.serve_compiled(step.fn, step.ctx), None
+                        else:
+                            got = queue.serve_compiled_end(step.fn, step.ctx)
+                        if got is not None:
+                            kinds, end = got
+                            if kinds is not None and (kinds[0] or kinds[1]):
+                                stats["in"] += kinds[0]
+                                stats["out"] += kinds[1]
+                            if end is not None:
+                                break
                     chain = queue.pop()
                     if chain is None:
                         break
@@ -249,7 +260,7 @@ class BlkDevice(VirtioDevice):
                 raise
             # one used-index update, one interrupt decision and the re-armed kick for every request
             # completed inline in this batch: one queue call (push_many, should_notify, set_notification)
-            notify, more = queue.complete_batch(done)
+            notify, more = end if end is not None else queue.complete_batch(done)
             if notify:
                 self.interrupts.queue_interrupt(queue)
             if not more:

@@ -58,7 +58,7 @@ class ServeStep:
     :meth:`vdm.virtqueue.Virtqueue.serve_compiled`; set :attr:`capacity` / :attr:`writes` when
     the disk's size or write-back state change."""
 
-    __slots__ = ("_can_write", "_data", "ctx", "fn")
+    __slots__ = ("_can_write", "_data", "_limits", "ctx", "fn")
 
     def __init__(
         self, fd: int, capacity: int, *, reads: bool, read_flags: int, writes: bool, write_flags: int,
@@ -70,11 +70,16 @@ class ServeStep:
              "write_flags": write_flags, "capacity": capacity, "write_max": write_max},
         )  # fmt: skip
         self._can_write = writes
+        self._limits = (capacity, writes)
         self.fn = _core.serve_function(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vdm_blk_serve"))))
         self.ctx = _core.serve_context(int(_ffi.cast("uintptr_t", self._data)))
 
     def set_limits(self, capacity: int, writes: bool) -> None:
-        """The disk's size in sectors, and whether write-back writes may be served here."""
+        """The disk's size in sectors, and whether write-back writes may be served here (called
+        for every batch: only a change reaches the C record)."""
+        if self._limits == (capacity, writes):
+            return
+        self._limits = (capacity, writes)
         data = self._data
         data.capacity = capacity
         data.writes = writes and self._can_write
