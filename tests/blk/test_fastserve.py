@@ -266,14 +266,14 @@ def qcow2_seen(drv, path) -> dict:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_qcow2_compiled_step_serves_as_python_does(tmp_path, virtio_driver, monkeypatch, seed):
     served = []
-    real = Virtqueue.serve_compiled
+    real = Virtqueue._serve_compiled  # (serve_compiled and serve_compiled_end both)
 
-    def spy(self, fn, ctx):
-        kinds = real(self, fn, ctx)
-        served.append(sum(kinds or ()))
-        return kinds
+    def spy(self, fn, ctx, end):
+        got = real(self, fn, ctx, end)
+        served.append(sum(got[0]) if got is not None else 0)
+        return got
 
-    monkeypatch.setattr(Virtqueue, "serve_compiled", spy)
+    monkeypatch.setattr(Virtqueue, "_serve_compiled", spy)
     py, py_path = qcow2_device(tmp_path, "python", virtio_driver, False)
     want = run_qcow2_script(py, seed, 120)
     assert not served
