@@ -26,6 +26,13 @@ step declines, is left untaken for ``pop`` -- so the Python path still sees, ser
 every other chain, and errors keep their one place. tests/core/test_fastpath_serve.py compares
 the two on random and hostile rings.
 
+A device may also hand over a byte string to spread over the driver's writable buffers (a received
+frame, for virtio-net): :meth:`FastRing.fill` (``vdm_fill``, reached through
+:meth:`vdm.virtqueue.Virtqueue.fill_compiled`) takes the next plain chains until they hold it
+(each checked as pop checks it, before anything is written), copies it over them, and publishes
+them with one used-index store -- all or nothing, the string never split; anything else is left
+untaken for ``pop``. tests/core/test_fastpath_fill.py compares it with a pop-based device.
+
 Selection, once at import: ``VDM_FASTPATH=0`` forces the Python path; otherwise the compiled module
 is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<reason>)``
 (``vdm --version`` and ``vdm list-plugins --json`` print it).
@@ -110,8 +117,9 @@ def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
 class FastRing:
     """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
 
-    __slots__ = ("_base", "_keep", "_table", "batch", "buckets", "entries", "flat", "limit", "memory", "pop",
-                 "region", "ring", "serve", "size", "st", "stc", "walk", "walk_indirect")  # fmt: skip
+    __slots__ = ("_base", "_data", "_keep", "_table", "batch", "buckets", "entries", "fill_fn", "flat",
+                 "limit", "memory", "pop", "region", "ring", "serve", "size", "st", "stc", "walk",
+                 "walk_indirect")  # fmt: skip
 
     def __init__(
         self, desc: memoryview, avail: memoryview, used: memoryview, held: bytearray, size: int,
@@ -147,6 +155,9 @@ class FastRing:
         self.walk = _lib.vdm_walk
         self.walk_indirect = _lib.vdm_walk_indirect
         self.serve = _lib.vdm_serve_batch
+        self.fill_fn = _lib.vdm_fill
+        #: (the buffer, its cdata pointer) fill last copied from
+        self._data: tuple[Any, Any] | None = None
         #: serve_batch's in/out record (ring.c's struct vdm_batch) and its latency buckets
         self.buckets = ffi.new("uint8_t[64]")
         self.batch = ffi.new("struct vdm_batch *", {"buckets": self.buckets, "max": 64})
@@ -168,6 +179,21 @@ class FastRing:
         and ``used_idx`` the new indexes; the counters), or None when guest RAM is not one
         writable region this path may slice (nothing taken). The caller holds the queue's lock.
         """
+        b = self._prepare()
+        if b is None:
+            return None
+        b.last = last
+        b.used_idx = used_idx
+        b.budget = budget
+        b.room = self.entries
+        b.max = 64
+        self.serve(self.ring, b, fn, ctx, self.stc)
+        return b
+
+    def _prepare(self) -> Any:
+        """The batch record with guest RAM set up for a compiled step: the one region it slices
+        (``base``), or the region table; None when guest RAM is not writable regions this path
+        may hand out (nothing to be taken then)."""
         b = self.batch
         single = self.flat.single_region if self.flat is not None else None
         if single is not None:
@@ -190,11 +216,30 @@ class FastRing:
                 self._use_region(None)  # (the walks then give guest addresses)
             b.regions = table[1]
             b.nregions = len(table[0])
+        return b
+
+    def fill(
+        self, data: Any, length: int, last: int, used_idx: int, budget: int, max_chains: int, min_len: int,
+        count_at: int,
+    ) -> Any:  # fmt: skip
+        """Scatter ``data[:length]`` over the next available chains and publish them (ring.c's
+        vdm_fill). Returns the batch record (``served`` chains used, 0: nothing taken; ``last``,
+        ``used_idx`` and the counters), or None when guest RAM is not one writable region this path
+        may slice. ``data`` is a writable buffer (its pointer is kept while it is the last one
+        given). The caller holds the queue's lock."""
+        b = self._prepare()
+        if b is None:
+            return None
+        d = self._data
+        if d is None or d[0] is not data:
+            self._data = d = (data, _ffi.from_buffer("uint8_t[]", data, require_writable=True))
         b.last = last
         b.used_idx = used_idx
         b.budget = budget
-        b.room = self.entries
-        self.serve(self.ring, b, fn, ctx, self.stc)
+        b.max = max_chains if max_chains < 64 else 64
+        b.min_len = min_len
+        b.count_at = count_at if count_at >= 0 else 0xFFFFFFFFFFFFFFFF
+        self.fill_fn(self.ring, b, d[1], length, self.stc)
         return b
 
     def _region_table(self) -> tuple[tuple[Any, ...], Any, list[Any]] | None:

@@ -21,7 +21,10 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` 
   behind it), and the driver's next kick of the receive queue resumes it. Nothing is dropped for
   lack of buffers on our side. A frame's buffers are published with one used-index update, never
   split (with the frames before it, up to ``RX_PUBLISH`` buffers, and always before the pair
-  stalls); the interrupt is decided once per batch of up to ``RX_BUDGET`` frames.
+  stalls); the interrupt is decided once per batch of up to ``RX_BUDGET`` frames. With the
+  compiled fast path, a frame whose buffers are all there and plain goes in one call
+  (:meth:`~vdm.virtqueue.Virtqueue.fill_compiled`: take, copy, num_buffers, publish); any other
+  takes the ``pop`` path above (its frames published first, so the used ring keeps their order).
 
 Control queue (:mod:`vdm_net.control`): rx-mode, MAC-table and VLAN-filter commands are checked,
 remembered and answered OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes
@@ -54,7 +57,7 @@ from .backends.tap import Tap
 from .config import NetConfig
 from .control import CTRL_ERR, CTRL_OK, ControlQueue
 from .queue_pair import QueuePair
-from .vnet_hdr import HDR_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx, check_tx, pack_rx_into
+from .vnet_hdr import HDR_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx_into, check_tx
 
 __all__ = ["CTRL_ERR", "CTRL_OK", "VirtioNet"]
 
@@ -70,12 +73,17 @@ RX_BUDGET = 64
 #: while a polling driver still sees frames before the batch's end
 RX_PUBLISH = 16
 TX_BUDGET = 256
+#: the most buffers one frame takes through the queue's compiled fill (more: the Python path)
+RX_FILL_CHAINS = 64
+#: where the virtio-net header's num_buffers field is
+NUM_BUFFERS_AT = 10
 #: how long a reset waits for queue processing on other threads to finish
 RESET_WAIT = 5.0
 #: more iovecs than this are gathered into one buffer (IOV_MAX is 1024)
 MAX_IOV = 1000
 
 _CONFIG = struct.Struct("<6sHHH")
+_NUM_BUFFERS = struct.Struct("<H")
 # results of delivering one received frame
 _DELIVERED, _NO_BUFFERS, _DROPPED = range(3)
 
@@ -390,6 +398,9 @@ class VirtioNet(VirtioDevice):
             self._wake()
         moved = 0
         done: list[tuple[DescriptorChain, int]] = []  # delivered, published together (below)
+        # a frame goes to the guest with the queue's compiled fill (one call: take, copy, publish)
+        # when the queue has it, else through pop (below: _deliver)
+        fill = [True]
         try:
             while moved < RX_BUDGET:
                 if pair.rx_len == 0:
@@ -402,7 +413,7 @@ class VirtioNet(VirtioDevice):
                         continue
                     if not self._read(pair):
                         break
-                result = self._deliver(pair, q, done)
+                result = self._deliver(pair, q, done, fill)
                 if result == _NO_BUFFERS:
                     if done:
                         q.push_many(done)
@@ -460,16 +471,35 @@ class VirtioNet(VirtioDevice):
         pair.rx_stats[f"rx_dropped_{reason}"] += 1
         return _DROPPED
 
-    def _deliver(self, pair: QueuePair, q: Virtqueue, done: list[tuple[DescriptorChain, int]]) -> int:
+    def _deliver(
+        self, pair: QueuePair, q: Virtqueue, done: list[tuple[DescriptorChain, int]], fill: list[bool]
+    ) -> int:
         buf = pair.rx_buf
         total = pair.rx_len
         frame_len = total - HDR_LEN
         try:
-            hdr = check_rx(VnetHdr.unpack(buf), frame_len, self._rx_policy)
+            # (checked in place: the frame's header is the driver's from here on, num_buffers 0;
+            # checking it again, when the frame waited for buffers, finds it as it left it)
+            check_rx_into(buf, frame_len, self._rx_policy)
         except HeaderError as e:
             return self._drop_rx(pair, e.reason.removeprefix("rx_"))
         mergeable = self.has_feature(nf.F_MRG_RXBUF)
         held = pair.rx_held
+        if not held and fill[0]:
+            # the compiled path: the same chains in the same order, the same checks (pop's), the
+            # same bytes in them; anything it does not do (too few buffers, one too small for the
+            # header, not plain) is left for the loop below
+            if done:  # (published first: the used ring keeps the frames' order)
+                q.push_many(done)
+                done.clear()
+            n = q.fill_compiled(buf, total, max_chains=RX_FILL_CHAINS if mergeable else 1, min_len=HDR_LEN,
+                                count_at=NUM_BUFFERS_AT)  # fmt: skip
+            if n:
+                pair.rx_stats["rx_packets"] += 1
+                pair.rx_stats["rx_bytes"] += frame_len
+                return _DELIVERED
+            if n is None:
+                fill[0] = False
         # (per-frame, not per-buffer, Python work where it can be: the KVM lab's receive is
         # CPU-bound on this thread, BENCHMARKS.md KVM-lab TCP session 9)
         have = sum(c.writable_len for c in held) if held else 0
@@ -489,7 +519,7 @@ class VirtioNet(VirtioDevice):
             # one buffer without MRG_RXBUF, too small for this frame: keep it for the next one
             return self._drop_rx(pair, "buffer_too_small")
         pair.rx_held = []
-        pack_rx_into(buf, hdr, len(held))
+        _NUM_BUFFERS.pack_into(buf, NUM_BUFFERS_AT, len(held))
         data = memoryview(buf)[:total]
         off = 0
         for chain in held:
