@@ -132,6 +132,7 @@ assert AVAIL_FLAGS // 2 == USED_FLAGS // 2 == 0 and AVAIL_IDX // 2 == USED_IDX /
 
 #: the compiled path's codes and state fields pop uses (vdm.fastpath)
 _EMPTY, _E_AHEAD, _E_HELD, _ST_HEAD, _ST_LAST = _fp.EMPTY, _fp.E_AHEAD, _fp.E_HELD, _fp.ST_HEAD, _fp.ST_LAST
+_ST_STEPS, _ST_VALUE = _fp.ST_STEPS, _fp.ST_VALUE
 #: rmb where it is not a no-op (weakly ordered hosts); None spares pop the call on x86
 _RMB = None if STRONGLY_ORDERED else rmb
 
@@ -401,21 +402,19 @@ class Virtqueue(QueueConfig, UsedRing):
             left = self._walk_limit - self.descriptors_walked
             if left <= 0:
                 return 0
-            b = fast.fill(
-                data, length, self._last_avail_idx, self._used_idx, left, max_chains, min_len, count_at
-            )
-            if b is None:
-                return None
-            n = b.served
+            last, used_idx = self._last_avail_idx, self._used_idx
+            n = fast.fill(data, length, last, used_idx, left, max_chains, min_len, count_at)
             if n:
-                self._last_avail_idx = b.last
-                self._used_idx = b.used_idx
+                st = fast.st
+                took = st[_ST_VALUE]
+                self._last_avail_idx = (last + n) & 0xFFFF
+                self._used_idx = (used_idx + n) & 0xFFFF
                 self._pushed = True
-                self.descriptors_walked += b.steps
+                self.descriptors_walked += st[_ST_STEPS]
                 self.requests += n
                 self.bytes_written += length
-                self.latency_sum_ns += b.took_sum
-                self.latency[fast.buckets[0]] += n
+                self.latency_sum_ns += took * n
+                self.latency[took.bit_length()] += n
         return n
 
     def _guest_error(self, text: str) -> VirtqueueError:

@@ -117,8 +117,8 @@ def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
 class FastRing:
     """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
 
-    __slots__ = ("_base", "_data", "_keep", "_table", "batch", "buckets", "entries", "fill_fn", "flat",
-                 "limit", "memory", "pop", "region", "ring", "serve", "size", "st", "stc", "walk",
+    __slots__ = ("_base", "_data", "_keep", "_prepared", "_table", "batch", "buckets", "entries", "fill_fn",
+                 "flat", "limit", "memory", "pop", "region", "ring", "serve", "size", "st", "stc", "walk",
                  "walk_indirect")  # fmt: skip
 
     def __init__(
@@ -158,6 +158,8 @@ class FastRing:
         self.fill_fn = _lib.vdm_fill
         #: (the buffer, its cdata pointer) fill last copied from
         self._data: tuple[Any, Any] | None = None
+        #: the single region the batch record's base is set for (None: not set, or the table)
+        self._prepared: tuple[int, int, memoryview] | None = None
         #: serve_batch's in/out record (ring.c's struct vdm_batch) and its latency buckets
         self.buckets = ffi.new("uint8_t[64]")
         self.batch = ffi.new("struct vdm_batch *", {"buckets": self.buckets, "max": 64})
@@ -208,39 +210,39 @@ class FastRing:
                 self._base = base = (single, ptr)
             b.base = base[1]
             b.nregions = 0
-        else:  # guest RAM in several regions: the C step looks entries up as FlatGuestMemory.map does
-            table = self._region_table()
-            if table is None:
-                return None
-            if self.region is not None:
-                self._use_region(None)  # (the walks then give guest addresses)
-            b.regions = table[1]
-            b.nregions = len(table[0])
+            self._prepared = single
+            return b
+        # guest RAM in several regions: the C step looks entries up as FlatGuestMemory.map does
+        self._prepared = None
+        table = self._region_table()
+        if table is None:
+            return None
+        if self.region is not None:
+            self._use_region(None)  # (the walks then give guest addresses)
+        b.regions = table[1]
+        b.nregions = len(table[0])
         return b
 
     def fill(
         self, data: Any, length: int, last: int, used_idx: int, budget: int, max_chains: int, min_len: int,
         count_at: int,
-    ) -> Any:  # fmt: skip
-        """Scatter ``data[:length]`` over the next available chains and publish them (ring.c's
-        vdm_fill). Returns the batch record (``served`` chains used, 0: nothing taken; ``last``,
-        ``used_idx`` and the counters), or None when guest RAM is not one writable region this path
-        may slice. ``data`` is a writable buffer (its pointer is kept while it is the last one
-        given). The caller holds the queue's lock."""
-        b = self._prepare()
-        if b is None:
-            return None
+    ) -> int | None:  # fmt: skip
+        """Scatter ``data[:length]`` over the available chains from ``last`` and publish them
+        (ring.c's vdm_fill). Returns the chains used, n (0: nothing taken; else ``last`` and
+        ``used_idx`` move by n, ``st[ST_STEPS]`` holds the descriptors read and ``st[ST_VALUE]`` the
+        take-to-publish ns), or None when guest RAM is not writable regions this path may hand out.
+        ``data`` is a writable buffer (its pointer is kept while it is the last one given);
+        ``count_at`` < 0: no count. The caller holds the queue's lock."""
+        flat = self.flat
+        prepared = self._prepared
+        if prepared is None or flat is None or flat.single_region is not prepared:
+            if self._prepare() is None:
+                return None
         d = self._data
         if d is None or d[0] is not data:
             self._data = d = (data, _ffi.from_buffer("uint8_t[]", data, require_writable=True))
-        b.last = last
-        b.used_idx = used_idx
-        b.budget = budget
-        b.max = max_chains if max_chains < 64 else 64
-        b.min_len = min_len
-        b.count_at = count_at if count_at >= 0 else 0xFFFFFFFFFFFFFFFF
-        self.fill_fn(self.ring, b, d[1], length, self.stc)
-        return b
+        return self.fill_fn(self.ring, self.batch, d[1], length, last, used_idx, budget, max_chains, min_len,
+                            count_at & 0xFFFFFFFFFFFFFFFF, self.stc)  # fmt: skip
 
     def _region_table(self) -> tuple[tuple[Any, ...], Any, list[Any]] | None:
         """The regions of the FlatGuestMemory whose map() the queue's memory is (FlatGuestMemory

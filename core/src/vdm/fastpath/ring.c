@@ -253,8 +253,6 @@ struct vdm_batch {
     uint64_t took_sum;    /* out: their take-to-complete times, ns */
     uint64_t kinds[VDM_KINDS]; /* out: served chains per class serve() returned */
     uint8_t *buckets;     /* out: per served chain, its latency bucket (bits of its time in ns) */
-    uint64_t min_len;     /* in, vdm_fill: a chain with fewer writable bytes is left for the Python path */
-    uint64_t count_at;    /* in, vdm_fill: where the number of chains goes into the data (le16), or ~0 */
 };
 
 /* The host address of [addr, addr + len) as FlatGuestMemory.map finds it: the region with the
@@ -383,41 +381,44 @@ int vdm_serve_batch(const struct vdm_ring *r, struct vdm_batch *b, vdm_serve_fn 
 /* ---- one byte string scattered over as many chains as it needs (vdm_fill) --------------------
  *
  * Virtqueue.fill_compiled's ring work (a received frame into the driver's receive buffers, for
- * one): take the next available chains, in ring order, until their writable bytes hold ``len``
- * bytes of ``data`` (at most b->max chains, never more than VDM_FILL_CHAINS nor VDM_FILL_ENTRIES
- * buffers in all), copy the data over them in order, write one used element per chain (its head,
+ * one): take the next available chains, in ring order from ``last``, until their writable bytes
+ * hold ``len`` bytes of ``data`` (at most ``max`` chains, never more than VDM_FILL_CHAINS nor
+ * VDM_FILL_ENTRIES buffers in all), copy the data over them in order, write one used element per chain (its head,
  * the bytes copied into it) and publish them with one used-index store. All or nothing: the data
  * is never split. Only the plain case is done here -- every chain device-writable only, walked
  * without an indirect table, each buffer inside one region of guest RAM (to_host, as for
- * vdm_serve_batch), at least b->min_len writable bytes per chain, no head held nor taken twice,
- * the index not running ahead, the walk budget not spent before a chain -- and the chains are
+ * vdm_serve_batch: b gives guest RAM), at least ``min_len`` writable bytes per chain, no head held
+ * nor taken twice, the index not running ahead, the walk budget (``budget`` descriptor reads) not
+ * spent before a chain -- and the chains are
  * checked before anything is written. Anything else, or too few chains available, leaves the
  * queue, guest RAM and the data as they were (returns 0), for the Python path to take the chains
- * with pop and serve or reject them. Before the copy, when b->count_at + 2 <= len, the number of
+ * with pop and serve or reject them. Before the copy, when count_at + 2 <= len, the number of
  * chains is stored at data[count_at] (le16: virtio-net's num_buffers, for one). The caller holds
- * the queue's lock and is the queue's taker. Returns the chains used (b->served). */
+ * the queue's lock and is the queue's taker. Returns the chains used, n: last_avail_idx and the
+ * used index are then ``last`` + n and ``used_idx`` + n (mod 2^16), st[ST_STEPS] the descriptors
+ * read, st[ST_VALUE] the take-to-publish time in ns (the same for each chain). */
 
 #define VDM_FILL_CHAINS 64
 #define VDM_FILL_ENTRIES 256
 
-int vdm_fill(const struct vdm_ring *r, struct vdm_batch *b, uint8_t *data, uint64_t len, uint64_t *st)
+int vdm_fill(const struct vdm_ring *r, const struct vdm_batch *b, uint8_t *data, uint64_t len, uint32_t last,
+             uint32_t used_idx, uint64_t budget, uint32_t max, uint64_t min_len, uint64_t count_at, uint64_t *st)
 {
-    uint32_t last = b->last, used_idx = b->used_idx, mask = r->size - 1, n = 0, ne = 0, k, j;
-    uint32_t max = b->max < VDM_FILL_CHAINS ? b->max : VDM_FILL_CHAINS;
+    uint32_t mask = r->size - 1, n = 0, ne = 0, k, j;
     uint32_t heads[VDM_FILL_CHAINS], counts[VDM_FILL_CHAINS];
     uint64_t ent[2 * VDM_FILL_ENTRIES], have = 0, steps = 0, off = 0, t0, took;
     uint32_t *elems = (uint32_t *)(r->used16 + 2);
 
-    b->served = 0;
-    b->steps = b->rbytes = b->wbytes = b->took_sum = 0;
     if ((r->flat_size == 0 && b->nregions == 0) || len == 0)
         return 0;
+    if (max > VDM_FILL_CHAINS)
+        max = VDM_FILL_CHAINS;
     t0 = now_ns();
     while (have < len) {
         uint32_t idx, pending, head, cn;
         uint64_t *out = st + ST_ENTRIES;
 
-        if (n == max || steps >= b->budget)
+        if (n == max || steps >= budget)
             return 0;
         idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
         pending = (idx - last) & 0xFFFF;
@@ -430,7 +431,7 @@ int vdm_fill(const struct vdm_ring *r, struct vdm_batch *b, uint8_t *data, uint6
         for (k = 0; k < n; k++)
             if (heads[k] == head)
                 return 0; /* (offered twice: pop's error, on the Python path) */
-        if (vdm_walk(r, head, st) != VDM_DONE || st[ST_NR] != 0 || st[ST_TOTAL] < b->min_len)
+        if (vdm_walk(r, head, st) != VDM_DONE || st[ST_NR] != 0 || st[ST_TOTAL] < min_len)
             return 0;
         cn = (uint32_t)st[ST_N];
         if (cn > VDM_FILL_ENTRIES - ne || !to_host(r, b, st))
@@ -448,9 +449,9 @@ int vdm_fill(const struct vdm_ring *r, struct vdm_batch *b, uint8_t *data, uint6
         last = (last + 1) & 0xFFFF;
     }
     /* every chain checked: taken, filled and completed, as pop, the device's copy and push would */
-    if (b->count_at != ~0ull && b->count_at <= len && len - b->count_at >= 2) {
-        data[b->count_at] = (uint8_t)n;
-        data[b->count_at + 1] = (uint8_t)(n >> 8);
+    if (count_at <= len && len - count_at >= 2) {
+        data[count_at] = (uint8_t)n;
+        data[count_at + 1] = (uint8_t)(n >> 8);
     }
     for (k = 0, ne = 0; k < n; k++) {
         uint64_t written = 0;
@@ -470,14 +471,9 @@ int vdm_fill(const struct vdm_ring *r, struct vdm_batch *b, uint8_t *data, uint6
     if (r->event_idx)
         __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
     took = now_ns() - t0;
-    b->buckets[0] = took ? (uint8_t)(64 - __builtin_clzll(took)) : 0;
     __atomic_thread_fence(__ATOMIC_RELEASE); /* the data and the elements before the index */
     __atomic_store_n(&r->used16[1], (uint16_t)used_idx, __ATOMIC_RELAXED);
-    b->last = last;
-    b->used_idx = used_idx;
-    b->served = n;
-    b->steps = steps;
-    b->wbytes = len;
-    b->took_sum = took * n;
+    st[ST_STEPS] = steps;
+    st[ST_VALUE] = took;
     return (int)n;
 }
