@@ -13,8 +13,10 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` 
 * transmit: a kick (or the poller, once a blocked tap is writable again) runs
   :meth:`VirtioNet.process_queue` for the transmit queue. Each chain's header and frame are checked
   (:func:`vdm_net.vnet_hdr.check_tx`); a bad one is dropped and counted, a good one written to the
-  tap with one ``writev`` straight from guest memory. The fd is non-blocking: if the tap pushes
-  back, the chain is kept and the poller resumes when the fd is writable -- no other queue waits.
+  tap with one ``writev`` straight from guest memory; sent chains are completed ``TX_PUBLISH`` at a
+  time (one used-index update), the rest when the call ends. The fd is non-blocking: if the tap
+  pushes back, the chain is kept and the poller resumes when the fd is writable -- no other queue
+  waits.
 * receive: when the tap fd is readable (or the driver adds buffers) frames are read into a bounce
   buffer and copied into the driver's buffers, spread over several with MRG_RXBUF. With no buffers
   left the frame stays in the bounce buffer, the pair stops reading the tap (the kernel queues
