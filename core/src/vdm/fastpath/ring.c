@@ -431,7 +431,8 @@ int vdm_fill(const struct vdm_ring *r, const struct vdm_batch *b, uint8_t *data,
         for (k = 0; k < n; k++)
             if (heads[k] == head)
                 return 0; /* (offered twice: pop's error, on the Python path) */
-        if (vdm_walk(r, head, st) != VDM_DONE || st[ST_NR] != 0 || st[ST_TOTAL] < min_len)
+        if (vdm_walk(r, head, st) != VDM_DONE || st[ST_NR] != 0 || st[ST_TOTAL] < min_len ||
+            st[ST_TOTAL] > 0xFFFFFFFFull) /* (a used length is 32 bits: push's ValueError) */
             return 0;
         cn = (uint32_t)st[ST_N];
         if (cn > VDM_FILL_ENTRIES - ne || !to_host(r, b, st))
