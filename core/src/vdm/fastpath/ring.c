@@ -30,7 +30,7 @@
 
 /* what vdm/fastpath/__init__.py checks (ABI) before it uses a built module: bumped whenever the
  * declarations in build.py change */
-#define VDM_FASTPATH_ABI 2
+#define VDM_FASTPATH_ABI 3
 
 #define VDM_F_NEXT 1u
 #define VDM_F_WRITE 2u
