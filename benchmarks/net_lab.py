@@ -321,7 +321,10 @@ def main() -> int:
     load0 = os.getloadavg()
     t0 = time.monotonic()
     n_setups = len(a.setups.split(","))
-    r = vdm_lab.run_in_kvm_lab(script, timeout=300 + a.runs * n_setups * a.timeout, cwd=str(REPO),
+    # (PYTHONPATH goes along: the lab's shell starts with a clean environment, and without it the
+    # lab's vdm is the installed one, not the checkout's a worktree's caller points at)
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+    r = vdm_lab.run_in_kvm_lab(script, timeout=300 + a.runs * n_setups * a.timeout, cwd=str(REPO), env=env,
                                outdir=logdir, echo=lambda s: print(s, end="", file=sys.stderr, flush=True))
     load1 = os.getloadavg()
     rows = [json.loads(ln[len("BENCHJSON "):]) for ln in r.output.splitlines() if ln.startswith("BENCHJSON ")]

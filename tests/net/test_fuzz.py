@@ -89,3 +89,24 @@ def test_any_control_command_gets_an_answer(commands):
     finally:
         dev.reset()
         tap.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers, st.integers(0, 70000), st.integers(0, 0x3FFFFFF), st.sampled_from([None, 68, 1500, 9000]))
+def test_the_receive_header_checked_in_place_is_check_rx(hdr, frame_len, features, mtu):
+    """check_rx_into (the receive path's) writes what check_rx returns, or raises what it raises."""
+    from vdm_net.vnet_hdr import HeaderError, HeaderPolicy, check_rx, check_rx_into
+
+    policy = HeaderPolicy.for_rx(features, mtu)
+    buf = bytearray(hdr.pack() + b"frame")
+    try:
+        want: VnetHdr | str = check_rx(hdr, frame_len, policy)
+    except HeaderError as e:
+        want = str(e)
+    try:
+        check_rx_into(buf, frame_len, policy)
+        got: VnetHdr | str = VnetHdr.unpack(buf)
+    except HeaderError as e:
+        got = str(e)
+    assert got == want
+    assert buf[HDR_LEN:] == b"frame"

@@ -28,6 +28,12 @@ A violation raises :class:`VirtqueueError`; the device base turns that into DEVI
 The walk of one chain and its rules are :mod:`vdm.chain_walk`'s; the used ring's side (push,
 push_many, complete_batch, should_notify, set_notification, discard) is :mod:`vdm.used_ring`'s.
 
+Compiled batches (:mod:`vdm.fastpath`, when built): :meth:`Virtqueue.serve_compiled` takes, serves
+and completes plain chains with a device's C step; :meth:`Virtqueue.fill_compiled` spreads a byte
+string over as many plain device-writable chains as it needs and completes them. Both check every
+chain as :meth:`Virtqueue.pop` does before they touch it, count what they take as pop and push
+would, and leave anything else untaken for pop (whose checks and errors stay the one reference).
+
 The driver gets back only what it gave: a head is *held* by the device from the moment it is taken
 (:meth:`Virtqueue.pop`, :meth:`Virtqueue.chain_at`) until it is completed
 (:meth:`Virtqueue.push`, :meth:`Virtqueue.push_many`) or given up (:meth:`Virtqueue.discard`),
@@ -140,6 +146,7 @@ assert (_fp.R_FULL, _fp.R_ENDED, _fp.R_DECIDED, _fp.R_NOTIFY, _fp.R_MORE) == (1,
 #: the counters' words in Virtqueue._counts (the compiled serve step adds to them too)
 _C_REQUESTS, _C_RBYTES, _C_WBYTES = _fp.C_REQUESTS, _fp.C_RBYTES, _fp.C_WBYTES
 _C_TOOK, _C_LATENCY = _fp.C_TOOK, _fp.C_LATENCY
+_ST_STEPS, _ST_VALUE = _fp.ST_STEPS, _fp.ST_VALUE
 #: rmb where it is not a no-op (weakly ordered hosts); None spares pop the call on x86
 _RMB = None if STRONGLY_ORDERED else rmb
 
@@ -428,6 +435,58 @@ class Virtqueue(QueueConfig, UsedRing):
             if not res & 1:  # (not full: a chain is left for pop)
                 break
         return (kinds if kinds is not None else [0, 0, 0, 0]), None
+
+    def fill_compiled(
+        self, data: bytearray, length: int, *, max_chains: int, min_len: int = 1, count_at: int = -1
+    ) -> int | None:
+        """Scatter ``data[:length]`` over the next available chains and complete them, in C
+        (vdm.fastpath's ``fill``): one call for what ``pop`` per chain, a copy into each chain's
+        writable buffers and :meth:`push_many` do (a received frame into the driver's buffers).
+
+        All or nothing, never split: the chains are taken, in ring order, until their writable
+        bytes hold ``length`` bytes (at most ``max_chains``), every one checked first as pop checks
+        it, then filled in order (each gets what fits, the last one the rest) and published with
+        one used-index store; the counters, walk budget and avail_event move as pop and push would.
+        When ``count_at`` >= 0 (and two bytes fit there), the number of chains is stored first at
+        ``data[count_at:count_at + 2]`` (le16). Only plain chains: device-writable buffers only, no
+        indirect table, each chain at least ``min_len`` writable bytes, in guest RAM as the compiled
+        path slices it. Returns the chains used; 0 when it took nothing (too few chains available,
+        the budget spent, or one chain not plain: the caller's Python path -- pop -- takes them and
+        serves or rejects them); None when this queue cannot (the Python path, a tracker to tell,
+        heads to serve again, guest RAM not writable regions). The caller publishes what it
+        pushed before (used ring order), then decides the interrupt as after push_many.
+        """
+        tracker = self._tracker
+        if (
+            self._fast is None
+            or self._resubmit
+            or (tracker is not None and not getattr(tracker, "idle", False))
+        ):
+            return None
+        if not 0 < length <= len(data):
+            raise ValueError(f"queue {self.index}: fill of {length} bytes from a {len(data)}-byte buffer")
+        with self.lock:  # (a reset takes it too: the rings stay as they are meanwhile)
+            fast = self._fast
+            if fast is None or self._used16 is None:
+                return None
+            left = self._walk_limit - self.descriptors_walked
+            if left <= 0:
+                return 0
+            last, used_idx = self._last_avail_idx, self._used_idx
+            n = fast.fill(data, length, last, used_idx, left, max_chains, min_len, count_at)
+            if n:
+                st = fast.st
+                took = st[_ST_VALUE]
+                self._last_avail_idx = (last + n) & 0xFFFF
+                self._used_idx = (used_idx + n) & 0xFFFF
+                self._pushed = True
+                self.descriptors_walked += st[_ST_STEPS]
+                counts = self._counts
+                counts[_C_REQUESTS] += n
+                counts[_C_WBYTES] += length
+                counts[_C_TOOK] += took * n
+                counts[_C_LATENCY + took.bit_length()] += n
+        return n
 
     def _guest_error(self, text: str) -> VirtqueueError:
         """Count a guest error; return the exception to raise."""

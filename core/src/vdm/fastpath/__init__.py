@@ -31,6 +31,13 @@ publishes and decides. Values go in and out through one u64 array (:attr:`FastRi
 ``IO_*``); the queue's counters are an array the step adds to. tests/core/test_fastpath_serve.py
 compares both entry points with the Python path on random and hostile rings.
 
+A device may also hand over a byte string to spread over the driver's writable buffers (a received
+frame, for virtio-net): :meth:`FastRing.fill` (``vdm_fill``, reached through
+:meth:`vdm.virtqueue.Virtqueue.fill_compiled`) takes the next plain chains until they hold it
+(each checked as pop checks it, before anything is written), copies it over them, and publishes
+them with one used-index store -- all or nothing, the string never split; anything else is left
+untaken for ``pop``. tests/core/test_fastpath_fill.py compares it with a pop-based device.
+
 Selection, once at import: ``VDM_FASTPATH=0`` forces the Python path; otherwise the compiled module
 is used if it imports. :data:`STATUS` says which: ``compiled`` or ``python (<reason>)``
 (``vdm --version`` and ``vdm list-plugins --json`` print it).
@@ -68,7 +75,7 @@ R_FULL, R_ENDED, R_DECIDED, R_NOTIFY, R_MORE = 1, 2, 4, 8, 16
 C_REQUESTS, C_RBYTES, C_WBYTES, C_TOOK, C_LATENCY = range(5)
 C_WORDS = C_LATENCY + 65
 #: ring.c's VDM_FASTPATH_ABI: a module built from another ring.c is not used
-ABI = 2
+ABI = 3
 
 
 def _import() -> tuple[Any, Any, str]:
@@ -127,8 +134,8 @@ def _message(code: int, st: array, queue: int, limit: int, size: int) -> str:
 class FastRing:
     """The compiled path's view of one active queue: its rings, its held bytes, its state array."""
 
-    __slots__ = ("_base", "_keep", "_ready", "_table", "batch", "entries", "flat", "io", "ioc", "limit",
-                 "memory", "pop", "region", "ring", "serve", "size", "st", "stc", "walk",
+    __slots__ = ("_base", "_data", "_keep", "_ready", "_table", "batch", "entries", "fill_fn", "flat", "io",
+                 "ioc", "limit", "memory", "pop", "region", "ring", "serve", "size", "st", "stc", "walk",
                  "walk_indirect")  # fmt: skip
 
     def __init__(
@@ -172,6 +179,9 @@ class FastRing:
         self.walk = _lib.vdm_walk
         self.walk_indirect = _lib.vdm_walk_indirect
         self.serve = _lib.vdm_serve_batch
+        self.fill_fn = _lib.vdm_fill
+        #: (the buffer, its cdata pointer) fill last copied from
+        self._data: tuple[Any, Any] | None = None
         #: serve_batch's in/out words (ring.c's IO_*: the caller sets the inputs, reads the outputs)
         self.io = array("Q", bytes(8 * IO_WORDS))
         self.ioc = ffi.from_buffer("uint64_t[]", self.io)
@@ -200,6 +210,26 @@ class FastRing:
                 return False
         self.serve(self.ring, self.batch, fn, ctx, self.stc, self.ioc)
         return True
+
+    def fill(
+        self, data: Any, length: int, last: int, used_idx: int, budget: int, max_chains: int, min_len: int,
+        count_at: int,
+    ) -> int | None:  # fmt: skip
+        """Scatter ``data[:length]`` over the available chains from ``last`` and publish them
+        (ring.c's vdm_fill). Returns the chains used, n (0: nothing taken; else ``last`` and
+        ``used_idx`` move by n, ``st[ST_STEPS]`` holds the descriptors read and ``st[ST_VALUE]`` the
+        take-to-publish ns), or None when guest RAM is not writable regions this path may hand out.
+        ``data`` is a writable buffer (its pointer is kept while it is the last one given);
+        ``count_at`` < 0: no count. The caller holds the queue's lock."""
+        single = self.flat.single_region if self.flat is not None else None
+        if single is None or single is not self.region or single is not self._ready:
+            if not self._set_up(single):
+                return None
+        d = self._data
+        if d is None or d[0] is not data:
+            self._data = d = (data, _ffi.from_buffer("uint8_t[]", data, require_writable=True))
+        return self.fill_fn(self.ring, self.batch, d[1], length, last, used_idx, budget, max_chains, min_len,
+                            count_at & 0xFFFFFFFFFFFFFFFF, self.stc)  # fmt: skip
 
     def _set_up(self, single: tuple[int, int, memoryview] | None) -> bool:
         """Point the batch record at guest RAM as it is now: ``single`` (the one region), else the

@@ -51,6 +51,9 @@ struct vdm_batch {
 };
 int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_serve_fn serve, void *ctx,
                     uint64_t *st, uint64_t *io);
+int vdm_fill(const struct vdm_ring *r, const struct vdm_batch *b, uint8_t *data, uint64_t len, uint32_t last,
+             uint32_t used_idx, uint64_t budget, uint32_t max, uint64_t min_len, uint64_t count_at,
+             uint64_t *st);
 """
 
 

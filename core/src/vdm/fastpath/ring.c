@@ -10,8 +10,9 @@
  * twice), every index is checked against the table it indexes before it is used, and nothing is
  * written but the used ring's avail_event field (pop) and the caller's state array -- except by
  * vdm_serve_batch (below), which also writes the used elements and used.idx of the chains a
- * device's compiled step served, and (ending a batch) avail_event or used.flags, with the caller
- * holding the queue's lock.
+ * device's compiled step served, and (ending a batch) avail_event or used.flags, and vdm_fill (at
+ * the end), which copies the caller's bytes into the writable buffers of the chains it takes and
+ * publishes them, both with the caller holding the queue's lock.
  *
  * The state array (uint64_t st[]) carries the walk between C and Python: see the ST_* indexes.
  * Entries (guest address, length) start at st[ST_ENTRIES]; readable ones first, then writable.
@@ -29,7 +30,7 @@
 
 /* what vdm/fastpath/__init__.py checks (ABI) before it uses a built module: bumped whenever the
  * declarations in build.py change */
-#define VDM_FASTPATH_ABI 2
+#define VDM_FASTPATH_ABI 3
 
 #define VDM_F_NEXT 1u
 #define VDM_F_WRITE 2u
@@ -456,4 +457,105 @@ int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_ser
     io[IO_STEPS] = steps;
     io[IO_RES] = res;
     return (int)served;
+}
+
+/* ---- one byte string scattered over as many chains as it needs (vdm_fill) --------------------
+ *
+ * Virtqueue.fill_compiled's ring work (a received frame into the driver's receive buffers, for
+ * one): take the next available chains, in ring order from ``last``, until their writable bytes
+ * hold ``len`` bytes of ``data`` (at most ``max`` chains, never more than VDM_FILL_CHAINS nor
+ * VDM_FILL_ENTRIES buffers in all), copy the data over them in order, write one used element per chain (its head,
+ * the bytes copied into it) and publish them with one used-index store. All or nothing: the data
+ * is never split. Only the plain case is done here -- every chain device-writable only, walked
+ * without an indirect table, each buffer inside one region of guest RAM (to_host, as for
+ * vdm_serve_batch: b gives guest RAM), at least ``min_len`` writable bytes per chain, no head held
+ * nor taken twice, the index not running ahead, the walk budget (``budget`` descriptor reads) not
+ * spent before a chain -- and the chains are
+ * checked before anything is written. Anything else, or too few chains available, leaves the
+ * queue, guest RAM and the data as they were (returns 0), for the Python path to take the chains
+ * with pop and serve or reject them. Before the copy, when count_at + 2 <= len, the number of
+ * chains is stored at data[count_at] (le16: virtio-net's num_buffers, for one). The caller holds
+ * the queue's lock and is the queue's taker. Returns the chains used, n: last_avail_idx and the
+ * used index are then ``last`` + n and ``used_idx`` + n (mod 2^16), st[ST_STEPS] the descriptors
+ * read, st[ST_VALUE] the take-to-publish time in ns (the same for each chain). */
+
+#define VDM_FILL_CHAINS 64
+#define VDM_FILL_ENTRIES 256
+
+int vdm_fill(const struct vdm_ring *r, const struct vdm_batch *b, uint8_t *data, uint64_t len, uint32_t last,
+             uint32_t used_idx, uint64_t budget, uint32_t max, uint64_t min_len, uint64_t count_at, uint64_t *st)
+{
+    uint32_t mask = r->size - 1, n = 0, ne = 0, k, j;
+    uint32_t heads[VDM_FILL_CHAINS], counts[VDM_FILL_CHAINS];
+    uint64_t ent[2 * VDM_FILL_ENTRIES], have = 0, steps = 0, off = 0, t0, took;
+    uint32_t *elems = (uint32_t *)(r->used16 + 2);
+
+    if ((r->flat_size == 0 && b->nregions == 0) || len == 0)
+        return 0;
+    if (max > VDM_FILL_CHAINS)
+        max = VDM_FILL_CHAINS;
+    t0 = now_ns();
+    while (have < len) {
+        uint32_t idx, pending, head, cn;
+        uint64_t *out = st + ST_ENTRIES;
+
+        if (n == max || steps >= budget)
+            return 0;
+        idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
+        pending = (idx - last) & 0xFFFF;
+        if (pending == 0 || pending > r->size)
+            return 0;
+        read_fence();
+        head = __atomic_load_n(&r->avail16[2 + (last & mask)], __ATOMIC_RELAXED);
+        if (head >= r->size || head >= r->held_len || r->held[head])
+            return 0;
+        for (k = 0; k < n; k++)
+            if (heads[k] == head)
+                return 0; /* (offered twice: pop's error, on the Python path) */
+        if (vdm_walk(r, head, st) != VDM_DONE || st[ST_NR] != 0 || st[ST_TOTAL] < min_len ||
+            st[ST_TOTAL] > 0xFFFFFFFFull) /* (a used length is 32 bits: push's ValueError) */
+            return 0;
+        cn = (uint32_t)st[ST_N];
+        if (cn > VDM_FILL_ENTRIES - ne || !to_host(r, b, st))
+            return 0;
+        for (j = 0; j < cn; j++) {
+            ent[2 * (ne + j)] = out[2 * j];
+            ent[2 * (ne + j) + 1] = out[2 * j + 1];
+        }
+        heads[n] = head;
+        counts[n] = cn;
+        ne += cn;
+        n++;
+        steps += st[ST_STEPS];
+        have += st[ST_TOTAL];
+        last = (last + 1) & 0xFFFF;
+    }
+    /* every chain checked: taken, filled and completed, as pop, the device's copy and push would */
+    if (count_at <= len && len - count_at >= 2) {
+        data[count_at] = (uint8_t)n;
+        data[count_at + 1] = (uint8_t)(n >> 8);
+    }
+    for (k = 0, ne = 0; k < n; k++) {
+        uint64_t written = 0;
+        for (j = 0; j < counts[k]; j++, ne++) {
+            uint64_t c = ent[2 * ne + 1];
+            if (c > len - off)
+                c = len - off;
+            if (c) /* (host addresses checked by to_host: inside one writable region) */
+                memcpy((void *)(uintptr_t)ent[2 * ne], data + off, c);
+            off += c;
+            written += c;
+        }
+        elems[2 * (used_idx & mask)] = heads[k];
+        elems[2 * (used_idx & mask) + 1] = (uint32_t)written;
+        used_idx = (used_idx + 1) & 0xFFFF;
+    }
+    if (r->event_idx)
+        __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
+    took = now_ns() - t0;
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* the data and the elements before the index */
+    __atomic_store_n(&r->used16[1], (uint16_t)used_idx, __ATOMIC_RELAXED);
+    st[ST_STEPS] = steps;
+    st[ST_VALUE] = took;
+    return (int)n;
 }

@@ -37,6 +37,7 @@ __all__ = [
     "HeaderPolicy",
     "VnetHdr",
     "check_rx",
+    "check_rx_into",
     "check_tx",
     "ethertype",
     "pack_rx_into",
@@ -236,24 +237,42 @@ def check_rx(hdr: VnetHdr, frame_len: int, policy: HeaderPolicy) -> VnetHdr:
     negotiate raises :class:`HeaderError` (the frame is dropped and counted).
     ``num_buffers`` is left 0: the receive path fills it in.
     """
+    return VnetHdr(*_check_rx_fields(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start,
+                                     hdr.csum_offset, frame_len, policy), 0)  # fmt: skip
+
+
+def check_rx_into(buf: bytearray, frame_len: int, policy: HeaderPolicy) -> None:
+    """:func:`check_rx` of the header in the first 12 bytes of ``buf`` (the device's own bounce
+    buffer), written back there checked, ``num_buffers`` 0: the same checks and header without
+    the two header objects (one call per received frame)."""
+    flags, gso, hdr_len, gso_size, csum_start, csum_offset, _ = _HDR.unpack_from(buf)
+    _HDR.pack_into(buf, 0, *_check_rx_fields(flags, gso, hdr_len, gso_size, csum_start, csum_offset,
+                                             frame_len, policy), 0)  # fmt: skip
+
+
+def _check_rx_fields(
+    flags: int, gso: int, hdr_len: int, gso_size: int, csum_start: int, csum_offset: int, frame_len: int,
+    policy: HeaderPolicy,
+) -> tuple[int, int, int, int, int, int]:  # fmt: skip
+    """check_rx's rules on the header's fields; the checked fields but num_buffers."""
     if frame_len < ETH_HLEN:
         raise HeaderError("rx_runt_frame", f"{frame_len}-byte frame from the tap")
-    flags = hdr.flags & (F_NEEDS_CSUM | F_DATA_VALID) if policy.csum else 0
-    if hdr.flags & F_NEEDS_CSUM and not policy.csum:
+    raw_flags = flags
+    flags = raw_flags & (F_NEEDS_CSUM | F_DATA_VALID) if policy.csum else 0
+    if raw_flags & F_NEEDS_CSUM and not policy.csum:
         raise HeaderError("rx_csum_not_negotiated", "tap sent a partial checksum the driver cannot finish")
-    csum_start = csum_offset = 0
     if flags & F_NEEDS_CSUM:
-        csum_start, csum_offset = hdr.csum_start, hdr.csum_offset
         if csum_start + csum_offset + 2 > frame_len:
             raise HeaderError("rx_bad_csum_offset", f"checksum at {csum_start}+{csum_offset} of {frame_len}")
-    gso = hdr.gso_type
+    else:
+        csum_start = csum_offset = 0
     base = gso & ~GSO_ECN
     if gso == GSO_NONE:
         if policy.mtu is not None and frame_len > policy.mtu + ETH_HLEN + VLAN_HLEN:
             raise HeaderError("rx_oversize_frame", f"{frame_len}-byte frame exceeds the MTU {policy.mtu}")
-        return VnetHdr(flags, GSO_NONE, hdr.hdr_len, 0, csum_start, csum_offset, 0)
+        return flags, GSO_NONE, hdr_len, 0, csum_start, csum_offset
     if not policy.allows_gso(base) or (gso & GSO_ECN and not policy.ecn):
         raise HeaderError("rx_gso_not_negotiated", f"tap sent gso_type 0x{gso:02x}")
-    if not flags & F_NEEDS_CSUM or hdr.gso_size == 0:
-        raise HeaderError("rx_bad_gso", f"gso_type 0x{gso:02x} with flags {hdr.flags} size {hdr.gso_size}")
-    return VnetHdr(flags, gso, hdr.hdr_len, hdr.gso_size, csum_start, csum_offset, 0)
+    if not flags & F_NEEDS_CSUM or gso_size == 0:
+        raise HeaderError("rx_bad_gso", f"gso_type 0x{gso:02x} with flags {raw_flags} size {gso_size}")
+    return flags, gso, hdr_len, gso_size, csum_start, csum_offset
