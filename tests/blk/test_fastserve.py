@@ -147,9 +147,11 @@ def test_on_tmpfs_too(virtio_driver, monkeypatch):
         _compare(Path(tmp), virtio_driver, monkeypatch, 4, 0)
 
 
-def _compare(tmp_path, virtio_driver, monkeypatch, seed: int, exclude: int) -> None:
-    served = []
-    real = Virtqueue._serve_compiled  # (serve_compiled and serve_compiled_end both)
+def count_served(monkeypatch) -> list[int]:
+    """A list that gets, per call of the compiled step (serve_compiled and serve_compiled_end both),
+    the number of requests it served."""
+    served: list[int] = []
+    real = Virtqueue._serve_compiled
 
     def spy(self, fn, ctx, end):
         got = real(self, fn, ctx, end)
@@ -157,6 +159,11 @@ def _compare(tmp_path, virtio_driver, monkeypatch, seed: int, exclude: int) -> N
         return got
 
     monkeypatch.setattr(Virtqueue, "_serve_compiled", spy)
+    return served
+
+
+def _compare(tmp_path, virtio_driver, monkeypatch, seed: int, exclude: int) -> None:
+    served = count_served(monkeypatch)
     py, py_path = device(tmp_path, "python.img", virtio_driver, False, exclude)
     want = run_script(py, seed, 20)
     assert not served  # the Python device never asked for the step
@@ -265,15 +272,7 @@ def qcow2_seen(drv, path) -> dict:
 @needs_qemu_img
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_qcow2_compiled_step_serves_as_python_does(tmp_path, virtio_driver, monkeypatch, seed):
-    served = []
-    real = Virtqueue._serve_compiled  # (serve_compiled and serve_compiled_end both)
-
-    def spy(self, fn, ctx, end):
-        got = real(self, fn, ctx, end)
-        served.append(sum(got[0]) if got is not None else 0)
-        return got
-
-    monkeypatch.setattr(Virtqueue, "_serve_compiled", spy)
+    served = count_served(monkeypatch)
     py, py_path = qcow2_device(tmp_path, "python", virtio_driver, False)
     want = run_qcow2_script(py, seed, 120)
     assert not served

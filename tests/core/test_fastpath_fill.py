@@ -22,35 +22,20 @@ import vdm.fastpath as fastpath
 from vdm.memory import FlatGuestMemory, MemoryRegion
 from vdm.virtqueue import Virtqueue, VirtqueueError
 
+from tests.core.random_ring import AVAIL_AT, BASE, DESC, DESC_AT, RAM, SCRATCH, USED_AT, RingRam, queue_on
+
 pytestmark = pytest.mark.skipif(
     not fastpath.BUILT, reason=f"the compiled fast path is not built here: {fastpath.STATUS}"
 )
 
-BASE = 0x10000
-RAM = 1 << 20
-DESC_AT, AVAIL_AT, USED_AT = BASE, BASE + 0x4000, BASE + 0x6000
-SCRATCH = BASE + 0x8000
-_DESC = struct.Struct("<QIHH")
 MIN_LEN = 12
 COUNT_AT = 10
 
 
 def _layout(seed: int):
     rng = random.Random(seed)
-    ram = bytearray(RAM)
-    size = 1 << rng.randrange(1, 9)
-    free = list(range(size))
-    rng.shuffle(free)
-    heads: list[int] = []
-    scratch = [SCRATCH]
-
-    def buf(n: int) -> int:
-        at = scratch[0]
-        scratch[0] += (n + 15) & ~15
-        return at
-
-    def desc(i: int, addr: int, n: int, flags: int, nxt: int) -> None:
-        _DESC.pack_into(ram, DESC_AT - BASE + 16 * i, addr, n, flags, nxt)
+    r = RingRam(rng)
+    ram, size, free, heads, buf, desc = r.ram, r.size, r.free, r.heads, r.buf, r.desc
 
     while free and len(heads) < size:
         lens = [rng.choice([4096, 4096, 1500, 64, 700, 11, 0]) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
@@ -58,9 +43,7 @@ def _layout(seed: int):
         if kind < 0.05:  # through an indirect table (left to pop)
             table = buf(16 * len(lens))
             for k, n in enumerate(lens):
-                _DESC.pack_into(
-                    ram, table - BASE + 16 * k, buf(n), n, (1 if k + 1 < len(lens) else 0) | 2, k + 1
-                )
+                r.entry(table, k, buf(n), n, (1 if k + 1 < len(lens) else 0) | 2, k + 1)
             head = free.pop()
             desc(head, table, 16 * len(lens), 4, 0)
             heads.append(head)
@@ -88,11 +71,7 @@ def _layout(seed: int):
     offered = min(len(heads), size)
     if rng.random() < 0.02:
         offered = size + 1 + rng.randrange(4)  # the index runs ahead
-    avail = bytearray(4 + 2 * size)
-    for k, h in enumerate(heads[:size]):
-        struct.pack_into("<H", avail, 4 + 2 * ((last + k) % size), h)
-    struct.pack_into("<HH", avail, 0, 0, (last + offered) & 0xFFFF)
-    ram[AVAIL_AT - BASE : AVAIL_AT - BASE + len(avail)] = avail
+    r.offer(last, offered)
     budget = rng.choice([None, None, rng.randrange(1, 40)])
     strings = [rng.choice([60, 1514, 1542, 4096, 8042, 9000, 20000, 65000]) + rng.randrange(-8, 8)
                for _ in range(rng.randint(1, 12))]  # fmt: skip
@@ -132,19 +111,7 @@ def _reference(q: Virtqueue, data: bytearray, length: int, max_chains: int, held
 def _run(compiled: bool, seed: int, monkeypatch, split: int = 0) -> dict:
     monkeypatch.setattr(fastpath, "ACTIVE", compiled)
     ram, size, event_idx, last, budget, strings, max_chains = _layout(seed)
-    view = memoryview(ram)
-    if split:
-        memory = FlatGuestMemory([MemoryRegion(BASE, view[:split]), MemoryRegion(BASE + split, view[split:])])
-    else:
-        memory = FlatGuestMemory([MemoryRegion(BASE, ram)])
-    q = Virtqueue(0, 256)
-    q.set_size(size)
-    q.set_addresses(DESC_AT, AVAIL_AT, USED_AT)
-    q.restore(last, last)
-    q.set_ready(True)
-    q.activate(memory, event_idx=event_idx, indirect=True)
-    if budget is not None:
-        q.limit_walk(budget)
+    q = queue_on(ram, size, last, event_idx=event_idx, budget=budget, split=split)
     data = bytearray(70000)
     rng = random.Random(seed)
     filled = 0
@@ -209,7 +176,7 @@ def test_fill_is_all_or_nothing_and_stores_the_count(monkeypatch):
     monkeypatch.setattr(fastpath, "ACTIVE", True)
     ram = bytearray(RAM)
     for i in range(3):  # three 100-byte writable buffers
-        _DESC.pack_into(ram, DESC_AT - BASE + 16 * i, SCRATCH + 0x100 * i, 100, 2, 0)
+        DESC.pack_into(ram, DESC_AT - BASE + 16 * i, SCRATCH + 0x100 * i, 100, 2, 0)
     struct.pack_into("<HHHHH", ram, AVAIL_AT - BASE, 0, 3, 0, 1, 2)
     q = _queue(ram)
     data = bytearray(range(256)) * 2
@@ -241,7 +208,7 @@ def test_a_tracker_with_something_to_record_keeps_the_python_path(idle, monkeypa
         def reset(self) -> None: ...
 
     ram = bytearray(RAM)
-    _DESC.pack_into(ram, DESC_AT - BASE, SCRATCH, 512, 2, 0)
+    DESC.pack_into(ram, DESC_AT - BASE, SCRATCH, 512, 2, 0)
     struct.pack_into("<HHH", ram, AVAIL_AT - BASE, 0, 1, 0)
     q = _queue(ram, tracker=Tracker())
     assert q.fill_compiled(bytearray(100), 100, max_chains=4) == (1 if idle else None)
@@ -251,7 +218,7 @@ def test_a_head_the_device_holds_is_left_for_pop_to_reject(monkeypatch):
     monkeypatch.setattr(fastpath, "ACTIVE", True)
     ram = bytearray(RAM)
     for i in range(2):
-        _DESC.pack_into(ram, DESC_AT - BASE + 16 * i, SCRATCH + 0x1000 * i, 4096, 2, 0)
+        DESC.pack_into(ram, DESC_AT - BASE + 16 * i, SCRATCH + 0x1000 * i, 4096, 2, 0)
     struct.pack_into("<HHHHH", ram, AVAIL_AT - BASE, 0, 3, 0, 1, 0)  # head 0 offered again third
     q = _queue(ram)
     held = q.pop()

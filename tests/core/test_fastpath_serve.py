@@ -21,15 +21,11 @@ import vdm.fastpath as fastpath
 from vdm.memory import FlatGuestMemory, MemoryRegion
 from vdm.virtqueue import Virtqueue, VirtqueueError
 
+from tests.core.random_ring import AVAIL_AT, BASE, DESC, DESC_AT, RAM, SCRATCH, USED_AT, RingRam, queue_on
+
 pytestmark = pytest.mark.skipif(
     not fastpath.BUILT, reason=f"the compiled fast path is not built here: {fastpath.STATUS}"
 )
-
-BASE = 0x10000
-RAM = 1 << 20
-DESC_AT, AVAIL_AT, USED_AT = BASE, BASE + 0x4000, BASE + 0x6000
-SCRATCH = BASE + 0x8000
-_DESC = struct.Struct("<QIHH")
 
 
 def rule(lengths: list[int], nr: int) -> tuple[int, int]:
@@ -42,20 +38,8 @@ def rule(lengths: list[int], nr: int) -> tuple[int, int]:
 
 def _layout(seed: int):
     rng = random.Random(seed)
-    ram = bytearray(RAM)
-    size = 1 << rng.randrange(1, 9)
-    free = list(range(size))
-    rng.shuffle(free)
-    heads: list[int] = []
-    scratch = [SCRATCH]
-
-    def buf(n: int) -> int:
-        at = scratch[0]
-        scratch[0] += (n + 15) & ~15
-        return at
-
-    def desc(i: int, addr: int, n: int, flags: int, nxt: int) -> None:
-        _DESC.pack_into(ram, DESC_AT - BASE + 16 * i, addr, n, flags, nxt)
+    r = RingRam(rng)
+    ram, size, free, heads, buf, desc = r.ram, r.size, r.free, r.heads, r.buf, r.desc
 
     while free and len(heads) < size:
         kind = rng.random()
@@ -65,9 +49,9 @@ def _layout(seed: int):
             table = buf(16 * len(lens))
             for k, n in enumerate(lens):
                 flags = (1 if k + 1 < len(lens) else 0) | (2 if k >= nr else 0)
-                _DESC.pack_into(ram, table - BASE + 16 * k, buf(n), n, flags, k + 1)
+                r.entry(table, k, buf(n), n, flags, k + 1)
             if rng.random() < 0.1:  # hostile inside the table: a loop
-                _DESC.pack_into(ram, table - BASE, SCRATCH, 1, 1, 0)
+                r.entry(table, 0, SCRATCH, 1, 1, 0)
             head = free.pop()
             desc(head, table, 16 * len(lens), 4, 0)
             heads.append(head)
@@ -89,11 +73,7 @@ def _layout(seed: int):
     if heads and rng.random() < 0.05:
         heads.insert(rng.randrange(len(heads)), heads[0])  # a head offered twice
     last = rng.randrange(1 << 16)
-    avail = bytearray(4 + 2 * size)
-    for k, h in enumerate(heads[:size]):
-        struct.pack_into("<H", avail, 4 + 2 * ((last + k) % size), h)
-    struct.pack_into("<HH", avail, 0, 0, (last + min(len(heads), size)) & 0xFFFF)
-    ram[AVAIL_AT - BASE : AVAIL_AT - BASE + len(avail)] = avail
+    r.offer(last, min(len(heads), size))
     budget = rng.choice([None, None, rng.randrange(1, 40)])
     return ram, size, rng.random() < 0.5, last, budget
 
@@ -119,19 +99,7 @@ def _run(compiled: bool | str, seed: int, monkeypatch, split: int = 0) -> dict:
     struct.pack_into("<H", ram, AVAIL_AT - BASE, rng.choice([0, 0, 1]))
     struct.pack_into("<H", ram, AVAIL_AT - BASE + 4 + 2 * size, (last + rng.randrange(-3, 8)) & 0xFFFF)
     pushed, signalled = rng.random() < 0.3, rng.choice([None, (last + rng.randrange(-4, 4)) & 0xFFFF])
-    view = memoryview(ram)
-    if split:
-        memory = FlatGuestMemory([MemoryRegion(BASE, view[:split]), MemoryRegion(BASE + split, view[split:])])
-    else:
-        memory = FlatGuestMemory([MemoryRegion(BASE, ram)])
-    q = Virtqueue(0, 256)
-    q.set_size(size)
-    q.set_addresses(DESC_AT, AVAIL_AT, USED_AT)
-    q.restore(last, last)
-    q.set_ready(True)
-    q.activate(memory, event_idx=event_idx, indirect=True)
-    if budget is not None:
-        q.limit_walk(budget)
+    q = queue_on(ram, size, last, event_idx=event_idx, budget=budget, split=split)
     q._pushed = pushed
     if signalled is not None:
         q.signalled_used, q.signalled_valid = signalled, True
@@ -235,7 +203,7 @@ class _Tracker:
 def test_a_tracker_with_something_to_record_keeps_the_python_path(idle, monkeypatch):
     monkeypatch.setattr(fastpath, "ACTIVE", True)
     ram = bytearray(RAM)
-    _DESC.pack_into(ram, DESC_AT - BASE, SCRATCH, 512, 2, 0)  # one writable buffer
+    DESC.pack_into(ram, DESC_AT - BASE, SCRATCH, 512, 2, 0)  # one writable buffer
     struct.pack_into("<HHH", ram, AVAIL_AT - BASE, 0, 1, 0)
     tracker = _Tracker(idle)
     q = Virtqueue(0, 8, tracker=tracker)
