@@ -332,6 +332,26 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
+/* The head at ``last`` in the available ring, for the batch steps (vdm_serve_batch, vdm_fill): 1
+ * with *head set when one is there that may be taken as it is (the index not running ahead, the
+ * head inside the table and not held); 0 when the ring reads empty; -1 for anything else (left
+ * for pop, which reports it). */
+static inline int next_head(const struct vdm_ring *r, uint32_t last, uint32_t *head)
+{
+    uint32_t pending = (__atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED) - last) & 0xFFFF, h;
+
+    if (pending == 0)
+        return 0;
+    if (pending > r->size)
+        return -1;
+    read_fence(); /* the index before the entries it covers */
+    h = __atomic_load_n(&r->avail16[2 + (last & (r->size - 1))], __ATOMIC_RELAXED);
+    if (h >= r->size || h >= r->held_len || r->held[h])
+        return -1;
+    *head = h;
+    return 1;
+}
+
 /* vdm.used_ring's _need_event (vring_need_event) */
 static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
 {
@@ -353,8 +373,8 @@ int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_ser
     if (r->flat_size == 0 && b->nregions == 0)
         return 0;
     for (;;) {
-        uint32_t idx, pending, head, written = 0, ring_steps = 0;
-        int rc, kind;
+        uint32_t head, written = 0, ring_steps = 0;
+        int rc, kind, got;
 
         if (steps >= budget) {
             nothing_left = 1;
@@ -364,18 +384,11 @@ int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_ser
             res |= VDM_R_FULL;
             break;
         }
-        idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
-        pending = (idx - last) & 0xFFFF;
-        if (pending == 0) {
-            nothing_left = 1;
+        got = next_head(r, last, &head);
+        if (got <= 0) {
+            nothing_left = got == 0;
             break;
         }
-        if (pending > r->size)
-            break;
-        read_fence();
-        head = __atomic_load_n(&r->avail16[2 + (last & mask)], __ATOMIC_RELAXED);
-        if (head >= r->size || head >= r->held_len || r->held[head])
-            break;
         t0[served] = now_ns();
         rc = vdm_walk(r, head, st);
         if (rc == VDM_INDIRECT) {
@@ -496,18 +509,10 @@ int vdm_fill(const struct vdm_ring *r, const struct vdm_batch *b, uint8_t *data,
         max = VDM_FILL_CHAINS;
     t0 = now_ns();
     while (have < len) {
-        uint32_t idx, pending, head, cn;
+        uint32_t head, cn;
         uint64_t *out = st + ST_ENTRIES;
 
-        if (n == max || steps >= budget)
-            return 0;
-        idx = __atomic_load_n(&r->avail16[1], __ATOMIC_RELAXED);
-        pending = (idx - last) & 0xFFFF;
-        if (pending == 0 || pending > r->size)
-            return 0;
-        read_fence();
-        head = __atomic_load_n(&r->avail16[2 + (last & mask)], __ATOMIC_RELAXED);
-        if (head >= r->size || head >= r->held_len || r->held[head])
+        if (n == max || steps >= budget || next_head(r, last, &head) <= 0)
             return 0;
         for (k = 0; k < n; k++)
             if (heads[k] == head)
