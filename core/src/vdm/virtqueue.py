@@ -387,15 +387,21 @@ class Virtqueue(QueueConfig, UsedRing):
         """
         return self._serve_compiled(fn, ctx, True)
 
+    def _compiled_usable(self) -> bool:
+        """Whether the compiled batch steps may take chains here: the compiled path is active for
+        this queue, no heads are waiting to be served again, and the tracker, if any, is idle
+        (vhost-user's without an inflight region or a dirty log: nothing to record)."""
+        tracker = self._tracker
+        return (
+            self._fast is not None
+            and not self._resubmit
+            and (tracker is None or getattr(tracker, "idle", False))
+        )
+
     def _serve_compiled(
         self, fn: object, ctx: object, end: bool
     ) -> tuple[list[int], tuple[bool, bool] | None] | None:
-        tracker = self._tracker
-        if (
-            self._fast is None
-            or self._resubmit
-            or (tracker is not None and not getattr(tracker, "idle", False))
-        ):
+        if not self._compiled_usable():
             return None
         kinds: list[int] | None = None
         lock = self.lock
@@ -456,12 +462,7 @@ class Virtqueue(QueueConfig, UsedRing):
         heads to serve again, guest RAM not writable regions). The caller publishes what it
         pushed before (used ring order), then decides the interrupt as after push_many.
         """
-        tracker = self._tracker
-        if (
-            self._fast is None
-            or self._resubmit
-            or (tracker is not None and not getattr(tracker, "idle", False))
-        ):
+        if not self._compiled_usable():
             return None
         if not 0 < length <= len(data):
             raise ValueError(f"queue {self.index}: fill of {length} bytes from a {len(data)}-byte buffer")

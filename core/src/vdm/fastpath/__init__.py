@@ -204,10 +204,8 @@ class FastRing:
         ``IO_SIGNALLED``); its outputs are there after. False, nothing taken, when guest RAM is not
         one writable region this path may slice or a region table of one. The caller holds the
         queue's lock."""
-        single = self.flat.single_region if self.flat is not None else None
-        if single is None or single is not self.region or single is not self._ready:
-            if not self._set_up(single):
-                return False
+        if not self._ram_ready():
+            return False
         self.serve(self.ring, self.batch, fn, ctx, self.stc, self.ioc)
         return True
 
@@ -221,15 +219,21 @@ class FastRing:
         take-to-publish ns), or None when guest RAM is not writable regions this path may hand out.
         ``data`` is a writable buffer (its pointer is kept while it is the last one given);
         ``count_at`` < 0: no count. The caller holds the queue's lock."""
-        single = self.flat.single_region if self.flat is not None else None
-        if single is None or single is not self.region or single is not self._ready:
-            if not self._set_up(single):
-                return None
+        if not self._ram_ready():
+            return None
         d = self._data
         if d is None or d[0] is not data:
             self._data = d = (data, _ffi.from_buffer("uint8_t[]", data, require_writable=True))
         return self.fill_fn(self.ring, self.batch, d[1], length, last, used_idx, budget, max_chains, min_len,
                             count_at & 0xFFFFFFFFFFFFFFFF, self.stc)  # fmt: skip
+
+    def _ram_ready(self) -> bool:
+        """The batch record points at guest RAM as it is now (set up again when it changed);
+        False when it cannot: guest RAM is not writable regions this path may hand out."""
+        single = self.flat.single_region if self.flat is not None else None
+        if single is not None and single is self.region and single is self._ready:
+            return True
+        return self._set_up(single)
 
     def _set_up(self, single: tuple[int, int, memoryview] | None) -> bool:
         """Point the batch record at guest RAM as it is now: ``single`` (the one region), else the
