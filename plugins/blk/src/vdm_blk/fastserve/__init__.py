@@ -17,8 +17,9 @@ found allocated and unshared (and not metadata) and remembered in the step's map
 the host. The image clears the map (waiting for the steps in flight) before anything that may
 change such a cluster's entry -- the exclusive side of its I/O lock, a hand-over, close.
 
-Invariant: a :class:`ServeStep` belongs to one open raw image; :meth:`ServeStep.close` (called by
-the image before its file is closed) makes the C step serve nothing from then on.
+Invariant: a :class:`ServeStep` belongs to one open raw image (a :class:`Qcow2Step`, its subclass,
+to one qcow2 image); :meth:`ServeStep.close` (called by the image before its file is closed) makes
+the C step serve nothing from then on.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class ServeStep:
     :meth:`vdm.virtqueue.Virtqueue.serve_compiled`; set :attr:`capacity` / :attr:`writes` when
     the disk's size or write-back state change."""
 
-    __slots__ = ("_can_write", "_data", "_limits", "ctx", "fn")
+    __slots__ = ("_blk", "_can_write", "_data", "_limits", "ctx", "fn")
 
     def __init__(
         self, fd: int, capacity: int, *, reads: bool, read_flags: int, writes: bool, write_flags: int,
@@ -69,9 +70,14 @@ class ServeStep:
             {"fd": fd, "reads": int(reads), "read_flags": read_flags, "writes": int(writes),
              "write_flags": write_flags, "capacity": capacity, "write_max": write_max},
         )  # fmt: skip
+        self._bind(self._data, writes, capacity, "vdm_blk_serve")
+
+    def _bind(self, blk: Any, writes: bool, capacity: int, fn: str) -> None:
+        """``blk``: the image's ``struct vdm_blk`` inside ``self._data``; ``fn``: serve.c's step."""
+        self._blk = blk
         self._can_write = writes
         self._limits = (capacity, writes)
-        self.fn = _core.serve_function(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vdm_blk_serve"))))
+        self.fn = _core.serve_function(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, fn))))
         self.ctx = _core.serve_context(int(_ffi.cast("uintptr_t", self._data)))
 
     def set_limits(self, capacity: int, writes: bool) -> None:
@@ -80,26 +86,26 @@ class ServeStep:
         if self._limits == (capacity, writes):
             return
         self._limits = (capacity, writes)
-        data = self._data
-        data.capacity = capacity
-        data.writes = writes and self._can_write
+        blk = self._blk
+        blk.capacity = capacity
+        blk.writes = writes and self._can_write
 
     def close(self) -> None:
         """Serve nothing from now on (the file is about to be closed)."""
-        self._data.fd = -1
+        self._blk.fd = -1
 
 
 #: qcow2 map slots at most (8 bytes each): a disk with more clusters shares slots (tagged)
 Q2_MAX_SLOTS = 1 << 18
 
 
-class Qcow2Step:
+class Qcow2Step(ServeStep):
     """The compiled step bound to one qcow2 image's file and its map of remembered clusters
     (serve.c's ``struct vdm_blk_q2``): ``fn``/``ctx`` and :meth:`set_limits` as :class:`ServeStep`;
     :meth:`remember` (the image, as it maps a run), :meth:`block` / :meth:`unblock` (around
     anything that may change a remembered cluster's entry), :meth:`close`."""
 
-    __slots__ = ("_can_write", "_data", "_map", "cbits", "ctx", "fn", "slot_bits")
+    __slots__ = ("_map", "cbits", "slot_bits")
 
     def __init__(
         self, fd: int, capacity: int, *, cbits: int, clusters: int, reads: bool, read_flags: int,
@@ -116,18 +122,9 @@ class Qcow2Step:
              "map": self._map, "slots": 1 << slot_bits, "slot_bits": slot_bits, "cbits": cbits,
              "enabled": 1, "busy": 0},
         )  # fmt: skip
-        self._can_write = writes
         self.cbits = cbits
         self.slot_bits = slot_bits
-        addr = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vdm_blk_serve_qcow2")))
-        self.fn = _core.serve_function(addr)
-        self.ctx = _core.serve_context(int(_ffi.cast("uintptr_t", self._data)))
-
-    def set_limits(self, capacity: int, writes: bool) -> None:
-        """The disk's size in sectors, and whether write-back writes may be served here."""
-        data = self._data.d
-        data.capacity = capacity
-        data.writes = writes and self._can_write
+        self._bind(self._data.d, writes, capacity, "vdm_blk_serve_qcow2")
 
     def remember(self, gc: int, count: int, host: int) -> None:
         """Guest clusters ``gc``..``gc + count - 1`` are at ``host`` on, contiguous, allocated,
@@ -146,4 +143,4 @@ class Qcow2Step:
     def close(self) -> None:
         """Serve nothing from now on (the file is about to be closed)."""
         self.block()
-        self._data.d.fd = -1
+        super().close()
