@@ -58,7 +58,16 @@ from .backends.tap import Tap
 from .config import NetConfig
 from .control import CTRL_ERR, CTRL_OK, ControlQueue
 from .queue_pair import QueuePair
-from .vnet_hdr import HDR_LEN, HeaderError, HeaderPolicy, VnetHdr, check_rx_into, check_tx
+from .vnet_hdr import (
+    HDR_LEN,
+    NUM_BUFFERS_AT,
+    HeaderError,
+    HeaderPolicy,
+    VnetHdr,
+    check_rx_into,
+    check_tx,
+    pack_num_buffers_into,
+)
 
 __all__ = ["CTRL_ERR", "CTRL_OK", "VirtioNet"]
 
@@ -76,15 +85,12 @@ RX_PUBLISH = 16
 TX_BUDGET = 256
 #: the most buffers one frame takes through the queue's compiled fill (more: the Python path)
 RX_FILL_CHAINS = 64
-#: where the virtio-net header's num_buffers field is
-NUM_BUFFERS_AT = 10
 #: how long a reset waits for queue processing on other threads to finish
 RESET_WAIT = 5.0
 #: more iovecs than this are gathered into one buffer (IOV_MAX is 1024)
 MAX_IOV = 1000
 
 _CONFIG = struct.Struct("<6sHHH")
-_NUM_BUFFERS = struct.Struct("<H")
 # results of delivering one received frame
 _DELIVERED, _NO_BUFFERS, _DROPPED = range(3)
 
@@ -533,7 +539,7 @@ class VirtioNet(VirtioDevice):
             # one buffer without MRG_RXBUF, too small for this frame: keep it for the next one
             return self._drop_rx(pair, "buffer_too_small")
         pair.rx_held = []
-        _NUM_BUFFERS.pack_into(buf, NUM_BUFFERS_AT, len(held))
+        pack_num_buffers_into(buf, len(held))
         data = memoryview(buf)[:total]
         off = 0
         for chain in held:

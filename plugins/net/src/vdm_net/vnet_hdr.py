@@ -40,7 +40,7 @@ __all__ = [
     "check_rx_into",
     "check_tx",
     "ethertype",
-    "pack_rx_into",
+    "pack_num_buffers_into",
 ]
 
 HDR_LEN = 12
@@ -66,6 +66,9 @@ ETH_P_IPV6 = 0x86DD
 _VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
 
 _HDR = struct.Struct("<BBHHHHH")
+#: where the header's num_buffers field (le16, its last) is
+NUM_BUFFERS_AT = _HDR.size - 2
+_NUM_BUFFERS = struct.Struct("<H")
 
 
 class HeaderError(ValueError):
@@ -102,12 +105,10 @@ class VnetHdr:
         )
 
 
-def pack_rx_into(buf: bytearray, hdr: VnetHdr, num_buffers: int) -> None:
-    """Write ``hdr`` with ``num_buffers`` into the first 12 bytes of ``buf``, the device's own
-    bounce buffer (never guest memory: ``struct.pack_into`` zeroes before it stores). One call per
-    received frame instead of a second header object and its ``pack``."""
-    _HDR.pack_into(buf, 0, hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start,
-                   hdr.csum_offset, num_buffers)
+def pack_num_buffers_into(buf: bytearray, num_buffers: int) -> None:
+    """Store ``num_buffers`` in the header at the start of ``buf``, the device's own bounce buffer
+    (its other fields written by :func:`check_rx_into`)."""
+    _NUM_BUFFERS.pack_into(buf, NUM_BUFFERS_AT, num_buffers)
 
 
 @dataclass(frozen=True)
