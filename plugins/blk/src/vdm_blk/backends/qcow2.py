@@ -89,7 +89,7 @@ import logging
 import struct
 import threading
 import zlib
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from vdm.sg import fill_zero, gather_into, scatter, split_views, total_length
 
@@ -115,11 +115,9 @@ from .qcow2_header import (
 from .qcow2_inline import InlinePath
 from .qcow2_iolock import IOLock
 from .qcow2_refcounts import Refcounts
+from .qcow2_step import StepMap
 from .qcow2_tables import CHUNK, TableCache, decode_u64
 from .qcow2_zero import Zeroing
-
-if TYPE_CHECKING:
-    from ..fastserve import Qcow2Step
 
 __all__ = ["Qcow2Disk"]
 
@@ -133,7 +131,7 @@ MIN_CACHE_TABLES = 16
 BackingOpener = Callable[[str, Optional[str]], DiskBackend]
 
 
-class Qcow2Disk(InlinePath, ClusterMap, Zeroing, Handover, DiskBackend):
+class Qcow2Disk(InlinePath, ClusterMap, Zeroing, Handover, StepMap, DiskBackend):
     """A qcow2 image (see the module documentation for what is supported and guaranteed)."""
 
     supports_discard = True
@@ -247,64 +245,6 @@ class Qcow2Disk(InlinePath, ClusterMap, Zeroing, Handover, DiskBackend):
             self.refs.metadata = self._meta_clusters
         self._pending_free: list[tuple[int, int]] = []
         self._zcache: tuple[int, bytes] | None = None  # last decompressed cluster
-
-    # ---- the compiled serve step ------------------------------------------------------------------
-
-    def serve_step(self) -> Qcow2Step | None:
-        """The compiled serve step for this image (vdm_blk.fastserve, :class:`Qcow2Step`), or None:
-        not built or not active, not a local buffered file (O_DIRECT, NBD...), closed, or a disk
-        with more clusters than its map can tag. One per image."""
-        if self._step is None and not self._closed:
-            from .. import fastserve
-            from .hostfile import INLINE_WRITE_MAX
-
-            f = self.f
-            if fastserve.ACTIVE and isinstance(f, HostFile) and f.dfd is None:
-                read_flags, reads, write_flags = f.inline_flags()
-                try:
-                    step = fastserve.Qcow2Step(
-                        f.fd,
-                        self.size // SECTOR,
-                        cbits=self.cbits,
-                        clusters=max(1, -(-self.size // self.cs)),
-                        reads=reads,
-                        read_flags=read_flags,
-                        writes=not (f.writethrough or f.read_only or self.read_only),
-                        write_flags=write_flags,
-                        write_max=INLINE_WRITE_MAX,
-                    )
-                except ValueError:
-                    return None
-                with self._meta:
-                    if self._inactive or self._io.writer or self._io.waiting:
-                        step.block()  # (unblocked by the exclusive holder's release / invalidate)
-                    self._step = step
-        return self._step
-
-    def _gate_step(self, exclusive: bool) -> None:
-        """IOLock.on_exclusive: the exclusive side was taken (the compiled step stops using its map
-        and forgets it) or is given back (the step maps afresh, unless the image is closed or
-        handed over)."""
-        step = self._step
-        if step is None:
-            return
-        if exclusive:
-            step.block()
-        elif not (self._closed or self._inactive) and step.cbits == self.cbits:
-            step.unblock()
-
-    def _remember(self, offset: int, length: int, host: int) -> None:
-        """Tell the compiled step that [offset, offset + length) is at ``host`` (a run found by
-        :meth:`_mapped`, metadata lock held, the shared side entered); not if it touches metadata."""
-        cbits = self.cbits
-        gc = offset >> cbits
-        n = ((offset + length - 1) >> cbits) - gc + 1
-        start = host - (offset & (self.cs - 1))
-        try:
-            self._check_data_host(start, n << cbits)
-        except DiskError:
-            return  # (the path that writes there reports it)
-        self._step.remember(gc, n, start)
 
     # ---- reading ---------------------------------------------------------------------------------
 
