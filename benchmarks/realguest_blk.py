@@ -5,9 +5,13 @@ Rows: sequential 1 MiB read and write (queue depth 8), 4 KiB random read and wri
 and 32, all O_DIRECT libaio in the guest. Setups, on one 256 MiB image each (created fresh, filled
 so reads hit data): vdm vhost-user-blk on raw and on qcow2, qemu-storage-daemon's vhost-user-blk
 export on the same raw and qcow2 images, and QEMU's built-in virtio-blk on raw. Runs are
-interleaved (every setup once, then again), medians of ``--runs``. Prints a markdown table.
+interleaved (every setup once, then again), medians of ``--runs``. Prints a markdown table, then
+what each vhost-user backend process spent per guest request (CPU time and context switches of all its
+threads, read from /proc over the whole boot, divided by the requests fio completed; the few boot-time
+requests are in the CPU but not in the count). ``--jobs`` picks a subset of the rows, e.g.
+``--jobs randread:4k:1`` to see one row's cost alone.
 
-    python3 benchmarks/realguest_blk.py [--runs 3] [--time 3]
+    python3 benchmarks/realguest_blk.py [--runs 3] [--time 3] [--jobs read:1m:8,...]
 """
 
 from __future__ import annotations
@@ -43,8 +47,21 @@ def qsd_cmd(fmt: str, image: Path, sock: Path) -> list[str]:
             f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"]
 
 
+def cost(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) and context switches (voluntary + not) of all of ``pid``'s threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line:
+                    switches += int(line.split()[1])
+    return cpu, switches
+
+
 @contextlib.contextmanager
-def qsd(fmt: str, image: Path, sock: Path, log: Path) -> Iterator[None]:
+def qsd(fmt: str, image: Path, sock: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """qemu-storage-daemon serving ``sock`` while the block runs (stopped, and reaped, after)."""
     with open(log, "ab") as err:
         proc = subprocess.Popen(qsd_cmd(fmt, image, sock), stdout=subprocess.DEVNULL, stderr=err)
@@ -54,7 +71,7 @@ def qsd(fmt: str, image: Path, sock: Path, log: Path) -> Iterator[None]:
             time.sleep(0.05)
         if not sock.exists():
             raise RuntimeError(f"qemu-storage-daemon did not listen: {log.read_text()[-2000:]}")
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -65,26 +82,37 @@ def qsd(fmt: str, image: Path, sock: Path, log: Path) -> Iterator[None]:
 
 
 def run_one(setup: str, images: dict[str, Path], tmp: Path, initrd: Path, seconds: int,
-            kit: vdm_lab.GuestKit) -> dict[str, float]:
+            kit: vdm_lab.GuestKit, jobs: list[str]) -> dict[str, float]:
     fmt = setup.split()[-1]
     image = images[fmt]
     sock = tmp / "b.sock"
     if sock.exists():
         sock.unlink()
+    pid = None
     with contextlib.ExitStack() as backend:
         if setup.startswith("vdm"):
-            backend.enter_context(vdm_lab.VhostUserBackend(sock, "--disk", f"path={image},format={fmt}",
-                                                           start_timeout=30))
+            pid = backend.enter_context(vdm_lab.VhostUserBackend(sock, "--disk", f"path={image},format={fmt}",
+                                                                 start_timeout=30)).proc.pid
             extra = vdm_lab.vhost_user_blk_args(sock)
         elif setup.startswith("qsd"):
-            backend.enter_context(qsd(fmt, image, sock, tmp / "backend.log"))
+            pid = backend.enter_context(qsd(fmt, image, sock, tmp / "backend.log")).pid
             extra = vdm_lab.vhost_user_blk_args(sock)
         else:  # same host caching as the vhost-user backends (page cache, no O_DIRECT)
             extra = vdm_lab.virtio_blk_args(image, 0, fmt="raw", cache="writeback")
-        r = vdm_lab.run_qemu(extra, ["fio"], {"jobs": "+".join(JOBS), "time": seconds},
-                             timeout=120 + 10 * seconds * len(JOBS), kit=kit, initrd=initrd, memory_mib=512)
+        before = cost(pid) if pid else (0.0, 0)
+        r = vdm_lab.run_qemu(extra, ["fio"], {"jobs": "+".join(jobs), "time": seconds},
+                             timeout=120 + 10 * seconds * len(jobs), kit=kit, initrd=initrd, memory_mib=512)
+        after = cost(pid) if pid else (0.0, 0)
     r.assert_ok("fio")
-    return {k: float(v) for k, v in r["fio"].values.items() if k.endswith(("_iops", "_kibs"))}
+    out = {k: float(v) for k, v in r["fio"].values.items() if k.endswith(("_iops", "_kibs"))}
+    requests = 0.0
+    for job in jobs:
+        key, unit = metric(job)
+        requests += out.get(key, 0.0) * seconds / (1024 if unit == "MiB/s" else 1)
+    if pid and requests:
+        out["cpu_us_per_request"] = (after[0] - before[0]) * 1e6 / requests
+        out["switches_per_request"] = (after[1] - before[1]) / requests
+    return out
 
 
 def make_images(tmp: Path, mib: int) -> dict[str, Path]:
@@ -109,7 +137,11 @@ def main() -> int:
     ap.add_argument("--time", type=int, default=3, help="seconds per fio job")
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--jobs", default=",".join(JOBS), help="fio rows, comma-separated (of %(default)s)")
     a = ap.parse_args()
+    jobs = a.jobs.split(",")
+    if unknown := [j for j in jobs if j not in JOBS]:
+        ap.error(f"unknown job(s) {', '.join(unknown)}: pick from {', '.join(JOBS)}")
     kit = vdm_lab.guestkit()
     setups = a.setups.split(",")
     res: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
@@ -121,7 +153,7 @@ def main() -> int:
         for i in range(a.runs):
             for s in setups:
                 t0 = time.monotonic()
-                res[s].append(run_one(s, images, tmp, initrd, a.time, kit))
+                res[s].append(run_one(s, images, tmp, initrd, a.time, kit, jobs))
                 print(f"# run {i + 1} {s}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
         load1 = os.getloadavg()
     print(f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f}; "
@@ -130,7 +162,7 @@ def main() -> int:
           " | ".join(f"{v}/{p}" for v in PEERS if v in setups for p in PEERS[v] if p in setups) + " |")
     ncols = len(setups) + sum(1 for v in PEERS if v in setups for p in PEERS[v] if p in setups)
     print("| --- " * (ncols + 1) + "|")
-    for job in JOBS:
+    for job in jobs:
         key, unit = metric(job)
         div = 1024 if unit == "MiB/s" else 1
         med = {s: statistics.median(r[key] for r in res[s]) / div for s in setups}
@@ -138,6 +170,14 @@ def main() -> int:
         ratios = [f"{med[v] / med[p]:.2f}" if med[p] else "-"
                   for v in PEERS if v in setups for p in PEERS[v] if p in setups]
         print(f"| {job} ({unit}) | " + " | ".join(cells + ratios) + " |", flush=True)
+    backends = [s for s in setups if all("cpu_us_per_request" in r for r in res[s])]
+    if backends:
+        print(f"\nper guest request, whole boot ({'+'.join(jobs)}):\n")
+        print("| backend | CPU us/request | context switches/request |\n| --- | --- | --- |")
+        for s in backends:
+            cpu = statistics.median(r["cpu_us_per_request"] for r in res[s])
+            sw = statistics.median(r["switches_per_request"] for r in res[s])
+            print(f"| {s} | {cpu:.1f} | {sw:.2f} |")
     return 0
 
 
