@@ -260,11 +260,14 @@ static int pool_ready(void)
 static int defer(struct vdm_blk *d, int *busy, const uint64_t *ent, uint32_t n, uint32_t *written,
                  const struct iovec *iov, uint32_t count, uint64_t bytes, uint64_t pos, uint32_t type)
 {
-    struct batch *b = &tls_batch;
+    struct batch *b;
     struct job *j;
 
     if (!d->defer_min || bytes < d->defer_min || (type == VDM_BLK_T_IN && !d->read_seen) ||
-        count > VDM_POOL_IOV || b->n >= VDM_POOL_JOBS)
+        count > VDM_POOL_IOV)
+        return 0; /* (the common case: no thread-local lookup) */
+    b = &tls_batch;
+    if (b->n >= VDM_POOL_JOBS)
         return 0;
     pthread_mutex_lock(&pool.lock);
     if (!pool_ready()) {
