@@ -395,3 +395,89 @@ def test_qcow2_step_never_reads_a_freed_and_reused_cluster(tmp_path):
         disk.close()
     assert not bad, bad[:3]
     assert counts["served"] > 100 and counts["reused"] > 20, counts
+
+
+BIG = 512 << 10  # bytes: a read the step hands to its thread pool (>= fastserve.DEFER_MIN)
+
+
+def big_device(tmp_path, name: str, virtio_driver, compiled: bool, size: int = SIZE):
+    (tmp_path / name).mkdir()
+    path = tmp_path / name / "disk.img"
+    path.write_bytes(random.Random(9).randbytes(size))
+    disk = RawDisk(str(path))
+    if not compiled:
+        disk.serve_step = lambda: None
+    drv = virtio_driver(BlkDevice(disk, BlkConfig(path=str(path))))
+    drv.init()
+    return drv, path, disk
+
+
+def run_big(drv, rng: random.Random, batches: int, sectors: int = SECTORS) -> list[tuple[int, bytes]]:
+    """Batches of large reads (some split over buffers) with small reads and writes and a large
+    write among them; the writes in the last quarter of the disk, the reads in the first half
+    (the order of requests in flight together is the device's choice: a pooled read may finish
+    after a later write)."""
+    results = []
+    for _ in range(batches):
+        reqs = []
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.6:
+                n = rng.choice([BIG, 1 << 20, BIG + 4096])
+                sector = rng.randrange(0, SECTORS // 2 - n // 512 + 1) if rng.random() < 0.9 else sectors - 8
+                reqs.append(([hdr(T_IN, sector)], [*split(n, rng), 1]))
+            elif rng.random() < 0.5:
+                reqs.append(([hdr(T_IN, rng.randrange(SECTORS // 2 - 8))], [4096, 1]))
+            elif rng.random() < 0.5:  # (small writes in [6, 6.5) MiB, one large one in [6.5, 8))
+                reqs.append(([hdr(T_OUT, rng.randrange(SECTORS * 3 // 4, SECTORS * 13 // 16 - 8)),
+                              rng.randbytes(4096)], [1]))  # fmt: skip
+            elif not any(len(out) > 1 and len(out[1]) > 4096 for out, _ in reqs):
+                data = rng.randbytes(rng.choice([BIG, 1 << 20]))
+                at = rng.randrange(SECTORS * 13 // 16, SECTORS - len(data) // 512 + 1)
+                cut = rng.randrange(1, len(data) // 512) * 512
+                bufs = [data] if rng.random() < 0.5 else [data[:cut], data[cut:]]
+                reqs.append(([hdr(T_OUT, at), *bufs], [1]))
+        heads = [drv.post(0, out, ins) for out, ins in reqs]
+        drv.kick(0)
+        got = {u.head: u for u in drv.wait(0, len(heads))}
+        results += [(got[h].written, got[h].data) for h in heads]
+    return results
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_large_reads_on_the_pool_serve_as_python_does(tmp_path, virtio_driver, monkeypatch, seed):
+    """Reads and writes of at least DEFER_MIN bytes are copied by the step's thread pool while the
+    queue's thread takes the next chains; what the guest sees is what the Python path gives."""
+    served = count_served(monkeypatch)
+    py, py_path, _ = big_device(tmp_path, "python", virtio_driver, False)
+    want = run_big(py, random.Random(seed), 12)
+    c, c_path, disk = big_device(tmp_path, "compiled", virtio_driver, True)
+    got = run_big(c, random.Random(seed), 12)
+    assert got == want
+    assert seen(c, c_path) == seen(py, py_path)
+    assert sum(served) > 20
+    assert disk.serve_step().deferred > 10, "the pool served no large read: the test compares nothing"
+
+
+def test_a_large_read_the_pool_cannot_serve_is_left_to_python(tmp_path, virtio_driver, monkeypatch):
+    """The file shrinks under the disk: a pooled read past its new end comes back short, so that
+    chain and the ones after it in the batch are left untaken for the Python path, which answers
+    them as it does without the step."""
+    results = {}
+    for compiled in (False, True):
+        drv, path, disk = big_device(tmp_path, f"c{int(compiled)}", virtio_driver, compiled)
+        rng = random.Random(5)
+        run_big(drv, rng, 2)  # (the step's reads settle its flags; the pool starts)
+        os.truncate(path, SIZE // 2)
+        reqs = [
+            ([hdr(T_IN, 0)], [BIG, 1]),  # served
+            ([hdr(T_IN, SECTORS - 2048)], [1 << 20, 1]),  # past the file's end now: short
+            ([hdr(T_IN, 8)], [4096, 1]),  # after it: left to Python as well
+            ([hdr(T_IN, 2048)], [BIG, 1]),
+        ]
+        heads = [drv.post(0, out, ins) for out, ins in reqs]
+        drv.kick(0)
+        got = {u.head: u for u in drv.wait(0, len(heads))}
+        results[compiled] = ([(got[h].written, got[h].data) for h in heads], seen(drv, path))
+        if compiled:
+            assert disk.serve_step().deferred >= 2
+    assert results[True] == results[False]

@@ -7,7 +7,9 @@ as it needs and completes them (``fill``). Invariants: both run only where
 :meth:`CompiledSteps._compiled_usable` says so, with the queue's lock held around each C call (a
 reset takes it too); both check every chain as ``pop`` does before they touch it, count what they
 take as pop and push would (the queue's ``_counts``, ``descriptors_walked``, the walk budget), and
-leave anything else untaken for pop, whose checks and errors stay the one reference.
+leave anything else untaken for pop, whose checks and errors stay the one reference. A device's
+step may run a request's I/O on its own threads (ring.c's deferred requests): the C call joins
+them before it publishes, so nothing of a call's I/O outlives it (or the lock).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ R_FULL, R_ENDED, R_DECIDED, R_NOTIFY, R_MORE = 1, 2, 4, 8, 16
 C_REQUESTS, C_RBYTES, C_WBYTES, C_TOOK, C_LATENCY = range(5)
 C_WORDS = C_LATENCY + 65
 #: ring.c's VDM_FASTPATH_ABI: a module built from another ring.c is not used
-ABI = 3
+ABI = 4
 
 
 def _import() -> tuple[Any, Any, str]:

@@ -30,7 +30,7 @@
 
 /* what vdm/fastpath/__init__.py checks (ABI) before it uses a built module: bumped whenever the
  * declarations in build.py change */
-#define VDM_FASTPATH_ABI 3
+#define VDM_FASTPATH_ABI 4
 
 #define VDM_F_NEXT 1u
 #define VDM_F_WRITE 2u
@@ -246,6 +246,17 @@ int vdm_pop(const struct vdm_ring *r, uint32_t last, uint64_t *st)
  * there to take (the available index moved past last_avail_idx and the budget is not spent).
  * io[IO_RES] says what it did (VDM_R_*); the caller updates its Python state from it.
  *
+ * Deferred requests (ABI 4): ``serve`` may return its class or'ed with VDM_DEFERRED -- the request
+ * checked and its I/O started on another thread, *written set as if it succeeded. Before anything
+ * is published, vdm_serve_batch then calls ``serve(ctx, NULL, k, 0, ok)`` once (the join): it
+ * returns when the k requests deferred in this call are finished, no thread touching their buffers
+ * or the file for them any more, with ok[i] 1 (served, status written) or 0 (not: as a 0 return)
+ * for the i-th of them. The chains from the first one that was not served on are left untaken as
+ * above (last_avail_idx, used index, counters and classes as if the batch had stopped there; a chain
+ * after it that was served is served again by the reference path: its request is still in flight,
+ * so the driver cannot tell), and the batch is not ended. So all I/O of a call is done inside it,
+ * under the caller's lock, and the publish rule is the one above.
+ *
  * The queue's counters (requests, bytes read and written, latency) are added to in r->counts.
  * The caller holds the queue's lock (the used ring is written here) and is the queue's taker. */
 
@@ -264,6 +275,7 @@ struct vdm_batch {
 };
 
 #define VDM_BATCH_MAX 64u
+#define VDM_DEFERRED 0x100 /* serve's return: started, finished by the join (above) */
 
 /* the io words (mirrored in vdm/fastpath/__init__.py) */
 enum {
@@ -367,6 +379,10 @@ int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_ser
     uint64_t t0[VDM_BATCH_MAX], res = 0;
     uint32_t *elems = (uint32_t *)(r->used16 + 2); /* used element i: [2 i] id, [2 i + 1] len */
     int nothing_left = 0; /* pop would answer None now: the ring read empty, or the budget spent */
+    /* per chain served, for a join that leaves some untaken: class, descriptors, bytes */
+    uint8_t c_kind[VDM_BATCH_MAX], c_defer[VDM_BATCH_MAX];
+    uint64_t c_steps[VDM_BATCH_MAX], c_rbytes[VDM_BATCH_MAX], c_wbytes[VDM_BATCH_MAX];
+    uint32_t deferred = 0, last0 = last, used0 = used_idx;
 
     memset(io + IO_KINDS, 0, VDM_KINDS * sizeof *io);
     io[IO_SERVED] = io[IO_STEPS] = io[IO_RES] = 0;
@@ -410,20 +426,51 @@ int vdm_serve_batch(const struct vdm_ring *r, const struct vdm_batch *b, vdm_ser
         if (rc != VDM_DONE || !to_host(r, b, st))
             break;
         kind = serve(ctx, st + ST_ENTRIES, (uint32_t)st[ST_N], (uint32_t)st[ST_NR], &written);
-        if (kind <= 0 || kind > VDM_KINDS)
+        c_defer[served] = (kind & VDM_DEFERRED) != 0;
+        kind &= ~VDM_DEFERRED;
+        if (kind <= 0 || kind > VDM_KINDS) {
+            if (c_defer[served]) /* (a step must not do this; its I/O is joined below all the same) */
+                deferred++;
             break;
+        }
+        deferred += c_defer[served];
         /* taken: as pop would, then completed as push would */
         last = (last + 1) & 0xFFFF;
         if (r->event_idx)
             __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
-        io[IO_KINDS + kind - 1]++;
+        c_kind[served] = (uint8_t)kind;
+        c_steps[served] = st[ST_STEPS] + ring_steps;
+        c_rbytes[served] = st[ST_RBYTES];
+        c_wbytes[served] = written;
         steps += st[ST_STEPS] + ring_steps;
-        rbytes += st[ST_RBYTES];
-        wbytes += written;
         elems[2 * (used_idx & mask)] = head;
         elems[2 * (used_idx & mask) + 1] = written;
         used_idx = (used_idx + 1) & 0xFFFF;
         served++;
+    }
+    if (deferred) {
+        /* the join (see above): keep the chains before the first one not served */
+        uint32_t ok[VDM_BATCH_MAX + 1], k, j = 0;
+        serve(ctx, NULL, deferred, 0, ok);
+        for (k = 0; k < served; k++)
+            if (c_defer[k] && !ok[j++])
+                break;
+        if (k < served) {
+            served = k;
+            last = (last0 + k) & 0xFFFF;
+            used_idx = (used0 + k) & 0xFFFF;
+            if (r->event_idx)
+                __atomic_store_n(&r->used16[r->avail_event16], (uint16_t)last, __ATOMIC_RELAXED);
+            nothing_left = 0;
+            res &= ~VDM_R_FULL;
+        }
+    }
+    steps = 0;
+    for (uint32_t k = 0; k < served; k++) {
+        io[IO_KINDS + c_kind[k] - 1]++;
+        steps += c_steps[k];
+        rbytes += c_rbytes[k];
+        wbytes += c_wbytes[k];
     }
     if (served) {
         uint64_t *c = r->counts, t1 = now_ns(), took_sum = 0;

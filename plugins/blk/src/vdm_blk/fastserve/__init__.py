@@ -9,6 +9,12 @@ laid out as Linux and QEMU lay it out, on a raw image's buffered file, read with
 does not serve -- another type or shape, a read that would block, qcow2, O_DIRECT, a read-only
 disk, write-through, an error -- is left to the Python path (vdm_blk.device), which stays complete.
 
+Large requests (:data:`DEFER_MIN` bytes and more, reads and write-back writes) are checked the same
+way, then copied by a small pool of C threads inside the module while the queue's thread takes the
+next chains; core's ``vdm_serve_batch`` waits for them (the join) before it publishes anything, so
+the used ring is written by one thread, under the queue's lock, by the one rule. A pooled request
+that fails (short, would block, an error) is left, with the chains after it, to the Python path.
+
 Selection at run time: the step is used when this module's ``_serve*.so`` imports and the core's
 compiled path is active (``VDM_FASTPATH=0`` turns both off). :data:`STATUS` says which.
 
@@ -29,7 +35,7 @@ from typing import Any
 
 import vdm.fastpath as _core
 
-__all__ = ["BUILT", "STATUS", "Qcow2Step", "ServeStep"]
+__all__ = ["BUILT", "DEFER_MIN", "STATUS", "Qcow2Step", "ServeStep"]
 
 
 def _import() -> tuple[Any, Any, str]:
@@ -68,7 +74,8 @@ class ServeStep:
         self._data = _ffi.new(
             "struct vdm_blk *",
             {"fd": fd, "reads": int(reads), "read_flags": read_flags, "writes": int(writes),
-             "write_flags": write_flags, "capacity": capacity, "write_max": write_max},
+             "write_flags": write_flags, "capacity": capacity, "write_max": write_max,
+             "defer_min": DEFER_MIN},
         )  # fmt: skip
         self._bind(self._data, writes, capacity, "vdm_blk_serve")
 
@@ -90,10 +97,19 @@ class ServeStep:
         blk.capacity = capacity
         blk.writes = writes and self._can_write
 
+    @property
+    def deferred(self) -> int:
+        """Reads the step's thread pool served (serve.c's ``deferred``)."""
+        return int(self._blk.deferred)
+
     def close(self) -> None:
         """Serve nothing from now on (the file is about to be closed)."""
         self._blk.fd = -1
 
+
+#: reads of at least this many bytes are copied by the step's thread pool while the queue's thread
+#: takes the next chains (serve.c's deferred reads); 0: every read inline
+DEFER_MIN = 256 << 10
 
 #: qcow2 map slots at most (8 bytes each): a disk with more clusters shares slots (tagged)
 Q2_MAX_SLOTS = 1 << 18
@@ -118,7 +134,8 @@ class Qcow2Step(ServeStep):
         self._data = _ffi.new(
             "struct vdm_blk_q2 *",
             {"d": {"fd": fd, "reads": int(reads), "read_flags": read_flags, "writes": int(writes),
-                   "write_flags": write_flags, "capacity": capacity, "write_max": write_max},
+                   "write_flags": write_flags, "capacity": capacity, "write_max": write_max,
+                   "defer_min": DEFER_MIN},
              "map": self._map, "slots": 1 << slot_bits, "slot_bits": slot_bits, "cbits": cbits,
              "enabled": 1, "busy": 0},
         )  # fmt: skip

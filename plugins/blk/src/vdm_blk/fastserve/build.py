@@ -27,6 +27,9 @@ struct vdm_blk {
     int write_flags;
     uint64_t capacity;
     uint64_t write_max;
+    uint64_t defer_min;
+    uint64_t deferred;
+    int read_seen;
 };
 int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written);
 struct vdm_blk_q2 {

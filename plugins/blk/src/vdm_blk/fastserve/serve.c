@@ -11,17 +11,23 @@
  *
  * The entries are (host address, length) pairs the core checked to lie inside one region of
  * guest RAM; the header is copied out of guest memory once before it is used.
+ *
+ * Requests of at least defer_min bytes are copied on a small pool of threads (see "large requests"
+ * below) while the queue's thread takes the next chains; every one of them is finished before
+ * the core publishes the batch.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
+#include <unistd.h>
 
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
@@ -31,6 +37,7 @@
 #define VDM_BLK_T_IN 0u
 #define VDM_BLK_T_OUT 1u
 #define VDM_BLK_IOV 1024u /* HostFile's IOV_MAX */
+#define VDM_POOL_IOV 16u  /* a request handed to the pool (below) has at most this many buffers */
 
 struct vdm_blk {
     int fd;             /* the raw image's file (buffered, not O_DIRECT); -1: closed, serve nothing */
@@ -40,6 +47,9 @@ struct vdm_blk {
     int write_flags;    /* pwritev2's flags: RWF_NOWAIT, or 0 once the file system refused it */
     uint64_t capacity;  /* the disk's size in sectors */
     uint64_t write_max; /* HostFile's INLINE_WRITE_MAX: larger writes go to a worker */
+    uint64_t defer_min; /* reads of at least this many bytes go to the pool (below); 0: none */
+    uint64_t deferred;  /* reads the pool served (a counter) */
+    int read_seen;      /* a read with read_flags succeeded here: the flags are settled */
 };
 
 /* HostFile._on_memory_fs: a regular file on tmpfs or ramfs (reading it never waits for a device) */
@@ -88,7 +98,8 @@ static int parse(const struct vdm_blk *d, const uint64_t *ent, uint32_t n, uint3
     if (bytes == 0 || bytes % VDM_BLK_SECTOR || sector > d->capacity ||
         bytes / VDM_BLK_SECTOR > d->capacity - sector)
         return 0;
-    if (h.type == VDM_BLK_T_OUT && bytes > d->write_max)
+    if (h.type == VDM_BLK_T_OUT && bytes > d->write_max &&
+        !(d->defer_min && bytes >= d->defer_min && count <= VDM_POOL_IOV)) /* (the pool's, below) */
         return 0;
     *count_out = count;
     *bytes_out = bytes;
@@ -117,6 +128,7 @@ static int serve_io(struct vdm_blk *d, const uint64_t *ent, uint32_t n, uint32_t
         }
         if (got < 0 || (uint64_t)got != bytes)
             return 0;
+        d->read_seen = 1;
         *(uint8_t *)(uintptr_t)ent[2 * n - 2] = 0; /* S_OK */
         *written = (uint32_t)(bytes + 1);
         return 1;
@@ -133,16 +145,206 @@ static int serve_io(struct vdm_blk *d, const uint64_t *ent, uint32_t n, uint32_t
     return 2;
 }
 
-/* 1: a read served, 2: a write served, 0: not served (see above). */
+/* ---- large requests on a small pool of threads (core's deferred requests, ring.c) ------------
+ *
+ * A read of at least d->defer_min bytes, once a read has settled the file's flags (read_seen), and
+ * a write-back write of at least d->defer_min bytes (larger than write_max: without the pool it is
+ * the Python path's worker's) are checked here as any other, then handed to the pool as a job (the
+ * file, its iovec, the position, the status byte) and returned as VDM_DEFERRED: the queue's thread
+ * goes on taking chains while a pool thread copies. A pooled read uses read_flags (RWF_NOWAIT: a
+ * read that would wait for the device is not served, as inline); a pooled write is a plain
+ * pwritev2, as the Python path's worker's pwritev. The join (serve with ent NULL, called by
+ * vdm_serve_batch before it publishes anything) runs the thread's own jobs still queued itself,
+ * waits for the rest, and reports each: served (the whole length transferred, status S_OK written
+ * by the thread that did it) or not (the reference path serves it again). The jobs of one batch
+ * belong to the calling thread (thread-local), so queues served on several threads at once join
+ * only their own. The pool's threads only ever run preadv2/pwritev2 on a job's iovec -- guest
+ * memory the core checked, mapped while the caller holds the queue's lock, which it holds until
+ * the join has returned -- and a qcow2 job keeps the map in use (busy) until it is done. */
+
+#define VDM_POOL_JOBS 64u /* VDM_BATCH_MAX */
+#define VDM_DEFERRED 0x100
+
+struct job {
+    struct job *next;
+    struct batch *owner;
+    struct vdm_blk *d;
+    int *busy;           /* qcow2's map users (left when the job is done), or NULL */
+    int fd, flags, ok;
+    uint32_t type, count;
+    uint64_t bytes, pos;
+    uint8_t *status;
+    struct iovec iov[VDM_POOL_IOV];
+};
+
+struct batch {
+    uint32_t n;         /* jobs this batch deferred */
+    uint32_t remaining; /* ... not finished (under pool.lock) */
+    struct job jobs[VDM_POOL_JOBS];
+};
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t work, done;
+    struct job *head, **tail;
+    pid_t pid; /* the process the threads run in (a fork's child starts its own) */
+    int threads;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, 0};
+
+static __thread struct batch tls_batch;
+
+static void run_job(struct job *j)
+{
+    ssize_t got = j->type == VDM_BLK_T_IN ? preadv2(j->fd, j->iov, (int)j->count, (off_t)j->pos, j->flags)
+                                          : pwritev2(j->fd, j->iov, (int)j->count, (off_t)j->pos, 0);
+    j->ok = got >= 0 && (uint64_t)got == j->bytes;
+    if (j->ok) {
+        *j->status = 0; /* S_OK */
+        __atomic_add_fetch(&j->d->deferred, 1, __ATOMIC_RELAXED);
+    }
+    if (j->busy)
+        __atomic_sub_fetch(j->busy, 1, __ATOMIC_RELEASE);
+}
+
+static void *pool_thread(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        struct job *j = pool.head;
+        if (!j) {
+            pthread_cond_wait(&pool.work, &pool.lock);
+            continue;
+        }
+        pool.head = j->next;
+        if (!pool.head)
+            pool.tail = &pool.head;
+        pthread_mutex_unlock(&pool.lock);
+        run_job(j);
+        pthread_mutex_lock(&pool.lock);
+        if (--j->owner->remaining == 0)
+            pthread_cond_broadcast(&pool.done);
+    }
+    return NULL;
+}
+
+/* The pool's threads (started once per process, under pool.lock): 1 on fewer than 3 CPUs, else 2
+ * -- the queue's thread copies too, at the join. 0 when none could be started: serve inline. */
+static int pool_ready(void)
+{
+    pid_t pid = getpid();
+
+    if (pool.pid == pid)
+        return pool.threads;
+    pool.pid = pid;
+    pool.head = NULL;
+    pool.tail = &pool.head;
+    pool.threads = 0;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int want = cpus >= 3 ? 2 : 1;
+    for (int k = 0; k < want; k++) {
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&a, 64 << 10);
+        if (pthread_create(&t, &a, pool_thread, NULL) == 0)
+            pool.threads++;
+        pthread_attr_destroy(&a);
+    }
+    return pool.threads;
+}
+
+/* Hand a checked request to the pool: VDM_DEFERRED | its class, or 0 when it is not deferred (a
+ * read is then served inline; a write above write_max is left to the Python path). */
+static int defer(struct vdm_blk *d, int *busy, const uint64_t *ent, uint32_t n, uint32_t *written,
+                 const struct iovec *iov, uint32_t count, uint64_t bytes, uint64_t pos, uint32_t type)
+{
+    struct batch *b;
+    struct job *j;
+
+    if (!d->defer_min || bytes < d->defer_min || (type == VDM_BLK_T_IN && !d->read_seen) ||
+        count > VDM_POOL_IOV)
+        return 0; /* (the common case: no thread-local lookup) */
+    b = &tls_batch;
+    if (b->n >= VDM_POOL_JOBS)
+        return 0;
+    pthread_mutex_lock(&pool.lock);
+    if (!pool_ready()) {
+        pthread_mutex_unlock(&pool.lock);
+        return 0;
+    }
+    j = &b->jobs[b->n++];
+    j->next = NULL;
+    j->owner = b;
+    j->d = d;
+    j->busy = busy;
+    j->fd = d->fd;
+    j->flags = d->read_flags;
+    j->ok = 0;
+    j->type = type;
+    j->count = count;
+    j->bytes = bytes;
+    j->pos = pos;
+    j->status = (uint8_t *)(uintptr_t)ent[2 * n - 2];
+    memcpy(j->iov, iov, count * sizeof *iov);
+    b->remaining++;
+    *pool.tail = j;
+    pool.tail = &j->next;
+    pthread_cond_signal(&pool.work);
+    pthread_mutex_unlock(&pool.lock);
+    *written = type == VDM_BLK_T_IN ? (uint32_t)(bytes + 1) : 1;
+    return VDM_DEFERRED | (type == VDM_BLK_T_IN ? 1 : 2);
+}
+
+/* The join (see above): ok[i] for the i-th job of this thread's batch; the batch is empty after. */
+static void join(uint32_t k, uint32_t *ok)
+{
+    struct batch *b = &tls_batch;
+    uint32_t i;
+
+    pthread_mutex_lock(&pool.lock);
+    while (b->remaining) {
+        struct job **p = &pool.head, *j;
+        while ((j = *p) && j->owner != b) /* this batch's own jobs still queued: run them here */
+            p = &j->next;
+        if (!j) {
+            pthread_cond_wait(&pool.done, &pool.lock);
+            continue;
+        }
+        *p = j->next;
+        if (pool.tail == &j->next)
+            pool.tail = p;
+        pthread_mutex_unlock(&pool.lock);
+        run_job(j);
+        pthread_mutex_lock(&pool.lock);
+        b->remaining--;
+    }
+    pthread_mutex_unlock(&pool.lock);
+    for (i = 0; i < k; i++)
+        ok[i] = i < b->n && b->jobs[i].ok;
+    b->n = 0;
+}
+
+/* 1: a read served, 2: a write served, 0: not served (see above); VDM_DEFERRED | 1: handed to the
+ * pool; ent NULL: the join. */
 int vdm_blk_serve(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr, uint32_t *written)
 {
     struct vdm_blk *d = ctx;
     struct iovec iov[VDM_BLK_IOV];
     uint32_t count, type;
     uint64_t bytes, sector;
+    int rc;
 
+    if (!ent) {
+        join(n, written);
+        return 0;
+    }
     if (!parse(d, ent, n, nr, iov, &count, &bytes, &sector, &type))
         return 0;
+    if ((rc = defer(d, NULL, ent, n, written, iov, count, bytes, sector * VDM_BLK_SECTOR, type)) ||
+        (type == VDM_BLK_T_OUT && bytes > d->write_max))
+        return rc;
     return serve_io(d, ent, n, written, iov, count, bytes, sector * VDM_BLK_SECTOR, type);
 }
 
@@ -184,6 +386,10 @@ int vdm_blk_serve_qcow2(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr,
     uint64_t bytes, sector, off, gc, last, host = 0, cmask = ((uint64_t)1 << q->cbits) - 1;
     int rc = 0;
 
+    if (!ent) {
+        join(n, written);
+        return 0;
+    }
     if (!parse(d, ent, n, nr, iov, &count, &bytes, &sector, &type))
         return 0;
     off = sector * VDM_BLK_SECTOR;
@@ -204,6 +410,10 @@ int vdm_blk_serve_qcow2(void *ctx, const uint64_t *ent, uint32_t n, uint32_t nr,
         else if (h != host + ((c - gc) << q->cbits))
             goto out;
     }
+    if ((rc = defer(d, &q->busy, ent, n, written, iov, count, bytes, host + (off & cmask), type)))
+        return rc; /* (the map stays in use, busy, until the job is done) */
+    if (type == VDM_BLK_T_OUT && bytes > d->write_max)
+        goto out;
     rc = serve_io(d, ent, n, written, iov, count, bytes, host + (off & cmask), type);
 out:
     __atomic_sub_fetch(&q->busy, 1, __ATOMIC_RELEASE);
