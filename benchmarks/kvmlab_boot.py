@@ -193,7 +193,10 @@ def main() -> int:
               f"--runs {a.runs} --mib {a.mib} --lkvm {shlex.quote(a.lkvm)} --setups {shlex.quote(a.setups)} "
               f"--timeout {a.timeout}")
     load0 = os.getloadavg()
-    r = vdm_lab.run_in_kvm_lab(script, timeout=600 + a.runs * 3 * a.timeout, cwd=str(REPO),
+    # PYTHONPATH goes along (as in net_lab.py): the lab's shell starts with a clean environment, and
+    # without it the lab's Python finds only the installed packages, if any
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+    r = vdm_lab.run_in_kvm_lab(script, timeout=600 + a.runs * 3 * a.timeout, cwd=str(REPO), env=env,
                                echo=lambda s: print(s, end="", file=sys.stderr, flush=True))
     load1 = os.getloadavg()
     rows = [json.loads(ln[len("BENCHJSON "):]) for ln in r.output.splitlines() if ln.startswith("BENCHJSON ")]
