@@ -39,7 +39,7 @@ struct vdm_blk {
     int writes;         /* serve T_OUT (write-back, writable disk, not write-through) */
     int write_flags;    /* pwritev2's flags: RWF_NOWAIT, or 0 once the file system refused it */
     uint64_t capacity;  /* the disk's size in sectors */
-    uint64_t write_max; /* HostFile's INLINE_WRITE_MAX: larger writes go to a worker */
+    uint64_t write_max; /* HostFile.write_inline_max: larger writes go to a worker */
 };
 
 /* HostFile._on_memory_fs: a regular file on tmpfs or ramfs (reading it never waits for a device) */
