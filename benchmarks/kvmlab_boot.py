@@ -45,24 +45,67 @@ import vdm_lab  # noqa: E402
 SETUPS = ("vdm run", "qemu -accel kvm", "lkvm run")
 
 
-def vmm_command(setup: str, kit: vdm_lab.GuestKit, img: str, params: str,
-                lkvm: str) -> tuple[list[str], dict]:
+def vmm_command(
+    setup: str, kit: vdm_lab.GuestKit, img: str, params: str, lkvm: str
+) -> tuple[list[str], dict]:
     k, i = str(kit.vmlinuz), str(kit.initrd)
     env = dict(os.environ)
     if setup.startswith("vdm run @"):  # --compare: another checkout's vdm, by PYTHONPATH over the installs
-        tree = Path(setup[len("vdm run @"):])
+        tree = Path(setup[len("vdm run @") :])
         dirs = [tree / "core" / "src", *sorted((tree / "plugins").glob("*/src")), tree / "lab" / "src"]
         env["PYTHONPATH"] = ":".join(map(str, dirs))
         setup = "vdm run"
     if setup == "vdm run":
-        return ["vdm", "run", "-k", k, "-i", i, "-m", "256", "-c", "1", "-d", img, "--console", "serial",
-                "-p", "console=ttyS0 panic=-1 " + params], env
+        return [
+            "vdm",
+            "run",
+            "-k",
+            k,
+            "-i",
+            i,
+            "-m",
+            "256",
+            "-c",
+            "1",
+            "-d",
+            img,
+            "--console",
+            "serial",
+            "-p",
+            "console=ttyS0 panic=-1 " + params,
+        ], env
     if setup == "lkvm run":
         env["HOME"] = "/mnt/tmp"  # lkvm keeps its sockets in ~/.lkvm; the host root is read-only
-        return [lkvm, "run", "-k", k, "-i", i, "-m", "256", "-c", "1", "-d", img, "--console", "serial",
-                "--network", "mode=none", "-p", "console=ttyS0 panic=-1 " + params], env
-    cmd = vdm_lab.qemu_command(vdm_lab.virtio_blk_args(img, cache="writeback"), [], None, kit=kit,
-                               memory_mib=256, cpus=1, kernel=kit.vmlinuz, accel="kvm")
+        return [
+            lkvm,
+            "run",
+            "-k",
+            k,
+            "-i",
+            i,
+            "-m",
+            "256",
+            "-c",
+            "1",
+            "-d",
+            img,
+            "--console",
+            "serial",
+            "--network",
+            "mode=none",
+            "-p",
+            "console=ttyS0 panic=-1 " + params,
+        ], env
+    cmd = vdm_lab.qemu_command(
+        vdm_lab.virtio_blk_args(img, cache="writeback"),
+        [],
+        None,
+        kit=kit,
+        memory_mib=256,
+        cpus=1,
+        kernel=kit.vmlinuz,
+        accel="kvm",
+    )
     # qemu_command puts its own cmdline after -append; replace it with ours
     cmd[cmd.index("-append") + 1] = "console=ttyS0 panic=-1 " + params
     return cmd, env
@@ -70,8 +113,9 @@ def vmm_command(setup: str, kit: vdm_lab.GuestKit, img: str, params: str,
 
 def timed_boot(cmd: list[str], env: dict, timeout: float) -> dict:
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         env=env)
+    p = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
     t_init = None
     out: list[str] = []
     assert p.stdout is not None
@@ -90,11 +134,16 @@ def timed_boot(cmd: list[str], env: dict, timeout: float) -> dict:
     blk = next((r for r in results if r.name == "blk"), None)
     ok = blk is not None and blk.ok
     up = re.search(r"VDMTEST INIT .*\binit_uptime_s=([0-9.]+)", log)
-    return {"rc": rc, "init_s": t_init, "exit_s": t_end, "ok": ok,
-            "guest_init_s": float(up.group(1)) if up else None,
-            "write_MiBps": float(blk.get("seq_write_MiBps") or 0) if ok else None,
-            "read_MiBps": float(blk.get("seq_read_MiBps") or 0) if ok else None,
-            "tail": "" if ok else log[-1500:]}
+    return {
+        "rc": rc,
+        "init_s": t_init,
+        "exit_s": t_end,
+        "ok": ok,
+        "guest_init_s": float(up.group(1)) if up else None,
+        "write_MiBps": float(blk.get("seq_write_MiBps") or 0) if ok else None,
+        "read_MiBps": float(blk.get("seq_read_MiBps") or 0) if ok else None,
+        "tail": "" if ok else log[-1500:],
+    }
 
 
 def inside(a: argparse.Namespace) -> int:
@@ -105,8 +154,10 @@ def inside(a: argparse.Namespace) -> int:
     params = params.replace("console=ttyS0 panic=-1 ", "")
     setups = a.setups.split(",")
     # where vdm-kvm's declarations come from in here (the install-time cache or a parse), and its cost
-    probe = ("import time; t = time.perf_counter(); import vdm_kvm.kvm_abi as k; "
-             "print(f'kvm_abi={k.SOURCE} import_s={time.perf_counter() - t:.2f}')")
+    probe = (
+        "import time; t = time.perf_counter(); import vdm_kvm.kvm_abi as k; "
+        "print(f'kvm_abi={k.SOURCE} import_s={time.perf_counter() - t:.2f}')"
+    )
     info = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     said = info.stdout.strip() or f"kvm_abi probe failed: {info.stderr.strip()[-200:]}"
     print("BENCHINFO " + said, flush=True)
@@ -126,8 +177,13 @@ def table(rows: list[dict], setups: list[str]) -> None:
         vals = [r[k] for r in rows if r["setup"] == s and r.get(k) is not None and r["ok"]]
         return statistics.median(vals) if vals else None
 
-    cols = [("init_s", "to /init (s)"), ("guest_init_s", "guest's own /init (s)"), ("exit_s", "to exit (s)"),
-            ("write_MiBps", "dd write MiB/s"), ("read_MiBps", "dd read MiB/s")]
+    cols = [
+        ("init_s", "to /init (s)"),
+        ("guest_init_s", "guest's own /init (s)"),
+        ("exit_s", "to exit (s)"),
+        ("write_MiBps", "dd write MiB/s"),
+        ("read_MiBps", "dd read MiB/s"),
+    ]
     print("| VMM | " + " | ".join(c[1] for c in cols) + " | runs ok |")
     print("| --- " * (len(cols) + 2) + "|")
     m = {(s, k): med(s, k) for s in setups for k, _ in cols}
@@ -136,8 +192,10 @@ def table(rows: list[dict], setups: list[str]) -> None:
         n = sum(1 for r in rows if r["setup"] == s)
         cells = [f"{m[s, k]:.2f}" if m[s, k] is not None else "-" for k, _ in cols]
         print(f"| {s} | " + " | ".join(cells) + f" | {ok}/{n} |")
+
     def round_ratios(peer: str, k: str) -> list[float]:
         """vdm/peer within each round where both ran ok (same load, minutes apart)."""
+
         def at(rnd: int, s: str) -> float | None:
             return next((r.get(k) for r in rows if r["round"] == rnd and r["setup"] == s and r["ok"]), None)
 
@@ -176,11 +234,17 @@ def main() -> int:
     ap.add_argument("--lkvm", default="/tmp/kvmtool/lkvm")
     ap.add_argument("--setups", default=",".join(SETUPS))
     ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--compare", metavar="CHECKOUT",
-                    help="also run the vdm of another checkout (a git worktree; its sources on PYTHONPATH) "
-                    "as setup 'vdm run @CHECKOUT', interleaved with the others")
-    ap.add_argument("--no-prepare", action="store_true",
-                    help="measure the tree as it is: no byte-compiling, no kvm ABI cache build")
+    ap.add_argument(
+        "--compare",
+        metavar="CHECKOUT",
+        help="also run the vdm of another checkout (a git worktree; its sources on PYTHONPATH) "
+        "as setup 'vdm run @CHECKOUT', interleaved with the others",
+    )
+    ap.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="measure the tree as it is: no byte-compiling, no kvm ABI cache build",
+    )
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inside:
@@ -189,25 +253,41 @@ def main() -> int:
         a.setups += f",vdm run @{Path(a.compare).resolve()}"
     prepared = "not prepared (--no-prepare)" if a.no_prepare else prepare()
     print(prepared, file=sys.stderr)
-    script = (f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} --inside "
-              f"--runs {a.runs} --mib {a.mib} --lkvm {shlex.quote(a.lkvm)} --setups {shlex.quote(a.setups)} "
-              f"--timeout {a.timeout}")
+    script = (
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} --inside "
+        f"--runs {a.runs} --mib {a.mib} --lkvm {shlex.quote(a.lkvm)} --setups {shlex.quote(a.setups)} "
+        f"--timeout {a.timeout}"
+    )
     load0 = os.getloadavg()
-    r = vdm_lab.run_in_kvm_lab(script, timeout=600 + a.runs * 3 * a.timeout, cwd=str(REPO),
-                               echo=lambda s: print(s, end="", file=sys.stderr, flush=True))
+    # PYTHONPATH goes along (as in net_lab.py): the lab's shell starts with a clean environment, and
+    # without it the lab's Python finds only the installed packages, if any
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+    r = vdm_lab.run_in_kvm_lab(
+        script,
+        timeout=600 + a.runs * 3 * a.timeout,
+        cwd=str(REPO),
+        env=env,
+        echo=lambda s: print(s, end="", file=sys.stderr, flush=True),
+    )
     load1 = os.getloadavg()
-    rows = [json.loads(ln[len("BENCHJSON "):]) for ln in r.output.splitlines() if ln.startswith("BENCHJSON ")]
+    rows = [
+        json.loads(ln[len("BENCHJSON ") :]) for ln in r.output.splitlines() if ln.startswith("BENCHJSON ")
+    ]
     if not rows:
         print(r.describe(), file=sys.stderr)
         return 1
-    infos = [ln[len("BENCHINFO "):] for ln in r.output.splitlines() if ln.startswith("BENCHINFO ")]
-    print(f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f}; {a.runs} runs each, "
-          f"guest dd {a.mib} MiB; {prepared}; in the lab: {'; '.join(infos) or '?'}\n")
+    infos = [ln[len("BENCHINFO ") :] for ln in r.output.splitlines() if ln.startswith("BENCHINFO ")]
+    print(
+        f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f}; {a.runs} runs each, "
+        f"guest dd {a.mib} MiB; {prepared}; in the lab: {'; '.join(infos) or '?'}\n"
+    )
     table(rows, a.setups.split(","))
     for row in rows:
         if not row["ok"]:
-            print(f"\n{row['setup']} round {row['round']} failed (rc {row['rc']}):\n{row['tail']}",
-                  file=sys.stderr)
+            print(
+                f"\n{row['setup']} round {row['round']} failed (rc {row['rc']}):\n{row['tail']}",
+                file=sys.stderr,
+            )
     print("\ncommands (inside the lab):")
     for s in a.setups.split(","):
         c = next((row["command"] for row in rows if row["setup"] == s), "")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from vdm_blk.backends import open_disk
@@ -77,6 +81,29 @@ def test_small_writes_are_served_on_the_queue_thread_and_land_in_the_file(
     assert drv.request(0, [_hdr(T_OUT, 64), big], [1]).data != bytes([S_OK])
     assert len(workers) == 1
     dev.close()
+
+
+def test_writes_of_any_size_on_tmpfs_are_served_on_the_queue_thread(virtio_driver, monkeypatch):
+    """A memory file system never makes a write wait for a device or for dirty-page throttling
+    (its pages are not written back), so a large write is a memory copy there, as a read of any
+    size already is: the 1 MiB writes of the KVM lab's dd (a tmpfs image) skip the worker."""
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm (tmpfs) here")
+    d = tempfile.mkdtemp(prefix="vdm-wr-", dir="/dev/shm")
+    try:
+        path, backend, dev, drv = _raw_device(Path(d), virtio_driver)
+        workers = []
+        monkeypatch.setattr(backend, "writev", lambda *a: workers.append(a) or 0)  # a worker would fail
+        big = bytes(pattern(MiB, 5))
+        assert drv.request(0, [_hdr(T_OUT, 64), big], [1]).data == bytes([S_OK])
+        assert workers == []
+        assert drv.request(0, [_hdr(T_FLUSH)], [1]).data == bytes([S_OK])  # flush still served
+        with open(path, "rb") as f:
+            f.seek(64 * 512)
+            assert f.read(MiB) == big
+        dev.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_an_inline_write_that_fails_is_retried_by_a_worker_and_reported(tmp_path, virtio_driver, monkeypatch):

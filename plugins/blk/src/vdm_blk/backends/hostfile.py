@@ -27,6 +27,8 @@
   file, not on every request; after that, reads of a file on a memory file system (tmpfs, ramfs:
   the data is in memory, there is no device to wait for) are plain inline reads, as writes of up
   to INLINE_WRITE_MAX are after the same refusal, and reads elsewhere go to a worker untried.
+  Writes to a file on tmpfs/ramfs go inline at any size (``write_inline_max``): a copy into
+  memory, never throttled as dirty pages of a disk file system are.
 * The image is locked the way QEMU locks images (:mod:`.locking`).
 * It is the ``file`` :class:`~.protocol.Protocol` (the one every format uses for a local path):
   discard punches a hole (block devices: BLKDISCARD), write-zeroes uses FALLOC_FL_ZERO_RANGE
@@ -69,6 +71,8 @@ BOUNCE_CHUNK = 1 << 20
 PAGE = mmap.PAGESIZE
 #: buffered writes up to this size may be made on the caller's thread (see write_inline)
 INLINE_WRITE_MAX = 64 << 10
+#: HostFile.write_inline_max of a buffered file on tmpfs/ramfs: writes of any size go inline there
+INLINE_WRITE_ANY = 1 << 62
 
 
 #: statfs f_type of the memory file systems (tmpfs, ramfs): reading them never waits for a device
@@ -151,6 +155,13 @@ class HostFile(Protocol):
         except BaseException:
             os.close(self.fd)
             raise
+        #: the largest buffered write write_inline makes (a compiled step gets it too): any size on
+        #: tmpfs/ramfs, where a write is a copy into memory that never waits for a device or for
+        #: dirty-page throttling (those pages are not written back), as a read there is; elsewhere
+        #: INLINE_WRITE_MAX, since a plain write may block while the kernel throttles dirty pages
+        self.write_inline_max = (
+            INLINE_WRITE_ANY if not self.is_block and _on_memory_fs(self.fd) else INLINE_WRITE_MAX
+        )
         self.align = max(SECTOR, self.logical_block_size)
         self.supports_discard = self.supports_write_zeroes = not read_only
         self.can_grow = not self.is_block
@@ -233,8 +244,8 @@ class HostFile(Protocol):
 
     def write_inline(self, views: Sequence[memoryview], offset: int) -> int | None:
         """Write a small request into the page cache on the caller's thread; None to say "use a
-        worker" (O_DIRECT, O_DSYNC, more than INLINE_WRITE_MAX bytes, too many segments, or the
-        kernel's RWF_NOWAIT said it would block).
+        worker" (O_DIRECT, O_DSYNC, more than :attr:`write_inline_max` bytes -- INLINE_WRITE_MAX,
+        any size on tmpfs/ramfs --, too many segments, or the kernel's RWF_NOWAIT said it would block).
 
         A buffered write of a few KiB is a copy into the page cache, cheaper than the handoff to
         a worker thread. Where the file system takes RWF_NOWAIT for buffered writes the write
@@ -247,7 +258,7 @@ class HostFile(Protocol):
             or self.writethrough
             or self.read_only
             or len(views) > IOV_MAX
-            or total_length(views) > INLINE_WRITE_MAX
+            or total_length(views) > self.write_inline_max
         ):
             return None
         if self._write_nowait:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import SECTOR, DiskError
-from .hostfile import INLINE_WRITE_MAX, HostFile
+from .hostfile import HostFile
 
 if TYPE_CHECKING:
     from ..fastserve import Qcow2Step
@@ -48,7 +48,7 @@ class StepMap:
                         read_flags=read_flags,
                         writes=not (f.writethrough or f.read_only or self.read_only),
                         write_flags=write_flags,
-                        write_max=INLINE_WRITE_MAX,
+                        write_max=f.write_inline_max,
                     )
                 except ValueError:
                     return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from .base import SECTOR, DiskBackend, DiskError, total_length
-from .hostfile import INLINE_WRITE_MAX, HostFile
+from .hostfile import HostFile
 from .protocol import Protocol
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class RawDisk(DiskBackend):
                     read_flags=read_flags,
                     writes=not (f.writethrough or f.read_only or self.read_only),
                     write_flags=write_flags,
-                    write_max=INLINE_WRITE_MAX,
+                    write_max=f.write_inline_max,
                 )
         return self._step
 
