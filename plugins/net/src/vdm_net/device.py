@@ -15,7 +15,9 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` 
   (:func:`vdm_net.vnet_hdr.check_tx`); a bad one is dropped and counted, a good one written to the
   tap with one ``writev`` straight from guest memory, and completed at once. The fd is non-blocking:
   if the tap pushes back, the chain is kept and the poller resumes when the fd is writable -- no
-  other queue waits.
+  other queue waits. With the compiled fast path, the pair's :class:`vdm_net.fastsend.TxStep`
+  goes first (:meth:`~vdm.virtqueue.Virtqueue.serve_compiled`: take, check by the same rules,
+  writev, publish, in one call per batch); the first chain it declines takes the path above.
 * receive (:mod:`vdm_net.receive`, a mixin of the device): when the tap fd is readable (or the
   driver adds buffers) frames are read into a bounce buffer and copied into the driver's buffers,
   spread over several with MRG_RXBUF. With no buffers left the frame stays in the bounce buffer,
