@@ -233,6 +233,12 @@ def one_run(setup: str, rnd: int, kit: vdm_lab.GuestKit, params: str, payload: b
     if row["rx_cpu"] and row["rx_cpu"]["threads"] and frames:
         top = row["rx_cpu"]["threads"][0]
         row["rx_busiest_us_per_frame"] = round((top[1] + top[2]) / max(1, int(frames.group(1))) * 1e6)
+    # the same for the transmit, per frame the tap took from the VMM (the guest's TSO frames)
+    row["tx_cpu"] = sampler.window(row.get("tx_start"), row.get("tx_end"))
+    tx_frames = row["tap"].get("rx_packets")
+    if row["tx_cpu"] and row["tx_cpu"]["threads"] and tx_frames:
+        top = row["tx_cpu"]["threads"][0]
+        row["tx_busiest_us_per_frame"] = round((top[1] + top[2]) / tx_frames * 1e6)
     drops = VDM_DROPPED.search(row["vdm_summary"] or "")
     row["vdm_dropped"] = [int(drops.group(1)), int(drops.group(2))] if drops else None
     row["vdm_duplicate_completions"] = VDM_DUPLICATE.findall(log)
@@ -360,6 +366,12 @@ def main() -> int:
                          f"[comm, user, sys, guest s] {w['threads']}"
                          + (f", busiest {row['rx_busiest_us_per_frame']} us CPU per frame"
                             if row.get("rx_busiest_us_per_frame") else ""))
+        if row.get("tx_cpu"):
+            w = row["tx_cpu"]
+            notes.append(f"transmit {w['s']} s: lab CPUs {w['lab_busy']:.0%} busy, VMM threads "
+                         f"[comm, user, sys, guest s] {w['threads']}"
+                         + (f", busiest {row['tx_busiest_us_per_frame']} us CPU per tap frame"
+                            if row.get("tx_busiest_us_per_frame") else ""))
         tap = row.get("tap", {})
         notes.append("tap rx/tx packets {}/{}, dropped {}/{}".format(
             tap.get("rx_packets"), tap.get("tx_packets"), tap.get("rx_dropped"), tap.get("tx_dropped")))

@@ -40,6 +40,8 @@ $PY -m pip install -q --disable-pip-version-check \
 $PY -m vdm.fastpath.build | sed 's/^/install.sh: /'
 # vdm-blk's compiled serve step for raw images (vdm_blk/fastserve); optional in the same way
 $PY -m vdm_blk.fastserve.build | sed 's/^/install.sh: /'
+# vdm-net's compiled transmit step (vdm_net/fastsend); optional in the same way
+$PY -m vdm_net.fastsend.build | sed 's/^/install.sh: /'
 # vdm-kvm's pre-parsed KVM ABI (vdm_kvm/_abi_cache.py); without cffi's parser one line "kvm ABI cache not built: ..."
 $PY -m vdm_kvm.abi_build | sed 's/^/install.sh: /'
 # byte-compile the editable sources (pip does so for a regular install, not an editable one): a start

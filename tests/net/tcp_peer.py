@@ -9,7 +9,7 @@ From Python (a thread; bind the socket yourself when it must live in a network n
     ...boot the guest...
     peer.close()
     peer.result  # rx_peer_s, tx_peer_s, tx_peer_bytes, tx_peer_md5, or peer_error
-    # (and rx_start/rx_end: time.monotonic() at the first accept and at the guest's EOF)
+    # (and rx_start/rx_end, tx_start/tx_end: time.monotonic() at each accept and at the EOF)
 
 As a script (standard library only, so it runs inside the KVM lab and in ``ip netns exec``)::
 
@@ -80,9 +80,10 @@ class TcpPeer:
             self.conn = c
             with c:
                 c.settimeout(self.timeout)
-                t0 = time.monotonic()
+                t0 = r["tx_start"] = time.monotonic()
                 n, md5 = self._drain(c)
-                r["tx_peer_s"] = time.monotonic() - t0
+                r["tx_end"] = time.monotonic()
+                r["tx_peer_s"] = r["tx_end"] - t0
                 r["tx_peer_bytes"], r["tx_peer_md5"] = n, md5
         except OSError as e:
             r["peer_error"] = f"{type(e).__name__}: {e}"

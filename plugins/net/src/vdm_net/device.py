@@ -5,8 +5,8 @@ the tap's queue count when the driver negotiates VIRTIO_NET_F_MQ, else 1 -- then
 is queue 2 whatever N is.
 
 The file reads top to bottom: features and config space, queue roles, life cycle, statistics,
-then the data paths; the control queue's commands are :mod:`vdm_net.control`, the tap and the
-thread that watches it :mod:`vdm_net.backends`.
+then the transmit path; the receive path is :mod:`vdm_net.receive` (a mixin), the control queue's
+commands are :mod:`vdm_net.control`, the tap and the thread that watches it :mod:`vdm_net.backends`.
 
 Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` for the thread):
 
@@ -15,17 +15,20 @@ Data paths, per queue pair (one tap fd each; see :mod:`vdm_net.backends.poller` 
   (:func:`vdm_net.vnet_hdr.check_tx`); a bad one is dropped and counted, a good one written to the
   tap with one ``writev`` straight from guest memory, and completed at once. The fd is non-blocking:
   if the tap pushes back, the chain is kept and the poller resumes when the fd is writable -- no
-  other queue waits.
-* receive: when the tap fd is readable (or the driver adds buffers) frames are read into a bounce
-  buffer and copied into the driver's buffers, spread over several with MRG_RXBUF. With no buffers
-  left the frame stays in the bounce buffer, the pair stops reading the tap (the kernel queues
-  behind it), and the driver's next kick of the receive queue resumes it. Nothing is dropped for
-  lack of buffers on our side. A frame's buffers are published with one used-index update, never
-  split (with the frames before it, up to ``RX_PUBLISH`` buffers, and always before the pair
-  stalls); the interrupt is decided once per batch of up to ``RX_BUDGET`` frames. With the
-  compiled fast path, a frame whose buffers are all there and plain goes in one call
-  (:meth:`~vdm.virtqueue.Virtqueue.fill_compiled`: take, copy, num_buffers, publish); any other
-  takes the ``pop`` path above (its frames published first, so the used ring keeps their order).
+  other queue waits. With the compiled fast path, the pair's :class:`vdm_net.fastsend.TxStep`
+  goes first (:meth:`~vdm.virtqueue.Virtqueue.serve_compiled`: take, check by the same rules,
+  writev, publish, in one call per batch); the first chain it declines takes the path above.
+* receive (:mod:`vdm_net.receive`, a mixin of the device): when the tap fd is readable (or the
+  driver adds buffers) frames are read into a bounce buffer and copied into the driver's buffers,
+  spread over several with MRG_RXBUF. With no buffers left the frame stays in the bounce buffer,
+  the pair stops reading the tap (the kernel queues behind it), and the driver's next kick of the
+  receive queue resumes it. Nothing is dropped for lack of buffers on our side. A frame's buffers
+  are published with one used-index update, never split (with the frames before it, up to
+  ``RX_PUBLISH`` buffers, and always before the pair stalls); the interrupt is decided once per
+  batch of up to ``RX_BUDGET`` frames. With the compiled fast path, a frame whose buffers are all
+  there and plain goes in one call (:meth:`~vdm.virtqueue.Virtqueue.fill_compiled`: take, copy,
+  num_buffers, publish); any other takes the ``pop`` path above (its frames published first, so
+  the used ring keeps their order).
 
 Control queue (:mod:`vdm_net.control`): rx-mode, MAC-table and VLAN-filter commands are checked,
 remembered and answered OK, but filter nothing (the tap hands over every frame); MAC_ADDR_SET changes
@@ -46,6 +49,7 @@ import os
 import struct
 import threading
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from vdm.device import VirtioDevice
 from vdm.sg import slice_views
@@ -58,44 +62,29 @@ from .backends.tap import Tap
 from .config import NetConfig
 from .control import CTRL_ERR, CTRL_OK, ControlQueue
 from .queue_pair import QueuePair
-from .vnet_hdr import (
-    HDR_LEN,
-    NUM_BUFFERS_AT,
-    HeaderError,
-    HeaderPolicy,
-    VnetHdr,
-    check_rx_into,
-    check_tx,
-    pack_num_buffers_into,
-)
+from .receive import RX_BUDGET, RX_FILL_CHAINS, RX_PUBLISH, ReceivePath
+from .vnet_hdr import HDR_LEN, HeaderError, HeaderPolicy, VnetHdr, check_tx
 
-__all__ = ["CTRL_ERR", "CTRL_OK", "VirtioNet"]
+if TYPE_CHECKING:
+    from .fastsend import TxStep
+
+__all__ = ["CTRL_ERR", "CTRL_OK", "RX_BUDGET", "RX_FILL_CHAINS", "RX_PUBLISH", "VirtioNet"]
 
 log = logging.getLogger(__name__)
 
 DEVICE_ID_NET = 1
 S_LINK_UP = 1
 
-#: frames moved per call before other work gets a turn
-RX_BUDGET = 64
-#: delivered receive buffers published with one used-index update (whole frames only, and before
-#: the queue stalls or the batch ends): one lock and publish per few frames instead of per frame,
-#: while a polling driver still sees frames before the batch's end
-RX_PUBLISH = 16
 TX_BUDGET = 256
-#: the most buffers one frame takes through the queue's compiled fill (more: the Python path)
-RX_FILL_CHAINS = 64
 #: how long a reset waits for queue processing on other threads to finish
 RESET_WAIT = 5.0
 #: more iovecs than this are gathered into one buffer (IOV_MAX is 1024)
 MAX_IOV = 1000
 
 _CONFIG = struct.Struct("<6sHHH")
-# results of delivering one received frame
-_DELIVERED, _NO_BUFFERS, _DROPPED = range(3)
 
 
-class VirtioNet(VirtioDevice):
+class VirtioNet(ReceivePath, VirtioDevice):
     """A virtio-net device whose link is a tap (or nothing: ``tap=None`` is a NIC with no cable)."""
 
     device_id = DEVICE_ID_NET
@@ -167,12 +156,23 @@ class VirtioNet(VirtioDevice):
         self._tx_policy = HeaderPolicy.for_tx(f, self.mtu)
         self.set_guest_offloads(f & nf.GUEST_OFFLOAD_MASK)
         self.control.reset()
+        self._bind_tx_steps()
         # only the first pair is used until the driver asks for more (5.1.5)
         self.set_active_pairs(1)
         if self.tap is not None:
             with self._poller_lock:
                 self._poller = TapPoller(self, self.pairs)
                 self._poller.start()
+
+    def _bind_tx_steps(self) -> None:
+        """Give each pair with a tap fd the compiled transmit step (vdm_net.fastsend), when it is on."""
+        from . import fastsend
+
+        if not fastsend.ACTIVE:
+            return
+        for pair in self.pairs:
+            if pair.fd is not None:
+                pair.tx_step = fastsend.TxStep(pair.fd, self._tx_policy)
 
     def on_reset(self) -> None:
         with self._poller_lock:
@@ -328,10 +328,21 @@ class VirtioNet(VirtioDevice):
         if pair.tx_blocked:
             return  # the poller kicks this queue again once the tap is writable
         done = 0
+        mark = TX_BUDGET
+        step = pair.tx_step
         q.set_notification(False)
         while True:
             chain = pair.tx_chain
             pair.tx_chain = None
+            if chain is None and step is not None:
+                # the compiled step first (vdm_net.fastsend): it takes, checks, sends and completes
+                # the frames _send would send, in one call; the first chain it declines is left
+                # for pop below, and so for _send's checks, drops and pushback
+                got = q.serve_compiled(step.fn, step.ctx)
+                if got is None:
+                    step = None  # (this queue cannot now: pop's path for the rest of the call)
+                elif got[0] or got[1]:
+                    done += self._count_compiled(pair, step, got[0], got[1])
             if chain is None:
                 chain = q.pop()
             if chain is None:
@@ -350,7 +361,8 @@ class VirtioNet(VirtioDevice):
             # guest-free but was not measured in the KVM lab, so it is not done)
             q.push(chain, 0)
             done += 1
-            if done % TX_BUDGET == 0:
+            if done >= mark:
+                mark += TX_BUDGET
                 # let other queues run; the poller comes back to this one
                 q.set_notification(True)
                 poller = self._poller
@@ -359,6 +371,23 @@ class VirtioNet(VirtioDevice):
                     break
         if done:
             self.signal_used(q)
+
+    def _count_compiled(self, pair: QueuePair, step: TxStep, sent: int, failed: int) -> int:
+        """Count what the compiled step did as _send counts it; the chains it completed."""
+        nbytes, err = step.take()
+        stats = pair.tx_stats
+        if sent:
+            stats["tx_packets"] += sent
+            stats["tx_bytes"] += nbytes
+        if failed:  # (one at most: the step declines every chain after a failed write)
+            stats["tx_errors"] += 1
+            if err == -1:
+                self._drop_tx(pair, "short_write")
+            else:
+                name = errno.errorcode.get(err, "error") if err > 0 else "error"
+                log.debug("%s: tap write failed: %s", self.name, os.strerror(err) if err > 0 else "?")
+                self._drop_tx(pair, f"tap_{name.lower()}")
+        return sent + failed
 
     def _drop_tx(self, pair: QueuePair, reason: str) -> bool:
         pair.tx_stats["tx_dropped"] += 1
@@ -398,160 +427,3 @@ class VirtioNet(VirtioDevice):
         pair.tx_stats["tx_packets"] += 1
         pair.tx_stats["tx_bytes"] += total - HDR_LEN
         return True
-
-    # ---- receive ------------------------------------------------------------------------------------
-
-    def _receive(self, pair: QueuePair, q: Virtqueue) -> None:
-        if pair.fd is None or not pair.enabled:
-            return
-        if pair.rx_stalled and q.has_available():
-            pair.rx_stalled = False
-            q.set_notification(False)
-            self._wake()
-        moved = 0
-        done: list[tuple[DescriptorChain, int]] = []  # delivered, published together (below)
-        # A frame goes to the guest with the queue's compiled fill when it can (one call: take the
-        # buffers, copy, num_buffers, publish; the same chains, checks and bytes as pop's way),
-        # else through pop (_deliver). The first is inline: it is most of the receive CPU.
-        fill = q.fill_compiled
-        use_fill = True
-        max_chains = RX_FILL_CHAINS if self.has_feature(nf.F_MRG_RXBUF) else 1
-        buf = pair.rx_buf
-        stats = pair.rx_stats
-        try:
-            while moved < RX_BUDGET:
-                if pair.rx_len == 0:
-                    if not pair.rx_held and not q.has_available():
-                        if done:
-                            q.push_many(done)
-                            done.clear()
-                        if self._stall(pair, q):
-                            break
-                        continue
-                    if not self._read(pair):
-                        break
-                if use_fill and not pair.rx_held:
-                    total = pair.rx_len
-                    try:
-                        # (checked in place: the header is the driver's from here on, num_buffers
-                        # 0; _deliver checking it again, if the frame waits, finds it as it left it)
-                        check_rx_into(buf, total - HDR_LEN, self._rx_policy)
-                    except HeaderError as e:
-                        self._drop_rx(pair, e.reason.removeprefix("rx_"))
-                        pair.rx_len = 0
-                        continue
-                    if done:  # (published first: the used ring keeps the frames' order)
-                        q.push_many(done)
-                        done.clear()
-                    n = fill(buf, total, max_chains=max_chains, min_len=HDR_LEN, count_at=NUM_BUFFERS_AT)
-                    if n:
-                        stats["rx_packets"] += 1
-                        stats["rx_bytes"] += total - HDR_LEN
-                        pair.rx_len = 0
-                        moved += 1
-                        continue
-                    if n is None:
-                        use_fill = False
-                result = self._deliver(pair, q, done)
-                if result == _NO_BUFFERS:
-                    if done:
-                        q.push_many(done)
-                        done.clear()
-                    if self._stall(pair, q):
-                        break
-                    continue
-                pair.rx_len = 0
-                if result == _DELIVERED:
-                    moved += 1
-                    if len(done) >= RX_PUBLISH:
-                        q.push_many(done)
-                        done.clear()
-        finally:
-            if done:
-                q.push_many(done)
-        if moved:
-            # once per batch: deciding per frame (as QEMU does per packet) was measured slower in
-            # the KVM lab (BENCHMARKS.md, KVM-lab TCP, 2026-12-04 08:48-09:03): more interrupts and
-            # refill kicks, each a nested exit there
-            self.signal_used(q)
-
-    def _stall(self, pair: QueuePair, q: Virtqueue) -> bool:
-        """Out of buffers: ask for a kick and stop reading; False if buffers arrived meanwhile."""
-        if q.set_notification(True):
-            return False
-        if not pair.rx_stalled:
-            pair.rx_stalled = True
-            pair.rx_stats["rx_stalls"] += 1
-            self._wake()
-        return True
-
-    def _read(self, pair: QueuePair) -> bool:
-        """Read one frame from the tap into the bounce buffer; False if there is none."""
-        assert pair.fd is not None
-        try:
-            n = os.readv(pair.fd, [pair.rx_buf])
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno in (errno.EBADF, errno.EBADFD):
-                return False
-            log.debug("%s: tap read failed: %s", self.name, e)
-            pair.rx_stats["rx_errors"] += 1
-            return False
-        if n < HDR_LEN:
-            pair.rx_stats["rx_dropped"] += 1
-            pair.rx_stats["rx_dropped_short_read"] += 1
-            return True  # rx_len stays 0: read the next one
-        pair.rx_len = n
-        return True
-
-    def _drop_rx(self, pair: QueuePair, reason: str) -> int:
-        pair.rx_stats["rx_dropped"] += 1
-        pair.rx_stats[f"rx_dropped_{reason}"] += 1
-        return _DROPPED
-
-    def _deliver(self, pair: QueuePair, q: Virtqueue, done: list[tuple[DescriptorChain, int]]) -> int:
-        buf = pair.rx_buf
-        total = pair.rx_len
-        frame_len = total - HDR_LEN
-        try:
-            check_rx_into(buf, frame_len, self._rx_policy)  # (see _receive)
-        except HeaderError as e:
-            return self._drop_rx(pair, e.reason.removeprefix("rx_"))
-        mergeable = self.has_feature(nf.F_MRG_RXBUF)
-        held = pair.rx_held
-        # (per-frame, not per-buffer, Python work where it can be: the KVM lab's receive is
-        # CPU-bound on this thread, BENCHMARKS.md KVM-lab TCP session 9)
-        have = sum(c.writable_len for c in held) if held else 0
-        while have < total and (mergeable or not held):
-            chain = q.pop()
-            if chain is None:
-                return _NO_BUFFERS
-            wlen = chain.writable_len
-            if wlen < HDR_LEN:
-                # no room for even the header: the driver broke 5.1.6.3.1; hand it back empty
-                pair.rx_stats["rx_bad_buffers"] += 1
-                q.push(chain, 0)
-                continue
-            held.append(chain)
-            have += wlen
-        if have < total:
-            # one buffer without MRG_RXBUF, too small for this frame: keep it for the next one
-            return self._drop_rx(pair, "buffer_too_small")
-        pair.rx_held = []
-        pack_num_buffers_into(buf, len(held))
-        data = memoryview(buf)[:total]
-        off = 0
-        for chain in held:
-            views = chain.writable
-            if len(views) == 1:  # (a Linux guest's receive buffer: one descriptor)
-                v = views[0]
-                n = min(len(v), total - off)
-                v[:n] = data[off : off + n]
-            else:
-                n = chain.write(data[off:], 0)
-            done.append((chain, n))
-            off += n
-        pair.rx_stats["rx_packets"] += 1
-        pair.rx_stats["rx_bytes"] += frame_len
-        return _DELIVERED

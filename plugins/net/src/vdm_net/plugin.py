@@ -51,6 +51,14 @@ def check() -> str | None:
     return None
 
 
+def parts() -> dict[str, dict[str, Any]]:
+    """Whether frames are transmitted by the compiled transmit step (issue 18) or by the Python path
+    alone, with why (for list-plugins)."""
+    from . import fastsend
+
+    return {"fast path": {"compiled transmit step": None if fastsend.ACTIVE else fastsend.STATUS}}
+
+
 @hookimpl
 def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
     register(
@@ -65,5 +73,6 @@ def vdm_register_devices(register: Callable[[DeviceType], None]) -> None:
             help="virtio-net on a host tap (offloads, mergeable buffers, multi-queue)",
             check=check,
             virtio_id=1,
+            parts=parts,
         )
     )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from vdm.virtqueue import DescriptorChain, Virtqueue
 
 from .vnet_hdr import HDR_LEN, MAX_FRAME_LEN
+
+if TYPE_CHECKING:
+    from .fastsend import TxStep
 
 __all__ = ["QueuePair"]
 
@@ -31,6 +35,9 @@ class QueuePair:
         #: a chain whose write the tap pushed back (EAGAIN); retried when the fd is writable
         self.tx_chain: DescriptorChain | None = None
         self.tx_blocked = False
+        #: the compiled transmit step on this pair's fd (vdm_net.fastsend.TxStep), while the device
+        #: is active and the step is built and on; None: every frame goes through the Python path
+        self.tx_step: TxStep | None = None
         #: this pair is in use (VQ_PAIRS_SET)
         self.enabled = False
         #: per-direction counters (each touched only by its own queue's serialized processing)
@@ -58,4 +65,7 @@ class QueuePair:
         self.rx_len = 0
         self.rx_stalled = False
         self.tx_blocked = False
+        if self.tx_step is not None:
+            self.tx_step.close()
+            self.tx_step = None
         self.enabled = False
