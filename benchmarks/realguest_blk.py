@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vdm_lab
 from guest_fio import fio_initrd
+from proc_cost import cost
 
 JOBS = ["read:1m:8", "write:1m:8", "randread:4k:1", "randread:4k:32", "randwrite:4k:1", "randwrite:4k:32"]
 SETUPS = ["vdm raw", "qsd raw", "qemu virtio-blk raw", "vdm qcow2", "qsd qcow2"]
@@ -45,19 +46,6 @@ def qsd_cmd(fmt: str, image: Path, sock: Path) -> list[str]:
             "--blockdev", f"driver={fmt},node-name=d,file=f",
             "--export",
             f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},writable=on"]
-
-
-def cost(pid: int) -> tuple[float, int]:
-    """CPU seconds (user + system) and context switches (voluntary + not) of all of ``pid``'s threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    switches = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            for line in (task / "status").read_text().splitlines():
-                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line:
-                    switches += int(line.split()[1])
-    return cpu, switches
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ qcow2 is ``qemu-img convert`` of the raw), page cache on both sides
 (``qemu-storage-daemon ... cache.direct=off``, vdm's default). Each backend runs for the whole
 benchmark; the rows are interleaved (for every run, for every row, every setup, the setups' order
 rotating per run). Figures: median over ``--runs`` of IOPS (MiB/s for 1 MiB rows) and of the
-client's p50/p99 latency; ratio vdm/qsd (IOPS: higher is better for vdm; p99: lower is better).
+client's p50/p99 latency; ratio vdm/qsd (IOPS: higher is better for vdm; p99: lower is better);
+and each backend's CPU time per request (``proc_cost``: all its threads, over the whole client run).
 
     python3 benchmarks/vhost_user_blk_free.py [--runs 3] [--time 3] [--mib 256] [--formats raw,qcow2]
 """
@@ -69,7 +70,8 @@ def main() -> int:
                 sock = tmp / f"{who}-{fmt}.sock"
                 argv = (vdm_cmd if who == "vdm" else qsd_cmd)(images[s], fmt, sock)
                 backends.append(Backend(s, argv, sock, tmp / f"{who}-{fmt}.log"))
-            res, loads = interleaved(root, binary, {b.name: b.sock for b in backends}, ROWS, a)
+            res, loads = interleaved(root, binary, {b.name: b.sock for b in backends}, ROWS, a,
+                                     {b.name: b.proc.pid for b in backends})
         finally:
             for b in backends:
                 b.stop()
@@ -77,8 +79,9 @@ def main() -> int:
     print("| row | " + " | ".join(f"{s}" for s in setups) + " | "
           + " | ".join(f"vdm/qsd {fmt}" for fmt in formats) + " | "
           + " | ".join(f"p50/p99 µs {s}" for s in setups) + " | "
-          + " | ".join(f"p99 vdm/qsd {fmt}" for fmt in formats) + " |")  # fmt: skip
-    print("| --- " * (1 + 2 * len(setups) + 2 * len(formats)) + "|")
+          + " | ".join(f"p99 vdm/qsd {fmt}" for fmt in formats) + " | "
+          + " | ".join(f"CPU µs/req {s}" for s in setups) + " |")  # fmt: skip
+    print("| --- " * (1 + 3 * len(setups) + 2 * len(formats)) + "|")
     for i, (mode, bs, qd) in enumerate(ROWS):
         mb = bs == "1m"
         med = {s: median(res[(s, i)], "mibps" if mb else "iops") for s in setups}
@@ -88,9 +91,11 @@ def main() -> int:
         ratios = [ratio(med[f"vdm {f}"], med[f"qsd {f}"]) for f in formats]
         lats = [f"{p50[s]:,.0f} / {p99[s]:,.0f}" for s in setups]
         lratios = [ratio(p99[f"vdm {f}"], p99[f"qsd {f}"]) for f in formats]
+        cpu = [f"{median(res[(s, i)], 'cpu_us'):.1f}" if all("cpu_us" in r for r in res[(s, i)]) else "-"
+               for s in setups]  # fmt: skip
         unit = "MiB/s" if mb else "IOPS"
         print(
-            f"| {mode} {bs} qd{qd} ({unit}) | " + " | ".join(cells + ratios + lats + lratios) + " |",
+            f"| {mode} {bs} qd{qd} ({unit}) | " + " | ".join(cells + ratios + lats + lratios + cpu) + " |",
             flush=True,
         )
     return 0

@@ -22,16 +22,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vdm_lab import debian13  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from proc_cost import cost  # noqa: E402
+
 BUILD = REPO / "scripts" / "frontends" / "build.sh"
 RESULT = re.compile(r"^RESULT .*ios=(\d+) seconds=([\d.]+) iops=([\d.]+) mibps=([\d.]+) "
                     r"p50_us=([\d.]+) p99_us=([\d.]+) errors=0$", re.M)  # fmt: skip
+#: seconds the client runs before it measures
+WARMUP = 0.5
 #: (client mode, block size, queue depth)
 Row = tuple[str, str, int]
 
@@ -128,7 +133,7 @@ def run_client(
     """One client run on ``sock``: its IOPS, MiB/s and p50/p99 latency (µs)."""
     mode, bs, qd = row
     argv = [str(binary), "--path", str(sock), "--mode", mode, "--bs", bs, "--qd", str(qd),
-            "--size", f"{mib}M", "--time", str(seconds), "--warmup", "0.5"]  # fmt: skip
+            "--size", f"{mib}M", "--time", str(seconds), "--warmup", str(WARMUP)]  # fmt: skip
     p = root.run(argv, visible=[binary.parent, sock.parent], timeout=60 + 2 * seconds)
     m = RESULT.search(p.stdout)
     if p.returncode != 0 or not m:
@@ -146,10 +151,13 @@ def interleaved(
     socks: dict[str, Path],
     rows: Sequence[Row],
     a: argparse.Namespace,
+    pids: Mapping[str, int] | None = None,
 ) -> tuple[dict[tuple[str, int], list[dict[str, float]]], tuple[float, float]]:
     """Every row on every setup (``socks``: setup -> socket), ``a.runs`` times, the setups' order
     rotating per run. Returns {(setup, row index): [one result per run]} and the load average
-    before and after."""
+    before and after. With ``pids`` (setup -> backend process) each result also has ``cpu_us``:
+    the backend's CPU time per request over the whole client run (its connection and warm-up
+    included, counted at the measured rate)."""
     setups = list(socks)
     res: dict[tuple[str, int], list[dict[str, float]]] = {
         (s, i): [] for s in setups for i in range(len(rows))
@@ -159,7 +167,11 @@ def interleaved(
         order = setups[run % len(setups) :] + setups[: run % len(setups)]
         for i, row in enumerate(rows):
             for s in order:
-                res[(s, i)].append(run_client(root, binary, socks[s], row, a.time, a.mib))
+                before = cost(pids[s]) if pids else None
+                r = run_client(root, binary, socks[s], row, a.time, a.mib)
+                if before is not None and pids and r["iops"]:
+                    r["cpu_us"] = (cost(pids[s])[0] - before[0]) * 1e6 / (r["iops"] * (a.time + WARMUP))
+                res[(s, i)].append(r)
         print(f"# run {run + 1} of {a.runs} done", file=sys.stderr, flush=True)
     return res, (load0, os.getloadavg()[0])
 
