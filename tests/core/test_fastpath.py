@@ -10,6 +10,7 @@ guest ranges mapped, in order), each error's message, the counters, and the gues
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import mmap
 import os
@@ -284,3 +285,36 @@ def test_guest_ram_changing_between_walks_maps_the_same_buffers(monkeypatch):
         results.append(seen)
     assert results[1] == results[0]
     assert results[0][2] == [(SCRATCH - BASE + 512, 16), (SCRATCH - BASE + 528, 100)]
+
+
+def test_a_device_step_that_is_not_built_says_how_to_build_it(tmp_path, monkeypatch):
+    pkg = tmp_path / "vdm_fake_dev"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    step = fastpath.device_step("vdm_fake_dev", "_step", "vdm_fake_dev.build")
+    assert (step.ffi, step.lib, step.built, step.active) == (None, None, False, False)
+    if fastpath.ACTIVE:
+        assert step.status == "python (not built: python3 -m vdm_fake_dev.build)"
+    else:
+        assert step.status.startswith("python (core fast path off: ")
+    (pkg / f"_step{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not an ELF file")
+    importlib.invalidate_caches()
+    broken = fastpath.device_step("vdm_fake_dev", "_step", "vdm_fake_dev.build")
+    assert not broken.built
+    if fastpath.ACTIVE:
+        assert broken.status.startswith("python (does not import: "), broken.status
+
+
+def test_a_device_step_that_imports_is_used_when_the_core_path_is(tmp_path, monkeypatch):
+    pkg = tmp_path / "vdm_fake_dev2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_step.py").write_text("ffi = object()\nlib = object()\n")  # (stands for a cffi module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    step = fastpath.device_step("vdm_fake_dev2", "_step", "vdm_fake_dev2.build")
+    assert step.built and step.lib is not None
+    if fastpath.ACTIVE:
+        assert step.active and step.status == "compiled"
+    else:
+        assert not step.active and step.status.startswith("python (core fast path off: ")

@@ -50,15 +50,27 @@ is used by one taker at a time (pop, chain_at), as the queue's take counters alr
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..chain_walk import MAX_CHAIN, VirtqueueError, failed_chain
 from ..memory import FlatGuestMemory, GuestMemory, GuestMemoryError
 
-__all__ = ["ACTIVE", "BUILT", "STATUS", "FastRing", "serve_context", "serve_function"]
+__all__ = [
+    "ACTIVE",
+    "BUILT",
+    "STATUS",
+    "DeviceStep",
+    "FastRing",
+    "device_step",
+    "serve_context",
+    "serve_function",
+]
 
 # the codes of ring.c
 DONE, INDIRECT, EMPTY = 0, 1, 2
@@ -100,6 +112,44 @@ else:
     STATUS = "compiled" if BUILT else f"python ({_why})"
 #: True when the queues activated from now on use the compiled path
 ACTIVE = STATUS == "compiled"
+
+
+@dataclass(frozen=True)
+class DeviceStep:
+    """A device's compiled step module as it stands in this process (:func:`device_step`)."""
+
+    ffi: Any
+    lib: Any
+    #: the module imports (the tests compare it with the Python path even when it is not used)
+    built: bool
+    #: "compiled", or "python (<reason>)": the core's path is off, or the module not built or broken
+    status: str
+
+    @property
+    def active(self) -> bool:
+        """True when devices set up from now on use the step."""
+        return self.status == "compiled"
+
+
+def device_step(package: str, module: str, build: str) -> DeviceStep:
+    """Import a device plugin's compiled step ``package.module`` (a cffi API-mode module built by
+    ``python3 -m <build>``) and say whether it is used: only when it imports and this core's
+    compiled path is active, since the step runs inside the core's ``vdm_serve_batch``."""
+    try:
+        mod = importlib.import_module(f"{package}.{module}")
+        ffi, lib, why = mod.ffi, mod.lib, ""
+    except ImportError as e:
+        spec = importlib.util.find_spec(package)
+        where = [Path(d) for d in (spec.submodule_search_locations or [])] if spec else []
+        built_file = any(any(d.glob(f"{module}*.so")) for d in where)
+        ffi = lib = None
+        why = f"does not import: {e}" if built_file else f"not built: python3 -m {build}"
+    if not ACTIVE:
+        # the core's reason without its own "python (...)": "python (core fast path off: VDM_FASTPATH=0)"
+        status = f"python (core fast path off: {STATUS.removeprefix('python (').removesuffix(')')})"
+    else:
+        status = "compiled" if lib is not None else f"python ({why})"
+    return DeviceStep(ffi, lib, lib is not None, status)
 
 
 def serve_function(address: int) -> Any:

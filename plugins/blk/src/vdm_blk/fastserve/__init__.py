@@ -30,7 +30,6 @@ the C step serve nothing from then on.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import vdm.fastpath as _core
@@ -38,24 +37,12 @@ import vdm.fastpath as _core
 __all__ = ["BUILT", "DEFER_MIN", "STATUS", "Qcow2Step", "ServeStep"]
 
 
-def _import() -> tuple[Any, Any, str]:
-    try:
-        from ._serve import ffi, lib  # type: ignore[import-not-found]
-    except ImportError as e:
-        if not any(Path(__file__).parent.glob("_serve*.so")):
-            return None, None, "not built: python3 -m vdm_blk.fastserve.build"
-        return None, None, f"does not import: {e}"
-    return ffi, lib, ""
-
-
-_ffi, _lib, _why = _import()
-#: the compiled serve step imports (the tests compare it with the Python path even when not used)
-BUILT = _lib is not None
-if not _core.ACTIVE:
-    # the core's reason without its own "python (...)": "python (core fast path off: VDM_FASTPATH=0)"
-    STATUS = f"python (core fast path off: {_core.STATUS.removeprefix('python (').removesuffix(')')})"
-else:
-    STATUS = "compiled" if BUILT else f"python ({_why})"
+_step = _core.device_step(__name__, "_serve", "vdm_blk.fastserve.build")
+_ffi, _lib = _step.ffi, _step.lib
+#: the compiled step imports (the tests compare it with the Python path even when it is not used)
+BUILT = _step.built
+#: "compiled", or "python (<reason>)" (the core's path off, or this module not built)
+STATUS = _step.status
 #: True when raw images opened from now on serve through the compiled step
 ACTIVE = STATUS == "compiled"
 

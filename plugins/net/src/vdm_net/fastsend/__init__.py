@@ -21,9 +21,6 @@ transmit policy negotiated then; :meth:`TxStep.close` makes it send nothing from
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import vdm.fastpath as _core
 
 from ..vnet_hdr import HeaderPolicy
@@ -34,23 +31,12 @@ __all__ = ["ACTIVE", "BUILT", "SENT", "STATUS", "TAP_ERROR", "TxStep"]
 SENT, TAP_ERROR = 1, 2
 
 
-def _import() -> tuple[Any, Any, str]:
-    try:
-        from ._send import ffi, lib  # type: ignore[import-not-found]
-    except ImportError as e:
-        if not any(Path(__file__).parent.glob("_send*.so")):
-            return None, None, "not built: python3 -m vdm_net.fastsend.build"
-        return None, None, f"does not import: {e}"
-    return ffi, lib, ""
-
-
-_ffi, _lib, _why = _import()
+_step = _core.device_step(__name__, "_send", "vdm_net.fastsend.build")
+_ffi, _lib = _step.ffi, _step.lib
 #: the compiled step imports (the tests compare it with the Python path even when it is not used)
-BUILT = _lib is not None
-if not _core.ACTIVE:
-    STATUS = f"python (core fast path off: {_core.STATUS.removeprefix('python (').removesuffix(')')})"
-else:
-    STATUS = "compiled" if BUILT else f"python ({_why})"
+BUILT = _step.built
+#: "compiled", or "python (<reason>)" (the core's path off, or this module not built)
+STATUS = _step.status
 #: True when devices activated from now on transmit through the compiled step
 ACTIVE = STATUS == "compiled"
 
