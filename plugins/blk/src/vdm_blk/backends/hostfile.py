@@ -44,7 +44,7 @@ import mmap
 import os
 import stat
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 from vdm.sg import advance, fill_zero, gather_into, scatter, split_views, total_length
 
@@ -193,11 +193,19 @@ class HostFile(Protocol):
 
     # ---- data I/O --------------------------------------------------------------------------------
 
-    def inline_flags(self) -> tuple[int, bool, int]:
-        """How inline I/O is made now: (preadv2 flags of read_nowait, whether it reads inline at
-        all, pwritev2 flags of write_inline) -- RWF_NOWAIT, or 0 once the file system refused it
-        (reads then inline only on tmpfs/ramfs). A compiled step (vdm_blk.fastserve) starts from it."""
-        return self._read_nowait, bool(self._read_nowait or self._read_plain), self._write_nowait
+    def step_options(self, read_only: bool) -> dict[str, Any]:
+        """How inline I/O is made now, as a compiled step (vdm_blk.fastserve) takes it for a disk
+        on this file (``read_only``: the disk's own setting): preadv2 flags of read_nowait and
+        whether it reads inline at all, whether write-back writes may be made and pwritev2 flags
+        of write_inline -- RWF_NOWAIT, or 0 once the file system refused it (reads then inline only
+        on tmpfs/ramfs) -- and the largest such write (:attr:`write_inline_max`)."""
+        return {
+            "reads": bool(self._read_nowait or self._read_plain),
+            "read_flags": self._read_nowait,
+            "writes": not (self.writethrough or self.read_only or read_only),
+            "write_flags": self._write_nowait,
+            "write_max": self.write_inline_max,
+        }
 
     def _use_direct(self, views: Sequence[memoryview], offset: int) -> bool | None:
         """True: aligned; None: alignment unknown (try it); False: use the bounce buffer."""

@@ -37,18 +37,13 @@ class StepMap:
 
             f = self.f
             if fastserve.ACTIVE and isinstance(f, HostFile) and f.dfd is None:
-                read_flags, reads, write_flags = f.inline_flags()
                 try:
                     step = fastserve.Qcow2Step(
                         f.fd,
                         self.size // SECTOR,
                         cbits=self.cbits,
                         clusters=max(1, -(-self.size // self.cs)),
-                        reads=reads,
-                        read_flags=read_flags,
-                        writes=not (f.writethrough or f.read_only or self.read_only),
-                        write_flags=write_flags,
-                        write_max=f.write_inline_max,
+                        **f.step_options(self.read_only),
                     )
                 except ValueError:
                     return None

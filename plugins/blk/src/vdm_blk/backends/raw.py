@@ -64,16 +64,7 @@ class RawDisk(DiskBackend):
 
             f = self.file
             if fastserve.ACTIVE and isinstance(f, HostFile) and f.dfd is None:
-                read_flags, reads, write_flags = f.inline_flags()
-                self._step = fastserve.ServeStep(
-                    f.fd,
-                    self.size // SECTOR,
-                    reads=reads,
-                    read_flags=read_flags,
-                    writes=not (f.writethrough or f.read_only or self.read_only),
-                    write_flags=write_flags,
-                    write_max=f.write_inline_max,
-                )
+                self._step = fastserve.ServeStep(f.fd, self.size // SECTOR, **f.step_options(self.read_only))
         return self._step
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> int:
