@@ -86,7 +86,7 @@ class ServeStep:
 
     @property
     def deferred(self) -> int:
-        """Reads the step's thread pool served (serve.c's ``deferred``)."""
+        """Requests (reads and writes) the step's thread pool served (serve.c's ``deferred``)."""
         return int(self._blk.deferred)
 
     def close(self) -> None:
@@ -94,8 +94,8 @@ class ServeStep:
         self._blk.fd = -1
 
 
-#: reads of at least this many bytes are copied by the step's thread pool while the queue's thread
-#: takes the next chains (serve.c's deferred reads); 0: every read inline
+#: reads and write-back writes of at least this many bytes are copied by the step's thread pool
+#: while the queue's thread takes the next chains (serve.c's deferred requests); 0: none pooled
 DEFER_MIN = 256 << 10
 
 #: qcow2 map slots at most (8 bytes each): a disk with more clusters shares slots (tagged)

@@ -47,8 +47,8 @@ struct vdm_blk {
     int write_flags;    /* pwritev2's flags: RWF_NOWAIT, or 0 once the file system refused it */
     uint64_t capacity;  /* the disk's size in sectors */
     uint64_t write_max; /* HostFile.write_inline_max: larger writes go to a worker or the pool */
-    uint64_t defer_min; /* reads of at least this many bytes go to the pool (below); 0: none */
-    uint64_t deferred;  /* reads the pool served (a counter) */
+    uint64_t defer_min; /* requests of at least this many bytes go to the pool (below); 0: none */
+    uint64_t deferred;  /* requests the pool served, reads and writes (a counter) */
     int read_seen;      /* a read with read_flags succeeded here: the flags are settled */
 };
 
