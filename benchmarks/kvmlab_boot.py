@@ -55,47 +55,14 @@ def vmm_command(
         dirs = [tree / "core" / "src", *sorted((tree / "plugins").glob("*/src")), tree / "lab" / "src"]
         env["PYTHONPATH"] = ":".join(map(str, dirs))
         setup = "vdm run"
+    cmdline = "console=ttyS0 panic=-1 " + params
+    # vdm run takes kvmtool's command line
+    common = ["-k", k, "-i", i, "-m", "256", "-c", "1", "-d", img, "--console", "serial"]
     if setup == "vdm run":
-        return [
-            "vdm",
-            "run",
-            "-k",
-            k,
-            "-i",
-            i,
-            "-m",
-            "256",
-            "-c",
-            "1",
-            "-d",
-            img,
-            "--console",
-            "serial",
-            "-p",
-            "console=ttyS0 panic=-1 " + params,
-        ], env
+        return ["vdm", "run", *common, "-p", cmdline], env
     if setup == "lkvm run":
         env["HOME"] = "/mnt/tmp"  # lkvm keeps its sockets in ~/.lkvm; the host root is read-only
-        return [
-            lkvm,
-            "run",
-            "-k",
-            k,
-            "-i",
-            i,
-            "-m",
-            "256",
-            "-c",
-            "1",
-            "-d",
-            img,
-            "--console",
-            "serial",
-            "--network",
-            "mode=none",
-            "-p",
-            "console=ttyS0 panic=-1 " + params,
-        ], env
+        return [lkvm, "run", *common, "--network", "mode=none", "-p", cmdline], env
     cmd = vdm_lab.qemu_command(
         vdm_lab.virtio_blk_args(img, cache="writeback"),
         [],
@@ -107,7 +74,7 @@ def vmm_command(
         accel="kvm",
     )
     # qemu_command puts its own cmdline after -append; replace it with ours
-    cmd[cmd.index("-append") + 1] = "console=ttyS0 panic=-1 " + params
+    cmd[cmd.index("-append") + 1] = cmdline
     return cmd, env
 
 

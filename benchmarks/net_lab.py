@@ -360,18 +360,12 @@ def main() -> int:
                 notes.append(f"{key}: {row[key]}")
         if row.get("peer_error"):
             notes.append(f"peer: {row['peer_error']}")
-        if row.get("rx_cpu"):
-            w = row["rx_cpu"]
-            notes.append(f"receive {w['s']} s: lab CPUs {w['lab_busy']:.0%} busy, VMM threads "
-                         f"[comm, user, sys, guest s] {w['threads']}"
-                         + (f", busiest {row['rx_busiest_us_per_frame']} us CPU per frame"
-                            if row.get("rx_busiest_us_per_frame") else ""))
-        if row.get("tx_cpu"):
-            w = row["tx_cpu"]
-            notes.append(f"transmit {w['s']} s: lab CPUs {w['lab_busy']:.0%} busy, VMM threads "
-                         f"[comm, user, sys, guest s] {w['threads']}"
-                         + (f", busiest {row['tx_busiest_us_per_frame']} us CPU per tap frame"
-                            if row.get("tx_busiest_us_per_frame") else ""))
+        for way, what, unit in (("rx", "receive", "frame"), ("tx", "transmit", "tap frame")):
+            if row.get(f"{way}_cpu"):
+                w, busiest = row[f"{way}_cpu"], row.get(f"{way}_busiest_us_per_frame")
+                notes.append(f"{what} {w['s']} s: lab CPUs {w['lab_busy']:.0%} busy, VMM threads "
+                             f"[comm, user, sys, guest s] {w['threads']}"
+                             + (f", busiest {busiest} us CPU per {unit}" if busiest else ""))
         tap = row.get("tap", {})
         notes.append("tap rx/tx packets {}/{}, dropped {}/{}".format(
             tap.get("rx_packets"), tap.get("tx_packets"), tap.get("rx_dropped"), tap.get("tx_dropped")))
