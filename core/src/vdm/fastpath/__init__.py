@@ -130,6 +130,13 @@ class DeviceStep:
         """True when devices set up from now on use the step."""
         return self.status == "compiled"
 
+    def bind(self, function: str, state: Any) -> tuple[Any, Any]:
+        """(fn, ctx) for :meth:`vdm.virtqueue.Virtqueue.serve_compiled`: this module's serve
+        function ``function`` and its ``state`` (a cdata pointer of this module's ``ffi``, kept
+        alive by the caller)."""
+        address = int(self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, function)))
+        return serve_function(address), serve_context(int(self.ffi.cast("uintptr_t", state)))
+
 
 def device_step(package: str, module: str, build: str) -> DeviceStep:
     """Import a device plugin's compiled step ``package.module`` (a cffi API-mode module built by

@@ -71,8 +71,7 @@ class ServeStep:
         self._blk = blk
         self._can_write = writes
         self._limits = (capacity, writes)
-        self.fn = _core.serve_function(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, fn))))
-        self.ctx = _core.serve_context(int(_ffi.cast("uintptr_t", self._data)))
+        self.fn, self.ctx = _step.bind(fn, self._data)
 
     def set_limits(self, capacity: int, writes: bool) -> None:
         """The disk's size in sectors, and whether write-back writes may be served here (called

@@ -32,7 +32,7 @@ SENT, TAP_ERROR = 1, 2
 
 
 _step = _core.device_step(__name__, "_send", "vdm_net.fastsend.build")
-_ffi, _lib = _step.ffi, _step.lib
+_ffi = _step.ffi
 #: the compiled step imports (the tests compare it with the Python path even when it is not used)
 BUILT = _step.built
 #: "compiled", or "python (<reason>)" (the core's path off, or this module not built)
@@ -54,8 +54,7 @@ class TxStep:
              "ecn": int(policy.ecn), "ufo": int(policy.ufo), "uso": int(policy.uso),
              "mtu": -1 if policy.mtu is None else policy.mtu},
         )  # fmt: skip
-        self.fn = _core.serve_function(int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vdm_net_tx_send"))))
-        self.ctx = _core.serve_context(int(_ffi.cast("uintptr_t", self._data)))
+        self.fn, self.ctx = _step.bind("vdm_net_tx_send", self._data)
 
     def take(self) -> tuple[int, int]:
         """(frame bytes sent since the last take, the failed write's errno or 0; -1: it wrote
