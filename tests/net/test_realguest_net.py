@@ -9,6 +9,14 @@ control queue after both pairs), and with no offloads and no mergeable buffers o
 layouts are used; a third run with offloads on one pair (dropped to shorten the suite) proved nothing
 the two do not: each pair's rx/tx path is the same code whatever the pair count. Each run is a
 guest boot in the nested lab (50-200 s under load).
+
+A run whose guest dies before its /init started (no ``VDMTEST INIT``) is booted again, up to
+``EARLY_RETRIES`` times, as ``tests/kvm/labboot.py --retries`` does: the nested lab's guests --
+QEMU's as well as vdm's -- now and then triple-fault in early kernel boot (CI of 3 Dec 2026:
+``VM exit: reset triple fault`` at ~8 s of guest time, in both attempts of the mq run, before the
+virtio-net driver loaded, vdm's counters ``rx 0 packets``; 3 of 26 such boots in a lab loop, at
+three different points of the kernel's boot). Each early death is printed; a guest that reached
+/init is never booted again, so everything virtio-net does is still checked once.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ MIB = 2
 #: reached the driver, no ring error). A run that hangs is still ended; the runs and the
 #: lab's boot fit in the lab's timeout below.
 RUN_S = 540
-LAB_S = len(RUNS) * RUN_S + 180
+#: boots again of a run whose guest died before /init (module doc)
+EARLY_RETRIES = 2
+LAB_S = (len(RUNS) + 1) * RUN_S + 180
 
 
 def lab_script() -> str:
@@ -57,13 +67,28 @@ def lab_script() -> str:
             f"echo 'RUN {tag}'; T0=$(date +%s)",
             f"python3 {TCP_PEER} 10.0.2.2 5555 {MIB << 20} --tag {tag} --timeout {RUN_S + 60} & PEER=$!",
             "sleep 1",
-            f"( timeout {RUN_S} vdm -v run -k $KIT/vmlinuz -i $KIT/initrd.cpio.gz -m 256 -c {cpus} "
+            f"for A in $(seq 1 {EARLY_RETRIES + 1}); do",
+            f"  ( timeout {RUN_S} vdm -v run -k $KIT/vmlinuz -i $KIT/initrd.cpio.gz -m 256 -c {cpus} "
             f"--console-backend stdio --network {net} -p '{params}' </dev/null 2>&1; rc=$?; "
-            f"echo; echo \"vdm-rc=$rc\" ) | sed 's/^/{tag}: /'",
+            "echo; echo \"vdm-rc=$rc\" ) > $TMPDIR/run.out",
+            # died before /init (and did not time out): its last lines, then boot it again
+            f"  if [ $A -le {EARLY_RETRIES} ] && ! grep -q 'VDMTEST INIT' $TMPDIR/run.out "
+            "&& ! grep -q '^vdm-rc=124' $TMPDIR/run.out; then",
+            f"    tail -n 12 $TMPDIR/run.out | sed \"s/^/{tag} early death $A: /\"; continue",
+            "  fi",
+            f"  sed 's/^/{tag}: /' $TMPDIR/run.out; break",
+            "done",
             f"echo \"RUNEND {tag} seconds=$(( $(date +%s) - T0 ))\"",
             "kill $PEER 2>/dev/null; wait $PEER 2>/dev/null",
         ]
     return "\n".join([*lines, "exit 0"]) + "\n"
+
+
+def run_output(out: str, tag: str, lines: int = 120) -> str:
+    """The last ``lines`` lines one run printed (its own, not the run after it that describe() ends with)."""
+    starts = (f"{tag}: ", f"{tag} early death ", f"PEER {tag} ", f"RUN {tag}", f"RUNEND {tag} ")
+    mine = [ln for ln in out.splitlines() if ln.startswith(starts)]
+    return f"--- last {lines} lines of run {tag} ---\n" + "\n".join(mine[-lines:])
 
 
 def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab):  # noqa: F811
@@ -82,8 +107,11 @@ def test_linux_guest_pings_and_transfers_files_over_virtio_net(kvm_lab):  # noqa
         rc = re.search(rf"^{tag}: vdm-rc=(\d+)", out, re.M)
         took = re.search(rf"^RUNEND {tag} seconds=(\d+)", out, re.M)
         print(f"{tag}: vdm run exited {rc and rc.group(1)} after {took and took.group(1)} s")
+        for n, why in re.findall(rf"^{tag} early death (\d+): (.*VM exit.*)$", out, re.M):
+            print(f"{tag}: attempt {n} died before the guest's /init and was booted again: {why}")
         assert not (rc and rc.group(1) == "124"), f"{tag}: vdm run still ran after {RUN_S} s\n{r.describe()}"
-        assert set(results) == {"net", "nettcp"}, f"{tag}: results missing\n{r.describe()}"
+        missing = f"{tag}: results missing\n{run_output(out, tag)}\n{r.describe()}"
+        assert set(results) == {"net", "nettcp"}, missing
         status, net = results["net"]
         assert status == "ok" and net["rx"] == "5/5", f"{tag}: ping failed: {net}\n{r.describe()}"
         status, tcp = results["nettcp"]
