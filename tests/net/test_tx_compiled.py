@@ -94,7 +94,20 @@ class Run:
 
     def result(self, used: list[tuple[int, int]], drain: bool = True) -> tuple:
         sent = self.tap.drain(0) if drain else []  # (a shut-down peer reads EOF for ever)
-        return sent, used, self.dev.stats(), self.dev.broken, self.drv.needs_reset
+        return sent, used, self.stats(len(used)), self.dev.broken, self.drv.needs_reset
+
+    def stats(self, completed: int, timeout: float = 2.0) -> dict[str, int]:
+        """The device's counters once they count the ``completed`` chains (each is sent or dropped).
+
+        The compiled step publishes its chains and then counts them (VirtioNet._count_compiled);
+        when the poller's thread resumes a pushed-back queue, the driver can see a chain before
+        that thread has counted it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.dev.stats()
+            if st["tx_packets"] + st["tx_dropped"] >= completed or time.monotonic() > deadline:
+                return st
+            time.sleep(0.002)
 
     def close(self) -> None:
         self.dev.reset()
