@@ -12,7 +12,7 @@ guest boot in the nested lab (50-200 s under load).
 
 A run whose guest dies before its /init started (no ``VDMTEST INIT``) is booted again, up to
 ``EARLY_RETRIES`` times, as ``tests/kvm/labboot.py --retries`` does: the nested lab's guests --
-QEMU's as well as vdm's -- now and then triple-fault in early kernel boot (CI of 3 Dec 2026:
+QEMU's as well as vdm's -- now and then triple-fault in early kernel boot (CI of 4 Dec 2026:
 ``VM exit: reset triple fault`` at ~8 s of guest time, in both attempts of the mq run, before the
 virtio-net driver loaded, vdm's counters ``rx 0 packets``; 3 of 26 such boots in a lab loop, at
 three different points of the kernel's boot). Each early death is printed; a guest that reached
