@@ -74,10 +74,7 @@ class ReceivePath:
             while moved < RX_BUDGET:
                 if pair.rx_len == 0:
                     if not pair.rx_held and not q.has_available():
-                        if done:
-                            q.push_many(done)
-                            done.clear()
-                        if self._stall(pair, q):
+                        if self._publish_and_stall(pair, q, done):
                             break
                         continue
                     if not self._read(pair):
@@ -106,10 +103,7 @@ class ReceivePath:
                         use_fill = False
                 result = self._deliver(pair, q, done)
                 if result == _NO_BUFFERS:
-                    if done:
-                        q.push_many(done)
-                        done.clear()
-                    if self._stall(pair, q):
+                    if self._publish_and_stall(pair, q, done):
                         break
                     continue
                 pair.rx_len = 0
@@ -126,6 +120,15 @@ class ReceivePath:
             # the KVM lab (BENCHMARKS.md, KVM-lab TCP, 2026-12-04 08:48-09:03): more interrupts and
             # refill kicks, each a nested exit there
             self.signal_used(q)
+
+    def _publish_and_stall(
+        self, pair: QueuePair, q: Virtqueue, done: list[tuple[DescriptorChain, int]]
+    ) -> bool:
+        """Out of buffers: publish the frames delivered so far (never after the stall), then _stall."""
+        if done:
+            q.push_many(done)
+            done.clear()
+        return self._stall(pair, q)
 
     def _stall(self, pair: QueuePair, q: Virtqueue) -> bool:
         """Out of buffers: ask for a kick and stop reading; False if buffers arrived meanwhile."""
